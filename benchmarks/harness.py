@@ -1,0 +1,300 @@
+"""Benchmark harness shared by every op: cases, implementations, measurement
+and the end-of-run report (tables, JSON, PNG).
+
+An op plugs in by describing its cases and its implementations (see
+test_fused_iwn.py); everything else -- pytest-benchmark timing, the roofline
+proxy, peak memory, speedups taken within one run -- lives here.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+QUICK = os.environ.get("SURGELLM_BENCH_QUICK", "0") not in ("", "0")
+MODES = ("eval", "train_fwd", "train_fwd_bwd")
+# Tensors of x's size an ideal kernel moves: eval reads x, writes y; training
+# reads x twice (statistics, then normalize) and writes y; the backward reads
+# x and dy twice and writes dx.
+TENSORS_MOVED = {"eval": 2, "train_fwd": 3, "train_fwd_bwd": 8}
+PROXY = "addcmul proxy"
+PROXY_TENSORS = 4  # torch.addcmul(a, b, c, out=o): three reads, one write
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    mode: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def key(self):
+        return (self.op, self.mode, self.shape, str(self.dtype), self.device)
+
+    @property
+    def bytes_moved(self) -> int:
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        elsize = torch.empty((), dtype=self.dtype).element_size()
+        return TENSORS_MOVED[self.mode] * numel * elsize
+
+
+@dataclass
+class Implementation:
+    """``build(case)`` returns (fn, None) with fn() -> outputs, or (None, why)."""
+    name: str
+    build: Callable[[Case], Tuple[Optional[Callable], Optional[str]]]
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    op: str
+    mode: str
+    shape: str
+    dtype: str
+    device: str
+    impl: str
+    median_ms: Optional[float] = None
+    peak_mb: Optional[float] = None
+    note: str = ""
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def environment(env: Dict[str, str]):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _nbytes(outputs) -> int:
+    if isinstance(outputs, torch.Tensor):
+        return outputs.numel() * outputs.element_size()
+    if isinstance(outputs, (tuple, list)):
+        return sum(_nbytes(o) for o in outputs)
+    return 0
+
+
+def peak_extra_bytes(fn: Callable, device: str) -> int:
+    """Peak memory one call allocates beyond its inputs and what it returns."""
+    if device.startswith("cuda"):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        sync(device)
+        return max(0, torch.cuda.max_memory_allocated() - before - _nbytes(out))
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return max(0, peak - _nbytes(out))
+
+
+def rounds_for(seconds_per_call: float) -> int:
+    budget = 0.15 if QUICK else 0.8
+    lo, hi = (2, 3) if QUICK else (3, 40)
+    return int(min(hi, max(lo, budget / max(seconds_per_call, 1e-6))))
+
+
+class Report:
+    def __init__(self):
+        self.rows: List[Row] = []
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+
+    def _times(self):
+        return {(r.op, r.mode, r.shape, r.dtype, r.device, r.impl): r.median_ms
+                for r in self.rows if r.median_ms is not None}
+
+    def table_rows(self):
+        """Rows with the ratios of the same run: vs eager, vs compile, roofline."""
+        times = self._times()
+        out = []
+        for r in self.rows:
+            base = (r.op, r.mode, r.shape, r.dtype, r.device)
+            eager = times.get(base + ("eager",))
+            compiled = times.get(base + ("torch.compile",))
+            proxy = times.get(base + (PROXY,))
+            d = asdict(r)
+            if r.median_ms is not None:
+                numel = 1
+                for s in r.shape.split("x"):
+                    numel *= int(s)
+                elsize = torch.empty((), dtype=getattr(torch, r.dtype.split(".")[-1])).element_size()
+                moved = TENSORS_MOVED[r.mode] * numel * elsize
+                if r.impl == PROXY:
+                    moved = PROXY_TENSORS * numel * elsize
+                d["gb_per_s"] = moved / (r.median_ms * 1e-3) / 1e9
+                d["vs_eager"] = eager / r.median_ms if eager else None
+                d["vs_compile"] = compiled / r.median_ms if compiled else None
+                # the proxy's time scaled to this mode's bytes, over ours
+                d["roofline"] = (proxy * TENSORS_MOVED[r.mode] / PROXY_TENSORS / r.median_ms
+                                 if proxy else None)
+            out.append(d)
+        return out
+
+    def format_tables(self) -> str:
+        rows = self.table_rows()
+        lines = []
+        for op in sorted({r["op"] for r in rows}):
+            for mode in MODES:
+                sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
+                if not sel:
+                    continue
+                lines.append("")
+                lines.append(f"{op} -- {mode} (roofline: {PROXY} time scaled to "
+                             f"{TENSORS_MOVED[mode]} tensors / ours; >1 beats the proxy)")
+                head = (f"{'shape':>11} {'dtype':>9} {'device':>6} {'implementation':<24} "
+                        f"{'median ms':>10} {'vs eager':>9} {'vs comp.':>9} {'GB/s':>7} "
+                        f"{'roofline':>8} {'peak MB':>8}")
+                lines.append(head)
+                lines.append("-" * len(head))
+                for r in sel:
+                    if r["median_ms"] is None:
+                        lines.append(f"{r['shape']:>11} {r['dtype'].split('.')[-1]:>9} "
+                                     f"{r['device']:>6} {r['impl']:<24} {r['note']}")
+                        continue
+
+                    def fmt(v, spec):
+                        return format(v, spec) if v is not None else "n/a"
+                    lines.append(
+                        f"{r['shape']:>11} {r['dtype'].split('.')[-1]:>9} {r['device']:>6} "
+                        f"{r['impl']:<24} {r['median_ms']:>10.3f} {fmt(r['vs_eager'], '>8.2f')}x "
+                        f"{fmt(r['vs_compile'], '>8.2f')}x {r['gb_per_s']:>7.1f} "
+                        f"{fmt(r['roofline'], '>8.2f')} {fmt(r['peak_mb'], '>8.1f')}")
+        return "\n".join(lines)
+
+    def save(self, folder: str) -> List[str]:
+        os.makedirs(folder, exist_ok=True)
+        meta = machine_info()
+        json_path = os.path.join(folder, "results.json")
+        with open(json_path, "w") as f:
+            json.dump({"machine": meta, "rows": self.table_rows()}, f, indent=1)
+        paths = [json_path]
+        png = self._plot(os.path.join(folder, "speedup.png"), meta)
+        if png:
+            paths.append(png)
+        return paths
+
+    def _plot(self, path: str, meta) -> Optional[str]:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        rows = [r for r in self.table_rows() if r.get("vs_eager") and r["impl"] != "eager"]
+        if not rows:
+            return None
+        ops = sorted({r["op"] for r in rows})
+        fig, axes = plt.subplots(len(ops), len(MODES), figsize=(6 * len(MODES), 4 * len(ops)),
+                                 squeeze=False)
+        for i, op in enumerate(ops):
+            for j, mode in enumerate(MODES):
+                ax = axes[i][j]
+                sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
+                cases = sorted({(r["shape"], r["dtype"].split(".")[-1], r["device"]) for r in sel},
+                               key=lambda c: (c[2], c[1], [int(s) for s in c[0].split("x")]))
+                impls = sorted({r["impl"] for r in sel})
+                width = 0.8 / max(1, len(impls))
+                for k, impl in enumerate(impls):
+                    vals = []
+                    for c in cases:
+                        match = [r["vs_eager"] for r in sel if r["impl"] == impl and
+                                 (r["shape"], r["dtype"].split(".")[-1], r["device"]) == c]
+                        vals.append(match[0] if match else 0)
+                    ax.bar([x + k * width for x in range(len(cases))], vals, width, label=impl)
+                ax.axhline(1.0, color="black", linewidth=0.8)
+                ax.set_yscale("log")
+                ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))])
+                ax.set_xticklabels(["\n".join(c) for c in cases], fontsize=7)
+                ax.set_title(f"{op}: {mode}")
+                ax.set_ylabel("speedup vs eager (log)")
+                ax.legend(fontsize=7)
+        fig.suptitle(f"surgellm_kernels, {meta['date']}, {meta['cpu']}, "
+                     f"{meta['threads']} threads", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def machine_info():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"date": datetime.date.today().isoformat(), "cpu": cpu,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "quick": QUICK}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        from surgellm_kernels import _backend
+        ext = _backend.extension()
+        info["cpu_kernel_build"] = ext.cpu_capability() if ext else "not built"
+    except Exception:  # the report must not fail on this
+        info["cpu_kernel_build"] = "unknown"
+    return info
+
+
+def run_case(benchmark, report: Report, case: Case, impl: Implementation) -> None:
+    """Times one implementation on one case, or records why it cannot run."""
+    import pytest
+    row = Row(case.op, case.mode, "x".join(map(str, case.shape)), str(case.dtype), case.device,
+              impl.name)
+    with environment(impl.env):
+        fn, why = impl.build(case)
+        if fn is None:
+            row.note = f"not run: {why}"
+            report.add(row)
+            pytest.skip(why)
+
+        def timed():
+            out = fn()
+            sync(case.device)
+            return out
+
+        import time
+        start = time.perf_counter()
+        timed()  # warm-up (compilation happens here)
+        timed()
+        per_call = (time.perf_counter() - start) / 2
+        row.peak_mb = peak_extra_bytes(fn, case.device) / 2**20
+        benchmark.extra_info.update({"op": case.op, "mode": case.mode, "impl": impl.name})
+        benchmark.pedantic(timed, rounds=rounds_for(per_call), iterations=1, warmup_rounds=1)
+    row.median_ms = benchmark.stats.stats.median * 1e3
+    report.add(row)

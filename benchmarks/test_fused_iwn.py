@@ -1,0 +1,112 @@
+"""fused_iwn against eager, torch.compile, F.batch_norm and a memory-copy proxy.
+
+    pytest benchmarks/ --benchmark-only                      # full run
+    SURGELLM_BENCH_QUICK=1 pytest benchmarks/ --benchmark-only   # smoke run
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness import MODES, PROXY, QUICK, Case, Implementation, run_case
+from surgellm_kernels import _backend, fused_iwn
+from surgellm_kernels.reference import iwn_reference
+
+NUM_CLASSES = 10
+# the paper's lexical features and pooled states, token level, large
+SHAPES = [(32, 16), (256, 64)] if QUICK else [(32, 16), (32, 768), (4096, 768), (32768, 768),
+                                             (65536, 1024)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _dtypes(device):
+    if QUICK:
+        return [torch.float32]
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+
+
+CASES = [Case("fused_iwn", mode, shape, dtype, device)
+         for device in DEVICES for dtype in _dtypes(device) for shape in SHAPES for mode in MODES]
+
+
+def _inputs(case):
+    g = torch.Generator().manual_seed(0)
+    N, Fd = case.shape
+    x = torch.randn(N, Fd, generator=g).to(case.dtype).to(case.device)
+    params = dict(
+        labels=torch.randint(0, NUM_CLASSES, (N,), generator=g).to(case.device),
+        gate=torch.randn(Fd, generator=g).to(case.device),
+        weight=torch.ones(Fd, device=case.device), bias=torch.zeros(Fd, device=case.device),
+        running_mean=torch.zeros(Fd, device=case.device),
+        running_std=torch.ones(Fd, device=case.device))
+    return x, params
+
+
+def _call(fn, case):
+    """A closure running ``fn`` in the case's mode; returns what it produces."""
+    x, p = _inputs(case)
+    if case.mode == "eval":
+        kwargs = dict(p, labels=None, training=False)
+        return lambda: fn(x, **kwargs)
+    kwargs = dict(p, training=True, num_classes=NUM_CLASSES)
+    if case.mode == "train_fwd":
+        return lambda: fn(x, **kwargs)
+    leaf = x.detach().requires_grad_(True)
+    for name in ("gate", "weight", "bias"):
+        kwargs[name] = kwargs[name].detach().requires_grad_(True)
+    dy = torch.randn_like(leaf)
+
+    def fwd_bwd():
+        for t in (leaf, kwargs["gate"], kwargs["weight"], kwargs["bias"]):
+            t.grad = None
+        fn(leaf, **kwargs).backward(dy)
+        return leaf.grad
+    return fwd_bwd
+
+
+def _fused(backend):
+    def build(case):
+        device = torch.device(case.device)
+        why = _backend._why_not(backend, device, "iwn")
+        if why is None and backend == "triton" and device.type != "cuda":
+            why = "the Triton interpreter on CPU is a test vehicle, not timed"
+        if why is not None:
+            return None, why
+        return _call(fused_iwn, case), None
+    return Implementation(f"fused_iwn[{backend}]", build, env={"SURGELLM_BACKEND": backend})
+
+
+def _compiled(case):
+    torch._dynamo.reset() if case.shape == SHAPES[0] else None
+    return _call(torch.compile(iwn_reference), case), None
+
+
+def _batch_norm(case):
+    """ATen's class-blind batch norm (no gate) on the same tensor."""
+    def bn(x, labels=None, gate=None, weight=None, bias=None, running_mean=None,
+           running_std=None, training=False, num_classes=None):
+        return F.batch_norm(x, running_mean, running_std, weight, bias, training=training)
+    return _call(bn, case), None
+
+
+def _proxy(case):
+    """torch.addcmul(a, b, c, out=o): a single op moving 4 tensors of x's size."""
+    a, b, c = (torch.randn(case.shape).to(case.dtype).to(case.device) for _ in range(3))
+    out = torch.empty_like(a)
+    return (lambda: torch.addcmul(a, b, c, out=out)), None
+
+
+IMPLEMENTATIONS = [_fused("cpu"), _fused("triton"), _fused("cuda"),
+                   Implementation("eager", lambda case: (_call(iwn_reference, case), None)),
+                   Implementation("torch.compile", _compiled),
+                   Implementation("F.batch_norm (class-blind)", _batch_norm),
+                   Implementation(PROXY, _proxy)]
+
+
+def _case_id(case):
+    return f"{case.device}-{str(case.dtype).split('.')[-1]}-{'x'.join(map(str, case.shape))}-{case.mode}"
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_fused_iwn(benchmark, bench_report, case, impl):
+    run_case(benchmark, bench_report, case, impl)

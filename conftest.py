@@ -1,0 +1,18 @@
+"""Repository-wide pytest setup.
+
+Triton kernels run on CPU tensors only under the Triton interpreter, which
+must be switched on before ``triton`` (and our kernels) are imported: this
+file is loaded by pytest before any test module. On a machine with a CUDA GPU
+the real compiler is used instead.
+"""
+import os
+
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard requirement
+    _has_cuda = False
+
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")

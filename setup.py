@@ -1,0 +1,121 @@
+"""Build of surgellm_kernels and its extension ``surgellm_kernels._C``.
+
+Install with ``pip install --no-build-isolation -e .`` (an isolated build
+would download another torch). The extension holds:
+
+* csrc/bindings.cpp: the pybind11 module (checks, dispatch, launches);
+* csrc/cpu/*.cpp: CPU kernels, compiled once per CPU capability (DEFAULT,
+  and AVX2 / AVX512 on x86-64) with that capability's -m flags and picked at
+  run time, as ATen does for its own kernels;
+* csrc/cuda/*.cu: CUDA kernels, when torch has CUDA and nvcc is found
+  (TORCH_CUDA_ARCH_LIST is honoured by torch's build helper).
+
+CMakeLists.txt globs the same folders for the standalone build.
+"""
+import glob
+import os
+import platform
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension, CUDAExtension,
+                                       include_paths)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+CPU_KERNELS = sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+CUDA_KERNELS = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+HEADERS = sorted(glob.glob(os.path.join(CSRC, "**", "*.h*"), recursive=True))
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+
+# The flags ATen compiles its AVX2 / AVX512 kernels with.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    CAPABILITIES = {
+        "DEFAULT": [],
+        "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+        "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    }
+else:
+    CAPABILITIES = {"DEFAULT": []}
+
+
+def with_cuda() -> bool:
+    if os.environ.get("SURGELLM_NO_CUDA", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+class BuildWithCpuCapabilities(BuildExtension):
+    """Compiles each CPU kernel source once per capability, then links them
+    into the extension with the rest (setuptools has no per-object flags)."""
+
+    def build_extension(self, ext):
+        ext.extra_objects = list(ext.extra_objects or []) + self._cpu_kernel_objects()
+        super().build_extension(ext)
+
+    def _cpu_kernel_objects(self):
+        cxx = os.environ.get("CXX", "c++")
+        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        base = [cxx, "-c", "-fPIC", *CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+        base += [f"-I{p}" for p in include_paths()]
+        jobs, objects = [], []
+        newest_header = max((os.path.getmtime(h) for h in HEADERS), default=0)
+        for cap, flags in CAPABILITIES.items():
+            for src in CPU_KERNELS:
+                name = os.path.splitext(os.path.basename(src))[0]
+                obj = os.path.join(self.build_temp, "cpu_kernels", f"{name}.{cap}.o")
+                objects.append(obj)
+                if os.path.exists(obj) and os.path.getmtime(obj) > max(
+                        os.path.getmtime(src), newest_header):
+                    continue
+                os.makedirs(os.path.dirname(obj), exist_ok=True)
+                jobs.append(base + [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}",
+                                    *flags, src, "-o", obj])
+        workers = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for cmd, proc in zip(jobs, pool.map(
+                    lambda c: subprocess.run(c, capture_output=True, text=True), jobs)):
+                if proc.returncode != 0:
+                    raise RuntimeError(f"compiling {cmd[-3]} failed:\n{proc.stderr}")
+        return objects
+
+
+def extension():
+    sources = [os.path.join(CSRC, "bindings.cpp")]
+    define_macros = []
+    extra = {"cxx": CXX_FLAGS}
+    if with_cuda():
+        sources += CUDA_KERNELS
+        define_macros.append(("SURGELLM_WITH_CUDA", None))
+        extra["nvcc"] = ["-O3", "-std=c++17"]
+        ctor = CUDAExtension
+    else:
+        ctor = CppExtension
+    return ctor(
+        name="surgellm_kernels._C",
+        sources=[os.path.relpath(s, ROOT) for s in sources],
+        include_dirs=[CSRC],
+        define_macros=define_macros,
+        extra_compile_args=extra,
+        extra_link_args=["-lgomp"],
+    )
+
+
+setup(
+    name="surgellm_kernels",
+    version="0.1.0",
+    description="Fused kernels for SURGELLM: sigmoid surgical gate and instance-weighted normalization",
+    packages=find_packages(include=["surgellm_kernels", "surgellm_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+        "test": ["pytest", "transformers"],
+    },
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=True)},
+    zip_safe=False,
+)

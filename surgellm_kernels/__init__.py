@@ -1,0 +1,20 @@
+"""surgellm_kernels: fused kernels for SURGELLM's surgical gate and
+instance-weighted normalization (IWN), with the paper's reference modules."""
+from ._backend import backends
+from .features import lexical_features, task_prefix
+from .modules import FusedInstanceWeightedNorm, FusedSurgicalGate
+from .ops import fused_iwn, fused_surgical_gate
+from .reference import InstanceWeightedNorm, SurgicalGate
+
+__all__ = [
+    "fused_iwn",
+    "fused_surgical_gate",
+    "InstanceWeightedNorm",
+    "SurgicalGate",
+    "FusedInstanceWeightedNorm",
+    "FusedSurgicalGate",
+    "lexical_features",
+    "task_prefix",
+    "backends",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""Helpers shared by the test modules (imported as a plain module)."""
+import torch
+
+from surgellm_kernels import backends
+
+
+def cpu_backends():
+    """Backends that can run CPU tensors here (Triton through its interpreter)."""
+    status = backends()
+    return [name for name in ("cpu", "triton", "eager") if status[name].available]
+
+
+def device_backends():
+    """(backend, device) pairs runnable on this machine."""
+    pairs = [(name, "cpu") for name in cpu_backends()]
+    if torch.cuda.is_available():
+        status = backends()
+        pairs += [(name, "cuda") for name in ("triton", "cuda", "eager")
+                  if status[name].available]
+    return pairs
+
+
+TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-5, torch.bfloat16: 5e-2,
+              torch.float16: 1e-2}
+
+
+def assert_close(actual, expected, dtype=None, scale=1.0):
+    """Compare in float64 at the tolerance of ``dtype`` (default: actual's)."""
+    tol = TOLERANCES[dtype or actual.dtype] * scale
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol)

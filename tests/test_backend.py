@@ -1,0 +1,84 @@
+"""Backend discovery, forcing, and the package without its extension."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import surgellm_kernels
+from surgellm_kernels import backends, fused_iwn, fused_surgical_gate
+
+
+def _inputs():
+    x = torch.randn(6, 3)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    return x, labels
+
+
+def test_backends_reports_every_backend_with_a_reason():
+    status = backends()
+    assert set(status) == {"triton", "cuda", "cpu", "eager"}
+    assert status["eager"].available
+    for name, st in status.items():
+        assert isinstance(st.reason, str) and st.reason
+    if not torch.cuda.is_available():
+        assert not status["cuda"].available
+
+
+def test_forced_backend_that_cannot_run_raises(force_backend):
+    x, labels = _inputs()
+    force_backend("cuda")  # CPU tensors: the CUDA kernels cannot run them
+    with pytest.raises(RuntimeError, match="SURGELLM_BACKEND=cuda cannot run iwn"):
+        fused_iwn(x, labels, training=True)
+
+
+def test_unknown_backend_name_raises(force_backend):
+    x, labels = _inputs()
+    force_backend("tpu")
+    with pytest.raises(ValueError, match="SURGELLM_BACKEND"):
+        fused_iwn(x, labels, training=True)
+
+
+def test_surgical_gate_has_no_fused_kernel_yet(force_backend):
+    h = torch.randn(2, 4)
+    force_backend("cpu")
+    with pytest.raises(RuntimeError, match="no kernel for op 'surgical_gate'"):
+        fused_surgical_gate(h, h, h)
+    force_backend("eager")
+    assert fused_surgical_gate(h, h, h).shape == h.shape
+
+
+@pytest.mark.skipif(not backends()["cpu"].available, reason="extension not built")
+def test_default_backend_on_cpu_is_the_cpp_kernel(monkeypatch):
+    monkeypatch.delenv("SURGELLM_BACKEND", raising=False)
+    assert surgellm_kernels._backend.select_backend("iwn", torch.device("cpu")) == "cpu"
+
+
+def test_package_works_without_the_extension():
+    """A fresh interpreter where importing surgellm_kernels._C fails."""
+    script = textwrap.dedent("""
+        import importlib.abc, sys, warnings
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "surgellm_kernels._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch, surgellm_kernels as sk
+        status = sk.backends()
+        assert not status["cpu"].available and "blocked" in status["cpu"].reason, status
+        x, labels = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y1 = sk.fused_iwn(x, labels, training=True)
+            y2 = sk.fused_iwn(x, labels, training=True)
+        eager = [w for w in caught if "eager PyTorch reference" in str(w.message)]
+        assert len(eager) == 1, [str(w.message) for w in caught]
+        from surgellm_kernels.reference import iwn_reference
+        assert torch.allclose(y1, iwn_reference(x, labels, training=True))
+        print("ok")
+    """)
+    env = {"SURGELLM_BACKEND": "", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,50 @@
+"""A model using the fused op compiles with fullgraph=True (no graph break)."""
+import pytest
+import torch
+
+from surgellm_kernels import FusedInstanceWeightedNorm
+
+from _helpers import assert_close, cpu_backends
+
+
+class Classifier(torch.nn.Module):
+    def __init__(self, F=16, C=4):
+        super().__init__()
+        self.proj = torch.nn.Linear(F, F)
+        self.iwn = FusedInstanceWeightedNorm(F, C, num_tasks=2, affine=True, gate=True)
+        self.head = torch.nn.Linear(F, C)
+
+    def forward(self, x, labels, tasks):
+        return self.head(self.iwn(self.proj(x), labels, tasks))
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+def test_compile_fullgraph_forward_backward(backend, force_backend):
+    force_backend(backend)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = Classifier()
+    compiled_model = Classifier()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(24, 16)
+        labels = torch.randint(0, 4, (24,))
+        tasks = torch.randint(0, 2, (24,))
+        out_e, out_c = eager(x, labels, tasks), compiled(x, labels, tasks)
+        assert_close(out_c, out_e)
+        torch.nn.functional.cross_entropy(out_e, labels).backward()
+        torch.nn.functional.cross_entropy(out_c, labels).backward()
+    for p_e, p_c in zip(eager.parameters(), compiled_model.parameters()):
+        assert_close(p_c.grad, p_e.grad)
+    assert_close(compiled_model.iwn.running_mean, eager.iwn.running_mean)
+
+
+def test_fake_tensor_shapes_of_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(10, 6)
+        labels = torch.zeros(10, dtype=torch.long)
+        out = torch.ops.surgellm.iwn_forward(x, labels, None, None, None, None, None, None,
+                                             True, 1, 3, 1e-5, False, "cpu")
+        assert [tuple(t.shape) for t in out] == [(10, 6), (3,), (3, 6), (3, 6), (1, 6), (1, 6)]

@@ -1,0 +1,243 @@
+"""fused_iwn on every backend present against the reference, forward and backward."""
+import pytest
+import torch
+
+from surgellm_kernels import fused_iwn
+from surgellm_kernels.reference import iwn_reference
+
+from _helpers import TOLERANCES, assert_close, device_backends
+
+BACKENDS = [b for b, dev in device_backends() if dev == "cpu" and b != "eager"] + ["eager"]
+# The Triton interpreter is slow: it gets the small shapes only.
+SHAPES = {"small": [(1, 7), (2, 1), (33, 16), (5, 768), (3, 1023)],
+          "large": [(33, 768), (4096, 16), (2048, 1023)]}
+
+
+def _shapes(backend):
+    return SHAPES["small"] + ([] if backend == "triton" else SHAPES["large"])
+
+
+def _labels(n, num_classes=10, seed=0):
+    """Labels over num_classes with classes 3 and 7 absent. Tiny batches pair
+    rows up so that sigma > 0: with sigma = 0 the output is (u - mu) / eps and
+    float32 round-off is amplified 1e5 times in both implementations."""
+    if n < 20:
+        return (torch.arange(n) // 2) % 3
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    labels[labels == 3] = 4
+    labels[labels == 7] = 8
+    return labels
+
+
+def _run(fn, x, params, dy, **kwargs):
+    """Output and gradients for x and every parameter present."""
+    leaves = [t for t in (x, *params.values()) if t is not None]
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    args = dict(zip(["x", *params.keys()], leaves))
+    it = iter(leaves[1:])
+    call = {k: (next(it) if v is not None else None) for k, v in params.items()}
+    y = fn(leaves[0], **call, **kwargs)
+    grads = torch.autograd.grad(y, leaves, dy)
+    return y.detach(), grads
+
+
+def _compare(backend, force_backend, x, params, **kwargs):
+    """fused_iwn on ``backend`` against the reference: outputs, every gradient
+    and the running statistics.
+
+    float64 is compared directly. Lower precisions are compared with the
+    float64 truth on the same (rounded) inputs: the fused error must stay
+    within a few times the reference's own error in that dtype, plus the
+    dtype's tolerance. (Some gradients are cancellations: y is invariant to
+    scaling u, so d gate is a small sum of large terms; a fixed tolerance on
+    them would test luck, not the kernel.)"""
+    torch.manual_seed(123)
+    dy = torch.randn(x.shape, dtype=x.dtype)
+    rm = kwargs.pop("running_mean", None)
+    rs = kwargs.pop("running_std", None)
+
+    def run(fn, cast=None):
+        stats = {} if rm is None else {"running_mean": rm.clone(), "running_std": rs.clone()}
+        cast_params = {k: (v if v is None or cast is None else v.to(cast))
+                       for k, v in params.items()}
+        xx = x if cast is None else x.to(cast)
+        stats = {k: (v if cast is None else v.to(cast)) for k, v in stats.items()}
+        y, grads = _run(fn, xx, cast_params, dy if cast is None else dy.to(cast), **stats,
+                        **kwargs)
+        return [y, *grads, *stats.values()]
+
+    force_backend(backend)
+    fused = run(fused_iwn)
+    ref = run(iwn_reference)
+    assert fused[0].dtype == x.dtype and fused[0].shape == x.shape
+    for a, r in zip(fused, ref):
+        assert a.dtype == r.dtype and a.shape == r.shape
+        assert torch.isfinite(a).all()
+    if x.dtype == torch.float64:
+        for a, r in zip(fused, ref):
+            assert_close(a, r)
+        return
+    truth = run(iwn_reference, torch.float64)
+    tol = TOLERANCES[x.dtype]
+    for i, (a, r, t) in enumerate(zip(fused, ref, truth)):
+        err, ref_err = (a.double() - t).abs().max(), (r.double() - t).abs().max()
+        bound = 4 * ref_err + tol * max(1.0, t.abs().max())
+        assert err <= bound, f"output {i}: error {err:.3g} > bound {bound:.3g} (reference {ref_err:.3g})"
+
+
+def _params(F, dtype, gate="vec", affine=True, n=None):
+    g = torch.Generator().manual_seed(F)
+    gate_t = None
+    if gate == "vec":
+        gate_t = torch.randn(F, generator=g, dtype=torch.float64).to(dtype)
+    elif gate == "full":
+        gate_t = torch.randn(n, F, generator=g, dtype=torch.float64).to(dtype)
+    return {"gate": gate_t,
+            "weight": torch.randn(F, generator=g, dtype=torch.float64).to(dtype) if affine else None,
+            "bias": torch.randn(F, generator=g, dtype=torch.float64).to(dtype) if affine else None}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape_index", range(8))
+def test_training_matches_reference_on_odd_sizes(backend, dtype, shape_index, force_backend):
+    shapes = _shapes(backend)
+    if shape_index >= len(shapes):
+        pytest.skip("shape not run on this backend")
+    N, F = shapes[shape_index]
+    x = torch.randn(N, F, dtype=torch.float64) * 2 + 0.5
+    if N < 20:
+        # Keep the rows of a class apart (sigma_c ~ 0.5): two nearly equal rows
+        # make sigma_c -> 0, where both float32 implementations lose digits.
+        x = torch.arange(N, dtype=torch.float64)[:, None] + 0.1 * x
+    x = x.to(dtype)
+    std_mode = "pooled" if shape_index % 2 else "class_mean"
+    _compare(backend, force_backend, x, _params(F, dtype), labels=_labels(N), training=True,
+             num_classes=10, std_mode=std_mode, running_mean=torch.zeros(F, dtype=dtype),
+             running_std=torch.ones(F, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", [None, "vec", "full"])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("std_mode", ["class_mean", "pooled"])
+@pytest.mark.parametrize("training", [True, False])
+def test_gate_affine_and_modes(backend, gate, affine, std_mode, training, force_backend):
+    N, F = 21, 9
+    x = torch.randn(N, F, dtype=torch.float64)
+    kwargs = dict(training=training, std_mode=std_mode, num_classes=4)
+    if training:
+        kwargs["labels"] = torch.randint(0, 4, (N,))
+    else:
+        kwargs.update(running_mean=torch.randn(F, dtype=torch.float64),
+                      running_std=torch.rand(F, dtype=torch.float64) + 0.5)
+    _compare(backend, force_backend, x, _params(F, torch.float64, gate, affine, N), **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate", ["vec", "full"])
+def test_half_precision(backend, dtype, gate, force_backend):
+    N, F = 40, 24
+    x = torch.randn(N, F).to(dtype)
+    _compare(backend, force_backend, x, _params(F, dtype, gate, True, N), labels=_labels(N),
+             training=True, num_classes=10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_d_and_non_contiguous_input(backend, force_backend):
+    base = torch.randn(5, 9, 6, dtype=torch.float64)
+    x3d = base.transpose(0, 1)  # (9, 5, 6), non-contiguous
+    assert not x3d.is_contiguous()
+    labels = torch.randint(0, 3, (9, 5))
+    _compare(backend, force_backend, x3d, _params(6, torch.float64, None, True)
+             | {"gate": torch.randn(9, 5, 6, dtype=torch.float64)},
+             labels=labels, training=True, num_classes=3)
+    cols = torch.randn(12, 20, dtype=torch.float64)[:, ::2]  # strided features
+    _compare(backend, force_backend, cols, _params(10, torch.float64), labels=_labels(12),
+             training=True, num_classes=10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_per_task_statistics(backend, training, force_backend):
+    N, F, T = 30, 5, 3
+    x = torch.randn(N, F, dtype=torch.float64)
+    tasks = torch.randint(0, 2, (N,))  # task 2 absent: its running row stays
+    kwargs = dict(task_ids=tasks, training=training, num_classes=3,
+                  running_mean=torch.randn(T, F, dtype=torch.float64),
+                  running_std=torch.rand(T, F, dtype=torch.float64) + 0.5)
+    if training:
+        kwargs["labels"] = torch.randint(0, 3, (N,))
+    _compare(backend, force_backend, x, _params(F, torch.float64), **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_imbalance_singleton_and_constant_feature(backend, force_backend):
+    N, F = 52, 4
+    x = torch.randn(N, F, dtype=torch.float64)
+    x[:, 2] = 3.0                                    # a constant feature
+    labels = torch.tensor([0] * 50 + [1, 2])         # 1:50, and two singletons
+    for std_mode in ("class_mean", "pooled"):
+        _compare(backend, force_backend, x, _params(F, torch.float64), labels=labels,
+                 training=True, num_classes=4, std_mode=std_mode)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("gate", [None, "vec", "full"])
+@pytest.mark.parametrize("std_mode", ["class_mean", "pooled"])
+def test_gradcheck(backend, gate, std_mode, force_backend):
+    force_backend(backend)
+    N, F = 9, 3
+    x = torch.randn(N, F, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 0, 1, 4])  # class 3 absent, class 4 singleton
+    params = _params(F, torch.float64, gate, True, N)
+    leaves = [x] + [p.requires_grad_(True) for p in params.values() if p is not None]
+    names = [k for k, v in params.items() if v is not None]
+
+    def fn(xx, *ps):
+        return fused_iwn(xx, labels, training=True, num_classes=5, std_mode=std_mode,
+                         **dict(zip(names, ps)))
+
+    # fast_mode (random projections) keeps the Triton interpreter's runs short
+    fast = backend == "triton"
+    assert torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=fast)
+
+    def fn_eval(xx, *ps):
+        return fused_iwn(xx, running_mean=torch.ones(F, dtype=torch.float64),
+                         running_std=torch.full((F,), 2.0, dtype=torch.float64),
+                         **dict(zip(names, ps)))
+
+    assert torch.autograd.gradcheck(fn_eval, tuple(leaves), fast_mode=fast)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+def test_bitwise_deterministic_across_runs_and_threads(backend, force_backend):
+    force_backend(backend)
+    N, F = (300, 40) if backend == "triton" else (5000, 77)
+    x = torch.randn(N, F, requires_grad=True)
+    gate = torch.randn(F, requires_grad=True)
+    labels = _labels(N)
+    dy = torch.randn(N, F)
+    threads = torch.get_num_threads()
+
+    def once(num_threads):
+        torch.set_num_threads(num_threads)
+        try:
+            y = fused_iwn(x, labels, gate, training=True, num_classes=10)
+            return (y, *torch.autograd.grad(y, (x, gate), dy))
+        finally:
+            torch.set_num_threads(threads)
+
+    first = once(2)
+    for other in (once(2), once(1)):
+        for a, b in zip(first, other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_in_eval(backend, force_backend):
+    force_backend(backend)
+    y = fused_iwn(torch.randn(0, 4), running_mean=torch.zeros(4), running_std=torch.ones(4))
+    assert y.shape == (0, 4)
