@@ -25,6 +25,7 @@ MODES = ("eval", "train_fwd", "train_fwd_bwd")
 TENSORS_MOVED = {"eval": 2, "train_fwd": 3, "train_fwd_bwd": 8}
 PROXY = "addcmul proxy"
 PROXY_TENSORS = 4  # torch.addcmul(a, b, c, out=o): three reads, one write
+ALLOCATOR = "default"  # set by conftest.py
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,7 @@ def machine_info():
         pass
     info = {"date": datetime.date.today().isoformat(), "cpu": cpu,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "quick": QUICK}
+            "allocator": ALLOCATOR, "quick": QUICK}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:

@@ -5,6 +5,7 @@
 
 #include <ATen/Version.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -279,6 +280,57 @@ std::vector<Tensor> iwn_backward(const Tensor& dy, const Tensor& x, const option
   return out;
 }
 
+// Row keys of the kernels from int64 labels / task ids (CPU): key = task * C +
+// label in training, task in eval; with check, a label or task outside its
+// range raises ValueError naming it. One pass, instead of several torch ops.
+Tensor group_keys(const optional<Tensor>& labels, const optional<Tensor>& task_ids,
+                  int64_t num_tasks, int64_t num_classes, bool check) {
+  const Tensor& first = labels.has_value() ? *labels : *task_ids;
+  TORCH_CHECK(labels.has_value() || task_ids.has_value(), "labels or task_ids required");
+  const int64_t N = first.numel();
+  for (const auto* t : {&labels, &task_ids}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->is_cpu() && (*t)->scalar_type() == at::kLong && (*t)->is_contiguous() &&
+                    (*t)->numel() == N,
+                "group_keys takes contiguous int64 CPU tensors of one length");
+  }
+  Tensor keys = at::empty({N}, first.options().dtype(at::kInt));
+  int32_t* out = keys.data_ptr<int32_t>();
+  const int64_t* lab = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  const int64_t* task = task_ids.has_value() ? task_ids->data_ptr<int64_t>() : nullptr;
+  int64_t lab_lo = 0, lab_hi = 0, task_lo = 0, task_hi = 0;
+  if (N > 0) {
+    if (lab) lab_lo = lab_hi = lab[0];
+    if (task) task_lo = task_hi = task[0];
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    int64_t key = 0;
+    if (lab) {
+      lab_lo = std::min(lab_lo, lab[i]);
+      lab_hi = std::max(lab_hi, lab[i]);
+      key = lab[i];
+    }
+    if (task) {
+      task_lo = std::min(task_lo, task[i]);
+      task_hi = std::max(task_hi, task[i]);
+      key += task[i] * (lab ? num_classes : 1);
+    }
+    out[i] = static_cast<int32_t>(key);
+  }
+  auto range_error = [](const char* name, int64_t upper, int64_t lo, int64_t hi) {
+    throw pybind11::value_error(std::string(name) + " must lie in [0, " + std::to_string(upper) +
+                                "), got values in [" + std::to_string(lo) + ", " +
+                                std::to_string(hi) + "]");
+  };
+  if (check && N > 0) {
+    if (lab && (lab_lo < 0 || lab_hi >= num_classes))
+      range_error("labels", num_classes, lab_lo, lab_hi);
+    if (task && (task_lo < 0 || task_hi >= num_tasks))
+      range_error("task_ids", num_tasks, task_lo, task_hi);
+  }
+  return keys;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -286,6 +338,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("iwn_forward", &iwn_forward,
         "fused_iwn forward: returns y, group count/mean/std, mu, sigma");
   m.def("iwn_backward", &iwn_backward, "fused_iwn backward: returns dx, dgate, dweight, dbias");
+  m.def("group_keys", &group_keys,
+        "int32 row keys (task * C + label) from int64 CPU labels / task ids, range-checked");
   m.def("cpu_capability", [] { return at::get_cpu_capability(); },
         "the CPU kernel build in use (DEFAULT, AVX2 or AVX512)");
 #ifdef SURGELLM_WITH_CUDA

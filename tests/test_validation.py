@@ -47,6 +47,12 @@ def test_training_argument_errors(iwn, kwargs, error, match):
         iwn(X, training=True, **kwargs)
 
 
+def test_eval_task_ids_out_of_range(iwn):
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 1\), got values in \[0, 5\]"):
+        iwn(X, task_ids=torch.tensor([0, 0, 1, 0, 0, 5]), running_mean=torch.zeros(1, 4),
+            running_std=torch.ones(1, 4))
+
+
 def test_integer_x_and_scalar_x(iwn):
     with pytest.raises(TypeError, match="x must be a floating tensor"):
         iwn(torch.ones(6, 4, dtype=torch.int64), LABELS, training=True)

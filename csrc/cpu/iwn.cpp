@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -72,8 +73,37 @@ inline void store_row(const acc_t* src, scalar_t* dst, int64_t F) {
   }
 }
 
-// Produces one row of u = x * sigmoid(gate) in the accumulation type, with
-// per-thread row buffers (no full-size temporary).
+// Kernel scratch from c10's CPU allocator (not std::vector), so that memory
+// profilers -- and the benchmarks' peak-memory column -- see it.
+template <typename T>
+struct Scratch {
+  c10::DataPtr ptr;
+  int64_t n;
+  explicit Scratch(int64_t n_, bool zero = true)
+      : ptr(c10::GetCPUAllocator()->allocate(std::max<int64_t>(n_, 1) * sizeof(T))), n(n_) {
+    if (zero) std::fill(data(), data() + n, T(0));
+  }
+  T* data() const { return static_cast<T*>(ptr.get()); }
+  T& operator[](int64_t i) const { return data()[i]; }
+  bool empty() const { return n == 0; }
+};
+
+// One row of u = x * s, read a vector at a time: either x and the per-feature
+// s = sigmoid(gate) multiplied on the fly (no buffer pass), or a row already
+// materialized in a per-thread buffer (s == nullptr).
+template <typename acc_t>
+struct RowU {
+  using Vec = Vectorized<acc_t>;
+  const acc_t* x;
+  const acc_t* s;
+  Vec vec(int64_t f) const { return s ? Vec::loadu(x + f) * Vec::loadu(s + f) : Vec::loadu(x + f); }
+  acc_t at(int64_t f) const { return s ? x[f] * s[f] : x[f]; }
+};
+
+// Rows of u = x * sigmoid(gate) in the accumulation type. float32/float64
+// data with no gate or a (F,) gate is read in place; reduced-precision data
+// and per-instance gates go through per-thread row buffers (never a
+// full-size temporary).
 template <typename scalar_t, typename acc_t>
 struct GatedRows {
   const scalar_t* x;
@@ -89,17 +119,13 @@ struct GatedRows {
         sig_buf(gate_full_ ? F_ : 0), logit_buf(gate_full_ ? F_ : 0) {}
 
   // u of row i; sig() is then that row's sigmoid(gate) (null when ungated).
-  const acc_t* u(int64_t i) {
+  RowU<acc_t> u(int64_t i) {
     const acc_t* xa = as_acc(x + i * F, u_buf.data(), F);
-    const acc_t* s = gate_sig;
-    if (gate_full) {
-      sigmoid_row(as_acc(gate_full + i * F, logit_buf.data(), F), sig_buf.data(), F);
-      s = sig_buf.data();
-    }
-    if (!s) return xa;
+    if (!gate_full) return {xa, gate_sig};
+    sigmoid_row(as_acc(gate_full + i * F, logit_buf.data(), F), sig_buf.data(), F);
     at::vec::map2([](Vectorized<acc_t> a, Vectorized<acc_t> b) { return a * b; },
-                  u_buf.data(), xa, s, F);
-    return u_buf.data();
+                  u_buf.data(), xa, sig_buf.data(), F);
+    return {u_buf.data(), nullptr};
   }
   const acc_t* sig() const { return gate_full ? sig_buf.data() : gate_sig; }
 };
@@ -118,21 +144,24 @@ inline int64_t key_of(const int32_t* keys, int64_t i) { return keys ? keys[i] : 
 
 // acc += u (vectorized over one row).
 template <typename acc_t>
-inline void add_row(const acc_t* u, acc_t* acc, int64_t F) {
-  at::vec::map2([](Vectorized<acc_t> a, Vectorized<acc_t> b) { return a + b; }, acc, acc, u, F);
+inline void add_row(const RowU<acc_t>& u, acc_t* acc, int64_t F) {
+  using Vec = Vectorized<acc_t>;
+  int64_t f = 0;
+  for (; f + Vec::size() <= F; f += Vec::size()) (Vec::loadu(acc + f) + u.vec(f)).store(acc + f);
+  for (; f < F; ++f) acc[f] += u.at(f);
 }
 
 // m2 += (u - mean)^2 (vectorized over one row).
 template <typename acc_t>
-inline void add_squared_deviation(const acc_t* u, const acc_t* mean, acc_t* m2, int64_t F) {
+inline void add_squared_deviation(const RowU<acc_t>& u, const acc_t* mean, acc_t* m2, int64_t F) {
   using Vec = Vectorized<acc_t>;
   int64_t f = 0;
   for (; f + Vec::size() <= F; f += Vec::size()) {
-    const Vec d = Vec::loadu(u + f) - Vec::loadu(mean + f);
+    const Vec d = u.vec(f) - Vec::loadu(mean + f);
     at::vec::fmadd(d, d, Vec::loadu(m2 + f)).store(m2 + f);
   }
   for (; f < F; ++f) {
-    const acc_t d = u[f] - mean[f];
+    const acc_t d = u.at(f) - mean[f];
     m2[f] += d * d;
   }
 }
@@ -167,7 +196,7 @@ void group_moments(const IWNForwardArgs<acc_t>& a, const acc_t* gate_sig, acc_t*
                    acc_t* mean, acc_t* m2) {
   const int64_t N = a.N, F = a.F, K = a.num_tasks * a.num_classes;
   const int64_t chunk = rows_per_chunk(N, F), nchunks = ceil_div(N, chunk);
-  std::vector<acc_t> pcount(nchunks * K, 0), pmean(nchunks * K * F, 0), pm2(nchunks * K * F, 0);
+  Scratch<acc_t> pcount(nchunks * K), pmean(nchunks * K * F), pm2(nchunks * K * F);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.x, a.gate_full, gate_sig, F);
     for (int64_t ch = begin; ch < end; ++ch) {
@@ -205,7 +234,8 @@ void group_moments(const IWNForwardArgs<acc_t>& a, const acc_t* gate_sig, acc_t*
         const acc_t nb = pcount[ch * K + k];
         if (nb == acc_t(0)) continue;
         const int64_t off = (ch * K + k) * F;
-        chan_merge_row(n, nb, mean + k * F, m2 + k * F, pmean.data() + off, pm2.data() + off, f0, f1);
+        chan_merge_row(n, nb, mean + k * F, m2 + k * F, pmean.data() + off, pm2.data() + off, f0,
+                       f1);
         n += nb;
       }
     }
@@ -226,20 +256,20 @@ void normalize_rows(const IWNForwardArgs<acc_t>& a, const acc_t* gate_sig, const
     std::vector<acc_t> out_buf(std::is_same<scalar_t, acc_t>::value ? 0 : F);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = key_of(a.keys, i) / key_div;
-      const acc_t* u = rows.u(i);
+      const RowU<acc_t> u = rows.u(i);
       const acc_t* m = mu + t * F;
       const acc_t* s = scale + t * F;
       acc_t* out = out_buf.empty() ? reinterpret_cast<acc_t*>(y + i * F) : out_buf.data();
       int64_t f = 0;
       if (a.bias) {
         for (; f + Vec::size() <= F; f += Vec::size())
-          at::vec::fmadd(Vec::loadu(u + f) - Vec::loadu(m + f), Vec::loadu(s + f),
+          at::vec::fmadd(u.vec(f) - Vec::loadu(m + f), Vec::loadu(s + f),
                          Vec::loadu(a.bias + f)).store(out + f);
-        for (; f < F; ++f) out[f] = (u[f] - m[f]) * s[f] + a.bias[f];
+        for (; f < F; ++f) out[f] = (u.at(f) - m[f]) * s[f] + a.bias[f];
       } else {
         for (; f + Vec::size() <= F; f += Vec::size())
-          ((Vec::loadu(u + f) - Vec::loadu(m + f)) * Vec::loadu(s + f)).store(out + f);
-        for (; f < F; ++f) out[f] = (u[f] - m[f]) * s[f];
+          ((u.vec(f) - Vec::loadu(m + f)) * Vec::loadu(s + f)).store(out + f);
+        for (; f < F; ++f) out[f] = (u.at(f) - m[f]) * s[f];
       }
       if (!out_buf.empty()) store_row(out, y + i * F, F);
     }
@@ -267,7 +297,7 @@ void forward_impl(const IWNForwardArgs<acc_type<scalar_t>>& a) {
     normalize_rows<scalar_t>(a, gate_sig, a.mean_in, scale.data(), 1);
     return;
   }
-  std::vector<acc_t> m2(T * C * F);
+  Scratch<acc_t> m2(T * C * F, false);
   group_moments<scalar_t>(a, gate_sig, a.group_count, a.group_mean, m2.data());
   at::parallel_for(0, F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
     for (int64_t t = 0; t < T; ++t)
@@ -293,7 +323,7 @@ void backward_impl(const IWNBackwardArgs<acc_type<scalar_t>>& a) {
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
 
   // Pass 1: per task, s1 = sum dy and s2 = sum dy * (u - mu).
-  std::vector<acc_t> ps(nchunks * 2 * T * F, 0);
+  Scratch<acc_t> ps(nchunks * 2 * T * F);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.x, a.gate_full, gate_sig, F);
     std::vector<acc_t> dy_buf(F);
@@ -301,7 +331,7 @@ void backward_impl(const IWNBackwardArgs<acc_type<scalar_t>>& a) {
       acc_t* s = ps.data() + ch * 2 * T * F;
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
         const int64_t t = key_of(a.keys, i) / key_div;
-        const acc_t* u = rows.u(i);
+        const RowU<acc_t> u = rows.u(i);
         const acc_t* g = as_acc(dy + i * F, dy_buf.data(), F);
         const acc_t* m = a.mu + t * F;
         acc_t* s1 = s + t * F;
@@ -310,11 +340,11 @@ void backward_impl(const IWNBackwardArgs<acc_type<scalar_t>>& a) {
         for (; f + Vec::size() <= F; f += Vec::size()) {
           const Vec gv = Vec::loadu(g + f);
           (Vec::loadu(s1 + f) + gv).store(s1 + f);
-          at::vec::fmadd(gv, Vec::loadu(u + f) - Vec::loadu(m + f), Vec::loadu(s2 + f)).store(s2 + f);
+          at::vec::fmadd(gv, u.vec(f) - Vec::loadu(m + f), Vec::loadu(s2 + f)).store(s2 + f);
         }
         for (; f < F; ++f) {
           s1[f] += g[f];
-          s2[f] += g[f] * (u[f] - m[f]);
+          s2[f] += g[f] * (u.at(f) - m[f]);
         }
       }
     }
@@ -361,7 +391,7 @@ void backward_impl(const IWNBackwardArgs<acc_type<scalar_t>>& a) {
   scalar_t* dgate_full = static_cast<scalar_t*>(a.dgate_full);
   // A (F,) gate's gradient needs sum_i du_i u_i: in closed form in training
   // (see backward_coefficients), reduced over rows in eval.
-  std::vector<acc_t> pgate(a.gate_vec && !a.training ? nchunks * F : 0, 0);
+  Scratch<acc_t> pgate(a.gate_vec && !a.training ? nchunks * F : 0);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.x, a.gate_full, gate_sig, F);
     std::vector<acc_t> dy_buf(F), dx_buf(direct ? 0 : F), dg_buf(direct ? 0 : F);
@@ -370,7 +400,7 @@ void backward_impl(const IWNBackwardArgs<acc_type<scalar_t>>& a) {
       acc_t* pg = pgate.empty() ? nullptr : pgate.data() + ch * F;
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
         const int64_t k = key_of(a.keys, i);
-        const acc_t* u = rows.u(i);
+        const RowU<acc_t> u = rows.u(i);
         const acc_t* s = rows.sig();
         const acc_t* g = as_acc(dy + i * F, dy_buf.data(), F);
         const acc_t* p = P.data() + (k / key_div) * F;
@@ -384,7 +414,7 @@ void backward_impl(const IWNBackwardArgs<acc_type<scalar_t>>& a) {
         auto du_at = [&](int64_t f) {
           if (!av) return Vec::loadu(g + f) * Vec::loadu(p + f);
           const Vec du = (Vec::loadu(g + f) - Vec::loadu(av + f)) * Vec::loadu(p + f);
-          return at::vec::fmadd(Vec::loadu(bv + f), Vec::loadu(u + f) - Vec::loadu(cv + f), du);
+          return at::vec::fmadd(Vec::loadu(bv + f), u.vec(f) - Vec::loadu(cv + f), du);
         };
         int64_t f = 0;
         for (; f + Vec::size() <= F; f += Vec::size()) {
@@ -396,22 +426,23 @@ void backward_impl(const IWNBackwardArgs<acc_type<scalar_t>>& a) {
           const Vec sv = Vec::loadu(s + f);
           (du * sv).store(dxr + f);
           if (pg) {
-            at::vec::fmadd(du, Vec::loadu(u + f), Vec::loadu(pg + f)).store(pg + f);
+            at::vec::fmadd(du, u.vec(f), Vec::loadu(pg + f)).store(pg + f);
           } else if (dgr) {
-            (du * Vec::loadu(u + f) * (one - sv)).store(dgr + f);
+            (du * u.vec(f) * (one - sv)).store(dgr + f);
           }
         }
         for (; f < F; ++f) {
-          acc_t du = av ? (g[f] - av[f]) * p[f] + bv[f] * (u[f] - cv[f]) : g[f] * p[f];
+          const acc_t uf = u.at(f);
+          acc_t du = av ? (g[f] - av[f]) * p[f] + bv[f] * (uf - cv[f]) : g[f] * p[f];
           if (!s) {
             dxr[f] = du;
             continue;
           }
           dxr[f] = du * s[f];
           if (pg)
-            pg[f] += du * u[f];
+            pg[f] += du * uf;
           else if (dgr)
-            dgr[f] = du * u[f] * (acc_t(1) - s[f]);
+            dgr[f] = du * uf * (acc_t(1) - s[f]);
         }
         if (!direct) {
           store_row(dxr, dx + i * F, F);

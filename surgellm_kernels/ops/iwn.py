@@ -28,17 +28,24 @@ def _group_keys(labels: Optional[Tensor], task_ids: Optional[Tensor], training: 
     """Row keys of the kernels: ``task * C + label`` in training, ``task`` in eval
     (None when every row has key 0). Ranges are checked here, inside the op,
     because the check reads the data."""
+    if not training and task_ids is None:
+        return None
+    ext = _backend.extension()
+    first = labels if training else task_ids
+    if ext is not None and first.device.type == "cpu":  # one C++ pass
+        return ext.group_keys(labels if training else None, task_ids, num_tasks, num_classes,
+                              check)
     if check:
         if training:
             check_index_range(labels, "labels", num_classes)
         if task_ids is not None:
             check_index_range(task_ids, "task_ids", num_tasks)
-    if training:
-        keys = labels if task_ids is None else task_ids * num_classes + labels
-    elif task_ids is not None and num_tasks > 1:
+    if not training:
         keys = task_ids
+    elif task_ids is None:
+        keys = labels
     else:
-        return None
+        keys = task_ids * num_classes + labels
     return keys.to(torch.int32)
 
 
@@ -50,6 +57,29 @@ def _kernels(backend: str):
     return ext.iwn_forward, ext.iwn_backward
 
 
+def _forward_impl(x, labels, task_ids, gate, weight, bias, mean_in, std_in, training,
+                  num_tasks, num_classes, eps, pooled, backend):
+    keys = _group_keys(labels, task_ids, training, num_tasks, num_classes, check=True)
+    forward, _ = _kernels(backend)
+    y, count, mean, std, mu, sigma = forward(x, keys, gate, weight, bias, mean_in, std_in,
+                                             training, num_tasks, num_classes if training else 1,
+                                             eps, pooled)
+    return y, count, mean, std, mu, sigma
+
+
+def _backward_impl(grad_y, x, labels, task_ids, gate, weight, group_count, group_mean, group_std,
+                   mu, sigma, training, num_tasks, num_classes, eps, pooled, backend):
+    keys = _group_keys(labels, task_ids, training, num_tasks, num_classes, check=False)
+    _, backward = _kernels(backend)
+    stats = (group_count, group_mean, group_std) if training else (None, None, None)
+    dx, dgate, dweight, dbias = backward(grad_y.contiguous(), x, keys, gate, weight, *stats, mu,
+                                         sigma, training, num_tasks,
+                                         num_classes if training else 1, eps, pooled)
+    return dx, dgate, dweight, dbias
+
+
+# -- torch.library registration: what torch.compile traces --------------------------
+
 @torch.library.custom_op("surgellm::iwn_forward", mutates_args=())
 def _iwn_forward(x: Tensor, labels: Optional[Tensor], task_ids: Optional[Tensor],
                  gate: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
@@ -58,12 +88,8 @@ def _iwn_forward(x: Tensor, labels: Optional[Tensor], task_ids: Optional[Tensor]
                  backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns y, group count (K,), group mean and std (K, F), mu and sigma
     (T, F), with K = T * C in training and 0 in eval."""
-    keys = _group_keys(labels, task_ids, training, num_tasks, num_classes, check=True)
-    forward, _ = _kernels(backend)
-    y, count, mean, std, mu, sigma = forward(x, keys, gate, weight, bias, mean_in, std_in,
-                                             training, num_tasks, num_classes if training else 1,
-                                             eps, pooled)
-    return y, count, mean, std, mu, sigma
+    return _forward_impl(x, labels, task_ids, gate, weight, bias, mean_in, std_in, training,
+                         num_tasks, num_classes, eps, pooled, backend)
 
 
 @_iwn_forward.register_fake
@@ -84,13 +110,9 @@ def _iwn_backward(grad_y: Tensor, x: Tensor, labels: Optional[Tensor],
                   sigma: Tensor, training: bool, num_tasks: int, num_classes: int, eps: float,
                   pooled: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns dx, dgate (empty without gate), dweight and dbias (F,)."""
-    keys = _group_keys(labels, task_ids, training, num_tasks, num_classes, check=False)
-    _, backward = _kernels(backend)
-    stats = (group_count, group_mean, group_std) if training else (None, None, None)
-    dx, dgate, dweight, dbias = backward(grad_y.contiguous(), x, keys, gate, weight, *stats, mu,
-                                         sigma, training, num_tasks,
-                                         num_classes if training else 1, eps, pooled)
-    return dx, dgate, dweight, dbias
+    return _backward_impl(grad_y, x, labels, task_ids, gate, weight, group_count, group_mean,
+                          group_std, mu, sigma, training, num_tasks, num_classes, eps, pooled,
+                          backend)
 
 
 @_iwn_backward.register_fake
@@ -112,18 +134,34 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_y, *_stat_grads):
+def _gradients(ctx, grad_y, run_backward):
     x, labels, task_ids, gate, weight, count, mean, std, mu, sigma = ctx.saved_tensors
-    training, num_tasks, num_classes, eps, pooled, backend = ctx.config
-    dx, dgate, dweight, dbias = torch.ops.surgellm.iwn_backward(
-        grad_y, x, labels, task_ids, gate, weight, count, mean, std, mu, sigma, training,
-        num_tasks, num_classes, eps, pooled, backend)
+    dx, dgate, dweight, dbias = run_backward(grad_y, x, labels, task_ids, gate, weight, count,
+                                             mean, std, mu, sigma, *ctx.config)
     return (dx, None, None, dgate if gate is not None else None,
             dweight if weight is not None else None, dbias if ctx.has_bias else None,
             None, None, None, None, None, None, None, None)
 
 
-_iwn_forward.register_autograd(_backward, setup_context=_setup_context)
+_iwn_forward.register_autograd(
+    lambda ctx, grad_y, *_: _gradients(ctx, grad_y, torch.ops.surgellm.iwn_backward),
+    setup_context=_setup_context)
+
+
+class _IWNFunction(torch.autograd.Function):
+    """The same forward and backward as the custom op, without the custom-op
+    dispatch (tens of microseconds a call): what eager mode runs."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, *_stat_grads):
+        return _gradients(ctx, grad_y, _backward_impl)
 
 
 def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor] = None,
@@ -174,11 +212,17 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
     if not training:
         mean_in = call.rows_mean.to(acc).contiguous()
         std_in = call.rows_std.to(acc).contiguous()
-    y, count, _mean, _std, mu, sigma = torch.ops.surgellm.iwn_forward(
+    run = torch.ops.surgellm.iwn_forward if torch.compiler.is_compiling() else _IWNFunction.apply
+    y, count, _mean, _std, mu, sigma = run(
         x2, labels2, tasks2, gate, weight, bias, mean_in, std_in, training, call.num_tasks,
         call.num_classes, float(eps), call.pooled, backend)
     if training and running_mean is not None:
-        present = count.view(call.num_tasks, call.num_classes).sum(1) > 0
-        update_running_statistics(running_mean, running_std, mu.detach(), sigma.detach(),
-                                  present, momentum)
+        if call.num_tasks == 1:  # the batch has rows, so its one task is present
+            with torch.no_grad():
+                running_mean.view(-1).lerp_(mu.view(-1).to(running_mean.dtype), momentum)
+                running_std.view(-1).lerp_(sigma.view(-1).to(running_std.dtype), momentum)
+        else:
+            present = count.view(call.num_tasks, call.num_classes).sum(1) > 0
+            update_running_statistics(running_mean, running_std, mu.detach(), sigma.detach(),
+                                      present, momentum)
     return y.view(x.shape)

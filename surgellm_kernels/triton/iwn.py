@@ -62,6 +62,18 @@ def _load_u(x_ptr, gate_ptr, rows, cols, mask, F, GATE_MODE: tl.constexpr, ACC: 
 
 
 @triton.jit
+def _keyed_rows(x_ptr, gate_ptr, keys_ptr, r, cols, groups, N, F, GATE_MODE: tl.constexpr,
+                ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows [r, r + BLOCK_N): one-hot of their key over ``groups``, and u."""
+    rows = r + tl.arange(0, BLOCK_N)
+    mask = (rows < N)[:, None] & (cols < F)[None, :]
+    keys = tl.load(keys_ptr + rows, mask=rows < N, other=-1)
+    onehot = (keys[:, None] == groups[None, :]).to(ACC)
+    u, _s = _load_u(x_ptr, gate_ptr, rows, cols, mask, F, GATE_MODE, ACC)
+    return onehot, u
+
+
+@triton.jit
 def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, N, F, K,
                      ROWS_PER_CHUNK, GATE_MODE: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, GROUP_TILE: tl.constexpr):
@@ -72,21 +84,15 @@ def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, 
     count = tl.zeros((GROUP_TILE,), ACC)
     total = tl.zeros((GROUP_TILE, BLOCK_F), ACC)
     for r in range(row0, row0 + ROWS_PER_CHUNK, BLOCK_N):
-        rows = r + tl.arange(0, BLOCK_N)
-        mask = (rows < N)[:, None] & (cols < F)[None, :]
-        keys = tl.load(keys_ptr + rows, mask=rows < N, other=-1)
-        onehot = (keys[:, None] == groups[None, :]).to(ACC)
-        u, _s = _load_u(x_ptr, gate_ptr, rows, cols, mask, F, GATE_MODE, ACC)
+        onehot, u = _keyed_rows(x_ptr, gate_ptr, keys_ptr, r, cols, groups, N, F, GATE_MODE, ACC,
+                                BLOCK_N)
         count += tl.sum(onehot, axis=0)
         total += tl.sum(onehot[:, :, None] * u[:, None, :], axis=0)
     mean = total / tl.maximum(count, 1.0)[:, None]
     m2 = tl.zeros((GROUP_TILE, BLOCK_F), ACC)
     for r in range(row0, row0 + ROWS_PER_CHUNK, BLOCK_N):
-        rows = r + tl.arange(0, BLOCK_N)
-        mask = (rows < N)[:, None] & (cols < F)[None, :]
-        keys = tl.load(keys_ptr + rows, mask=rows < N, other=-1)
-        onehot = (keys[:, None] == groups[None, :]).to(ACC)
-        u, _s = _load_u(x_ptr, gate_ptr, rows, cols, mask, F, GATE_MODE, ACC)
+        onehot, u = _keyed_rows(x_ptr, gate_ptr, keys_ptr, r, cols, groups, N, F, GATE_MODE, ACC,
+                                BLOCK_N)
         row_mean = tl.sum(onehot[:, :, None] * mean[None, :, :], axis=1)
         dev = (u - row_mean) * tl.sum(onehot, axis=1)[:, None]
         m2 += tl.sum(onehot[:, :, None] * (dev * dev)[:, None, :], axis=0)
