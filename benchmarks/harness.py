@@ -216,7 +216,7 @@ class Report:
         if not rows:
             return None
         ops = sorted({r["op"] for r in rows})
-        fig, axes = plt.subplots(len(ops), len(MODES), figsize=(6 * len(MODES), 4 * len(ops)),
+        fig, axes = plt.subplots(len(ops), len(MODES), figsize=(7 * len(MODES), 5 * len(ops)),
                                  squeeze=False)
         for i, op in enumerate(ops):
             for j, mode in enumerate(MODES):
@@ -236,7 +236,8 @@ class Report:
                 ax.axhline(1.0, color="black", linewidth=0.8)
                 ax.set_yscale("log")
                 ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))])
-                ax.set_xticklabels(["\n".join(c) for c in cases], fontsize=7)
+                ax.set_xticklabels([" ".join(c) for c in cases], fontsize=7, rotation=35,
+                                   ha="right")
                 ax.set_title(f"{op}: {mode}")
                 ax.set_ylabel("speedup vs eager (log)")
                 ax.legend(fontsize=7)

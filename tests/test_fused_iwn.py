@@ -174,14 +174,18 @@ def test_per_task_statistics(backend, training, force_backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_imbalance_singleton_and_constant_feature(backend, force_backend):
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_imbalance_singleton_and_constant_feature(backend, num_classes, force_backend):
     N, F = 52, 4
     x = torch.randn(N, F, dtype=torch.float64)
     x[:, 2] = 3.0                                    # a constant feature
-    labels = torch.tensor([0] * 50 + [1, 2])         # 1:50, and two singletons
+    if num_classes == 2:
+        labels = torch.tensor([0] * 51 + [1])        # 51:1, the minority a singleton
+    else:
+        labels = torch.tensor([0] * 50 + [1, 2])     # 1:50, two singletons, class 3 absent
     for std_mode in ("class_mean", "pooled"):
         _compare(backend, force_backend, x, _params(F, torch.float64), labels=labels,
-                 training=True, num_classes=4, std_mode=std_mode)
+                 training=True, num_classes=num_classes, std_mode=std_mode)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
