@@ -89,33 +89,27 @@ def environment(env: Dict[str, str]):
                 os.environ[k] = v
 
 
-def _nbytes(outputs) -> int:
-    if isinstance(outputs, torch.Tensor):
-        return outputs.numel() * outputs.element_size()
-    if isinstance(outputs, (tuple, list)):
-        return sum(_nbytes(o) for o in outputs)
-    return 0
-
-
-def peak_extra_bytes(fn: Callable, device: str) -> int:
-    """Peak memory one call allocates beyond its inputs and what it returns."""
+def peak_bytes(fn: Callable, device: str) -> int:
+    """Peak of the memory one call holds beyond its inputs: outputs, gradients
+    and temporaries (CUDA: max_memory_allocated; CPU: the profiler's record of
+    the allocator, which also sees the C++ kernels' scratch)."""
     if device.startswith("cuda"):
         sync(device)
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        out = fn()
+        fn()
         sync(device)
-        return max(0, torch.cuda.max_memory_allocated() - before - _nbytes(out))
+        return max(0, torch.cuda.max_memory_allocated() - before)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
+        fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
         peak = max(peak, live)
-    return max(0, peak - _nbytes(out))
+    return peak
 
 
 def rounds_for(seconds_per_call: float) -> int:
@@ -172,7 +166,8 @@ class Report:
                     continue
                 lines.append("")
                 lines.append(f"{op} -- {mode} (roofline: {PROXY} time scaled to "
-                             f"{TENSORS_MOVED[mode]} tensors / ours; >1 beats the proxy)")
+                             f"{TENSORS_MOVED[mode]} tensors / ours, >1 beats the proxy; "
+                             f"peak: memory held beyond the inputs, outputs included)")
                 head = (f"{'shape':>11} {'dtype':>9} {'device':>6} {'implementation':<24} "
                         f"{'median ms':>10} {'vs eager':>9} {'vs comp.':>9} {'GB/s':>7} "
                         f"{'roofline':>8} {'peak MB':>8}")
@@ -295,7 +290,7 @@ def run_case(benchmark, report: Report, case: Case, impl: Implementation) -> Non
         timed()  # warm-up (compilation happens here)
         timed()
         per_call = (time.perf_counter() - start) / 2
-        row.peak_mb = peak_extra_bytes(fn, case.device) / 2**20
+        row.peak_mb = peak_bytes(fn, case.device) / 2**20
         benchmark.extra_info.update({"op": case.op, "mode": case.mode, "impl": impl.name})
         benchmark.pedantic(timed, rounds=rounds_for(per_call), iterations=1, warmup_rounds=1)
     row.median_ms = benchmark.stats.stats.median * 1e3
