@@ -142,27 +142,43 @@ std::vector<acc_t> gate_sigmoid(const acc_t* logits, int64_t F) {
 
 inline int64_t key_of(const int32_t* keys, int64_t i) { return keys ? keys[i] : 0; }
 
-// acc += u (vectorized over one row).
+// dst = u (one row).
 template <typename acc_t>
-inline void add_row(const RowU<acc_t>& u, acc_t* acc, int64_t F) {
+inline void store_u(const RowU<acc_t>& u, acc_t* dst, int64_t F) {
   using Vec = Vectorized<acc_t>;
   int64_t f = 0;
-  for (; f + Vec::size() <= F; f += Vec::size()) (Vec::loadu(acc + f) + u.vec(f)).store(acc + f);
-  for (; f < F; ++f) acc[f] += u.at(f);
+  for (; f + Vec::size() <= F; f += Vec::size()) u.vec(f).store(dst + f);
+  for (; f < F; ++f) dst[f] = u.at(f);
 }
 
-// m2 += (u - mean)^2 (vectorized over one row).
+// d = u - shift; sum += d; sumsq += d * d (one row).
 template <typename acc_t>
-inline void add_squared_deviation(const RowU<acc_t>& u, const acc_t* mean, acc_t* m2, int64_t F) {
+inline void add_shifted(const RowU<acc_t>& u, const acc_t* shift, acc_t* sum, acc_t* sumsq,
+                        int64_t F) {
   using Vec = Vectorized<acc_t>;
   int64_t f = 0;
   for (; f + Vec::size() <= F; f += Vec::size()) {
-    const Vec d = u.vec(f) - Vec::loadu(mean + f);
-    at::vec::fmadd(d, d, Vec::loadu(m2 + f)).store(m2 + f);
+    const Vec d = u.vec(f) - Vec::loadu(shift + f);
+    (Vec::loadu(sum + f) + d).store(sum + f);
+    at::vec::fmadd(d, d, Vec::loadu(sumsq + f)).store(sumsq + f);
   }
   for (; f < F; ++f) {
-    const acc_t d = u.at(f) - mean[f];
-    m2[f] += d * d;
+    const acc_t d = u.at(f) - shift[f];
+    sum[f] += d;
+    sumsq[f] += d * d;
+  }
+}
+
+// (sum d, sum d^2) of n rows -> (mean, M2), in place.
+template <typename acc_t>
+inline void finish_shifted(const acc_t* shift, acc_t n, acc_t* sum_to_mean, acc_t* sumsq_to_m2,
+                           int64_t F) {
+  const acc_t inv = acc_t(1) / n;
+  for (int64_t f = 0; f < F; ++f) {
+    const acc_t d = sum_to_mean[f];
+    const acc_t m2 = sumsq_to_m2[f] - d * d * inv;
+    sum_to_mean[f] = shift[f] + d * inv;
+    sumsq_to_m2[f] = m2 > acc_t(0) ? m2 : acc_t(0);
   }
 }
 
@@ -199,28 +215,28 @@ void group_moments(const IWNForwardArgs<acc_t>& a, const acc_t* gate_sig, acc_t*
   Scratch<acc_t> pcount(nchunks * K), pmean(nchunks * K * F), pm2(nchunks * K * F);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.x, a.gate_full, gate_sig, F);
+    std::vector<acc_t> shift(K * F);
     for (int64_t ch = begin; ch < end; ++ch) {
       acc_t* cnt = pcount.data() + ch * K;
       acc_t* mn = pmean.data() + ch * K * F;
       acc_t* sq = pm2.data() + ch * K * F;
-      // Two passes over the chunk (the second from cache): sums, then squared
-      // deviations from the chunk's group means. Within a chunk this is the
-      // reference's own computation, which keeps sigma_c consistent with the
-      // (u - m_c) the backward pass recomputes.
+      // One pass over the chunk with shifted sums: d = u - shift_k, where
+      // shift_k is the group's first row in the chunk, accumulating sum d and
+      // sum d^2; then mean = shift + sum d / n, M2 = sum d^2 - (sum d)^2 / n.
+      // The shift keeps the squares small (no cancellation when |mean| >> std)
+      // and makes nearly-constant groups exact (d is exact for close values).
       const int64_t r0 = ch * chunk, r1 = std::min(N, (ch + 1) * chunk);
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t k = key_of(a.keys, i);
+        const RowU<acc_t> u = rows.u(i);
+        acc_t* sh = shift.data() + k * F;
+        if (cnt[k] == acc_t(0)) store_u(u, sh, F);
         cnt[k] += acc_t(1);
-        add_row(rows.u(i), mn + k * F, F);
+        add_shifted(u, sh, mn + k * F, sq + k * F, F);
       }
       for (int64_t k = 0; k < K; ++k) {
         if (cnt[k] == acc_t(0)) continue;
-        const Vectorized<acc_t> inv(acc_t(1) / cnt[k]);
-        at::vec::map([inv](Vectorized<acc_t> v) { return v * inv; }, mn + k * F, mn + k * F, F);
-      }
-      for (int64_t i = r0; i < r1; ++i) {
-        const int64_t k = key_of(a.keys, i);
-        add_squared_deviation(rows.u(i), mn + k * F, sq + k * F, F);
+        finish_shifted(shift.data() + k * F, cnt[k], mn + k * F, sq + k * F, F);
       }
     }
   });
