@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/iwn.h"
@@ -138,28 +139,28 @@ IWNBackwardArgs<acc_t> backward_args(const Tensor& dy, const Tensor& x, const op
   return a;
 }
 
+template <typename Args>
+constexpr bool is_forward = std::is_same<Args, IWNForwardArgs<float>>::value ||
+                            std::is_same<Args, IWNForwardArgs<double>>::value;
+
 // The CPU kernel build matching this processor (ATen's own choice, which
 // honours ATEN_CPU_CAPABILITY), falling back to the portable build.
 template <typename scalar_t, typename Args>
-void run_cpu_forward(const Args& a) {
+void run_cpu(const Args& a) {
   namespace k = surgellm::cpu;
 #if defined(__x86_64__) || defined(_M_X64)
   static const std::string cap = at::get_cpu_capability();
-  if (cap == "AVX512") return k::AVX512::iwn_forward<scalar_t>(a);
-  if (cap == "AVX2") return k::AVX2::iwn_forward<scalar_t>(a);
+  if (cap == "AVX512") {
+    if constexpr (is_forward<Args>) return k::AVX512::iwn_forward<scalar_t>(a);
+    else return k::AVX512::iwn_backward<scalar_t>(a);
+  }
+  if (cap == "AVX2") {
+    if constexpr (is_forward<Args>) return k::AVX2::iwn_forward<scalar_t>(a);
+    else return k::AVX2::iwn_backward<scalar_t>(a);
+  }
 #endif
-  k::DEFAULT::iwn_forward<scalar_t>(a);
-}
-
-template <typename scalar_t, typename Args>
-void run_cpu_backward(const Args& a) {
-  namespace k = surgellm::cpu;
-#if defined(__x86_64__) || defined(_M_X64)
-  static const std::string cap = at::get_cpu_capability();
-  if (cap == "AVX512") return k::AVX512::iwn_backward<scalar_t>(a);
-  if (cap == "AVX2") return k::AVX2::iwn_backward<scalar_t>(a);
-#endif
-  k::DEFAULT::iwn_backward<scalar_t>(a);
+  if constexpr (is_forward<Args>) k::DEFAULT::iwn_forward<scalar_t>(a);
+  else k::DEFAULT::iwn_backward<scalar_t>(a);
 }
 
 #ifdef SURGELLM_WITH_CUDA
@@ -177,6 +178,34 @@ void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "surgellm_kernels CUDA launch failed: ", cudaGetErrorString(err));
 }
 #endif
+
+// Runs the kernels on x's device: the CPU build for this processor, or the
+// CUDA launches on the current stream with a workspace from torch's allocator.
+template <typename scalar_t, typename Args>
+void run_kernels(const Tensor& x, const Args& a) {
+  if (!x.is_cuda()) {
+    TORCH_CHECK(x.is_cpu(), "x must be a CPU or CUDA tensor, got ", x.device());
+    run_cpu<scalar_t>(a);
+    return;
+  }
+#ifdef SURGELLM_WITH_CUDA
+  namespace kc = surgellm::cuda;
+  const auto kind = scalar_kind(x.scalar_type());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto workspace = [&](size_t bytes) {
+    return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+  };
+  if constexpr (is_forward<Args>) {
+    auto ws = workspace(kc::iwn_forward_workspace_bytes(a));
+    check_launch(kc::iwn_forward(kind, a, ws.data_ptr(), stream));
+  } else {
+    auto ws = workspace(kc::iwn_backward_workspace_bytes(a));
+    check_launch(kc::iwn_backward(kind, a, ws.data_ptr(), stream));
+  }
+#else
+  TORCH_CHECK(false, "surgellm_kernels._C was built without CUDA kernels");
+#endif
+}
 
 std::vector<Tensor> iwn_forward(const Tensor& x, const optional<Tensor>& keys,
                                 const optional<Tensor>& gate, const optional<Tensor>& weight,
@@ -208,22 +237,8 @@ std::vector<Tensor> iwn_forward(const Tensor& x, const optional<Tensor>& keys,
   if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "iwn_forward", [&] {
     using acc_t = surgellm::cpu::acc_type<scalar_t>;
-    auto a = forward_args<acc_t>(x, keys, gate, weight, bias, mean_in, std_in, training, T, C,
-                                 eps, pooled, out);
-    if (x.is_cuda()) {
-#ifdef SURGELLM_WITH_CUDA
-      auto ws = at::empty({static_cast<int64_t>(surgellm::cuda::iwn_forward_workspace_bytes(a))},
-                          x.options().dtype(at::kByte));
-      check_launch(surgellm::cuda::iwn_forward<acc_t>(scalar_kind(x.scalar_type()), a,
-                                                      ws.data_ptr(),
-                                                      at::cuda::getCurrentCUDAStream()));
-#else
-      TORCH_CHECK(false, "surgellm_kernels._C was built without CUDA kernels");
-#endif
-    } else {
-      TORCH_CHECK(x.is_cpu(), "x must be a CPU or CUDA tensor, got ", x.device());
-      run_cpu_forward<scalar_t>(a);
-    }
+    run_kernels<scalar_t>(x, forward_args<acc_t>(x, keys, gate, weight, bias, mean_in, std_in,
+                                                 training, T, C, eps, pooled, out));
   });
   return out;
 }
@@ -260,22 +275,8 @@ std::vector<Tensor> iwn_backward(const Tensor& dy, const Tensor& x, const option
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "iwn_backward", [&] {
     using acc_t = surgellm::cpu::acc_type<scalar_t>;
-    auto a = backward_args<acc_t>(dy, x, keys, gate, weight, gcount, gmean, gstd, mu, sigma,
-                                  training, T, C, eps, pooled, out);
-    if (x.is_cuda()) {
-#ifdef SURGELLM_WITH_CUDA
-      auto ws = at::empty({static_cast<int64_t>(surgellm::cuda::iwn_backward_workspace_bytes(a))},
-                          x.options().dtype(at::kByte));
-      check_launch(surgellm::cuda::iwn_backward<acc_t>(scalar_kind(x.scalar_type()), a,
-                                                       ws.data_ptr(),
-                                                       at::cuda::getCurrentCUDAStream()));
-#else
-      TORCH_CHECK(false, "surgellm_kernels._C was built without CUDA kernels");
-#endif
-    } else {
-      TORCH_CHECK(x.is_cpu(), "x must be a CPU or CUDA tensor, got ", x.device());
-      run_cpu_backward<scalar_t>(a);
-    }
+    run_kernels<scalar_t>(x, backward_args<acc_t>(dy, x, keys, gate, weight, gcount, gmean, gstd,
+                                                  mu, sigma, training, T, C, eps, pooled, out));
   });
   return out;
 }
