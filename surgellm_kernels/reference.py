@@ -104,13 +104,19 @@ def class_balanced_statistics(u: Tensor, labels: Tensor, num_classes: int,
 
 @torch.no_grad()
 def update_running_statistics(running_mean: Tensor, running_std: Tensor, mu: Tensor,
-                              sigma: Tensor, task_present: Tensor, momentum: float) -> None:
+                              sigma: Tensor, task_present: Optional[Tensor],
+                              momentum: float) -> None:
     """``r = (1 - momentum) r + momentum * batch_stat`` for the tasks present
-    in the batch; absent tasks keep their statistics. In place, no autograd."""
+    in the batch; absent tasks keep their statistics. In place, no autograd.
+    ``task_present=None`` means every task is present (with one task, a
+    training batch, which has rows, always is): a plain in-place lerp."""
     for running, batch in ((running_mean, mu), (running_std, sigma)):
         rows = running.view(-1, running.shape[-1])
-        updated = torch.lerp(rows, batch.to(rows.dtype), momentum)
-        rows.copy_(torch.where(task_present.unsqueeze(1), updated, rows))
+        if task_present is None:
+            rows.lerp_(batch.to(rows.dtype), momentum)
+        else:
+            updated = torch.lerp(rows, batch.to(rows.dtype), momentum)
+            rows.copy_(torch.where(task_present.unsqueeze(1), updated, rows))
 
 
 def iwn_reference(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor] = None,
@@ -142,7 +148,8 @@ def iwn_reference(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Ten
         mu, sigma, present = class_balanced_statistics(
             u, flat_labels, call.num_classes, tasks, call.num_tasks, std_mode)
         if running_mean is not None:
-            update_running_statistics(running_mean, running_std, mu, sigma, present, momentum)
+            update_running_statistics(running_mean, running_std, mu, sigma,
+                                      present if call.num_tasks > 1 else None, momentum)
     else:
         mu, sigma = call.rows_mean.to(acc), call.rows_std.to(acc)
 

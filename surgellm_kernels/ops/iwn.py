@@ -217,12 +217,8 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
         x2, labels2, tasks2, gate, weight, bias, mean_in, std_in, training, call.num_tasks,
         call.num_classes, float(eps), call.pooled, backend)
     if training and running_mean is not None:
-        if call.num_tasks == 1:  # the batch has rows, so its one task is present
-            with torch.no_grad():
-                running_mean.view(-1).lerp_(mu.view(-1).to(running_mean.dtype), momentum)
-                running_std.view(-1).lerp_(sigma.view(-1).to(running_std.dtype), momentum)
-        else:
-            present = count.view(call.num_tasks, call.num_classes).sum(1) > 0
-            update_running_statistics(running_mean, running_std, mu.detach(), sigma.detach(),
-                                      present, momentum)
+        present = (count.view(call.num_tasks, call.num_classes).sum(1) > 0
+                   if call.num_tasks > 1 else None)
+        update_running_statistics(running_mean, running_std, mu.detach(), sigma.detach(),
+                                  present, momentum)
     return y.view(x.shape)
