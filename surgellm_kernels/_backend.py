@@ -9,6 +9,7 @@ missing (announced once with ``warnings.warn``).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 from typing import Dict, NamedTuple, Optional
@@ -31,33 +32,25 @@ class BackendStatus(NamedTuple):
     reason: str
 
 
-_extension = None
-_extension_error: Optional[str] = None
-_triton_error: Optional[str] = None
-_triton_checked = False
+def _load_extension():
+    try:
+        return importlib.import_module("surgellm_kernels._C"), None
+    except ImportError as exc:  # not built, or built against another torch
+        return None, f"C++ extension not importable ({exc})"
+
+
+# Discovered once, at import: select_backend runs inside code that
+# torch.compile traces, where an import cannot happen. Triton itself is only
+# looked up here (importing it is slow); its kernels import it when chosen.
+_extension, _extension_error = _load_extension()
+_triton_error: Optional[str] = (None if importlib.util.find_spec("triton") is not None
+                                else "triton is not installed")
 _warned_eager = False
 
 
 def extension():
     """The compiled ``surgellm_kernels._C`` module, or None if not built."""
-    global _extension, _extension_error
-    if _extension is None and _extension_error is None:
-        try:
-            _extension = importlib.import_module("surgellm_kernels._C")
-        except ImportError as exc:  # not built, or built against another torch
-            _extension_error = f"C++ extension not importable ({exc})"
     return _extension
-
-
-def _triton_import_error() -> Optional[str]:
-    global _triton_checked, _triton_error
-    if not _triton_checked:
-        _triton_checked = True
-        try:
-            importlib.import_module("triton")
-        except ImportError as exc:
-            _triton_error = f"triton not importable ({exc})"
-    return _triton_error
 
 
 def triton_interpreted() -> bool:
@@ -71,9 +64,8 @@ def _why_not(backend: str, device: Optional[torch.device], op: Optional[str]) ->
     if op is not None and op not in _OPS[backend]:
         return f"backend {backend!r} has no kernel for op {op!r}"
     if backend == "triton":
-        err = _triton_import_error()
-        if err:
-            return err
+        if _triton_error:
+            return _triton_error
         if device is not None and device.type != "cuda" and not (
                 device.type == "cpu" and triton_interpreted()):
             return (f"triton kernels need CUDA tensors (or CPU tensors with "

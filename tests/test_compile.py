@@ -48,3 +48,26 @@ def test_fake_tensor_shapes_of_the_op():
         out = torch.ops.surgellm.iwn_forward(x, labels, None, None, None, None, None, None,
                                              True, 1, 3, 1e-5, False, "cpu")
         assert [tuple(t.shape) for t in out] == [(10, 6), (3,), (3, 6), (3, 6), (1, 6), (1, 6)]
+
+
+def test_compile_before_any_eager_call():
+    """A fresh process whose first call is traced by torch.compile: backend
+    discovery must not import anything while tracing."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import torch
+        from surgellm_kernels import FusedInstanceWeightedNorm, InstanceWeightedNorm
+        fused, ref = FusedInstanceWeightedNorm(8, 3), InstanceWeightedNorm(8, 3)
+        compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+        x, labels = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        for _ in range(2):
+            assert torch.allclose(compiled(x, labels), ref(x, labels), atol=1e-5)
+        assert torch.allclose(fused.running_mean, ref.running_mean)
+        assert torch.allclose(fused.running_std, ref.running_std)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
