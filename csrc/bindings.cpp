@@ -70,14 +70,12 @@ at::ScalarType check_common(const Tensor& x, const optional<Tensor>& keys,
   return acc;
 }
 
-template <typename acc_t>
-IWNForwardArgs<acc_t> forward_args(const Tensor& x, const optional<Tensor>& keys,
-                                   const optional<Tensor>& gate, const optional<Tensor>& weight,
-                                   const optional<Tensor>& bias, const optional<Tensor>& mean_in,
-                                   const optional<Tensor>& std_in, bool training, int64_t T,
-                                   int64_t C, double eps, bool pooled, std::vector<Tensor>& out) {
+// The fields IWNForwardArgs and IWNBackwardArgs share.
+template <template <typename> class Args, typename acc_t>
+void set_common_args(Args<acc_t>& a, const Tensor& x, const optional<Tensor>& keys,
+                     const optional<Tensor>& gate, const optional<Tensor>& weight, bool training,
+                     int64_t T, int64_t C, double eps, bool pooled) {
   const bool full_gate = gate.has_value() && gate->dim() == 2;
-  IWNForwardArgs<acc_t> a{};
   a.x = x.data_ptr();
   a.gate_full = full_gate ? gate->data_ptr() : nullptr;
   a.gate_vec = full_gate ? nullptr : typed_or_null<acc_t>(gate);
@@ -90,6 +88,16 @@ IWNForwardArgs<acc_t> forward_args(const Tensor& x, const optional<Tensor>& keys
   a.pooled = pooled;
   a.eps = static_cast<acc_t>(eps);
   a.weight = typed_or_null<acc_t>(weight);
+}
+
+template <typename acc_t>
+IWNForwardArgs<acc_t> forward_args(const Tensor& x, const optional<Tensor>& keys,
+                                   const optional<Tensor>& gate, const optional<Tensor>& weight,
+                                   const optional<Tensor>& bias, const optional<Tensor>& mean_in,
+                                   const optional<Tensor>& std_in, bool training, int64_t T,
+                                   int64_t C, double eps, bool pooled, std::vector<Tensor>& out) {
+  IWNForwardArgs<acc_t> a{};
+  set_common_args(a, x, keys, gate, weight, training, T, C, eps, pooled);
   a.bias = typed_or_null<acc_t>(bias);
   a.mean_in = typed_or_null<acc_t>(mean_in);
   a.std_in = typed_or_null<acc_t>(std_in);
@@ -113,19 +121,8 @@ IWNBackwardArgs<acc_t> backward_args(const Tensor& dy, const Tensor& x, const op
                                      double eps, bool pooled, std::vector<Tensor>& out) {
   const bool full_gate = gate.has_value() && gate->dim() == 2;
   IWNBackwardArgs<acc_t> a{};
+  set_common_args(a, x, keys, gate, weight, training, T, C, eps, pooled);
   a.dy = dy.data_ptr();
-  a.x = x.data_ptr();
-  a.gate_full = full_gate ? gate->data_ptr() : nullptr;
-  a.gate_vec = full_gate ? nullptr : typed_or_null<acc_t>(gate);
-  a.keys = typed_or_null<int32_t>(keys);
-  a.N = x.size(0);
-  a.F = x.size(1);
-  a.num_tasks = T;
-  a.num_classes = C;
-  a.training = training;
-  a.pooled = pooled;
-  a.eps = static_cast<acc_t>(eps);
-  a.weight = typed_or_null<acc_t>(weight);
   a.group_count = training ? typed_or_null<acc_t>(gcount) : nullptr;
   a.group_mean = training ? typed_or_null<acc_t>(gmean) : nullptr;
   a.group_std = training ? typed_or_null<acc_t>(gstd) : nullptr;
