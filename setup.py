@@ -3,7 +3,9 @@
 Install with ``pip install --no-build-isolation -e .`` (an isolated build
 would download another torch). The extension holds:
 
-* csrc/bindings.cpp: the pybind11 module (checks, dispatch, launches);
+* csrc/ops/*.cpp: the dispatcher ops (schemas, autograd, the CPU and CUDA
+  kernels' entry points: checks, dtype dispatch, launches);
+* csrc/bindings.cpp: the small pybind11 module whose import loads them;
 * csrc/cpu/*.cpp: CPU kernels, compiled once per CPU capability (DEFAULT,
   and AVX2 / AVX512 on x86-64) with that capability's -m flags and picked at
   run time, as ATen does for its own kernels;
@@ -27,9 +29,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
 CPU_KERNELS = sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
 CUDA_KERNELS = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+OPS = sorted(glob.glob(os.path.join(CSRC, "ops", "*.cpp")))
 HEADERS = sorted(glob.glob(os.path.join(CSRC, "**", "*.h*"), recursive=True))
-# -ffp-contract=off: the scalar tails must round like the vector bodies (which
-# use explicit fmadd); a contracted x * s - m is not 0 where u - mean(u) is.
+# -ffp-contract=off: the kernels round as written -- one rounding where they
+# call fmadd, two elsewhere -- instead of wherever the compiler chooses to
+# contract (which differs between capability builds, and between the scalar
+# combine steps and the vector loops).
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
 
 # The flags ATen compiles its AVX2 / AVX512 kernels with.
@@ -86,7 +91,7 @@ class BuildWithCpuCapabilities(BuildExtension):
 
 
 def extension():
-    sources = [os.path.join(CSRC, "bindings.cpp")]
+    sources = [os.path.join(CSRC, "bindings.cpp")] + OPS
     define_macros = []
     extra = {"cxx": CXX_FLAGS}
     if with_cuda():

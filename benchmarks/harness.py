@@ -260,9 +260,8 @@ def machine_info():
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
-        from surgellm_kernels import _backend
-        ext = _backend.extension()
-        info["cpu_kernel_build"] = ext.cpu_capability() if ext else "not built"
+        from surgellm_kernels import cpu_kernel_build
+        info["cpu_kernel_build"] = cpu_kernel_build() or "not built"
     except Exception:  # the report must not fail on this
         info["cpu_kernel_build"] = "unknown"
     return info

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import MODES, PROXY, QUICK, Case, Implementation, run_case
-from surgellm_kernels import _backend, fused_iwn
+from surgellm_kernels import backends, fused_iwn
 from surgellm_kernels.reference import iwn_reference
 
 NUM_CLASSES = 10
@@ -66,7 +66,8 @@ def _call(fn, case):
 def _fused(backend):
     def build(case):
         device = torch.device(case.device)
-        why = _backend._why_not(backend, device, "iwn")
+        status = backends(device, "iwn")[backend]
+        why = None if status.available else status.reason
         if why is None and backend == "triton" and device.type != "cuda":
             why = "the Triton interpreter on CPU is a test vehicle, not timed"
         if why is not None:

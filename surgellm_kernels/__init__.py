@@ -1,6 +1,6 @@
 """surgellm_kernels: fused kernels for SURGELLM's surgical gate and
 instance-weighted normalization (IWN), with the paper's reference modules."""
-from ._backend import backends
+from ._backend import backends, cpu_kernel_build
 from .features import lexical_features, task_prefix
 from .modules import FusedInstanceWeightedNorm, FusedSurgicalGate
 from .ops import fused_iwn, fused_surgical_gate
@@ -16,5 +16,6 @@ __all__ = [
     "lexical_features",
     "task_prefix",
     "backends",
+    "cpu_kernel_build",
 ]
 __version__ = "0.1.0"

@@ -1,10 +1,17 @@
-"""Backend discovery and selection (SPEC §5).
+"""Backend discovery and selection.
 
 ``SURGELLM_BACKEND`` in {triton, cuda, cpu, eager} forces one backend; when the
 forced backend cannot run a call, the call raises ``RuntimeError`` saying why.
 Without it: Triton for CUDA tensors when importable, else the CUDA C++ kernels;
 the C++ kernel for CPU tensors; the eager reference when the extension is
 missing (announced once with ``warnings.warn``).
+
+The compiled backends are kernels of the same dispatcher ops
+(``torch.ops.surgellm.*``, declared by the extension): the extension
+registers its CPU and CUDA C++ kernels, and choosing Triton registers the
+Triton kernels for that device type on top of them (removed again when
+another backend is chosen), so the dispatcher, not an op argument, decides
+what runs. Under ``torch.compile`` the registration is left as it is.
 """
 from __future__ import annotations
 
@@ -53,6 +60,12 @@ def extension():
     return _extension
 
 
+def cpu_kernel_build() -> Optional[str]:
+    """The CPU kernel build in use (DEFAULT, AVX2 or AVX512), or None when the
+    extension is not built."""
+    return _extension.cpu_capability() if _extension is not None else None
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -66,6 +79,8 @@ def _why_not(backend: str, device: Optional[torch.device], op: Optional[str]) ->
     if backend == "triton":
         if _triton_error:
             return _triton_error
+        if extension() is None:
+            return f"the Triton kernels implement the extension's ops: {_extension_error}"
         if device is not None and device.type != "cuda" and not (
                 device.type == "cpu" and triton_interpreted()):
             return (f"triton kernels need CUDA tensors (or CPU tensors with "
@@ -85,11 +100,17 @@ def _why_not(backend: str, device: Optional[torch.device], op: Optional[str]) ->
     return None
 
 
-def backends() -> Dict[str, BackendStatus]:
-    """Which backends this installation can run, and why not where it cannot."""
+def backends(device=None, op: Optional[str] = None) -> Dict[str, BackendStatus]:
+    """Which backends this installation can run, and why not where it cannot.
+
+    With ``device`` (a ``torch.device`` or its name) and ``op`` (``"iwn"``,
+    ``"surgical_gate"``): whether each backend can run that op on tensors of
+    that device.
+    """
+    device = torch.device(device) if device is not None else None
     result = {}
     for name in BACKENDS:
-        why = _why_not(name, None, None)
+        why = _why_not(name, device, op)
         if name == "cuda" and why is None and not torch.cuda.is_available():
             why = "built with CUDA kernels, but no CUDA device is visible"
         if name == "triton" and why is None and not (torch.cuda.is_available() or triton_interpreted()):
@@ -108,7 +129,15 @@ def forced_backend() -> Optional[str]:
 
 
 def select_backend(op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on tensors of ``device``."""
+    """The backend that runs ``op`` on tensors of ``device``; the dispatcher
+    is set up to run it (see the module docstring)."""
+    backend = _choose(op, device)
+    if backend in ("triton", "cuda", "cpu") and not torch.compiler.is_compiling():
+        _use_triton_kernels(device.type, backend == "triton")
+    return backend
+
+
+def _choose(op: str, device: torch.device) -> str:
     forced = forced_backend()
     if forced is not None:
         why = _why_not(forced, device, op)
@@ -122,6 +151,52 @@ def select_backend(op: str, device: torch.device) -> str:
     if device.type in ("cpu", "cuda") and op in _OPS["cpu"]:
         _warn_eager_once(op)
     return "eager"
+
+
+# Device type -> the torch.library.Library holding the Triton kernels
+# registered for it (destroying it restores the C++ kernels).
+_triton_libraries: Dict[str, "torch.library.Library"] = {}
+
+
+def _triton_kernel(name: str):
+    """The Triton kernel of phase op ``name``, imported on its first call
+    (importing Triton is slow, and never happens inside a trace: tracing runs
+    the fake kernels)."""
+    def kernel(*args):
+        from .triton import iwn as triton_iwn
+        return triton_iwn.KERNELS[name](*args)
+    kernel.__name__ = f"triton_{name}"
+    return kernel
+
+
+def _use_triton_kernels(device_type: str, use: bool) -> None:
+    """Register (or remove) the Triton kernels of the phase ops for ``device_type``."""
+    if use == (device_type in _triton_libraries):
+        return
+    if not use:
+        _triton_libraries.pop(device_type)._destroy()
+        return
+    lib = torch.library.Library("surgellm", "IMPL")
+    with warnings.catch_warnings():
+        # Replacing our own C++ kernel is the point; the dispatcher's
+        # "Overriding a previously registered kernel" warning says nothing new.
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        for name in TRITON_PHASE_OPS:
+            lib.impl(name, _triton_kernel(name), device_type.upper())
+    _triton_libraries[device_type] = lib
+
+
+# The keys of triton/iwn.py's KERNELS, named here so that choosing a backend
+# imports no Triton.
+TRITON_PHASE_OPS = ("iwn_group_moments", "iwn_combine", "iwn_apply", "iwn_task_sums",
+                    "iwn_coefficients", "iwn_input_grad")
+
+
+# On a GPU machine Triton is the default for CUDA tensors: registered now, so
+# that a process whose first call is compiled already runs it.
+if (torch.cuda.is_available() and _why_not("triton", torch.device("cuda"), None) is None
+        and os.environ.get(ENV_VAR, "").strip().lower() in ("", "triton")):
+    _use_triton_kernels("cuda", True)
 
 
 def _warn_eager_once(op: str) -> None:

@@ -3,12 +3,11 @@
 Every check raises with the argument's name and what was expected, so a bad
 call fails in Python with a readable message instead of inside a kernel.
 Checks that need the data (label ranges) are separate: the fused op runs them
-inside its custom op so that ``torch.compile`` sees no data-dependent branch.
+in C++, inside the op, so that ``torch.compile`` sees no data-dependent branch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -78,8 +77,6 @@ class IWNCall:
     num_tasks: int
     num_classes: int  # 0 when not training (no labels are used)
     pooled: bool
-    rows_mean: Optional[Tensor]  # (T, F) statistics used in eval, else None
-    rows_std: Optional[Tensor]
 
 
 def check_iwn_args(
@@ -169,16 +166,14 @@ def check_iwn_args(
             num_classes = int(labels.max()) + 1
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        return IWNCall(F, num_tasks, num_classes, std_mode == "pooled", None, None)
+        return IWNCall(F, num_tasks, num_classes, std_mode == "pooled")
 
     if running_mean is None:
         raise ValueError(
             "running_mean and running_std are required when training=False "
             "(there are no batch statistics to normalize with)"
         )
-    rows_mean = running_mean if running_mean.dim() == 2 else running_mean.unsqueeze(0)
-    rows_std = running_std if running_std.dim() == 2 else running_std.unsqueeze(0)
-    return IWNCall(F, num_tasks, 0, std_mode == "pooled", rows_mean, rows_std)
+    return IWNCall(F, num_tasks, 0, std_mode == "pooled")
 
 
 def check_surgical_gate_args(h, s, gate_logits, weight, bias, eps) -> None:

@@ -125,7 +125,7 @@ def iwn_reference(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Ten
                   task_ids: Optional[Tensor] = None, training: bool = False,
                   momentum: float = 0.1, eps: float = 1e-5, std_mode: str = "class_mean",
                   num_classes: Optional[int] = None) -> Tensor:
-    """Gated instance-weighted normalization (SPEC §2), in eager PyTorch.
+    """Gated instance-weighted normalization, in eager PyTorch.
 
     ``u = x * sigmoid(gate)``; ``y = (u - mu) / (sigma + eps) * weight + bias``
     with class-balanced batch statistics in training (Eq.10-11 per batch) and
@@ -151,7 +151,8 @@ def iwn_reference(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Ten
             update_running_statistics(running_mean, running_std, mu, sigma,
                                       present if call.num_tasks > 1 else None, momentum)
     else:
-        mu, sigma = call.rows_mean.to(acc), call.rows_std.to(acc)
+        mu = running_mean.reshape(call.num_tasks, Fdim).to(acc)
+        sigma = running_std.reshape(call.num_tasks, Fdim).to(acc)
 
     if tasks is None:
         y = (u - mu[0]) / (sigma[0] + eps)

@@ -4,6 +4,19 @@ import torch
 from surgellm_kernels import backends
 
 
+def on_device(device, *values):
+    """``values`` (tensors, or dicts of tensors and other things) moved to
+    ``device``; one value is returned as itself, several as a tuple."""
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, dict):
+            return {k: move(item) for k, item in v.items()}
+        return v
+    moved = tuple(move(v) for v in values)
+    return moved[0] if len(moved) == 1 else moved
+
+
 def cpu_backends():
     """Backends that can run CPU tensors here (Triton through its interpreter)."""
     status = backends()

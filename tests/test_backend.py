@@ -82,3 +82,22 @@ def test_package_works_without_the_extension():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not backends("cpu", "iwn")["triton"].available, reason="Triton not runnable")
+def test_triton_registers_a_kernel_for_every_phase_op():
+    from surgellm_kernels import _backend
+    from surgellm_kernels.triton import iwn as triton_iwn
+    assert set(_backend.TRITON_PHASE_OPS) == set(triton_iwn.KERNELS)
+    schemas = {name: getattr(torch.ops.surgellm, name).default._schema
+               for name in _backend.TRITON_PHASE_OPS}
+    for name, schema in schemas.items():  # the Python kernels take the schema's arguments
+        import inspect
+        params = list(inspect.signature(triton_iwn.KERNELS[name]).parameters)
+        assert params == [a.name for a in schema.arguments], name
+
+
+def test_backends_for_a_device_and_op():
+    status = backends("cpu", "surgical_gate")
+    assert not status["cpu"].available and "no kernel for op 'surgical_gate'" in status["cpu"].reason
+    assert backends("cpu", "iwn")["eager"].available

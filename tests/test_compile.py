@@ -40,14 +40,43 @@ def test_compile_fullgraph_forward_backward(backend, force_backend):
     assert_close(compiled_model.iwn.running_mean, eager.iwn.running_mean)
 
 
-def test_fake_tensor_shapes_of_the_op():
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+def test_fake_tensor_shapes_of_the_ops():
+    """The op and each of its phases run on fake tensors (what torch.compile traces)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    ops = torch.ops.surgellm
     with FakeTensorMode():
-        x = torch.empty(10, 6)
-        labels = torch.zeros(10, dtype=torch.long)
-        out = torch.ops.surgellm.iwn_forward(x, labels, None, None, None, None, None, None,
-                                             True, 1, 3, 1e-5, False, "cpu")
-        assert [tuple(t.shape) for t in out] == [(10, 6), (3,), (3, 6), (3, 6), (1, 6), (1, 6)]
+        x = torch.empty(2, 5, 6)
+        labels = torch.zeros(2, 5, dtype=torch.long)
+        rm, rs = torch.zeros(6), torch.ones(6)
+        assert ops.iwn(x, labels, None, None, None, None, rm, rs, True, 0.1, 1e-5, False, 1,
+                       3).shape == (2, 5, 6)
+        x2 = x.reshape(10, 6)
+        keys = ops.iwn_group_keys(labels.reshape(-1), None, 1, 3)
+        count, mean, m2, residual = ops.iwn_group_moments(x2, keys, None, 3)
+        group_std, mu, sigma = ops.iwn_combine(count, mean, m2, 1, False, 0.1, None, None)
+        assert [tuple(t.shape) for t in (keys, count, mean, residual, group_std, mu, sigma)] == [
+            (10,), (3,), (3, 6), (3, 6), (3, 6), (1, 6), (1, 6)]
+        sums = ops.iwn_task_sums(x2, x2, keys, None, mu, 3)
+        coefs = ops.iwn_coefficients(sums, None, count, mean, group_std, residual, mu, sigma,
+                                     False, 1e-5)
+        assert [tuple(t.shape) for t in coefs] == [(1, 6), (3, 6), (3, 6), (3, 6), (6,), (6,),
+                                                    (6,)]
+        dx, dgate = ops.iwn_input_grad(x2, x2, keys, None, *coefs[:4], coefs[6], 3, True)
+        assert dx.shape == (10, 6) and dgate.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+def test_compile_with_changing_batch_size(backend, force_backend):
+    """A recompile with dynamic shapes traces the op with symbolic sizes."""
+    force_backend(backend)
+    torch._dynamo.reset()
+    eager, model = Classifier(), Classifier()
+    model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for n in (24, 31):
+        x, labels, tasks = torch.randn(n, 16), torch.randint(0, 4, (n,)), torch.randint(0, 2, (n,))
+        assert_close(compiled(x, labels, tasks), eager(x, labels, tasks))
 
 
 def test_compile_before_any_eager_call():

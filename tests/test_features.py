@@ -1,4 +1,4 @@
-"""Lexical features (SPEC §4) on sentences counted by hand."""
+"""Lexical features (the paper's Appendix D, Eq.4) on sentences counted by hand."""
 import pytest
 import torch
 

@@ -1,20 +1,25 @@
-"""fused_iwn on every backend present against the reference, forward and backward."""
+"""fused_iwn on every (backend, device) present against the reference,
+forward and backward: on this CPU machine the C++ CPU kernels, the Triton
+kernels through the interpreter and eager; on a GPU machine also the CUDA
+C++ and compiled Triton kernels on CUDA tensors."""
 import pytest
 import torch
 
 from surgellm_kernels import fused_iwn
 from surgellm_kernels.reference import iwn_reference
 
-from _helpers import TOLERANCES, assert_close, device_backends
+from _helpers import TOLERANCES, assert_close, device_backends, on_device
 
-BACKENDS = [b for b, dev in device_backends() if dev == "cpu" and b != "eager"] + ["eager"]
+PAIRS = device_backends()
+KERNEL_PAIRS = [(b, d) for b, d in PAIRS if b != "eager"]
 # The Triton interpreter is slow: it gets the small shapes only.
 SHAPES = {"small": [(1, 7), (2, 1), (33, 16), (5, 768), (3, 1023)],
           "large": [(33, 768), (4096, 16), (2048, 1023)]}
 
 
-def _shapes(backend):
-    return SHAPES["small"] + ([] if backend == "triton" else SHAPES["large"])
+def _shapes(backend, device):
+    interpreted = backend == "triton" and device == "cpu"
+    return SHAPES["small"] + ([] if interpreted else SHAPES["large"])
 
 
 def _labels(n, num_classes=10, seed=0):
@@ -42,7 +47,7 @@ def _run(fn, x, params, dy, **kwargs):
     return y.detach(), grads
 
 
-def _compare(backend, force_backend, x, params, **kwargs):
+def _compare(backend, device, force_backend, x, params, **kwargs):
     """fused_iwn on ``backend`` against the reference: outputs, every gradient
     and the running statistics.
 
@@ -52,8 +57,9 @@ def _compare(backend, force_backend, x, params, **kwargs):
     dtype's tolerance. (Some gradients are cancellations: y is invariant to
     scaling u, so d gate is a small sum of large terms; a fixed tolerance on
     them would test luck, not the kernel.)"""
+    x, params, kwargs = on_device(device, x, params, kwargs)
     torch.manual_seed(123)
-    dy = torch.randn(x.shape, dtype=x.dtype)
+    dy = torch.randn(x.shape, dtype=x.dtype).to(device)
     rm = kwargs.pop("running_mean", None)
     rs = kwargs.pop("running_std", None)
 
@@ -72,7 +78,7 @@ def _compare(backend, force_backend, x, params, **kwargs):
     ref = run(iwn_reference)
     assert fused[0].dtype == x.dtype and fused[0].shape == x.shape
     for a, r in zip(fused, ref):
-        assert a.dtype == r.dtype and a.shape == r.shape
+        assert a.dtype == r.dtype and a.shape == r.shape and a.device == r.device
         assert torch.isfinite(a).all()
     if x.dtype == torch.float64:
         for a, r in zip(fused, ref):
@@ -98,11 +104,12 @@ def _params(F, dtype, gate="vec", affine=True, n=None):
             "bias": torch.randn(F, generator=g, dtype=torch.float64).to(dtype) if affine else None}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape_index", range(8))
-def test_training_matches_reference_on_odd_sizes(backend, dtype, shape_index, force_backend):
-    shapes = _shapes(backend)
+def test_training_matches_reference_on_odd_sizes(backend, device, dtype, shape_index,
+                                                 force_backend):
+    shapes = _shapes(backend, device)
     if shape_index >= len(shapes):
         pytest.skip("shape not run on this backend")
     N, F = shapes[shape_index]
@@ -113,17 +120,17 @@ def test_training_matches_reference_on_odd_sizes(backend, dtype, shape_index, fo
         x = torch.arange(N, dtype=torch.float64)[:, None] + 0.1 * x
     x = x.to(dtype)
     std_mode = "pooled" if shape_index % 2 else "class_mean"
-    _compare(backend, force_backend, x, _params(F, dtype), labels=_labels(N), training=True,
+    _compare(backend, device, force_backend, x, _params(F, dtype), labels=_labels(N), training=True,
              num_classes=10, std_mode=std_mode, running_mean=torch.zeros(F, dtype=dtype),
              running_std=torch.ones(F, dtype=dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("gate", [None, "vec", "full"])
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("std_mode", ["class_mean", "pooled"])
 @pytest.mark.parametrize("training", [True, False])
-def test_gate_affine_and_modes(backend, gate, affine, std_mode, training, force_backend):
+def test_gate_affine_and_modes(backend, device, gate, affine, std_mode, training, force_backend):
     N, F = 21, 9
     x = torch.randn(N, F, dtype=torch.float64)
     kwargs = dict(training=training, std_mode=std_mode, num_classes=4)
@@ -132,36 +139,37 @@ def test_gate_affine_and_modes(backend, gate, affine, std_mode, training, force_
     else:
         kwargs.update(running_mean=torch.randn(F, dtype=torch.float64),
                       running_std=torch.rand(F, dtype=torch.float64) + 0.5)
-    _compare(backend, force_backend, x, _params(F, torch.float64, gate, affine, N), **kwargs)
+    _compare(backend, device, force_backend, x, _params(F, torch.float64, gate, affine, N),
+             **kwargs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gate", ["vec", "full"])
-def test_half_precision(backend, dtype, gate, force_backend):
+def test_half_precision(backend, device, dtype, gate, force_backend):
     N, F = 40, 24
     x = torch.randn(N, F).to(dtype)
-    _compare(backend, force_backend, x, _params(F, dtype, gate, True, N), labels=_labels(N),
+    _compare(backend, device, force_backend, x, _params(F, dtype, gate, True, N), labels=_labels(N),
              training=True, num_classes=10)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_three_d_and_non_contiguous_input(backend, force_backend):
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_three_d_and_non_contiguous_input(backend, device, force_backend):
     base = torch.randn(5, 9, 6, dtype=torch.float64)
     x3d = base.transpose(0, 1)  # (9, 5, 6), non-contiguous
     assert not x3d.is_contiguous()
     labels = torch.randint(0, 3, (9, 5))
-    _compare(backend, force_backend, x3d, _params(6, torch.float64, None, True)
+    _compare(backend, device, force_backend, x3d, _params(6, torch.float64, None, True)
              | {"gate": torch.randn(9, 5, 6, dtype=torch.float64)},
              labels=labels, training=True, num_classes=3)
     cols = torch.randn(12, 20, dtype=torch.float64)[:, ::2]  # strided features
-    _compare(backend, force_backend, cols, _params(10, torch.float64), labels=_labels(12),
-             training=True, num_classes=10)
+    _compare(backend, device, force_backend, cols, _params(10, torch.float64),
+             labels=_labels(12), training=True, num_classes=10)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("training", [True, False])
-def test_per_task_statistics(backend, training, force_backend):
+def test_per_task_statistics(backend, device, training, force_backend):
     N, F, T = 30, 5, 3
     x = torch.randn(N, F, dtype=torch.float64)
     tasks = torch.randint(0, 2, (N,))  # task 2 absent: its running row stays
@@ -170,12 +178,12 @@ def test_per_task_statistics(backend, training, force_backend):
                   running_std=torch.rand(T, F, dtype=torch.float64) + 0.5)
     if training:
         kwargs["labels"] = torch.randint(0, 3, (N,))
-    _compare(backend, force_backend, x, _params(F, torch.float64), **kwargs)
+    _compare(backend, device, force_backend, x, _params(F, torch.float64), **kwargs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("num_classes", [2, 4])
-def test_imbalance_singleton_and_constant_feature(backend, num_classes, force_backend):
+def test_imbalance_singleton_and_constant_feature(backend, device, num_classes, force_backend):
     N, F = 52, 4
     x = torch.randn(N, F, dtype=torch.float64)
     x[:, 2] = 3.0                                    # a constant feature
@@ -184,19 +192,19 @@ def test_imbalance_singleton_and_constant_feature(backend, num_classes, force_ba
     else:
         labels = torch.tensor([0] * 50 + [1, 2])     # 1:50, two singletons, class 3 absent
     for std_mode in ("class_mean", "pooled"):
-        _compare(backend, force_backend, x, _params(F, torch.float64), labels=labels,
+        _compare(backend, device, force_backend, x, _params(F, torch.float64), labels=labels,
                  training=True, num_classes=num_classes, std_mode=std_mode)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
 @pytest.mark.parametrize("gate", [None, "vec", "full"])
 @pytest.mark.parametrize("std_mode", ["class_mean", "pooled"])
-def test_gradcheck(backend, gate, std_mode, force_backend):
+def test_gradcheck(backend, device, gate, std_mode, force_backend):
     force_backend(backend)
     N, F = 9, 3
-    x = torch.randn(N, F, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([0, 0, 1, 1, 1, 2, 0, 1, 4])  # class 3 absent, class 4 singleton
-    params = _params(F, torch.float64, gate, True, N)
+    x = torch.randn(N, F, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 0, 1, 4], device=device)  # 3 absent, 4 singleton
+    params = on_device(device, _params(F, torch.float64, gate, True, N))
     leaves = [x] + [p.requires_grad_(True) for p in params.values() if p is not None]
     names = [k for k, v in params.items() if v is not None]
 
@@ -205,25 +213,25 @@ def test_gradcheck(backend, gate, std_mode, force_backend):
                          **dict(zip(names, ps)))
 
     # fast_mode (random projections) keeps the Triton interpreter's runs short
-    fast = backend == "triton"
+    fast = backend == "triton" and device == "cpu"
     assert torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=fast)
 
     def fn_eval(xx, *ps):
-        return fused_iwn(xx, running_mean=torch.ones(F, dtype=torch.float64),
-                         running_std=torch.full((F,), 2.0, dtype=torch.float64),
+        return fused_iwn(xx, running_mean=torch.ones(F, dtype=torch.float64, device=device),
+                         running_std=torch.full((F,), 2.0, dtype=torch.float64, device=device),
                          **dict(zip(names, ps)))
 
     assert torch.autograd.gradcheck(fn_eval, tuple(leaves), fast_mode=fast)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
-def test_bitwise_deterministic_across_runs_and_threads(backend, force_backend):
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+def test_bitwise_deterministic_across_runs_and_threads(backend, device, force_backend):
     force_backend(backend)
-    N, F = (300, 40) if backend == "triton" else (5000, 77)
-    x = torch.randn(N, F, requires_grad=True)
-    gate = torch.randn(F, requires_grad=True)
-    labels = _labels(N)
-    dy = torch.randn(N, F)
+    N, F = (300, 40) if backend == "triton" and device == "cpu" else (5000, 77)
+    x = torch.randn(N, F, device=device, requires_grad=True)
+    gate = torch.randn(F, device=device, requires_grad=True)
+    labels = _labels(N).to(device)
+    dy = torch.randn(N, F, device=device)
     threads = torch.get_num_threads()
 
     def once(num_threads):
@@ -240,8 +248,9 @@ def test_bitwise_deterministic_across_runs_and_threads(backend, force_backend):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_batch_in_eval(backend, force_backend):
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_empty_batch_in_eval(backend, device, force_backend):
     force_backend(backend)
-    y = fused_iwn(torch.randn(0, 4), running_mean=torch.zeros(4), running_std=torch.ones(4))
+    y = fused_iwn(torch.randn(0, 4, device=device), running_mean=torch.zeros(4, device=device),
+                  running_std=torch.ones(4, device=device))
     assert y.shape == (0, 4)

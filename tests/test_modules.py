@@ -5,18 +5,18 @@ import torch
 from surgellm_kernels import (FusedInstanceWeightedNorm, FusedSurgicalGate, InstanceWeightedNorm,
                               SurgicalGate)
 
-from _helpers import assert_close, cpu_backends
+from _helpers import assert_close, device_backends
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend,device", device_backends())
 @pytest.mark.parametrize("std_mode", ["class_mean", "pooled"])
-def test_iwn_module_training_steps_match_reference(backend, std_mode, force_backend):
+def test_iwn_module_training_steps_match_reference(backend, device, std_mode, force_backend):
     force_backend(backend)
     torch.manual_seed(0)
     F, C, T = 12, 5, 2
     kwargs = dict(num_tasks=T, affine=True, gate=True, std_mode=std_mode)
-    ref = InstanceWeightedNorm(F, C, **kwargs).double()
-    fused = FusedInstanceWeightedNorm(F, C, **kwargs).double()
+    ref = InstanceWeightedNorm(F, C, **kwargs).double().to(device)
+    fused = FusedInstanceWeightedNorm(F, C, **kwargs).double().to(device)
     with torch.no_grad():
         ref.gate_logits.normal_()
         ref.weight.normal_()
@@ -25,14 +25,14 @@ def test_iwn_module_training_steps_match_reference(backend, std_mode, force_back
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
     opt_fused = torch.optim.SGD(fused.parameters(), lr=0.1)
     for step in range(4):
-        x = torch.randn(3, 10, F, dtype=torch.float64) * (step + 1)
-        labels = torch.randint(0, C, (3, 10))
-        tasks = torch.randint(0, T, (3, 10))
+        x = (torch.randn(3, 10, F, dtype=torch.float64) * (step + 1)).to(device)
+        labels = torch.randint(0, C, (3, 10)).to(device)
+        tasks = torch.randint(0, T, (3, 10)).to(device)
         outs = []
         for module, opt in ((ref, opt_ref), (fused, opt_fused)):
             opt.zero_grad()
             y = module(x, labels, tasks)
-            (y * torch.linspace(-1, 1, F, dtype=torch.float64)).square().sum().backward()
+            (y * torch.linspace(-1, 1, F, dtype=torch.float64, device=device)).square().sum().backward()
             outs.append((y.detach(), [p.grad.clone() for p in module.parameters()]))
             opt.step()
         assert_close(outs[1][0], outs[0][0])
@@ -43,18 +43,18 @@ def test_iwn_module_training_steps_match_reference(backend, std_mode, force_back
     # eval uses the running statistics the steps produced
     ref.eval()
     fused.eval()
-    x = torch.randn(7, F, dtype=torch.float64)
-    tasks = torch.randint(0, T, (7,))
+    x = torch.randn(7, F, dtype=torch.float64).to(device)
+    tasks = torch.randint(0, T, (7,)).to(device)
     assert_close(fused(x, task_ids=tasks), ref(x, task_ids=tasks))
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_fitted_statistics_load_into_fused_module(backend, force_backend):
+@pytest.mark.parametrize("backend,device", device_backends())
+def test_fitted_statistics_load_into_fused_module(backend, device, force_backend):
     force_backend(backend)
-    x = torch.randn(200, 16)
-    labels = torch.randint(0, 3, (200,))
-    ref = InstanceWeightedNorm(16, 3).fit(x, labels)
-    fused = FusedInstanceWeightedNorm(16, 3)
+    x = torch.randn(200, 16).to(device)
+    labels = torch.randint(0, 3, (200,)).to(device)
+    ref = InstanceWeightedNorm(16, 3).to(device).fit(x, labels)
+    fused = FusedInstanceWeightedNorm(16, 3).to(device)
     fused.load_state_dict(ref.state_dict())
     assert bool(fused.statistics_frozen)
     fused.train()

@@ -1,4 +1,4 @@
-"""The reference modules against hand-computed cases (SPEC §1-3)."""
+"""The reference modules against hand-computed cases (the paper's Eq.3-11)."""
 import math
 
 import pytest

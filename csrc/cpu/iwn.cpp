@@ -1,11 +1,18 @@
-// fused_iwn on the CPU: u = x * sigmoid(gate), class-balanced statistics
-// (SPEC §2, Eq.10-11), y = (u - mu) / (sigma + eps) * w + b; and its backward.
+// The fused_iwn phases on the CPU. With u = x * sigmoid(gate):
+//   group moments  per (task, class): count, mean and M2 of u
+//   combine        Eq.10-11 per task (iwn_math.h), running-statistics update
+//   apply          y = (u - mu_t) / (sigma_t + eps) * w + b
+//   task sums      per task: sum dy and sum dy (u - mu_t)
+//   coefficients   of dL/du per (task, class) (iwn_math.h), dweight, dbias
+//   input grad     dx, dgate
 //
 // Compiled once per CPU capability (CPU_CAPABILITY = DEFAULT / AVX2 / AVX512
 // with matching -m flags, see setup.py and CMakeLists.txt): at::vec picks the
-// vector width from those macros. at::parallel_for runs over fixed row chunks
-// whose partials are merged in chunk order, so every result is bitwise the
-// same for any thread count. u is never materialized beyond one row per thread.
+// vector width from those macros. Reductions run over fixed row chunks whose
+// partials are merged in chunk order, so every result is bitwise the same for
+// any thread count. u is never materialized beyond one row per thread. Every
+// row loop is vector code to the end: the last partial vector uses counted
+// loads and stores, so the last features of a row round like the others.
 #include "iwn.h"
 
 #include <algorithm>
@@ -13,9 +20,9 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
-#include <c10/core/CPUAllocator.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/CPUAllocator.h>
 
 #include "../include/iwn_math.h"
 
@@ -30,28 +37,60 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Rows per reduction chunk: about N / 64, at least 128, and small enough
-// (~1 MiB of data) for the second pass over a chunk to hit L2. Depends on the
-// shape only, never on the thread count: that is what makes the chunked
-// reductions deterministic.
-inline int64_t rows_per_chunk(int64_t N, int64_t F) {
-  const int64_t cache_rows = std::max<int64_t>(128, (int64_t(1) << 18) / F);
-  return std::min(cache_rows, std::max<int64_t>(128, (N + 63) / 64));
-}
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Partial buffers of a chunked reduction stay under this many bytes: with
+// many groups, fewer (longer) chunks instead of chunks x groups x F memory.
+constexpr int64_t kPartialBudgetBytes = int64_t(64) << 20;
+
+// Rows per reduction chunk, for rows of F features and `width` partial
+// values per chunk: about N / 64 rows so that threads have chunks to share,
+// at least 128 to amortize the merge, at most ~1 MiB of data so that a
+// second pass over a chunk (group moments) finds it in L2 -- unless the
+// partials need fewer, longer chunks to fit their budget. A function of the
+// shapes only, never of the thread count: that is what makes the chunked
+// reductions deterministic.
+inline int64_t rows_per_chunk(int64_t N, int64_t F, int64_t width, int64_t bytes_per_value) {
+  const int64_t cache_rows = std::max<int64_t>(128, (int64_t(1) << 18) / F);
+  const int64_t rows = std::min(cache_rows, std::max<int64_t>(128, ceil_div(N, 64)));
+  const int64_t max_chunks =
+      std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, width * bytes_per_value));
+  return std::max(rows, ceil_div(N, max_chunks));
+}
 // Grain of row-parallel elementwise passes: about 16K elements per task.
 inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, 16384 / F); }
 constexpr int64_t kFeatureGrain = 256;
 
+// body(f, n) over [0, F) a vector at a time; n < vector size only in the
+// last call, which then loads and stores n lanes.
+template <typename acc_t, typename Body>
+inline void for_each_vec(int64_t F, const Body& body) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  int64_t f = 0;
+  for (; f + W <= F; f += W) body(f, W);
+  if (f < F) body(f, F - f);
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> load(const acc_t* p, int64_t n) {
+  return n == Vectorized<acc_t>::size() ? Vectorized<acc_t>::loadu(p)
+                                        : Vectorized<acc_t>::loadu(p, n);
+}
+
+template <typename acc_t>
+inline void store(const Vectorized<acc_t>& v, acc_t* p, int64_t n) {
+  if (n == Vectorized<acc_t>::size())
+    v.store(p);
+  else
+    v.store(p, static_cast<int>(n));
+}
+
 template <typename acc_t>
 void sigmoid_row(const acc_t* logits, acc_t* out, int64_t F) {
-  using Vec = Vectorized<acc_t>;
-  const Vec one(acc_t(1));
-  int64_t f = 0;
-  for (; f + Vec::size() <= F; f += Vec::size()) {
-    (one / (one + Vec::loadu(logits + f).neg().exp())).store(out + f);
-  }
-  for (; f < F; ++f) out[f] = acc_t(1) / (acc_t(1) + std::exp(-logits[f]));
+  const Vectorized<acc_t> one(acc_t(1));
+  for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+    store(one / (one + load(logits + f, n).neg().exp()), out + f, n);
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -61,15 +100,6 @@ inline const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t F) {
   } else {
     at::vec::convert(src, buf, F);
     return buf;
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-inline void store_row(const acc_t* src, scalar_t* dst, int64_t F) {
-  if constexpr (std::is_same<scalar_t, acc_t>::value) {
-    if (src != dst) std::copy(src, src + F, dst);
-  } else {
-    at::vec::convert(src, dst, F);
   }
 }
 
@@ -85,7 +115,6 @@ struct Scratch {
   }
   T* data() const { return static_cast<T*>(ptr.get()); }
   T& operator[](int64_t i) const { return data()[i]; }
-  bool empty() const { return n == 0; }
 };
 
 // One row of u = x * s, read a vector at a time: either x and the per-feature
@@ -93,17 +122,17 @@ struct Scratch {
 // materialized in a per-thread buffer (s == nullptr).
 template <typename acc_t>
 struct RowU {
-  using Vec = Vectorized<acc_t>;
   const acc_t* x;
   const acc_t* s;
-  Vec vec(int64_t f) const { return s ? Vec::loadu(x + f) * Vec::loadu(s + f) : Vec::loadu(x + f); }
-  acc_t at(int64_t f) const { return s ? x[f] * s[f] : x[f]; }
+  Vectorized<acc_t> vec(int64_t f, int64_t n) const {
+    return s ? load(x + f, n) * load(s + f, n) : load(x + f, n);
+  }
 };
 
-// Rows of u = x * sigmoid(gate) in the accumulation type. float32/float64
-// data with no gate or a (F,) gate is read in place; reduced-precision data
-// and per-instance gates go through per-thread row buffers (never a
-// full-size temporary).
+// Rows of u = x * sigmoid(gate) in the accumulation type, one per thread at
+// a time. float32/float64 data with no gate or a (F) gate is read in place;
+// reduced-precision data and per-instance gates go through per-thread row
+// buffers (never a full-size temporary).
 template <typename scalar_t, typename acc_t>
 struct GatedRows {
   const scalar_t* x;
@@ -112,24 +141,25 @@ struct GatedRows {
   int64_t F;
   std::vector<acc_t> u_buf, sig_buf, logit_buf;
 
-  GatedRows(const void* x_, const void* gate_full_, const acc_t* gate_sig_, int64_t F_)
-      : x(static_cast<const scalar_t*>(x_)),
-        gate_full(static_cast<const scalar_t*>(gate_full_)),
-        gate_sig(gate_sig_), F(F_), u_buf(F_),
-        sig_buf(gate_full_ ? F_ : 0), logit_buf(gate_full_ ? F_ : 0) {}
+  GatedRows(const IWNRows<acc_t>& r, const acc_t* gate_sig_)
+      : x(static_cast<const scalar_t*>(r.x)),
+        gate_full(static_cast<const scalar_t*>(r.gate_full)), gate_sig(gate_sig_), F(r.F),
+        u_buf(r.F), sig_buf(r.gate_full ? r.F : 0), logit_buf(r.gate_full ? r.F : 0) {}
 
   // u of row i; sig() is then that row's sigmoid(gate) (null when ungated).
   RowU<acc_t> u(int64_t i) {
     const acc_t* xa = as_acc(x + i * F, u_buf.data(), F);
     if (!gate_full) return {xa, gate_sig};
     sigmoid_row(as_acc(gate_full + i * F, logit_buf.data(), F), sig_buf.data(), F);
-    at::vec::map2([](Vectorized<acc_t> a, Vectorized<acc_t> b) { return a * b; },
-                  u_buf.data(), xa, sig_buf.data(), F);
+    for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+      store(load(xa + f, n) * load(sig_buf.data() + f, n), u_buf.data() + f, n);
+    });
     return {u_buf.data(), nullptr};
   }
   const acc_t* sig() const { return gate_full ? sig_buf.data() : gate_sig; }
 };
 
+// sigmoid of a (F) gate, computed once per call (empty without one).
 template <typename acc_t>
 std::vector<acc_t> gate_sigmoid(const acc_t* logits, int64_t F) {
   std::vector<acc_t> sig;
@@ -142,364 +172,300 @@ std::vector<acc_t> gate_sigmoid(const acc_t* logits, int64_t F) {
 
 inline int64_t key_of(const int32_t* keys, int64_t i) { return keys ? keys[i] : 0; }
 
-// dst = u (one row).
+// A row of output in the accumulation type: written in place when the data
+// type is the accumulation type, else through a per-thread row buffer.
+template <typename scalar_t, typename acc_t>
+struct RowOut {
+  static constexpr bool direct = std::is_same<scalar_t, acc_t>::value;
+  scalar_t* base;
+  int64_t F;
+  std::vector<acc_t> buf;
+  RowOut(void* base_, int64_t F_) : base(static_cast<scalar_t*>(base_)), F(F_), buf(direct ? 0 : F_) {}
+  acc_t* row(int64_t i) { return direct ? reinterpret_cast<acc_t*>(base + i * F) : buf.data(); }
+  void flush(int64_t i) {
+    if constexpr (!direct) at::vec::convert(buf.data(), base + i * F, F);
+  }
+};
+
+// Partial sums of a chunked reduction: `width` values per chunk, summed over
+// chunks in chunk order into out (parallel over values).
 template <typename acc_t>
-inline void store_u(const RowU<acc_t>& u, acc_t* dst, int64_t F) {
-  using Vec = Vectorized<acc_t>;
-  int64_t f = 0;
-  for (; f + Vec::size() <= F; f += Vec::size()) u.vec(f).store(dst + f);
-  for (; f < F; ++f) dst[f] = u.at(f);
+void sum_chunks(const Scratch<acc_t>& partial, int64_t nchunks, int64_t width, acc_t* out) {
+  at::parallel_for(0, width, kFeatureGrain, [&](int64_t j0, int64_t j1) {
+    std::fill(out + j0, out + j1, acc_t(0));
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const acc_t* p = partial.data() + ch * width;
+      for (int64_t j = j0; j < j1; ++j) out[j] += p[j];
+    }
+  });
 }
 
-// d = u - shift; sum += d; sumsq += d * d (one row).
-template <typename acc_t>
-inline void add_shifted(const RowU<acc_t>& u, const acc_t* shift, acc_t* sum, acc_t* sumsq,
-                        int64_t F) {
-  using Vec = Vectorized<acc_t>;
-  int64_t f = 0;
-  for (; f + Vec::size() <= F; f += Vec::size()) {
-    const Vec d = u.vec(f) - Vec::loadu(shift + f);
-    (Vec::loadu(sum + f) + d).store(sum + f);
-    at::vec::fmadd(d, d, Vec::loadu(sumsq + f)).store(sumsq + f);
-  }
-  for (; f < F; ++f) {
-    const acc_t d = u.at(f) - shift[f];
-    sum[f] += d;
-    sumsq[f] += d * d;
-  }
-}
-
-// (sum d, sum d^2) of n rows -> (mean, M2), in place.
-template <typename acc_t>
-inline void finish_shifted(const acc_t* shift, acc_t n, acc_t* sum_to_mean, acc_t* sumsq_to_m2,
-                           int64_t F) {
-  const acc_t inv = acc_t(1) / n;
-  for (int64_t f = 0; f < F; ++f) {
-    const acc_t d = sum_to_mean[f];
-    const acc_t m2 = sumsq_to_m2[f] - d * d * inv;
-    sum_to_mean[f] = shift[f] + d * inv;
-    sumsq_to_m2[f] = m2 > acc_t(0) ? m2 : acc_t(0);
-  }
-}
-
-// Chan merge of chunk summaries (n_b, mean_b, m2_b) into (n_a, mean, m2) for
+// Chan merge of a chunk summary (n_b, mean_b, m2_b) into (n_a, mean, m2) for
 // features [f0, f1); n_a is the count merged so far.
 template <typename acc_t>
 inline void chan_merge_row(acc_t n_a, acc_t n_b, acc_t* mean, acc_t* m2, const acc_t* mean_b,
                            const acc_t* m2_b, int64_t f0, int64_t f1) {
   using Vec = Vectorized<acc_t>;
   const acc_t frac = n_b / (n_a + n_b);
-  const acc_t coef = n_a * frac;
-  const Vec vfrac(frac), vcoef(coef);
-  int64_t f = f0;
-  for (; f + Vec::size() <= f1; f += Vec::size()) {
-    const Vec ma = Vec::loadu(mean + f);
-    const Vec delta = Vec::loadu(mean_b + f) - ma;
-    at::vec::fmadd(delta, vfrac, ma).store(mean + f);
-    const Vec m2v = Vec::loadu(m2 + f) + Vec::loadu(m2_b + f);
-    at::vec::fmadd(delta * delta, vcoef, m2v).store(m2 + f);
-  }
-  for (; f < f1; ++f) {
-    const acc_t delta = mean_b[f] - mean[f];
-    mean[f] += delta * frac;
-    m2[f] += m2_b[f] + delta * delta * coef;
-  }
+  const Vec vfrac(frac), vcoef(n_a * frac);
+  for_each_vec<acc_t>(f1 - f0, [&](int64_t j, int64_t n) {
+    const int64_t f = f0 + j;
+    const Vec ma = load(mean + f, n);
+    const Vec delta = load(mean_b + f, n) - ma;
+    store(at::vec::fmadd(delta, vfrac, ma), mean + f, n);
+    const Vec m2v = load(m2 + f, n) + load(m2_b + f, n);
+    store(at::vec::fmadd(delta * delta, vcoef, m2v), m2 + f, n);
+  });
 }
 
-// Pass 1 of training: per-(task, class, feature) count, mean and M2 of u.
-template <typename scalar_t, typename acc_t>
-void group_moments(const IWNForwardArgs<acc_t>& a, const acc_t* gate_sig, acc_t* count,
-                   acc_t* mean, acc_t* m2) {
-  const int64_t N = a.N, F = a.F, K = a.num_tasks * a.num_classes;
-  const int64_t chunk = rows_per_chunk(N, F), nchunks = ceil_div(N, chunk);
-  Scratch<acc_t> pcount(nchunks * K), pmean(nchunks * K * F), pm2(nchunks * K * F);
+}  // namespace
+
+// Per group: count, mean and M2 of u. Within a chunk, two passes: the sums
+// give each group's mean, then M2 sums squared deviations from it, so a
+// rounded mean costs M2 only a second-order error (n (mean error)^2) --
+// whatever the data's offset, its first row, or how close its values are.
+// Chunks then merge with Chan's formula in chunk order.
+template <typename scalar_t>
+void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = a.rows.N, F = a.rows.F, G = a.num_groups;
+  const int64_t chunk = rows_per_chunk(N, F, G * F, 3 * sizeof(acc_t));
+  const int64_t nchunks = ceil_div(N, chunk);
+  const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
+  const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
+  Scratch<acc_t> pcount(nchunks * G), pmean(nchunks * G * F), pm2(nchunks * G * F),
+      pres(nchunks * G * F);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
-    GatedRows<scalar_t, acc_t> rows(a.x, a.gate_full, gate_sig, F);
-    std::vector<acc_t> shift(K * F);
+    GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     for (int64_t ch = begin; ch < end; ++ch) {
-      acc_t* cnt = pcount.data() + ch * K;
-      acc_t* mn = pmean.data() + ch * K * F;
-      acc_t* sq = pm2.data() + ch * K * F;
-      // One pass over the chunk with shifted sums: d = u - shift_k, where
-      // shift_k is the group's first row in the chunk, accumulating sum d and
-      // sum d^2; then mean = shift + sum d / n, M2 = sum d^2 - (sum d)^2 / n.
-      // The shift keeps the squares small (no cancellation when |mean| >> std)
-      // and makes nearly-constant groups exact (d is exact for close values).
+      acc_t* cnt = pcount.data() + ch * G;
+      acc_t* mean = pmean.data() + ch * G * F;
+      acc_t* m2 = pm2.data() + ch * G * F;
+      acc_t* res = pres.data() + ch * G * F;
       const int64_t r0 = ch * chunk, r1 = std::min(N, (ch + 1) * chunk);
       for (int64_t i = r0; i < r1; ++i) {
-        const int64_t k = key_of(a.keys, i);
+        const int64_t k = key_of(a.rows.keys, i);
         const RowU<acc_t> u = rows.u(i);
-        acc_t* sh = shift.data() + k * F;
-        if (cnt[k] == acc_t(0)) store_u(u, sh, F);
         cnt[k] += acc_t(1);
-        add_shifted(u, sh, mn + k * F, sq + k * F, F);
+        acc_t* sum = mean + k * F;
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+          store(load(sum + f, n) + u.vec(f, n), sum + f, n);
+        });
       }
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t k = 0; k < G; ++k) {
         if (cnt[k] == acc_t(0)) continue;
-        finish_shifted(shift.data() + k * F, cnt[k], mn + k * F, sq + k * F, F);
+        const Vec inv(acc_t(1) / cnt[k]);
+        acc_t* m = mean + k * F;
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) { store(load(m + f, n) * inv, m + f, n); });
+      }
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t k = key_of(a.rows.keys, i);
+        const RowU<acc_t> u = rows.u(i);
+        const acc_t* m = mean + k * F;
+        acc_t* sq = m2 + k * F;
+        acc_t* rs = res + k * F;
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+          const Vec d = u.vec(f, n) - load(m + f, n);
+          store(at::vec::fmadd(d, d, load(sq + f, n)), sq + f, n);
+          store(load(rs + f, n) + d, rs + f, n);
+        });
       }
     }
   });
-  std::fill(count, count + K, acc_t(0));
-  std::fill(mean, mean + K * F, acc_t(0));
-  std::fill(m2, m2 + K * F, acc_t(0));
+  std::fill(a.count, a.count + G, acc_t(0));
+  std::fill(a.mean, a.mean + G * F, acc_t(0));
+  std::fill(a.m2, a.m2 + G * F, acc_t(0));
+  std::fill(a.mean_residual, a.mean_residual + G * F, acc_t(0));
   at::parallel_for(0, F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < G; ++k) {
       acc_t n = 0;
       for (int64_t ch = 0; ch < nchunks; ++ch) {
-        const acc_t nb = pcount[ch * K + k];
+        const acc_t nb = pcount[ch * G + k];
         if (nb == acc_t(0)) continue;
-        const int64_t off = (ch * K + k) * F;
-        chan_merge_row(n, nb, mean + k * F, m2 + k * F, pmean.data() + off, pm2.data() + off, f0,
-                       f1);
+        const int64_t off = (ch * G + k) * F;
+        chan_merge_row(n, nb, a.mean + k * F, a.m2 + k * F, pmean.data() + off,
+                       pm2.data() + off, f0, f1);
         n += nb;
       }
+      // Residual against the merged mean M: sum_ch n_ch (m_ch - M) + R_ch, over n.
+      if (n == acc_t(0)) continue;
+      acc_t* out = a.mean_residual + k * F;
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const acc_t nb = pcount[ch * G + k];
+        if (nb == acc_t(0)) continue;
+        const int64_t off = (ch * G + k) * F;
+        for (int64_t f = f0; f < f1; ++f)
+          out[f] += nb * (pmean[off + f] - a.mean[k * F + f]) + pres[off + f];
+      }
+      for (int64_t f = f0; f < f1; ++f) out[f] /= n;
     }
   });
   for (int64_t ch = 0; ch < nchunks; ++ch)
-    for (int64_t k = 0; k < K; ++k) count[k] += pcount[ch * K + k];
+    for (int64_t k = 0; k < G; ++k) a.count[k] += pcount[ch * G + k];
+}
+
+template <typename acc_t>
+void iwn_combine(const IWNCombineArgs<acc_t>& a) {
+  at::parallel_for(0, a.F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
+    for (int64_t t = 0; t < a.num_tasks; ++t)
+      for (int64_t f = f0; f < f1; ++f) combine_at(a, t, f);
+  });
 }
 
 // y = (u - mu_t) * scale_t + bias, with scale_t = w / (sigma_t + eps).
-template <typename scalar_t, typename acc_t>
-void normalize_rows(const IWNForwardArgs<acc_t>& a, const acc_t* gate_sig, const acc_t* mu,
-                    const acc_t* scale, int64_t key_div) {
+template <typename scalar_t>
+void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
-  const int64_t F = a.F;
-  scalar_t* y = static_cast<scalar_t*>(a.y);
-  at::parallel_for(0, a.N, row_grain(F), [&](int64_t begin, int64_t end) {
-    GatedRows<scalar_t, acc_t> rows(a.x, a.gate_full, gate_sig, F);
-    std::vector<acc_t> out_buf(std::is_same<scalar_t, acc_t>::value ? 0 : F);
+  const int64_t F = a.rows.F, T = a.num_tasks;
+  const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
+  const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
+  std::vector<acc_t> scale(T * F);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t f = 0; f < F; ++f)
+      scale[t * F + f] = (a.weight ? a.weight[f] : acc_t(1)) / (a.sigma[t * F + f] + a.eps);
+  at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
+    GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
+    RowOut<scalar_t, acc_t> y(a.y, F);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = key_of(a.keys, i) / key_div;
+      const int64_t t = key_of(a.rows.keys, i) / a.key_div;
       const RowU<acc_t> u = rows.u(i);
-      const acc_t* m = mu + t * F;
-      const acc_t* s = scale + t * F;
-      acc_t* out = out_buf.empty() ? reinterpret_cast<acc_t*>(y + i * F) : out_buf.data();
-      int64_t f = 0;
-      if (a.bias) {
-        for (; f + Vec::size() <= F; f += Vec::size())
-          at::vec::fmadd(u.vec(f) - Vec::loadu(m + f), Vec::loadu(s + f),
-                         Vec::loadu(a.bias + f)).store(out + f);
-        for (; f < F; ++f) out[f] = (u.at(f) - m[f]) * s[f] + a.bias[f];
-      } else {
-        for (; f + Vec::size() <= F; f += Vec::size())
-          ((u.vec(f) - Vec::loadu(m + f)) * Vec::loadu(s + f)).store(out + f);
-        for (; f < F; ++f) out[f] = (u.at(f) - m[f]) * s[f];
-      }
-      if (!out_buf.empty()) store_row(out, y + i * F, F);
+      const acc_t* m = a.mu + t * F;
+      const acc_t* s = scale.data() + t * F;
+      acc_t* out = y.row(i);
+      for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+        const Vec centered = (u.vec(f, n) - load(m + f, n)) * load(s + f, n);
+        store(a.bias ? centered + load(a.bias + f, n) : centered, out + f, n);
+      });
+      y.flush(i);
     }
   });
 }
 
-template <typename acc_t>
-std::vector<acc_t> scale_table(const acc_t* sigma, const acc_t* weight, int64_t T, int64_t F,
-                               acc_t eps) {
-  std::vector<acc_t> scale(T * F);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t f = 0; f < F; ++f)
-      scale[t * F + f] = (weight ? weight[f] : acc_t(1)) / (sigma[t * F + f] + eps);
-  return scale;
-}
-
+// Per task: sums[0] = sum dy, sums[1] = sum dy (u - mu_t).
 template <typename scalar_t>
-void forward_impl(const IWNForwardArgs<acc_type<scalar_t>>& a) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t F = a.F, T = a.num_tasks, C = a.num_classes;
-  const std::vector<acc_t> sig = gate_sigmoid(a.gate_vec, F);
-  const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
-  if (!a.training) {
-    const std::vector<acc_t> scale = scale_table(a.std_in, a.weight, T, F, a.eps);
-    normalize_rows<scalar_t>(a, gate_sig, a.mean_in, scale.data(), 1);
-    return;
-  }
-  Scratch<acc_t> m2(T * C * F, false);
-  group_moments<scalar_t>(a, gate_sig, a.group_count, a.group_mean, m2.data());
-  at::parallel_for(0, F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t f = f0; f < f1; ++f) {
-        const int64_t base = t * C * F + f;
-        combine_classes(C, a.group_count + t * C, a.group_mean + base, m2.data() + base, F,
-                        a.pooled, a.group_std + base, a.mu + t * F + f, a.sigma + t * F + f);
-      }
-  });
-  const std::vector<acc_t> scale = scale_table(a.sigma, a.weight, T, F, a.eps);
-  normalize_rows<scalar_t>(a, gate_sig, a.mu, scale.data(), C);
-}
-
-template <typename scalar_t>
-void backward_impl(const IWNBackwardArgs<acc_type<scalar_t>>& a) {
+void iwn_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
-  const int64_t N = a.N, F = a.F, T = a.num_tasks, C = a.num_classes;
-  const int64_t key_div = a.training ? C : 1;
-  const int64_t chunk = rows_per_chunk(N, F), nchunks = ceil_div(N, chunk);
-  const std::vector<acc_t> sig = gate_sigmoid(a.gate_vec, F);
+  const int64_t N = a.rows.N, F = a.rows.F, T = a.num_tasks;
+  const int64_t width = 2 * T * F;
+  const int64_t chunk = rows_per_chunk(N, F, width, sizeof(acc_t)), nchunks = ceil_div(N, chunk);
+  const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
-
-  // Pass 1: per task, s1 = sum dy and s2 = sum dy * (u - mu).
-  Scratch<acc_t> ps(nchunks * 2 * T * F);
+  Scratch<acc_t> partial(nchunks * width);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
-    GatedRows<scalar_t, acc_t> rows(a.x, a.gate_full, gate_sig, F);
+    GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     std::vector<acc_t> dy_buf(F);
     for (int64_t ch = begin; ch < end; ++ch) {
-      acc_t* s = ps.data() + ch * 2 * T * F;
+      acc_t* s = partial.data() + ch * width;
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
-        const int64_t t = key_of(a.keys, i) / key_div;
+        const int64_t t = key_of(a.rows.keys, i) / a.key_div;
         const RowU<acc_t> u = rows.u(i);
         const acc_t* g = as_acc(dy + i * F, dy_buf.data(), F);
         const acc_t* m = a.mu + t * F;
         acc_t* s1 = s + t * F;
         acc_t* s2 = s + (T + t) * F;
-        int64_t f = 0;
-        for (; f + Vec::size() <= F; f += Vec::size()) {
-          const Vec gv = Vec::loadu(g + f);
-          (Vec::loadu(s1 + f) + gv).store(s1 + f);
-          at::vec::fmadd(gv, u.vec(f) - Vec::loadu(m + f), Vec::loadu(s2 + f)).store(s2 + f);
-        }
-        for (; f < F; ++f) {
-          s1[f] += g[f];
-          s2[f] += g[f] * (u.at(f) - m[f]);
-        }
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+          const Vec gv = load(g + f, n);
+          store(load(s1 + f, n) + gv, s1 + f, n);
+          store(at::vec::fmadd(gv, u.vec(f, n) - load(m + f, n), load(s2 + f, n)), s2 + f, n);
+        });
       }
     }
   });
-  std::vector<acc_t> sums(2 * T * F, 0);
-  at::parallel_for(0, 2 * T * F, kFeatureGrain, [&](int64_t j0, int64_t j1) {
-    for (int64_t ch = 0; ch < nchunks; ++ch)
-      for (int64_t j = j0; j < j1; ++j) sums[j] += ps[ch * 2 * T * F + j];
+  sum_chunks(partial, nchunks, width, a.sums);
+}
+
+template <typename acc_t>
+void iwn_coefficients(const IWNCoefficientsArgs<acc_t>& a) {
+  at::parallel_for(0, a.F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) coefficients_at(a, f);
   });
+}
 
-  // Tiny combine: per (task, feature) coefficients of dL/du, and dw, db.
-  const int64_t K = T * key_div;
-  std::vector<acc_t> P(T * F), A(a.training ? K * F : 0), B(A.size()), center(A.size());
-  std::vector<acc_t> dw_t(T * F), db_t(T * F), du_u(T * F);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t f = 0; f < F; ++f) {
-      const int64_t base = t * C * F + f;
-      const bool tr = a.training;
-      backward_coefficients(C, tr ? a.group_count + t * C : nullptr,
-                            tr ? a.group_mean + base : nullptr, tr ? a.group_std + base : nullptr,
-                            F, a.pooled, tr, a.mu[t * F + f], a.sigma[t * F + f],
-                            a.weight ? a.weight[f] : acc_t(1), sums[t * F + f],
-                            sums[(T + t) * F + f], a.eps, &P[t * F + f],
-                            tr ? &A[base] : nullptr, tr ? &B[base] : nullptr,
-                            tr ? &center[base] : nullptr, &dw_t[t * F + f], &db_t[t * F + f],
-                            &du_u[t * F + f]);
-    }
-  for (int64_t f = 0; f < F; ++f) {
-    acc_t dw = 0, db = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      dw += dw_t[t * F + f];
-      db += db_t[t * F + f];
-    }
-    a.dweight[f] = dw;
-    a.dbias[f] = db;
-  }
-
-  // Pass 2: du = (dy - A_k) * P_t + B_k * (u - center_k); dx = du * sigmoid(gate);
-  // dgate = du * u * (1 - sigmoid(gate)), reduced over rows for a (F,) gate.
-  // One fused vector loop per row; outputs go straight to dx / dgate when the
-  // data type is the accumulation type (else through a row buffer).
-  constexpr bool direct = std::is_same<scalar_t, acc_t>::value;
-  scalar_t* dx = static_cast<scalar_t*>(a.dx);
-  scalar_t* dgate_full = static_cast<scalar_t*>(a.dgate_full);
-  // A (F,) gate's gradient needs sum_i du_i u_i: in closed form in training
-  // (see backward_coefficients), reduced over rows in eval.
-  Scratch<acc_t> pgate(a.gate_vec && !a.training ? nchunks * F : 0);
+// du = (dy - dy_shift_k) * scale_t + dev_coef_k * (u - center_k) (eval: dy * scale_t);
+// dx = du * sigmoid(gate); dgate = du * u * (1 - sigmoid(gate)), which a (F)
+// gate reduces over rows (in closed form in training, see coefficients_at).
+template <typename scalar_t>
+void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = a.rows.N, F = a.rows.F;
+  const bool reduce_gate = a.rows.gate_vec && !a.training;
+  const int64_t chunk = rows_per_chunk(N, F, F, sizeof(acc_t)), nchunks = ceil_div(N, chunk);
+  const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
+  const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
+  const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
+  Scratch<acc_t> pgate(reduce_gate ? nchunks * F : 0);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
-    GatedRows<scalar_t, acc_t> rows(a.x, a.gate_full, gate_sig, F);
-    std::vector<acc_t> dy_buf(F), dx_buf(direct ? 0 : F), dg_buf(direct ? 0 : F);
+    GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
+    RowOut<scalar_t, acc_t> dx(a.dx, F), dgate(a.dgate_full, F);
+    std::vector<acc_t> dy_buf(F);
     const Vec one(acc_t(1));
     for (int64_t ch = begin; ch < end; ++ch) {
-      acc_t* pg = pgate.empty() ? nullptr : pgate.data() + ch * F;
+      acc_t* pg = reduce_gate ? pgate.data() + ch * F : nullptr;
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
-        const int64_t k = key_of(a.keys, i);
+        const int64_t k = key_of(a.rows.keys, i);
         const RowU<acc_t> u = rows.u(i);
         const acc_t* s = rows.sig();
         const acc_t* g = as_acc(dy + i * F, dy_buf.data(), F);
-        const acc_t* p = P.data() + (k / key_div) * F;
-        const acc_t* av = a.training ? A.data() + k * F : nullptr;
-        const acc_t* bv = a.training ? B.data() + k * F : nullptr;
-        const acc_t* cv = a.training ? center.data() + k * F : nullptr;
-        acc_t* dxr = direct ? reinterpret_cast<acc_t*>(dx + i * F) : dx_buf.data();
-        acc_t* dgr = !dgate_full ? nullptr
-                     : direct    ? reinterpret_cast<acc_t*>(dgate_full + i * F)
-                                 : dg_buf.data();
-        auto du_at = [&](int64_t f) {
-          if (!av) return Vec::loadu(g + f) * Vec::loadu(p + f);
-          const Vec du = (Vec::loadu(g + f) - Vec::loadu(av + f)) * Vec::loadu(p + f);
-          return at::vec::fmadd(Vec::loadu(bv + f), u.vec(f) - Vec::loadu(cv + f), du);
-        };
-        int64_t f = 0;
-        for (; f + Vec::size() <= F; f += Vec::size()) {
-          const Vec du = du_at(f);
+        const acc_t* p = a.scale + (k / a.key_div) * F;
+        const acc_t* shift = a.training ? a.dy_shift + k * F : nullptr;
+        const acc_t* coef = a.training ? a.dev_coef + k * F : nullptr;
+        const acc_t* center = a.training ? a.center + k * F : nullptr;
+        acc_t* dxr = dx.row(i);
+        acc_t* dgr = a.dgate_full ? dgate.row(i) : nullptr;
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+          Vec du = load(g + f, n);
+          if (shift) {
+            du = (du - load(shift + f, n)) * load(p + f, n);
+            du = at::vec::fmadd(load(coef + f, n), u.vec(f, n) - load(center + f, n), du);
+          } else {
+            du = du * load(p + f, n);
+          }
           if (!s) {
-            du.store(dxr + f);
-            continue;
+            store(du, dxr + f, n);
+            return;
           }
-          const Vec sv = Vec::loadu(s + f);
-          (du * sv).store(dxr + f);
-          if (pg) {
-            at::vec::fmadd(du, u.vec(f), Vec::loadu(pg + f)).store(pg + f);
-          } else if (dgr) {
-            (du * u.vec(f) * (one - sv)).store(dgr + f);
-          }
-        }
-        for (; f < F; ++f) {
-          const acc_t uf = u.at(f);
-          acc_t du = av ? (g[f] - av[f]) * p[f] + bv[f] * (uf - cv[f]) : g[f] * p[f];
-          if (!s) {
-            dxr[f] = du;
-            continue;
-          }
-          dxr[f] = du * s[f];
+          const Vec sv = load(s + f, n);
+          store(du * sv, dxr + f, n);
           if (pg)
-            pg[f] += du * uf;
+            store(at::vec::fmadd(du, u.vec(f, n), load(pg + f, n)), pg + f, n);
           else if (dgr)
-            dgr[f] = du * uf * (acc_t(1) - s[f]);
-        }
-        if (!direct) {
-          store_row(dxr, dx + i * F, F);
-          if (dgr) store_row(dgr, dgate_full + i * F, F);
-        }
+            store(du * u.vec(f, n) * (one - sv), dgr + f, n);
+        });
+        dx.flush(i);
+        if (dgr) dgate.flush(i);
       }
     }
   });
-  if (a.gate_vec) {
+  if (a.rows.gate_vec) {
+    if (reduce_gate) sum_chunks(pgate, nchunks, F, a.dgate_vec);
     for (int64_t f = 0; f < F; ++f) {
-      acc_t total = 0;
-      if (a.training) {
-        for (int64_t t = 0; t < T; ++t) total += du_u[t * F + f];
-      } else {
-        for (int64_t ch = 0; ch < nchunks; ++ch) total += pgate[ch * F + f];
-      }
+      const acc_t total = reduce_gate ? a.dgate_vec[f] : a.du_dot_u[f];
       a.dgate_vec[f] = total * (acc_t(1) - sig[f]);
     }
   }
 }
 
-}  // namespace
-
-template <typename scalar_t>
-void iwn_forward(const IWNForwardArgs<acc_type<scalar_t>>& args) {
-  forward_impl<scalar_t>(args);
-}
-
-template <typename scalar_t>
-void iwn_backward(const IWNBackwardArgs<acc_type<scalar_t>>& args) {
-  backward_impl<scalar_t>(args);
-}
-
-#define SURGELLM_INSTANTIATE(T)                                            \
-  template void iwn_forward<T>(const IWNForwardArgs<acc_type<T>>&);         \
-  template void iwn_backward<T>(const IWNBackwardArgs<acc_type<T>>&);
-SURGELLM_INSTANTIATE(float)
-SURGELLM_INSTANTIATE(double)
-SURGELLM_INSTANTIATE(c10::BFloat16)
-SURGELLM_INSTANTIATE(c10::Half)
-#undef SURGELLM_INSTANTIATE
+#define SURGELLM_INSTANTIATE_ROWS(T)                                              \
+  template void iwn_group_moments<T>(const IWNMomentsArgs<acc_type<T>>&);         \
+  template void iwn_apply<T>(const IWNApplyArgs<acc_type<T>>&);                   \
+  template void iwn_task_sums<T>(const IWNTaskSumsArgs<acc_type<T>>&);            \
+  template void iwn_input_grad<T>(const IWNInputGradArgs<acc_type<T>>&);
+SURGELLM_INSTANTIATE_ROWS(float)
+SURGELLM_INSTANTIATE_ROWS(double)
+SURGELLM_INSTANTIATE_ROWS(c10::BFloat16)
+SURGELLM_INSTANTIATE_ROWS(c10::Half)
+#undef SURGELLM_INSTANTIATE_ROWS
+#define SURGELLM_INSTANTIATE_ACC(T)                                \
+  template void iwn_combine<T>(const IWNCombineArgs<T>&);          \
+  template void iwn_coefficients<T>(const IWNCoefficientsArgs<T>&);
+SURGELLM_INSTANTIATE_ACC(float)
+SURGELLM_INSTANTIATE_ACC(double)
+#undef SURGELLM_INSTANTIATE_ACC
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

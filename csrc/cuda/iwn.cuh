@@ -1,6 +1,7 @@
-// CUDA kernels of fused_iwn: raw device pointers, sizes and a stream; no
-// torch headers (they do not compile against a CPU-only torch wheel).
-// bindings.cpp allocates outputs and the workspace and launches these.
+// CUDA kernels of the fused_iwn phases: raw device pointers, sizes and a
+// stream; no torch headers (they do not compile against a CPU-only torch
+// wheel). csrc/ops/iwn_kernels.cpp allocates outputs and workspaces, sets the
+// device and launches these on its current stream.
 #pragma once
 
 #include <cstddef>
@@ -15,19 +16,30 @@ namespace cuda {
 
 enum class ScalarKind : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
-// Bytes of scratch memory the launches below need (partial sums per chunk).
-template <typename acc_t>
-size_t iwn_forward_workspace_bytes(const IWNForwardArgs<acc_t>& args);
-template <typename acc_t>
-size_t iwn_backward_workspace_bytes(const IWNBackwardArgs<acc_t>& args);
+// Group counts of one row chunk live in shared memory (48 KiB of int).
+constexpr int64_t kMaxGroups = 12288;
+// Tasks are a grid dimension of the per-(task, feature) kernels.
+constexpr int64_t kMaxTasks = 65535;
 
-// acc_t is float (for float32/float16/bfloat16 data) or double (float64).
-template <typename acc_t>
-cudaError_t iwn_forward(ScalarKind kind, const IWNForwardArgs<acc_t>& args, void* workspace,
-                        cudaStream_t stream);
-template <typename acc_t>
-cudaError_t iwn_backward(ScalarKind kind, const IWNBackwardArgs<acc_t>& args, void* workspace,
-                         cudaStream_t stream);
+// Every phase has the same two entry points, overloaded on its argument
+// struct: the bytes of scratch memory its launch needs (partial sums per row
+// chunk; the chunks are fewer when groups x features are many, so that this
+// stays bounded, about 256 MiB, whatever the number of groups; 0 for none),
+// and the launch itself on a stream. acc_t is float (for float32, float16 and
+// bfloat16 data) or double (float64); `kind` is the data type of the rows.
+#define SURGELLM_DECLARE_CUDA_PHASE(ARGS)                                              \
+  template <typename acc_t>                                                            \
+  size_t workspace_bytes(const ARGS<acc_t>& args);                                     \
+  template <typename acc_t>                                                            \
+  cudaError_t launch(ScalarKind kind, const ARGS<acc_t>& args, void* workspace,        \
+                     cudaStream_t stream);
+SURGELLM_DECLARE_CUDA_PHASE(IWNMomentsArgs)
+SURGELLM_DECLARE_CUDA_PHASE(IWNCombineArgs)
+SURGELLM_DECLARE_CUDA_PHASE(IWNApplyArgs)
+SURGELLM_DECLARE_CUDA_PHASE(IWNTaskSumsArgs)
+SURGELLM_DECLARE_CUDA_PHASE(IWNCoefficientsArgs)
+SURGELLM_DECLARE_CUDA_PHASE(IWNInputGradArgs)
+#undef SURGELLM_DECLARE_CUDA_PHASE
 
 }  // namespace cuda
 }  // namespace surgellm

@@ -1,55 +1,126 @@
-// Arguments of the fused_iwn kernels, shared by the CPU and CUDA sources.
+// Arguments of the fused_iwn phase kernels, shared by the CPU and CUDA sources.
 // Plain C++ (no torch headers): the CUDA kernels must compile without torch.
+//
+// The op runs in phases (the seam data-parallel IWN and the gate reuse):
+//   forward:  group moments -> combine (mu, sigma, running update) -> apply
+//   backward: task sums -> coefficients -> input gradient
+// Every pointer is to contiguous memory; "acc" is the accumulation type
+// (float, or double for double data), "scalar" the data type of x.
 #pragma once
 
 #include <cstdint>
 
 namespace surgellm {
 
-// Rows are keyed: in training key = task * num_classes + label; in eval
-// key = task (num_classes == 1). keys == nullptr means every key is 0.
+// The rows every row pass reads: u = x * sigmoid(gate), and each row's key.
+// Rows are keyed: in training key = task * num_classes + label, in eval
+// key = task; a row's task is key / key_div. keys == nullptr means every key
+// is 0. On CUDA, keys are not range-checked on the host (that would be a
+// host sync): a key outside [0, num_keys) marks an invalid row, which the
+// reductions skip and whose outputs are NaN.
 template <typename acc_t>
-struct IWNForwardArgs {
-  const void* x;             // (N, F) input, scalar_t
-  const void* gate_full;     // (N, F) gate logits, scalar_t, or null
-  const acc_t* gate_vec;     // (F) gate logits, or null
-  const int32_t* keys;       // (N) or null
-  int64_t N, F, num_tasks, num_classes;
-  bool training, pooled;
-  acc_t eps;
-  const acc_t* weight;       // (F) or null
-  const acc_t* bias;         // (F) or null
-  const acc_t* mean_in;      // eval: (T, F) statistics
-  const acc_t* std_in;
-  void* y;                   // (N, F) output, scalar_t
-  acc_t* group_count;        // training: (K) with K = T * C
-  acc_t* group_mean;         // training: (K, F)
-  acc_t* group_std;          // training: (K, F)
-  acc_t* mu;                 // training: (T, F) batch statistics
-  acc_t* sigma;
+struct IWNRows {
+  const void* x;          // (N, F) scalar
+  const void* gate_full;  // (N, F) scalar gate logits, or null
+  const acc_t* gate_vec;  // (F) gate logits, or null
+  const int32_t* keys;    // (N) or null
+  int64_t N, F;
 };
 
+// Per group (key): count, mean and M2 (sum of squared deviations) of u, and
+// mean_residual = mean_i (u_i - mean): the part of the exact mean that the
+// rounded mean cannot hold, which the backward needs where a class's rows
+// nearly coincide (see coefficients_at).
 template <typename acc_t>
-struct IWNBackwardArgs {
-  const void* dy;            // (N, F), scalar_t
-  const void* x;
-  const void* gate_full;
-  const acc_t* gate_vec;
-  const int32_t* keys;
-  int64_t N, F, num_tasks, num_classes;
+struct IWNMomentsArgs {
+  IWNRows<acc_t> rows;
+  int64_t num_groups;
+  acc_t* count;          // (G)
+  acc_t* mean;           // (G, F)
+  acc_t* m2;             // (G, F)
+  acc_t* mean_residual;  // (G, F)
+};
+
+// Eq.10-11 per (task, feature) over the classes present, and the in-place
+// running-statistics update of the tasks that have rows.
+template <typename acc_t>
+struct IWNCombineArgs {
+  const acc_t* count;  // (T * C)
+  const acc_t* mean;   // (T * C, F)
+  const acc_t* m2;     // (T * C, F)
+  int64_t F, num_tasks, num_classes;
+  bool pooled;
+  acc_t momentum;
+  acc_t* group_std;     // (T * C, F) out: s_c
+  acc_t* mu;            // (T, F) out
+  acc_t* sigma;         // (T, F) out
+  acc_t* running_mean;  // (T, F) updated in place, or null
+  acc_t* running_std;
+};
+
+// y = (u - mu_t) / (sigma_t + eps) * weight + bias.
+template <typename acc_t>
+struct IWNApplyArgs {
+  IWNRows<acc_t> rows;
+  int64_t num_tasks, key_div;
+  const acc_t* weight;  // (F) or null
+  const acc_t* bias;    // (F) or null
+  const acc_t* mu;      // (T, F)
+  const acc_t* sigma;   // (T, F)
+  acc_t eps;
+  void* y;  // (N, F) scalar
+};
+
+// Per task: sums[0] = sum dy, sums[1] = sum dy (u - mu_t).
+template <typename acc_t>
+struct IWNTaskSumsArgs {
+  IWNRows<acc_t> rows;
+  const void* dy;  // (N, F) scalar
+  int64_t num_tasks, key_div;
+  const acc_t* mu;  // (T, F)
+  acc_t* sums;      // (2, T, F)
+};
+
+// The coefficients of dL/du = (dy - dy_shift_k) * scale_t + dev_coef_k * (u - center_k)
+// (see backward_coefficients in iwn_math.h), and dweight, dbias, du_dot_u.
+template <typename acc_t>
+struct IWNCoefficientsArgs {
+  const acc_t* sums;  // (2, T, F)
+  int64_t F, num_tasks, num_classes;
   bool training, pooled;
   acc_t eps;
-  const acc_t* weight;
-  const acc_t* group_count;  // training only (else null)
-  const acc_t* group_mean;
-  const acc_t* group_std;
-  const acc_t* mu;           // (T, F) statistics used in forward
-  const acc_t* sigma;
-  void* dx;                  // (N, F), scalar_t
-  void* dgate_full;          // (N, F) scalar_t, when gate_full
-  acc_t* dgate_vec;          // (F), when gate_vec
-  acc_t* dweight;            // (F), always written
-  acc_t* dbias;              // (F), always written
+  const acc_t* weight;      // (F) or null
+  const acc_t* count;       // training: (T * C)
+  const acc_t* group_mean;  // training: (T * C, F)
+  const acc_t* group_std;   // training: (T * C, F)
+  const acc_t* mean_residual;  // training: (T * C, F)
+  const acc_t* mu;          // (T, F)
+  const acc_t* sigma;       // (T, F)
+  acc_t* scale;             // (T, F) out
+  acc_t* dy_shift;          // training: (T * C, F) out
+  acc_t* dev_coef;          // training: (T * C, F) out
+  acc_t* center;            // training: (T * C, F) out
+  acc_t* dweight;           // (F) out
+  acc_t* dbias;             // (F) out
+  acc_t* du_dot_u;          // (F) out: training's closed form of sum_i dL/du_i u_i
+};
+
+// dx = du * sigmoid(gate); dgate = du * u * (1 - sigmoid(gate)), reduced over
+// rows for a (F) gate (in closed form, du_dot_u, in training).
+template <typename acc_t>
+struct IWNInputGradArgs {
+  IWNRows<acc_t> rows;
+  const void* dy;  // (N, F) scalar
+  int64_t num_tasks, key_div;
+  bool training;
+  const acc_t* scale;     // (T, F)
+  const acc_t* dy_shift;  // training: (T * C, F)
+  const acc_t* dev_coef;
+  const acc_t* center;
+  const acc_t* du_dot_u;  // (F)
+  void* dx;               // (N, F) scalar
+  void* dgate_full;       // (N, F) scalar, with a per-instance gate
+  acc_t* dgate_vec;       // (F), with a (F) gate
 };
 
 }  // namespace surgellm

@@ -1,13 +1,16 @@
 // Arithmetic of fused_iwn shared by the CPU (C++) and CUDA kernels.
 //
 // Everything here works on one feature column at a time and is host/device
-// inline, so both backends compute the tiny combine steps with the same code.
-// Notation (SPEC §2): per (task t, class c): n_c rows, mean m_c, M2_c = sum of
-// squared deviations, s_c = sqrt(M2_c / n_c); C' = classes present in task t.
+// inline, so both backends compute the small per-(task, feature) steps with
+// the same code. Notation: per (task t, class c): n_c rows, mean m_c,
+// M2_c = sum of squared deviations, s_c = sqrt(M2_c / n_c) (population);
+// C' = the classes present in task t (n_c > 0).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#include "iwn_args.h"
 
 #if defined(__CUDACC__)
 #define SURGELLM_HD __host__ __device__ __forceinline__
@@ -30,96 +33,128 @@ SURGELLM_HD void chan_merge(T& n, T& mean, T& m2, T n_b, T mean_b, T m2_b) {
   n = total;
 }
 
-// Eq.10-11 for one task and one feature: mu = mean_c m_c and
-// sigma = mean_c s_c ("class_mean") or sqrt(mean_c (s_c^2 + (m_c - mu)^2))
-// ("pooled"), over the classes present. Class c's values sit at index
-// c * stride of mean / m2 / group_std. Writes s_c into group_std. A task with
-// no rows gets mu = sigma = 0 (no row reads them). Returns C'.
 template <typename T>
-SURGELLM_HD int64_t combine_classes(int64_t num_classes, const T* count, const T* mean,
-                                    const T* m2, int64_t stride, bool pooled, T* group_std,
-                                    T* mu_out, T* sigma_out) {
+SURGELLM_HD T safe_sqrt(T v) {
+  return v > T(0) ? std::sqrt(v) : T(0);
+}
+
+// Eq.10-11 for task t and feature f: mu = mean_c m_c, and
+// sigma = mean_c s_c ("class_mean", the paper) or
+// sigma = sqrt(mean_c (s_c^2 + (m_c - mu)^2)) ("pooled"), over the classes
+// present. Writes s_c (0 for absent classes), mu and sigma; a task with no
+// rows gets mu = sigma = 0 (no row reads them) and keeps its running
+// statistics, which otherwise move by r += momentum * (batch - r).
+template <typename T>
+SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f) {
+  const int64_t C = a.num_classes, F = a.F;
+  const T* count = a.count + t * C;
+  const int64_t base = t * C * F + f;
   int64_t present = 0;
   T sum_mean = 0, sum_std = 0;
-  for (int64_t c = 0; c < num_classes; ++c) {
+  for (int64_t c = 0; c < C; ++c) {
     T sd = 0;
     if (count[c] > T(0)) {
-      const T var = m2[c * stride] / count[c];
-      sd = var > T(0) ? std::sqrt(var) : T(0);
-      sum_mean += mean[c * stride];
+      sd = safe_sqrt(a.m2[base + c * F] / count[c]);
+      sum_mean += a.mean[base + c * F];
       sum_std += sd;
       ++present;
     }
-    group_std[c * stride] = sd;
+    a.group_std[base + c * F] = sd;
   }
-  if (present == 0) {
-    *mu_out = T(0);
-    *sigma_out = T(0);
-    return 0;
-  }
-  const T mu = sum_mean / T(present);
-  T sigma = sum_std / T(present);
-  if (pooled) {
-    T spread = 0;
-    for (int64_t c = 0; c < num_classes; ++c) {
-      if (count[c] > T(0)) {
-        const T d = mean[c * stride] - mu;
-        const T sd = group_std[c * stride];
-        spread += sd * sd + d * d;
+  T mu = 0, sigma = 0;
+  if (present > 0) {
+    mu = sum_mean / T(present);
+    sigma = sum_std / T(present);
+    if (a.pooled) {
+      T spread = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        if (count[c] > T(0)) {
+          const T d = a.mean[base + c * F] - mu;
+          const T sd = a.group_std[base + c * F];
+          spread += sd * sd + d * d;
+        }
       }
+      sigma = safe_sqrt(spread / T(present));
     }
-    spread /= T(present);
-    sigma = spread > T(0) ? std::sqrt(spread) : T(0);
   }
-  *mu_out = mu;
-  *sigma_out = sigma;
-  return present;
+  a.mu[t * F + f] = mu;
+  a.sigma[t * F + f] = sigma;
+  if (a.running_mean && present > 0) {
+    T& rm = a.running_mean[t * F + f];
+    T& rs = a.running_std[t * F + f];
+    rm += a.momentum * (mu - rm);
+    rs += a.momentum * (sigma - rs);
+  }
 }
 
-// Backward coefficients for one task and one feature. With
+// Backward coefficients for feature f, every task in order. With
 // y = (u - mu) r w + b, r = 1 / (sigma + eps) and the task sums
 // s1 = sum dy, s2 = sum dy (u - mu):
-//   dL/du_i = P (dy_i - A_c) + B_c (u_i - center_c)          (P = w r)
-// where P A_c = -dL/dmu / (C' n_c), i.e. A_c = s1 / (C' n_c) (kept in units
-// of dy so that dy - A cancels exactly where it should), and the sigma term is
-//   class_mean: B_c = dL/dsigma / (C' n_c s_c), center_c = m_c
-//   pooled:     B_c = dL/dsigma / (C' n_c sigma), center_c = mu
+//   dL/du_i = scale (dy_i - dy_shift_c) + dev_coef_c (u_i - center_c)  (scale = w r)
+// where scale * dy_shift_c = -dL/dmu / (C' n_c), i.e. dy_shift_c = s1 / (C' n_c)
+// (kept in units of dy so that dy - dy_shift cancels exactly where it should),
+// and the sigma term is
+//   class_mean: dev_coef_c = dL/dsigma / (C' n_c s_c), center_c = m_c
+//   pooled:     dev_coef_c = dL/dsigma / (C' n_c sigma), center_c = mu
 // (0 where the deviation is 0: a constant class gets no gradient through it).
-// In eval (training == false) statistics are constants: A = B = 0.
-// Also returns this task's parts of dweight (sum dy yhat) and dbias (sum dy),
-// and, in training, sum_i dL/du_i u_i in closed form: y does not change when
-// u is scaled (mu, sigma scale with it) except through eps, so that sum is
-// eps r^2 w s2 -- exact, where summing dL/du_i u_i over rows would cancel
-// large terms. A per-feature gate's gradient is (1 - sigmoid(gate)) times it.
+// The rounding of the centers: where a class's rows nearly coincide, s_c is
+// tiny and the rounding error rho of its center (about an ulp) is first-order
+// in u_i - center_c. The exact center is center + rho (mean_residual from
+// the moments; for "pooled" the residual of mu); dev_coef (u - center - rho)
+// is folded into dy_shift: scale * dy_shift gains dev_coef * rho, and
+// dev_coef / scale = -r s2 / (C' n_c dev), in which the weight cancels.
+// In eval the statistics are constants: only scale is written.
+// dweight = sum_t sum dy yhat, dbias = sum_t s1, and du_dot_u = sum_i dL/du_i u_i
+// in closed form: y does not change when u is scaled (mu and sigma scale with
+// it) except through eps, so in training that sum is eps r^2 w s2 -- exact,
+// where summing dL/du_i u_i over rows would cancel large terms. A (F) gate's
+// gradient is (1 - sigmoid(gate)) times it.
 template <typename T>
-SURGELLM_HD void backward_coefficients(int64_t num_classes, const T* count, const T* mean,
-                                       const T* group_std, int64_t stride, bool pooled,
-                                       bool training, T mu, T sigma, T w, T s1, T s2, T eps,
-                                       T* P, T* A, T* B, T* center, T* dweight, T* dbias,
-                                       T* du_dot_u) {
-  const T r = T(1) / (sigma + eps);
-  const T dy_yhat = r * s2;
-  *P = w * r;
-  *dweight = dy_yhat;
-  *dbias = s1;
-  *du_dot_u = eps * r * w * dy_yhat;
-  if (!training) return;
-  int64_t present = 0;
-  for (int64_t c = 0; c < num_classes; ++c) present += count[c] > T(0);
-  const T d_sigma = -r * w * dy_yhat;
-  for (int64_t c = 0; c < num_classes; ++c) {
-    T a = 0, b = 0, cen = 0;
-    if (count[c] > T(0)) {
-      const T inv = T(1) / (T(present) * count[c]);
-      const T dev = pooled ? sigma : group_std[c * stride];
-      a = s1 * inv;
-      b = dev > T(0) ? d_sigma * inv / dev : T(0);
-      cen = pooled ? mu : mean[c * stride];
+SURGELLM_HD void coefficients_at(const IWNCoefficientsArgs<T>& a, int64_t f) {
+  const int64_t F = a.F, TT = a.num_tasks, C = a.num_classes;
+  const T w = a.weight ? a.weight[f] : T(1);
+  T dweight = 0, dbias = 0, du_dot_u = 0;
+  for (int64_t t = 0; t < TT; ++t) {
+    const T s1 = a.sums[t * F + f];
+    const T s2 = a.sums[(TT + t) * F + f];
+    const T r = T(1) / (a.sigma[t * F + f] + a.eps);
+    const T dy_yhat = r * s2;
+    a.scale[t * F + f] = w * r;
+    dweight += dy_yhat;
+    dbias += s1;
+    du_dot_u += a.eps * r * w * dy_yhat;
+    if (!a.training) continue;
+    const T* count = a.count + t * C;
+    int64_t present = 0;
+    for (int64_t c = 0; c < C; ++c) present += count[c] > T(0);
+    const T d_sigma = -r * w * dy_yhat;
+    const int64_t base = t * C * F + f;
+    const T mu = a.mu[t * F + f];
+    T mu_residual = 0;  // pooled: the exact mean of the class means, minus mu
+    if (a.pooled && present > 0) {
+      for (int64_t c = 0; c < C; ++c)
+        if (count[c] > T(0))
+          mu_residual += (a.group_mean[base + c * F] - mu) + a.mean_residual[base + c * F];
+      mu_residual /= T(present);
     }
-    A[c * stride] = a;
-    B[c * stride] = b;
-    center[c * stride] = cen;
+    for (int64_t c = 0; c < C; ++c) {
+      T shift = 0, coef = 0, center = 0;
+      if (count[c] > T(0)) {
+        const T inv = T(1) / (T(present) * count[c]);
+        const T dev = a.pooled ? a.sigma[t * F + f] : a.group_std[base + c * F];
+        const T rho = a.pooled ? mu_residual : a.mean_residual[base + c * F];
+        shift = dev > T(0) ? inv * (s1 - dy_yhat * rho / dev) : s1 * inv;
+        coef = dev > T(0) ? d_sigma * inv / dev : T(0);
+        center = a.pooled ? mu : a.group_mean[base + c * F];
+      }
+      a.dy_shift[base + c * F] = shift;
+      a.dev_coef[base + c * F] = coef;
+      a.center[base + c * F] = center;
+    }
   }
+  a.dweight[f] = dweight;
+  a.dbias[f] = dbias;
+  a.du_dot_u[f] = du_dot_u;
 }
 
 }  // namespace surgellm

@@ -1,167 +1,87 @@
 """``fused_iwn``: sigmoid gate + instance-weighted normalization in one pass.
 
-SPEC §2. ``u = x * sigmoid(gate)``; class-balanced statistics of u per
-(task, class) in training (Eq.10-11 per batch); ``y = (u - mu) / (sigma + eps)
-* weight + bias``. The math lives in the kernels (csrc/cpu/iwn.cpp,
-csrc/cuda/iwn.cu, surgellm_kernels/triton/iwn.py, all built on the same
-coefficients as csrc/include/iwn_math.h); this file checks arguments, registers
-the op with ``torch.library`` (fake kernel and autograd, so that
-``torch.compile(fullgraph=True)`` sees no graph break), dispatches to a
-backend and updates running statistics.
+``u = x * sigmoid(gate)``; class-balanced statistics of u per (task, class)
+in training (Eq.10-11 per batch); ``y = (u - mu) / (sigma + eps) * weight +
+bias``. The op is ``torch.ops.surgellm.iwn``, declared with its phases and
+its one autograd implementation in csrc/ops/iwn.cpp; the dispatcher runs the
+CPU or CUDA C++ kernels, or the Triton kernels registered for the device by
+``_backend`` when Triton is the chosen backend. This file checks arguments,
+gives the phases their fake kernels (so ``torch.compile(fullgraph=True)``
+traces the op), and makes the call: one crossing into C++ per call.
+
+What is checked where: argument types, shapes, devices and ``std_mode`` here,
+before anything runs; label and task-id ranges on CPU tensors in C++ before
+any kernel writes (running statistics stay untouched on error). On CUDA the
+ranges are not checked on the host -- that would be a host sync, which CUDA
+graphs forbid: a row whose label or task id is out of range is left out of
+the statistics and its outputs are NaN. Inferring ``num_classes`` (or the
+task count without running statistics) reads the data: pass them to keep a
+CUDA training step free of host syncs.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend
-from .._checks import accumulation_dtype, check_index_range, check_iwn_args
-from ..reference import iwn_reference, update_running_statistics
+from .._checks import accumulation_dtype, check_iwn_args
+from ..reference import iwn_reference
 
 __all__ = ["fused_iwn"]
 
 
-def _group_keys(labels: Optional[Tensor], task_ids: Optional[Tensor], training: bool,
-                num_tasks: int, num_classes: int, check: bool) -> Optional[Tensor]:
-    """Row keys of the kernels: ``task * C + label`` in training, ``task`` in eval
-    (None when every row has key 0). Ranges are checked here, inside the op,
-    because the check reads the data."""
-    if not training and task_ids is None:
-        return None
-    ext = _backend.extension()
-    first = labels if training else task_ids
-    if ext is not None and first.device.type == "cpu":  # one C++ pass
-        return ext.group_keys(labels if training else None, task_ids, num_tasks, num_classes,
-                              check)
-    if check:
-        if training:
-            check_index_range(labels, "labels", num_classes)
-        if task_ids is not None:
-            check_index_range(task_ids, "task_ids", num_tasks)
-    if not training:
-        keys = task_ids
-    elif task_ids is None:
-        keys = labels
-    else:
-        keys = task_ids * num_classes + labels
-    return keys.to(torch.int32)
+def _register_fake_kernels() -> None:
+    """Output shapes of the phase ops, for torch.compile and meta tensors."""
+
+    def define(name):
+        return torch.library.register_fake(f"surgellm::{name}")
+
+    @define("iwn_group_keys")
+    def _(labels, task_ids, num_tasks, num_classes):
+        first = labels if labels is not None else task_ids
+        return first.new_empty(first.shape, dtype=torch.int32)
+
+    @define("iwn_group_moments")
+    def _(x, keys, gate, num_groups):
+        acc = accumulation_dtype(x.dtype)
+        per_group = x.new_empty((num_groups, x.shape[1]), dtype=acc)
+        return (x.new_empty((num_groups,), dtype=acc), per_group, torch.empty_like(per_group),
+                torch.empty_like(per_group))
+
+    @define("iwn_combine")
+    def _(count, mean, m2, num_tasks, pooled, momentum, running_mean, running_std):
+        stats = mean.new_empty((num_tasks, mean.shape[1]))
+        return torch.empty_like(mean), stats, torch.empty_like(stats)
+
+    @define("iwn_apply")
+    def _(x, keys, gate, weight, bias, mu, sigma, key_div, eps):
+        return torch.empty_like(x)
+
+    @define("iwn_task_sums")
+    def _(grad_y, x, keys, gate, mu, key_div):
+        return mu.new_empty((2, *mu.shape))
+
+    @define("iwn_coefficients")
+    def _(sums, weight, count, group_mean, group_std, mean_residual, mu, sigma, pooled, eps):
+        F = mu.shape[1]
+        per_group = mu.new_empty((count.shape[0] if count is not None else 0, F))
+        per_feature = mu.new_empty((F,))
+        return (torch.empty_like(mu), per_group, torch.empty_like(per_group),
+                torch.empty_like(per_group), per_feature, torch.empty_like(per_feature),
+                torch.empty_like(per_feature))
+
+    @define("iwn_input_grad")
+    def _(grad_y, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div,
+          training):
+        dgate = (torch.empty_like(gate) if gate is not None
+                 else x.new_empty((0,), dtype=accumulation_dtype(x.dtype)))
+        return torch.empty_like(x), dgate
 
 
-def _kernels(backend: str):
-    if backend == "triton":
-        from ..triton import iwn as triton_iwn
-        return triton_iwn.iwn_forward, triton_iwn.iwn_backward
-    ext = _backend.extension()
-    return ext.iwn_forward, ext.iwn_backward
-
-
-def _forward_impl(x, labels, task_ids, gate, weight, bias, mean_in, std_in, training,
-                  num_tasks, num_classes, eps, pooled, backend):
-    keys = _group_keys(labels, task_ids, training, num_tasks, num_classes, check=True)
-    forward, _ = _kernels(backend)
-    y, count, mean, std, mu, sigma = forward(x, keys, gate, weight, bias, mean_in, std_in,
-                                             training, num_tasks, num_classes if training else 1,
-                                             eps, pooled)
-    return y, count, mean, std, mu, sigma
-
-
-def _backward_impl(grad_y, x, labels, task_ids, gate, weight, group_count, group_mean, group_std,
-                   mu, sigma, training, num_tasks, num_classes, eps, pooled, backend):
-    keys = _group_keys(labels, task_ids, training, num_tasks, num_classes, check=False)
-    _, backward = _kernels(backend)
-    stats = (group_count, group_mean, group_std) if training else (None, None, None)
-    dx, dgate, dweight, dbias = backward(grad_y.contiguous(), x, keys, gate, weight, *stats, mu,
-                                         sigma, training, num_tasks,
-                                         num_classes if training else 1, eps, pooled)
-    return dx, dgate, dweight, dbias
-
-
-# -- torch.library registration: what torch.compile traces --------------------------
-
-@torch.library.custom_op("surgellm::iwn_forward", mutates_args=())
-def _iwn_forward(x: Tensor, labels: Optional[Tensor], task_ids: Optional[Tensor],
-                 gate: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                 mean_in: Optional[Tensor], std_in: Optional[Tensor], training: bool,
-                 num_tasks: int, num_classes: int, eps: float, pooled: bool,
-                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns y, group count (K,), group mean and std (K, F), mu and sigma
-    (T, F), with K = T * C in training and 0 in eval."""
-    return _forward_impl(x, labels, task_ids, gate, weight, bias, mean_in, std_in, training,
-                         num_tasks, num_classes, eps, pooled, backend)
-
-
-@_iwn_forward.register_fake
-def _(x, labels, task_ids, gate, weight, bias, mean_in, std_in, training, num_tasks,
-      num_classes, eps, pooled, backend):
-    acc = accumulation_dtype(x.dtype)
-    K = num_tasks * num_classes if training else 0
-    F = x.shape[1]
-    stats = x.new_empty((num_tasks, F), dtype=acc)
-    return (torch.empty_like(x), x.new_empty((K,), dtype=acc), x.new_empty((K, F), dtype=acc),
-            x.new_empty((K, F), dtype=acc), stats, torch.empty_like(stats))
-
-
-@torch.library.custom_op("surgellm::iwn_backward", mutates_args=())
-def _iwn_backward(grad_y: Tensor, x: Tensor, labels: Optional[Tensor],
-                  task_ids: Optional[Tensor], gate: Optional[Tensor], weight: Optional[Tensor],
-                  group_count: Tensor, group_mean: Tensor, group_std: Tensor, mu: Tensor,
-                  sigma: Tensor, training: bool, num_tasks: int, num_classes: int, eps: float,
-                  pooled: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns dx, dgate (empty without gate), dweight and dbias (F,)."""
-    return _backward_impl(grad_y, x, labels, task_ids, gate, weight, group_count, group_mean,
-                          group_std, mu, sigma, training, num_tasks, num_classes, eps, pooled,
-                          backend)
-
-
-@_iwn_backward.register_fake
-def _(grad_y, x, labels, task_ids, gate, weight, group_count, group_mean, group_std, mu, sigma,
-      training, num_tasks, num_classes, eps, pooled, backend):
-    acc = accumulation_dtype(x.dtype)
-    dgate = torch.empty_like(gate) if gate is not None else x.new_empty((0,), dtype=acc)
-    F = x.shape[1]
-    return (torch.empty_like(x), dgate, x.new_empty((F,), dtype=acc),
-            x.new_empty((F,), dtype=acc))
-
-
-def _setup_context(ctx, inputs, output):
-    (x, labels, task_ids, gate, weight, bias, _mean_in, _std_in, training, num_tasks,
-     num_classes, eps, pooled, backend) = inputs
-    _y, count, mean, std, mu, sigma = output
-    ctx.save_for_backward(x, labels, task_ids, gate, weight, count, mean, std, mu, sigma)
-    ctx.config = (training, num_tasks, num_classes, eps, pooled, backend)
-    ctx.has_bias = bias is not None
-
-
-def _gradients(ctx, grad_y, run_backward):
-    x, labels, task_ids, gate, weight, count, mean, std, mu, sigma = ctx.saved_tensors
-    dx, dgate, dweight, dbias = run_backward(grad_y, x, labels, task_ids, gate, weight, count,
-                                             mean, std, mu, sigma, *ctx.config)
-    return (dx, None, None, dgate if gate is not None else None,
-            dweight if weight is not None else None, dbias if ctx.has_bias else None,
-            None, None, None, None, None, None, None, None)
-
-
-_iwn_forward.register_autograd(
-    lambda ctx, grad_y, *_: _gradients(ctx, grad_y, torch.ops.surgellm.iwn_backward),
-    setup_context=_setup_context)
-
-
-class _IWNFunction(torch.autograd.Function):
-    """The same forward and backward as the custom op, without the custom-op
-    dispatch (tens of microseconds a call): what eager mode runs."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(*output[1:])
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_y, *_stat_grads):
-        return _gradients(ctx, grad_y, _backward_impl)
+if _backend.extension() is not None:
+    _register_fake_kernels()
 
 
 def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor] = None,
@@ -187,10 +107,13 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
         std_mode: "class_mean" (mean of class deviations, the paper) or
             "pooled" (deviation of the class-balanced distribution).
         num_classes: classes per task; default ``labels.max() + 1``. Pass it
-            when compiling with ``torch.compile(fullgraph=True)``.
+            when compiling with ``torch.compile(fullgraph=True)``, and on CUDA
+            to avoid a host sync.
 
     Returns y with the shape and dtype of x. Statistics accumulate in float32
-    (float64 for float64 x).
+    (float64 for float64 x). Label and task-id ranges are checked on CPU
+    tensors; on CUDA, rows with out-of-range values get NaN outputs (see the
+    module docstring).
     """
     call = check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
                           training, momentum, eps, std_mode, num_classes)
@@ -198,27 +121,7 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
     if backend == "eager":
         return iwn_reference(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
                              training, momentum, eps, std_mode, call.num_classes or num_classes)
-    Fdim = call.num_features
-    acc = accumulation_dtype(x.dtype)
-    x2 = x.reshape(-1, Fdim).contiguous()
-    if gate is not None:
-        # A (F,) gate runs in the accumulation dtype; a per-instance gate keeps x's.
-        gate = gate.to(acc) if gate.dim() == 1 else gate.reshape(-1, Fdim).contiguous()
-    weight = None if weight is None else weight.to(acc).contiguous()
-    bias = None if bias is None else bias.to(acc).contiguous()
-    labels2 = labels.reshape(-1) if training else None
-    tasks2 = None if task_ids is None else task_ids.reshape(-1)
-    mean_in = std_in = None
-    if not training:
-        mean_in = call.rows_mean.to(acc).contiguous()
-        std_in = call.rows_std.to(acc).contiguous()
-    run = torch.ops.surgellm.iwn_forward if torch.compiler.is_compiling() else _IWNFunction.apply
-    y, count, _mean, _std, mu, sigma = run(
-        x2, labels2, tasks2, gate, weight, bias, mean_in, std_in, training, call.num_tasks,
-        call.num_classes, float(eps), call.pooled, backend)
-    if training and running_mean is not None:
-        present = (count.view(call.num_tasks, call.num_classes).sum(1) > 0
-                   if call.num_tasks > 1 else None)
-        update_running_statistics(running_mean, running_std, mu.detach(), sigma.detach(),
-                                  present, momentum)
-    return y.view(x.shape)
+    return torch.ops.surgellm.iwn(
+        x, labels if training else None, task_ids, gate, weight, bias, running_mean, running_std,
+        training, float(momentum), float(eps), call.pooled, call.num_tasks,
+        call.num_classes if training else 1)

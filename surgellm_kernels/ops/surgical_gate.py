@@ -1,4 +1,4 @@
-"""``fused_surgical_gate``: sigmoid gate + blend + LayerNorm (SPEC §3, Eq.6-7).
+"""``fused_surgical_gate``: sigmoid gate + blend + LayerNorm (Eq.6-7).
 
 ``z = LayerNorm_lastdim(g * h + (1 - g) * s) * weight + bias`` with
 ``g = sigmoid(gate_logits)``. The signature and checks are final; only the
@@ -27,6 +27,7 @@ def fused_surgical_gate(h: Tensor, s: Tensor, gate_logits: Tensor,
     Returns z with the shape and dtype of ``h``.
     """
     check_surgical_gate_args(h, s, gate_logits, weight, bias, eps)
-    backend = _backend.select_backend("surgical_gate", h.device)
-    assert backend == "eager", backend  # no other backend lists this op yet
+    # Raises when a forced backend has no kernel for this op; otherwise eager,
+    # the only implementation so far.
+    _backend.select_backend("surgical_gate", h.device)
     return surgical_gate_reference(h, s, gate_logits, weight, bias, eps)

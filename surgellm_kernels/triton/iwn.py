@@ -1,55 +1,136 @@
-"""Triton kernels of ``fused_iwn`` (SPEC §2): a split reduction with no atomics.
+"""Triton kernels of ``fused_iwn``, one launcher per phase of the op.
 
-Forward (training):
-  1. ``_moments_partial``: grid (row chunks x feature blocks x group tiles);
-     per (chunk, group, feature) count, mean and M2 of u = x * sigmoid(gate),
-     two passes over the chunk (sum, then squared deviations).
-  2. ``_combine``: grid (tasks x feature blocks); merges the chunks in order
-     with Chan's formula, then Eq.10-11 over the classes present.
-  3. ``_normalize``: y = (u - mu_t) / (sigma_t + eps) * w + b.
-Backward: ``_task_sums_partial`` (s1 = sum dy, s2 = sum dy (u - mu) per task
-and chunk), ``_backward_coefficients`` (the coefficients of
-csrc/include/iwn_math.h, including the closed-form gate gradient of
-training), ``_input_grad`` (dx, dgate). Partials are merged in a
-fixed order, so results are deterministic.
+Notation: rows of x (N, F); u = x * sigmoid(gate) (u = x without a gate);
+every row has an int32 key (keys None: every key is 0). In training
+key = task * C + class (G = T * C groups) and key_div = C; in eval key = task
+and key_div = 1. A row's task is key // key_div. "acc" is the accumulation
+dtype: float64 for float64 x, else float32; every statistic is in acc.
 
-Only core ``tl`` math is used (``tl.sigmoid``, ``tl.sqrt``): the Triton CPU
-interpreter (TRITON_INTERPRET=1) has no libdevice. Every load is converted to
-the accumulation dtype (float32, float64 for float64 data) before any math.
+Phases (each a function below, registered by surgellm_kernels/_backend.py as
+the kernel of the dispatcher op of the same name; ``KERNELS`` maps the names
+to them). Their inputs are contiguous and in the dtypes the op's schema
+promises (the C++ caller converts); their outputs are freshly allocated,
+except the running statistics, which iwn_combine updates in place:
+
+  forward   iwn_group_moments -> iwn_combine -> iwn_apply
+  backward  iwn_task_sums -> iwn_coefficients -> iwn_input_grad
+
+iwn_combine and iwn_coefficients compute exactly combine_at and
+coefficients_at of csrc/include/iwn_math.h.
+
+Mean residuals: the group means are rounded to acc, and where a class's rows
+nearly coincide (tiny s_c) that rounding error is first-order in the backward
+term dev_coef * (u - center). So iwn_group_moments also returns, per group and
+feature, mean_residual = (1/n) * sum over the group's rows of (u - mean), the
+part of the exact mean the rounded mean cannot hold (computed in acc), and
+iwn_coefficients folds it into dy_shift.
+
+Invalid keys: on CUDA the keys are not range-checked on the host (that would
+be a host sync); invalid labels or task ids arrive as key -1. A row whose key
+is < 0 or >= the number of keys the phase knows (num_groups, or
+T * key_div) is never used to index a statistic: it is left out of every
+reduction (moments, task sums, the (F,) gate gradient) and its y and dx (and
+per-instance dgate) are NaN, so the error shows instead of reading out of
+bounds.
+
+Determinism: reductions over rows (group moments, task sums, the eval
+gradient of a (F,) gate) are split into row chunks; each chunk writes partial
+results to a scratch buffer (chunks x groups x F) and the partials are merged
+in chunk order (Chan's formula for moments, then the mean residuals against
+the merged mean; plain sums otherwise). No atomics, so the results are bitwise
+reproducible. The number of chunks depends on the shapes only and is capped so
+that the scratch stays under ``SCRATCH_BYTES``; with one chunk the partials are
+the result and no merge runs.
+
+Offsets: every offset that multiplies a row, chunk, group or task index by F
+is computed in int64, so tensors with N * F >= 2**31 elements are addressed
+correctly.
+
+Only core ``tl`` math is used (``tl.sigmoid``, ``tl.sqrt``; no libdevice), and
+every load is converted to acc before any math: both are needed by the Triton
+CPU interpreter (TRITON_INTERPRET=1). eps and momentum are declared float64
+kernel arguments (Triton would pass a Python float as float32) and rounded to
+acc inside the kernels, so float64 data sees them unrounded.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 8       # rows per tile
-BLOCK_F = 64      # features per program
-GROUP_TILE = 16   # (task, class) groups per program in the one-hot reductions
+from .._checks import accumulation_dtype
+
+__all__ = ["KERNELS", "iwn_group_moments", "iwn_combine", "iwn_apply", "iwn_task_sums",
+           "iwn_coefficients", "iwn_input_grad"]
+
+BLOCK_N = 8        # rows per tile
+BLOCK_F = 64       # features per program
+GROUP_TILE = 16    # groups (or tasks) per program in the one-hot reductions
+BLOCK_SUM = 256    # elements per program when summing chunk partials
 TARGET_CHUNKS = 128
+SCRATCH_BYTES = 256 << 20  # cap on the partial buffers of one split reduction
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _acc_dtypes(dtype: torch.dtype):
+    """(torch, tl) accumulation dtypes of data of ``dtype``."""
+    acc = accumulation_dtype(dtype)
+    return acc, _TL_DTYPES[acc]
 
 
-def _torch_acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU (a tensor on cuda:1 launches on cuda:1); no-op on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _rows_per_chunk(n: int) -> int:
-    per = max(BLOCK_N, triton.cdiv(n, TARGET_CHUNKS))
-    return triton.cdiv(per, BLOCK_N) * BLOCK_N
+def _launch(kernel, grid, *args, **meta):
+    if all(g > 0 for g in grid):
+        kernel[grid](*args, **meta)
+
+
+def _chunks(n: int, scratch_per_chunk: int, itemsize: int):
+    """(rows_per_chunk, num_chunks) of a split reduction over n rows whose
+    partial buffer holds ``scratch_per_chunk`` elements per chunk: about
+    TARGET_CHUNKS chunks, fewer when the partials would exceed SCRATCH_BYTES,
+    at least one (also for n == 0). A function of the shapes only."""
+    cap = max(1, SCRATCH_BYTES // max(1, scratch_per_chunk * itemsize))
+    wanted = max(1, min(TARGET_CHUNKS, cap, triton.cdiv(n, BLOCK_N)))
+    rows = triton.cdiv(triton.cdiv(max(n, 1), wanted), BLOCK_N) * BLOCK_N
+    return rows, max(1, triton.cdiv(n, rows))
 
 
 def _gate_mode(gate) -> int:
+    """0: no gate, 1: (F,) gate in acc, 2: (N, F) per-instance gate in x's dtype."""
     return 0 if gate is None else (1 if gate.dim() == 1 else 2)
 
 
+def _fblocks(F: int) -> int:
+    return max(1, triton.cdiv(F, BLOCK_F))  # one block even for F == 0 (counts)
+
+
+# -- shared pieces ---------------------------------------------------------------------
+
 @triton.jit
-def _load_u(x_ptr, gate_ptr, rows, cols, mask, F, GATE_MODE: tl.constexpr, ACC: tl.constexpr):
-    """u = x * sigmoid(gate) for a [BLOCK_N, BLOCK_F] tile, and the sigmoid."""
-    offs = rows[:, None] * F + cols[None, :]
+def _row_keys(keys_ptr, rows, N, NUM_KEYS, HAS_KEYS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys (int32) of ``rows`` (int64 indices), -1 for rows past N and for
+    keys outside [0, NUM_KEYS): such a row must not index any statistic. Callers test
+    ``key >= 0`` before using ``key // KEY_DIV``: Triton's integer ``//``
+    truncates toward zero, so -1 // C would be task 0."""
+    in_rows = rows < N
+    if HAS_KEYS:
+        key = tl.load(keys_ptr + rows, mask=in_rows, other=-1)
+    else:
+        key = tl.zeros((BLOCK_N,), tl.int32)
+    return tl.where(in_rows & (key >= 0) & (key < NUM_KEYS), key, -1)
+
+
+@triton.jit
+def _load_u(x_ptr, gate_ptr, offs, cols, mask, F, GATE_MODE: tl.constexpr, ACC: tl.constexpr):
+    """u = x * sigmoid(gate) of a [BLOCK_N, BLOCK_F] tile at int64 ``offs``, and
+    the sigmoid."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     if GATE_MODE == 1:
         logit = tl.load(gate_ptr + cols, mask=cols < F, other=0.0).to(ACC)
@@ -62,350 +143,532 @@ def _load_u(x_ptr, gate_ptr, rows, cols, mask, F, GATE_MODE: tl.constexpr, ACC: 
 
 
 @triton.jit
-def _keyed_rows(x_ptr, gate_ptr, keys_ptr, r, cols, groups, N, F, GATE_MODE: tl.constexpr,
-                ACC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows [r, r + BLOCK_N): one-hot of their key over ``groups``, and u."""
-    rows = r + tl.arange(0, BLOCK_N)
-    mask = (rows < N)[:, None] & (cols < F)[None, :]
-    keys = tl.load(keys_ptr + rows, mask=rows < N, other=-1)
-    onehot = (keys[:, None] == groups[None, :]).to(ACC)
-    u, _s = _load_u(x_ptr, gate_ptr, rows, cols, mask, F, GATE_MODE, ACC)
-    return onehot, u
+def _sum_chunks(p_ptr, out_ptr, M, NUM_CHUNKS, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum over chunks, in chunk order, of p[chunk, i]; p is (chunks, M)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < M
+    total = tl.zeros((BLOCK,), ACC)
+    for ch in range(0, NUM_CHUNKS):
+        total += tl.load(p_ptr + tl.cast(ch, tl.int64) * M + idx, mask=mask, other=0.0).to(ACC)
+    tl.store(out_ptr + idx, total, mask=mask)
 
+
+def _reduce_chunks(partial: torch.Tensor, out: torch.Tensor, ACC) -> None:
+    """Sum ``partial`` (chunks, *out.shape) into ``out`` in chunk order."""
+    m = out.numel()
+    _launch(_sum_chunks, (triton.cdiv(m, BLOCK_SUM),), partial, out, m, partial.shape[0],
+            ACC=ACC, BLOCK=BLOCK_SUM)
+
+
+# -- forward: group moments -----------------------------------------------------------
 
 @triton.jit
-def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, N, F, K,
-                     ROWS_PER_CHUNK, GATE_MODE: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, GROUP_TILE: tl.constexpr):
-    chunk = tl.program_id(0)
+def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, pres_ptr, N, F,
+                     G, ROWS_PER_CHUNK, GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr,
+                     ONE_CHUNK: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_F: tl.constexpr, GROUP_TILE: tl.constexpr):
+    """Per (chunk, group, feature): count, mean and M2 of u over the chunk's rows,
+    and R = sum of the deviations (u - mean), two passes (sum, then deviations
+    from the chunk's rounded mean). ONE_CHUNK (the partials are the result):
+    R / count (the mean residual; 0 for an empty group) is stored instead of R."""
+    chunk = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     groups = tl.program_id(2) * GROUP_TILE + tl.arange(0, GROUP_TILE)
+    fmask = cols < F
     row0 = chunk * ROWS_PER_CHUNK
     count = tl.zeros((GROUP_TILE,), ACC)
     total = tl.zeros((GROUP_TILE, BLOCK_F), ACC)
-    for r in range(row0, row0 + ROWS_PER_CHUNK, BLOCK_N):
-        onehot, u = _keyed_rows(x_ptr, gate_ptr, keys_ptr, r, cols, groups, N, F, GATE_MODE, ACC,
-                                BLOCK_N)
-        count += tl.sum(onehot, axis=0)
-        total += tl.sum(onehot[:, :, None] * u[:, None, :], axis=0)
+    for i in range(0, ROWS_PER_CHUNK, BLOCK_N):
+        rows = row0 + i + tl.arange(0, BLOCK_N)
+        key = _row_keys(keys_ptr, rows, N, G, HAS_KEYS, BLOCK_N)
+        mask = (key >= 0)[:, None] & fmask[None, :]
+        u, _s = _load_u(x_ptr, gate_ptr, rows[:, None] * F + cols[None, :], cols, mask, F,
+                        GATE_MODE, ACC)
+        hit = key[:, None] == groups[None, :]
+        count += tl.sum(hit.to(ACC), axis=0)
+        total += tl.sum(tl.where(hit[:, :, None], u[:, None, :], 0.0), axis=0)
     mean = total / tl.maximum(count, 1.0)[:, None]
     m2 = tl.zeros((GROUP_TILE, BLOCK_F), ACC)
-    for r in range(row0, row0 + ROWS_PER_CHUNK, BLOCK_N):
-        onehot, u = _keyed_rows(x_ptr, gate_ptr, keys_ptr, r, cols, groups, N, F, GATE_MODE, ACC,
-                                BLOCK_N)
-        row_mean = tl.sum(onehot[:, :, None] * mean[None, :, :], axis=1)
-        dev = (u - row_mean) * tl.sum(onehot, axis=1)[:, None]
-        m2 += tl.sum(onehot[:, :, None] * (dev * dev)[:, None, :], axis=0)
-    gmask = groups < K
-    out = (chunk * K + groups)[:, None] * F + cols[None, :]
-    omask = gmask[:, None] & (cols < F)[None, :]
+    res = tl.zeros((GROUP_TILE, BLOCK_F), ACC)
+    for i in range(0, ROWS_PER_CHUNK, BLOCK_N):
+        rows = row0 + i + tl.arange(0, BLOCK_N)
+        key = _row_keys(keys_ptr, rows, N, G, HAS_KEYS, BLOCK_N)
+        mask = (key >= 0)[:, None] & fmask[None, :]
+        u, _s = _load_u(x_ptr, gate_ptr, rows[:, None] * F + cols[None, :], cols, mask, F,
+                        GATE_MODE, ACC)
+        hit = key[:, None] == groups[None, :]
+        dev = u - tl.sum(tl.where(hit[:, :, None], mean[None, :, :], 0.0), axis=1)
+        m2 += tl.sum(tl.where(hit[:, :, None], (dev * dev)[:, None, :], 0.0), axis=0)
+        res += tl.sum(tl.where(hit[:, :, None], dev[:, None, :], 0.0), axis=0)
+    if ONE_CHUNK:
+        res = res / tl.maximum(count, 1.0)[:, None]  # R is 0 for an empty group
+    gmask = groups < G
+    part = chunk * G + groups
+    out = part[:, None] * F + cols[None, :]
+    omask = gmask[:, None] & fmask[None, :]
     tl.store(pmean_ptr + out, mean, mask=omask)
     tl.store(pm2_ptr + out, m2, mask=omask)
+    tl.store(pres_ptr + out, res, mask=omask)
     if tl.program_id(1) == 0:
-        tl.store(pcount_ptr + chunk * K + groups, count, mask=gmask)
+        tl.store(pcount_ptr + part, count, mask=gmask)
 
 
 @triton.jit
-def _merge_class(pcount_ptr, pmean_ptr, pm2_ptr, k, cols, fmask, F, K, NUM_CHUNKS,
-                 ACC: tl.constexpr, BLOCK_F: tl.constexpr):
-    """Chan-merge group k's chunk summaries in chunk order."""
+def _moments_merge(pcount_ptr, pmean_ptr, pm2_ptr, pres_ptr, count_ptr, mean_ptr, m2_ptr,
+                   res_ptr, F, G, NUM_CHUNKS, ACC: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Chan-merge group k's chunk summaries in chunk order (chan_merge of
+    iwn_math.h); then, against the merged (rounded) mean M, the mean residual
+    (sum over chunks, in chunk order, of n_ch (m_ch - M) + R_ch) / n."""
+    k = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = cols < F
     n = tl.zeros((BLOCK_F,), ACC)
     mean = tl.zeros((BLOCK_F,), ACC)
     m2 = tl.zeros((BLOCK_F,), ACC)
     for ch in range(0, NUM_CHUNKS):
-        nb = tl.load(pcount_ptr + ch * K + k).to(ACC)
-        off = (ch * K + k) * F + cols
-        mb = tl.load(pmean_ptr + off, mask=fmask, other=0.0)
-        m2b = tl.load(pm2_ptr + off, mask=fmask, other=0.0)
+        part = tl.cast(ch, tl.int64) * G + k
+        nb = tl.load(pcount_ptr + part).to(ACC)
+        mb = tl.load(pmean_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
+        m2b = tl.load(pm2_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
+        has = nb > 0
         total = n + nb
-        frac = tl.where(total > 0, nb / tl.maximum(total, 1.0), 0.0)
+        frac = tl.where(has, nb / tl.where(has, total, 1.0), 0.0)
         delta = mb - mean
         mean = mean + delta * frac
-        m2 = m2 + m2b + delta * delta * n * frac
+        m2 = m2 + tl.where(has, m2b + delta * delta * n * frac, 0.0)
         n = total
-    return n, mean, m2
+    res = tl.zeros((BLOCK_F,), ACC)
+    for ch in range(0, NUM_CHUNKS):
+        part = tl.cast(ch, tl.int64) * G + k
+        nb = tl.load(pcount_ptr + part).to(ACC)
+        mb = tl.load(pmean_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
+        rb = tl.load(pres_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
+        res = res + tl.where(nb > 0, nb * (mb - mean) + rb, 0.0)
+    res = tl.where(n > 0, res / tl.where(n > 0, n, 1.0), 0.0)
+    tl.store(mean_ptr + k * F + cols, mean, mask=fmask)
+    tl.store(m2_ptr + k * F + cols, m2, mask=fmask)
+    tl.store(res_ptr + k * F + cols, res, mask=fmask)
+    if tl.program_id(1) == 0:
+        tl.store(count_ptr + k, tl.max(n, axis=0))
 
+
+def iwn_group_moments(x, keys, gate, num_groups):
+    """Per group g < num_groups: count (G,), mean (G, F), M2 (G, F) and
+    mean_residual (G, F) of u, where mean_residual = (1/n) * sum over the
+    group's rows of (u - mean) against the returned (rounded) mean, in acc.
+    Empty groups give 0, 0, 0, 0; rows with a key outside [0, G) are skipped."""
+    N, F = x.shape
+    G = int(num_groups)
+    acc_t, ACC = _acc_dtypes(x.dtype)
+    count = x.new_zeros((G,), dtype=acc_t)
+    mean = x.new_zeros((G, F), dtype=acc_t)
+    m2 = x.new_zeros((G, F), dtype=acc_t)
+    mean_residual = x.new_zeros((G, F), dtype=acc_t)
+    if G == 0:
+        return count, mean, m2, mean_residual
+    rows_per_chunk, nchunks = _chunks(N, G * (3 * F + 1), acc_t.itemsize)
+    if nchunks == 1:  # the one chunk's summaries are the result
+        pcount, pmean, pm2, pres = count, mean, m2, mean_residual
+    else:
+        pcount = x.new_empty((nchunks, G), dtype=acc_t)
+        pmean = x.new_empty((nchunks, G, F), dtype=acc_t)
+        pm2 = x.new_empty((nchunks, G, F), dtype=acc_t)
+        pres = x.new_empty((nchunks, G, F), dtype=acc_t)
+    dummy = x.new_empty((1,), dtype=acc_t)
+    with _on_device(x):
+        _launch(_moments_partial, (nchunks, _fblocks(F), triton.cdiv(G, GROUP_TILE)),
+                x, gate if gate is not None else dummy, keys if keys is not None else dummy,
+                pcount, pmean, pm2, pres, N, F, G, rows_per_chunk, GATE_MODE=_gate_mode(gate),
+                HAS_KEYS=keys is not None, ONE_CHUNK=nchunks == 1, ACC=ACC, BLOCK_N=BLOCK_N,
+                BLOCK_F=BLOCK_F, GROUP_TILE=GROUP_TILE)
+        if nchunks > 1:
+            _launch(_moments_merge, (G, _fblocks(F)), pcount, pmean, pm2, pres, count, mean, m2,
+                    mean_residual, F, G, nchunks, ACC=ACC, BLOCK_F=BLOCK_F)
+    return count, mean, m2, mean_residual
+
+
+# -- forward: combine -----------------------------------------------------------------
 
 @triton.jit
-def _combine(pcount_ptr, pmean_ptr, pm2_ptr, gcount_ptr, gmean_ptr, gstd_ptr, mu_ptr, sigma_ptr,
-             F, C, NUM_CHUNKS, POOLED: tl.constexpr, ACC: tl.constexpr, BLOCK_F: tl.constexpr):
-    """Eq.10-11 for one task and a block of features (see iwn_math.h)."""
-    t = tl.program_id(0)
+def _combine(count_ptr, mean_ptr, m2_ptr, gstd_ptr, mu_ptr, sigma_ptr, rmean_ptr, rstd_ptr, F,
+             C, momentum: "fp64", POOLED: tl.constexpr, HAS_RUNNING: tl.constexpr,
+             ACC: tl.constexpr, BLOCK_F: tl.constexpr):
+    """combine_classes of iwn_math.h for task program_id(0) and a feature block,
+    then the running-statistics update of a task that has rows."""
+    t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = cols < F
-    K = tl.num_programs(0) * C
     present = tl.zeros((BLOCK_F,), ACC)
     sum_mean = tl.zeros((BLOCK_F,), ACC)
     sum_std = tl.zeros((BLOCK_F,), ACC)
     for c in range(0, C):
         k = t * C + c
-        n, mean, m2 = _merge_class(pcount_ptr, pmean_ptr, pm2_ptr, k, cols, fmask, F, K,
-                                   NUM_CHUNKS, ACC, BLOCK_F)
+        n = tl.load(count_ptr + k).to(ACC)
+        m = tl.load(mean_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+        q = tl.load(m2_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
         has = n > 0
-        sd = tl.where(has, tl.sqrt(tl.maximum(m2 / tl.maximum(n, 1.0), 0.0)), 0.0)
+        var = q / tl.where(has, n, 1.0)
+        sd = tl.where(has, tl.where(var > 0, tl.sqrt(tl.maximum(var, 0.0)), 0.0), 0.0)
         present += has.to(ACC)
-        sum_mean += tl.where(has, mean, 0.0)
+        sum_mean += tl.where(has, m, 0.0)
         sum_std += sd
-        tl.store(gmean_ptr + k * F + cols, mean, mask=fmask)
         tl.store(gstd_ptr + k * F + cols, sd, mask=fmask)
-        if tl.program_id(1) == 0:
-            tl.store(gcount_ptr + k, tl.max(n, axis=0))
-    denom = tl.maximum(present, 1.0)
+    denom = tl.maximum(present, 1.0)  # no class present: mu = sigma = 0
     mu = sum_mean / denom
     sigma = sum_std / denom
     if POOLED:
         spread = tl.zeros((BLOCK_F,), ACC)
         for c in range(0, C):
             k = t * C + c
-            n, mean, m2 = _merge_class(pcount_ptr, pmean_ptr, pm2_ptr, k, cols, fmask, F, K,
-                                       NUM_CHUNKS, ACC, BLOCK_F)
-            d = mean - mu
-            spread += tl.where(n > 0, m2 / tl.maximum(n, 1.0) + d * d, 0.0)
+            n = tl.load(count_ptr + k).to(ACC)
+            m = tl.load(mean_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+            q = tl.load(m2_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+            has = n > 0
+            var = q / tl.where(has, n, 1.0)
+            sd = tl.where(has, tl.where(var > 0, tl.sqrt(tl.maximum(var, 0.0)), 0.0), 0.0)
+            d = m - mu
+            spread += tl.where(has, sd * sd + d * d, 0.0)
         spread = spread / denom
         sigma = tl.where(spread > 0, tl.sqrt(tl.maximum(spread, 0.0)), 0.0)
-    tl.store(mu_ptr + t * F + cols, mu, mask=fmask)
-    tl.store(sigma_ptr + t * F + cols, sigma, mask=fmask)
+    stat = t * F + cols
+    tl.store(mu_ptr + stat, mu, mask=fmask)
+    tl.store(sigma_ptr + stat, sigma, mask=fmask)
+    if HAS_RUNNING:  # r += momentum * (batch - r), only for a task that has rows
+        mom = tl.full((BLOCK_F,), momentum, ACC)
+        upd = fmask & (present > 0)
+        rm = tl.load(rmean_ptr + stat, mask=upd, other=0.0).to(ACC)
+        tl.store(rmean_ptr + stat, rm + mom * (mu - rm), mask=upd)
+        rs = tl.load(rstd_ptr + stat, mask=upd, other=0.0).to(ACC)
+        tl.store(rstd_ptr + stat, rs + mom * (sigma - rs), mask=upd)
 
+
+def iwn_combine(count, mean, m2, num_tasks, pooled, momentum, running_mean, running_std):
+    """group_std (G, F), mu and sigma (T, F) from the group moments, with
+    T = num_tasks and C = G // T classes per task; updates running_mean and
+    running_std (T, F) in place for the tasks that have rows, when given."""
+    G, F = mean.shape
+    T = int(num_tasks)
+    C = G // T if T > 0 else 0
+    _acc_t, ACC = _acc_dtypes(mean.dtype)
+    group_std = torch.zeros_like(mean)
+    mu = mean.new_zeros((T, F))
+    sigma = mean.new_zeros((T, F))
+    has_running = running_mean is not None and running_std is not None
+    with _on_device(mean):
+        _launch(_combine, (T, _fblocks(F)), count, mean, m2, group_std, mu, sigma,
+                running_mean if has_running else mu, running_std if has_running else sigma, F, C,
+                float(momentum), POOLED=bool(pooled), HAS_RUNNING=has_running, ACC=ACC,
+                BLOCK_F=BLOCK_F)
+    return group_std, mu, sigma
+
+
+# -- forward: apply -------------------------------------------------------------------
 
 @triton.jit
-def _normalize(x_ptr, gate_ptr, keys_ptr, w_ptr, b_ptr, mu_ptr, sigma_ptr, y_ptr, N, F, KEY_DIV,
-               eps, GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr, HAS_W: tl.constexpr,
-               HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_F: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _apply(x_ptr, gate_ptr, keys_ptr, w_ptr, b_ptr, mu_ptr, sigma_ptr, y_ptr, N, F, NUM_KEYS,
+           KEY_DIV, eps: "fp64", GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr,
+           HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_F: tl.constexpr):
+    """y = (u - mu_t) / (sigma_t + eps) * w + b; NaN rows for invalid keys."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask = (rows < N)[:, None] & (cols < F)[None, :]
-    u, _s = _load_u(x_ptr, gate_ptr, rows, cols, mask, F, GATE_MODE, ACC)
-    if HAS_KEYS:
-        task = tl.load(keys_ptr + rows, mask=rows < N, other=0) // KEY_DIV
-    else:
-        task = tl.zeros((BLOCK_N,), tl.int32)
+    fmask = cols < F
+    mask = (rows < N)[:, None] & fmask[None, :]
+    offs = rows[:, None] * F + cols[None, :]
+    u, _s = _load_u(x_ptr, gate_ptr, offs, cols, mask, F, GATE_MODE, ACC)
+    key = _row_keys(keys_ptr, rows, N, NUM_KEYS, HAS_KEYS, BLOCK_N)
+    valid = key >= 0
+    task = tl.where(valid, key // KEY_DIV, 0).to(tl.int64)  # task 0: masked out below
+    smask = valid[:, None] & fmask[None, :]
     stat = task[:, None] * F + cols[None, :]
-    mu = tl.load(mu_ptr + stat, mask=mask, other=0.0)
-    sigma = tl.load(sigma_ptr + stat, mask=mask, other=1.0)
-    y = (u - mu) / (sigma + eps)
+    mu = tl.load(mu_ptr + stat, mask=smask, other=0.0).to(ACC)
+    sigma = tl.load(sigma_ptr + stat, mask=smask, other=1.0).to(ACC)
+    y = (u - mu) / (sigma + tl.full((BLOCK_F,), eps, ACC)[None, :])
     if HAS_W:
-        y = y * tl.load(w_ptr + cols, mask=cols < F, other=1.0)[None, :]
+        y = y * tl.load(w_ptr + cols, mask=fmask, other=1.0).to(ACC)[None, :]
     if HAS_B:
-        y = y + tl.load(b_ptr + cols, mask=cols < F, other=0.0)[None, :]
-    tl.store(y_ptr + rows[:, None] * F + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        y = y + tl.load(b_ptr + cols, mask=fmask, other=0.0).to(ACC)[None, :]
+    y = tl.where(valid[:, None], y, float("nan"))
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
+
+def iwn_apply(x, keys, gate, weight, bias, mu, sigma, key_div, eps):
+    """y (N, F) in x's dtype: (u - mu[t]) / (sigma[t] + eps) * weight + bias with
+    t = key // key_div; rows whose key is outside [0, T * key_div) are NaN."""
+    N, F = x.shape
+    T = mu.shape[0]
+    acc_t, ACC = _acc_dtypes(x.dtype)
+    y = torch.empty_like(x)
+    dummy = x.new_empty((1,), dtype=acc_t)
+    with _on_device(x):
+        _launch(_apply, (triton.cdiv(N, BLOCK_N), _fblocks(F)), x,
+                gate if gate is not None else dummy, keys if keys is not None else dummy,
+                weight if weight is not None else dummy, bias if bias is not None else dummy,
+                mu, sigma, y, N, F, T * int(key_div), int(key_div), float(eps),
+                GATE_MODE=_gate_mode(gate), HAS_KEYS=keys is not None, HAS_W=weight is not None,
+                HAS_B=bias is not None, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    return y
+
+
+# -- backward: task sums --------------------------------------------------------------
 
 @triton.jit
-def _task_sums_partial(dy_ptr, x_ptr, gate_ptr, keys_ptr, mu_ptr, ps_ptr, N, F, T, KEY_DIV,
-                       ROWS_PER_CHUNK, GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr,
+def _task_sums_partial(dy_ptr, x_ptr, gate_ptr, keys_ptr, mu_ptr, ps_ptr, N, F, T, NUM_KEYS,
+                       KEY_DIV, ROWS_PER_CHUNK, GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr,
                        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
                        GROUP_TILE: tl.constexpr):
-    """Per (chunk, task): s1 = sum dy and s2 = sum dy * (u - mu_task)."""
-    chunk = tl.program_id(0)
+    """Per (chunk, task): s1 = sum dy and s2 = sum dy * (u - mu_task), into the
+    (chunks, 2, T, F) partial buffer."""
+    chunk = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     tasks = tl.program_id(2) * GROUP_TILE + tl.arange(0, GROUP_TILE)
+    fmask = cols < F
     s1 = tl.zeros((GROUP_TILE, BLOCK_F), ACC)
     s2 = tl.zeros((GROUP_TILE, BLOCK_F), ACC)
     row0 = chunk * ROWS_PER_CHUNK
-    for r in range(row0, row0 + ROWS_PER_CHUNK, BLOCK_N):
-        rows = r + tl.arange(0, BLOCK_N)
-        mask = (rows < N)[:, None] & (cols < F)[None, :]
-        if HAS_KEYS:
-            task = tl.load(keys_ptr + rows, mask=rows < N, other=0) // KEY_DIV
-        else:
-            task = tl.zeros((BLOCK_N,), tl.int32)
-        task = tl.where(rows < N, task, -1)
-        onehot = (task[:, None] == tasks[None, :]).to(ACC)
-        u, _s = _load_u(x_ptr, gate_ptr, rows, cols, mask, F, GATE_MODE, ACC)
-        dy = tl.load(dy_ptr + rows[:, None] * F + cols[None, :], mask=mask, other=0.0).to(ACC)
-        mu = tl.load(mu_ptr + tl.maximum(task, 0)[:, None] * F + cols[None, :], mask=mask,
-                     other=0.0)
-        s1 += tl.sum(onehot[:, :, None] * dy[:, None, :], axis=0)
-        s2 += tl.sum(onehot[:, :, None] * (dy * (u - mu))[:, None, :], axis=0)
-    out = (chunk * 2 * T + tasks)[:, None] * F + cols[None, :]
-    omask = (tasks < T)[:, None] & (cols < F)[None, :]
-    tl.store(ps_ptr + out, s1, mask=omask)
-    tl.store(ps_ptr + out + T * F, s2, mask=omask)
+    for i in range(0, ROWS_PER_CHUNK, BLOCK_N):
+        rows = row0 + i + tl.arange(0, BLOCK_N)
+        key = _row_keys(keys_ptr, rows, N, NUM_KEYS, HAS_KEYS, BLOCK_N)
+        valid = key >= 0
+        task = tl.where(valid, key // KEY_DIV, -1)
+        mask = valid[:, None] & fmask[None, :]
+        offs = rows[:, None] * F + cols[None, :]
+        u, _s = _load_u(x_ptr, gate_ptr, offs, cols, mask, F, GATE_MODE, ACC)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        stat = tl.maximum(task, 0).to(tl.int64)[:, None] * F + cols[None, :]
+        mu = tl.load(mu_ptr + stat, mask=mask, other=0.0).to(ACC)
+        hit = task[:, None] == tasks[None, :]
+        s1 += tl.sum(tl.where(hit[:, :, None], dy[:, None, :], 0.0), axis=0)
+        s2 += tl.sum(tl.where(hit[:, :, None], (dy * (u - mu))[:, None, :], 0.0), axis=0)
+    omask = (tasks < T)[:, None] & fmask[None, :]
+    out1 = ((chunk * 2) * T + tasks)[:, None] * F + cols[None, :]
+    out2 = ((chunk * 2 + 1) * T + tasks)[:, None] * F + cols[None, :]
+    tl.store(ps_ptr + out1, s1, mask=omask)
+    tl.store(ps_ptr + out2, s2, mask=omask)
 
+
+def iwn_task_sums(grad_y, x, keys, gate, mu, key_div):
+    """sums (2, T, F) in acc: sums[0, t] = sum of dy and sums[1, t] = sum of
+    dy * (u - mu[t]) over the rows of task t (T = mu.shape[0])."""
+    N, F = x.shape
+    T = mu.shape[0]
+    acc_t, ACC = _acc_dtypes(x.dtype)
+    sums = x.new_zeros((2, T, F), dtype=acc_t)
+    if T == 0:
+        return sums
+    rows_per_chunk, nchunks = _chunks(N, 2 * T * F, acc_t.itemsize)
+    ps = sums if nchunks == 1 else x.new_empty((nchunks, 2, T, F), dtype=acc_t)
+    dummy = x.new_empty((1,), dtype=acc_t)
+    with _on_device(x):
+        _launch(_task_sums_partial, (nchunks, _fblocks(F), triton.cdiv(T, GROUP_TILE)),
+                grad_y, x, gate if gate is not None else dummy,
+                keys if keys is not None else dummy, mu, ps, N, F, T, T * int(key_div),
+                int(key_div), rows_per_chunk, GATE_MODE=_gate_mode(gate),
+                HAS_KEYS=keys is not None, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
+                GROUP_TILE=GROUP_TILE)
+        if nchunks > 1:
+            _reduce_chunks(ps, sums, ACC)
+    return sums
+
+
+# -- backward: coefficients -----------------------------------------------------------
 
 @triton.jit
-def _backward_coefficients(ps_ptr, w_ptr, gcount_ptr, gmean_ptr, gstd_ptr, mu_ptr, sigma_ptr,
-                           p_ptr, a_ptr, b_ptr, cen_ptr, dw_ptr, db_ptr, duu_ptr, F, T, C,
-                           NUM_CHUNKS,
-                           eps, TRAINING: tl.constexpr, POOLED: tl.constexpr,
-                           HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_F: tl.constexpr):
-    """dL/du = (dy - A) * P + B * (u - center), per (task, class); see iwn_math.h."""
+def _coefficients(sums_ptr, w_ptr, count_ptr, gmean_ptr, gstd_ptr, mres_ptr, mu_ptr, sigma_ptr,
+                  scale_ptr, shift_ptr, devc_ptr, cen_ptr, dw_ptr, db_ptr, duu_ptr, F, T, C,
+                  eps: "fp64", TRAINING: tl.constexpr, POOLED: tl.constexpr,
+                  HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_F: tl.constexpr):
+    """coefficients_at of iwn_math.h for every task (in task order) and a
+    feature block: dL/du = (dy - A_k) * P_t + B_k * (u - center_k), with the
+    rounding residual rho of center_k folded into A_k (dy_shift)."""
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = cols < F
     if HAS_W:
-        w = tl.load(w_ptr + cols, mask=fmask, other=1.0)
+        w = tl.load(w_ptr + cols, mask=fmask, other=1.0).to(ACC)
     else:
         w = tl.full((BLOCK_F,), 1.0, ACC)
+    eps_v = tl.full((BLOCK_F,), eps, ACC)
     dw = tl.zeros((BLOCK_F,), ACC)
     db = tl.zeros((BLOCK_F,), ACC)
     du_dot_u = tl.zeros((BLOCK_F,), ACC)  # closed form of sum_i dL/du_i u_i (training)
     for t in range(0, T):
-        s1 = tl.zeros((BLOCK_F,), ACC)
-        s2 = tl.zeros((BLOCK_F,), ACC)
-        for ch in range(0, NUM_CHUNKS):
-            s1 += tl.load(ps_ptr + (ch * 2 * T + t) * F + cols, mask=fmask, other=0.0)
-            s2 += tl.load(ps_ptr + (ch * 2 * T + T + t) * F + cols, mask=fmask, other=0.0)
-        mu = tl.load(mu_ptr + t * F + cols, mask=fmask, other=0.0)
-        sigma = tl.load(sigma_ptr + t * F + cols, mask=fmask, other=1.0)
-        r = 1.0 / (sigma + eps)
+        t64 = tl.cast(t, tl.int64)
+        stat = t64 * F + cols
+        s1 = tl.load(sums_ptr + stat, mask=fmask, other=0.0).to(ACC)
+        s2 = tl.load(sums_ptr + (T + t64) * F + cols, mask=fmask, other=0.0).to(ACC)
+        mu = tl.load(mu_ptr + stat, mask=fmask, other=0.0).to(ACC)
+        sigma = tl.load(sigma_ptr + stat, mask=fmask, other=1.0).to(ACC)
+        r = 1.0 / (sigma + eps_v)
         dy_yhat = r * s2
-        tl.store(p_ptr + t * F + cols, w * r, mask=fmask)
+        tl.store(scale_ptr + stat, w * r, mask=fmask)
         dw += dy_yhat
         db += s1
-        du_dot_u += eps * r * w * dy_yhat
+        du_dot_u += eps_v * r * w * dy_yhat
         if TRAINING:
             present = tl.zeros((BLOCK_F,), ACC)
             for c in range(0, C):
-                present += (tl.load(gcount_ptr + t * C + c) > 0).to(ACC)
+                present += (tl.load(count_ptr + t64 * C + c).to(ACC) > 0).to(ACC)
             d_sigma = -r * w * dy_yhat
+            if POOLED:  # rho of the center mu: the exact mean of the class means, minus mu
+                mu_res = tl.zeros((BLOCK_F,), ACC)
+                for c in range(0, C):
+                    k = t64 * C + c
+                    has = tl.load(count_ptr + k).to(ACC) > 0
+                    m = tl.load(gmean_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+                    rc = tl.load(mres_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+                    mu_res += tl.where(has, (m - mu) + rc, 0.0)
+                mu_res = mu_res / tl.maximum(present, 1.0)
             for c in range(0, C):
-                k = t * C + c
-                n = tl.load(gcount_ptr + k).to(ACC)
-                inv = tl.where(n > 0, 1.0 / tl.maximum(present * n, 1.0), 0.0)
+                k = t64 * C + c
+                n = tl.load(count_ptr + k).to(ACC)
+                has = n > 0
+                inv = tl.where(has, 1.0 / tl.where(has, present * n, 1.0), 0.0)
                 if POOLED:
                     dev = sigma
                     cen = mu
+                    rho = mu_res
                 else:
-                    dev = tl.load(gstd_ptr + k * F + cols, mask=fmask, other=0.0)
-                    cen = tl.load(gmean_ptr + k * F + cols, mask=fmask, other=0.0)
-                b = tl.where(dev > 0, d_sigma * inv / tl.where(dev > 0, dev, 1.0), 0.0)
-                tl.store(a_ptr + k * F + cols, s1 * inv, mask=fmask)
-                tl.store(b_ptr + k * F + cols, b, mask=fmask)
-                tl.store(cen_ptr + k * F + cols, tl.where(n > 0, cen, 0.0), mask=fmask)
+                    dev = tl.load(gstd_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+                    cen = tl.load(gmean_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+                    rho = tl.load(mres_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+                # 0 where the deviation is 0; inv = 0 for an absent class
+                pos = dev > 0
+                safe_dev = tl.where(pos, dev, 1.0)
+                b = tl.where(pos, d_sigma * inv / safe_dev, 0.0)
+                shift = tl.where(pos, inv * (s1 - dy_yhat * rho / safe_dev), s1 * inv)
+                tl.store(shift_ptr + k * F + cols, tl.where(has, shift, 0.0), mask=fmask)
+                tl.store(devc_ptr + k * F + cols, b, mask=fmask)
+                tl.store(cen_ptr + k * F + cols, tl.where(has, cen, 0.0), mask=fmask)
     tl.store(dw_ptr + cols, dw, mask=fmask)
     tl.store(db_ptr + cols, db, mask=fmask)
     tl.store(duu_ptr + cols, du_dot_u, mask=fmask)
 
 
+def iwn_coefficients(sums, weight, count, group_mean, group_std, mean_residual, mu, sigma, pooled,
+                     eps):
+    """scale (T, F), dy_shift, dev_coef, center (K, F), dweight, dbias and
+    du_dot_u (F,). Training iff count is given (K = G = count.numel(),
+    C = G // T; count, group_mean, group_std and mean_residual are then given,
+    else None); in eval K = 0."""
+    _two, T, F = sums.shape
+    _acc_t, ACC = _acc_dtypes(sums.dtype)
+    training = count is not None
+    K = count.numel() if training else 0
+    C = K // T if T > 0 else 0
+    scale = sums.new_zeros((T, F))
+    dy_shift = sums.new_zeros((K, F))
+    dev_coef = sums.new_zeros((K, F))
+    center = sums.new_zeros((K, F))
+    dweight = sums.new_zeros((F,))
+    dbias = sums.new_zeros((F,))
+    du_dot_u = sums.new_zeros((F,))
+    dummy = sums.new_empty((1,))
+    with _on_device(sums):
+        _launch(_coefficients, (_fblocks(F),), sums, weight if weight is not None else dummy,
+                count if training else dummy, group_mean if training else dummy,
+                group_std if training else dummy, mean_residual if training else dummy, mu,
+                sigma, scale, dy_shift if training else dummy, dev_coef if training else dummy,
+                center if training else dummy, dweight, dbias, du_dot_u, F, T, C, float(eps),
+                TRAINING=training, POOLED=bool(pooled), HAS_W=weight is not None, ACC=ACC,
+                BLOCK_F=BLOCK_F)
+    return scale, dy_shift, dev_coef, center, dweight, dbias, du_dot_u
+
+
+# -- backward: input gradient ---------------------------------------------------------
+
 @triton.jit
-def _input_grad(dy_ptr, x_ptr, gate_ptr, keys_ptr, p_ptr, a_ptr, b_ptr, cen_ptr, dx_ptr,
-                dgate_ptr, pgate_ptr, N, F, KEY_DIV, ROWS_PER_CHUNK, GATE_MODE: tl.constexpr,
-                HAS_KEYS: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
-    chunk = tl.program_id(0)
+def _input_grad(dy_ptr, x_ptr, gate_ptr, keys_ptr, scale_ptr, shift_ptr, devc_ptr, cen_ptr,
+                dx_ptr, dgate_ptr, pgate_ptr, N, F, NUM_KEYS, KEY_DIV, ROWS_PER_CHUNK,
+                GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr, TRAINING: tl.constexpr,
+                ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+    """dx = du * sigmoid(gate); the (N, F) gate's gradient du * u * (1 - s), or
+    the (F,) gate's per-chunk partial sum of du * u (eval only)."""
+    chunk = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = cols < F
     gate_acc = tl.zeros((BLOCK_F,), ACC)
     row0 = chunk * ROWS_PER_CHUNK
-    for r in range(row0, row0 + ROWS_PER_CHUNK, BLOCK_N):
-        rows = r + tl.arange(0, BLOCK_N)
-        mask = (rows < N)[:, None] & (cols < F)[None, :]
-        if HAS_KEYS:
-            key = tl.load(keys_ptr + rows, mask=rows < N, other=0)
-        else:
-            key = tl.zeros((BLOCK_N,), tl.int32)
+    for i in range(0, ROWS_PER_CHUNK, BLOCK_N):
+        rows = row0 + i + tl.arange(0, BLOCK_N)
+        mask = (rows < N)[:, None] & fmask[None, :]
+        key = _row_keys(keys_ptr, rows, N, NUM_KEYS, HAS_KEYS, BLOCK_N)
+        valid = key >= 0
+        smask = valid[:, None] & fmask[None, :]
+        task = tl.where(valid, key // KEY_DIV, 0).to(tl.int64)
         offs = rows[:, None] * F + cols[None, :]
-        u, s = _load_u(x_ptr, gate_ptr, rows, cols, mask, F, GATE_MODE, ACC)
+        u, s = _load_u(x_ptr, gate_ptr, offs, cols, mask, F, GATE_MODE, ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        p = tl.load(p_ptr + (key // KEY_DIV)[:, None] * F + cols[None, :], mask=mask, other=0.0)
+        p = tl.load(scale_ptr + task[:, None] * F + cols[None, :], mask=smask,
+                    other=0.0).to(ACC)
         if TRAINING:
-            kf = key[:, None] * F + cols[None, :]
-            du = (dy - tl.load(a_ptr + kf, mask=mask, other=0.0)) * p
-            du += tl.load(b_ptr + kf, mask=mask, other=0.0) * (
-                u - tl.load(cen_ptr + kf, mask=mask, other=0.0))
+            kf = tl.maximum(key, 0).to(tl.int64)[:, None] * F + cols[None, :]
+            a = tl.load(shift_ptr + kf, mask=smask, other=0.0).to(ACC)
+            b = tl.load(devc_ptr + kf, mask=smask, other=0.0).to(ACC)
+            cen = tl.load(cen_ptr + kf, mask=smask, other=0.0).to(ACC)
+            du = (dy - a) * p + b * (u - cen)
         else:
             du = dy * p
+        du = tl.where(valid[:, None], du, float("nan"))
         tl.store(dx_ptr + offs, (du * s).to(dx_ptr.dtype.element_ty), mask=mask)
         if GATE_MODE == 1 and not TRAINING:  # training: closed form instead
-            gate_acc += tl.sum(tl.where(mask, du * u, 0.0), axis=0)
+            gate_acc += tl.sum(tl.where(smask, du * u, 0.0), axis=0)
         if GATE_MODE == 2:
             tl.store(dgate_ptr + offs, (du * u * (1.0 - s)).to(dgate_ptr.dtype.element_ty),
                      mask=mask)
     if GATE_MODE == 1 and not TRAINING:
-        tl.store(pgate_ptr + chunk * F + cols, gate_acc, mask=cols < F)
+        tl.store(pgate_ptr + chunk * F + cols, gate_acc, mask=fmask)
 
 
-def _group_tiles(k: int) -> int:
-    return triton.cdiv(k, GROUP_TILE)
-
-
-def iwn_forward(x, keys, gate, weight, bias, mean_in, std_in, training, T, C, eps, pooled):
-    """Same contract as the C++ ``iwn_forward`` (see csrc/bindings.cpp)."""
+def iwn_input_grad(grad_y, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div,
+                   training):
+    """dx (N, F) in x's dtype and dgate: (N, F) in x's dtype for a per-instance
+    gate, (F,) in acc for a (F,) gate, else an empty (0,) acc tensor. Rows whose
+    key is invalid get NaN dx and are left out of the (F,) gate's sum."""
     N, F = x.shape
-    acc_t = _torch_acc(x.dtype)
-    ACC = _acc(x.dtype)
-    K = T * C if training else 0
-    y = torch.empty_like(x)
-    gcount = x.new_empty((K,), dtype=acc_t)
-    gmean = x.new_empty((K, F), dtype=acc_t)
-    gstd = x.new_empty((K, F), dtype=acc_t)
-    dummy = x.new_empty((1,), dtype=acc_t)
-    gate_arg = gate if gate is not None else dummy
-    fblocks = triton.cdiv(F, BLOCK_F)
-    if training:
-        mu = x.new_empty((T, F), dtype=acc_t)
-        sigma = x.new_empty((T, F), dtype=acc_t)
-        keys_arg = keys if keys is not None else torch.zeros(N, dtype=torch.int32, device=x.device)
-        rows_per_chunk = _rows_per_chunk(N)
-        nchunks = triton.cdiv(N, rows_per_chunk)
-        pcount = x.new_empty((nchunks, K), dtype=acc_t)
-        pmean = x.new_empty((nchunks, K, F), dtype=acc_t)
-        pm2 = x.new_empty((nchunks, K, F), dtype=acc_t)
-        _moments_partial[(nchunks, fblocks, _group_tiles(K))](
-            x, gate_arg, keys_arg, pcount, pmean, pm2, N, F, K, rows_per_chunk,
-            GATE_MODE=_gate_mode(gate), ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
-            GROUP_TILE=GROUP_TILE)
-        _combine[(T, fblocks)](pcount, pmean, pm2, gcount, gmean, gstd, mu, sigma, F, C, nchunks,
-                               POOLED=pooled, ACC=ACC, BLOCK_F=BLOCK_F)
-        stats_mu, stats_sigma, key_div = mu, sigma, C
-    else:
-        mu, sigma = mean_in.clone(), std_in.clone()
-        stats_mu, stats_sigma, key_div = mean_in, std_in, 1
-        keys_arg = keys
-    if N > 0:
-        _normalize[(triton.cdiv(N, BLOCK_N), fblocks)](
-            x, gate_arg, keys_arg if keys_arg is not None else dummy,
-            weight if weight is not None else dummy, bias if bias is not None else dummy,
-            stats_mu, stats_sigma, y, N, F, key_div, eps, GATE_MODE=_gate_mode(gate),
-            HAS_KEYS=keys_arg is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
-    return y, gcount, gmean, gstd, mu, sigma
-
-
-def iwn_backward(dy, x, keys, gate, weight, gcount, gmean, gstd, mu, sigma, training, T, C, eps,
-                 pooled):
-    """Same contract as the C++ ``iwn_backward`` (see csrc/bindings.cpp)."""
-    N, F = x.shape
-    acc_t = _torch_acc(x.dtype)
-    ACC = _acc(x.dtype)
-    key_div = C if training else 1
-    K = T * key_div
-    dummy = x.new_empty((1,), dtype=acc_t)
-    gate_arg = gate if gate is not None else dummy
-    keys_arg = keys if keys is not None else dummy
-    fblocks = triton.cdiv(F, BLOCK_F)
-    rows_per_chunk = _rows_per_chunk(N)
-    nchunks = triton.cdiv(N, rows_per_chunk)
+    T = scale.shape[0]
+    acc_t, ACC = _acc_dtypes(x.dtype)
     mode = _gate_mode(gate)
-    ps = x.new_zeros((nchunks, 2 * T, F), dtype=acc_t)
-    _task_sums_partial[(nchunks, fblocks, _group_tiles(T))](
-        dy, x, gate_arg, keys_arg, mu, ps, N, F, T, key_div, rows_per_chunk, GATE_MODE=mode,
-        HAS_KEYS=keys is not None, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
-        GROUP_TILE=GROUP_TILE)
-    P = x.new_empty((T, F), dtype=acc_t)
-    A = x.new_empty((K, F), dtype=acc_t)
-    B = torch.empty_like(A)
-    center = torch.empty_like(A)
-    dweight = x.new_empty((F,), dtype=acc_t)
-    dbias = x.new_empty((F,), dtype=acc_t)
-    du_dot_u = x.new_empty((F,), dtype=acc_t)
-    _backward_coefficients[(fblocks,)](
-        ps, weight if weight is not None else dummy, gcount if training else dummy,
-        gmean if training else dummy, gstd if training else dummy, mu, sigma, P, A, B, center,
-        dweight, dbias, du_dot_u, F, T, C, nchunks, eps, TRAINING=training, POOLED=pooled,
-        HAS_W=weight is not None, ACC=ACC, BLOCK_F=BLOCK_F)
+    training = bool(training)
+    num_keys = T * int(key_div)
+    if training:
+        num_keys = min(num_keys, dy_shift.shape[0])
+    reduce_gate = mode == 1 and not training
+    if reduce_gate:
+        rows_per_chunk, nchunks = _chunks(N, F, acc_t.itemsize)
+    else:  # nothing to reduce: one row tile per program
+        rows_per_chunk, nchunks = BLOCK_N, triton.cdiv(N, BLOCK_N)
     dx = torch.empty_like(x)
+    dummy = x.new_empty((1,), dtype=acc_t)
     dgate_full = torch.empty_like(gate) if mode == 2 else dummy
-    pgate = x.new_empty((nchunks, F), dtype=acc_t) if mode == 1 else dummy
-    _input_grad[(nchunks, fblocks)](
-        dy, x, gate_arg, keys_arg, P, A, B, center, dx, dgate_full, pgate, N, F, key_div,
-        rows_per_chunk, GATE_MODE=mode, HAS_KEYS=keys is not None, TRAINING=training, ACC=ACC,
-        BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    gate_sum, pgate = dummy, dummy
+    if reduce_gate:
+        gate_sum = x.new_zeros((F,), dtype=acc_t)
+        pgate = gate_sum if nchunks == 1 else x.new_empty((nchunks, F), dtype=acc_t)
+    with _on_device(x):
+        _launch(_input_grad, (nchunks, _fblocks(F)), grad_y, x,
+                gate if gate is not None else dummy, keys if keys is not None else dummy,
+                scale, dy_shift if training else dummy, dev_coef if training else dummy,
+                center if training else dummy, dx, dgate_full, pgate, N, F, num_keys,
+                int(key_div), rows_per_chunk, GATE_MODE=mode, HAS_KEYS=keys is not None,
+                TRAINING=training, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+        if reduce_gate and nchunks > 1:
+            _reduce_chunks(pgate, gate_sum, ACC)
     if mode == 1:
         # sum_i dL/du_i u_i: closed form in training (see iwn_math.h), else reduced
-        dgate = (du_dot_u if training else pgate.sum(0)) * (1 - torch.sigmoid(gate))
+        dgate = (du_dot_u if training else gate_sum) * (1 - torch.sigmoid(gate))
     elif mode == 2:
         dgate = dgate_full
     else:
         dgate = x.new_empty((0,), dtype=acc_t)
-    return dx, dgate, dweight, dbias
+    return dx, dgate
+
+
+KERNELS = {
+    "iwn_group_moments": iwn_group_moments,
+    "iwn_combine": iwn_combine,
+    "iwn_apply": iwn_apply,
+    "iwn_task_sums": iwn_task_sums,
+    "iwn_coefficients": iwn_coefficients,
+    "iwn_input_grad": iwn_input_grad,
+}
+

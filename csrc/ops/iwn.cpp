@@ -1,0 +1,327 @@
+// fused_iwn as dispatcher ops: the schemas, the op users call
+// (surgellm::iwn), and its one autograd implementation.
+//
+// surgellm::iwn runs in phases, each an op of its own with a CPU and a CUDA
+// kernel (iwn_kernels.cpp), a Triton kernel registered for CUDA from Python
+// when Triton is the chosen backend, and a fake kernel for torch.compile
+// (surgellm_kernels/ops/iwn.py):
+//   forward:  group_keys -> group_moments -> combine (mu, sigma, running update) -> apply
+//   backward: task_sums -> coefficients -> input_grad
+// The moments (before combine) and the task sums (before coefficients) are
+// what a data-parallel run reduces across ranks. The autograd kernel below
+// serves eager mode and torch.compile alike (AOTAutograd traces through it).
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace surgellm {
+namespace {
+
+using at::Tensor;
+using std::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// -- calls through the dispatcher (which picks the CPU, CUDA, Triton or fake kernel)
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+Tensor group_keys(const optional<Tensor>& labels, const optional<Tensor>& task_ids,
+                  int64_t num_tasks, int64_t num_classes) {
+  static const auto h = op<Tensor(const optional<Tensor>&, const optional<Tensor>&, int64_t,
+                                  int64_t)>("surgellm::iwn_group_keys");
+  return h.call(labels, task_ids, num_tasks, num_classes);
+}
+
+using Moments = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+Moments group_moments(const Tensor& x, const optional<Tensor>& keys,
+                      const optional<Tensor>& gate, int64_t num_groups) {
+  static const auto h =
+      op<Moments(const Tensor&, const optional<Tensor>&, const optional<Tensor>&, int64_t)>(
+          "surgellm::iwn_group_moments");
+  return h.call(x, keys, gate, num_groups);
+}
+
+std::tuple<Tensor, Tensor, Tensor> combine(const Tensor& count, const Tensor& mean,
+                                           const Tensor& m2, int64_t num_tasks, bool pooled,
+                                           double momentum, const optional<Tensor>& running_mean,
+                                           const optional<Tensor>& running_std) {
+  static const auto h = op<std::tuple<Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, int64_t, bool, double,
+      const optional<Tensor>&, const optional<Tensor>&)>("surgellm::iwn_combine");
+  return h.call(count, mean, m2, num_tasks, pooled, momentum, running_mean, running_std);
+}
+
+Tensor apply(const Tensor& x, const optional<Tensor>& keys, const optional<Tensor>& gate,
+             const optional<Tensor>& weight, const optional<Tensor>& bias, const Tensor& mu,
+             const Tensor& sigma, int64_t key_div, double eps) {
+  static const auto h =
+      op<Tensor(const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                const optional<Tensor>&, const optional<Tensor>&, const Tensor&, const Tensor&,
+                int64_t, double)>("surgellm::iwn_apply");
+  return h.call(x, keys, gate, weight, bias, mu, sigma, key_div, eps);
+}
+
+Tensor task_sums(const Tensor& dy, const Tensor& x, const optional<Tensor>& keys,
+                 const optional<Tensor>& gate, const Tensor& mu, int64_t key_div) {
+  static const auto h = op<Tensor(const Tensor&, const Tensor&, const optional<Tensor>&,
+                                  const optional<Tensor>&, const Tensor&, int64_t)>(
+      "surgellm::iwn_task_sums");
+  return h.call(dy, x, keys, gate, mu, key_div);
+}
+
+using Coefficients = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+Coefficients coefficients(const Tensor& sums, const optional<Tensor>& weight,
+                          const optional<Tensor>& count, const optional<Tensor>& group_mean,
+                          const optional<Tensor>& group_std,
+                          const optional<Tensor>& mean_residual, const Tensor& mu,
+                          const Tensor& sigma, bool pooled, double eps) {
+  static const auto h =
+      op<Coefficients(const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                      const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+                      const Tensor&, const Tensor&, bool, double)>("surgellm::iwn_coefficients");
+  return h.call(sums, weight, count, group_mean, group_std, mean_residual, mu, sigma, pooled,
+                eps);
+}
+
+std::tuple<Tensor, Tensor> input_grad(const Tensor& dy, const Tensor& x,
+                                      const optional<Tensor>& keys, const optional<Tensor>& gate,
+                                      const Tensor& scale, const Tensor& dy_shift,
+                                      const Tensor& dev_coef, const Tensor& center,
+                                      const Tensor& du_dot_u, int64_t key_div, bool training) {
+  static const auto h = op<std::tuple<Tensor, Tensor>(
+      const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool)>(
+      "surgellm::iwn_input_grad");
+  return h.call(dy, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div,
+                training);
+}
+
+// -- the forward, phase by phase -------------------------------------------------------
+
+at::ScalarType accumulation_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+optional<Tensor> flat(const optional<Tensor>& t) {
+  return t.has_value() ? optional<Tensor>(t->reshape(-1)) : std::nullopt;
+}
+
+// What the phases take: contiguous (N, F) rows, a (F) gate, weight and bias
+// in the accumulation type (any stride accepted here), a per-instance gate as
+// (N, F) rows of x's type.
+struct PhaseInputs {
+  Tensor x;
+  optional<Tensor> gate, weight, bias;
+};
+
+PhaseInputs phase_inputs(const Tensor& x, const optional<Tensor>& gate,
+                         const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  const auto acc = accumulation_type(x);
+  const c10::SymInt F = x.sym_size(-1);
+  auto vec = [&](const optional<Tensor>& t) -> optional<Tensor> {
+    if (!t.has_value()) return std::nullopt;
+    return t->to(acc).contiguous();
+  };
+  optional<Tensor> gate2;
+  if (gate.has_value())
+    gate2 = gate->dim() == 1 ? vec(gate) : gate->reshape_symint({-1, F}).contiguous();
+  return {x.reshape_symint({-1, F}).contiguous(), gate2, vec(weight), vec(bias)};
+}
+
+struct ForwardResult {
+  Tensor y;  // (N, F)
+  optional<Tensor> keys;
+  optional<Tensor> count, group_mean, group_std, mean_residual;  // training only
+  Tensor mu, sigma;                               // (T, F) statistics used
+  int64_t key_div;
+};
+
+// Running statistics are updated in place by the combine kernels, which take
+// contiguous (T, F) buffers of the accumulation type; other layouts and
+// dtypes go through a temporary copied back afterwards.
+optional<Tensor> kernel_buffer(const optional<Tensor>& r, at::ScalarType acc) {
+  if (!r.has_value() || (r->is_contiguous() && r->scalar_type() == acc)) return r;
+  return r->to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+}
+
+ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labels,
+                             const optional<Tensor>& task_ids,
+                             const optional<Tensor>& running_mean,
+                             const optional<Tensor>& running_std, bool training, double momentum,
+                             double eps, bool pooled, int64_t T, int64_t C) {
+  const auto acc = accumulation_type(in.x);
+  ForwardResult r;
+  if (training) {
+    TORCH_CHECK(labels.has_value(), "labels are required in training");
+    r.keys = group_keys(flat(labels), flat(task_ids), T, C);
+    auto [count, mean, m2, mean_residual] = group_moments(in.x, r.keys, in.gate, T * C);
+    const auto rm = kernel_buffer(running_mean, acc), rs = kernel_buffer(running_std, acc);
+    auto [group_std, mu, sigma] = combine(count, mean, m2, T, pooled, momentum, rm, rs);
+    if (rm.has_value() && !rm->is_same(*running_mean)) {
+      running_mean->copy_(rm->view_symint(running_mean->sym_sizes()));
+      running_std->copy_(rs->view_symint(running_std->sym_sizes()));
+    }
+    r.count = count;
+    r.group_mean = mean;
+    r.group_std = group_std;
+    r.mean_residual = mean_residual;
+    r.mu = mu;
+    r.sigma = sigma;
+    r.key_div = C;
+  } else {
+    TORCH_CHECK(running_mean.has_value() && running_std.has_value(),
+                "running_mean and running_std are required when training=False");
+    if (task_ids.has_value()) r.keys = group_keys(std::nullopt, flat(task_ids), T, 1);
+    const c10::SymInt F = in.x.sym_size(1);
+    // A copy: backward must see the statistics of this call, not a later update.
+    auto stats = [&](const Tensor& s) {
+      return s.reshape_symint({T, F}).to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    };
+    r.mu = stats(*running_mean);
+    r.sigma = stats(*running_std);
+    r.key_div = 1;
+  }
+  r.y = apply(in.x, r.keys, in.gate, in.weight, in.bias, r.mu, r.sigma, r.key_div, eps);
+  return r;
+}
+
+// The op without autograd: inference mode, and the Meta / fake path.
+Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels,
+                     const optional<Tensor>& task_ids, const optional<Tensor>& gate,
+                     const optional<Tensor>& weight, const optional<Tensor>& bias,
+                     const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
+                     bool training, double momentum, double eps, bool pooled, int64_t num_tasks,
+                     int64_t num_classes) {
+  const auto r = forward_phases(phase_inputs(x, gate, weight, bias), labels, task_ids,
+                                running_mean, running_std, training, momentum, eps, pooled,
+                                num_tasks, num_classes);
+  return r.y.view_symint(x.sym_sizes());
+}
+
+// -- autograd ---------------------------------------------------------------------------
+
+class IWNFunction : public torch::autograd::Function<IWNFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& labels,
+                        const optional<Tensor>& task_ids, const optional<Tensor>& gate,
+                        const optional<Tensor>& weight, const optional<Tensor>& bias,
+                        const optional<Tensor>& running_mean,
+                        const optional<Tensor>& running_std, bool training, double momentum,
+                        double eps, bool pooled, int64_t num_tasks, int64_t num_classes) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const PhaseInputs in = phase_inputs(x, gate, weight, bias);
+    const auto r = forward_phases(in, labels, task_ids, running_mean, running_std, training,
+                                  momentum, eps, pooled, num_tasks, num_classes);
+    auto or_undefined = [](const optional<Tensor>& t) { return t.value_or(Tensor()); };
+    ctx->save_for_backward({in.x, or_undefined(r.keys), or_undefined(in.gate),
+                            or_undefined(in.weight), or_undefined(r.count),
+                            or_undefined(r.group_mean), or_undefined(r.group_std),
+                            or_undefined(r.mean_residual), r.mu, r.sigma});
+    ctx->saved_data["x_sizes"] = x.sym_sizes();
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["pooled"] = pooled;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["key_div"] = r.key_div;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return r.y.view_symint(x.sym_sizes());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto saved = ctx->get_saved_variables();
+    auto opt = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
+    const Tensor& x = saved[0];
+    const optional<Tensor> keys = opt(saved[1]), gate = opt(saved[2]), weight = opt(saved[3]);
+    const bool training = ctx->saved_data["training"].toBool();
+    const bool pooled = ctx->saved_data["pooled"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const int64_t key_div = ctx->saved_data["key_div"].toInt();
+    const auto x_sizes = ctx->saved_data["x_sizes"].toSymIntVector();
+    const Tensor dy = grad_outputs[0].reshape_symint(x.sym_sizes()).contiguous();
+    const Tensor& mu = saved[8];
+    const Tensor& sigma = saved[9];
+    const Tensor sums = task_sums(dy, x, keys, gate, mu, key_div);
+    auto [scale, dy_shift, dev_coef, center, dweight, dbias, du_dot_u] =
+        coefficients(sums, weight, opt(saved[4]), opt(saved[5]), opt(saved[6]), opt(saved[7]),
+                     mu, sigma, pooled, eps);
+    auto [dx, dgate] = input_grad(dy, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u,
+                                  key_div, training);
+    Tensor dgate_out;
+    if (gate.has_value()) dgate_out = gate->dim() == 1 ? dgate : dgate.view_symint(x_sizes);
+    return {dx.view_symint(x_sizes),
+            Tensor(),
+            Tensor(),
+            dgate_out,
+            weight.has_value() ? dweight : Tensor(),
+            ctx->saved_data["has_bias"].toBool() ? dbias : Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor()};
+  }
+};
+
+Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels,
+                    const optional<Tensor>& task_ids, const optional<Tensor>& gate,
+                    const optional<Tensor>& weight, const optional<Tensor>& bias,
+                    const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
+                    bool training, double momentum, double eps, bool pooled, int64_t num_tasks,
+                    int64_t num_classes) {
+  return IWNFunction::apply(x, labels, task_ids, gate, weight, bias, running_mean, running_std,
+                            training, momentum, eps, pooled, num_tasks, num_classes);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(surgellm, m) {
+  // x (..., F); labels, task_ids int64 of x.shape[:-1]; gate (F) or x's shape;
+  // running statistics (F) or (num_tasks, F), updated in place in training.
+  m.def(
+      "iwn(Tensor x, Tensor? labels, Tensor? task_ids, Tensor? gate, Tensor? weight, "
+      "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_std, bool training, "
+      "float momentum, float eps, bool pooled, int num_tasks, int num_classes) -> Tensor");
+  // The phases: x (N, F) contiguous, keys (N) int32, every statistic in the
+  // accumulation dtype (see csrc/include/iwn_args.h).
+  m.def("iwn_group_keys(Tensor? labels, Tensor? task_ids, int num_tasks, int num_classes) -> Tensor");
+  m.def(
+      "iwn_group_moments(Tensor x, Tensor? keys, Tensor? gate, int num_groups) -> "
+      "(Tensor count, Tensor mean, Tensor m2, Tensor mean_residual)");
+  m.def(
+      "iwn_combine(Tensor count, Tensor mean, Tensor m2, int num_tasks, bool pooled, "
+      "float momentum, Tensor(a!)? running_mean, Tensor(b!)? running_std) -> "
+      "(Tensor group_std, Tensor mu, Tensor sigma)");
+  m.def(
+      "iwn_apply(Tensor x, Tensor? keys, Tensor? gate, Tensor? weight, Tensor? bias, Tensor mu, "
+      "Tensor sigma, int key_div, float eps) -> Tensor");
+  m.def(
+      "iwn_task_sums(Tensor grad_y, Tensor x, Tensor? keys, Tensor? gate, Tensor mu, "
+      "int key_div) -> Tensor");
+  m.def(
+      "iwn_coefficients(Tensor sums, Tensor? weight, Tensor? count, Tensor? group_mean, "
+      "Tensor? group_std, Tensor? mean_residual, Tensor mu, Tensor sigma, bool pooled, "
+      "float eps) -> (Tensor scale, "
+      "Tensor dy_shift, Tensor dev_coef, Tensor center, Tensor dweight, Tensor dbias, "
+      "Tensor du_dot_u)");
+  m.def(
+      "iwn_input_grad(Tensor grad_y, Tensor x, Tensor? keys, Tensor? gate, Tensor scale, "
+      "Tensor dy_shift, Tensor dev_coef, Tensor center, Tensor du_dot_u, int key_div, "
+      "bool training) -> (Tensor dx, Tensor dgate)");
+}
+
+TORCH_LIBRARY_IMPL(surgellm, CompositeExplicitAutograd, m) {
+  m.impl("iwn", &iwn_composite);
+}
+
+TORCH_LIBRARY_IMPL(surgellm, Autograd, m) {
+  m.impl("iwn", &iwn_autograd);
+}
+
+}  // namespace surgellm
