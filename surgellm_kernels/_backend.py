@@ -182,7 +182,8 @@ def _use_triton_kernels(device_type: str, use: bool) -> None:
         # "Overriding a previously registered kernel" warning says nothing new.
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
         for name in TRITON_PHASE_OPS:
-            lib.impl(name, _triton_kernel(name), device_type.upper())
+            torch.library.register_kernel(f"surgellm::{name}", device_type, _triton_kernel(name),
+                                          lib=lib)
     _triton_libraries[device_type] = lib
 
 
