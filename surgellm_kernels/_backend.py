@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import threading
 import warnings
 from typing import Dict, NamedTuple, Optional
 
@@ -156,6 +157,7 @@ def _choose(op: str, device: torch.device) -> str:
 # Device type -> the torch.library.Library holding the Triton kernels
 # registered for it (destroying it restores the C++ kernels).
 _triton_libraries: Dict[str, "torch.library.Library"] = {}
+_registration_lock = threading.Lock()
 
 
 def _triton_kernel(name: str):
@@ -173,6 +175,12 @@ def _use_triton_kernels(device_type: str, use: bool) -> None:
     """Register (or remove) the Triton kernels of the phase ops for ``device_type``."""
     if use == (device_type in _triton_libraries):
         return
+    with _registration_lock:
+        if use != (device_type in _triton_libraries):
+            _register_triton_kernels(device_type, use)
+
+
+def _register_triton_kernels(device_type: str, use: bool) -> None:
     if not use:
         _triton_libraries.pop(device_type)._destroy()
         return

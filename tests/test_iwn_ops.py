@@ -149,6 +149,57 @@ def test_direct_call_with_bad_keys_raises_on_cpu(force_backend):
         torch.ops.surgellm.iwn_group_moments(x.t(), None, None, 1)
 
 
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+def test_in_place_change_before_backward_raises(backend, device, force_backend):
+    """x (and the gate) saved for backward share their version counters."""
+    force_backend(backend)
+    base = torch.randn(10, 4, device=device, requires_grad=True)
+    labels = torch.randint(0, 2, (10,), device=device)
+    for gate in (None, torch.randn(4, device=device, requires_grad=True)):
+        x = base * 1
+        y = fused_iwn(x, labels, gate, training=True, num_classes=2)
+        x.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+def test_running_statistics_of_other_dtypes_and_layouts_are_updated(backend, device,
+                                                                    force_backend):
+    """Each running buffer is updated, whichever of them needs a temporary."""
+    force_backend(backend)
+    x = torch.randn(12, 5, dtype=torch.float64, device=device)
+    labels = torch.randint(0, 3, (12,), device=device)
+    for rm, rs in ((torch.zeros(5, device=device, dtype=torch.float64),
+                    torch.ones(10, device=device)[::2]),
+                   (torch.zeros(5, device=device), torch.ones(5, device=device,
+                                                            dtype=torch.float64))):
+        rm_ref, rs_ref = rm.clone(), rs.clone()
+        fused_iwn(x, labels, running_mean=rm, running_std=rs, training=True, num_classes=3)
+        iwn_reference(x, labels, running_mean=rm_ref, running_std=rs_ref, training=True,
+                      num_classes=3)
+        torch.testing.assert_close(rm, rm_ref)
+        torch.testing.assert_close(rs, rs_ref)
+
+
+@needs_extension
+def test_direct_calls_with_bad_shapes_raise(force_backend):
+    """torch.ops.surgellm.iwn and its phases reject what would overrun a buffer,
+    whichever backend's kernels are registered."""
+    force_backend("cpu")
+    select_backend("iwn", torch.device("cpu"))
+    x, labels = torch.randn(6, 4), torch.zeros(6, dtype=torch.long)
+    tasks = torch.tensor([0, 1, 2, 3, 0, 1])
+    with pytest.raises(RuntimeError, match=r"running statistics must have shape"):
+        torch.ops.surgellm.iwn(x, labels, tasks, None, None, None, torch.zeros(4),
+                               torch.ones(4), True, 0.1, 1e-5, False, 4, 1)
+    with pytest.raises(RuntimeError, match=r"F > 0"):
+        torch.ops.surgellm.iwn_group_moments(torch.randn(3, 0), None, None, 1)
+    with pytest.raises(RuntimeError, match=r"gate must have shape"):
+        torch.ops.surgellm.iwn(x, labels, None, torch.zeros(3), None, None, None, None, True,
+                               0.1, 1e-5, False, 1, 1)
+
+
 @pytest.mark.skipif("triton" not in [b for b, _ in KERNEL_PAIRS], reason="Triton not runnable")
 def test_triton_kernels_skip_invalid_keys(force_backend):
     """Keys outside their range (how CUDA marks out-of-range labels, without a

@@ -45,6 +45,29 @@ __device__ __forceinline__ acc_t sigmoid(acc_t v) {
   return acc_t(1) / (acc_t(1) + exp(-v));
 }
 
+// Conversions between the data type and the accumulation type, through the
+// intrinsics: torch's CUDA builds define __CUDA_NO_HALF_CONVERSIONS__ and
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit ones.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t to_acc(scalar_t v) {
+  if constexpr (std::is_same<scalar_t, __half>::value)
+    return static_cast<acc_t>(__half2float(v));
+  else if constexpr (std::is_same<scalar_t, __nv_bfloat16>::value)
+    return static_cast<acc_t>(__bfloat162float(v));
+  else
+    return static_cast<acc_t>(v);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t from_acc(acc_t v) {
+  if constexpr (std::is_same<scalar_t, __half>::value)
+    return __float2half_rn(static_cast<float>(v));
+  else if constexpr (std::is_same<scalar_t, __nv_bfloat16>::value)
+    return __float2bfloat16_rn(static_cast<float>(v));
+  else
+    return static_cast<scalar_t>(v);
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t nan_value() {
   if constexpr (std::is_same<acc_t, double>::value)
@@ -58,9 +81,9 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t load_u(const IWNRows<acc_t>& r, int64_t i, int64_t f, acc_t* s) {
   const auto* x = static_cast<const scalar_t*>(r.x);
   const auto* gate_full = static_cast<const scalar_t*>(r.gate_full);
-  const acc_t xv = static_cast<acc_t>(x[i * r.F + f]);
+  const acc_t xv = to_acc<acc_t>(x[i * r.F + f]);
   acc_t sv = acc_t(1);
-  if (gate_full) sv = sigmoid(static_cast<acc_t>(gate_full[i * r.F + f]));
+  if (gate_full) sv = sigmoid(to_acc<acc_t>(gate_full[i * r.F + f]));
   else if (r.gate_vec) sv = sigmoid(r.gate_vec[f]);
   *s = sv;
   return xv * sv;
@@ -170,7 +193,7 @@ __global__ void apply(IWNApplyArgs<acc_t> a, int64_t chunk_rows) {
       const acc_t u = load_u<scalar_t>(a.rows, i, f, &s);
       v = (u - a.mu[t * F + f]) / (a.sigma[t * F + f] + a.eps) * w + b;
     }
-    y[i * F + f] = static_cast<scalar_t>(v);
+    y[i * F + f] = from_acc<scalar_t>(v);
   }
 }
 
@@ -191,7 +214,7 @@ __global__ void task_sums_partial(IWNTaskSumsArgs<acc_t> a, int64_t chunk_rows, 
     const int64_t k = key_at(a.rows, i, T * a.key_div);
     if (k < 0) continue;
     const int64_t t = k / a.key_div;
-    const acc_t g = static_cast<acc_t>(dy[i * F + f]);
+    const acc_t g = to_acc<acc_t>(dy[i * F + f]);
     const acc_t u = load_u<scalar_t>(a.rows, i, f, &sg);
     s[t * F + f] += g;
     s[(T + t) * F + f] += g * (u - a.mu[t * F + f]);
@@ -230,18 +253,18 @@ __global__ void input_grad(IWNInputGradArgs<acc_t> a, int64_t chunk_rows, acc_t*
   for (int64_t i = r0; i < r1; ++i) {
     const int64_t k = key_at(a.rows, i, a.num_tasks * a.key_div);
     if (k < 0) {
-      dx[i * F + f] = static_cast<scalar_t>(nan_value<acc_t>());
-      if (dgate_full) dgate_full[i * F + f] = static_cast<scalar_t>(nan_value<acc_t>());
+      dx[i * F + f] = from_acc<scalar_t>(nan_value<acc_t>());
+      if (dgate_full) dgate_full[i * F + f] = from_acc<scalar_t>(nan_value<acc_t>());
       continue;
     }
     acc_t s;
     const acc_t u = load_u<scalar_t>(a.rows, i, f, &s);
-    acc_t g = static_cast<acc_t>(dy[i * F + f]);
+    acc_t g = to_acc<acc_t>(dy[i * F + f]);
     if (a.training) g -= a.dy_shift[k * F + f];
     acc_t du = g * a.scale[(k / a.key_div) * F + f];
     if (a.training) du += a.dev_coef[k * F + f] * (u - a.center[k * F + f]);
-    dx[i * F + f] = static_cast<scalar_t>(du * s);
-    if (dgate_full) dgate_full[i * F + f] = static_cast<scalar_t>(du * u * (acc_t(1) - s));
+    dx[i * F + f] = from_acc<scalar_t>(du * s);
+    if (dgate_full) dgate_full[i * F + f] = from_acc<scalar_t>(du * u * (acc_t(1) - s));
     gate_sum += du * u;
   }
   if (pgate) pgate[ch * F + f] = gate_sum;

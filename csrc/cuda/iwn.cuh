@@ -24,7 +24,8 @@ constexpr int64_t kMaxTasks = 65535;
 // Every phase has the same two entry points, overloaded on its argument
 // struct: the bytes of scratch memory its launch needs (partial sums per row
 // chunk; the chunks are fewer when groups x features are many, so that this
-// stays bounded, about 256 MiB, whatever the number of groups; 0 for none),
+// stays under about 256 MiB -- or one chunk's partials, 3 x groups x F
+// values, when those alone are more; 0 for none),
 // and the launch itself on a stream. acc_t is float (for float32, float16 and
 // bfloat16 data) or double (float64); `kind` is the data type of the rows.
 #define SURGELLM_DECLARE_CUDA_PHASE(ARGS)                                              \

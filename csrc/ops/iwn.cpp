@@ -148,6 +148,39 @@ optional<Tensor> kernel_buffer(const optional<Tensor>& r, at::ScalarType acc) {
   return r->to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
 }
 
+// The op's own argument checks, before any phase runs (whichever backend's
+// kernels the phases dispatch to): the Python wrapper checks the same with
+// friendlier messages, these keep a direct torch.ops.surgellm.iwn call from
+// handing a kernel a buffer of the wrong size.
+void check_iwn_inputs(const Tensor& x, const optional<Tensor>& labels,
+                      const optional<Tensor>& task_ids, const optional<Tensor>& gate,
+                      const optional<Tensor>& weight, const optional<Tensor>& bias,
+                      const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
+                      bool training, int64_t T, int64_t C) {
+  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) > 0, "x must have shape (..., F) with F > 0");
+  TORCH_CHECK(T >= 1 && C >= 1, "num_tasks and num_classes must be positive");
+  const c10::SymInt F = x.sym_size(-1);
+  const auto rows = x.sym_sizes().slice(0, x.dim() - 1);
+  for (const auto& [t, name] : {std::pair{labels, "labels"}, std::pair{task_ids, "task_ids"}})
+    if (t.has_value())
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->sym_sizes() == rows, name,
+                  " must be an int64 tensor of shape x.shape[:-1]");
+  if (gate.has_value())
+    TORCH_CHECK((gate->dim() == 1 && gate->sym_size(0) == F) || gate->sym_sizes() == x.sym_sizes(),
+                "gate must have shape (F,) or the shape of x");
+  for (const auto& [t, name] : {std::pair{weight, "weight"}, std::pair{bias, "bias"}})
+    if (t.has_value()) TORCH_CHECK(t->dim() == 1 && t->sym_size(0) == F, name, " must have shape (F,)");
+  TORCH_CHECK(running_mean.has_value() == running_std.has_value(),
+              "running_mean and running_std must be given together");
+  for (const auto* r : {&running_mean, &running_std})
+    if (r->has_value())
+      TORCH_CHECK((*r)->sym_size(-1) == F && (*r)->sym_numel() == F * T,
+                  "running statistics must have shape (num_tasks, F) or, with one task, (F,)");
+  TORCH_CHECK(!training || labels.has_value(), "labels are required in training");
+  TORCH_CHECK(training || running_mean.has_value(),
+              "running_mean and running_std are required when training=False");
+}
+
 ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labels,
                              const optional<Tensor>& task_ids,
                              const optional<Tensor>& running_mean,
@@ -156,15 +189,13 @@ ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labe
   const auto acc = accumulation_type(in.x);
   ForwardResult r;
   if (training) {
-    TORCH_CHECK(labels.has_value(), "labels are required in training");
     r.keys = group_keys(flat(labels), flat(task_ids), T, C);
     auto [count, mean, m2, mean_residual] = group_moments(in.x, r.keys, in.gate, T * C);
     const auto rm = kernel_buffer(running_mean, acc), rs = kernel_buffer(running_std, acc);
     auto [group_std, mu, sigma] = combine(count, mean, m2, T, pooled, momentum, rm, rs);
-    if (rm.has_value() && !rm->is_same(*running_mean)) {
-      running_mean->copy_(rm->view_symint(running_mean->sym_sizes()));
-      running_std->copy_(rs->view_symint(running_std->sym_sizes()));
-    }
+    for (const auto& [buffer, running] : {std::pair{rm, running_mean}, std::pair{rs, running_std}})
+      if (buffer.has_value() && !buffer->is_same(*running))
+        running->copy_(buffer->view_symint(running->sym_sizes()));
     r.count = count;
     r.group_mean = mean;
     r.group_std = group_std;
@@ -173,8 +204,6 @@ ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labe
     r.sigma = sigma;
     r.key_div = C;
   } else {
-    TORCH_CHECK(running_mean.has_value() && running_std.has_value(),
-                "running_mean and running_std are required when training=False");
     if (task_ids.has_value()) r.keys = group_keys(std::nullopt, flat(task_ids), T, 1);
     const c10::SymInt F = in.x.sym_size(1);
     // A copy: backward must see the statistics of this call, not a later update.
@@ -196,6 +225,8 @@ Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels,
                      const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                      bool training, double momentum, double eps, bool pooled, int64_t num_tasks,
                      int64_t num_classes) {
+  check_iwn_inputs(x, labels, task_ids, gate, weight, bias, running_mean, running_std, training,
+                   num_tasks, num_classes);
   const auto r = forward_phases(phase_inputs(x, gate, weight, bias), labels, task_ids,
                                 running_mean, running_std, training, momentum, eps, pooled,
                                 num_tasks, num_classes);
@@ -212,13 +243,23 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
                         const optional<Tensor>& running_mean,
                         const optional<Tensor>& running_std, bool training, double momentum,
                         double eps, bool pooled, int64_t num_tasks, int64_t num_classes) {
+    check_iwn_inputs(x, labels, task_ids, gate, weight, bias, running_mean, running_std, training,
+                     num_tasks, num_classes);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const PhaseInputs in = phase_inputs(x, gate, weight, bias);
     const auto r = forward_phases(in, labels, task_ids, running_mean, running_std, training,
                                   momentum, eps, pooled, num_tasks, num_classes);
     auto or_undefined = [](const optional<Tensor>& t) { return t.value_or(Tensor()); };
-    ctx->save_for_backward({in.x, or_undefined(r.keys), or_undefined(in.gate),
-                            or_undefined(in.weight), or_undefined(r.count),
+    // The inputs themselves are saved where the phases read them in place
+    // (backward re-derives the same views), so that autograd's version check
+    // sees an in-place change of x, the gate or the weight before backward;
+    // copies made for the phases are saved as they are.
+    auto input = [](const optional<Tensor>& phase, const optional<Tensor>& given) {
+      if (!phase.has_value()) return Tensor();
+      return phase->is_alias_of(*given) ? *given : *phase;
+    };
+    ctx->save_for_backward({input(in.x, x), or_undefined(r.keys), input(in.gate, gate),
+                            input(in.weight, weight), or_undefined(r.count),
                             or_undefined(r.group_mean), or_undefined(r.group_std),
                             or_undefined(r.mean_residual), r.mu, r.sigma});
     ctx->saved_data["x_sizes"] = x.sym_sizes();
@@ -231,11 +272,16 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // The backward phases are not differentiable: with create_graph, a
+    // second derivative through them would silently be missing, so refuse.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fused_iwn has no double backward (backward with create_graph=True)");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto saved = ctx->get_saved_variables();
     auto opt = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
-    const Tensor& x = saved[0];
-    const optional<Tensor> keys = opt(saved[1]), gate = opt(saved[2]), weight = opt(saved[3]);
+    const PhaseInputs in = phase_inputs(saved[0], opt(saved[2]), opt(saved[3]), std::nullopt);
+    const Tensor& x = in.x;
+    const optional<Tensor> keys = opt(saved[1]), gate = in.gate, weight = in.weight;
     const bool training = ctx->saved_data["training"].toBool();
     const bool pooled = ctx->saved_data["pooled"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();

@@ -4,10 +4,12 @@
 // on x's device and its current stream. Kernels take raw pointers only.
 //
 // Every phase op checks its tensors here, so a direct call through
-// torch.ops.surgellm never hands a kernel a bad pointer: on the CPU the keys
-// are range-checked too (one cheap pass); on CUDA that check would be a host
-// sync, so the CUDA kernels treat a key outside its range as an invalid row
-// (skipped by the reductions, NaN outputs) and never index with it.
+// torch.ops.surgellm never hands these kernels a bad pointer: on the CPU the
+// keys are range-checked too (one cheap pass); on CUDA that check would be a
+// host sync, so the CUDA kernels treat a key outside its range as an invalid
+// row (skipped by the reductions, NaN outputs) and never index with it. (The
+// phase ops are the op's internals: when Triton's kernels replace these, the
+// checks of surgellm::iwn itself, in iwn.cpp, are what guards them.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -85,6 +87,7 @@ at::ScalarType check_rows(const Tensor& x, const optional<Tensor>& keys,
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "x must be float32, float64, float16 or bfloat16, got ", st);
   const int64_t N = x.size(0), F = x.size(1);
+  TORCH_CHECK(F > 0, "x must have at least one feature (F > 0)");
   const auto acc = acc_scalar_type(st);
   check_optional(keys, "keys", x, {N}, at::kInt);
   check_keys_cpu(keys, num_keys);
@@ -180,7 +183,8 @@ std::tuple<Tensor, Tensor, Tensor> iwn_combine(const Tensor& count, const Tensor
                                                double momentum,
                                                const optional<Tensor>& running_mean,
                                                const optional<Tensor>& running_std) {
-  TORCH_CHECK(mean.dim() == 2, "mean must be 2-D (groups, F), got ", mean.sizes());
+  TORCH_CHECK(mean.dim() == 2 && mean.size(1) > 0, "mean must be 2-D (groups, F > 0), got ",
+              mean.sizes());
   const int64_t G = mean.size(0), F = mean.size(1);
   TORCH_CHECK(num_tasks >= 1 && G % num_tasks == 0, "num_tasks (", num_tasks,
               ") must divide the number of groups (", G, ")");
@@ -279,7 +283,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> iwn_coefficie
     const optional<Tensor>& group_mean, const optional<Tensor>& group_std,
     const optional<Tensor>& mean_residual, const Tensor& mu, const Tensor& sigma, bool pooled,
     double eps) {
-  TORCH_CHECK(mu.dim() == 2, "mu must be 2-D (num_tasks, F), got ", mu.sizes());
+  TORCH_CHECK(mu.dim() == 2 && mu.size(1) > 0, "mu must be 2-D (num_tasks, F > 0), got ",
+              mu.sizes());
   const int64_t T = mu.size(0), F = mu.size(1);
   const auto acc = mu.scalar_type();
   TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "mu must be float32 or float64");
