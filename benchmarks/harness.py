@@ -19,10 +19,16 @@ import torch
 
 QUICK = os.environ.get("SURGELLM_BENCH_QUICK", "0") not in ("", "0")
 MODES = ("eval", "train_fwd", "train_fwd_bwd")
-# Tensors of x's size an ideal kernel moves: eval reads x, writes y; training
-# reads x twice (statistics, then normalize) and writes y; the backward reads
-# x and dy twice and writes dx.
-TENSORS_MOVED = {"eval": 2, "train_fwd": 3, "train_fwd_bwd": 8}
+# Tensors of x's size an ideal kernel moves, per op and mode. fused_iwn: eval
+# reads x, writes y; training reads x twice (statistics, then normalize) and
+# writes y; the backward reads x and dy twice and writes dx.
+# fused_surgical_gate: the forward reads h, s, logits and writes z; the
+# backward reads dz, h, s, logits and writes dh, ds, dlogits.
+TENSORS_MOVED = {
+    "fused_iwn": {"eval": 2, "train_fwd": 3, "train_fwd_bwd": 8},
+    "fused_surgical_gate": {"eval": 4, "train_fwd": 4, "train_fwd_bwd": 11},
+    "SurgicalGate module": {"eval": 4, "train_fwd": 4, "train_fwd_bwd": 11},
+}
 PROXY = "addcmul proxy"
 PROXY_TENSORS = 4  # torch.addcmul(a, b, c, out=o): three reads, one write
 ALLOCATOR = "default"  # set by conftest.py
@@ -46,7 +52,7 @@ class Case:
         for s in self.shape:
             numel *= s
         elsize = torch.empty((), dtype=self.dtype).element_size()
-        return TENSORS_MOVED[self.mode] * numel * elsize
+        return TENSORS_MOVED[self.op][self.mode] * numel * elsize
 
 
 @dataclass
@@ -144,14 +150,14 @@ class Report:
                 for s in r.shape.split("x"):
                     numel *= int(s)
                 elsize = torch.empty((), dtype=getattr(torch, r.dtype.split(".")[-1])).element_size()
-                moved = TENSORS_MOVED[r.mode] * numel * elsize
+                moved = TENSORS_MOVED[r.op][r.mode] * numel * elsize
                 if r.impl == PROXY:
                     moved = PROXY_TENSORS * numel * elsize
                 d["gb_per_s"] = moved / (r.median_ms * 1e-3) / 1e9
                 d["vs_eager"] = eager / r.median_ms if eager else None
                 d["vs_compile"] = compiled / r.median_ms if compiled else None
                 # the proxy's time scaled to this mode's bytes, over ours
-                d["roofline"] = (proxy * TENSORS_MOVED[r.mode] / PROXY_TENSORS / r.median_ms
+                d["roofline"] = (proxy * TENSORS_MOVED[r.op][r.mode] / PROXY_TENSORS / r.median_ms
                                  if proxy else None)
             out.append(d)
         return out
@@ -166,7 +172,7 @@ class Report:
                     continue
                 lines.append("")
                 lines.append(f"{op} -- {mode} (roofline: {PROXY} time scaled to "
-                             f"{TENSORS_MOVED[mode]} tensors / ours, >1 beats the proxy; "
+                             f"{TENSORS_MOVED[op][mode]} tensors / ours, >1 beats the proxy; "
                              f"peak: memory held beyond the inputs, outputs included)")
                 head = (f"{'shape':>11} {'dtype':>9} {'device':>6} {'implementation':<24} "
                         f"{'median ms':>10} {'vs eager':>9} {'vs comp.':>9} {'GB/s':>7} "

@@ -29,9 +29,9 @@ ENV_VAR = "SURGELLM_BACKEND"
 
 # Which ops each compiled backend implements. Eager runs every op.
 _OPS = {
-    "triton": ("iwn",),
-    "cuda": ("iwn",),
-    "cpu": ("iwn",),
+    "triton": ("iwn", "surgical_gate"),
+    "cuda": ("iwn", "surgical_gate"),
+    "cpu": ("iwn", "surgical_gate"),
 }
 
 
@@ -160,13 +160,13 @@ _triton_libraries: Dict[str, "torch.library.Library"] = {}
 _registration_lock = threading.Lock()
 
 
-def _triton_kernel(name: str):
-    """The Triton kernel of phase op ``name``, imported on its first call
-    (importing Triton is slow, and never happens inside a trace: tracing runs
-    the fake kernels)."""
+def _triton_kernel(module: str, name: str):
+    """The Triton kernel of op ``name`` in ``surgellm_kernels.triton.<module>``,
+    imported on its first call (importing Triton is slow, and never happens
+    inside a trace: tracing runs the fake kernels)."""
     def kernel(*args):
-        from .triton import iwn as triton_iwn
-        return triton_iwn.KERNELS[name](*args)
+        kernels = importlib.import_module(f"{__package__}.triton.{module}").KERNELS
+        return kernels[name](*args)
     kernel.__name__ = f"triton_{name}"
     return kernel
 
@@ -189,16 +189,20 @@ def _register_triton_kernels(device_type: str, use: bool) -> None:
         # Replacing our own C++ kernel is the point; the dispatcher's
         # "Overriding a previously registered kernel" warning says nothing new.
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
-        for name in TRITON_PHASE_OPS:
-            torch.library.register_kernel(f"surgellm::{name}", device_type, _triton_kernel(name),
-                                          lib=lib)
+        for module, names in TRITON_KERNELS.items():
+            for name in names:
+                torch.library.register_kernel(f"surgellm::{name}", device_type,
+                                              _triton_kernel(module, name), lib=lib)
     _triton_libraries[device_type] = lib
 
 
-# The keys of triton/iwn.py's KERNELS, named here so that choosing a backend
-# imports no Triton.
-TRITON_PHASE_OPS = ("iwn_group_moments", "iwn_combine", "iwn_apply", "iwn_task_sums",
-                    "iwn_coefficients", "iwn_input_grad")
+# The ops each module of triton/ implements (the keys of its KERNELS), named
+# here so that choosing a backend imports no Triton.
+TRITON_KERNELS = {
+    "iwn": ("iwn_group_moments", "iwn_combine", "iwn_apply", "iwn_task_sums",
+            "iwn_coefficients", "iwn_input_grad"),
+    "surgical_gate": ("surgical_gate_forward", "surgical_gate_backward"),
+}
 
 
 # On a GPU machine Triton is the default for CUDA tensors: registered now, so

@@ -35,10 +35,10 @@ def check_float(value: Tensor, name: str) -> None:
         )
 
 
-def check_device(value: Tensor, name: str, device: torch.device) -> None:
+def check_device(value: Tensor, name: str, device: torch.device, first: str = "x") -> None:
     if value.device != device:
         raise ValueError(
-            f"{name} is on {value.device} but x is on {device}: all tensors must "
+            f"{name} is on {value.device} but {first} is on {device}: all tensors must "
             f"be on one device"
         )
 
@@ -182,15 +182,17 @@ def check_surgical_gate_args(h, s, gate_logits, weight, bias, eps) -> None:
         raise ValueError(f"h must have shape (..., d) with d > 0, got {tuple(h.shape)}")
     for name, t in (("s", s), ("gate_logits", gate_logits)):
         check_float(t, name)
-        check_device(t, name, h.device)
+        check_device(t, name, h.device, "h")
         if t.shape != h.shape:
             raise ValueError(f"{name} must have the shape of h {tuple(h.shape)}, got {tuple(t.shape)}")
+        if t.dtype != h.dtype:
+            raise TypeError(f"{name} must have the dtype of h ({h.dtype}), got {t.dtype}")
     d = h.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
             check_float(p, name)
-            check_device(p, name, h.device)
+            check_device(p, name, h.device, "h")
             if tuple(p.shape) != (d,):
                 raise ValueError(f"{name} must have shape ({d},), got {tuple(p.shape)}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if not isinstance(eps, (int, float)) or eps <= 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")

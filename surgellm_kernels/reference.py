@@ -329,6 +329,10 @@ class SurgicalGate(nn.Module):
 
     ``h~ = h + alpha * E[t]``; ``s' = ReLU(W_s s^ + b_s)``;
     ``g = sigmoid(W_g [h~; s'] + b_g)``; ``z = LayerNorm(g h~ + (1 - g) s')``.
+
+    ``W_g [h~; s']`` is computed as ``W_g[:, :d] h~ + W_g[:, d:] s'``, two
+    products on views of the one ``gate.weight``: the same numbers without
+    materializing the concatenation (or its gradient).
     """
 
     # The fusion tail; the fused twin swaps in ``fused_surgical_gate``.
@@ -359,5 +363,7 @@ class SurgicalGate(nn.Module):
         check_index_tensor(task_ids, "task_ids", h.shape[:-1], h.device)
         h_task = h + self.alpha * self.task_embedding(task_ids)
         s_proj = F.relu(self.feature_projection(s))
-        logits = self.gate(torch.cat([h_task, s_proj], dim=-1))
+        W = self.gate.weight
+        logits = F.linear(h_task, W[:, :self.d_model]) + F.linear(s_proj, W[:, self.d_model:],
+                                                                   self.gate.bias)
         return self._fuse(h_task, s_proj, logits, self.norm.weight, self.norm.bias, self.eps)

@@ -10,54 +10,18 @@
 // row (skipped by the reductions, NaN outputs) and never index with it. (The
 // phase ops are the op's internals: when Triton's kernels replace these, the
 // checks of surgellm::iwn itself, in iwn.cpp, are what guards them.)
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <string>
 
 #include "cpu/iwn.h"
-
-#ifdef SURGELLM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include "cuda/iwn.cuh"
-#endif
+#include "ops/kernel_call.h"
 
 namespace surgellm {
 namespace {
 
 using at::Tensor;
 using std::optional;
-
-at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-template <typename T>
-const T* ptr_or_null(const optional<Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-T* mutable_ptr_or_null(const optional<Tensor>& t) {
-  return t.has_value() ? t->mutable_data_ptr<T>() : nullptr;
-}
-
-void check_tensor(const Tensor& t, const char* name, const Tensor& x, at::IntArrayRef shape,
-                  at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-void check_optional(const optional<Tensor>& t, const char* name, const Tensor& x,
-                    at::IntArrayRef shape, at::ScalarType dtype) {
-  if (t.has_value()) check_tensor(*t, name, x, shape, dtype);
-}
 
 // On the CPU, every key must lie in [0, upper) (the kernels index with it).
 void check_keys_cpu(const optional<Tensor>& keys, int64_t upper) {
@@ -105,44 +69,6 @@ int64_t num_tasks_of(const Tensor& stats, const Tensor& x, const char* name) {
               " must have shape (num_tasks, ", x.size(1), "), got ", stats.sizes());
   return stats.size(0);
 }
-
-#ifdef SURGELLM_WITH_CUDA
-cuda::ScalarKind scalar_kind(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return cuda::ScalarKind::Float64;
-    case at::kHalf: return cuda::ScalarKind::Float16;
-    case at::kBFloat16: return cuda::ScalarKind::BFloat16;
-    default: return cuda::ScalarKind::Float32;
-  }
-}
-#endif
-
-// Runs one phase where `like` lives: cpu_kernel() on the CPU (the build for
-// this processor), or the phase's CUDA launch, with its workspace from
-// torch's allocator, on that tensor's device and its current stream.
-template <typename Args, typename CpuKernel>
-void run_phase(const char* phase, const Tensor& like, const Args& args,
-               const CpuKernel& cpu_kernel) {
-  if (!like.is_cuda()) {
-    cpu_kernel();
-    return;
-  }
-#ifdef SURGELLM_WITH_CUDA
-  const c10::cuda::CUDAGuard device_guard(like.device());
-  const size_t bytes = cuda::workspace_bytes(args);
-  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
-  const cudaError_t err = cuda::launch(scalar_kind(like.scalar_type()), args,
-                                       bytes ? workspace.mutable_data_ptr() : nullptr,
-                                       at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "surgellm_kernels CUDA kernels of ", phase,
-              " failed to launch: ", cudaGetErrorString(err));
-#else
-  TORCH_CHECK(false, "surgellm_kernels._C was built without CUDA kernels");
-#endif
-}
-
-#define SURGELLM_DISPATCH_FLOATS(x, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), NAME, __VA_ARGS__)
 
 // -- forward phases --------------------------------------------------------------
 
@@ -470,16 +396,5 @@ TORCH_LIBRARY_IMPL(surgellm, CUDA, m) {
 #endif
 }
 
-namespace cpu {
-Capability capability() {
-  static const Capability cap = [] {
-    const std::string name = at::get_cpu_capability();
-    if (name == "AVX512") return Capability::AVX512;
-    if (name == "AVX2") return Capability::AVX2;
-    return Capability::DEFAULT;
-  }();
-  return cap;
-}
-}  // namespace cpu
 
 }  // namespace surgellm

@@ -1,0 +1,135 @@
+"""fused_surgical_gate against eager, torch.compile, F.layer_norm alone and a
+memory-copy proxy; and the whole SurgicalGate module, reference vs fused.
+
+    pytest benchmarks/ --benchmark-only -k surgical              # this op only
+    SURGELLM_BENCH_QUICK=1 pytest benchmarks/ --benchmark-only   # smoke run
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness import MODES, PROXY, QUICK, Case, Implementation, run_case
+from surgellm_kernels import FusedSurgicalGate, SurgicalGate, backends, fused_surgical_gate
+from surgellm_kernels.reference import surgical_gate_reference
+
+OP = "fused_surgical_gate"
+MODULE = "SurgicalGate module"
+# pooled states (paper), token level, large
+SHAPES = [(32, 768), (256, 64)] if QUICK else [(32, 768), (4096, 768), (32768, 768),
+                                             (16384, 1024)]
+MODULE_SHAPES = [(32, 768)] if QUICK else [(32, 768), (4096, 768)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _dtypes(device):
+    if QUICK:
+        return [torch.float32]
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+
+
+CASES = [Case(OP, mode, shape, dtype, device)
+         for device in DEVICES for dtype in _dtypes(device) for shape in SHAPES for mode in MODES]
+MODULE_CASES = [Case(MODULE, "train_fwd_bwd", shape, torch.float32, device)
+                for device in DEVICES for shape in MODULE_SHAPES]
+
+
+def _call(fn, case):
+    """A closure running fn(h, s, gate_logits, weight, bias) in the case's mode."""
+    g = torch.Generator().manual_seed(0)
+    h, s, logits = (torch.randn(case.shape, generator=g).to(case.dtype).to(case.device)
+                    for _ in range(3))
+    d = case.shape[-1]
+    weight, bias = torch.ones(d, device=case.device), torch.zeros(d, device=case.device)
+    if case.mode == "eval":
+        def run():
+            with torch.no_grad():
+                return fn(h, s, logits, weight, bias)
+        return run
+    leaves = [t.requires_grad_(True) for t in (h, s, logits, weight, bias)]
+    if case.mode == "train_fwd":
+        return lambda: fn(*leaves)
+    dz = torch.randn_like(h)
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        fn(*leaves).backward(dz)
+        return h.grad
+    return fwd_bwd
+
+
+def _fused(backend):
+    def build(case):
+        status = backends(case.device, "surgical_gate")[backend]
+        why = None if status.available else status.reason
+        if why is None and backend == "triton" and case.device != "cuda":
+            why = "the Triton interpreter on CPU is a test vehicle, not timed"
+        if why is not None:
+            return None, why
+        return _call(fused_surgical_gate, case), None
+    return Implementation(f"{OP}[{backend}]", build, env={"SURGELLM_BACKEND": backend})
+
+
+def _compiled(case):
+    torch._dynamo.reset() if case.shape == SHAPES[0] else None
+    return _call(torch.compile(surgical_gate_reference), case), None
+
+
+def _layer_norm(case):
+    """F.layer_norm of h alone: what a user would pick instead (no gate, no blend)."""
+    d = case.shape[-1]
+    return _call(lambda h, s, logits, w, b: F.layer_norm(h, (d,), w, b), case), None
+
+
+def _proxy(case):
+    """torch.addcmul(a, b, c, out=o): a single op moving 4 tensors of h's size."""
+    a, b, c = (torch.randn(case.shape).to(case.dtype).to(case.device) for _ in range(3))
+    out = torch.empty_like(a)
+    return (lambda: torch.addcmul(a, b, c, out=out)), None
+
+
+IMPLEMENTATIONS = [_fused("cpu"), _fused("triton"), _fused("cuda"),
+                   Implementation("eager", lambda case: (_call(surgical_gate_reference, case),
+                                                         None)),
+                   Implementation("torch.compile", _compiled),
+                   Implementation("F.layer_norm alone", _layer_norm),
+                   Implementation(PROXY, _proxy)]
+
+
+def _module(cls):
+    """The whole module (task embedding, projection, gate linear, fused tail),
+    forward + backward; 16 lexical features, 3 tasks."""
+    def build(case):
+        torch.manual_seed(0)
+        N, d = case.shape
+        module = cls(d, num_features=16, num_tasks=3).to(case.device)
+        h = torch.randn(N, d, device=case.device)
+        s = torch.randn(N, 16, device=case.device)
+        tasks = torch.randint(0, 3, (N,), device=case.device)
+        dz = torch.randn(N, d, device=case.device)
+
+        def fwd_bwd():
+            module.zero_grad(set_to_none=True)
+            module(h, s, tasks).backward(dz)
+        return fwd_bwd, None
+    return build
+
+
+MODULE_IMPLEMENTATIONS = [Implementation("eager", _module(SurgicalGate)),
+                          Implementation("FusedSurgicalGate", _module(FusedSurgicalGate))]
+
+
+def _case_id(case):
+    return f"{case.device}-{str(case.dtype).split('.')[-1]}-{'x'.join(map(str, case.shape))}-{case.mode}"
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_fused_surgical_gate(benchmark, bench_report, case, impl):
+    run_case(benchmark, bench_report, case, impl)
+
+
+@pytest.mark.parametrize("impl", MODULE_IMPLEMENTATIONS, ids=lambda i: i.name)
+@pytest.mark.parametrize("case", MODULE_CASES, ids=_case_id)
+def test_surgical_gate_module(benchmark, bench_report, case, impl):
+    run_case(benchmark, bench_report, case, impl)

@@ -1,0 +1,49 @@
+// The CPU kernels are compiled once per CPU capability (DEFAULT, and AVX2 /
+// AVX512 on x86-64, each with ATen's -m flags, in a namespace of that name)
+// and picked at run time the way ATen's DispatchStub picks its kernels.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SURGELLM_CPU_HAS_AVX 1
+#endif
+
+namespace surgellm {
+namespace cpu {
+
+// Statistics accumulate in float32, or float64 for float64 input.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+enum class Capability { DEFAULT, AVX2, AVX512 };
+
+// The build for this processor: ATen's own choice (which honours
+// ATEN_CPU_CAPABILITY), read once.
+Capability capability();
+
+// Calls KERNEL<T>(ARGS) from the build matching this processor.
+#ifdef SURGELLM_CPU_HAS_AVX
+#define SURGELLM_CPU_KERNEL(KERNEL, T, ARGS)                               \
+  do {                                                                     \
+    switch (::surgellm::cpu::capability()) {                               \
+      case ::surgellm::cpu::Capability::AVX512:                            \
+        ::surgellm::cpu::AVX512::KERNEL<T>(ARGS);                          \
+        break;                                                             \
+      case ::surgellm::cpu::Capability::AVX2:                              \
+        ::surgellm::cpu::AVX2::KERNEL<T>(ARGS);                            \
+        break;                                                             \
+      default:                                                             \
+        ::surgellm::cpu::DEFAULT::KERNEL<T>(ARGS);                         \
+    }                                                                      \
+  } while (0)
+#else
+#define SURGELLM_CPU_KERNEL(KERNEL, T, ARGS) ::surgellm::cpu::DEFAULT::KERNEL<T>(ARGS)
+#endif
+
+}  // namespace cpu
+}  // namespace surgellm

@@ -1,0 +1,91 @@
+// What every op's kernel entry points share (csrc/ops/*_kernels.cpp): tensor
+// checks that name the argument, and the call of one kernel where a tensor
+// lives -- the CPU build for this processor, or a CUDA launch on that
+// tensor's device and current stream with a workspace from torch's allocator.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <optional>
+
+#ifdef SURGELLM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+// Every torch-free launcher, so that run_phase's calls see all overloads.
+#include "cuda/iwn.cuh"
+#include "cuda/surgical_gate.cuh"
+#endif
+
+namespace surgellm {
+
+using at::Tensor;
+using std::optional;
+
+inline at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename T>
+const T* ptr_or_null(const optional<Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mutable_ptr_or_null(const optional<Tensor>& t) {
+  return t.has_value() ? t->mutable_data_ptr<T>() : nullptr;
+}
+
+inline void check_tensor(const Tensor& t, const char* name, const Tensor& x, at::IntArrayRef shape,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_optional(const optional<Tensor>& t, const char* name, const Tensor& x,
+                    at::IntArrayRef shape, at::ScalarType dtype) {
+  if (t.has_value()) check_tensor(*t, name, x, shape, dtype);
+}
+
+#ifdef SURGELLM_WITH_CUDA
+inline cuda::ScalarKind scalar_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return cuda::ScalarKind::Float64;
+    case at::kHalf: return cuda::ScalarKind::Float16;
+    case at::kBFloat16: return cuda::ScalarKind::BFloat16;
+    default: return cuda::ScalarKind::Float32;
+  }
+}
+#endif
+
+// Runs one phase where `like` lives: cpu_kernel() on the CPU (the build for
+// this processor), or the phase's CUDA launch, with its workspace from
+// torch's allocator, on that tensor's device and its current stream.
+template <typename Args, typename CpuKernel>
+inline void run_phase(const char* phase, const Tensor& like, const Args& args,
+               const CpuKernel& cpu_kernel) {
+  if (!like.is_cuda()) {
+    cpu_kernel();
+    return;
+  }
+#ifdef SURGELLM_WITH_CUDA
+  const c10::cuda::CUDAGuard device_guard(like.device());
+  const size_t bytes = cuda::workspace_bytes(args);
+  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  const cudaError_t err = cuda::launch(scalar_kind(like.scalar_type()), args,
+                                       bytes ? workspace.mutable_data_ptr() : nullptr,
+                                       at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "surgellm_kernels CUDA kernels of ", phase,
+              " failed to launch: ", cudaGetErrorString(err));
+#else
+  TORCH_CHECK(false, "surgellm_kernels._C was built without CUDA kernels");
+#endif
+}
+
+#define SURGELLM_DISPATCH_FLOATS(x, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), NAME, __VA_ARGS__)
+
+}  // namespace surgellm

@@ -1,0 +1,259 @@
+"""Triton kernels of ``fused_surgical_gate``: a forward and a backward launcher.
+
+Notation: rows of h, s and gate_logits (N, d); per row, g = sigmoid(logits),
+v = g * h + (1 - g) * s (the blend), mean and rstd = 1 / sqrt(var + eps) of v
+over its d features (population variance), xhat = (v - mean) * rstd and
+z = xhat * weight + bias (weight 1 and bias 0 when None). "acc" is the
+accumulation dtype: float64 for float64 data, else float32; every statistic
+is in acc.
+
+Functions (each registered by surgellm_kernels/_backend.py as the kernel of
+the dispatcher op of the same name; ``KERNELS`` maps the names to them).
+Their inputs are contiguous and in the dtypes the op's schema promises (the
+C++ caller converts); their outputs are freshly allocated:
+
+  surgical_gate_forward   z (N, d) in h's dtype, mean and rstd (N,) in acc
+  surgical_gate_backward  dh, ds, dlogits (N, d) in h's dtype; dweight and
+                          dbias (d,) in acc, always computed
+
+The forward saves only mean and rstd: the backward recomputes the blend from
+h, s and the logits. The variance is two-pass (the row mean first, then the
+mean of the squared deviations from it), so rows with a large mean keep
+their precision; the mean itself is corrected by the mean of the
+deviations from its rounded first value, so a constant row has mean exactly
+its value, variance 0 and z = bias. Backward, per row, with dxhat = dz * weight:
+
+  dv = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+  dh = dv * g;  ds = dv * (1 - g);  dlogits = dv * (h - s) * g * (1 - g)
+
+Tiling: a row is one block of BLOCK_D = next_power_of_2(d) columns, held in
+registers. A program handles ROWS rows at a time (a constexpr), chosen so
+that ROWS * BLOCK_D is about TILE_ELEMS: one row per program for long rows,
+many short rows per program for small d. d above MAX_BLOCK_D raises a
+ValueError (there is no loop over column blocks).
+
+Determinism: dweight and dbias are sums over rows. The backward is split
+into at most MAX_PROGRAMS programs, each owning a contiguous block of rows
+(a multiple of ROWS; a function of the shapes only); each writes its partial
+sums to a (programs, d) buffer, and a second kernel adds the partials in
+program order. No atomics, so the results are bitwise reproducible. With one
+program the partials are the result and no second kernel runs.
+
+Offsets: row indices are int64 (``program_id(0).to(tl.int64)``), so every
+``row * d + col`` offset is computed in int64 and tensors with
+N * d >= 2**31 elements are addressed correctly.
+
+Only core ``tl`` math is used (``tl.sigmoid``, ``tl.sqrt``; no libdevice),
+and every load is converted to acc before any math: both are needed by the
+Triton CPU interpreter (TRITON_INTERPRET=1). eps is a declared float64 kernel
+argument (Triton would pass a Python float as float32) rounded to acc inside
+the kernel, so float64 data sees it unrounded. Large logits saturate the
+sigmoid without NaN: g = 1 / (1 + exp(-x)) is exactly 0 where exp(-x)
+overflows to inf and exactly 1 where it drops below half an ulp of 1.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .iwn import _acc_dtypes, _on_device
+
+__all__ = ["KERNELS", "surgical_gate_forward", "surgical_gate_backward"]
+
+MAX_BLOCK_D = 16384  # longest row (in columns) a program holds; longer d raises
+TILE_ELEMS = 2048    # target ROWS * BLOCK_D of a multi-row program
+MAX_PROGRAMS = 512   # cap on the backward's row-block programs (and partial rows)
+BLOCK_SUM = 256      # columns per program when summing the partials
+
+
+def _tiling(d: int):
+    """(ROWS, BLOCK_D) of rows of d features: BLOCK_D = next_power_of_2(d) and
+    ROWS = TILE_ELEMS // BLOCK_D rows per tile (at least 1). Raises ValueError
+    for d < 1 or d > MAX_BLOCK_D."""
+    if d < 1 or d > MAX_BLOCK_D:
+        raise ValueError(f"surgical_gate (triton): the feature dimension d = {d} must be in "
+                         f"[1, {MAX_BLOCK_D}] (a row is held in one block; no column loop)")
+    block_d = triton.next_power_of_2(d)
+    return max(1, TILE_ELEMS // block_d), block_d
+
+
+def _num_warps(tile_elems: int, itemsize: int) -> int:
+    """Warps of a program whose tiles hold ``tile_elems`` acc elements of
+    ``itemsize`` bytes each: about 64 bytes of a tile per thread, 1 to 16 warps."""
+    return max(1, min(16, triton.next_power_of_2(tile_elems * itemsize // 2048)))
+
+
+def _row_blocks(n: int, rows: int):
+    """(rows_per_program, num_programs) of the backward: at most MAX_PROGRAMS
+    programs, each a multiple of ``rows`` rows; 0 programs for n == 0."""
+    if n == 0:
+        return rows, 0
+    wanted = min(MAX_PROGRAMS, triton.cdiv(n, rows))
+    per = triton.cdiv(triton.cdiv(n, wanted), rows) * rows
+    return per, triton.cdiv(n, per)
+
+
+# -- shared pieces ---------------------------------------------------------------------
+
+@triton.jit
+def _blend(h_ptr, s_ptr, l_ptr, offs, mask, ACC: tl.constexpr):
+    """h, s, g = sigmoid(logits) and v = g * h + (1 - g) * s of a tile at int64
+    ``offs``, all in acc; 0 (and g = 1/2) where ``mask`` is off."""
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.sigmoid(tl.load(l_ptr + offs, mask=mask, other=0.0).to(ACC))
+    return h, s, g, g * h + (1.0 - g) * s
+
+
+# -- forward --------------------------------------------------------------------------
+
+@triton.jit
+def _forward(h_ptr, s_ptr, l_ptr, w_ptr, b_ptr, z_ptr, mean_ptr, rstd_ptr, N, D, eps: "fp64",
+             HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """z, mean and rstd of ROWS rows: two-pass statistics of the blend."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < N
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    _h, _s, _g, v = _blend(h_ptr, s_ptr, l_ptr, offs, mask, ACC)
+    mean = tl.sum(tl.where(mask, v, 0.0), axis=1) / D
+    # plus the mean of the deviations from the rounded mean (what its rounding
+    # lost): a constant row then gets its value exactly, deviations 0, z = bias
+    mean += tl.sum(tl.where(mask, v - mean[:, None], 0.0), axis=1) / D
+    diff = tl.where(mask, v - mean[:, None], 0.0)
+    var = tl.sum(diff * diff, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + tl.full((ROWS,), eps, ACC))
+    z = diff * rstd[:, None]
+    if HAS_W:
+        z = z * tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)[None, :]
+    if HAS_B:
+        z = z + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+def surgical_gate_forward(h, s, gate_logits, weight, bias, eps):
+    """z (N, d) in h's dtype, mean and rstd (N,) in acc, of
+    LayerNorm(g * h + (1 - g) * s) * weight + bias with g = sigmoid(gate_logits).
+    Raises ValueError for d > MAX_BLOCK_D."""
+    d = h.shape[-1]
+    n = h.numel() // d if d > 0 else 0
+    rows, block_d = _tiling(d)
+    acc_t, ACC = _acc_dtypes(h.dtype)
+    z = torch.empty_like(h)
+    mean = h.new_empty(h.shape[:-1], dtype=acc_t)
+    rstd = h.new_empty(h.shape[:-1], dtype=acc_t)
+    if n == 0:
+        return z, mean, rstd
+    dummy = h.new_empty((1,), dtype=acc_t)
+    with _on_device(h):
+        _forward[(triton.cdiv(n, rows),)](
+            h, s, gate_logits, weight if weight is not None else dummy,
+            bias if bias is not None else dummy, z, mean, rstd, n, d, float(eps),
+            HAS_W=weight is not None, HAS_B=bias is not None, ACC=ACC, ROWS=rows,
+            BLOCK_D=block_d, num_warps=_num_warps(rows * block_d, acc_t.itemsize))
+    return z, mean, rstd
+
+
+# -- backward -------------------------------------------------------------------------
+
+@triton.jit
+def _backward(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, ds_ptr, dl_ptr,
+              pw_ptr, pb_ptr, N, D, ROWS_PER_PROGRAM, HAS_W: tl.constexpr, ACC: tl.constexpr,
+              ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dh, ds and dlogits of the program's rows (ROWS at a time), and their
+    partial sums of dz * xhat and dz into row program_id(0) of pw and pb."""
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)
+    else:
+        w = tl.full((BLOCK_D,), 1.0, ACC)
+    dw = tl.zeros((BLOCK_D,), ACC)
+    db = tl.zeros((BLOCK_D,), ACC)
+    row0 = pid * ROWS_PER_PROGRAM
+    for i in range(0, ROWS_PER_PROGRAM, ROWS):
+        rows = row0 + i + tl.arange(0, ROWS)
+        rmask = rows < N
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        h, s, g, v = _blend(h_ptr, s_ptr, l_ptr, offs, mask, ACC)
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0).to(ACC)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0).to(ACC)
+        dz = tl.load(dz_ptr + offs, mask=mask, other=0.0).to(ACC)
+        xhat = tl.where(mask, (v - mean[:, None]) * rstd[:, None], 0.0)
+        dxhat = dz * w[None, :]
+        c1 = tl.sum(dxhat, axis=1) / D
+        c2 = tl.sum(dxhat * xhat, axis=1) / D
+        dv = tl.where(mask, rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None]), 0.0)
+        gc = 1.0 - g
+        tl.store(dh_ptr + offs, (dv * g).to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(ds_ptr + offs, (dv * gc).to(ds_ptr.dtype.element_ty), mask=mask)
+        tl.store(dl_ptr + offs, (dv * (h - s) * (g * gc)).to(dl_ptr.dtype.element_ty),
+                 mask=mask)
+        dw += tl.sum(dz * xhat, axis=0)
+        db += tl.sum(dz, axis=0)
+    tl.store(pw_ptr + pid * D + cols, dw, mask=cmask)
+    tl.store(pb_ptr + pid * D + cols, db, mask=cmask)
+
+
+@triton.jit
+def _sum_partials(pw_ptr, pb_ptr, dw_ptr, db_ptr, D, NUM_PROGRAMS, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """dw[j] and db[j] = sums over programs, in program order, of pw[p, j] and
+    pb[p, j] (both (NUM_PROGRAMS, D))."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < D
+    dw = tl.zeros((BLOCK,), ACC)
+    db = tl.zeros((BLOCK,), ACC)
+    for p in range(0, NUM_PROGRAMS):
+        part = tl.cast(p, tl.int64) * D + cols
+        dw += tl.load(pw_ptr + part, mask=cmask, other=0.0).to(ACC)
+        db += tl.load(pb_ptr + part, mask=cmask, other=0.0).to(ACC)
+    tl.store(dw_ptr + cols, dw, mask=cmask)
+    tl.store(db_ptr + cols, db, mask=cmask)
+
+
+def surgical_gate_backward(grad_z, h, s, gate_logits, weight, mean, rstd):
+    """dh, ds, dlogits (N, d) in h's dtype and dweight, dbias (d,) in acc, from
+    the forward's mean and rstd; dweight and dbias are computed also when
+    weight is None (zeros for N == 0). Raises ValueError for d > MAX_BLOCK_D."""
+    d = h.shape[-1]
+    n = h.numel() // d if d > 0 else 0
+    rows, block_d = _tiling(d)
+    acc_t, ACC = _acc_dtypes(h.dtype)
+    dh = torch.empty_like(h)
+    ds = torch.empty_like(h)
+    dlogits = torch.empty_like(h)
+    dweight = h.new_zeros((d,), dtype=acc_t)
+    dbias = h.new_zeros((d,), dtype=acc_t)
+    per, nprog = _row_blocks(n, rows)
+    if nprog == 0:
+        return dh, ds, dlogits, dweight, dbias
+    if nprog == 1:  # the one program's partials are the result
+        pw, pb = dweight, dbias
+    else:
+        pw = h.new_empty((nprog, d), dtype=acc_t)
+        pb = h.new_empty((nprog, d), dtype=acc_t)
+    dummy = h.new_empty((1,), dtype=acc_t)
+    with _on_device(h):
+        _backward[(nprog,)](
+            grad_z, h, s, gate_logits, weight if weight is not None else dummy, mean, rstd,
+            dh, ds, dlogits, pw, pb, n, d, per, HAS_W=weight is not None, ACC=ACC, ROWS=rows,
+            BLOCK_D=block_d, num_warps=_num_warps(rows * block_d, acc_t.itemsize))
+        if nprog > 1:
+            _sum_partials[(triton.cdiv(d, BLOCK_SUM),)](pw, pb, dweight, dbias, d, nprog,
+                                                        ACC=ACC, BLOCK=BLOCK_SUM)
+    return dh, ds, dlogits, dweight, dbias
+
+
+KERNELS = {
+    "surgical_gate_forward": surgical_gate_forward,
+    "surgical_gate_backward": surgical_gate_backward,
+}
