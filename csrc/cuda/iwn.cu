@@ -11,6 +11,8 @@
 // pointers, sizes and the stream.
 #include "iwn.cuh"
 
+#include "common.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -28,7 +30,6 @@ constexpr int kThreads = 128;
 // Partial buffers of a chunked reduction stay under this many bytes.
 constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Rows per chunk: about 256 chunks to fill the GPU, at least 32 rows, and
 // few enough chunks that `width` partial values per chunk fit the budget.
@@ -38,34 +39,6 @@ int64_t rows_per_chunk(int64_t N, int64_t width) {
   const int64_t per_chunk = std::max<int64_t>(1, width * int64_t(sizeof(acc_t)));
   const int64_t max_chunks = std::max<int64_t>(1, kPartialBudgetBytes / per_chunk);
   return std::max({int64_t(32), ceil_div(N, 256), ceil_div(N, max_chunks)});
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t sigmoid(acc_t v) {
-  return acc_t(1) / (acc_t(1) + exp(-v));
-}
-
-// Conversions between the data type and the accumulation type, through the
-// intrinsics: torch's CUDA builds define __CUDA_NO_HALF_CONVERSIONS__ and
-// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit ones.
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t to_acc(scalar_t v) {
-  if constexpr (std::is_same<scalar_t, __half>::value)
-    return static_cast<acc_t>(__half2float(v));
-  else if constexpr (std::is_same<scalar_t, __nv_bfloat16>::value)
-    return static_cast<acc_t>(__bfloat162float(v));
-  else
-    return static_cast<acc_t>(v);
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ scalar_t from_acc(acc_t v) {
-  if constexpr (std::is_same<scalar_t, __half>::value)
-    return __float2half_rn(static_cast<float>(v));
-  else if constexpr (std::is_same<scalar_t, __nv_bfloat16>::value)
-    return __float2bfloat16_rn(static_cast<float>(v));
-  else
-    return static_cast<scalar_t>(v);
 }
 
 template <typename acc_t>
@@ -279,18 +252,6 @@ __global__ void vec_gate_grad(const acc_t* du_dot_u, int64_t F, const acc_t* gat
   if (f < F) dgate[f] = du_dot_u[f] * (acc_t(1) - sigmoid(gate_vec[f]));
 }
 
-// Carves typed slices out of the byte workspace (sizes only, with base null).
-template <typename acc_t>
-struct Workspace {
-  char* base;
-  size_t used = 0;
-  acc_t* take(int64_t n) {
-    acc_t* p = base ? reinterpret_cast<acc_t*>(base + used) : nullptr;
-    used += ((n * sizeof(acc_t) + 255) / 256) * 256;
-    return p;
-  }
-};
-
 // The launches' workspace layouts, shared by the size queries and the launches.
 template <typename acc_t>
 struct MomentsPlan {
@@ -333,22 +294,6 @@ struct InputGradPlan {
     gate_sum = ws.take(reduce ? a.rows.F : 0);
   }
 };
-
-// Calls fn(scalar_t{}) with the data type of `kind` (acc_t float: float32,
-// float16, bfloat16; acc_t double: float64).
-template <typename acc_t, typename Fn>
-cudaError_t with_scalar(ScalarKind kind, Fn fn) {
-  if constexpr (std::is_same<acc_t, double>::value) {
-    return kind == ScalarKind::Float64 ? fn(double{}) : cudaErrorInvalidValue;
-  } else {
-    switch (kind) {
-      case ScalarKind::Float32: return fn(float{});
-      case ScalarKind::Float16: return fn(__half{});
-      case ScalarKind::BFloat16: return fn(__nv_bfloat16{});
-      default: return cudaErrorInvalidValue;
-    }
-  }
-}
 
 dim3 row_tiles(int64_t nchunks, int64_t F) { return dim3(nchunks, ceil_div(F, kThreads)); }
 
