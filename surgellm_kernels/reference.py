@@ -331,8 +331,10 @@ class SurgicalGate(nn.Module):
     ``g = sigmoid(W_g [h~; s'] + b_g)``; ``z = LayerNorm(g h~ + (1 - g) s')``.
 
     ``W_g [h~; s']`` is computed as ``W_g[:, :d] h~ + W_g[:, d:] s'``, two
-    products on views of the one ``gate.weight``: the same numbers without
-    materializing the concatenation (or its gradient).
+    products on the two halves of ``gate.weight`` (one ``split``, whose
+    gradient is one concatenation), so no (N, 2d) input concatenation is
+    materialized, nor its gradient. The result equals the concatenated
+    product up to rounding.
     """
 
     # The fusion tail; the fused twin swaps in ``fused_surgical_gate``.
@@ -363,7 +365,6 @@ class SurgicalGate(nn.Module):
         check_index_tensor(task_ids, "task_ids", h.shape[:-1], h.device)
         h_task = h + self.alpha * self.task_embedding(task_ids)
         s_proj = F.relu(self.feature_projection(s))
-        W = self.gate.weight
-        logits = F.linear(h_task, W[:, :self.d_model]) + F.linear(s_proj, W[:, self.d_model:],
-                                                                   self.gate.bias)
+        w_h, w_s = self.gate.weight.split(self.d_model, dim=1)
+        logits = F.linear(h_task, w_h) + F.linear(s_proj, w_s, self.gate.bias)
         return self._fuse(h_task, s_proj, logits, self.norm.weight, self.norm.bias, self.eps)

@@ -87,6 +87,17 @@ def test_half_precision(backend, device, dtype, force_backend):
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
+def test_inputs_of_mixed_layouts(backend, device, force_backend):
+    """A contiguous 3-D h with a transposed s and a sliced gate_logits."""
+    tensors, params, dz = _inputs((4, 6, 16), torch.float64)
+    h, s, logits = tensors
+    s = s.transpose(0, 1).contiguous().transpose(0, 1)
+    logits = torch.cat([logits, logits], -1)[..., ::2]
+    assert h.is_contiguous() and not s.is_contiguous() and not logits.is_contiguous()
+    _compare(backend, device, force_backend, [h, s, logits], params, dz)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
 def test_three_d_and_non_contiguous_inputs(backend, device, force_backend):
     tensors, params, dz = _inputs((5, 9, 24), torch.float64)
     transposed = [t.transpose(0, 1) for t in tensors]  # (9, 5, 24), non-contiguous
@@ -101,15 +112,16 @@ def test_three_d_and_non_contiguous_inputs(backend, device, force_backend):
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backend):
-    """Logits of +-80 give g exactly 0 or 1 and nothing NaN; a row whose blend
-    is constant (variance 0) gives z = bias and finite gradients."""
+    """Logits of +80 give g exactly 1 and -80 a g (~1e-35) that vanishes in the
+    blend, nothing NaN; a row whose blend is constant (variance 0, its values
+    not exactly summable) gives exactly z = bias and finite gradients."""
     force_backend(backend)
     tensors, params, dz = _inputs((6, 32), dtype)
     h, s, logits = tensors
     logits[:3] = 80.0
     logits[3:] = -80.0
-    h[1], s[1] = 2.5, 2.5             # constant blend, g = 1
-    s[4] = -1.0                       # constant blend, g = 0
+    h[1], s[1] = 0.1, 0.1             # constant blend, g = 1
+    s[4] = -0.3                       # constant blend, g = 0
     (h, s, logits), params, dz = on_device(device, [h, s, logits], params, dz)
     z = fused_surgical_gate(h, s, logits, **params)
     assert torch.isfinite(z).all()
@@ -191,7 +203,8 @@ def test_module_matches_reference_module(backend, device, force_backend):
 
 
 def test_gate_linear_uses_views_of_one_weight():
-    """W_g [h~; s'] as two products on views of gate.weight: no concatenation."""
+    """W_g [h~; s'] as two products on the halves of gate.weight, no input
+    concatenation: the autograd graph has a split of the weight, no cat."""
     torch.manual_seed(2)
     module = SurgicalGate(8, num_features=4)
     h, s = torch.randn(3, 8), torch.randn(3, 4)
@@ -200,7 +213,17 @@ def test_gate_linear_uses_views_of_one_weight():
     logits = module.gate(torch.cat([h_task, s_proj], -1))
     expected = surgical_gate_reference(h_task, s_proj, logits, module.norm.weight,
                                        module.norm.bias)
-    torch.testing.assert_close(module(h, s), expected)
+    z = module(h, s)
+    torch.testing.assert_close(z, expected)
+    seen, stack = set(), [z.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    names = {type(n).__name__ for n in seen}
+    assert any(n.startswith("Split") for n in names) and not any(n.startswith("Cat") for n in names)
 
 
 @pytest.mark.parametrize("backend", [b for b, d in PAIRS if d == "cpu" and b != "triton"])

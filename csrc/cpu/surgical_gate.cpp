@@ -68,15 +68,21 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
     const Vec zero(acc_t(0));
     for (int64_t i = begin; i < end; ++i) {
       const acc_t *hr, *sr;
-      const acc_t mean = rows.blend(i, &hr, &sr) / acc_t(d);
-      const Vec vmean(mean);
-      Vec sq(acc_t(0));
+      const acc_t mean0 = rows.blend(i, &hr, &sr) / acc_t(d);
+      const Vec vmean0(mean0);
+      // Deviations from the first mean and their sum: the mean corrected by
+      // it is exact for a constant row (whose z is then exactly the bias).
+      Vec sq(acc_t(0)), sd(acc_t(0));
       for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
-        const Vec dv = load(rows.v.data() + f, n) - vmean;
+        const Vec dv = load(rows.v.data() + f, n) - vmean0;
         sq = Vec::set(sq, at::vec::fmadd(dv, dv, sq), n);
+        sd = Vec::set(sd, sd + dv, n);
       });
-      const acc_t rstd = acc_t(1) / std::sqrt(sum_lanes(sq) / acc_t(d) + a.eps);
-      const Vec vrstd(rstd);
+      const acc_t shift = sum_lanes(sd) / acc_t(d);
+      const acc_t mean = mean0 + shift;
+      const acc_t var = sum_lanes(sq) / acc_t(d) - shift * shift;
+      const acc_t rstd = acc_t(1) / std::sqrt((var > acc_t(0) ? var : acc_t(0)) + a.eps);
+      const Vec vmean(mean), vrstd(rstd);
       acc_t* out = z.row(i);
       for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
         Vec y = (load(rows.v.data() + f, n) - vmean) * vrstd;

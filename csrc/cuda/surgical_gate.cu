@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kWarpRows ? kWarpRowThreads : kMaxThreads,
                                   kWarpRows ? kWarpRowMinBlocks : 1)
     forward_rows(SurgicalGateForwardArgs<acc_t> a, bool cache_row) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ acc_t scratch[2][kWarp];
+  __shared__ acc_t scratch[2][2 * kWarp];
   const RowTeam<kWarpRows> team;
   const bool cache = kWarpRows || cache_row;  // warp rows always fit
   const int64_t N = a.N, d = a.d;
@@ -167,14 +167,20 @@ __global__ void __launch_bounds__(kWarpRows ? kWarpRowThreads : kMaxThreads,
       sum[0] += v;
     }
     row_sums<kWarpRows>(sum, scratch[0]);
-    const acc_t mean = sum[0] / acc_t(d);
-    acc_t sq[1] = {acc_t(0)};
+    const acc_t mean0 = sum[0] / acc_t(d);
+    // Deviations from the first mean and their sum: the mean corrected by
+    // it is exact for a constant row (whose z is then exactly the bias).
+    acc_t sq[2] = {acc_t(0), acc_t(0)};
     for (int64_t j = team.lane; j < d; j += team.size) {
-      const acc_t dv = (cache ? vc[j] : blend_at<acc_t>(hr, sr, lr, j).v) - mean;
+      const acc_t dv = (cache ? vc[j] : blend_at<acc_t>(hr, sr, lr, j).v) - mean0;
       sq[0] += dv * dv;
+      sq[1] += dv;
     }
     row_sums<kWarpRows>(sq, scratch[1]);
-    const acc_t rstd = acc_t(1) / sqrt(sq[0] / acc_t(d) + a.eps);
+    const acc_t shift = sq[1] / acc_t(d);
+    const acc_t mean = mean0 + shift;
+    const acc_t var = sq[0] / acc_t(d) - shift * shift;
+    const acc_t rstd = acc_t(1) / sqrt((var > acc_t(0) ? var : acc_t(0)) + a.eps);
     for (int64_t j = team.lane; j < d; j += team.size) {
       const acc_t v = cache ? vc[j] : blend_at<acc_t>(hr, sr, lr, j).v;
       acc_t y = (v - mean) * rstd;

@@ -153,7 +153,8 @@ class SurgicalGateFunction : public torch::autograd::Function<SurgicalGateFuncti
     const Rows r = rows_of(h, s, logits, weight, bias);
     auto [z, mean, rstd] = call_forward(r.h, r.s, r.logits, r.weight, r.bias, eps);
     // The inputs themselves where the kernels read them in place (backward
-    // re-derives the rows), so autograd's version check sees in-place changes.
+    // re-derives the rows), so autograd's version check sees in-place changes;
+    // a non-contiguous input's (N, d) copy otherwise.
     auto input = [](const Tensor& rows, const Tensor& given) {
       return rows.is_alias_of(given) ? given : rows;
     };
@@ -174,8 +175,12 @@ class SurgicalGateFunction : public torch::autograd::Function<SurgicalGateFuncti
     const auto saved = ctx->get_saved_variables();
     const optional<Tensor> weight =
         saved[3].defined() ? optional<Tensor>(saved[3]) : std::nullopt;
-    const Rows r = rows_of(saved[0], saved[1], saved[2], weight, std::nullopt);
+    // Each input was saved as given or as its (N, d) copy: re-derive the rows
+    // of each on its own.
     const auto sizes = ctx->saved_data["sizes"].toSymIntVector();
+    const c10::SymInt d = saved[0].sym_size(-1);
+    auto rows = [&](const Tensor& t) { return t.reshape_symint({-1, d}); };
+    const Rows r = rows_of(rows(saved[0]), rows(saved[1]), rows(saved[2]), weight, std::nullopt);
     const Tensor dz = grad_outputs[0].reshape_symint(r.h.sym_sizes()).contiguous();
     auto [dh, ds, dlogits, dweight, dbias] =
         call_backward(dz, r.h, r.s, r.logits, r.weight, saved[4], saved[5]);
