@@ -181,20 +181,26 @@ def _compile_all(out_path):
 
 # -- the test process -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("triton_gpu_compile")
+def compile_in_subprocess(script: str, tmp) -> dict:
+    """Runs ``script`` (a compile-test file run as a program) without
+    TRITON_INTERPRET, so that it compiles for real, and returns its JSON result."""
     out = tmp / "result.json"
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # compile for real, leave no cache behind
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, script, str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"compilation subprocess failed (rc {proc.returncode}):\n"
                     f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     with open(out) as f:
         return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return compile_in_subprocess(os.path.abspath(__file__),
+                                 tmp_path_factory.mktemp("triton_gpu_compile"))
 
 
 _DEF = re.compile(r"^\s*(%[\w.$-]+) = tt\.(splat|broadcast|expand_dims|reshape|addptr) "

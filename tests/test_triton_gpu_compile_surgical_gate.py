@@ -14,14 +14,14 @@ also that subprocess's script), as there.
 """
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 pytest.importorskip("triton")
 
-from test_triton_gpu_compile import REPO, TARGET, _DT, _accesses, _is_i64  # noqa: E402
+from test_triton_gpu_compile import (REPO, TARGET, _DT, _accesses, _is_i64,  # noqa: E402
+                                     compile_in_subprocess)
 
 # Device functions called by the kernels (inlined into them), never launched.
 HELPERS = {"_blend"}
@@ -120,18 +120,8 @@ def _compile_all(out_path):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("triton_gpu_compile_surgical_gate")
-    out = tmp / "result.json"
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # compile for real, leave no cache behind
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"compilation subprocess failed (rc {proc.returncode}):\n"
-                    f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    with open(out) as f:
-        return json.load(f)
+    return compile_in_subprocess(os.path.abspath(__file__),
+                                 tmp_path_factory.mktemp("triton_gpu_compile_surgical_gate"))
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
