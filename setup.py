@@ -117,11 +117,11 @@ setup(
     description="Fused kernels for SURGELLM: sigmoid surgical gate and instance-weighted normalization",
     packages=find_packages(include=["surgellm_kernels", "surgellm_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "transformers>=4.40", "safetensors>=0.4", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
         "bench": ["pytest-benchmark", "matplotlib"],
-        "test": ["pytest", "transformers"],
+        "test": ["pytest"],
     },
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=True)},

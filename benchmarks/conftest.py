@@ -42,7 +42,7 @@ def bench_report():
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not _REPORT.rows:
+    if not _REPORT.rows and not _REPORT.sections:
         return
     tr = terminalreporter
     tr.section("surgellm_kernels benchmark report (ratios within this run)")

@@ -127,6 +127,11 @@ def rounds_for(seconds_per_call: float) -> int:
 class Report:
     def __init__(self):
         self.rows: List[Row] = []
+        # free-form results of benchmarks that are not op cases: title -> lines
+        self.sections: Dict[str, List[str]] = {}
+
+    def add_section_line(self, title: str, line: str) -> None:
+        self.sections.setdefault(title, []).append(line)
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
@@ -165,6 +170,8 @@ class Report:
     def format_tables(self) -> str:
         rows = self.table_rows()
         lines = []
+        for title, section in self.sections.items():
+            lines += ["", title, *section]
         for op in sorted({r["op"] for r in rows}):
             for mode in MODES:
                 sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
@@ -199,7 +206,8 @@ class Report:
         meta = machine_info()
         json_path = os.path.join(folder, "results.json")
         with open(json_path, "w") as f:
-            json.dump({"machine": meta, "rows": self.table_rows()}, f, indent=1)
+            json.dump({"machine": meta, "rows": self.table_rows(), "sections": self.sections},
+                      f, indent=1)
         paths = [json_path]
         png = self._plot(os.path.join(folder, "speedup.png"), meta)
         if png:

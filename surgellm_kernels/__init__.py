@@ -2,8 +2,10 @@
 instance-weighted normalization (IWN), with the paper's reference modules."""
 from ._backend import backends, cpu_kernel_build
 from .features import lexical_features, task_prefix
+from .model import SurgeLLMConfig, SurgeLLMModel
 from .modules import FusedInstanceWeightedNorm, FusedSurgicalGate
 from .ops import fused_iwn, fused_surgical_gate
+from .patching import PatchReport, patch_model
 from .reference import InstanceWeightedNorm, SurgicalGate
 
 __all__ = [
@@ -13,6 +15,10 @@ __all__ = [
     "SurgicalGate",
     "FusedInstanceWeightedNorm",
     "FusedSurgicalGate",
+    "SurgeLLMConfig",
+    "SurgeLLMModel",
+    "patch_model",
+    "PatchReport",
     "lexical_features",
     "task_prefix",
     "backends",

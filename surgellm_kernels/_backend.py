@@ -138,7 +138,14 @@ def select_backend(op: str, device: torch.device) -> str:
     return backend
 
 
-def _choose(op: str, device: torch.device) -> str:
+def planned_backend(op: str, device) -> str:
+    """The backend a call of ``op`` on ``device`` tensors will run, found
+    without side effects (no registration, no warning); raises as the call
+    would when ``SURGELLM_BACKEND`` forces a backend that cannot run it."""
+    return _choose(op, torch.device(device), warn=False)
+
+
+def _choose(op: str, device: torch.device, warn: bool = True) -> str:
     forced = forced_backend()
     if forced is not None:
         why = _why_not(forced, device, op)
@@ -149,7 +156,7 @@ def _choose(op: str, device: torch.device) -> str:
     for name in candidates:
         if _why_not(name, device, op) is None:
             return name
-    if device.type in ("cpu", "cuda") and op in _OPS["cpu"]:
+    if warn and device.type in ("cpu", "cuda") and op in _OPS["cpu"]:
         _warn_eager_once(op)
     return "eager"
 

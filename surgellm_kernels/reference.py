@@ -367,4 +367,9 @@ class SurgicalGate(nn.Module):
         s_proj = F.relu(self.feature_projection(s))
         w_h, w_s = self.gate.weight.split(self.d_model, dim=1)
         logits = F.linear(h_task, w_h) + F.linear(s_proj, w_s, self.gate.bias)
-        return self._fuse(h_task, s_proj, logits, self.norm.weight, self.norm.bias, self.eps)
+        # Under autocast the linears return the low-precision dtype while h~
+        # keeps the encoder's: the tail (a LayerNorm, which autocast runs in
+        # float32) takes all three in their widest dtype.
+        dtype = torch.promote_types(torch.promote_types(h_task.dtype, s_proj.dtype), logits.dtype)
+        return self._fuse(h_task.to(dtype), s_proj.to(dtype), logits.to(dtype), self.norm.weight,
+                          self.norm.bias, self.eps)

@@ -37,7 +37,9 @@ TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-5, torch.bfloat16: 5e-2,
               torch.float16: 1e-2}
 
 
-def assert_close(actual, expected, dtype=None, scale=1.0):
-    """Compare in float64 at the tolerance of ``dtype`` (default: actual's)."""
+def assert_close(actual, expected, dtype=None, scale=1.0, name=None):
+    """Compare in float64 at the tolerance of ``dtype`` (default: actual's);
+    ``name`` prefixes the failure message."""
     tol = TOLERANCES[dtype or actual.dtype] * scale
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol,
+                               msg=None if name is None else (lambda m: f"{name}: {m}"))

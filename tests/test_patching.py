@@ -1,0 +1,150 @@
+"""patch_model on arbitrary modules: the swap shares Parameters and buffers,
+is idempotent, reports what it did and why it skipped, and reverts exactly."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from _helpers import assert_close
+from surgellm_kernels import (FusedInstanceWeightedNorm, FusedSurgicalGate, InstanceWeightedNorm,
+                              SurgicalGate, backends, patch_model)
+
+
+class Toy(nn.Module):
+    """References nested at several depths, in a Sequential, a ModuleList and
+    a ModuleDict, one of them registered twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = InstanceWeightedNorm(16, num_classes=3, num_tasks=2, affine=True, gate=True)
+        self.blocks = nn.Sequential(nn.Linear(8, 8), SurgicalGate(8, num_features=16, num_tasks=2))
+        self.more = nn.ModuleList([SurgicalGate(8, num_features=16, num_tasks=2)])
+        self.by_name = nn.ModuleDict({"again": self.more[0]})
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, h, s, labels, task_ids):
+        s = self.norm(s, labels, task_ids)
+        z = self.blocks[1](self.blocks[0](h), s, task_ids) + self.more[0](h, s, task_ids)
+        return self.head(z)
+
+
+def inputs(n=24):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, 8, generator=g), torch.randn(n, 16, generator=g),
+            torch.randint(0, 3, (n,), generator=g), torch.randint(0, 2, (n,), generator=g))
+
+
+def test_swaps_share_parameters_and_buffers():
+    torch.manual_seed(0)
+    model = Toy()
+    before = {k: (v, v.data_ptr(), v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built before patching
+    expected = Toy.forward(model, *inputs())
+
+    report = patch_model(model)
+    assert isinstance(model.norm, FusedInstanceWeightedNorm)
+    assert isinstance(model.blocks[1], FusedSurgicalGate)
+    assert isinstance(model.more[0], FusedSurgicalGate)
+    assert model.by_name["again"] is model.more[0]  # one twin for the shared module
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(before)
+    for key, (tensor, ptr, shape) in before.items():
+        assert after[key] is tensor and after[key].data_ptr() == ptr and after[key].shape == shape
+
+    assert sorted(report.backends) == ["blocks.1", "more.0", "norm"]
+    if backends("cpu")["cpu"].available:
+        assert not report.eager
+        assert all(v.startswith("cpu (") for v in report.backends.values())
+    table = str(report)
+    for text in ("module", "blocks.1", "InstanceWeightedNorm", "FusedSurgicalGate",
+                 "3 swapped, 0 skipped"):
+        assert text in table
+
+    # the same numbers, and the optimizer built before patching trains the patched model
+    out = model(*inputs())
+    assert_close(out, expected)
+    out.square().mean().backward()
+    weight = model.norm.gate_logits.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model.norm.gate_logits, weight)
+
+
+def test_idempotent_and_skips_with_reasons():
+    model = Toy()
+    patch_model(model)
+    again = patch_model(model)
+    assert not again.swaps
+    assert {(k.name, k.reason) for k in again.skipped} == {
+        ("norm", "already fused"), ("blocks.1", "already fused"), ("more.0", "already fused")}
+
+    class MyNorm(InstanceWeightedNorm):
+        def forward(self, x, labels=None, task_ids=None):
+            return super().forward(x, labels, task_ids) * 2
+
+    holder = nn.Sequential(MyNorm(4, 2), InstanceWeightedNorm(4, 2))
+    report = patch_model(holder)
+    assert type(holder[0]) is MyNorm and isinstance(holder[1], FusedInstanceWeightedNorm)
+    assert [(k.name, k.cls) for k in report.skipped] == [("0", "MyNorm")]
+    assert "subclass of InstanceWeightedNorm" in report.skipped[0].reason
+    assert "skipped: subclass" in str(report)
+
+    root = InstanceWeightedNorm(4, 2)
+    report = patch_model(root)
+    assert not report.swaps and report.skipped[0].name == "(root)"
+    assert "no InstanceWeightedNorm" in str(patch_model(nn.Linear(2, 2)))
+
+
+def test_revert_restores_the_originals():
+    model = Toy()
+    originals = (model.norm, model.blocks[1], model.more[0])
+    report = patch_model(model)
+    model.eval()                      # state changed while patched ...
+    model.norm.fit(torch.randn(30, 16), torch.randint(0, 3, (30,)),
+                   torch.randint(0, 2, (30,)))
+    report.revert()
+    assert (model.norm, model.blocks[1], model.more[0]) == originals
+    assert model.by_name["again"] is originals[2]
+    assert type(model.norm) is InstanceWeightedNorm
+    assert not model.norm.training and model.norm._frozen     # ... is carried back
+    assert "(reverted)" in str(report)
+    report.revert()                   # twice is a no-op
+    # a slot changed after patching: revert refuses, changing nothing
+    report = patch_model(model)
+    model.blocks[1] = nn.Identity()
+    with pytest.raises(RuntimeError, match="cannot revert blocks.1"):
+        report.revert()
+    assert isinstance(model.norm, FusedInstanceWeightedNorm)
+
+
+def test_backend_argument_and_failures_change_nothing(monkeypatch):
+    model = Toy()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        patch_model(model, backend="fast")
+    available = backends("cpu")
+    wanted = "eager" if available["cpu"].available else "cpu"
+    with pytest.raises(ValueError, match=f"backend='{wanted}' was asked for"):
+        patch_model(model, backend=wanted)
+    assert type(model.norm) is InstanceWeightedNorm   # nothing patched
+    if available["cpu"].available:
+        assert patch_model(model, backend="cpu").swaps
+        model = Toy()
+    monkeypatch.setenv("SURGELLM_BACKEND", "eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = patch_model(model, backend="eager")
+    assert sorted(report.eager) == ["blocks.1", "more.0", "norm"]
+    assert any("eager reference" in str(w.message) for w in caught)
+    with pytest.raises(TypeError, match="nn.Module"):
+        patch_model("model")
+
+
+def test_compiled_model_is_refused():
+    model = nn.Sequential(torch.compile(nn.Sequential(InstanceWeightedNorm(4, 2))))
+    with pytest.raises(ValueError, match="patch before torch.compile"):
+        patch_model(model)
+    assert type(model[0]._orig_mod[0]) is InstanceWeightedNorm
+    in_place = nn.Sequential(InstanceWeightedNorm(4, 2))
+    in_place[0].compile()
+    with pytest.raises(ValueError, match="patch before torch.compile"):
+        patch_model(in_place)
