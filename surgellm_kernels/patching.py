@@ -160,8 +160,10 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         raise ValueError(f"backend must be one of {_backend.BACKENDS} or None, got {backend!r}")
     fused_classes = {fused for fused, _ in FUSED_TWINS.values()}
     names = {id(m): name for name, m in model.named_modules()}
+    # keyed by id(child): a module registered under several parents is
+    # swapped (one twin, every slot) or skipped once
     swaps: Dict[int, Swap] = {}
-    skipped: List[Skip] = []
+    skipped: Dict[int, Skip] = {}
     for module in model.modules():
         # torch.compile(module) wraps it; module.compile() compiles in place
         if (type(module).__name__ == "OptimizedModule"
@@ -169,21 +171,21 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             raise ValueError("model contains a torch.compile'd module: patch before "
                              "torch.compile")
         for attr, child in module._modules.items():
-            if child is None or id(child) in swaps:
-                if child is not None:
-                    swaps[id(child)].slots += ((module, attr),)
+            if child is None or id(child) in skipped:
+                continue
+            if id(child) in swaps:
+                swaps[id(child)].slots += ((module, attr),)
                 continue
             name = names[id(child)]
             if type(child) in fused_classes:
-                if not any(k.name == name for k in skipped):
-                    skipped.append(Skip(name, type(child).__name__, "already fused"))
+                skipped[id(child)] = Skip(name, type(child).__name__, "already fused")
                 continue
             twin_and_op = FUSED_TWINS.get(type(child))
             if twin_and_op is None:
                 base = next((c for c in FUSED_TWINS if isinstance(child, c)), None)
-                if base is not None and not any(k.name == name for k in skipped):
-                    skipped.append(Skip(name, type(child).__name__,
-                                        f"subclass of {base.__name__} with its own code"))
+                if base is not None:
+                    skipped[id(child)] = Skip(name, type(child).__name__,
+                                              f"subclass of {base.__name__} with its own code")
                 continue
             fused_cls, op = twin_and_op
             device = _device_of(child)
@@ -197,14 +199,14 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             swaps[id(child)] = Swap(name, child, _twin(child, fused_cls),
                                     _backend_label(planned, device), ((module, attr),))
     if isinstance(model, tuple(FUSED_TWINS)) and type(model) not in fused_classes:
-        skipped.append(Skip("(root)", type(model).__name__,
-                            "the root module has no parent to swap it on; construct the fused "
-                            "class instead"))
+        skipped[id(model)] = Skip("(root)", type(model).__name__,
+                                  "the root module has no parent to swap it on; construct the "
+                                  "fused class instead")
     # Everything checked: now swap.
     for swap in swaps.values():
         for parent, attr in swap.slots:
             parent._modules[attr] = swap.new
-    report = PatchReport(list(swaps.values()), skipped)
+    report = PatchReport(list(swaps.values()), list(skipped.values()))
     if report.eager:
         warnings.warn(f"patch_model: no fused kernel here for {report.eager}; they run the "
                       f"eager reference", RuntimeWarning, stacklevel=2)

@@ -14,7 +14,6 @@ Bad data or arguments print ``error: <message>`` and exit with code 2.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -24,21 +23,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._cli import (ArgumentParser, UsageError, fail, patch_for_kernels, positive_float,
+                   positive_int, resolve_device, write_json)
 from .data import DataError, LabelSpace, prepare_all, read_examples, select_rows
-from .evaluate import (ArgumentParser, UsageError, evaluate_model, fail, format_metrics,
-                       patch_for_kernels, positive_int, resolve_device, write_json)
+from .evaluate import evaluate_model, format_metrics
 
 __all__ = ["main", "build_parser"]
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
 
 
 def build_parser() -> ArgumentParser:
@@ -53,7 +43,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="stop after this many optimizer steps, even mid-epoch")
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--lr", type=_positive_float, default=5e-5)
+    parser.add_argument("--lr", type=positive_float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernels", choices=("fused", "reference"), default="fused",
                         help="fused: patch_model (the default); reference: PyTorch modules")

@@ -275,7 +275,7 @@ def test_input_errors(tokenizer_dir):
     with pytest.raises(ValueError, match=r"labels\[1\]=5"):
         model(**batch)
     with pytest.raises(ValueError, match="number of classes >= 2"):
-        make_model(tokenizer_dir).from_encoder(model.encoder, {"x": 1}, tokenizer=model.tokenizer)
+        SurgeLLMModel.from_encoder(model.encoder, {"x": 1}, tokenizer=model.tokenizer)
     with pytest.raises(ValueError, match="task names"):
         SurgeLLMModel.from_encoder(model.encoder, {"a b": 2}, tokenizer=model.tokenizer)
     with pytest.raises(ValueError, match="tokenizer is required"):
