@@ -43,3 +43,22 @@ def assert_close(actual, expected, dtype=None, scale=1.0, name=None):
     tol = TOLERANCES[dtype or actual.dtype] * scale
     torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol,
                                msg=None if name is None else (lambda m: f"{name}: {m}"))
+
+
+def assert_same_bits_across_threads(run):
+    """``run()`` (returning a sequence of tensors) gives bitwise the same
+    results twice with 2 threads and once with 1: the reductions must not
+    depend on scheduling or thread count."""
+    threads = torch.get_num_threads()
+
+    def once(num_threads):
+        torch.set_num_threads(num_threads)
+        try:
+            return run()
+        finally:
+            torch.set_num_threads(threads)
+
+    first = once(2)
+    for other in (once(2), once(1)):
+        for a, b in zip(first, other):
+            assert torch.equal(a, b)

@@ -8,7 +8,8 @@ import torch
 from surgellm_kernels import fused_iwn
 from surgellm_kernels.reference import iwn_reference
 
-from _helpers import TOLERANCES, assert_close, device_backends, on_device
+from _helpers import (TOLERANCES, assert_close, assert_same_bits_across_threads, device_backends,
+                      on_device)
 
 PAIRS = device_backends()
 KERNEL_PAIRS = [(b, d) for b, d in PAIRS if b != "eager"]
@@ -39,7 +40,6 @@ def _run(fn, x, params, dy, **kwargs):
     """Output and gradients for x and every parameter present."""
     leaves = [t for t in (x, *params.values()) if t is not None]
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
-    args = dict(zip(["x", *params.keys()], leaves))
     it = iter(leaves[1:])
     call = {k: (next(it) if v is not None else None) for k, v in params.items()}
     y = fn(leaves[0], **call, **kwargs)
@@ -232,20 +232,11 @@ def test_bitwise_deterministic_across_runs_and_threads(backend, device, force_ba
     gate = torch.randn(F, device=device, requires_grad=True)
     labels = _labels(N).to(device)
     dy = torch.randn(N, F, device=device)
-    threads = torch.get_num_threads()
 
-    def once(num_threads):
-        torch.set_num_threads(num_threads)
-        try:
-            y = fused_iwn(x, labels, gate, training=True, num_classes=10)
-            return (y, *torch.autograd.grad(y, (x, gate), dy))
-        finally:
-            torch.set_num_threads(threads)
-
-    first = once(2)
-    for other in (once(2), once(1)):
-        for a, b in zip(first, other):
-            assert torch.equal(a, b)
+    def run():
+        y = fused_iwn(x, labels, gate, training=True, num_classes=10)
+        return (y, *torch.autograd.grad(y, (x, gate), dy))
+    assert_same_bits_across_threads(run)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)

@@ -7,7 +7,8 @@ import torch
 from surgellm_kernels import FusedSurgicalGate, SurgicalGate, fused_surgical_gate
 from surgellm_kernels.reference import surgical_gate_reference
 
-from _helpers import TOLERANCES, assert_close, device_backends, on_device
+from _helpers import (TOLERANCES, assert_close, assert_same_bits_across_threads, device_backends,
+                      on_device)
 
 PAIRS = device_backends()
 KERNEL_PAIRS = [(b, d) for b, d in PAIRS if b != "eager"]
@@ -152,19 +153,7 @@ def test_bitwise_deterministic_across_runs_and_threads(backend, device, force_ba
     force_backend(backend)
     shape = (64, 40) if _interpreted(backend, device) else (3000, 97)
     tensors, params, dz = on_device(device, *_inputs(shape, torch.float32))
-    threads = torch.get_num_threads()
-
-    def once(num_threads):
-        torch.set_num_threads(num_threads)
-        try:
-            return _run(fused_surgical_gate, tensors, params, dz)
-        finally:
-            torch.set_num_threads(threads)
-
-    first = once(2)
-    for other in (once(2), once(1)):
-        for a, b in zip(first, other):
-            assert torch.equal(a, b)
+    assert_same_bits_across_threads(lambda: _run(fused_surgical_gate, tensors, params, dz))
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)

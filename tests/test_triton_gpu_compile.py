@@ -164,19 +164,31 @@ def _compile_all(out_path):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(y_ptr + rows * F, tl.load(x_ptr + rows * F, mask=rows < N), mask=rows < N)
 
-    result = {"jit_functions": sorted(name for name, obj in vars(iwn).items()
-                                      if isinstance(obj, triton.runtime.jit.JITFunction)),
-              "cases": {}}
-    for case_id, name, sig, const, _wide in CASES:
-        try:
-            result["cases"][case_id] = {"ttir": compile_one(getattr(iwn, name), sig, const)}
-        except Exception as exc:  # reported by the test that owns the case
-            result["cases"][case_id] = {"error": f"{type(exc).__name__}: {exc}"}
+    result = compile_cases(iwn, CASES, lambda fn, case: compile_one(fn, case[2], case[3]))
     result["control"] = compile_one(_int32_rows_control,
                                     dict(x_ptr="*fp32", y_ptr="*fp32", N="i32", F="i32"),
                                     dict(BLOCK_N=8))
     with open(out_path, "w") as f:
         json.dump(result, f)
+
+
+def compile_cases(module, cases, compile_case) -> dict:
+    """In the subprocess: the names of ``module``'s jitted functions, and for
+    each case (case id, kernel name, ...) the TTIR that
+    ``compile_case(kernel, case)`` gives, or its error -- reported by the
+    test that owns the case, not here."""
+    import triton
+
+    result = {"jit_functions": sorted(name for name, obj in vars(module).items()
+                                      if isinstance(obj, triton.runtime.jit.JITFunction)),
+              "cases": {}}
+    for case in cases:
+        case_id, name = case[0], case[1]
+        try:
+            result["cases"][case_id] = {"ttir": compile_case(getattr(module, name), case)}
+        except Exception as exc:
+            result["cases"][case_id] = {"error": f"{type(exc).__name__}: {exc}"}
+    return result
 
 
 # -- the test process -------------------------------------------------------------------
@@ -234,10 +246,9 @@ def _accesses(ttir, arg):
     return found
 
 
-@pytest.mark.parametrize("case_id", CASE_IDS)
-def test_kernel_compiles_with_64bit_offsets(compiled, case_id):
-    _id, name, _sig, _const, wide = CASES[CASE_IDS.index(case_id)]
-    entry = compiled["cases"][case_id]
+def check_compiled_with_64bit_offsets(entry, name, wide):
+    """Kernel ``name`` compiled, and every load and store through each
+    pointer argument in ``wide`` has a 64-bit offset step."""
     assert "error" not in entry, f"{name} does not compile for sm_90: {entry.get('error')}"
     ttir = entry["ttir"]
     assert f"tt.func public @{name}(" in ttir
@@ -248,11 +259,21 @@ def test_kernel_compiles_with_64bit_offsets(compiled, case_id):
         assert not narrow, f"{name}: {arg} addressed with 32-bit offsets only: {narrow}"
 
 
-def test_every_kernel_has_a_case(compiled):
-    launched = set(compiled["jit_functions"]) - HELPERS
-    covered = {c[1] for c in CASES}
+def check_every_kernel_has_a_case(compiled, cases, helpers):
+    launched = set(compiled["jit_functions"]) - helpers
+    covered = {c[1] for c in cases}
     assert launched == covered, (f"kernels without a compile case: {launched - covered}; "
                                  f"cases for unknown kernels: {covered - launched}")
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_kernel_compiles_with_64bit_offsets(compiled, case_id):
+    _id, name, _sig, _const, wide = CASES[CASE_IDS.index(case_id)]
+    check_compiled_with_64bit_offsets(compiled["cases"][case_id], name, wide)
+
+
+def test_every_kernel_has_a_case(compiled):
+    check_every_kernel_has_a_case(compiled, CASES, HELPERS)
 
 
 def test_offset_check_catches_int32_rows(compiled):

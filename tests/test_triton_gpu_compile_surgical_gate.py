@@ -20,7 +20,9 @@ import pytest
 
 pytest.importorskip("triton")
 
-from test_triton_gpu_compile import (REPO, TARGET, _DT, _accesses, _is_i64,  # noqa: E402
+from test_triton_gpu_compile import (REPO, TARGET, _DT,  # noqa: E402
+                                     check_compiled_with_64bit_offsets,
+                                     check_every_kernel_has_a_case, compile_cases,
                                      compile_in_subprocess)
 
 # Device functions called by the kernels (inlined into them), never launched.
@@ -104,14 +106,7 @@ def _compile_all(out_path):
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=const)
         return triton.compile(src, target=target, options={"num_warps": warps}).asm["ttir"]
 
-    result = {"jit_functions": sorted(name for name, obj in vars(sg).items()
-                                      if isinstance(obj, triton.runtime.jit.JITFunction)),
-              "cases": {}}
-    for case_id, name, sig, const, d, _wide in CASES:
-        try:
-            result["cases"][case_id] = {"ttir": compile_one(getattr(sg, name), sig, const, d)}
-        except Exception as exc:  # reported by the test that owns the case
-            result["cases"][case_id] = {"error": f"{type(exc).__name__}: {exc}"}
+    result = compile_cases(sg, CASES, lambda fn, case: compile_one(fn, *case[2:5]))
     with open(out_path, "w") as f:
         json.dump(result, f)
 
@@ -127,22 +122,11 @@ def compiled(tmp_path_factory):
 @pytest.mark.parametrize("case_id", CASE_IDS)
 def test_kernel_compiles_with_64bit_offsets(compiled, case_id):
     _id, name, _sig, _const, _d, wide = CASES[CASE_IDS.index(case_id)]
-    entry = compiled["cases"][case_id]
-    assert "error" not in entry, f"{name} does not compile for sm_90: {entry.get('error')}"
-    ttir = entry["ttir"]
-    assert f"tt.func public @{name}(" in ttir
-    for arg in wide:
-        chains = _accesses(ttir, arg)
-        assert chains, f"{name}: nothing loaded or stored through {arg} (test out of date?)"
-        narrow = [c for c in chains if not any(_is_i64(t) for t in c)]
-        assert not narrow, f"{name}: {arg} addressed with 32-bit offsets only: {narrow}"
+    check_compiled_with_64bit_offsets(compiled["cases"][case_id], name, wide)
 
 
 def test_every_kernel_has_a_case(compiled):
-    launched = set(compiled["jit_functions"]) - HELPERS
-    covered = {c[1] for c in CASES}
-    assert launched == covered, (f"kernels without a compile case: {launched - covered}; "
-                                 f"cases for unknown kernels: {covered - launched}")
+    check_every_kernel_has_a_case(compiled, CASES, HELPERS)
 
 
 if __name__ == "__main__":
