@@ -163,6 +163,19 @@ def _reduce_chunks(partial: torch.Tensor, out: torch.Tensor, ACC) -> None:
 # -- forward: group moments -----------------------------------------------------------
 
 @triton.jit
+def _group_tile(x_ptr, gate_ptr, keys_ptr, rows, cols, fmask, groups, N, F, G,
+                GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """A tile of u (0 in invalid rows) and, per row, which of ``groups`` it
+    belongs to: what both passes of _moments_partial read, read the same way."""
+    key = _row_keys(keys_ptr, rows, N, G, HAS_KEYS, BLOCK_N)
+    mask = (key >= 0)[:, None] & fmask[None, :]
+    u, _s = _load_u(x_ptr, gate_ptr, rows[:, None] * F + cols[None, :], cols, mask, F,
+                    GATE_MODE, ACC)
+    return u, key[:, None] == groups[None, :]
+
+
+@triton.jit
 def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, pres_ptr, N, F,
                      G, ROWS_PER_CHUNK, GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr,
                      ONE_CHUNK: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -180,11 +193,8 @@ def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, 
     total = tl.zeros((GROUP_TILE, BLOCK_F), ACC)
     for i in range(0, ROWS_PER_CHUNK, BLOCK_N):
         rows = row0 + i + tl.arange(0, BLOCK_N)
-        key = _row_keys(keys_ptr, rows, N, G, HAS_KEYS, BLOCK_N)
-        mask = (key >= 0)[:, None] & fmask[None, :]
-        u, _s = _load_u(x_ptr, gate_ptr, rows[:, None] * F + cols[None, :], cols, mask, F,
-                        GATE_MODE, ACC)
-        hit = key[:, None] == groups[None, :]
+        u, hit = _group_tile(x_ptr, gate_ptr, keys_ptr, rows, cols, fmask, groups, N, F, G,
+                             GATE_MODE, HAS_KEYS, ACC, BLOCK_N)
         count += tl.sum(hit.to(ACC), axis=0)
         total += tl.sum(tl.where(hit[:, :, None], u[:, None, :], 0.0), axis=0)
     mean = total / tl.maximum(count, 1.0)[:, None]
@@ -192,11 +202,8 @@ def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, 
     res = tl.zeros((GROUP_TILE, BLOCK_F), ACC)
     for i in range(0, ROWS_PER_CHUNK, BLOCK_N):
         rows = row0 + i + tl.arange(0, BLOCK_N)
-        key = _row_keys(keys_ptr, rows, N, G, HAS_KEYS, BLOCK_N)
-        mask = (key >= 0)[:, None] & fmask[None, :]
-        u, _s = _load_u(x_ptr, gate_ptr, rows[:, None] * F + cols[None, :], cols, mask, F,
-                        GATE_MODE, ACC)
-        hit = key[:, None] == groups[None, :]
+        u, hit = _group_tile(x_ptr, gate_ptr, keys_ptr, rows, cols, fmask, groups, N, F, G,
+                             GATE_MODE, HAS_KEYS, ACC, BLOCK_N)
         dev = u - tl.sum(tl.where(hit[:, :, None], mean[None, :, :], 0.0), axis=1)
         m2 += tl.sum(tl.where(hit[:, :, None], (dev * dev)[:, None, :], 0.0), axis=0)
         res += tl.sum(tl.where(hit[:, :, None], dev[:, None, :], 0.0), axis=0)
