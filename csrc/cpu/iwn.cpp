@@ -18,16 +18,10 @@
 #include "../include/iwn_math.h"
 #include "row_kernels.h"
 
-#ifndef CPU_CAPABILITY
-#error "compile iwn.cpp with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512"
-#endif
-
 namespace surgellm {
 namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
-
-using at::vec::Vectorized;
 
 // One row of u = x * s, read a vector at a time: either x and the per-feature
 // s = sigmoid(gate) multiplied on the fly (no buffer pass), or a row already

@@ -10,16 +10,10 @@
 
 #include "row_kernels.h"
 
-#ifndef CPU_CAPABILITY
-#error "compile surgical_gate.cpp with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512"
-#endif
-
 namespace surgellm {
 namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
-
-using at::vec::Vectorized;
 
 template <typename acc_t>
 acc_t sum_lanes(const Vectorized<acc_t>& v) {

@@ -370,10 +370,8 @@ Tensor iwn_group_keys_device(const optional<Tensor>& labels, const optional<Tens
   return at::where(valid, key, -1).to(at::kInt);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(surgellm, CPU, m) {
-  m.impl("iwn_group_keys", &iwn_group_keys_cpu);
+// The phase entry points serve both device types (run_phase picks the kernel).
+void impl_phase_kernels(torch::Library& m) {
   m.impl("iwn_group_moments", &iwn_group_moments);
   m.impl("iwn_combine", &iwn_combine);
   m.impl("iwn_apply", &iwn_apply);
@@ -382,17 +380,19 @@ TORCH_LIBRARY_IMPL(surgellm, CPU, m) {
   m.impl("iwn_input_grad", &iwn_input_grad);
 }
 
+}  // namespace
+
+TORCH_LIBRARY_IMPL(surgellm, CPU, m) {
+  m.impl("iwn_group_keys", &iwn_group_keys_cpu);
+  impl_phase_kernels(m);
+}
+
 // The keys need no kernel of ours on CUDA: registered even without the CUDA
 // kernels, so that Triton (which replaces the phase kernels) finds them.
 TORCH_LIBRARY_IMPL(surgellm, CUDA, m) {
   m.impl("iwn_group_keys", &iwn_group_keys_device);
 #ifdef SURGELLM_WITH_CUDA
-  m.impl("iwn_group_moments", &iwn_group_moments);
-  m.impl("iwn_combine", &iwn_combine);
-  m.impl("iwn_apply", &iwn_apply);
-  m.impl("iwn_task_sums", &iwn_task_sums);
-  m.impl("iwn_coefficients", &iwn_coefficients);
-  m.impl("iwn_input_grad", &iwn_input_grad);
+  impl_phase_kernels(m);
 #endif
 }
 
