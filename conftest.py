@@ -7,6 +7,12 @@ the real compiler is used instead.
 """
 import os
 
+# `SURGELLM_BACKEND=cuda pytest tests/` (scripts/gpu_check.sh) selects the
+# kernels under test: the (backend, device) parametrized tests run that
+# backend (and the eager reference) only. The variable itself is removed, as
+# forcing one backend on every call would break the tests of CPU tensors.
+os.environ["SURGELLM_TESTED_BACKEND"] = os.environ.pop("SURGELLM_BACKEND", "")
+
 try:
     import torch
 

@@ -116,10 +116,13 @@ setup(
     version="0.1.0",
     description="Fused kernels for SURGELLM: sigmoid surgical gate and instance-weighted normalization",
     packages=find_packages(include=["surgellm_kernels", "surgellm_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "transformers>=4.40", "safetensors>=0.4", "tqdm"],
+    # Tested: Python 3.11 / torch 2.13 / Triton 3.9 / transformers 5.24 (CI) and
+    # the GPU machines' Python 3.12 / torch 2.11 / Triton 3.6 / transformers 5.17.
+    python_requires=">=3.10,<3.14",
+    install_requires=["torch>=2.4,<3", "numpy", "transformers>=4.40,<6", "safetensors>=0.4",
+                      "tqdm"],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.0,<4"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "test": ["pytest"],
     },

@@ -18,6 +18,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 QUICK = os.environ.get("SURGELLM_BENCH_QUICK", "0") not in ("", "0")
+# Overrides of the cases, e.g. for scripts/gpu_check.sh:
+# SURGELLM_BENCH_SHAPES="32768x768,4096x768"  SURGELLM_BENCH_DTYPES="float16,bfloat16"
+SHAPES_ENV, DTYPES_ENV = "SURGELLM_BENCH_SHAPES", "SURGELLM_BENCH_DTYPES"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MODES = ("eval", "train_fwd", "train_fwd_bwd")
 # Tensors of x's size an ideal kernel moves, per op and mode. fused_iwn: eval
 # reads x, writes y; training reads x twice (statistics, then normalize) and
@@ -30,6 +34,7 @@ TENSORS_MOVED = {
     "SurgicalGate module": {"eval": 4, "train_fwd": 4, "train_fwd_bwd": 11},
 }
 PROXY = "addcmul proxy"
+COPY = "D2D copy of ideal bytes"  # CUDA roofline: copy_ moving the ideal bytes
 PROXY_TENSORS = 4  # torch.addcmul(a, b, c, out=o): three reads, one write
 ALLOCATOR = "default"  # set by conftest.py
 
@@ -55,6 +60,34 @@ class Case:
         return TENSORS_MOVED[self.op][self.mode] * numel * elsize
 
 
+def shapes(default: List[Tuple[int, ...]]) -> List[Tuple[int, ...]]:
+    text = os.environ.get(SHAPES_ENV, "").strip()
+    if not text:
+        return default
+    return [tuple(int(n) for n in shape.split("x")) for shape in text.split(",")]
+
+
+def dtypes(device: str) -> List[torch.dtype]:
+    text = os.environ.get(DTYPES_ENV, "").strip()
+    if text:
+        return [getattr(torch, name.strip()) for name in text.split(",")]
+    if QUICK:
+        return [torch.float32]
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+
+
+def cases(op: str, default_shapes, modes=MODES) -> List[Case]:
+    """The op's cases on every device present, for the shapes and dtypes of
+    this run (the defaults, or the environment's overrides)."""
+    return [Case(op, mode, shape, dtype, device) for device in DEVICES
+            for dtype in dtypes(device) for shape in shapes(default_shapes) for mode in modes]
+
+
+def case_id(case: Case) -> str:
+    return (f"{case.device}-{str(case.dtype).split('.')[-1]}-"
+            f"{'x'.join(map(str, case.shape))}-{case.mode}")
+
+
 @dataclass
 class Implementation:
     """``build(case)`` returns (fn, None) with fn() -> outputs, or (None, why)."""
@@ -74,6 +107,21 @@ class Row:
     median_ms: Optional[float] = None
     peak_mb: Optional[float] = None
     note: str = ""
+
+
+def _copy_of_ideal_bytes(case: Case):
+    """copy_ between two device buffers of half the case's ideal bytes (a
+    copy reads and writes each byte): the bandwidth a kernel moving exactly
+    the ideal bytes can hope for."""
+    if not case.device.startswith("cuda"):
+        return None, "the device-to-device copy roofline is measured on CUDA only"
+    numel = max(1, case.bytes_moved // 2)
+    src = torch.empty(numel, dtype=torch.uint8, device=case.device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), None
+
+
+COPY_ROOFLINE = Implementation(COPY, _copy_of_ideal_bytes)
 
 
 def sync(device: str) -> None:
@@ -149,6 +197,7 @@ class Report:
             eager = times.get(base + ("eager",))
             compiled = times.get(base + ("torch.compile",))
             proxy = times.get(base + (PROXY,))
+            copy = times.get(base + (COPY,))
             d = asdict(r)
             if r.median_ms is not None:
                 numel = 1
@@ -164,6 +213,8 @@ class Report:
                 # the proxy's time scaled to this mode's bytes, over ours
                 d["roofline"] = (proxy * TENSORS_MOVED[r.op][r.mode] / PROXY_TENSORS / r.median_ms
                                  if proxy else None)
+                # CUDA: the fraction of copy bandwidth reached on the ideal bytes
+                d["vs_copy"] = copy / r.median_ms if copy and r.impl != COPY else None
             out.append(d)
         return out
 
@@ -177,13 +228,16 @@ class Report:
                 sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
                 if not sel:
                     continue
+                with_copy = any(r.get("vs_copy") for r in sel)
                 lines.append("")
                 lines.append(f"{op} -- {mode} (roofline: {PROXY} time scaled to "
                              f"{TENSORS_MOVED[op][mode]} tensors / ours, >1 beats the proxy; "
-                             f"peak: memory held beyond the inputs, outputs included)")
+                             f"peak: memory held beyond the inputs, outputs included"
+                             + (f"; vs copy: {COPY} time / ours, 1 = copy bandwidth)"
+                                if with_copy else ")"))
                 head = (f"{'shape':>11} {'dtype':>9} {'device':>6} {'implementation':<24} "
                         f"{'median ms':>10} {'vs eager':>9} {'vs comp.':>9} {'GB/s':>7} "
-                        f"{'roofline':>8} {'peak MB':>8}")
+                        f"{'roofline':>8} {'peak MB':>8}" + (f" {'vs copy':>7}" if with_copy else ""))
                 lines.append(head)
                 lines.append("-" * len(head))
                 for r in sel:
@@ -198,7 +252,8 @@ class Report:
                         f"{r['shape']:>11} {r['dtype'].split('.')[-1]:>9} {r['device']:>6} "
                         f"{r['impl']:<24} {r['median_ms']:>10.3f} {fmt(r['vs_eager'], '>8.2f')}x "
                         f"{fmt(r['vs_compile'], '>8.2f')}x {r['gb_per_s']:>7.1f} "
-                        f"{fmt(r['roofline'], '>8.2f')} {fmt(r['peak_mb'], '>8.1f')}")
+                        f"{fmt(r['roofline'], '>8.2f')} {fmt(r['peak_mb'], '>8.1f')}"
+                        + (f" {fmt(r.get('vs_copy'), '>7.2f')}" if with_copy else ""))
         return "\n".join(lines)
 
     def save(self, folder: str) -> List[str]:

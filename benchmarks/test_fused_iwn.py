@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import MODES, PROXY, QUICK, Case, Implementation, run_case
+from harness import COPY_ROOFLINE, PROXY, QUICK, Implementation, case_id, cases, run_case
 from surgellm_kernels import backends, fused_iwn
 from surgellm_kernels.reference import iwn_reference
 
@@ -15,17 +15,8 @@ NUM_CLASSES = 10
 # the paper's lexical features and pooled states, token level, large
 SHAPES = [(32, 16), (256, 64)] if QUICK else [(32, 16), (32, 768), (4096, 768), (32768, 768),
                                              (65536, 1024)]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-
-def _dtypes(device):
-    if QUICK:
-        return [torch.float32]
-    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
-
-
-CASES = [Case("fused_iwn", mode, shape, dtype, device)
-         for device in DEVICES for dtype in _dtypes(device) for shape in SHAPES for mode in MODES]
+CASES = cases("fused_iwn", SHAPES)
 
 
 def _inputs(case):
@@ -100,14 +91,10 @@ IMPLEMENTATIONS = [_fused("cpu"), _fused("triton"), _fused("cuda"),
                    Implementation("eager", lambda case: (_call(iwn_reference, case), None)),
                    Implementation("torch.compile", _compiled),
                    Implementation("F.batch_norm (class-blind)", _batch_norm),
-                   Implementation(PROXY, _proxy)]
-
-
-def _case_id(case):
-    return f"{case.device}-{str(case.dtype).split('.')[-1]}-{'x'.join(map(str, case.shape))}-{case.mode}"
+                   Implementation(PROXY, _proxy), COPY_ROOFLINE]
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_fused_iwn(benchmark, bench_report, case, impl):
     run_case(benchmark, bench_report, case, impl)

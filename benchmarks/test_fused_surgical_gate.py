@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import MODES, PROXY, QUICK, Case, Implementation, run_case
+from harness import (COPY_ROOFLINE, DEVICES, PROXY, QUICK, Case, Implementation, case_id,
+                     cases, run_case)
 from surgellm_kernels import FusedSurgicalGate, SurgicalGate, backends, fused_surgical_gate
 from surgellm_kernels.reference import surgical_gate_reference
 
@@ -18,17 +19,8 @@ MODULE = "SurgicalGate module"
 SHAPES = [(32, 768), (256, 64)] if QUICK else [(32, 768), (4096, 768), (32768, 768),
                                              (16384, 1024)]
 MODULE_SHAPES = [(32, 768)] if QUICK else [(32, 768), (4096, 768)]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-
-def _dtypes(device):
-    if QUICK:
-        return [torch.float32]
-    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
-
-
-CASES = [Case(OP, mode, shape, dtype, device)
-         for device in DEVICES for dtype in _dtypes(device) for shape in SHAPES for mode in MODES]
+CASES = cases(OP, SHAPES)
 MODULE_CASES = [Case(MODULE, "train_fwd_bwd", shape, torch.float32, device)
                 for device in DEVICES for shape in MODULE_SHAPES]
 
@@ -93,7 +85,7 @@ IMPLEMENTATIONS = [_fused("cpu"), _fused("triton"), _fused("cuda"),
                                                          None)),
                    Implementation("torch.compile", _compiled),
                    Implementation("F.layer_norm alone", _layer_norm),
-                   Implementation(PROXY, _proxy)]
+                   Implementation(PROXY, _proxy), COPY_ROOFLINE]
 
 
 def _module(cls):
@@ -119,17 +111,13 @@ MODULE_IMPLEMENTATIONS = [Implementation("eager", _module(SurgicalGate)),
                           Implementation("FusedSurgicalGate", _module(FusedSurgicalGate))]
 
 
-def _case_id(case):
-    return f"{case.device}-{str(case.dtype).split('.')[-1]}-{'x'.join(map(str, case.shape))}-{case.mode}"
-
-
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_fused_surgical_gate(benchmark, bench_report, case, impl):
     run_case(benchmark, bench_report, case, impl)
 
 
 @pytest.mark.parametrize("impl", MODULE_IMPLEMENTATIONS, ids=lambda i: i.name)
-@pytest.mark.parametrize("case", MODULE_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", MODULE_CASES, ids=case_id)
 def test_surgical_gate_module(benchmark, bench_report, case, impl):
     run_case(benchmark, bench_report, case, impl)

@@ -1,18 +1,17 @@
 """Per-call cost of fused_iwn at the paper's small shapes, against F.batch_norm
-and, optionally, against the build of an earlier commit -- interleaved in one
-process, so that the ratios come from one run on a noisy machine.
+in the same process, so that the ratios come from one run on a noisy machine.
 
     .venv/bin/python scripts/percall.py                     # this tree vs F.batch_norm
-    .venv/bin/python scripts/percall.py --baseline b76c71a  # ... and vs that commit
+    .venv/bin/python scripts/percall.py --baseline c39bf28  # ... and that commit's
 
 With --baseline, the commit is checked out into a temporary folder, its
-extension built in place (a few minutes), and its package imported under the
-name surgellm_kernels_baseline next to this tree's.
+extension built in place (a few minutes), and the same measurement run on it
+in a process of its own (two builds of the extension cannot share one
+process: both register the surgellm ops); each is reported as a ratio to
+F.batch_norm measured in its own process.
 """
 import argparse
-import importlib
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -25,25 +24,14 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def baseline_package(rev: str, workdir: str):
-    """The package of commit ``rev``, built and importable as surgellm_kernels_baseline."""
+def baseline_tree(rev: str, workdir: str) -> str:
+    """A checkout of commit ``rev`` with its extension built in place."""
     tree = os.path.join(workdir, "tree")
     subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, rev], check=True,
                    capture_output=True)
-    try:
-        subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree,
-                       check=True, capture_output=True)
-        pkg = os.path.join(workdir, "pkgs", "surgellm_kernels_baseline")
-        shutil.copytree(os.path.join(tree, "surgellm_kernels"), pkg)
-    finally:
-        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], check=False)
-    backend_py = os.path.join(pkg, "_backend.py")
-    with open(backend_py) as f:
-        text = f.read().replace('"surgellm_kernels._C"', '"surgellm_kernels_baseline._C"')
-    with open(backend_py, "w") as f:
-        f.write(text)
-    sys.path.insert(0, os.path.dirname(pkg))
-    return importlib.import_module("surgellm_kernels_baseline")
+    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, check=True,
+                   capture_output=True)
+    return tree
 
 
 def calls(impls, N, Fd, num_classes=10):
@@ -82,35 +70,49 @@ def calls(impls, N, Fd, num_classes=10):
     return fns
 
 
+def measure(label: str, rounds: int) -> None:
+    import surgellm_kernels
+    for shape in ((32, 16), (32, 768)):
+        fns = calls({"fused_iwn": surgellm_kernels}, *shape)
+        times = {k: [] for k in fns}
+        for fn in fns.values():
+            for _ in range(300):
+                fn()
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(100):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / 100 * 1e6)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{label}: {shape[0]} x {shape[1]}, float32, median of {rounds} rounds of 100 "
+              f"calls:")
+        for mode in ("eval", "fwd+bwd"):
+            bn = med[f"F.batch_norm {mode}"]
+            for name in ("fused_iwn", "F.batch_norm"):
+                t = med[f"{name} {mode}"]
+                print(f"  {mode:8s} {name:14s} {t:8.1f} us  ({t / bn:.2f}x F.batch_norm)")
+        sys.stdout.flush()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", help="a commit to compare with")
+    parser.add_argument("--baseline", help="a commit to measure too")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--label", default="this tree")
     args = parser.parse_args()
-    import surgellm_kernels
-    impls = {"fused_iwn": surgellm_kernels}
-    with tempfile.TemporaryDirectory() as workdir:
-        if args.baseline:
-            impls[f"fused_iwn@{args.baseline}"] = baseline_package(args.baseline, workdir)
-        for shape in ((32, 16), (32, 768)):
-            fns = calls(impls, *shape)
-            times = {k: [] for k in fns}
-            for fn in fns.values():
-                for _ in range(300):
-                    fn()
-            for _ in range(args.rounds):
-                for name, fn in fns.items():
-                    t0 = time.perf_counter()
-                    for _ in range(100):
-                        fn()
-                    times[name].append((time.perf_counter() - t0) / 100 * 1e6)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            print(f"{shape[0]} x {shape[1]}, float32, median of {args.rounds} rounds of 100 calls:")
-            for mode in ("eval", "fwd+bwd"):
-                bn = med[f"F.batch_norm {mode}"]
-                for name in (*impls, "F.batch_norm"):
-                    t = med[f"{name} {mode}"]
-                    print(f"  {mode:8s} {name:28s} {t:8.1f} us  ({t / bn:.2f}x F.batch_norm)")
+    measure(args.label, args.rounds)
+    if args.baseline:
+        with tempfile.TemporaryDirectory() as workdir:
+            tree = baseline_tree(args.baseline, workdir)
+            try:
+                env = dict(os.environ, PYTHONPATH=tree)
+                subprocess.run([sys.executable, os.path.abspath(__file__), "--rounds",
+                                str(args.rounds), "--label", args.baseline], env=env, cwd=tree,
+                               check=True)
+            finally:
+                subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree],
+                               check=False)
 
 
 if __name__ == "__main__":

@@ -132,10 +132,19 @@ def forced_backend() -> Optional[str]:
 def select_backend(op: str, device: torch.device) -> str:
     """The backend that runs ``op`` on tensors of ``device``; the dispatcher
     is set up to run it (see the module docstring)."""
-    backend = _choose(op, device)
+    # The choice depends on nothing but these (the rest is fixed at import),
+    # so it is made once per key: this runs on every eager call.
+    key = (op, device.type, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+    backend = _chosen.get(key)
+    if backend is None:
+        backend = _choose(op, device)  # raises for a forced backend that cannot run
+        _chosen[key] = backend
     if backend in ("triton", "cuda", "cpu") and not torch.compiler.is_compiling():
         _use_triton_kernels(device.type, backend == "triton")
     return backend
+
+
+_chosen: Dict[tuple, str] = {}
 
 
 def planned_backend(op: str, device) -> str:

@@ -1,4 +1,6 @@
 """Helpers shared by the test modules (imported as a plain module)."""
+import os
+
 import torch
 
 from surgellm_kernels import backends
@@ -24,13 +26,19 @@ def cpu_backends():
 
 
 def device_backends():
-    """(backend, device) pairs runnable on this machine."""
+    """(backend, device) pairs runnable on this machine; with SURGELLM_BACKEND
+    given to pytest (see conftest.py), that backend's pairs and eager's only."""
     pairs = [(name, "cpu") for name in cpu_backends()]
     if torch.cuda.is_available():
         status = backends()
         pairs += [(name, "cuda") for name in ("triton", "cuda", "eager")
                   if status[name].available]
-    return pairs
+    tested = os.environ.get("SURGELLM_TESTED_BACKEND", "")
+    if tested and tested not in {b for b, _ in pairs}:
+        status = backends(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        raise RuntimeError(f"SURGELLM_BACKEND={tested}: that backend cannot run here "
+                           f"({status[tested].reason if tested in status else 'unknown name'})")
+    return [(b, d) for b, d in pairs if not tested or b in (tested, "eager")]
 
 
 TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-5, torch.bfloat16: 5e-2,

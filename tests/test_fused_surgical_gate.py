@@ -132,6 +132,27 @@ def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backen
     _compare(backend, device, force_backend, [h, s, logits], params, dz)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_PAIRS if p[0] == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d,rows", [(17, 5), (100, 33), (64, 2)])
+def test_triton_rows_in_blocks(backend, device, dtype, d, rows, force_backend, monkeypatch):
+    """Rows longer than one block, which the kernels read block by block
+    (TILE_BYTES made small so that the interpreter gets such rows too):
+    against the reference, with a constant row giving exactly z = bias."""
+    from surgellm_kernels.triton import surgical_gate as sg
+
+    monkeypatch.setattr(sg, "TILE_BYTES", 64)
+    assert sg._tiling(d, 8)["CHUNKED"]
+    tensors, params, dz = _inputs((rows, d), dtype, affine=True, seed=d)
+    h, s, logits = tensors
+    h[0], logits[0] = 0.1, 80.0  # a constant blend: g = 1, v = h
+    _compare(backend, device, force_backend, [h, s, logits], params, dz)
+    force_backend(backend)
+    (h, s, logits), params = on_device(device, [h, s, logits], params)
+    z = fused_surgical_gate(h, s, logits, **params)
+    torch.testing.assert_close(z[0], params["bias"], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
 @pytest.mark.parametrize("affine", [False, True])
 def test_gradcheck(backend, device, affine, force_backend):

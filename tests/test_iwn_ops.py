@@ -40,7 +40,7 @@ class _TorchCalls(TorchFunctionMode):
 @needs_extension
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("tasks", [False, True])
-def test_one_eager_call_is_one_crossing_into_cpp(training, tasks, force_backend):
+def test_one_eager_call_is_one_crossing_into_cpp(training, tasks, force_backend, monkeypatch):
     force_backend("cpu")
     x = torch.randn(8, 4, requires_grad=True)
     labels = torch.randint(0, 3, (8,))
@@ -49,6 +49,21 @@ def test_one_eager_call_is_one_crossing_into_cpp(training, tasks, force_backend)
                   running_std=torch.ones(2, 4), task_ids=torch.randint(0, 2, (8,)))
     if not tasks:
         kwargs.update(running_mean=torch.zeros(4), running_std=torch.ones(4), task_ids=None)
+    # The plain call: one call of the C++ entry (checks and op), no Python checks.
+    from surgellm_kernels import _backend
+    from surgellm_kernels.ops import iwn as iwn_module
+
+    entry = _backend.extension().fused_iwn
+    entered = []
+    monkeypatch.setattr(_backend.extension(), "fused_iwn",
+                        lambda *args: entered.append(1) or entry(*args))
+    monkeypatch.setattr(iwn_module, "check_iwn_args", None)  # calling it would raise
+    y = fused_iwn(x, labels, training=training, num_classes=3, **kwargs)
+    assert entered == [1]
+    # Under a TorchFunctionMode the call goes through torch.ops, which the mode
+    # sees as the one op it is.
+    monkeypatch.undo()
+    force_backend("cpu")
     with _TorchCalls() as recorded:
         y = fused_iwn(x, labels, training=training, num_classes=3, **kwargs)
     assert recorded.calls == ["iwn"]

@@ -26,7 +26,7 @@ from test_triton_gpu_compile import (REPO, TARGET, _DT,  # noqa: E402
                                      compile_in_subprocess)
 
 # Device functions called by the kernels (inlined into them), never launched.
-HELPERS = {"_blend"}
+HELPERS = {"_blend", "_row_sum", "_store_z", "_backward_tile", "_backward_block"}
 
 
 def _cases():
@@ -34,7 +34,7 @@ def _cases():
     feature count d whose tiling (ROWS, BLOCK_D, warps) the launcher would
     use, and the pointer arguments whose addresses must be computed in int64)."""
     cases = []
-    # d: 4096 one row per program, 64 and 7 many rows per program, 16384 the cap
+    # d: 4096 and 16384 rows in blocks, 64 and 7 many rows per program
     for dt, d, w, b in (("fp32", 4096, True, True), ("bf16", 64, False, False),
                         ("fp64", 7, True, False), ("fp32", 16384, False, True),
                         ("fp64", 16384, True, True)):
@@ -49,23 +49,25 @@ def _cases():
         data, acc = _DT[dt]
         sig = dict(dz_ptr=data, h_ptr=data, s_ptr=data, l_ptr=data, w_ptr=acc, mean_ptr=acc,
                    rstd_ptr=acc, dh_ptr=data, ds_ptr=data, dl_ptr=data, pw_ptr=acc, pb_ptr=acc,
-                   N="i32", D="i32", ROWS_PER_PROGRAM="i32")
+                   c_ptr=acc, N="i32", D="i32", ROWS_PER_PROGRAM="i32")
+        wide = ["dz_ptr", "h_ptr", "s_ptr", "l_ptr", "mean_ptr", "rstd_ptr", "dh_ptr", "ds_ptr",
+                "dl_ptr", "pw_ptr", "pb_ptr"]
+        wide += ["c_ptr"] if d > 1024 else []  # rows in blocks: the row sums' scratch
         cases.append((f"backward-{dt}-d{d}-w{int(w)}", "_backward", sig, dict(HAS_W=w, ACC=acc),
-                      d, ["dz_ptr", "h_ptr", "s_ptr", "l_ptr", "mean_ptr", "rstd_ptr", "dh_ptr",
-                          "ds_ptr", "dl_ptr", "pw_ptr", "pb_ptr"]))
-    # d == 1 (and N == 1, one row per program): a launch passes these as the
-    # constexpr 1 (Triton specializes integer arguments equal to 1)
+                      d, wide))
+    # d == 1: a launch passes it as the constexpr 1 (Triton specializes
+    # integer arguments equal to 1; N is exempt, see triton/surgical_gate.py)
     data, acc = _DT["fp32"]
     sig = dict(h_ptr=data, s_ptr=data, l_ptr=data, w_ptr=acc, b_ptr=acc, z_ptr=data,
-               mean_ptr=acc, rstd_ptr=acc, N="constexpr", D="constexpr", eps="fp64")
-    cases.append(("forward-fp32-d1-n1", "_forward", sig,
-                  dict(N=1, D=1, HAS_W=True, HAS_B=True, ACC=acc), 1,
+               mean_ptr=acc, rstd_ptr=acc, N="i32", D="constexpr", eps="fp64")
+    cases.append(("forward-fp32-d1", "_forward", sig,
+                  dict(D=1, HAS_W=True, HAS_B=True, ACC=acc), 1,
                   ["h_ptr", "s_ptr", "l_ptr", "z_ptr", "mean_ptr", "rstd_ptr"]))
     sig = dict(dz_ptr=data, h_ptr=data, s_ptr=data, l_ptr=data, w_ptr=acc, mean_ptr=acc,
                rstd_ptr=acc, dh_ptr=data, ds_ptr=data, dl_ptr=data, pw_ptr=acc, pb_ptr=acc,
-               N="constexpr", D="constexpr", ROWS_PER_PROGRAM="i32")
-    cases.append(("backward-fp32-d1-n1", "_backward", sig,
-                  dict(N=1, D=1, HAS_W=True, ACC=acc), 1,
+               c_ptr=acc, N="i32", D="constexpr", ROWS_PER_PROGRAM="i32")
+    cases.append(("backward-fp32-d1", "_backward", sig,
+                  dict(D=1, HAS_W=True, ACC=acc), 1,
                   ["dz_ptr", "h_ptr", "s_ptr", "l_ptr", "mean_ptr", "rstd_ptr", "dh_ptr",
                    "ds_ptr", "dl_ptr", "pw_ptr", "pb_ptr"]))
     for dt in ("fp32", "fp64"):
@@ -100,8 +102,9 @@ def _compile_all(out_path):
             const["BLOCK"] = sg.BLOCK_SUM
             warps = 4
         else:  # what the launchers pass for rows of d features
-            const["ROWS"], const["BLOCK_D"] = sg._tiling(d)
-            warps = sg._num_warps(const["ROWS"] * const["BLOCK_D"], itemsize)
+            meta = sg._tiling(d, itemsize)
+            warps = meta.pop("num_warps")
+            const.update(meta)
         signature = dict(sig, **{k: "constexpr" for k in const})
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=const)
         return triton.compile(src, target=target, options={"num_warps": warps}).asm["ttir"]

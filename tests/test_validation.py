@@ -94,3 +94,76 @@ def test_surgical_gate_errors():
         fused_surgical_gate(h, h, torch.ones(2, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
         fused_surgical_gate(h, h, h, weight=torch.ones(3))
+
+
+# -- the eager call's C++ checks against the Python ones -------------------------------
+
+META = torch.zeros(4, device="meta")
+BAD_IWN_CALLS = {
+    "x not a tensor": dict(x=[[1.0]]),
+    "x integer": dict(x=torch.ones(6, 4, dtype=torch.int64)),
+    "x scalar": dict(x=torch.tensor(1.0)),
+    "x no features": dict(x=torch.zeros(6, 0)),
+    "std_mode": dict(std_mode="median"),
+    "std_mode not a str": dict(std_mode=None),
+    "eps negative": dict(eps=-1.0),
+    "eps a str": dict(eps="0.1"),
+    "momentum above 1": dict(momentum=1.5),
+    "momentum None": dict(momentum=None),
+    "gate not a tensor": dict(gate=[0.0] * 4),
+    "gate integer": dict(gate=torch.zeros(4, dtype=torch.int32)),
+    "gate device": dict(gate=META),
+    "gate shape": dict(gate=torch.zeros(5)),
+    "gate per-instance dtype": dict(gate=torch.zeros(6, 4, dtype=torch.float64)),
+    "weight shape": dict(weight=torch.ones(3)),
+    "weight device": dict(weight=META),
+    "weight not a tensor": dict(weight=1.0),
+    "bias dtype": dict(bias=torch.ones(4, dtype=torch.int64)),
+    "running_mean alone": dict(running_std=None),
+    "running_mean shape": dict(running_mean=torch.zeros(5), running_std=torch.ones(5)),
+    "running_std dtype": dict(running_std=torch.ones(4, dtype=torch.int32)),
+    "running shapes differ": dict(running_std=torch.ones(1, 4)),
+    "running 3-d": dict(running_mean=torch.zeros(1, 1, 4), running_std=torch.ones(1, 1, 4)),
+    "task_ids with (F,) statistics": dict(task_ids=torch.zeros(6, dtype=torch.long)),
+    "task_ids missing": dict(running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+    "task_ids int32": dict(task_ids=torch.zeros(6, dtype=torch.int32),
+                           running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+    "task_ids shape": dict(task_ids=torch.zeros(5, dtype=torch.long),
+                           running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+    "task_ids device": dict(task_ids=torch.zeros(6, dtype=torch.long, device="meta"),
+                            running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+    "labels missing": dict(labels=None),
+    "labels not a tensor": dict(labels=[0] * 6),
+    "labels int32": dict(labels=LABELS.int()),
+    "labels shape": dict(labels=LABELS[:5]),
+    "labels device": dict(labels=LABELS.to("meta")),
+    "no rows": dict(x=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)),
+    "num_classes zero": dict(num_classes=0),
+    "num_classes float": dict(num_classes=2.5),
+    "num_classes from negative labels": dict(labels=torch.full((6,), -3)),
+    "eval without statistics": dict(training=False, running_mean=None, running_std=None),
+}
+
+
+def _iwn_args(x=X, labels=LABELS, gate=None, weight=None, bias=None, running_mean=RM,
+              running_std=RS, task_ids=None, training=True, momentum=0.1, eps=1e-5,
+              std_mode="class_mean", num_classes=None):
+    """The 13 arguments in the order check_iwn_args and _C.fused_iwn take them."""
+    return (x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
+            momentum, eps, std_mode, num_classes)
+
+
+def _raised(fn, args):
+    with pytest.raises(Exception) as info:
+        fn(*args)
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("case", BAD_IWN_CALLS)
+def test_cpp_checks_raise_what_the_python_checks_raise(case):
+    from surgellm_kernels import _backend
+    from surgellm_kernels._checks import check_iwn_args
+
+    args = _iwn_args(**BAD_IWN_CALLS[case])
+    assert _raised(_backend.extension().fused_iwn, args) == _raised(check_iwn_args, args)

@@ -101,15 +101,21 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   const int64_t nchunks = ceil_div(N, chunk);
   const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
-  Scratch<acc_t> pcount(nchunks * G), pmean(nchunks * G * F), pm2(nchunks * G * F),
-      pres(nchunks * G * F);
+  // One chunk (small batches): its summaries are the result, written in place.
+  const bool one = nchunks == 1;
+  Scratch<acc_t> pcount(one ? 0 : nchunks * G), pmean(one ? 0 : nchunks * G * F),
+      pm2(one ? 0 : nchunks * G * F), pres(one ? 0 : nchunks * G * F);
+  std::fill(a.count, a.count + G, acc_t(0));
+  std::fill(a.mean, a.mean + G * F, acc_t(0));
+  std::fill(a.m2, a.m2 + G * F, acc_t(0));
+  std::fill(a.mean_residual, a.mean_residual + G * F, acc_t(0));
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     for (int64_t ch = begin; ch < end; ++ch) {
-      acc_t* cnt = pcount.data() + ch * G;
-      acc_t* mean = pmean.data() + ch * G * F;
-      acc_t* m2 = pm2.data() + ch * G * F;
-      acc_t* res = pres.data() + ch * G * F;
+      acc_t* cnt = one ? a.count : pcount.data() + ch * G;
+      acc_t* mean = one ? a.mean : pmean.data() + ch * G * F;
+      acc_t* m2 = one ? a.m2 : pm2.data() + ch * G * F;
+      acc_t* res = one ? a.mean_residual : pres.data() + ch * G * F;
       const int64_t r0 = ch * chunk, r1 = std::min(N, (ch + 1) * chunk);
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t k = key_of(a.rows.keys, i);
@@ -140,10 +146,14 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
       }
     }
   });
-  std::fill(a.count, a.count + G, acc_t(0));
-  std::fill(a.mean, a.mean + G * F, acc_t(0));
-  std::fill(a.m2, a.m2 + G * F, acc_t(0));
-  std::fill(a.mean_residual, a.mean_residual + G * F, acc_t(0));
+  if (one) {  // the residual sums over the group's count
+    for (int64_t k = 0; k < G; ++k) {
+      if (a.count[k] == acc_t(0)) continue;
+      acc_t* out = a.mean_residual + k * F;
+      for (int64_t f = 0; f < F; ++f) out[f] /= a.count[k];
+    }
+    return;
+  }
   at::parallel_for(0, F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
     for (int64_t k = 0; k < G; ++k) {
       acc_t n = 0;
@@ -193,6 +203,22 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
     for (int64_t f = 0; f < F; ++f)
       scale[t * F + f] = (a.weight ? a.weight[f] : acc_t(1)) / (a.sigma[t * F + f] + a.eps);
   at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
+    if (!a.rows.gate_full) {  // the common case: rows read and written in place
+      const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
+      scalar_t* y = static_cast<scalar_t*>(a.y);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t t = key_of(a.rows.keys, i) / a.key_div;
+        const acc_t* m = a.mu + t * F;
+        const acc_t* s = scale.data() + t * F;
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+          Vec u = load_as_acc<scalar_t, acc_t>(x + i * F + f, n);
+          if (gate_sig) u = u * load(gate_sig + f, n);
+          const Vec centered = (u - load(m + f, n)) * load(s + f, n);
+          store_from_acc(a.bias ? centered + load(a.bias + f, n) : centered, y + i * F + f, n);
+        });
+      }
+      return;
+    }
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     RowOut<scalar_t, acc_t> y(a.y, F);
     for (int64_t i = begin; i < end; ++i) {
@@ -221,12 +247,14 @@ void iwn_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
   const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
-  Scratch<acc_t> partial(nchunks * width);
+  const bool one = nchunks == 1;  // then the sums are written in place
+  Scratch<acc_t> partial(one ? 0 : nchunks * width);
+  if (one) std::fill(a.sums, a.sums + width, acc_t(0));
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     std::vector<acc_t> dy_buf(F);
     for (int64_t ch = begin; ch < end; ++ch) {
-      acc_t* s = partial.data() + ch * width;
+      acc_t* s = one ? a.sums : partial.data() + ch * width;
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
         const int64_t t = key_of(a.rows.keys, i) / a.key_div;
         const RowU<acc_t> u = rows.u(i);
@@ -242,7 +270,7 @@ void iwn_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
       }
     }
   });
-  sum_chunks(partial, nchunks, width, a.sums);
+  if (!one) sum_chunks(partial, nchunks, width, a.sums);
 }
 
 template <typename acc_t>

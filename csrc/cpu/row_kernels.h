@@ -72,6 +72,27 @@ inline void store(const Vectorized<acc_t>& v, acc_t* p, int64_t n) {
     v.store(p, static_cast<int>(n));
 }
 
+// A vector of acc_t read from (written to) data of scalar_t in place:
+// float32 / float64 rows directly, bfloat16 / float16 rows converted lane by
+// lane in registers (no row buffer).
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> load_as_acc(const scalar_t* p, int64_t n) {
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    return load(p, n);
+  } else {
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n)));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_from_acc(const Vectorized<acc_t>& v, scalar_t* p, int64_t n) {
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    store(v, p, n);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, static_cast<int>(n));
+  }
+}
+
 template <typename acc_t>
 void sigmoid_row(const acc_t* logits, acc_t* out, int64_t F) {
   const Vectorized<acc_t> one(acc_t(1));

@@ -122,14 +122,20 @@ PhaseInputs phase_inputs(const Tensor& x, const optional<Tensor>& gate,
                          const optional<Tensor>& weight, const optional<Tensor>& bias) {
   const auto acc = accumulation_type(x);
   const c10::SymInt F = x.sym_size(-1);
+  // Tensors already in the layout asked for are passed as they are: no
+  // dispatcher round trip per argument on every call.
   auto vec = [&](const optional<Tensor>& t) -> optional<Tensor> {
     if (!t.has_value()) return std::nullopt;
+    if (t->scalar_type() == acc && t->is_contiguous()) return t;
     return t->to(acc).contiguous();
   };
+  auto rows = [&](const Tensor& t) {
+    if (t.dim() == 2 && t.is_contiguous()) return t;
+    return t.reshape_symint({-1, F}).contiguous();
+  };
   optional<Tensor> gate2;
-  if (gate.has_value())
-    gate2 = gate->dim() == 1 ? vec(gate) : gate->reshape_symint({-1, F}).contiguous();
-  return {x.reshape_symint({-1, F}).contiguous(), gate2, vec(weight), vec(bias)};
+  if (gate.has_value()) gate2 = gate->dim() == 1 ? vec(gate) : rows(*gate);
+  return {rows(x), gate2, vec(weight), vec(bias)};
 }
 
 struct ForwardResult {
@@ -181,11 +187,14 @@ void check_iwn_inputs(const Tensor& x, const optional<Tensor>& labels,
               "running_mean and running_std are required when training=False");
 }
 
+// for_backward: autograd records the call, so eval keeps its own copy of
+// the running statistics (backward must see those of this call, not a later
+// update); otherwise they are read where they are.
 ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labels,
                              const optional<Tensor>& task_ids,
                              const optional<Tensor>& running_mean,
                              const optional<Tensor>& running_std, bool training, double momentum,
-                             double eps, bool pooled, int64_t T, int64_t C) {
+                             double eps, bool pooled, int64_t T, int64_t C, bool for_backward) {
   const auto acc = accumulation_type(in.x);
   ForwardResult r;
   if (training) {
@@ -206,8 +215,9 @@ ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labe
   } else {
     if (task_ids.has_value()) r.keys = group_keys(std::nullopt, flat(task_ids), T, 1);
     const c10::SymInt F = in.x.sym_size(1);
-    // A copy: backward must see the statistics of this call, not a later update.
     auto stats = [&](const Tensor& s) {
+      if (!for_backward && s.scalar_type() == acc && s.is_contiguous())
+        return s.dim() == 2 ? s : s.view_symint({T, F});
       return s.reshape_symint({T, F}).to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
     };
     r.mu = stats(*running_mean);
@@ -229,8 +239,8 @@ Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels,
                    num_tasks, num_classes);
   const auto r = forward_phases(phase_inputs(x, gate, weight, bias), labels, task_ids,
                                 running_mean, running_std, training, momentum, eps, pooled,
-                                num_tasks, num_classes);
-  return r.y.view_symint(x.sym_sizes());
+                                num_tasks, num_classes, /*for_backward=*/false);
+  return x.dim() == 2 ? r.y : r.y.view_symint(x.sym_sizes());
 }
 
 // -- autograd ---------------------------------------------------------------------------
@@ -248,7 +258,8 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const PhaseInputs in = phase_inputs(x, gate, weight, bias);
     const auto r = forward_phases(in, labels, task_ids, running_mean, running_std, training,
-                                  momentum, eps, pooled, num_tasks, num_classes);
+                                  momentum, eps, pooled, num_tasks, num_classes,
+                                  /*for_backward=*/true);
     auto or_undefined = [](const optional<Tensor>& t) { return t.value_or(Tensor()); };
     // The inputs themselves are saved where the phases read them in place
     // (backward re-derives the same views), so that autograd's version check
@@ -268,7 +279,7 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["key_div"] = r.key_div;
     ctx->saved_data["has_bias"] = bias.has_value();
-    return r.y.view_symint(x.sym_sizes());
+    return x.dim() == 2 ? r.y : r.y.view_symint(x.sym_sizes());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -321,6 +332,15 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels,
                     const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                     bool training, double momentum, double eps, bool pooled, int64_t num_tasks,
                     int64_t num_classes) {
+  // Nothing to differentiate (no_grad, or no input that requires grad): the
+  // op without an autograd node, as ATen's own ops skip theirs.
+  auto requires_grad = [](const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || requires_grad(gate) || requires_grad(weight) || requires_grad(bias))) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return iwn_composite(x, labels, task_ids, gate, weight, bias, running_mean, running_std,
+                         training, momentum, eps, pooled, num_tasks, num_classes);
+  }
   return IWNFunction::apply(x, labels, task_ids, gate, weight, bias, running_mean, running_std,
                             training, momentum, eps, pooled, num_tasks, num_classes);
 }

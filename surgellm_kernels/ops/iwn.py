@@ -5,11 +5,14 @@ in training (Eq.10-11 per batch); ``y = (u - mu) / (sigma + eps) * weight +
 bias``. The op is ``torch.ops.surgellm.iwn``, declared with its phases and
 its one autograd implementation in csrc/ops/iwn.cpp; the dispatcher runs the
 CPU or CUDA C++ kernels, or the Triton kernels registered for the device by
-``_backend`` when Triton is the chosen backend. This file checks arguments,
-gives the phases their fake kernels (so ``torch.compile(fullgraph=True)``
-traces the op), and makes the call: one crossing into C++ per call.
+``_backend`` when Triton is the chosen backend. This file gives the phases
+their fake kernels (so ``torch.compile(fullgraph=True)`` traces the op) and
+makes the call. An eager call crosses into C++ once: ``_C.fused_iwn``
+(csrc/ops/iwn_call.cpp) checks the arguments as ``_checks.check_iwn_args``
+does (same errors and messages) and calls the op; under torch.compile the
+Python checks run and the op is traced.
 
-What is checked where: argument types, shapes, devices and ``std_mode`` here,
+What is checked where: argument types, shapes, devices and ``std_mode``
 before anything runs; label and task-id ranges on CPU tensors in C++ before
 any kernel writes (running statistics stay untouched on error). On CUDA the
 ranges are not checked on the host -- that would be a host sync, which CUDA
@@ -24,6 +27,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.overrides import has_torch_function_variadic
 
 from .. import _backend
 from .._checks import accumulation_dtype, check_iwn_args
@@ -115,6 +119,17 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
     tensors; on CUDA, rows with out-of-range values get NaN outputs (see the
     module docstring).
     """
+    # The C++ entry skips Python's __torch_function__ protocol: tensor
+    # subclasses and TorchFunctionModes take the path below, which calls the
+    # op through torch.ops (so they see it), as do traces.
+    if (isinstance(x, Tensor) and not torch.compiler.is_compiling() and
+            not has_torch_function_variadic(x, labels, gate, weight, bias, running_mean,
+                                            running_std, task_ids)):
+        backend = _backend.select_backend("iwn", x.device)
+        if backend != "eager":  # the checks below and the op call, in C++
+            return _backend.extension().fused_iwn(
+                x, labels, gate, weight, bias, running_mean, running_std, task_ids,
+                bool(training), momentum, eps, std_mode, num_classes)
     call = check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
                           training, momentum, eps, std_mode, num_classes)
     backend = _backend.select_backend("iwn", x.device)

@@ -67,7 +67,11 @@ __all__ = ["KERNELS", "iwn_group_moments", "iwn_combine", "iwn_apply", "iwn_task
 
 BLOCK_N = 8        # rows per tile
 BLOCK_F = 64       # features per program
-GROUP_TILE = 16    # groups (or tasks) per program in the one-hot reductions
+GROUP_TILE = 16    # groups (or tasks) per program in the one-hot reductions (8 in float64)
+# Warps of the kernels whose tiles hold one-hot [rows, groups, features]
+# products or a row reduction: with the default 4, some of their
+# configurations spill registers (scripts/triton_aot.py compiles them all).
+REDUCE_WARPS = 8
 BLOCK_SUM = 256    # elements per program when summing chunk partials
 TARGET_CHUNKS = 128
 SCRATCH_BYTES = 256 << 20  # cap on the partial buffers of one split reduction
@@ -105,6 +109,10 @@ def _chunks(n: int, scratch_per_chunk: int, itemsize: int):
 def _gate_mode(gate) -> int:
     """0: no gate, 1: (F,) gate in acc, 2: (N, F) per-instance gate in x's dtype."""
     return 0 if gate is None else (1 if gate.dim() == 1 else 2)
+
+
+def _groups_per_program(acc_t: torch.dtype) -> int:
+    return GROUP_TILE if acc_t != torch.float64 else GROUP_TILE // 2
 
 
 def _fblocks(F: int) -> int:
@@ -283,11 +291,12 @@ def iwn_group_moments(x, keys, gate, num_groups):
         pres = x.new_empty((nchunks, G, F), dtype=acc_t)
     dummy = x.new_empty((1,), dtype=acc_t)
     with _on_device(x):
-        _launch(_moments_partial, (nchunks, _fblocks(F), triton.cdiv(G, GROUP_TILE)),
+        tile = _groups_per_program(acc_t)
+        _launch(_moments_partial, (nchunks, _fblocks(F), triton.cdiv(G, tile)),
                 x, gate if gate is not None else dummy, keys if keys is not None else dummy,
                 pcount, pmean, pm2, pres, N, F, G, rows_per_chunk, GATE_MODE=_gate_mode(gate),
                 HAS_KEYS=keys is not None, ONE_CHUNK=nchunks == 1, ACC=ACC, BLOCK_N=BLOCK_N,
-                BLOCK_F=BLOCK_F, GROUP_TILE=GROUP_TILE)
+                BLOCK_F=BLOCK_F, GROUP_TILE=tile, num_warps=REDUCE_WARPS)
         if nchunks > 1:
             _launch(_moments_merge, (G, _fblocks(F)), pcount, pmean, pm2, pres, count, mean, m2,
                     mean_residual, F, G, nchunks, ACC=ACC, BLOCK_F=BLOCK_F)
@@ -467,12 +476,13 @@ def iwn_task_sums(grad_y, x, keys, gate, mu, key_div):
     ps = sums if nchunks == 1 else x.new_empty((nchunks, 2, T, F), dtype=acc_t)
     dummy = x.new_empty((1,), dtype=acc_t)
     with _on_device(x):
-        _launch(_task_sums_partial, (nchunks, _fblocks(F), triton.cdiv(T, GROUP_TILE)),
+        tile = _groups_per_program(acc_t)
+        _launch(_task_sums_partial, (nchunks, _fblocks(F), triton.cdiv(T, tile)),
                 grad_y, x, gate if gate is not None else dummy,
                 keys if keys is not None else dummy, mu, ps, N, F, T, T * int(key_div),
                 int(key_div), rows_per_chunk, GATE_MODE=_gate_mode(gate),
                 HAS_KEYS=keys is not None, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
-                GROUP_TILE=GROUP_TILE)
+                GROUP_TILE=tile, num_warps=REDUCE_WARPS)
         if nchunks > 1:
             _reduce_chunks(ps, sums, ACC)
     return sums
@@ -657,7 +667,8 @@ def iwn_input_grad(grad_y, x, keys, gate, scale, dy_shift, dev_coef, center, du_
                 scale, dy_shift if training else dummy, dev_coef if training else dummy,
                 center if training else dummy, dx, dgate_full, pgate, N, F, num_keys,
                 int(key_div), rows_per_chunk, GATE_MODE=mode, HAS_KEYS=keys is not None,
-                TRAINING=training, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+                TRAINING=training, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
+                num_warps=REDUCE_WARPS)
         if reduce_gate and nchunks > 1:
             _reduce_chunks(pgate, gate_sum, ACC)
     if mode == 1:

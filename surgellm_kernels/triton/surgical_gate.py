@@ -26,11 +26,15 @@ its value, variance 0 and z = bias. Backward, per row, with dxhat = dz * weight:
   dv = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
   dh = dv * g;  ds = dv * (1 - g);  dlogits = dv * (h - s) * g * (1 - g)
 
-Tiling: a row is one block of BLOCK_D = next_power_of_2(d) columns, held in
-registers. A program handles ROWS rows at a time (a constexpr), chosen so
-that ROWS * BLOCK_D is about TILE_ELEMS: one row per program for long rows,
-many short rows per program for small d. d above MAX_BLOCK_D raises a
-ValueError (there is no loop over column blocks).
+Tiling: a program handles ROWS rows of BLOCK_D = next_power_of_2(d) columns
+at a time, held in registers, a tile of TILE_BYTES in acc (one row per
+program for long rows, many short rows per program for small d), with warps
+enough for BYTES_PER_THREAD bytes of each tile tensor per thread: sizes that
+scripts/triton_aot.py compiles for sm_80 and sm_90 without spilling
+registers. A row longer than a tile is CHUNKED: BLOCK_D = the tile's
+elements and the kernels loop over its blocks, reading it once per pass (the forward
+three times for its statistics and once to write z; the backward once for
+the row's two means, kept in a (2, N) scratch, and once for the gradients).
 
 Determinism: dweight and dbias are sums over rows. The backward is split
 into at most MAX_PROGRAMS programs, each owning a contiguous block of rows
@@ -61,27 +65,25 @@ from .iwn import _acc_dtypes, _on_device
 
 __all__ = ["KERNELS", "surgical_gate_forward", "surgical_gate_backward"]
 
-MAX_BLOCK_D = 16384  # longest row (in columns) a program holds; longer d raises
-TILE_ELEMS = 2048    # target ROWS * BLOCK_D of a multi-row program
+TILE_BYTES = 4096      # of a program's tile in acc: ROWS * BLOCK_D * itemsize
+BYTES_PER_THREAD = 16  # of each tile tensor held per thread: the warps of a program
 MAX_PROGRAMS = 512   # cap on the backward's row-block programs (and partial rows)
 BLOCK_SUM = 256      # columns per program when summing the partials
 
 
-def _tiling(d: int):
-    """(ROWS, BLOCK_D) of rows of d features: BLOCK_D = next_power_of_2(d) and
-    ROWS = TILE_ELEMS // BLOCK_D rows per tile (at least 1). Raises ValueError
-    for d < 1 or d > MAX_BLOCK_D."""
-    if d < 1 or d > MAX_BLOCK_D:
-        raise ValueError(f"surgical_gate (triton): the feature dimension d = {d} must be in "
-                         f"[1, {MAX_BLOCK_D}] (a row is held in one block; no column loop)")
-    block_d = triton.next_power_of_2(d)
-    return max(1, TILE_ELEMS // block_d), block_d
-
-
-def _num_warps(tile_elems: int, itemsize: int) -> int:
-    """Warps of a program whose tiles hold ``tile_elems`` acc elements of
-    ``itemsize`` bytes each: about 64 bytes of a tile per thread, 1 to 16 warps."""
-    return max(1, min(16, triton.next_power_of_2(tile_elems * itemsize // 2048)))
+def _tiling(d: int, acc_itemsize: int) -> dict:
+    """The launch parameters of rows of d features: BLOCK_D columns (the
+    row, a power of two, up to a whole tile) and ROWS rows per tile, CHUNKED
+    when a row is longer than one tile (then the kernels loop over its
+    blocks), and num_warps for BYTES_PER_THREAD bytes of a tile per thread."""
+    if d < 1:
+        raise ValueError(f"surgical_gate (triton): the feature dimension d = {d} must be >= 1")
+    tile = TILE_BYTES // acc_itemsize
+    block_d = min(triton.next_power_of_2(d), tile)
+    rows = max(1, tile // block_d)
+    warps = triton.next_power_of_2(rows * block_d * acc_itemsize // (32 * BYTES_PER_THREAD))
+    return dict(ROWS=rows, BLOCK_D=block_d, CHUNKED=block_d < d,
+                num_warps=max(1, min(16, warps)))
 
 
 def _row_blocks(n: int, rows: int):
@@ -109,42 +111,85 @@ def _blend(h_ptr, s_ptr, l_ptr, offs, mask, ACC: tl.constexpr):
 # -- forward --------------------------------------------------------------------------
 
 @triton.jit
-def _forward(h_ptr, s_ptr, l_ptr, w_ptr, b_ptr, z_ptr, mean_ptr, rstd_ptr, N, D, eps: "fp64",
-             HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
-             BLOCK_D: tl.constexpr):
-    """z, mean and rstd of ROWS rows: two-pass statistics of the blend."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = rows < N
+def _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, shift, SQUARE: tl.constexpr,
+             ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row of a chunked tile: the sum over all D columns, block by block,
+    of v - shift (or of its square)."""
+    total = tl.zeros((ROWS,), ACC)
+    for c in range(0, D, BLOCK_D):
+        cols = c + tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (cols < D)[None, :]
+        _h, _s, _g, v = _blend(h_ptr, s_ptr, l_ptr, rows[:, None] * D + cols[None, :], mask, ACC)
+        dev = tl.where(mask, v - shift[:, None], 0.0)
+        total += tl.sum(dev * dev if SQUARE else dev, axis=1)
+    return total
+
+
+@triton.jit
+def _store_z(z_ptr, w_ptr, b_ptr, v, mean, rstd, rows, rmask, cols, D, HAS_W: tl.constexpr,
+             HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """z = (v - mean) * rstd * w + b of a tile of blends v."""
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
-    offs = rows[:, None] * D + cols[None, :]
-    _h, _s, _g, v = _blend(h_ptr, s_ptr, l_ptr, offs, mask, ACC)
-    mean = tl.sum(tl.where(mask, v, 0.0), axis=1) / D
-    # plus the mean of the deviations from the rounded mean (what its rounding
-    # lost): a constant row then gets its value exactly, deviations 0, z = bias
-    mean += tl.sum(tl.where(mask, v - mean[:, None], 0.0), axis=1) / D
-    diff = tl.where(mask, v - mean[:, None], 0.0)
-    var = tl.sum(diff * diff, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + tl.full((ROWS,), eps, ACC))
-    z = diff * rstd[:, None]
+    z = tl.where(mask, v - mean[:, None], 0.0) * rstd[:, None]
     if HAS_W:
         z = z * tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)[None, :]
     if HAS_B:
         z = z + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-    tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(z_ptr + rows[:, None] * D + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+# N (rows) is not specialized: a launch with N == 1 would otherwise compile a
+# kernel of its own (and in float64 ptxas spills 4 bytes in one of them).
+@triton.jit(do_not_specialize=["N"])
+def _forward(h_ptr, s_ptr, l_ptr, w_ptr, b_ptr, z_ptr, mean_ptr, rstd_ptr, N, D, eps: "fp64",
+             HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
+             BLOCK_D: tl.constexpr, CHUNKED: tl.constexpr):
+    """z, mean and rstd of ROWS rows: two-pass statistics of the blend. A
+    row longer than BLOCK_D (CHUNKED) is read block by block in each pass
+    (the same sums, added block by block), then once more to write z."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < N
+    zero = tl.zeros((ROWS,), ACC)
+    if CHUNKED:
+        mean = _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, zero, False, ACC, ROWS,
+                        BLOCK_D) / D
+        mean += _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, mean, False, ACC, ROWS,
+                         BLOCK_D) / D
+        var = _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, mean, True, ACC, ROWS,
+                       BLOCK_D) / D
+    else:
+        cols = tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (cols < D)[None, :]
+        _h, _s, _g, v = _blend(h_ptr, s_ptr, l_ptr, rows[:, None] * D + cols[None, :], mask, ACC)
+        mean = tl.sum(tl.where(mask, v, 0.0), axis=1) / D
+        # plus the mean of the deviations from the rounded mean (what its rounding
+        # lost): a constant row then gets its value exactly, deviations 0, z = bias
+        mean += tl.sum(tl.where(mask, v - mean[:, None], 0.0), axis=1) / D
+        diff = tl.where(mask, v - mean[:, None], 0.0)
+        var = tl.sum(diff * diff, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + tl.full((ROWS,), eps, ACC))
+    if CHUNKED:
+        for c in range(0, D, BLOCK_D):
+            cols = c + tl.arange(0, BLOCK_D)
+            mask = rmask[:, None] & (cols < D)[None, :]
+            _h, _s, _g, v = _blend(h_ptr, s_ptr, l_ptr, rows[:, None] * D + cols[None, :], mask,
+                                   ACC)
+            _store_z(z_ptr, w_ptr, b_ptr, v, mean, rstd, rows, rmask, cols, D, HAS_W, HAS_B, ACC)
+    else:
+        _store_z(z_ptr, w_ptr, b_ptr, v, mean, rstd, rows, rmask, tl.arange(0, BLOCK_D), D, HAS_W,
+                 HAS_B, ACC)
     tl.store(mean_ptr + rows, mean, mask=rmask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
 
 def surgical_gate_forward(h, s, gate_logits, weight, bias, eps):
     """z (N, d) in h's dtype, mean and rstd (N,) in acc, of
-    LayerNorm(g * h + (1 - g) * s) * weight + bias with g = sigmoid(gate_logits).
-    Raises ValueError for d > MAX_BLOCK_D."""
+    LayerNorm(g * h + (1 - g) * s) * weight + bias with g = sigmoid(gate_logits)."""
     d = h.shape[-1]
     n = h.numel() // d if d > 0 else 0
-    rows, block_d = _tiling(d)
     acc_t, ACC = _acc_dtypes(h.dtype)
+    meta = _tiling(d, acc_t.itemsize)
     z = torch.empty_like(h)
     mean = h.new_empty(h.shape[:-1], dtype=acc_t)
     rstd = h.new_empty(h.shape[:-1], dtype=acc_t)
@@ -152,45 +197,55 @@ def surgical_gate_forward(h, s, gate_logits, weight, bias, eps):
         return z, mean, rstd
     dummy = h.new_empty((1,), dtype=acc_t)
     with _on_device(h):
-        _forward[(triton.cdiv(n, rows),)](
+        _forward[(triton.cdiv(n, meta["ROWS"]),)](
             h, s, gate_logits, weight if weight is not None else dummy,
             bias if bias is not None else dummy, z, mean, rstd, n, d, float(eps),
-            HAS_W=weight is not None, HAS_B=bias is not None, ACC=ACC, ROWS=rows,
-            BLOCK_D=block_d, num_warps=_num_warps(rows * block_d, acc_t.itemsize))
+            HAS_W=weight is not None, HAS_B=bias is not None, ACC=ACC, **meta)
     return z, mean, rstd
 
 
 # -- backward -------------------------------------------------------------------------
 
 @triton.jit
-def _backward(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, ds_ptr, dl_ptr,
-              pw_ptr, pb_ptr, N, D, ROWS_PER_PROGRAM, HAS_W: tl.constexpr, ACC: tl.constexpr,
-              ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dh, ds and dlogits of the program's rows (ROWS at a time), and their
-    partial sums of dz * xhat and dz into row program_id(0) of pw and pb."""
-    pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
+def _backward_tile(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, rows, rmask, cols, D, mean, rstd,
+                   ACC: tl.constexpr, HAS_W: tl.constexpr):
+    """Of a tile: the mask, offsets, h, s, g, dz, xhat and dxhat = dz * w."""
     cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    h, s, g, v = _blend(h_ptr, s_ptr, l_ptr, offs, mask, ACC)
+    dz = tl.load(dz_ptr + offs, mask=mask, other=0.0).to(ACC)
+    xhat = tl.where(mask, (v - mean[:, None]) * rstd[:, None], 0.0)
     if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)
+        dxhat = dz * tl.load(w_ptr + cols, mask=cmask, other=1.0).to(ACC)[None, :]
     else:
-        w = tl.full((BLOCK_D,), 1.0, ACC)
+        dxhat = dz
+    return mask, offs, h, s, g, dz, xhat, dxhat
+
+
+@triton.jit
+def _backward_block(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, ds_ptr,
+                    dl_ptr, pw_ptr, pb_ptr, c_ptr, pid, row0, cols, N, D, ROWS_PER_PROGRAM,
+                    HAS_W: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_D: tl.constexpr, CHUNKED: tl.constexpr):
+    """The gradients of the program's rows in the columns ``cols``, and the
+    program's partial sums of dz * xhat and dz over those columns. A row's
+    mean(dxhat) and mean(dxhat * xhat) come from c (CHUNKED) or the tile."""
     dw = tl.zeros((BLOCK_D,), ACC)
     db = tl.zeros((BLOCK_D,), ACC)
-    row0 = pid * ROWS_PER_PROGRAM
     for i in range(0, ROWS_PER_PROGRAM, ROWS):
         rows = row0 + i + tl.arange(0, ROWS)
         rmask = rows < N
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None] * D + cols[None, :]
-        h, s, g, v = _blend(h_ptr, s_ptr, l_ptr, offs, mask, ACC)
         mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0).to(ACC)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0).to(ACC)
-        dz = tl.load(dz_ptr + offs, mask=mask, other=0.0).to(ACC)
-        xhat = tl.where(mask, (v - mean[:, None]) * rstd[:, None], 0.0)
-        dxhat = dz * w[None, :]
-        c1 = tl.sum(dxhat, axis=1) / D
-        c2 = tl.sum(dxhat * xhat, axis=1) / D
+        mask, offs, h, s, g, dz, xhat, dxhat = _backward_tile(
+            dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, rows, rmask, cols, D, mean, rstd, ACC, HAS_W)
+        if CHUNKED:
+            c1 = tl.load(c_ptr + rows, mask=rmask, other=0.0)
+            c2 = tl.load(c_ptr + N + rows, mask=rmask, other=0.0)
+        else:
+            c1 = tl.sum(dxhat, axis=1) / D
+            c2 = tl.sum(dxhat * xhat, axis=1) / D
         dv = tl.where(mask, rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None]), 0.0)
         gc = 1.0 - g
         tl.store(dh_ptr + offs, (dv * g).to(dh_ptr.dtype.element_ty), mask=mask)
@@ -199,8 +254,48 @@ def _backward(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, ds
                  mask=mask)
         dw += tl.sum(dz * xhat, axis=0)
         db += tl.sum(dz, axis=0)
-    tl.store(pw_ptr + pid * D + cols, dw, mask=cmask)
-    tl.store(pb_ptr + pid * D + cols, db, mask=cmask)
+    tl.store(pw_ptr + pid * D + cols, dw, mask=cols < D)
+    tl.store(pb_ptr + pid * D + cols, db, mask=cols < D)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _backward(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, ds_ptr, dl_ptr,
+              pw_ptr, pb_ptr, c_ptr, N, D, ROWS_PER_PROGRAM, HAS_W: tl.constexpr,
+              ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+              CHUNKED: tl.constexpr):
+    """dh, ds and dlogits of the program's rows (ROWS at a time), and their
+    partial sums of dz * xhat and dz into row program_id(0) of pw and pb.
+    CHUNKED (rows longer than BLOCK_D): a first pass over each row's blocks
+    writes its mean(dxhat) and mean(dxhat * xhat) to c (2, N); then, block of
+    columns by block, the rows' gradients and that block's partial sums."""
+    pid = tl.program_id(0).to(tl.int64)
+    row0 = pid * ROWS_PER_PROGRAM
+    if CHUNKED:
+        for i in range(0, ROWS_PER_PROGRAM, ROWS):
+            rows = row0 + i + tl.arange(0, ROWS)
+            rmask = rows < N
+            mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0).to(ACC)
+            rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0).to(ACC)
+            s1 = tl.zeros((ROWS,), ACC)
+            s2 = tl.zeros((ROWS,), ACC)
+            for c in range(0, D, BLOCK_D):
+                _m, _o, _h, _s, _g, _dz, xhat, dxhat = _backward_tile(
+                    dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, rows, rmask, c + tl.arange(0, BLOCK_D),
+                    D, mean, rstd, ACC, HAS_W)
+                s1 += tl.sum(dxhat, axis=1)
+                s2 += tl.sum(dxhat * xhat, axis=1)
+            tl.store(c_ptr + rows, s1 / D, mask=rmask)
+            tl.store(c_ptr + N + rows, s2 / D, mask=rmask)
+        tl.debug_barrier()  # the row sums written above are read by other threads below
+        for c in range(0, D, BLOCK_D):
+            _backward_block(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr,
+                            ds_ptr, dl_ptr, pw_ptr, pb_ptr, c_ptr, pid, row0, c + tl.arange(
+                                0, BLOCK_D), N, D, ROWS_PER_PROGRAM, HAS_W, ACC, ROWS, BLOCK_D,
+                            CHUNKED)
+    else:
+        _backward_block(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, ds_ptr,
+                        dl_ptr, pw_ptr, pb_ptr, c_ptr, pid, row0, tl.arange(0, BLOCK_D), N, D,
+                        ROWS_PER_PROGRAM, HAS_W, ACC, ROWS, BLOCK_D, CHUNKED)
 
 
 @triton.jit
@@ -223,17 +318,17 @@ def _sum_partials(pw_ptr, pb_ptr, dw_ptr, db_ptr, D, NUM_PROGRAMS, ACC: tl.const
 def surgical_gate_backward(grad_z, h, s, gate_logits, weight, mean, rstd):
     """dh, ds, dlogits (N, d) in h's dtype and dweight, dbias (d,) in acc, from
     the forward's mean and rstd; dweight and dbias are computed also when
-    weight is None (zeros for N == 0). Raises ValueError for d > MAX_BLOCK_D."""
+    weight is None (zeros for N == 0)."""
     d = h.shape[-1]
     n = h.numel() // d if d > 0 else 0
-    rows, block_d = _tiling(d)
     acc_t, ACC = _acc_dtypes(h.dtype)
+    meta = _tiling(d, acc_t.itemsize)
     dh = torch.empty_like(h)
     ds = torch.empty_like(h)
     dlogits = torch.empty_like(h)
     dweight = h.new_zeros((d,), dtype=acc_t)
     dbias = h.new_zeros((d,), dtype=acc_t)
-    per, nprog = _row_blocks(n, rows)
+    per, nprog = _row_blocks(n, meta["ROWS"])
     if nprog == 0:
         return dh, ds, dlogits, dweight, dbias
     if nprog == 1:  # the one program's partials are the result
@@ -242,11 +337,12 @@ def surgical_gate_backward(grad_z, h, s, gate_logits, weight, mean, rstd):
         pw = h.new_empty((nprog, d), dtype=acc_t)
         pb = h.new_empty((nprog, d), dtype=acc_t)
     dummy = h.new_empty((1,), dtype=acc_t)
+    row_sums = h.new_empty((2, n), dtype=acc_t) if meta["CHUNKED"] else dummy
     with _on_device(h):
         _backward[(nprog,)](
             grad_z, h, s, gate_logits, weight if weight is not None else dummy, mean, rstd,
-            dh, ds, dlogits, pw, pb, n, d, per, HAS_W=weight is not None, ACC=ACC, ROWS=rows,
-            BLOCK_D=block_d, num_warps=_num_warps(rows * block_d, acc_t.itemsize))
+            dh, ds, dlogits, pw, pb, row_sums, n, d, per, HAS_W=weight is not None, ACC=ACC,
+            **meta)
         if nprog > 1:
             _sum_partials[(triton.cdiv(d, BLOCK_SUM),)](pw, pb, dweight, dbias, d, nprog,
                                                         ACC=ACC, BLOCK=BLOCK_SUM)

@@ -1,0 +1,208 @@
+// fused_iwn's eager calls in one crossing from Python: the argument checks of
+// surgellm_kernels/_checks.py::check_iwn_args (the same errors, in the same
+// order, with the same messages) and the call of surgellm::iwn. The Python
+// function keeps its signature and docstring and hands its arguments over
+// untouched; torch.compile traces the Python checks and torch.ops.surgellm.iwn
+// instead (a pybind11 function is opaque to it). tests/test_validation.py runs
+// every bad input through both.
+//
+// Only the error paths format Python values (repr of a number, str of a
+// dtype): a valid call touches no Python object beyond unpacking the tensors.
+#include "iwn_call.h"
+
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <sstream>
+
+namespace surgellm {
+namespace {
+
+namespace py = pybind11;
+using at::Tensor;
+using std::optional;
+
+std::string repr_text(py::handle h) { return py::repr(h).cast<std::string>(); }
+
+// type(h).__name__
+std::string type_name(py::handle h) { return py::type::handle_of(h).attr("__name__").cast<std::string>(); }
+
+// Python's tuple(t.shape) as text: (4,), (6, 4), ().
+std::string shape_text(at::IntArrayRef shape) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << (shape.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+// str(torch.float32) == "torch.float32"
+std::string dtype_text(const Tensor& t) {
+  return py::str(py::reinterpret_steal<py::object>(THPVariable_Wrap(t)).attr("dtype"));
+}
+
+// An optional tensor argument: None, or a torch.Tensor (a TypeError naming
+// the argument otherwise).
+Tensor required_tensor(py::handle h, const char* name);
+
+optional<Tensor> tensor_arg(py::handle h, const char* name) {
+  if (h.is_none()) return std::nullopt;
+  return required_tensor(h, name);
+}
+
+Tensor required_tensor(py::handle h, const char* name) {
+  TORCH_CHECK_TYPE(THPVariable_Check(h.ptr()), name, " must be a torch.Tensor, got ",
+                   type_name(h));
+  return THPVariable_Unpack(h.ptr());
+}
+
+bool is_float_dtype(const Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
+}
+
+void check_float(const Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(is_float_dtype(t), name,
+                   " must be a floating tensor (float16, bfloat16, float32 or float64), got "
+                   "dtype ", dtype_text(t));
+}
+
+void check_device(const Tensor& t, const char* name, const Tensor& x) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
+                    x.device(), ": all tensors must be on one device");
+}
+
+void check_index_tensor(const Tensor& t, const char* name, at::IntArrayRef rows,
+                        const Tensor& x) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be an int64 tensor, got dtype ",
+                   dtype_text(t));
+  TORCH_CHECK_VALUE(t.sizes() == rows, name, " must have shape ", shape_text(rows),
+                    " (x.shape[:-1]), got ", shape_text(t.sizes()));
+  check_device(t, name, x);
+}
+
+// A Python int or float (bool included, as isinstance(v, (int, float)) has it).
+optional<double> number(py::handle h) {
+  if (PyFloat_Check(h.ptr()) || PyLong_Check(h.ptr())) return PyFloat_AsDouble(h.ptr());
+  return std::nullopt;
+}
+
+}  // namespace
+
+Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
+                      py::handle weight_h, py::handle bias_h, py::handle running_mean_h,
+                      py::handle running_std_h, py::handle task_ids_h, bool training,
+                      py::handle momentum_h, py::handle eps_h, py::handle std_mode_h,
+                      py::handle num_classes_h) {
+  const Tensor x = required_tensor(x_h, "x");
+  check_float(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (..., F), got a scalar");
+  const int64_t F = x.size(-1);
+  TORCH_CHECK_VALUE(F != 0, "x must have at least one feature (last dimension > 0)");
+  const at::IntArrayRef rows = x.sizes().slice(0, x.dim() - 1);
+
+  bool pooled = false;
+  {
+    const bool is_str = PyUnicode_Check(std_mode_h.ptr());
+    const std::string mode = is_str ? std_mode_h.cast<std::string>() : std::string();
+    TORCH_CHECK_VALUE(is_str && (mode == "class_mean" || mode == "pooled"),
+                      "std_mode must be one of ('class_mean', 'pooled'), got ", repr_text(std_mode_h));
+    pooled = mode == "pooled";
+  }
+  const optional<double> eps = number(eps_h);
+  TORCH_CHECK_VALUE(eps.has_value() && !(*eps < 0), "eps must be a non-negative number, got ",
+                    repr_text(eps_h));
+  const optional<double> momentum = number(momentum_h);
+  TORCH_CHECK_VALUE(momentum.has_value() && *momentum >= 0.0 && *momentum <= 1.0,
+                    "momentum must be a number in [0, 1], got ", repr_text(momentum_h));
+
+  const optional<Tensor> gate = tensor_arg(gate_h, "gate");
+  if (gate.has_value()) {
+    check_float(*gate, "gate");
+    check_device(*gate, "gate", x);
+    TORCH_CHECK_VALUE((gate->dim() == 1 && gate->size(0) == F) || gate->sizes() == x.sizes(),
+                      "gate must have shape (", F, ",) or the shape of x ", shape_text(x.sizes()),
+                      ", got ", shape_text(gate->sizes()));
+    TORCH_CHECK_TYPE(!(gate->sizes() == x.sizes() && gate->dim() > 1 &&
+                       gate->scalar_type() != x.scalar_type()),
+                     "a per-instance gate must have the dtype of x (", dtype_text(x), "), got ",
+                     dtype_text(*gate));
+  }
+  optional<Tensor> weight, bias;
+  for (const auto& [h, p, name] :
+       {std::tuple{weight_h, &weight, "weight"}, std::tuple{bias_h, &bias, "bias"}}) {
+    *p = tensor_arg(h, name);
+    if (!p->has_value()) continue;
+    check_float(**p, name);
+    check_device(**p, name, x);
+    TORCH_CHECK_VALUE((*p)->dim() == 1 && (*p)->size(0) == F, name, " must have shape (", F,
+                      ",), got ", shape_text((*p)->sizes()));
+  }
+
+  TORCH_CHECK_VALUE(running_mean_h.is_none() == running_std_h.is_none(),
+                    "running_mean and running_std must be given together");
+  optional<Tensor> running_mean, running_std;
+  int64_t num_tasks = 1;
+  if (!running_mean_h.is_none()) {
+    for (const auto& [h, r, name] : {std::tuple{running_mean_h, &running_mean, "running_mean"},
+                                     std::tuple{running_std_h, &running_std, "running_std"}}) {
+      *r = tensor_arg(h, name);
+      check_float(**r, name);
+      check_device(**r, name, x);
+      TORCH_CHECK_VALUE(((*r)->dim() == 1 || (*r)->dim() == 2) && (*r)->size(-1) == F, name,
+                        " must have shape (", F, ",) or (num_tasks, ", F, "), got ",
+                        shape_text((*r)->sizes()));
+    }
+    TORCH_CHECK_VALUE(running_mean->sizes() == running_std->sizes(), "running_mean ",
+                      shape_text(running_mean->sizes()), " and running_std ",
+                      shape_text(running_std->sizes()), " must have the same shape");
+    num_tasks = running_mean->dim() == 2 ? running_mean->size(0) : 1;
+    TORCH_CHECK_VALUE(!(running_mean->dim() == 1 && !task_ids_h.is_none()),
+                      "task_ids were given but running_mean has shape (F,): per-task "
+                      "statistics need (num_tasks, F) running_mean / running_std");
+    TORCH_CHECK_VALUE(!(running_mean->dim() == 2 && num_tasks > 1 && task_ids_h.is_none()),
+                      "running statistics hold ", num_tasks, " tasks: task_ids (shape ",
+                      shape_text(rows), ") are required to pick each row's task");
+  }
+  const optional<Tensor> task_ids = tensor_arg(task_ids_h, "task_ids");
+  if (task_ids.has_value()) {
+    check_index_tensor(*task_ids, "task_ids", rows, x);
+    // Without running statistics the task count comes from the data.
+    if (!running_mean.has_value())
+      num_tasks = task_ids->numel() ? task_ids->max().item<int64_t>() + 1 : 1;
+  }
+
+  optional<Tensor> labels;
+  int64_t num_classes = 1;
+  if (training) {
+    TORCH_CHECK_VALUE(!labels_h.is_none(),
+                      "labels are required in training: class-balanced statistics need each "
+                      "row's class (pass labels, or training=False with running stats)");
+    labels = tensor_arg(labels_h, "labels");
+    check_index_tensor(*labels, "labels", rows, x);
+    TORCH_CHECK_VALUE(x.numel() != 0, "x has no rows: training statistics need at least one row");
+    py::object given = py::reinterpret_borrow<py::object>(num_classes_h);
+    if (given.is_none()) given = py::int_(labels->max().item<int64_t>() + 1);
+    TORCH_CHECK_VALUE(PyLong_Check(given.ptr()) && PyObject_RichCompareBool(
+                                                        given.ptr(), py::int_(1).ptr(), Py_GE) == 1,
+                      "num_classes must be a positive int, got ", repr_text(given));
+    num_classes = given.cast<int64_t>();
+  } else {
+    TORCH_CHECK_VALUE(running_mean.has_value(),
+                      "running_mean and running_std are required when training=False (there "
+                      "are no batch statistics to normalize with)");
+  }
+
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("surgellm::iwn", "")
+          .typed<Tensor(const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                        const optional<Tensor>&, const optional<Tensor>&,
+                        const optional<Tensor>&, const optional<Tensor>&,
+                        const optional<Tensor>&, bool, double, double, bool, int64_t,
+                        int64_t)>();
+  py::gil_scoped_release no_gil;
+  return op.call(x, labels, task_ids, gate, weight, bias, running_mean,
+                 running_std, training, *momentum, *eps, pooled, num_tasks, num_classes);
+}
+
+}  // namespace surgellm

@@ -1,0 +1,19 @@
+// fused_iwn's eager entry from Python (iwn_call.cpp), bound in bindings.cpp.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace surgellm {
+
+// fused_iwn(x, labels, gate, weight, bias, running_mean, running_std,
+// task_ids, training, momentum, eps, std_mode, num_classes): the arguments as
+// Python passed them; checked as _checks.check_iwn_args checks them, then
+// surgellm::iwn is called.
+at::Tensor fused_iwn_call(pybind11::handle x, pybind11::handle labels, pybind11::handle gate,
+                          pybind11::handle weight, pybind11::handle bias,
+                          pybind11::handle running_mean, pybind11::handle running_std,
+                          pybind11::handle task_ids, bool training, pybind11::handle momentum,
+                          pybind11::handle eps, pybind11::handle std_mode,
+                          pybind11::handle num_classes);
+
+}  // namespace surgellm

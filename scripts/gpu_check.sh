@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# The GPU check, in one command, for a CUDA machine that already has torch and
+# Triton (and transformers) installed and no network:
+#
+#     bash scripts/gpu_check.sh OUT_DIR
+#
+# 1. builds the extension with its CUDA kernels in place, for this GPU's
+#    architecture (pip --no-build-isolation --no-deps: nothing is installed);
+# 2. runs `pytest tests/` with SURGELLM_BACKEND=cuda, then =triton;
+# 3. runs the op benchmarks in quick mode in float16 and bfloat16, and the
+#    paper-scale goal case (32768 x 768, float32 and bfloat16, forward +
+#    backward), each next to a device-to-device copy of its ideal bytes;
+# 4. runs compute-sanitizer memcheck and racecheck over
+#    scripts/call_every_kernel.py, once per backend;
+# and writes OUT_DIR/summary.json (each step: exit code, seconds, log file)
+# with the logs and benchmark tables next to it. Every step runs under a
+# time limit and all of them within SURGELLM_GPU_CHECK_SECONDS (470 s), so
+# the whole stays under 8 minutes; a step that fails does not stop the
+# others (one left without time is recorded as skipped); the exit code is 1
+# if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:?usage: bash scripts/gpu_check.sh OUT_DIR}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+PYTHON="${PYTHON:-python3}"
+export SURGELLM_BACKEND=  # each step sets its own
+steps=()
+
+budget="${SURGELLM_GPU_CHECK_SECONDS:-470}"  # all steps together
+
+# record NAME RC SECONDS TIMED_OUT LOG
+record() {
+  steps+=("{\"step\": \"$1\", \"rc\": $2, \"seconds\": $3, \"timed_out\": $4, \"log\": $5}")
+}
+
+# run NAME LIMIT_SECONDS COMMAND...: runs the step within its limit and what
+# is left of the budget, logs it, records it.
+run() {
+  local name="$1" limit="$2"
+  shift 2
+  local left=$((budget - SECONDS))
+  if [ "$left" -lt 15 ]; then
+    echo "== $name: skipped, the time budget (${budget}s) is spent"
+    record "$name" 125 0 true null
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  local took=$((SECONDS - start))
+  tail -n 5 "$out/$name.log"
+  echo "-> rc $rc in ${took}s"
+  local timed_out=false
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then timed_out=true; fi
+  record "$name" $rc $took $timed_out "\"$name.log\""
+}
+
+cc="$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')" || {
+  echo "no CUDA device visible to torch"; exit 1; }
+"$PYTHON" - >"$out/environment.json" <<'EOF'
+import json, platform, torch
+try:
+    import triton; triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+try:
+    import transformers; transformers_version = transformers.__version__
+except ImportError:
+    transformers_version = None
+print(json.dumps({"python": platform.python_version(), "torch": torch.__version__,
+                  "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(),
+                  "capability": "%d.%d" % torch.cuda.get_device_capability(),
+                  "triton": triton_version, "transformers": transformers_version}))
+EOF
+cat "$out/environment.json"
+
+run build 300 env TORCH_CUDA_ARCH_LIST="$cc" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+run backends 60 "$PYTHON" -c '
+import torch, surgellm_kernels as sk
+status = sk.backends(torch.device("cuda"))
+for name, s in status.items():
+    print(name, "available" if s.available else f"unavailable: {s.reason}")
+assert status["cuda"].available and status["triton"].available, "a GPU backend is missing"'
+
+pytest_args=(-q -p no:cacheprovider)
+run tests-cuda 150 env SURGELLM_BACKEND=cuda "$PYTHON" -m pytest tests/ "${pytest_args[@]}" \
+  --junitxml="$out/tests-cuda.xml"
+run tests-triton 150 env SURGELLM_BACKEND=triton "$PYTHON" -m pytest tests/ "${pytest_args[@]}" \
+  --junitxml="$out/tests-triton.xml"
+
+run bench-quick-half 90 env SURGELLM_BENCH_QUICK=1 SURGELLM_BENCH_DTYPES=float16,bfloat16 \
+  "$PYTHON" -m pytest benchmarks/test_fused_iwn.py benchmarks/test_fused_surgical_gate.py \
+  --benchmark-only "${pytest_args[@]}" --results-dir "$out/bench-quick-half"
+run bench-goal 90 env SURGELLM_BENCH_SHAPES=32768x768 \
+  SURGELLM_BENCH_DTYPES=float32,bfloat16 \
+  "$PYTHON" -m pytest benchmarks/test_fused_iwn.py -k train_fwd_bwd \
+  --benchmark-only "${pytest_args[@]}" --results-dir "$out/bench-goal"
+
+if command -v compute-sanitizer >/dev/null; then
+  sanitizer=compute-sanitizer
+elif [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ]; then
+  sanitizer="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
+else
+  sanitizer=""
+fi
+if [ -n "$sanitizer" ]; then
+  for backend in cuda triton; do
+    for tool in memcheck racecheck; do
+      run "$tool-$backend" 60 "$sanitizer" --tool "$tool" --error-exitcode 3 \
+        "$PYTHON" scripts/call_every_kernel.py --device cuda --backend "$backend" \
+        --dtypes float32 bfloat16 --widths 1 65 1023
+    done
+  done
+else
+  echo "compute-sanitizer not found"
+  record compute-sanitizer 127 0 false null
+fi
+
+# The benchmark tables (the reports' last sections) next to the summary.
+for bench in bench-quick-half bench-goal; do
+  sed -n '/benchmark report/,$p' "$out/$bench.log" >"$out/$bench-tables.txt"
+done
+
+failed=0
+for s in "${steps[@]}"; do
+  case "$s" in *'"rc": 0,'*) ;; *) failed=1 ;; esac
+done
+{
+  echo "{\"environment\": $(cat "$out/environment.json"), \"seconds\": $SECONDS, \"passed\": $([ $failed -eq 0 ] && echo true || echo false), \"steps\": ["
+  printf '%s\n' "$(IFS=,; echo "${steps[*]}")"
+  echo "]}"
+} >"$out/summary.json"
+echo "== summary: $out/summary.json (${SECONDS}s)"
+cat "$out/summary.json"
+exit $failed
