@@ -5,7 +5,7 @@
 #include <ATen/Context.h>
 #include <torch/extension.h>
 
-#include "ops/iwn_call.h"
+#include "ops/eager_calls.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "surgellm_kernels compiled kernels: registers the torch.ops.surgellm ops";
@@ -13,6 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the CPU kernel build in use (DEFAULT, AVX2 or AVX512)");
   m.def("fused_iwn", &surgellm::fused_iwn_call,
         "fused_iwn's eager call: its argument checks, then torch.ops.surgellm.iwn");
+  m.def("fused_surgical_gate", &surgellm::fused_surgical_gate_call,
+        "fused_surgical_gate's eager call: its argument checks, then "
+        "torch.ops.surgellm.surgical_gate");
 #ifdef SURGELLM_WITH_CUDA
   m.attr("has_cuda") = true;
 #else

@@ -2,6 +2,7 @@
 import os
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from surgellm_kernels import backends
 
@@ -70,3 +71,18 @@ def assert_same_bits_across_threads(run):
     for other in (once(2), once(1)):
         for a, b in zip(first, other):
             assert torch.equal(a, b)
+
+
+class TorchCalls(TorchFunctionMode):
+    """Records every torch function called from Python, tensor metadata aside."""
+    METADATA = {"__get__", "dim", "numel", "size", "stride", "is_contiguous"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name not in self.METADATA:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))

@@ -7,8 +7,8 @@ import torch
 from surgellm_kernels import FusedSurgicalGate, SurgicalGate, fused_surgical_gate
 from surgellm_kernels.reference import surgical_gate_reference
 
-from _helpers import (TOLERANCES, assert_close, assert_same_bits_across_threads, device_backends,
-                      on_device)
+from _helpers import (TOLERANCES, TorchCalls, assert_close, assert_same_bits_across_threads,
+                      device_backends, on_device)
 
 PAIRS = device_backends()
 KERNEL_PAIRS = [(b, d) for b, d in PAIRS if b != "eager"]
@@ -130,6 +130,29 @@ def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backen
     torch.testing.assert_close(z[4], params["bias"], rtol=0, atol=0)
     torch.testing.assert_close(z[:3], surgical_gate_reference(h, h, logits, **params)[:3])
     _compare(backend, device, force_backend, [h, s, logits], params, dz)
+
+
+@pytest.mark.skipif(("cpu", "cpu") not in KERNEL_PAIRS, reason="the C++ extension is not built")
+def test_one_eager_call_is_one_crossing_into_cpp(force_backend, monkeypatch):
+    """A plain call: the C++ entry once (checks and op), no Python checks. Under
+    a TorchFunctionMode: the op through torch.ops, which the mode sees."""
+    from surgellm_kernels import _backend
+    from surgellm_kernels.ops import surgical_gate as gate_module
+
+    force_backend("cpu")
+    (h, s, logits), params, _ = _inputs((4, 8), torch.float32)
+    entry = _backend.extension().fused_surgical_gate
+    entered = []
+    monkeypatch.setattr(_backend.extension(), "fused_surgical_gate",
+                        lambda *args: entered.append(1) or entry(*args))
+    monkeypatch.setattr(gate_module, "check_surgical_gate_args", None)  # calling it would raise
+    fused_surgical_gate(h, s, logits, **params)
+    assert entered == [1]
+    monkeypatch.undo()
+    force_backend("cpu")
+    with TorchCalls() as recorded:
+        fused_surgical_gate(h, s, logits, **params)
+    assert recorded.calls == ["surgical_gate"]
 
 
 @pytest.mark.parametrize("backend,device", [p for p in KERNEL_PAIRS if p[0] == "triton"])

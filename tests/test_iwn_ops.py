@@ -8,33 +8,17 @@ import textwrap
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from surgellm_kernels import backends, fused_iwn
 from surgellm_kernels._backend import select_backend
 from surgellm_kernels.reference import iwn_reference
 
-from _helpers import TOLERANCES, device_backends
+from _helpers import TOLERANCES, TorchCalls, device_backends
 
 KERNEL_PAIRS = [(b, d) for b, d in device_backends() if b != "eager"]
 needs_extension = pytest.mark.skipif(not backends()["cpu"].available,
                                      reason="the C++ extension is not built")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-class _TorchCalls(TorchFunctionMode):
-    """Records every torch function called from Python, tensor metadata aside."""
-    METADATA = {"__get__", "dim", "numel", "size", "stride", "is_contiguous"}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        if name not in self.METADATA:
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 @needs_extension
@@ -64,10 +48,10 @@ def test_one_eager_call_is_one_crossing_into_cpp(training, tasks, force_backend,
     # sees as the one op it is.
     monkeypatch.undo()
     force_backend("cpu")
-    with _TorchCalls() as recorded:
+    with TorchCalls() as recorded:
         y = fused_iwn(x, labels, training=training, num_classes=3, **kwargs)
     assert recorded.calls == ["iwn"]
-    with _TorchCalls() as recorded:
+    with TorchCalls() as recorded:
         y.sum().backward()  # the autograd engine runs the C++ backward node
     assert recorded.calls == ["sum", "backward"]
 

@@ -167,3 +167,36 @@ def test_cpp_checks_raise_what_the_python_checks_raise(case):
 
     args = _iwn_args(**BAD_IWN_CALLS[case])
     assert _raised(_backend.extension().fused_iwn, args) == _raised(check_iwn_args, args)
+
+
+H = torch.randn(2, 4)
+BAD_SURGICAL_GATE_CALLS = {
+    "h not a tensor": dict(h=[[0.0] * 4] * 2),
+    "h integer": dict(h=torch.ones(2, 4, dtype=torch.int64)),
+    "h scalar": dict(h=torch.tensor(1.0)),
+    "h no features": dict(h=torch.zeros(2, 0)),
+    "s not a tensor": dict(s=None),
+    "s shape": dict(s=torch.randn(2, 3)),
+    "s dtype": dict(s=H.double()),
+    "s device": dict(s=torch.zeros(2, 4, device="meta")),
+    "gate_logits integer": dict(gate_logits=torch.ones(2, 4, dtype=torch.int32)),
+    "weight shape": dict(weight=torch.ones(3)),
+    "weight device": dict(weight=META),
+    "bias dtype": dict(bias=torch.ones(4, dtype=torch.int64)),
+    "bias not a tensor": dict(bias=0.0),
+    "eps zero": dict(eps=0.0),
+    "eps a str": dict(eps="1e-5"),
+}
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("case", BAD_SURGICAL_GATE_CALLS)
+def test_cpp_surgical_gate_checks_raise_what_the_python_checks_raise(case):
+    from surgellm_kernels import _backend
+    from surgellm_kernels._checks import check_surgical_gate_args
+
+    given = dict(dict(h=H, s=H, gate_logits=H, weight=None, bias=None, eps=1e-5),
+                 **BAD_SURGICAL_GATE_CALLS[case])
+    args = tuple(given[k] for k in ("h", "s", "gate_logits", "weight", "bias", "eps"))
+    assert (_raised(_backend.extension().fused_surgical_gate, args) ==
+            _raised(check_surgical_gate_args, args))

@@ -14,6 +14,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/kernel_call.h"
+
 namespace surgellm {
 namespace {
 
@@ -332,11 +334,7 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels,
                     const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                     bool training, double momentum, double eps, bool pooled, int64_t num_tasks,
                     int64_t num_classes) {
-  // Nothing to differentiate (no_grad, or no input that requires grad): the
-  // op without an autograd node, as ATen's own ops skip theirs.
-  auto requires_grad = [](const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
-  if (!at::GradMode::is_enabled() ||
-      !(x.requires_grad() || requires_grad(gate) || requires_grad(weight) || requires_grad(bias))) {
+  if (!autograd_records(x, gate, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return iwn_composite(x, labels, task_ids, gate, weight, bias, running_mean, running_std,
                          training, momentum, eps, pooled, num_tasks, num_classes);

@@ -85,6 +85,18 @@ inline void run_phase(const char* phase, const Tensor& like, const Args& args,
 #endif
 }
 
+// Whether autograd records a call with these inputs: grad mode is on and one
+// of them requires grad. When not, the ops run without an autograd node (as
+// ATen's own ops do).
+inline bool requires_grad(const Tensor& t) { return t.requires_grad(); }
+inline bool requires_grad(const optional<Tensor>& t) {
+  return t.has_value() && t->requires_grad();
+}
+template <typename... Ts>
+bool autograd_records(const Ts&... inputs) {
+  return at::GradMode::is_enabled() && (requires_grad(inputs) || ...);
+}
+
 #define SURGELLM_DISPATCH_FLOATS(x, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), NAME, __VA_ARGS__)
 

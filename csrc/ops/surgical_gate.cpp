@@ -196,6 +196,10 @@ class SurgicalGateFunction : public torch::autograd::Function<SurgicalGateFuncti
 Tensor surgical_gate_autograd(const Tensor& h, const Tensor& s, const Tensor& logits,
                               const optional<Tensor>& weight, const optional<Tensor>& bias,
                               double eps) {
+  if (!autograd_records(h, s, logits, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return surgical_gate_composite(h, s, logits, weight, bias, eps);
+  }
   return SurgicalGateFunction::apply(h, s, logits, weight, bias, eps);
 }
 

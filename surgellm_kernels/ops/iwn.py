@@ -8,7 +8,7 @@ CPU or CUDA C++ kernels, or the Triton kernels registered for the device by
 ``_backend`` when Triton is the chosen backend. This file gives the phases
 their fake kernels (so ``torch.compile(fullgraph=True)`` traces the op) and
 makes the call. An eager call crosses into C++ once: ``_C.fused_iwn``
-(csrc/ops/iwn_call.cpp) checks the arguments as ``_checks.check_iwn_args``
+(csrc/ops/eager_calls.cpp) checks the arguments as ``_checks.check_iwn_args``
 does (same errors and messages) and calls the op; under torch.compile the
 Python checks run and the op is traced.
 

@@ -5,8 +5,10 @@
 declared with its forward and backward kernels and its one autograd
 implementation in csrc/ops/surgical_gate.cpp; the dispatcher runs the CPU or
 CUDA C++ kernels, or the Triton kernels registered for the device when Triton
-is the chosen backend. This file checks arguments, gives the kernels their
-fake implementations (for ``torch.compile``) and makes the call.
+is the chosen backend. This file gives the kernels their fake
+implementations (for ``torch.compile``) and makes the call: an eager call
+crosses into C++ once (``_C.fused_surgical_gate`` checks the arguments as
+``_checks.check_surgical_gate_args`` does, then calls the op).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.overrides import has_torch_function_variadic
 
 from .. import _backend
 from .._checks import accumulation_dtype, check_surgical_gate_args
@@ -48,6 +51,12 @@ def fused_surgical_gate(h: Tensor, s: Tensor, gate_logits: Tensor,
     ``weight``, ``bias``: (d,). Returns z with the shape and dtype of ``h``.
     Statistics accumulate in float32 (float64 for float64 inputs).
     """
+    # One crossing into C++ (checks and op, csrc/ops/eager_calls.cpp), except
+    # for traces, tensor subclasses and TorchFunctionModes (see ops/iwn.py).
+    if (isinstance(h, Tensor) and not torch.compiler.is_compiling() and
+            not has_torch_function_variadic(h, s, gate_logits, weight, bias) and
+            _backend.select_backend("surgical_gate", h.device) != "eager"):
+        return _backend.extension().fused_surgical_gate(h, s, gate_logits, weight, bias, eps)
     check_surgical_gate_args(h, s, gate_logits, weight, bias, eps)
     backend = _backend.select_backend("surgical_gate", h.device)
     if backend == "eager":

@@ -1,4 +1,4 @@
-// fused_iwn's eager entry from Python (iwn_call.cpp), bound in bindings.cpp.
+// The ops' eager entries from Python (eager_calls.cpp), bound in bindings.cpp.
 #pragma once
 
 #include <torch/extension.h>
@@ -15,5 +15,11 @@ at::Tensor fused_iwn_call(pybind11::handle x, pybind11::handle labels, pybind11:
                           pybind11::handle task_ids, bool training, pybind11::handle momentum,
                           pybind11::handle eps, pybind11::handle std_mode,
                           pybind11::handle num_classes);
+
+// fused_surgical_gate(h, s, gate_logits, weight, bias, eps), checked as
+// _checks.check_surgical_gate_args checks it, then surgellm::surgical_gate.
+at::Tensor fused_surgical_gate_call(pybind11::handle h, pybind11::handle s,
+                                    pybind11::handle gate_logits, pybind11::handle weight,
+                                    pybind11::handle bias, pybind11::handle eps);
 
 }  // namespace surgellm

@@ -1,14 +1,16 @@
-// fused_iwn's eager calls in one crossing from Python: the argument checks of
-// surgellm_kernels/_checks.py::check_iwn_args (the same errors, in the same
-// order, with the same messages) and the call of surgellm::iwn. The Python
-// function keeps its signature and docstring and hands its arguments over
-// untouched; torch.compile traces the Python checks and torch.ops.surgellm.iwn
-// instead (a pybind11 function is opaque to it). tests/test_validation.py runs
-// every bad input through both.
+// The ops' eager calls in one crossing from Python: the argument checks of
+// surgellm_kernels/_checks.py (check_iwn_args, check_surgical_gate_args: the
+// same errors, in the same order, with the same messages) and the call of
+// the dispatcher op (surgellm::iwn, surgellm::surgical_gate). The Python
+// functions keep their signatures and docstrings and hand their arguments
+// over untouched; torch.compile traces the Python checks and torch.ops
+// instead (a pybind11 function is opaque to it), as do tensor subclasses and
+// TorchFunctionModes. tests/test_validation.py runs every bad input through
+// both.
 //
 // Only the error paths format Python values (repr of a number, str of a
 // dtype): a valid call touches no Python object beyond unpacking the tensors.
-#include "iwn_call.h"
+#include "eager_calls.h"
 
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -66,9 +68,10 @@ void check_float(const Tensor& t, const char* name) {
                    "dtype ", dtype_text(t));
 }
 
-void check_device(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
-                    x.device(), ": all tensors must be on one device");
+// `first`: the argument whose device the others must share.
+void check_device(const Tensor& t, const char* name, const Tensor& x, const char* first = "x") {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but ", first,
+                    " is on ", x.device(), ": all tensors must be on one device");
 }
 
 void check_index_tensor(const Tensor& t, const char* name, at::IntArrayRef rows,
@@ -203,6 +206,47 @@ Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
   py::gil_scoped_release no_gil;
   return op.call(x, labels, task_ids, gate, weight, bias, running_mean,
                  running_std, training, *momentum, *eps, pooled, num_tasks, num_classes);
+}
+
+Tensor fused_surgical_gate_call(py::handle h_h, py::handle s_h, py::handle gate_logits_h,
+                                py::handle weight_h, py::handle bias_h, py::handle eps_h) {
+  const Tensor h = required_tensor(h_h, "h");
+  check_float(h, "h");
+  TORCH_CHECK_VALUE(h.dim() >= 1 && h.size(-1) != 0, "h must have shape (..., d) with d > 0, got ",
+                    shape_text(h.sizes()));
+  Tensor s, gate_logits;
+  for (const auto& [handle, t, name] :
+       {std::tuple{s_h, &s, "s"}, std::tuple{gate_logits_h, &gate_logits, "gate_logits"}}) {
+    *t = required_tensor(handle, name);
+    check_float(*t, name);
+    check_device(*t, name, h, "h");
+    TORCH_CHECK_VALUE(t->sizes() == h.sizes(), name, " must have the shape of h ",
+                      shape_text(h.sizes()), ", got ", shape_text(t->sizes()));
+    TORCH_CHECK_TYPE(t->scalar_type() == h.scalar_type(), name, " must have the dtype of h (",
+                     dtype_text(h), "), got ", dtype_text(*t));
+  }
+  const int64_t d = h.size(-1);
+  optional<Tensor> weight, bias;
+  for (const auto& [handle, p, name] :
+       {std::tuple{weight_h, &weight, "weight"}, std::tuple{bias_h, &bias, "bias"}}) {
+    *p = tensor_arg(handle, name);
+    if (!p->has_value()) continue;
+    check_float(**p, name);
+    check_device(**p, name, h, "h");
+    TORCH_CHECK_VALUE((*p)->dim() == 1 && (*p)->size(0) == d, name, " must have shape (", d,
+                      ",), got ", shape_text((*p)->sizes()));
+  }
+  const optional<double> eps = number(eps_h);
+  TORCH_CHECK_VALUE(eps.has_value() && *eps > 0, "eps must be a positive number, got ",
+                    repr_text(eps_h));
+
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("surgellm::surgical_gate", "")
+          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+                        const optional<Tensor>&, double)>();
+  py::gil_scoped_release no_gil;
+  return op.call(h, s, gate_logits, weight, bias, *eps);
 }
 
 }  // namespace surgellm
