@@ -174,6 +174,12 @@ def test_triton_rows_in_blocks(backend, device, dtype, d, rows, force_backend, m
     (h, s, logits), params = on_device(device, [h, s, logits], params)
     z = fused_surgical_gate(h, s, logits, **params)
     torch.testing.assert_close(z[0], params["bias"], rtol=0, atol=0)
+    if dtype == torch.float64 and rows < 10:
+        leaves = [t[1:].detach().requires_grad_(True) for t in (h, s, logits)]
+        leaves += [p.detach().requires_grad_(True) for p in params.values()]
+        assert torch.autograd.gradcheck(
+            lambda a, b, c, w, bias: fused_surgical_gate(a, b, c, w, bias), tuple(leaves),
+            fast_mode=_interpreted(backend, device))
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
