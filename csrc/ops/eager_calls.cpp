@@ -26,7 +26,9 @@ using std::optional;
 std::string repr_text(py::handle h) { return py::repr(h).cast<std::string>(); }
 
 // type(h).__name__
-std::string type_name(py::handle h) { return py::type::handle_of(h).attr("__name__").cast<std::string>(); }
+std::string type_name(py::handle h) {
+  return py::type::handle_of(h).attr("__name__").cast<std::string>();
+}
 
 // Python's tuple(t.shape) as text: (4,), (6, 4), ().
 std::string shape_text(at::IntArrayRef shape) {
@@ -42,19 +44,17 @@ std::string dtype_text(const Tensor& t) {
   return py::str(py::reinterpret_steal<py::object>(THPVariable_Wrap(t)).attr("dtype"));
 }
 
-// An optional tensor argument: None, or a torch.Tensor (a TypeError naming
-// the argument otherwise).
-Tensor required_tensor(py::handle h, const char* name);
-
-optional<Tensor> tensor_arg(py::handle h, const char* name) {
-  if (h.is_none()) return std::nullopt;
-  return required_tensor(h, name);
-}
-
+// A torch.Tensor argument (a TypeError naming the argument otherwise).
 Tensor required_tensor(py::handle h, const char* name) {
   TORCH_CHECK_TYPE(THPVariable_Check(h.ptr()), name, " must be a torch.Tensor, got ",
                    type_name(h));
   return THPVariable_Unpack(h.ptr());
+}
+
+// An optional tensor argument: None, or a torch.Tensor.
+optional<Tensor> tensor_arg(py::handle h, const char* name) {
+  if (h.is_none()) return std::nullopt;
+  return required_tensor(h, name);
 }
 
 bool is_float_dtype(const Tensor& t) {
@@ -81,6 +81,19 @@ void check_index_tensor(const Tensor& t, const char* name, at::IntArrayRef rows,
   TORCH_CHECK_VALUE(t.sizes() == rows, name, " must have shape ", shape_text(rows),
                     " (x.shape[:-1]), got ", shape_text(t.sizes()));
   check_device(t, name, x);
+}
+
+// An optional (F,) parameter (weight, bias) of a floating dtype on the
+// device of `like` (named `first` in the message).
+optional<Tensor> feature_param(py::handle h, const char* name, const Tensor& like,
+                               const char* first, int64_t F) {
+  optional<Tensor> p = tensor_arg(h, name);
+  if (!p.has_value()) return p;
+  check_float(*p, name);
+  check_device(*p, name, like, first);
+  TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == F, name, " must have shape (", F, ",), got ",
+                    shape_text(p->sizes()));
+  return p;
 }
 
 // A Python int or float (bool included, as isinstance(v, (int, float)) has it).
@@ -130,16 +143,8 @@ Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
                      "a per-instance gate must have the dtype of x (", dtype_text(x), "), got ",
                      dtype_text(*gate));
   }
-  optional<Tensor> weight, bias;
-  for (const auto& [h, p, name] :
-       {std::tuple{weight_h, &weight, "weight"}, std::tuple{bias_h, &bias, "bias"}}) {
-    *p = tensor_arg(h, name);
-    if (!p->has_value()) continue;
-    check_float(**p, name);
-    check_device(**p, name, x);
-    TORCH_CHECK_VALUE((*p)->dim() == 1 && (*p)->size(0) == F, name, " must have shape (", F,
-                      ",), got ", shape_text((*p)->sizes()));
-  }
+  const optional<Tensor> weight = feature_param(weight_h, "weight", x, "x", F);
+  const optional<Tensor> bias = feature_param(bias_h, "bias", x, "x", F);
 
   TORCH_CHECK_VALUE(running_mean_h.is_none() == running_std_h.is_none(),
                     "running_mean and running_std must be given together");
@@ -226,16 +231,8 @@ Tensor fused_surgical_gate_call(py::handle h_h, py::handle s_h, py::handle gate_
                      dtype_text(h), "), got ", dtype_text(*t));
   }
   const int64_t d = h.size(-1);
-  optional<Tensor> weight, bias;
-  for (const auto& [handle, p, name] :
-       {std::tuple{weight_h, &weight, "weight"}, std::tuple{bias_h, &bias, "bias"}}) {
-    *p = tensor_arg(handle, name);
-    if (!p->has_value()) continue;
-    check_float(**p, name);
-    check_device(**p, name, h, "h");
-    TORCH_CHECK_VALUE((*p)->dim() == 1 && (*p)->size(0) == d, name, " must have shape (", d,
-                      ",), got ", shape_text((*p)->sizes()));
-  }
+  const optional<Tensor> weight = feature_param(weight_h, "weight", h, "h", d);
+  const optional<Tensor> bias = feature_param(bias_h, "bias", h, "h", d);
   const optional<double> eps = number(eps_h);
   TORCH_CHECK_VALUE(eps.has_value() && *eps > 0, "eps must be a positive number, got ",
                     repr_text(eps_h));
