@@ -1,6 +1,7 @@
 """surgellm_kernels: fused kernels for SURGELLM's surgical gate and
 instance-weighted normalization (IWN), with the paper's reference modules."""
 from ._backend import backends, cpu_kernel_build
+from .distributed import SyncInstanceWeightedNorm, convert_sync_iwn
 from .features import lexical_features, task_prefix
 from .model import SurgeLLMConfig, SurgeLLMModel
 from .modules import FusedInstanceWeightedNorm, FusedSurgicalGate
@@ -15,6 +16,8 @@ __all__ = [
     "SurgicalGate",
     "FusedInstanceWeightedNorm",
     "FusedSurgicalGate",
+    "SyncInstanceWeightedNorm",
+    "convert_sync_iwn",
     "SurgeLLMConfig",
     "SurgeLLMModel",
     "patch_model",

@@ -8,6 +8,7 @@ in C++, inside the op, so that ``torch.compile`` sees no data-dependent branch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -79,11 +80,54 @@ class IWNCall:
     pooled: bool
 
 
+class RankGroup(NamedTuple):
+    """A process group a training call synchronizes over, as the op takes it."""
+
+    name: str  # torch.distributed's registered group name
+    size: int
+
+
+def check_process_group(process_group, x: Tensor) -> Optional[RankGroup]:
+    """The group ``fused_iwn`` communicates over: None without a group or
+    with a group of one rank; a clear error for what cannot be one."""
+    if process_group is None:
+        return None
+    dist = torch.distributed
+    if isinstance(process_group, int) and process_group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            "process_group: this rank is not a member of the group (new_group returned "
+            "GroupMember.NON_GROUP_MEMBER here); only its members may call with it"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup (or None), got "
+            f"{type(process_group).__name__}"
+        )
+    # (x that is no tensor fails the argument checks that follow.) Traced by
+    # torch.compile, the group is an opaque object that shows its name and
+    # size only: the eager call checks the backend.
+    device = x.device if isinstance(x, Tensor) and not torch.compiler.is_compiling() else None
+    device_types = set() if device is None else {
+        d.type for d in getattr(process_group, "_device_types", ())}
+    if device is not None and device_types and device.type not in device_types:
+        raise ValueError(
+            f"process_group (backend {dist.get_backend(process_group)!r}) cannot communicate "
+            f"{device.type} tensors (x is on {device}); it serves "
+            f"{', '.join(sorted(device_types))} tensors: use a group whose backend serves "
+            f"{device.type} (gloo for CPU, NCCL for CUDA)"
+        )
+    size = process_group.size()
+    return RankGroup(process_group.group_name, size) if size > 1 else None
+
+
 def check_iwn_args(
     x, labels, gate, weight, bias, running_mean, running_std, task_ids,
-    training, momentum, eps, std_mode, num_classes,
+    training, momentum, eps, std_mode, num_classes, synced: bool = False,
 ) -> IWNCall:
-    """Validate a ``fused_iwn`` call (static checks only) and normalize it."""
+    """Validate a ``fused_iwn`` call (static checks only) and normalize it.
+
+    ``synced``: the statistics are shared with other ranks, which fixes the
+    class and task counts up front and lets this rank have no rows."""
     check_float(x, "x")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., F), got a scalar")
@@ -151,6 +195,12 @@ def check_iwn_args(
         check_index_tensor(task_ids, "task_ids", rows_shape, device)
         if running_mean is None:
             # Without running statistics the task count comes from the data.
+            if synced:
+                raise ValueError(
+                    "task_ids with a process_group need running_mean / running_std of shape "
+                    "(num_tasks, F): every rank must use the same task count, not the one its "
+                    "own rows show"
+                )
             num_tasks = int(task_ids.max()) + 1 if task_ids.numel() else 1
 
     if training:
@@ -160,8 +210,13 @@ def check_iwn_args(
                 "each row's class (pass labels, or training=False with running stats)"
             )
         check_index_tensor(labels, "labels", rows_shape, device)
-        if x.numel() == 0:
+        if x.numel() == 0 and not synced:
             raise ValueError("x has no rows: training statistics need at least one row")
+        if synced and num_classes is None:
+            raise ValueError(
+                "num_classes is required with a process_group: every rank must group its rows "
+                "by the same classes, not those its own labels show"
+            )
         if num_classes is None:
             num_classes = int(labels.max()) + 1
         if not isinstance(num_classes, int) or num_classes < 1:

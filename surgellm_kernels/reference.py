@@ -16,6 +16,7 @@ from ._checks import (
     accumulation_dtype,
     check_index_range,
     check_iwn_args,
+    check_process_group,
     check_surgical_gate_args,
     check_float,
     check_index_tensor,
@@ -28,6 +29,7 @@ __all__ = [
     "combine_class_statistics",
     "class_balanced_statistics",
     "update_running_statistics",
+    "merge_moments",
     "iwn_reference",
     "surgical_gate_reference",
     "InstanceWeightedNorm",
@@ -100,6 +102,17 @@ def class_balanced_statistics(u: Tensor, labels: Tensor, num_classes: int,
         var.view(num_tasks, num_classes, F_),
         std_mode,
     )
+
+
+def merge_moments(a, b):
+    """Chan et al.'s merge of two (count (G,), mean (G, F), M2 (G, F)) summaries:
+    those of the union of their rows. Groups with no rows have count 0."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    frac = (n_b / n.clamp_min(1)).unsqueeze(1)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * (n_a.unsqueeze(1) * frac)
 
 
 @torch.no_grad()
@@ -254,6 +267,8 @@ class InstanceWeightedNorm(nn.Module):
         kept in float64 and merged with Chan's formula, so streaming the data in
         any batches gives the statistics of the whole set. Call :meth:`fit`
         (no arguments) to finalize. The gate, if any, is applied first.
+        Data-parallel: each rank streams its own shard, and
+        ``fit(process_group=...)`` merges every rank's.
         """
         check_float(x, "x")
         if x.dim() < 1 or x.shape[-1] != self.num_features:
@@ -276,35 +291,37 @@ class InstanceWeightedNorm(nn.Module):
             u = u * torch.sigmoid(self.gate_logits.double())
         groups = self.num_tasks * self.num_classes
         n_b, mean_b, var_b = class_moments(u, keys, groups)
-        m2_b = var_b * n_b.unsqueeze(1)
-        if self._fit_state is None:
-            self._fit_state = (n_b, mean_b, m2_b)
-            return
-        n_a, mean_a, m2_a = self._fit_state
-        n = n_a + n_b
-        frac = (n_b / n.clamp_min(1)).unsqueeze(1)
-        delta = mean_b - mean_a
-        mean = mean_a + delta * frac
-        m2 = m2_a + m2_b + delta * delta * (n_a.unsqueeze(1) * frac)
-        self._fit_state = (n, mean, m2)
+        batch = (n_b, mean_b, var_b * n_b.unsqueeze(1))
+        self._fit_state = batch if self._fit_state is None else merge_moments(self._fit_state,
+                                                                              batch)
 
     @torch.no_grad()
     def fit(self, x: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-            task_ids: Optional[Tensor] = None) -> "InstanceWeightedNorm":
+            task_ids: Optional[Tensor] = None, process_group=None) -> "InstanceWeightedNorm":
         """Set the paper's fixed statistics (Eq.10-11) and freeze them.
 
         ``fit(x, labels, task_ids=None)`` fits a whole data set in one call;
         ``fit()`` finalizes what :meth:`partial_fit` accumulated. Tasks with no
         rows keep their current statistics.
+
+        ``process_group``: each rank of the ``torch.distributed`` group holds
+        a shard of the data set (fitted here or streamed through
+        :meth:`partial_fit`); every rank calls ``fit`` (a rank without data
+        too), the per-(task, class) count, mean and M2 are merged across ranks
+        in rank order, and every rank sets the statistics of the whole set.
         """
         if x is not None:
             if labels is None:
                 raise ValueError("labels are required to fit statistics on x")
             self.reset_fit()
             self.partial_fit(x, labels, task_ids)
-        elif self._fit_state is None:
+        state = self._fit_state
+        ranks = check_process_group(process_group, self.running_mean)
+        if ranks is not None:
+            state = self._moments_of_all_ranks(process_group, ranks.size)
+        if state is None:
             raise RuntimeError("nothing to fit: call fit(x, labels) or partial_fit(...) first")
-        n, mean, m2 = self._fit_state
+        n, mean, m2 = state
         T, C, Fdim = self.num_tasks, self.num_classes, self.num_features
         var = m2 / n.clamp_min(1).unsqueeze(1)
         mu, sigma, present = combine_class_statistics(
@@ -316,6 +333,24 @@ class InstanceWeightedNorm(nn.Module):
         self._frozen = True
         self._fit_state = None
         return self
+
+    def _moments_of_all_ranks(self, process_group, size: int):
+        """Every rank's fit state merged in rank order (one all-gather); None
+        when no rank has any row."""
+        G, Fdim = self.num_tasks * self.num_classes, self.num_features
+        state = self._fit_state
+        if state is None:  # this rank saw no data: it sends zeros
+            zeros = self.running_mean.new_zeros((G, Fdim), dtype=torch.float64)
+            state = (zeros.new_zeros(G), zeros, zeros)
+        packed = torch.cat([state[0], state[1].flatten(), state[2].flatten()])
+        gathered = [torch.empty_like(packed) for _ in range(size)]
+        torch.distributed.all_gather(gathered, packed, group=process_group)
+        merged = None
+        for row in gathered:
+            n, mean, m2 = row.split([G, G * Fdim, G * Fdim])
+            rank_state = (n, mean.view(G, Fdim), m2.view(G, Fdim))
+            merged = rank_state if merged is None else merge_moments(merged, rank_state)
+        return merged if merged[0].sum() > 0 else None
 
     def use_batch_statistics(self) -> "InstanceWeightedNorm":
         """Undo :meth:`fit`'s freeze: training mode uses batch statistics again."""

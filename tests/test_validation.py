@@ -145,6 +145,19 @@ BAD_IWN_CALLS = {
 }
 
 
+# With a process group (synced=True in Python, a group name for C++): what
+# differs -- fixed class and task counts; no rows is allowed.
+SYNCED_BAD_IWN_CALLS = {
+    "synced: num_classes missing": dict(num_classes=None),
+    "synced: no rows, num_classes missing": dict(x=torch.zeros(0, 4),
+                                                 labels=torch.zeros(0, dtype=torch.long)),
+    "synced: task_ids without running statistics": dict(
+        task_ids=torch.zeros(6, dtype=torch.long), running_mean=None, running_std=None,
+        num_classes=2),
+    "synced: labels missing": dict(labels=None, num_classes=2),
+}
+
+
 def _iwn_args(x=X, labels=LABELS, gate=None, weight=None, bias=None, running_mean=RM,
               running_std=RS, task_ids=None, training=True, momentum=0.1, eps=1e-5,
               std_mode="class_mean", num_classes=None):
@@ -160,13 +173,16 @@ def _raised(fn, args):
 
 
 @pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
-@pytest.mark.parametrize("case", BAD_IWN_CALLS)
+@pytest.mark.parametrize("case", [*BAD_IWN_CALLS, *SYNCED_BAD_IWN_CALLS])
 def test_cpp_checks_raise_what_the_python_checks_raise(case):
     from surgellm_kernels import _backend
     from surgellm_kernels._checks import check_iwn_args
 
-    args = _iwn_args(**BAD_IWN_CALLS[case])
-    assert _raised(_backend.extension().fused_iwn, args) == _raised(check_iwn_args, args)
+    synced = case in SYNCED_BAD_IWN_CALLS
+    args = _iwn_args(**(SYNCED_BAD_IWN_CALLS if synced else BAD_IWN_CALLS)[case])
+    group = ("a group", 2) if synced else (None, 1)  # the checks fail before any collective
+    assert (_raised(_backend.extension().fused_iwn, (*args, *group)) ==
+            _raised(lambda *a: check_iwn_args(*a, synced=synced), args))
 
 
 H = torch.randn(2, 4)

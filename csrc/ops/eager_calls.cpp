@@ -108,7 +108,9 @@ Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
                       py::handle weight_h, py::handle bias_h, py::handle running_mean_h,
                       py::handle running_std_h, py::handle task_ids_h, bool training,
                       py::handle momentum_h, py::handle eps_h, py::handle std_mode_h,
-                      py::handle num_classes_h) {
+                      py::handle num_classes_h, const optional<std::string>& group_name,
+                      int64_t group_size) {
+  const bool synced = group_name.has_value();
   const Tensor x = required_tensor(x_h, "x");
   check_float(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (..., F), got a scalar");
@@ -175,8 +177,13 @@ Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
   if (task_ids.has_value()) {
     check_index_tensor(*task_ids, "task_ids", rows, x);
     // Without running statistics the task count comes from the data.
-    if (!running_mean.has_value())
+    if (!running_mean.has_value()) {
+      TORCH_CHECK_VALUE(!synced,
+                        "task_ids with a process_group need running_mean / running_std of "
+                        "shape (num_tasks, F): every rank must use the same task count, not "
+                        "the one its own rows show");
       num_tasks = task_ids->numel() ? task_ids->max().item<int64_t>() + 1 : 1;
+    }
   }
 
   optional<Tensor> labels;
@@ -187,8 +194,12 @@ Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
                       "row's class (pass labels, or training=False with running stats)");
     labels = tensor_arg(labels_h, "labels");
     check_index_tensor(*labels, "labels", rows, x);
-    TORCH_CHECK_VALUE(x.numel() != 0, "x has no rows: training statistics need at least one row");
+    TORCH_CHECK_VALUE(x.numel() != 0 || synced,
+                      "x has no rows: training statistics need at least one row");
     py::object given = py::reinterpret_borrow<py::object>(num_classes_h);
+    TORCH_CHECK_VALUE(!(synced && given.is_none()),
+                      "num_classes is required with a process_group: every rank must group its "
+                      "rows by the same classes, not those its own labels show");
     if (given.is_none()) given = py::int_(labels->max().item<int64_t>() + 1);
     TORCH_CHECK_VALUE(PyLong_Check(given.ptr()) && PyObject_RichCompareBool(
                                                         given.ptr(), py::int_(1).ptr(), Py_GE) == 1,
@@ -207,10 +218,11 @@ Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
                         const optional<Tensor>&, const optional<Tensor>&,
                         const optional<Tensor>&, const optional<Tensor>&,
                         const optional<Tensor>&, bool, double, double, bool, int64_t,
-                        int64_t)>();
+                        int64_t, optional<c10::string_view>, int64_t)>();
   py::gil_scoped_release no_gil;
-  return op.call(x, labels, task_ids, gate, weight, bias, running_mean,
-                 running_std, training, *momentum, *eps, pooled, num_tasks, num_classes);
+  return op.call(x, labels, task_ids, gate, weight, bias, running_mean, running_std, training,
+                 *momentum, *eps, pooled, num_tasks, num_classes,
+                 synced ? optional<c10::string_view>(*group_name) : std::nullopt, group_size);
 }
 
 Tensor fused_surgical_gate_call(py::handle h_h, py::handle s_h, py::handle gate_logits_h,

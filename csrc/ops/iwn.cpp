@@ -7,12 +7,17 @@
 // (surgellm_kernels/ops/iwn.py):
 //   forward:  group_keys -> group_moments -> combine (mu, sigma, running update) -> apply
 //   backward: task_sums -> coefficients -> input_grad
-// The moments (before combine) and the task sums (before coefficients) are
-// what a data-parallel run reduces across ranks. The autograd kernel below
-// serves eager mode and torch.compile alike (AOTAutograd traces through it).
+// With a process group (group_name, group_size > 1) a training call makes
+// the statistics those of every rank's rows together: one all-gather of the
+// per-(task, class) moments before combine, and in backward one all-reduce
+// of the per-task sums before coefficients. The autograd kernel below serves
+// eager mode and torch.compile alike (AOTAutograd traces through it).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <string>
+#include <tuple>
 
 #include "ops/kernel_call.h"
 
@@ -100,6 +105,69 @@ std::tuple<Tensor, Tensor> input_grad(const Tensor& dy, const Tensor& x,
       "surgellm::iwn_input_grad");
   return h.call(dy, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div,
                 training);
+}
+
+// -- data parallel: torch's functional collectives, through the dispatcher ---------------
+// They run on the process group's own backend (gloo, NCCL) and are traced by
+// torch.compile like any op. No weight, bias or gate gradient is reduced
+// here: DistributedDataParallel does that.
+
+// The process group of a synchronized call, as torch's group registry names it.
+struct RankGroup {
+  std::string name;
+  int64_t size;
+};
+
+optional<RankGroup> rank_group(const optional<c10::string_view>& name, int64_t size) {
+  if (!name.has_value() || size <= 1) return std::nullopt;
+  return RankGroup{std::string(*name), size};
+}
+
+// Boxed calls: the schemas' group argument is `str` in some torch releases
+// and `Any` in others; a boxed call passes the name either way.
+Tensor call_and_wait(const c10::OperatorHandle& collective, torch::jit::Stack stack) {
+  static const auto wait =
+      c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::wait_tensor", "");
+  collective.callBoxed(stack);
+  wait.callBoxed(stack);  // stack: the collective's result, waited on
+  return stack.at(0).toTensor();
+}
+
+// (size * numel) values: every rank's t, in rank order.
+Tensor all_gather(const Tensor& t, const RankGroup& g) {
+  static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(
+      "_c10d_functional::all_gather_into_tensor", "");
+  return call_and_wait(h, {t, g.size, g.name});
+}
+
+Tensor all_reduce_sum(const Tensor& t, const RankGroup& g) {
+  static const auto h =
+      c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_reduce", "");
+  return call_and_wait(h, {t, "sum", g.name});
+}
+
+// The moments of every rank's rows together, from one all-gather of each
+// rank's (count, mean, M2, mean residual) per group. Every rank merges the
+// same gathered values in the same order, so every rank gets the same
+// statistics (and running statistics). With n = sum_r n_r:
+//   mean = sum_r (n_r / n) m_r,  M2 = sum_r M2_r + n_r (m_r - mean)^2,
+//   residual = sum_r (n_r / n) (m_r - mean + residual_r)
+// (the residual keeps the exact mean, mean + residual, for backward). A rank
+// without rows of a group sends n_r = 0 and zeros, which add nothing.
+Moments moments_of_all_ranks(const Moments& local, const RankGroup& g) {
+  const auto& [count, mean, m2, residual] = local;
+  const c10::SymInt G = mean.sym_size(0), F = mean.sym_size(1);
+  const Tensor packed = at::cat({count, mean.reshape(-1), m2.reshape(-1), residual.reshape(-1)});
+  const Tensor per_rank = all_gather(packed, g).view_symint({g.size, -1});
+  const Tensor n = per_rank.narrow_symint(1, 0, G).unsqueeze(-1);  // (R, G, 1)
+  const Tensor rest = per_rank.narrow_symint(1, G, 3 * G * F).view_symint({g.size, 3, G, F});
+  const Tensor total = n.sum(0);                                      // (G, 1)
+  const Tensor frac = n / total.clamp_min(1);
+  const Tensor mean_all = (frac * rest.select(1, 0)).sum(0);
+  const Tensor dev = rest.select(1, 0) - mean_all;
+  const Tensor m2_all = (rest.select(1, 1) + n * dev * dev).sum(0);
+  const Tensor residual_all = (frac * (dev + rest.select(1, 2))).sum(0);
+  return {total.view_symint({G}), mean_all, m2_all, residual_all};
 }
 
 // -- the forward, phase by phase -------------------------------------------------------
@@ -196,12 +264,15 @@ ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labe
                              const optional<Tensor>& task_ids,
                              const optional<Tensor>& running_mean,
                              const optional<Tensor>& running_std, bool training, double momentum,
-                             double eps, bool pooled, int64_t T, int64_t C, bool for_backward) {
+                             double eps, bool pooled, int64_t T, int64_t C,
+                             const optional<RankGroup>& ranks, bool for_backward) {
   const auto acc = accumulation_type(in.x);
   ForwardResult r;
   if (training) {
     r.keys = group_keys(flat(labels), flat(task_ids), T, C);
-    auto [count, mean, m2, mean_residual] = group_moments(in.x, r.keys, in.gate, T * C);
+    Moments moments = group_moments(in.x, r.keys, in.gate, T * C);
+    if (ranks.has_value()) moments = moments_of_all_ranks(moments, *ranks);
+    auto [count, mean, m2, mean_residual] = moments;
     const auto rm = kernel_buffer(running_mean, acc), rs = kernel_buffer(running_std, acc);
     auto [group_std, mu, sigma] = combine(count, mean, m2, T, pooled, momentum, rm, rs);
     for (const auto& [buffer, running] : {std::pair{rm, running_mean}, std::pair{rs, running_std}})
@@ -236,12 +307,14 @@ Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels,
                      const optional<Tensor>& weight, const optional<Tensor>& bias,
                      const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                      bool training, double momentum, double eps, bool pooled, int64_t num_tasks,
-                     int64_t num_classes) {
+                     int64_t num_classes, optional<c10::string_view> group_name,
+                     int64_t group_size) {
   check_iwn_inputs(x, labels, task_ids, gate, weight, bias, running_mean, running_std, training,
                    num_tasks, num_classes);
   const auto r = forward_phases(phase_inputs(x, gate, weight, bias), labels, task_ids,
                                 running_mean, running_std, training, momentum, eps, pooled,
-                                num_tasks, num_classes, /*for_backward=*/false);
+                                num_tasks, num_classes, rank_group(group_name, group_size),
+                                /*for_backward=*/false);
   return x.dim() == 2 ? r.y : r.y.view_symint(x.sym_sizes());
 }
 
@@ -254,13 +327,15 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
                         const optional<Tensor>& weight, const optional<Tensor>& bias,
                         const optional<Tensor>& running_mean,
                         const optional<Tensor>& running_std, bool training, double momentum,
-                        double eps, bool pooled, int64_t num_tasks, int64_t num_classes) {
+                        double eps, bool pooled, int64_t num_tasks, int64_t num_classes,
+                        optional<c10::string_view> group_name, int64_t group_size) {
     check_iwn_inputs(x, labels, task_ids, gate, weight, bias, running_mean, running_std, training,
                      num_tasks, num_classes);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const PhaseInputs in = phase_inputs(x, gate, weight, bias);
+    const auto ranks = training ? rank_group(group_name, group_size) : std::nullopt;
     const auto r = forward_phases(in, labels, task_ids, running_mean, running_std, training,
-                                  momentum, eps, pooled, num_tasks, num_classes,
+                                  momentum, eps, pooled, num_tasks, num_classes, ranks,
                                   /*for_backward=*/true);
     auto or_undefined = [](const optional<Tensor>& t) { return t.value_or(Tensor()); };
     // The inputs themselves are saved where the phases read them in place
@@ -281,6 +356,10 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["key_div"] = r.key_div;
     ctx->saved_data["has_bias"] = bias.has_value();
+    if (ranks.has_value()) {
+      ctx->saved_data["group_name"] = ranks->name;
+      ctx->saved_data["group_size"] = ranks->size;
+    }
     return x.dim() == 2 ? r.y : r.y.view_symint(x.sym_sizes());
   }
 
@@ -304,9 +383,20 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
     const Tensor& mu = saved[8];
     const Tensor& sigma = saved[9];
     const Tensor sums = task_sums(dy, x, keys, gate, mu, key_div);
-    auto [scale, dy_shift, dev_coef, center, dweight, dbias, du_dot_u] =
-        coefficients(sums, weight, opt(saved[4]), opt(saved[5]), opt(saved[6]), opt(saved[7]),
-                     mu, sigma, pooled, eps);
+    auto coefficients_of = [&](const Tensor& s) {
+      return coefficients(s, weight, opt(saved[4]), opt(saved[5]), opt(saved[6]), opt(saved[7]),
+                          mu, sigma, pooled, eps);
+    };
+    auto [scale, dy_shift, dev_coef, center, dweight, dbias, du_dot_u] = coefficients_of(sums);
+    if (ctx->saved_data.count("group_name")) {
+      // The rows' gradients need every rank's sums (the statistics are
+      // shared); weight, bias and a (F) gate keep this rank's share, linear
+      // in its own sums, which DistributedDataParallel adds up.
+      const RankGroup ranks{ctx->saved_data["group_name"].toStringRef(),
+                            ctx->saved_data["group_size"].toInt()};
+      std::tie(scale, dy_shift, dev_coef, center, std::ignore, std::ignore, std::ignore) =
+          coefficients_of(all_reduce_sum(sums, ranks));
+    }
     auto [dx, dgate] = input_grad(dy, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u,
                                   key_div, training);
     Tensor dgate_out;
@@ -324,6 +414,8 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
             Tensor(),
             Tensor(),
             Tensor(),
+            Tensor(),
+            Tensor(),
             Tensor()};
   }
 };
@@ -333,14 +425,17 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels,
                     const optional<Tensor>& weight, const optional<Tensor>& bias,
                     const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                     bool training, double momentum, double eps, bool pooled, int64_t num_tasks,
-                    int64_t num_classes) {
+                    int64_t num_classes, optional<c10::string_view> group_name,
+                    int64_t group_size) {
   if (!autograd_records(x, gate, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return iwn_composite(x, labels, task_ids, gate, weight, bias, running_mean, running_std,
-                         training, momentum, eps, pooled, num_tasks, num_classes);
+                         training, momentum, eps, pooled, num_tasks, num_classes, group_name,
+                         group_size);
   }
   return IWNFunction::apply(x, labels, task_ids, gate, weight, bias, running_mean, running_std,
-                            training, momentum, eps, pooled, num_tasks, num_classes);
+                            training, momentum, eps, pooled, num_tasks, num_classes, group_name,
+                            group_size);
 }
 
 }  // namespace
@@ -348,10 +443,14 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels,
 TORCH_LIBRARY(surgellm, m) {
   // x (..., F); labels, task_ids int64 of x.shape[:-1]; gate (F) or x's shape;
   // running statistics (F) or (num_tasks, F), updated in place in training.
+  // group_name / group_size: a process group (torch.distributed's registered
+  // name) whose ranks' rows share the training statistics; none, or size 1,
+  // communicates nothing.
   m.def(
       "iwn(Tensor x, Tensor? labels, Tensor? task_ids, Tensor? gate, Tensor? weight, "
       "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_std, bool training, "
-      "float momentum, float eps, bool pooled, int num_tasks, int num_classes) -> Tensor");
+      "float momentum, float eps, bool pooled, int num_tasks, int num_classes, "
+      "str? group_name=None, int group_size=1) -> Tensor");
   // The phases: x (N, F) contiguous, keys (N) int32, every statistic in the
   // accumulation dtype (see csrc/include/iwn_args.h).
   m.def("iwn_group_keys(Tensor? labels, Tensor? task_ids, int num_tasks, int num_classes) -> Tensor");

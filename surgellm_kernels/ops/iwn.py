@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.overrides import has_torch_function_variadic
 
 from .. import _backend
-from .._checks import accumulation_dtype, check_iwn_args
+from .._checks import accumulation_dtype, check_iwn_args, check_process_group
 from ..reference import iwn_reference
 
 __all__ = ["fused_iwn"]
@@ -93,7 +93,7 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
               running_mean: Optional[Tensor] = None, running_std: Optional[Tensor] = None,
               task_ids: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
               eps: float = 1e-5, std_mode: str = "class_mean",
-              num_classes: Optional[int] = None) -> Tensor:
+              num_classes: Optional[int] = None, process_group=None) -> Tensor:
     """Gated instance-weighted normalization, called like ``F.batch_norm``.
 
     Args:
@@ -112,13 +112,27 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
             "pooled" (deviation of the class-balanced distribution).
         num_classes: classes per task; default ``labels.max() + 1``. Pass it
             when compiling with ``torch.compile(fullgraph=True)``, and on CUDA
-            to avoid a host sync.
+            to avoid a host sync. Required with a process group.
+        process_group: a ``torch.distributed`` process group (or
+            ``torch.distributed.group.WORLD``) whose ranks each hold a shard of
+            the batch: in training the statistics, and the running statistics
+            every rank ends with, are those of all shards together -- one
+            all-gather of the per-(task, class) moments in forward, one
+            all-reduce of the per-task gradient sums in backward. Every rank
+            of the group must make the call (a rank with no rows too, with x
+            of shape (0, F)). Eval, or a group of one rank, communicates
+            nothing. Weight, bias and gate gradients stay per rank (as
+            ``DistributedDataParallel`` expects).
 
     Returns y with the shape and dtype of x. Statistics accumulate in float32
     (float64 for float64 x). Label and task-id ranges are checked on CPU
     tensors; on CUDA, rows with out-of-range values get NaN outputs (see the
     module docstring).
     """
+    # Only training shares statistics; eval normalizes with the running ones.
+    ranks = check_process_group(process_group, x)
+    if not training:
+        ranks = None
     # The C++ entry skips Python's __torch_function__ protocol: tensor
     # subclasses and TorchFunctionModes take the path below, which calls the
     # op through torch.ops (so they see it), as do traces.
@@ -129,14 +143,21 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
         if backend != "eager":  # the checks below and the op call, in C++
             return _backend.extension().fused_iwn(
                 x, labels, gate, weight, bias, running_mean, running_std, task_ids,
-                bool(training), momentum, eps, std_mode, num_classes)
+                bool(training), momentum, eps, std_mode, num_classes,
+                ranks.name if ranks else None, ranks.size if ranks else 1)
     call = check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
-                          training, momentum, eps, std_mode, num_classes)
+                          training, momentum, eps, std_mode, num_classes, synced=ranks is not None)
     backend = _backend.select_backend("iwn", x.device)
     if backend == "eager":
+        if ranks is not None:
+            raise RuntimeError(
+                "fused_iwn with a process_group needs the compiled kernels (backend cpu, cuda "
+                "or triton): the eager reference computes one process's statistics only"
+            )
         return iwn_reference(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
                              training, momentum, eps, std_mode, call.num_classes or num_classes)
     return torch.ops.surgellm.iwn(
         x, labels if training else None, task_ids, gate, weight, bias, running_mean, running_std,
         training, float(momentum), float(eps), call.pooled, call.num_tasks,
-        call.num_classes if training else 1)
+        call.num_classes if training else 1, ranks.name if ranks else None,
+        ranks.size if ranks else 1)
