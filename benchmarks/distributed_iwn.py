@@ -3,10 +3,11 @@
     python benchmarks/distributed_iwn.py [--rows 4096] [--features 768] [--json]
 
 Each rank times a training forward + backward of ``fused_iwn`` on its own
-(rows, features) float32 shard, with ``process_group`` (synced) and without
-(each rank's own statistics), alternating the two so that both see the same
-machine state; a barrier (not timed) starts every step on both ranks at
-once. Rank 0 reports the medians, their ratio and the bytes each rank puts
+(rows, features) float32 shard, with ``process_group`` (synced), without
+(each rank's own statistics), and without but with a barrier after forward
+and after backward (the synced step's waits for the other rank, without its
+payload or merge), alternating the three so that all see the same machine
+state; a barrier (not timed) starts every step on both ranks at once. Rank 0 reports the medians, their ratio and the bytes each rank puts
 into the collectives per step (``sync_payload``). One thread per rank.
 benchmarks/test_distributed_iwn.py runs it as part of the benchmark suite.
 """
@@ -38,39 +39,65 @@ def _rank(rank, world, store, options, out):
     gate, weight, bias = (torch.randn(F).requires_grad_() for _ in range(3))
     running = (torch.zeros(F), torch.ones(F))
 
-    def step(group):
+    def step(group, barriers=False):
+        for t in (x, gate, weight, bias):
+            t.grad = None
         y = fused_iwn(x, labels, gate, weight, bias, *running, training=True, num_classes=C,
                       process_group=group)
+        if barriers:
+            dist.barrier()
         y.backward(dy)
+        if barriers:
+            dist.barrier()
 
-    times = {"synced": [], "unsynced": []}
+    # "unsynced + 2 barriers" waits for the other rank as often as the synced
+    # step does, with no payload and no merge: the difference between the two
+    # is what the synchronization itself costs, the rest is waiting for the
+    # slower rank.
+    modes = {"synced": (dist.group.WORLD, False), "unsynced": (None, False),
+             "unsynced + 2 barriers": (None, True)}
+    times = {name: [] for name in modes}
     for i in range(options["warmup"] + options["steps"]):
-        for name, group in (("synced", dist.group.WORLD), ("unsynced", None)):
+        for name, (group, barriers) in modes.items():
             dist.barrier()
             start = time.perf_counter()
-            step(group)
+            step(group, barriers)
             if i >= options["warmup"]:
                 times[name].append(time.perf_counter() - start)
     if rank == 0:
-        synced, unsynced = (statistics.median(times[k]) for k in ("synced", "unsynced"))
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         payload = sync_payload(F, C)
         result = dict(options, world=world, backend=planned_backend("iwn", "cpu"),
-                      synced_ms=synced * 1e3, unsynced_ms=unsynced * 1e3,
-                      overhead=synced / unsynced, all_gather_bytes=payload.all_gather,
-                      all_reduce_bytes=payload.all_reduce,
+                      synced_ms=ms["synced"], unsynced_ms=ms["unsynced"],
+                      barriers_ms=ms["unsynced + 2 barriers"],
+                      overhead=ms["synced"] / ms["unsynced"],
+                      overhead_vs_barriers=ms["synced"] / ms["unsynced + 2 barriers"],
+                      all_gather_bytes=payload.all_gather, all_reduce_bytes=payload.all_reduce,
                       cpu_build=cpu_kernel_build())
         with open(out, "w") as f:
             json.dump(result, f)
     dist.destroy_process_group()
 
 
-def measure(rows=4096, features=768, classes=4, steps=20, warmup=3, world=2):
-    """Run the ranks; the dict rank 0 reports."""
+def measure(rows=4096, features=768, classes=4, steps=20, warmup=3, world=2, timeout=600):
+    """Run the ranks; the dict rank 0 reports. Raises when the ranks fail or
+    outlive ``timeout`` seconds (then they are killed)."""
+    from surgellm_kernels._backend import planned_backend
+
+    if planned_backend("iwn", "cpu") == "eager":
+        raise RuntimeError("no compiled CPU kernels (the eager reference cannot sync): build "
+                           "the extension first")
     options = dict(rows=rows, features=features, classes=classes, steps=steps, warmup=warmup)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.start_processes(_rank, args=(world, os.path.join(tmp, "store"), options, out),
-                           nprocs=world, start_method="spawn")
+        context = mp.start_processes(_rank, args=(world, os.path.join(tmp, "store"), options, out),
+                                     nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for p in context.processes:
+                    p.kill()
+                raise TimeoutError(f"the {world} ranks ran past {timeout} s and were killed")
         with open(out) as f:
             return json.load(f)
 
@@ -81,6 +108,8 @@ def describe(r):
             f"backend {r['backend']}: training forward + backward "
             f"synced {r['synced_ms']:.2f} ms vs unsynced {r['unsynced_ms']:.2f} ms "
             f"(medians of {r['steps']} alternated steps): overhead {r['overhead']:.3f}x; "
+            f"vs unsynced with a barrier after forward and after backward "
+            f"({r['barriers_ms']:.2f} ms): {r['overhead_vs_barriers']:.3f}x; "
             f"per step each rank sends {r['all_gather_bytes']:,} bytes to one all-gather "
             f"(receives {r['world']}x) and {r['all_reduce_bytes']:,} bytes to one all-reduce")
 

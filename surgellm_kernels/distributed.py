@@ -12,13 +12,14 @@ model.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .modules import FusedInstanceWeightedNorm
 from .ops import fused_iwn
+from .patching import _twin
 from .reference import InstanceWeightedNorm
 
 __all__ = ["SyncInstanceWeightedNorm", "convert_sync_iwn", "SyncPayload", "sync_payload"]
@@ -37,13 +38,14 @@ def sync_payload(num_features: int, num_classes: int, num_tasks: int = 1,
     """What ``fused_iwn(..., process_group=...)`` exchanges per training step.
 
     Forward: count, mean, M2 and mean residual of every (task, class) group,
-    ``T * C * (1 + 3 F)`` values, all-gathered. Backward: the per-task sums
-    of dy and dy (u - mu), ``2 * T * F`` values, all-reduced. Values are in
-    the accumulation dtype (float64 for float64 inputs, else float32).
+    ``T * C * (1 + 3 F)`` values, and a flag saying whether this rank's own
+    checks failed, all-gathered. Backward: the per-task sums of dy and
+    dy (u - mu), ``2 * T * F`` values, all-reduced. Values are in the
+    accumulation dtype (float64 for float64 inputs, else float32).
     """
     itemsize = 8 if dtype == torch.float64 else 4
     groups = num_tasks * num_classes
-    return SyncPayload(groups * (1 + 3 * num_features) * itemsize,
+    return SyncPayload((1 + groups * (1 + 3 * num_features)) * itemsize,
                        2 * num_tasks * num_features * itemsize)
 
 
@@ -60,9 +62,11 @@ class SyncInstanceWeightedNorm(FusedInstanceWeightedNorm):
     Same constructor as :class:`InstanceWeightedNorm`, plus ``process_group``
     (default: the whole world, once ``torch.distributed`` is initialized;
     without it the module behaves as :class:`FusedInstanceWeightedNorm`).
-    Every rank must run the module on each step, a rank without rows too
-    (with x of shape (0, F)). Running statistics end identical on every
-    rank; :meth:`fit` merges every rank's shard of the data set.
+    Every rank must run the module on each training step, a rank without
+    rows too (with x of shape (0, F)). Running statistics end identical on
+    every rank. :meth:`fit` communicates only when given a process group
+    (``fit(process_group=norm.process_group)``), so that fitting on one rank
+    and broadcasting the buffers stays possible.
     """
 
     def __init__(self, num_features: int, num_classes: int, num_tasks: int = 1,
@@ -79,40 +83,29 @@ class SyncInstanceWeightedNorm(FusedInstanceWeightedNorm):
     def _iwn(self, *args) -> Tensor:
         return fused_iwn(*args, process_group=self._group())
 
-    def fit(self, x: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-            task_ids: Optional[Tensor] = None, process_group=None) -> "SyncInstanceWeightedNorm":
-        """:meth:`InstanceWeightedNorm.fit` over the module's process group
-        unless another is given: every rank calls it with its own shard."""
-        group = process_group if process_group is not None else self._group()
-        return super().fit(x, labels, task_ids, process_group=group)
-
 
 def convert_sync_iwn(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every :class:`InstanceWeightedNorm` and
     :class:`FusedInstanceWeightedNorm` in ``module`` by a
     :class:`SyncInstanceWeightedNorm` holding the same Parameter and buffer
-    objects (so an optimizer built before keeps training them), like
-    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. Returns ``module``,
-    or the new module when ``module`` itself is one. Subclasses of other
-    kinds, and modules already synced, are left as they are.
+    objects (so an optimizer built before keeps training them), hooks and
+    attributes, like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. A
+    norm registered under several parents becomes one synced module. Returns
+    ``module``, or the new module when ``module`` itself is one. Subclasses
+    with code of their own, and modules already synced, are left as they are.
     """
+    return _convert(module, process_group, {})
+
+
+def _convert(module: nn.Module, process_group, converted: dict) -> nn.Module:
     if type(module) in (InstanceWeightedNorm, FusedInstanceWeightedNorm):
-        return _synced_twin(module, process_group)
+        if id(module) not in converted:
+            synced = _twin(module, SyncInstanceWeightedNorm)  # shares the module's dicts
+            synced.process_group = process_group
+            converted[id(module)] = synced
+        return converted[id(module)]
     for name, child in module.named_children():
-        converted = convert_sync_iwn(child, process_group)
-        if converted is not child:
-            setattr(module, name, converted)
+        new = _convert(child, process_group, converted)
+        if new is not child:
+            setattr(module, name, new)
     return module
-
-
-def _synced_twin(norm: InstanceWeightedNorm, process_group) -> SyncInstanceWeightedNorm:
-    synced = SyncInstanceWeightedNorm(
-        norm.num_features, norm.num_classes, norm.num_tasks, norm.eps, norm.momentum,
-        norm.affine, norm.gated, norm.std_mode, process_group=process_group)
-    # The same objects, not copies: parameters, buffers, and the fit state.
-    synced._parameters = dict(norm._parameters)
-    synced._buffers = dict(norm._buffers)
-    synced._non_persistent_buffers_set = set(norm._non_persistent_buffers_set)
-    synced._fit_state, synced._frozen = norm._fit_state, norm._frozen
-    synced.train(norm.training)
-    return synced

@@ -308,17 +308,33 @@ class InstanceWeightedNorm(nn.Module):
         a shard of the data set (fitted here or streamed through
         :meth:`partial_fit`); every rank calls ``fit`` (a rank without data
         too), the per-(task, class) count, mean and M2 are merged across ranks
-        in rank order, and every rank sets the statistics of the whole set.
+        in rank order (one all-gather), and every rank sets the statistics of
+        the whole set. When ``fit(x, labels)`` fails its checks on one rank,
+        every rank raises after the all-gather (none is left waiting).
         """
-        if x is not None:
-            if labels is None:
-                raise ValueError("labels are required to fit statistics on x")
-            self.reset_fit()
-            self.partial_fit(x, labels, task_ids)
-        state = self._fit_state
         ranks = check_process_group(process_group, self.running_mean)
+        failure, previous = None, self._fit_state
+        if x is not None:
+            self.reset_fit()
+            try:
+                if labels is None:
+                    raise ValueError("labels are required to fit statistics on x")
+                self.partial_fit(x, labels, task_ids)
+            except (ValueError, TypeError) as error:
+                self._fit_state = previous  # a failed call changes nothing
+                if ranks is None:
+                    raise
+                failure = error
+        state = self._fit_state
         if ranks is not None:
-            state = self._moments_of_all_ranks(process_group, ranks.size)
+            state, failed_ranks = self._moments_of_all_ranks(process_group, ranks.size,
+                                                             failure is not None)
+            if failure is not None:
+                raise failure
+            if failed_ranks:
+                self._fit_state = previous
+                raise ValueError(f"fit failed its checks on rank(s) {failed_ranks} of "
+                                 f"process_group (their own errors say why); nothing was fitted")
         if state is None:
             raise RuntimeError("nothing to fit: call fit(x, labels) or partial_fit(...) first")
         n, mean, m2 = state
@@ -334,23 +350,26 @@ class InstanceWeightedNorm(nn.Module):
         self._fit_state = None
         return self
 
-    def _moments_of_all_ranks(self, process_group, size: int):
-        """Every rank's fit state merged in rank order (one all-gather); None
-        when no rank has any row."""
+    def _moments_of_all_ranks(self, process_group, size: int, failed: bool):
+        """Every rank's fit state merged in rank order (None when no rank has
+        any row), and the ranks whose own fit failed: one all-gather."""
         G, Fdim = self.num_tasks * self.num_classes, self.num_features
         state = self._fit_state
-        if state is None:  # this rank saw no data: it sends zeros
+        if state is None or failed:  # no data here: this rank sends zeros
             zeros = self.running_mean.new_zeros((G, Fdim), dtype=torch.float64)
             state = (zeros.new_zeros(G), zeros, zeros)
-        packed = torch.cat([state[0], state[1].flatten(), state[2].flatten()])
+        flag = state[0].new_full((1,), float(failed))
+        packed = torch.cat([flag, state[0], state[1].flatten(), state[2].flatten()])
         gathered = [torch.empty_like(packed) for _ in range(size)]
         torch.distributed.all_gather(gathered, packed, group=process_group)
-        merged = None
-        for row in gathered:
-            n, mean, m2 = row.split([G, G * Fdim, G * Fdim])
+        merged, failed_ranks = None, []
+        for rank, row in enumerate(gathered):
+            flag, n, mean, m2 = row.split([1, G, G * Fdim, G * Fdim])
+            if flag.item():
+                failed_ranks.append(rank)
             rank_state = (n, mean.view(G, Fdim), m2.view(G, Fdim))
             merged = rank_state if merged is None else merge_moments(merged, rank_state)
-        return merged if merged[0].sum() > 0 else None
+        return (merged if merged[0].sum() > 0 else None), failed_ranks
 
     def use_batch_statistics(self) -> "InstanceWeightedNorm":
         """Undo :meth:`fit`'s freeze: training mode uses batch statistics again."""

@@ -48,14 +48,18 @@ def launch(world_size, cases, workdir, backend="cpu", device="cpu", timeout=300)
     results = {name: None for name in cases}
     for rank, p in enumerate(procs):
         path = os.path.join(workdir, f"rank{rank}.json")
-        if rank in hung or not os.path.exists(path):
-            why = (f"rank {rank} still running after {timeout} s (killed)" if rank in hung
-                   else f"rank {rank} exited with code {p.exitcode} before reporting")
-            return {name: why for name in cases}
-        with open(path) as f:
-            for name, error in json.load(f).items():
-                if error and not results[name]:
-                    results[name] = f"rank {rank}:\n{error}"
+        reported = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                reported = json.load(f)
+        for name in cases:
+            if name in reported:
+                error = reported[name]
+            else:  # the cases this rank never finished
+                error = (f"still running after {timeout} s (killed)" if rank in hung
+                         else f"exited with code {p.exitcode} before finishing this case")
+            if error and not results[name]:
+                results[name] = f"rank {rank}:\n{error}"
     return results
 
 
@@ -78,8 +82,10 @@ def _rank_main(rank, world_size, workdir, cases, backend, device):
             results[name] = None
         except Exception:  # reported by the test that owns the case
             results[name] = traceback.format_exc()
-    with open(os.path.join(workdir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+        # Written after every case: if a later one kills the process (gloo
+        # aborts on mismatched collectives), what ran before is still known.
+        with open(os.path.join(workdir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
     dist.destroy_process_group()
 
 
@@ -171,27 +177,29 @@ def compare_with_one_process(batch, rank, group, members, **options):
     rows = batch.shard(index)
     y_all, grads_all, running_all = batch.run(**options)
     y, grads, running = batch.run(rows, process_group=group, **options)
+    # Every collective first, the checks after: a check failing on one rank
+    # must not leave another waiting in a collective.
+    every_rank = [[torch.empty_like(r) for _ in members] for r in running]
+    for gathered, r in zip(every_rank, running):
+        dist.all_gather(gathered, r, group=group)
+    # Weight, bias and a (F) gate: each rank's share, which DDP adds up.
+    totals = {i: summed(grads[i], group) for i in (1, 2, 3)
+              if grads[i] is not None and grads[i].dim() == 1}
+
     assert y.shape == batch.x[rows].shape, (y.shape, batch.x[rows].shape)
     assert torch.isfinite(y).all() and all(torch.isfinite(r).all() for r in running)
     assert_close(y, y_all[rows], batch.dtype, "output")
-    for name, r, r_all in zip(("running_mean", "running_std"), running, running_all):
+    for name, r, r_all, gathered in zip(("running_mean", "running_std"), running, running_all,
+                                        every_rank):
         assert_close(r, r_all, batch.dtype, name)
-        every_rank = [torch.empty_like(r) for _ in members]
-        dist.all_gather(every_rank, r, group=group)
-        assert all(torch.equal(e, r) for e in every_rank), f"{name} differs between ranks"
+        assert all(torch.equal(e, r) for e in gathered), f"{name} differs between ranks"
     if not options.get("requires_grad", True):
         return
-    dx, dgate, dweight, dbias = grads
-    dx_all, dgate_all, dweight_all, dbias_all = grads_all
-    assert_close(dx, dx_all[rows], batch.dtype, "x grad")
-    if dgate is not None:
-        if dgate.dim() > 1:  # per instance: this rank's rows
-            assert_close(dgate, dgate_all[rows], batch.dtype, "per-instance gate grad")
-        else:  # (F): DDP adds up the ranks' shares
-            assert_close(summed(dgate, group), dgate_all, batch.dtype, "summed gate grad")
-    if dweight is not None:
-        assert_close(summed(dweight, group), dweight_all, batch.dtype, "summed weight grad")
-        assert_close(summed(dbias, group), dbias_all, batch.dtype, "summed bias grad")
+    assert_close(grads[0], grads_all[0][rows], batch.dtype, "x grad")
+    if grads[1] is not None and grads[1].dim() > 1:  # per instance: this rank's rows
+        assert_close(grads[1], grads_all[1][rows], batch.dtype, "per-instance gate grad")
+    for i, total in totals.items():
+        assert_close(total, grads_all[i], batch.dtype, f"summed {('gate', 'weight', 'bias')[i - 1]} grad")
 
 
 # -- the cases ---------------------------------------------------------------------------
@@ -222,6 +230,7 @@ EMPTY = lambda world: _sizes(world, [9, 0], [5, 0, 4])             # noqa: E731
 CASES = {
     "equal_shards": _matrix_case(EQUAL),
     "equal_shards_float32": _matrix_case(EQUAL, dtype=torch.float32),
+    "empty_shard_float32": _matrix_case(EMPTY, dtype=torch.float32, gate="rows"),
     "uneven_shards": _matrix_case(UNEVEN),
     "empty_shard": _matrix_case(EMPTY),
     "empty_shard_pooled_tasks": _matrix_case(EMPTY, T=2, options={"std_mode": "pooled"}),
@@ -373,7 +382,7 @@ def distributed_fit(rank, world, groups):
             streamed.partial_fit(batch.x[part], batch.labels[part], batch.task_ids[part])
     streamed.fit(process_group=groups["world"])
     synced = _norm(batch, SyncInstanceWeightedNorm).fit(batch.x[rows], batch.labels[rows],
-                                                         batch.task_ids[rows])
+                                                         batch.task_ids[rows], groups["world"])
     for norm in (streamed, synced):
         assert norm._frozen
         assert_close(norm.running_mean, whole.running_mean, torch.float64, "fit mean")
@@ -430,7 +439,7 @@ def compiled(rank, world, groups):
     """torch.compile(fullgraph=True) traces the synced call, collectives included."""
     batch = Batch(UNEVEN(world), gate="none")
     rows = batch.shard(rank)
-    y_all, (dx_all, *_), running_all = batch.run()
+    y_all, (dx_all, _, weight_all, bias_all), running_all = batch.run()
     rm, rs = (torch.full((batch.F,), 0.25, dtype=batch.dtype, device=DEVICE),
               torch.full((batch.F,), 2.0, dtype=batch.dtype, device=DEVICE))
     x = batch.x[rows].clone().requires_grad_()
@@ -443,6 +452,40 @@ def compiled(rank, world, groups):
                          num_classes=batch.C, process_group=group)
     y = step(x, weight, bias)
     (y * batch.dy[rows]).sum().backward()
+    weight_grad, bias_grad = summed(weight.grad, group), summed(bias.grad, group)
     assert_close(y.detach(), y_all[rows], batch.dtype, "compiled output")
     assert_close(x.grad, dx_all[rows], batch.dtype, "compiled x grad")
+    assert_close(weight_grad, weight_all, batch.dtype, "compiled summed weight grad")
+    assert_close(bias_grad, bias_all, batch.dtype, "compiled summed bias grad")
     assert_close(rm, running_all[0], batch.dtype, "compiled running_mean")
+
+
+@case
+def bad_labels_on_one_rank(rank, world, groups):
+    """Labels out of range on the last rank: every rank raises (none waits in
+    a collective), nothing is updated or fitted, and the group stays usable."""
+    batch = Batch(UNEVEN(world))
+    rows, bad = batch.shard(rank), world - 1
+    labels = batch.labels[rows].clone()
+    if rank == bad:
+        labels[0] = batch.C
+    rm, rs = (torch.zeros(batch.F, dtype=batch.dtype, device=DEVICE),
+              torch.ones(batch.F, dtype=batch.dtype, device=DEVICE))
+    norm = _norm(batch)
+    errors = []
+    for call in (lambda: fused_iwn(batch.x[rows], labels, batch.gate, running_mean=rm,
+                                   running_std=rs, training=True, num_classes=batch.C,
+                                   process_group=groups["world"]),
+                 lambda: norm.fit(batch.x[rows], labels, process_group=groups["world"])):
+        try:
+            call()
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    # The group still works (run before any check here can fail).
+    compare_with_one_process(batch, rank, groups["world"], list(range(world)))
+    expected = "labels must lie in" if rank == bad else f"failed its checks on rank(s) [{bad}]"
+    for what, error in zip(("fused_iwn", "fit"), errors):
+        assert error is not None and expected in error, (what, expected, error)
+    assert torch.equal(rm, torch.zeros_like(rm)) and torch.equal(rs, torch.ones_like(rs))
+    assert not norm._frozen and norm._fit_state is None

@@ -20,17 +20,18 @@ from surgellm_kernels.distributed import SyncInstanceWeightedNorm, convert_sync_
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
 ROOT = Path(__file__).resolve().parents[1]
-MATRIX = [name for name in ranks.CASES if name not in (
-    "collective_count", "subgroup", "bad_input", "distributed_fit", "ddp_parity", "compiled")]
+OTHERS = ("collective_count", "subgroup", "bad_input", "bad_labels_on_one_rank",
+          "distributed_fit", "ddp_parity", "compiled")
+MATRIX = [name for name in ranks.CASES if name not in OTHERS]
 # The kernels' side, per backend: the phases with no rows and several tasks;
 # the collectives themselves are the same C++ code on every backend.
 KERNEL_CASES = ["equal_shards", "empty_shard_pooled_tasks", "per_instance_gate",
                 "collective_count"]
 RUNS = {  # (world size, backend, device): cases
-    (2, "cpu", "cpu"): [*MATRIX, "collective_count", "bad_input", "distributed_fit",
-                        "ddp_parity", "compiled"],
-    (3, "cpu", "cpu"): [*MATRIX, "collective_count", "subgroup", "distributed_fit",
-                        "ddp_parity"],
+    (2, "cpu", "cpu"): [*MATRIX, "collective_count", "bad_input", "bad_labels_on_one_rank",
+                        "distributed_fit", "ddp_parity", "compiled"],
+    (3, "cpu", "cpu"): [*MATRIX, "collective_count", "subgroup", "bad_labels_on_one_rank",
+                        "distributed_fit", "ddp_parity"],
     (2, "triton", "cpu"): KERNEL_CASES,  # interpreted here; compiled on a GPU machine
     (2, "triton", "cuda"): KERNEL_CASES,
     (2, "cuda", "cuda"): KERNEL_CASES,

@@ -340,11 +340,9 @@ cudaError_t launch(ScalarKind kind, const IWNMomentsArgs<acc_t>& a, void* worksp
   const MomentsPlan<acc_t> p(a, ws);
   return with_scalar<acc_t>(kind, [&](auto tag) {
     using scalar_t = decltype(tag);
-    // No rows (a rank with an empty shard): no chunk; the merge writes zeros.
-    if (p.nchunks > 0)
-      moments_partial<scalar_t, acc_t>
-          <<<row_tiles(p.nchunks, a.rows.F), kThreads, a.num_groups * sizeof(int), stream>>>(
-              a, p.chunk, p.pcount, p.pmean, p.pm2, p.pres);
+    moments_partial<scalar_t, acc_t>
+        <<<row_tiles(p.nchunks, a.rows.F), kThreads, a.num_groups * sizeof(int), stream>>>(
+            a, p.chunk, p.pcount, p.pmean, p.pm2, p.pres);
     moments_merge<acc_t><<<dim3(ceil_div(a.rows.F, kThreads), a.num_groups), kThreads, 0,
                            stream>>>(a, p.nchunks, p.pcount, p.pmean, p.pm2, p.pres);
     return cudaGetLastError();
@@ -361,7 +359,6 @@ cudaError_t launch(ScalarKind, const IWNCombineArgs<acc_t>& a, void*, cudaStream
 template <typename acc_t>
 cudaError_t launch(ScalarKind kind, const IWNApplyArgs<acc_t>& a, void*, cudaStream_t stream) {
   const int64_t chunk = rows_per_chunk<acc_t>(a.rows.N, 0);
-  if (a.rows.N == 0) return cudaSuccess;  // a grid of zero blocks is a launch error
   return with_scalar<acc_t>(kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     apply<scalar_t, acc_t><<<row_tiles(ceil_div(a.rows.N, chunk), a.rows.F), kThreads, 0,
@@ -377,9 +374,8 @@ cudaError_t launch(ScalarKind kind, const IWNTaskSumsArgs<acc_t>& a, void* works
   const TaskSumsPlan<acc_t> p(a, ws);
   return with_scalar<acc_t>(kind, [&](auto tag) {
     using scalar_t = decltype(tag);
-    if (p.nchunks > 0)
-      task_sums_partial<scalar_t, acc_t>
-          <<<row_tiles(p.nchunks, a.rows.F), kThreads, 0, stream>>>(a, p.chunk, p.partial);
+    task_sums_partial<scalar_t, acc_t>
+        <<<row_tiles(p.nchunks, a.rows.F), kThreads, 0, stream>>>(a, p.chunk, p.partial);
     sum_chunks<acc_t><<<ceil_div(p.width, kThreads), kThreads, 0, stream>>>(
         p.partial, p.nchunks, p.width, a.sums);
     return cudaGetLastError();
@@ -401,9 +397,8 @@ cudaError_t launch(ScalarKind kind, const IWNInputGradArgs<acc_t>& a, void* work
   return with_scalar<acc_t>(kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     const bool reduce = a.rows.gate_vec && !a.training;
-    if (p.nchunks > 0)
-      input_grad<scalar_t, acc_t><<<row_tiles(p.nchunks, F), kThreads, 0, stream>>>(
-          a, p.chunk, reduce ? p.pgate : nullptr);
+    input_grad<scalar_t, acc_t><<<row_tiles(p.nchunks, F), kThreads, 0, stream>>>(
+        a, p.chunk, reduce ? p.pgate : nullptr);
     if (a.rows.gate_vec) {
       const acc_t* total = a.du_dot_u;
       if (reduce) {

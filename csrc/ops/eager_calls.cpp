@@ -110,7 +110,8 @@ Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
                       py::handle momentum_h, py::handle eps_h, py::handle std_mode_h,
                       py::handle num_classes_h, const optional<std::string>& group_name,
                       int64_t group_size) {
-  const bool synced = group_name.has_value();
+  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be positive, got ", group_size);
+  const bool synced = group_name.has_value() && group_size > 1;
   const Tensor x = required_tensor(x_h, "x");
   check_float(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (..., F), got a scalar");

@@ -16,8 +16,13 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <ATen/TensorSubclassLikeUtils.h>
+
+#include <exception>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "ops/kernel_call.h"
 
@@ -147,27 +152,39 @@ Tensor all_reduce_sum(const Tensor& t, const RankGroup& g) {
 }
 
 // The moments of every rank's rows together, from one all-gather of each
-// rank's (count, mean, M2, mean residual) per group. Every rank merges the
-// same gathered values in the same order, so every rank gets the same
-// statistics (and running statistics). With n = sum_r n_r:
+// rank's (count, mean, M2, mean residual) per group and a flag saying
+// whether its own phases failed. Every rank merges the same gathered values
+// in the same order, so every rank gets the same statistics (and running
+// statistics). With n = sum_r n_r:
 //   mean = sum_r (n_r / n) m_r,  M2 = sum_r M2_r + n_r (m_r - mean)^2,
 //   residual = sum_r (n_r / n) (m_r - mean + residual_r)
 // (the residual keeps the exact mean, mean + residual, for backward). A rank
 // without rows of a group sends n_r = 0 and zeros, which add nothing.
-Moments moments_of_all_ranks(const Moments& local, const RankGroup& g) {
+// Returns the merged moments and the ranks that flagged a failure (read on
+// CPU only: on CUDA that would be a host sync, and nothing there fails on
+// the data).
+std::pair<Moments, std::vector<int64_t>> moments_of_all_ranks(const Moments& local, bool failed,
+                                                              const RankGroup& g) {
   const auto& [count, mean, m2, residual] = local;
   const c10::SymInt G = mean.sym_size(0), F = mean.sym_size(1);
-  const Tensor packed = at::cat({count, mean.reshape(-1), m2.reshape(-1), residual.reshape(-1)});
+  const Tensor flag = at::full({1}, failed ? 1 : 0, count.options());
+  const Tensor packed =
+      at::cat({flag, count, mean.reshape(-1), m2.reshape(-1), residual.reshape(-1)});
   const Tensor per_rank = all_gather(packed, g).view_symint({g.size, -1});
-  const Tensor n = per_rank.narrow_symint(1, 0, G).unsqueeze(-1);  // (R, G, 1)
-  const Tensor rest = per_rank.narrow_symint(1, G, 3 * G * F).view_symint({g.size, 3, G, F});
+  std::vector<int64_t> failed_ranks;
+  const Tensor flags = per_rank.select(1, 0);
+  if (flags.is_cpu() && !at::isTensorSubclassLike(flags))  // not while tracing
+    for (int64_t r = 0; r < g.size; ++r)
+      if (flags[r].item<double>() != 0) failed_ranks.push_back(r);
+  const Tensor n = per_rank.narrow_symint(1, 1, G).unsqueeze(-1);  // (R, G, 1)
+  const Tensor rest = per_rank.narrow_symint(1, G + 1, 3 * G * F).view_symint({g.size, 3, G, F});
   const Tensor total = n.sum(0);                                      // (G, 1)
   const Tensor frac = n / total.clamp_min(1);
   const Tensor mean_all = (frac * rest.select(1, 0)).sum(0);
   const Tensor dev = rest.select(1, 0) - mean_all;
   const Tensor m2_all = (rest.select(1, 1) + n * dev * dev).sum(0);
   const Tensor residual_all = (frac * (dev + rest.select(1, 2))).sum(0);
-  return {total.view_symint({G}), mean_all, m2_all, residual_all};
+  return {{total.view_symint({G}), mean_all, m2_all, residual_all}, failed_ranks};
 }
 
 // -- the forward, phase by phase -------------------------------------------------------
@@ -269,9 +286,33 @@ ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labe
   const auto acc = accumulation_type(in.x);
   ForwardResult r;
   if (training) {
-    r.keys = group_keys(flat(labels), flat(task_ids), T, C);
-    Moments moments = group_moments(in.x, r.keys, in.gate, T * C);
-    if (ranks.has_value()) moments = moments_of_all_ranks(moments, *ranks);
+    Moments moments;
+    if (!ranks.has_value()) {
+      r.keys = group_keys(flat(labels), flat(task_ids), T, C);
+      moments = group_moments(in.x, r.keys, in.gate, T * C);
+    } else {
+      // A rank whose rows fail a check (a label or task id out of range,
+      // found on CPU) still takes part in the all-gather, flagged, and then
+      // every rank raises: none is left waiting in a collective.
+      std::exception_ptr failure;
+      try {
+        r.keys = group_keys(flat(labels), flat(task_ids), T, C);
+        moments = group_moments(in.x, r.keys, in.gate, T * C);
+      } catch (const c10::Error&) {
+        if (in.x.is_cuda()) throw;  // other ranks do not read the flag there
+        failure = std::current_exception();
+        const auto opts = in.x.options().dtype(acc);
+        const Tensor zeros = at::zeros_symint({T * C, in.x.sym_size(1)}, opts);
+        moments = {at::zeros({T * C}, opts), zeros, zeros, zeros};
+      }
+      std::vector<int64_t> failed_ranks;
+      std::tie(moments, failed_ranks) = moments_of_all_ranks(moments, failure != nullptr, *ranks);
+      if (failure) std::rethrow_exception(failure);
+      TORCH_CHECK_VALUE(failed_ranks.empty(), "fused_iwn: the call failed its checks on rank(s) ",
+                        c10::IntArrayRef(failed_ranks),
+                        " of process_group (their own errors say why); nothing "
+                        "was updated here either");
+    }
     auto [count, mean, m2, mean_residual] = moments;
     const auto rm = kernel_buffer(running_mean, acc), rs = kernel_buffer(running_std, acc);
     auto [group_std, mu, sigma] = combine(count, mean, m2, T, pooled, momentum, rm, rs);
