@@ -54,7 +54,8 @@ def test_fake_tensor_shapes_of_the_ops():
         x2 = x.reshape(10, 6)
         keys = ops.iwn_group_keys(labels.reshape(-1), None, 1, 3)
         count, mean, m2, residual = ops.iwn_group_moments(x2, keys, None, 3)
-        group_std, mu, sigma = ops.iwn_combine(count, mean, m2, 1, False, 0.1, None, None)
+        group_std, mu, sigma = ops.iwn_combine(count, mean, m2, residual, 1, False, 0.1, None,
+                                               None)
         assert [tuple(t.shape) for t in (keys, count, mean, residual, group_std, mu, sigma)] == [
             (10,), (3,), (3, 6), (3, 6), (3, 6), (1, 6), (1, 6)]
         sums = ops.iwn_task_sums(x2, x2, keys, None, mu, 3)

@@ -7,8 +7,8 @@ import torch
 from surgellm_kernels import FusedSurgicalGate, SurgicalGate, fused_surgical_gate
 from surgellm_kernels.reference import surgical_gate_reference
 
-from _helpers import (TOLERANCES, TorchCalls, assert_close, assert_same_bits_across_threads,
-                      device_backends, on_device)
+from _helpers import (assert_as_accurate_as_reference, assert_close,
+                      assert_same_bits_across_threads, device_backends, on_device, TorchCalls)
 
 PAIRS = device_backends()
 KERNEL_PAIRS = [(b, d) for b, d in PAIRS if b != "eager"]
@@ -58,11 +58,7 @@ def _compare(backend, device, force_backend, tensors, params, dz, scale=1.0):
     # Lower precisions against the float64 truth on the same rounded inputs:
     # within a few times the reference's own error, plus the dtype's tolerance.
     truth = _run(surgical_gate_reference, tensors, params, dz, cast=torch.float64)
-    tol = TOLERANCES[dtype] * scale
-    for i, (a, r, t) in enumerate(zip(fused, ref, truth)):
-        err, ref_err = (a.double() - t).abs().max(), (r.double() - t).abs().max()
-        bound = 4 * ref_err + tol * max(1.0, t.abs().max())
-        assert err <= bound, f"output {i}: error {err:.3g} > bound {bound:.3g} (ref {ref_err:.3g})"
+    assert_as_accurate_as_reference(fused, ref, truth, dtype, scale)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)

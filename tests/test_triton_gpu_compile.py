@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = ("cuda", 90, 32)  # sm_90, warp size 32
 
 # Device functions called by the kernels (inlined into them), never launched.
-HELPERS = {"_row_keys", "_load_u", "_group_tile"}
+HELPERS = {"_row_keys", "_load_u", "_group_tile", "_exact_class_moments"}
 
 _DT = {"fp32": ("*fp32", "*fp32"), "bf16": ("*bf16", "*fp32"), "fp64": ("*fp64", "*fp64")}
 
@@ -69,10 +69,10 @@ def _cases():
 
     for dt, pooled, running in (("fp32", True, True), ("fp64", False, False)):
         acc = _DT[dt][1]
-        sig = dict(count_ptr=acc, mean_ptr=acc, m2_ptr=acc, gstd_ptr=acc, mu_ptr=acc,
-                   sigma_ptr=acc, rmean_ptr=acc, rstd_ptr=acc, F="i32", C="i32",
+        sig = dict(count_ptr=acc, mean_ptr=acc, m2_ptr=acc, mres_ptr=acc, gstd_ptr=acc,
+                   mu_ptr=acc, sigma_ptr=acc, rmean_ptr=acc, rstd_ptr=acc, F="i32", C="i32",
                    momentum="fp64")
-        wide = ["count_ptr", "mean_ptr", "m2_ptr", "gstd_ptr", "mu_ptr", "sigma_ptr"]
+        wide = ["count_ptr", "mean_ptr", "m2_ptr", "mres_ptr", "gstd_ptr", "mu_ptr", "sigma_ptr"]
         wide += ["rmean_ptr", "rstd_ptr"] if running else []
         cases.append((f"combine-{dt}-pooled{int(pooled)}-running{int(running)}", "_combine",
                       sig, dict(POOLED=pooled, HAS_RUNNING=running, ACC=acc, BLOCK_F=64), wide))

@@ -45,9 +45,10 @@ struct IWNMomentsArgs {
 // running-statistics update of the tasks that have rows.
 template <typename acc_t>
 struct IWNCombineArgs {
-  const acc_t* count;  // (T * C)
-  const acc_t* mean;   // (T * C, F)
-  const acc_t* m2;     // (T * C, F)
+  const acc_t* count;          // (T * C)
+  const acc_t* mean;           // (T * C, F)
+  const acc_t* m2;             // (T * C, F)
+  const acc_t* mean_residual;  // (T * C, F)
   int64_t F, num_tasks, num_classes;
   bool pooled;
   acc_t momentum;

@@ -44,6 +44,21 @@ SURGELLM_HD T safe_sqrt(T v) {
 // present. Writes s_c (0 for absent classes), mu and sigma; a task with no
 // rows gets mu = sigma = 0 (no row reads them) and keeps its running
 // statistics, which otherwise move by r += momentum * (batch - r).
+// The class means are taken exact, m_c + residual_c, and M2 about the exact
+// mean, M2 - n_c residual_c^2: so a constant feature has mu equal to its
+// value and s_c = 0, and its y is exactly the bias (rounding of the mean
+// would otherwise be divided by eps alone).
+template <typename T>
+SURGELLM_HD T exact_class_mean(const IWNCombineArgs<T>& a, int64_t i) {
+  return a.mean[i] + a.mean_residual[i];
+}
+
+template <typename T>
+SURGELLM_HD T class_std(const IWNCombineArgs<T>& a, T n, int64_t i) {
+  const T rho = a.mean_residual[i];
+  return safe_sqrt((a.m2[i] - n * rho * rho) / n);
+}
+
 template <typename T>
 SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f) {
   const int64_t C = a.num_classes, F = a.F;
@@ -54,8 +69,8 @@ SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f) {
   for (int64_t c = 0; c < C; ++c) {
     T sd = 0;
     if (count[c] > T(0)) {
-      sd = safe_sqrt(a.m2[base + c * F] / count[c]);
-      sum_mean += a.mean[base + c * F];
+      sd = class_std(a, count[c], base + c * F);
+      sum_mean += exact_class_mean(a, base + c * F);
       sum_std += sd;
       ++present;
     }
@@ -69,7 +84,7 @@ SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f) {
       T spread = 0;
       for (int64_t c = 0; c < C; ++c) {
         if (count[c] > T(0)) {
-          const T d = a.mean[base + c * F] - mu;
+          const T d = exact_class_mean(a, base + c * F) - mu;
           const T sd = a.group_std[base + c * F];
           spread += sd * sd + d * d;
         }
@@ -104,6 +119,8 @@ SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f) {
 // is folded into dy_shift: scale * dy_shift gains dev_coef * rho, and
 // dev_coef / scale = -r s2 / (C' n_c dev), in which the weight cancels.
 // In eval the statistics are constants: only scale is written.
+// In training s2 is first corrected to the exact mu (mu's own rounding
+// residual, from the classes' mean residuals).
 // dweight = sum_t sum dy yhat, dbias = sum_t s1, and du_dot_u = sum_i dL/du_i u_i
 // in closed form: y does not change when u is scaled (mu and sigma scale with
 // it) except through eps, so in training that sum is eps r^2 w s2 -- exact,
@@ -116,27 +133,32 @@ SURGELLM_HD void coefficients_at(const IWNCoefficientsArgs<T>& a, int64_t f) {
   T dweight = 0, dbias = 0, du_dot_u = 0;
   for (int64_t t = 0; t < TT; ++t) {
     const T s1 = a.sums[t * F + f];
-    const T s2 = a.sums[(TT + t) * F + f];
+    const T mu = a.mu[t * F + f];
     const T r = T(1) / (a.sigma[t * F + f] + a.eps);
+    const T* count = a.training ? a.count + t * C : nullptr;
+    const int64_t base = t * C * F + f;
+    int64_t present = 0;
+    T mu_residual = 0;  // the exact mean of the exact class means, minus mu
+    if (a.training) {
+      for (int64_t c = 0; c < C; ++c) {
+        if (count[c] > T(0)) {
+          mu_residual += (a.group_mean[base + c * F] - mu) + a.mean_residual[base + c * F];
+          ++present;
+        }
+      }
+      if (present > 0) mu_residual /= T(present);
+    }
+    // s2 was summed around the rounded mu; sum dy (u - exact mu) is s2 less
+    // mu_residual * s1 (which matters where sigma is tiny: a constant
+    // feature, whose closed-form gate gradient is then 0 as it should be).
+    const T s2 = a.sums[(TT + t) * F + f] - mu_residual * s1;
     const T dy_yhat = r * s2;
     a.scale[t * F + f] = w * r;
     dweight += dy_yhat;
     dbias += s1;
     du_dot_u += a.eps * r * w * dy_yhat;
     if (!a.training) continue;
-    const T* count = a.count + t * C;
-    int64_t present = 0;
-    for (int64_t c = 0; c < C; ++c) present += count[c] > T(0);
     const T d_sigma = -r * w * dy_yhat;
-    const int64_t base = t * C * F + f;
-    const T mu = a.mu[t * F + f];
-    T mu_residual = 0;  // pooled: the exact mean of the class means, minus mu
-    if (a.pooled && present > 0) {
-      for (int64_t c = 0; c < C; ++c)
-        if (count[c] > T(0))
-          mu_residual += (a.group_mean[base + c * F] - mu) + a.mean_residual[base + c * F];
-      mu_residual /= T(present);
-    }
     for (int64_t c = 0; c < C; ++c) {
       T shift = 0, coef = 0, center = 0;
       if (count[c] > T(0)) {

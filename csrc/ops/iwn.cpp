@@ -57,14 +57,15 @@ Moments group_moments(const Tensor& x, const optional<Tensor>& keys,
   return h.call(x, keys, gate, num_groups);
 }
 
-std::tuple<Tensor, Tensor, Tensor> combine(const Tensor& count, const Tensor& mean,
-                                           const Tensor& m2, int64_t num_tasks, bool pooled,
+std::tuple<Tensor, Tensor, Tensor> combine(const Moments& moments, int64_t num_tasks, bool pooled,
                                            double momentum, const optional<Tensor>& running_mean,
                                            const optional<Tensor>& running_std) {
   static const auto h = op<std::tuple<Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, int64_t, bool, double,
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool, double,
       const optional<Tensor>&, const optional<Tensor>&)>("surgellm::iwn_combine");
-  return h.call(count, mean, m2, num_tasks, pooled, momentum, running_mean, running_std);
+  const auto& [count, mean, m2, mean_residual] = moments;
+  return h.call(count, mean, m2, mean_residual, num_tasks, pooled, momentum, running_mean,
+                running_std);
 }
 
 Tensor apply(const Tensor& x, const optional<Tensor>& keys, const optional<Tensor>& gate,
@@ -315,7 +316,7 @@ ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labe
     }
     auto [count, mean, m2, mean_residual] = moments;
     const auto rm = kernel_buffer(running_mean, acc), rs = kernel_buffer(running_std, acc);
-    auto [group_std, mu, sigma] = combine(count, mean, m2, T, pooled, momentum, rm, rs);
+    auto [group_std, mu, sigma] = combine(moments, T, pooled, momentum, rm, rs);
     for (const auto& [buffer, running] : {std::pair{rm, running_mean}, std::pair{rs, running_std}})
       if (buffer.has_value() && !buffer->is_same(*running))
         running->copy_(buffer->view_symint(running->sym_sizes()));
@@ -499,7 +500,8 @@ TORCH_LIBRARY(surgellm, m) {
       "iwn_group_moments(Tensor x, Tensor? keys, Tensor? gate, int num_groups) -> "
       "(Tensor count, Tensor mean, Tensor m2, Tensor mean_residual)");
   m.def(
-      "iwn_combine(Tensor count, Tensor mean, Tensor m2, int num_tasks, bool pooled, "
+      "iwn_combine(Tensor count, Tensor mean, Tensor m2, Tensor mean_residual, int num_tasks, "
+      "bool pooled, "
       "float momentum, Tensor(a!)? running_mean, Tensor(b!)? running_std) -> "
       "(Tensor group_std, Tensor mu, Tensor sigma)");
   m.def(

@@ -105,7 +105,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> iwn_group_moments(const Tensor& x,
 }
 
 std::tuple<Tensor, Tensor, Tensor> iwn_combine(const Tensor& count, const Tensor& mean,
-                                               const Tensor& m2, int64_t num_tasks, bool pooled,
+                                               const Tensor& m2, const Tensor& mean_residual,
+                                               int64_t num_tasks, bool pooled,
                                                double momentum,
                                                const optional<Tensor>& running_mean,
                                                const optional<Tensor>& running_std) {
@@ -119,6 +120,7 @@ std::tuple<Tensor, Tensor, Tensor> iwn_combine(const Tensor& count, const Tensor
   TORCH_CHECK(mean.is_contiguous(), "mean must be contiguous");
   check_tensor(count, "count", mean, {G}, acc);
   check_tensor(m2, "m2", mean, {G, F}, acc);
+  check_tensor(mean_residual, "mean_residual", mean, {G, F}, acc);
   TORCH_CHECK(running_mean.has_value() == running_std.has_value(),
               "running_mean and running_std must be given together");
   for (const auto* r : {&running_mean, &running_std}) {
@@ -140,6 +142,7 @@ std::tuple<Tensor, Tensor, Tensor> iwn_combine(const Tensor& count, const Tensor
     const IWNCombineArgs<scalar_t> a{count.const_data_ptr<scalar_t>(),
                                      mean.const_data_ptr<scalar_t>(),
                                      m2.const_data_ptr<scalar_t>(),
+                                     mean_residual.const_data_ptr<scalar_t>(),
                                      F,
                                      num_tasks,
                                      G / num_tasks,

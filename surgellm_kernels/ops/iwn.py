@@ -55,7 +55,8 @@ def _register_fake_kernels() -> None:
                 torch.empty_like(per_group))
 
     @define("iwn_combine")
-    def _(count, mean, m2, num_tasks, pooled, momentum, running_mean, running_std):
+    def _(count, mean, m2, mean_residual, num_tasks, pooled, momentum, running_mean,
+          running_std):
         stats = mean.new_empty((num_tasks, mean.shape[1]))
         return torch.empty_like(mean), stats, torch.empty_like(stats)
 

@@ -306,11 +306,25 @@ def iwn_group_moments(x, keys, gate, num_groups):
 # -- forward: combine -----------------------------------------------------------------
 
 @triton.jit
-def _combine(count_ptr, mean_ptr, m2_ptr, gstd_ptr, mu_ptr, sigma_ptr, rmean_ptr, rstd_ptr, F,
-             C, momentum: "fp64", POOLED: tl.constexpr, HAS_RUNNING: tl.constexpr,
+def _exact_class_moments(mean_ptr, m2_ptr, mres_ptr, offs, fmask, n, ACC: tl.constexpr):
+    """A class's exact mean m + residual and its deviation sqrt((M2 - n
+    residual^2) / n), 0 for an absent class (exact_class_mean, class_std)."""
+    m = tl.load(mean_ptr + offs, mask=fmask, other=0.0).to(ACC)
+    q = tl.load(m2_ptr + offs, mask=fmask, other=0.0).to(ACC)
+    rho = tl.load(mres_ptr + offs, mask=fmask, other=0.0).to(ACC)
+    has = n > 0
+    var = (q - n * rho * rho) / tl.where(has, n, 1.0)
+    sd = tl.where(has, tl.where(var > 0, tl.sqrt(tl.maximum(var, 0.0)), 0.0), 0.0)
+    return m + rho, sd
+
+
+@triton.jit
+def _combine(count_ptr, mean_ptr, m2_ptr, mres_ptr, gstd_ptr, mu_ptr, sigma_ptr, rmean_ptr,
+             rstd_ptr, F, C, momentum: "fp64", POOLED: tl.constexpr, HAS_RUNNING: tl.constexpr,
              ACC: tl.constexpr, BLOCK_F: tl.constexpr):
-    """combine_classes of iwn_math.h for task program_id(0) and a feature block,
-    then the running-statistics update of a task that has rows."""
+    """combine_at of iwn_math.h for task program_id(0) and a feature block
+    (exact class means m + residual, M2 about them), then the
+    running-statistics update of a task that has rows."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = cols < F
@@ -320,11 +334,8 @@ def _combine(count_ptr, mean_ptr, m2_ptr, gstd_ptr, mu_ptr, sigma_ptr, rmean_ptr
     for c in range(0, C):
         k = t * C + c
         n = tl.load(count_ptr + k).to(ACC)
-        m = tl.load(mean_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
-        q = tl.load(m2_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+        m, sd = _exact_class_moments(mean_ptr, m2_ptr, mres_ptr, k * F + cols, fmask, n, ACC)
         has = n > 0
-        var = q / tl.where(has, n, 1.0)
-        sd = tl.where(has, tl.where(var > 0, tl.sqrt(tl.maximum(var, 0.0)), 0.0), 0.0)
         present += has.to(ACC)
         sum_mean += tl.where(has, m, 0.0)
         sum_std += sd
@@ -337,11 +348,8 @@ def _combine(count_ptr, mean_ptr, m2_ptr, gstd_ptr, mu_ptr, sigma_ptr, rmean_ptr
         for c in range(0, C):
             k = t * C + c
             n = tl.load(count_ptr + k).to(ACC)
-            m = tl.load(mean_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
-            q = tl.load(m2_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+            m, sd = _exact_class_moments(mean_ptr, m2_ptr, mres_ptr, k * F + cols, fmask, n, ACC)
             has = n > 0
-            var = q / tl.where(has, n, 1.0)
-            sd = tl.where(has, tl.where(var > 0, tl.sqrt(tl.maximum(var, 0.0)), 0.0), 0.0)
             d = m - mu
             spread += tl.where(has, sd * sd + d * d, 0.0)
         spread = spread / denom
@@ -358,7 +366,8 @@ def _combine(count_ptr, mean_ptr, m2_ptr, gstd_ptr, mu_ptr, sigma_ptr, rmean_ptr
         tl.store(rstd_ptr + stat, rs + mom * (sigma - rs), mask=upd)
 
 
-def iwn_combine(count, mean, m2, num_tasks, pooled, momentum, running_mean, running_std):
+def iwn_combine(count, mean, m2, mean_residual, num_tasks, pooled, momentum, running_mean,
+                running_std):
     """group_std (G, F), mu and sigma (T, F) from the group moments, with
     T = num_tasks and C = G // T classes per task; updates running_mean and
     running_std (T, F) in place for the tasks that have rows, when given."""
@@ -371,7 +380,7 @@ def iwn_combine(count, mean, m2, num_tasks, pooled, momentum, running_mean, runn
     sigma = mean.new_zeros((T, F))
     has_running = running_mean is not None and running_std is not None
     with _on_device(mean):
-        _launch(_combine, (T, _fblocks(F)), count, mean, m2, group_std, mu, sigma,
+        _launch(_combine, (T, _fblocks(F)), count, mean, m2, mean_residual, group_std, mu, sigma,
                 running_mean if has_running else mu, running_std if has_running else sigma, F, C,
                 float(momentum), POOLED=bool(pooled), HAS_RUNNING=has_running, ACC=ACC,
                 BLOCK_F=BLOCK_F)
@@ -516,25 +525,25 @@ def _coefficients(sums_ptr, w_ptr, count_ptr, gmean_ptr, gstd_ptr, mres_ptr, mu_
         mu = tl.load(mu_ptr + stat, mask=fmask, other=0.0).to(ACC)
         sigma = tl.load(sigma_ptr + stat, mask=fmask, other=1.0).to(ACC)
         r = 1.0 / (sigma + eps_v)
+        present = tl.zeros((BLOCK_F,), ACC)
+        mu_res = tl.zeros((BLOCK_F,), ACC)  # the exact mean of the class means, minus mu
+        if TRAINING:
+            for c in range(0, C):
+                k = t64 * C + c
+                has = tl.load(count_ptr + k).to(ACC) > 0
+                m = tl.load(gmean_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+                rc = tl.load(mres_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
+                mu_res += tl.where(has, (m - mu) + rc, 0.0)
+                present += has.to(ACC)
+            mu_res = mu_res / tl.maximum(present, 1.0)
+            s2 = s2 - mu_res * s1  # summed around the rounded mu: around the exact one
         dy_yhat = r * s2
         tl.store(scale_ptr + stat, w * r, mask=fmask)
         dw += dy_yhat
         db += s1
         du_dot_u += eps_v * r * w * dy_yhat
         if TRAINING:
-            present = tl.zeros((BLOCK_F,), ACC)
-            for c in range(0, C):
-                present += (tl.load(count_ptr + t64 * C + c).to(ACC) > 0).to(ACC)
             d_sigma = -r * w * dy_yhat
-            if POOLED:  # rho of the center mu: the exact mean of the class means, minus mu
-                mu_res = tl.zeros((BLOCK_F,), ACC)
-                for c in range(0, C):
-                    k = t64 * C + c
-                    has = tl.load(count_ptr + k).to(ACC) > 0
-                    m = tl.load(gmean_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
-                    rc = tl.load(mres_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
-                    mu_res += tl.where(has, (m - mu) + rc, 0.0)
-                mu_res = mu_res / tl.maximum(present, 1.0)
             for c in range(0, C):
                 k = t64 * C + c
                 n = tl.load(count_ptr + k).to(ACC)
@@ -587,7 +596,7 @@ def iwn_coefficients(sums, weight, count, group_mean, group_std, mean_residual, 
                 sigma, scale, dy_shift if training else dummy, dev_coef if training else dummy,
                 center if training else dummy, dweight, dbias, du_dot_u, F, T, C, float(eps),
                 TRAINING=training, POOLED=bool(pooled), HAS_W=weight is not None, ACC=ACC,
-                BLOCK_F=BLOCK_F)
+                BLOCK_F=BLOCK_F, num_warps=1)  # more warps spill in float64 (AOT check)
     return scale, dy_shift, dev_coef, center, dweight, dbias, du_dot_u
 
 
