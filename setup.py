@@ -36,6 +36,14 @@ HEADERS = sorted(glob.glob(os.path.join(CSRC, "**", "*.h*"), recursive=True))
 # contract (which differs between capability builds, and between the scalar
 # combine steps and the vector loops).
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+LINK_FLAGS = ["-lgomp"]
+# SURGELLM_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer
+# (scripts/sanitize.sh builds that way into its own directory).
+if os.environ.get("SURGELLM_SANITIZE", "0") == "1":
+    SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                "-fno-sanitize-recover=undefined", "-g"]
+    CXX_FLAGS = ["-O1", *CXX_FLAGS[1:], *SANITIZE]
+    LINK_FLAGS = [*LINK_FLAGS, *SANITIZE]
 
 # The flags ATen compiles its AVX2 / AVX512 kernels with.
 if platform.machine().lower() in ("x86_64", "amd64"):
@@ -49,7 +57,7 @@ else:
 
 
 def with_cuda() -> bool:
-    if os.environ.get("SURGELLM_NO_CUDA", "0") == "1":
+    if os.environ.get("SURGELLM_NO_CUDA", "0") == "1" or os.environ.get("SURGELLM_SANITIZE") == "1":
         return False
     return torch.version.cuda is not None and CUDA_HOME is not None
 
@@ -107,7 +115,7 @@ def extension():
         include_dirs=[CSRC],
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-lgomp"],
+        extra_link_args=LINK_FLAGS,
     )
 
 

@@ -41,11 +41,13 @@ def safe_sqrt(var: Tensor) -> Tensor:
     """sqrt with a zero (not infinite) gradient where ``var == 0``.
 
     A class with one row, or a constant feature, has sigma_c = 0; its gradient
-    through sigma_c is defined as 0 so that nothing becomes NaN.
+    through sigma_c is defined as 0 so that nothing becomes NaN. A NaN
+    variance (a non-finite input) stays NaN, as in BatchNorm: never a
+    silent 0.
     """
     positive = var > 0
     return torch.where(positive, torch.where(positive, var, torch.ones_like(var)).sqrt(),
-                       torch.zeros_like(var))
+                       torch.where(var.isnan(), var, torch.zeros_like(var)))
 
 
 def class_moments(u: Tensor, keys: Tensor, num_groups: int):
@@ -247,6 +249,9 @@ class InstanceWeightedNorm(nn.Module):
 
     def forward(self, x: Tensor, labels: Optional[Tensor] = None,
                 task_ids: Optional[Tensor] = None) -> Tensor:
+        if isinstance(x, Tensor) and (x.dim() < 1 or x.shape[-1] != self.num_features):
+            # (the functional would name the buffers that do not fit x)
+            raise ValueError(f"x must have shape (..., {self.num_features}), got {tuple(x.shape)}")
         batch_stats = self.training and not self._frozen
         return self._iwn(
             x, labels if batch_stats else None, self.gate_logits, self.weight, self.bias,

@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = ("cuda", 90, 32)  # sm_90, warp size 32
 
 # Device functions called by the kernels (inlined into them), never launched.
-HELPERS = {"_row_keys", "_load_u", "_group_tile", "_exact_class_moments"}
+HELPERS = {"_row_keys", "_load_u", "_group_tile", "_exact_class_moments", "_safe_sqrt"}
 
 _DT = {"fp32": ("*fp32", "*fp32"), "bf16": ("*bf16", "*fp32"), "fp64": ("*fp64", "*fp64")}
 

@@ -5,11 +5,10 @@ import torch
 from surgellm_kernels import InstanceWeightedNorm, fused_iwn, fused_surgical_gate
 from surgellm_kernels.reference import iwn_reference
 
+from _bad_inputs import (BAD_IWN_CALLS, BAD_SURGICAL_GATE_CALLS, H, LABELS, RM, RS,
+                         SYNCED_BAD_IWN_CALLS, X)
 from _helpers import cpu_backends
 
-X = torch.randn(6, 4)
-LABELS = torch.tensor([0, 1, 0, 1, 2, 2])
-RM, RS = torch.zeros(4), torch.ones(4)
 
 
 @pytest.fixture(params=cpu_backends() + ["reference"])
@@ -98,66 +97,6 @@ def test_surgical_gate_errors():
 
 # -- the eager call's C++ checks against the Python ones -------------------------------
 
-META = torch.zeros(4, device="meta")
-BAD_IWN_CALLS = {
-    "x not a tensor": dict(x=[[1.0]]),
-    "x integer": dict(x=torch.ones(6, 4, dtype=torch.int64)),
-    "x scalar": dict(x=torch.tensor(1.0)),
-    "x no features": dict(x=torch.zeros(6, 0)),
-    "std_mode": dict(std_mode="median"),
-    "std_mode not a str": dict(std_mode=None),
-    "eps negative": dict(eps=-1.0),
-    "eps a str": dict(eps="0.1"),
-    "momentum above 1": dict(momentum=1.5),
-    "momentum None": dict(momentum=None),
-    "gate not a tensor": dict(gate=[0.0] * 4),
-    "gate integer": dict(gate=torch.zeros(4, dtype=torch.int32)),
-    "gate device": dict(gate=META),
-    "gate shape": dict(gate=torch.zeros(5)),
-    "gate per-instance dtype": dict(gate=torch.zeros(6, 4, dtype=torch.float64)),
-    "weight shape": dict(weight=torch.ones(3)),
-    "weight device": dict(weight=META),
-    "weight not a tensor": dict(weight=1.0),
-    "bias dtype": dict(bias=torch.ones(4, dtype=torch.int64)),
-    "running_mean alone": dict(running_std=None),
-    "running_mean shape": dict(running_mean=torch.zeros(5), running_std=torch.ones(5)),
-    "running_std dtype": dict(running_std=torch.ones(4, dtype=torch.int32)),
-    "running shapes differ": dict(running_std=torch.ones(1, 4)),
-    "running 3-d": dict(running_mean=torch.zeros(1, 1, 4), running_std=torch.ones(1, 1, 4)),
-    "task_ids with (F,) statistics": dict(task_ids=torch.zeros(6, dtype=torch.long)),
-    "task_ids missing": dict(running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
-    "task_ids int32": dict(task_ids=torch.zeros(6, dtype=torch.int32),
-                           running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
-    "task_ids shape": dict(task_ids=torch.zeros(5, dtype=torch.long),
-                           running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
-    "task_ids device": dict(task_ids=torch.zeros(6, dtype=torch.long, device="meta"),
-                            running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
-    "labels missing": dict(labels=None),
-    "labels not a tensor": dict(labels=[0] * 6),
-    "labels int32": dict(labels=LABELS.int()),
-    "labels shape": dict(labels=LABELS[:5]),
-    "labels device": dict(labels=LABELS.to("meta")),
-    "no rows": dict(x=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)),
-    "num_classes zero": dict(num_classes=0),
-    "num_classes float": dict(num_classes=2.5),
-    "num_classes from negative labels": dict(labels=torch.full((6,), -3)),
-    "eval without statistics": dict(training=False, running_mean=None, running_std=None),
-}
-
-
-# With a process group (synced=True in Python, a group name for C++): what
-# differs -- fixed class and task counts; no rows is allowed.
-SYNCED_BAD_IWN_CALLS = {
-    "synced: num_classes missing": dict(num_classes=None),
-    "synced: no rows, num_classes missing": dict(x=torch.zeros(0, 4),
-                                                 labels=torch.zeros(0, dtype=torch.long)),
-    "synced: task_ids without running statistics": dict(
-        task_ids=torch.zeros(6, dtype=torch.long), running_mean=None, running_std=None,
-        num_classes=2),
-    "synced: labels missing": dict(labels=None, num_classes=2),
-}
-
-
 def _iwn_args(x=X, labels=LABELS, gate=None, weight=None, bias=None, running_mean=RM,
               running_std=RS, task_ids=None, training=True, momentum=0.1, eps=1e-5,
               std_mode="class_mean", num_classes=None):
@@ -185,26 +124,6 @@ def test_cpp_checks_raise_what_the_python_checks_raise(case):
             _raised(lambda *a: check_iwn_args(*a, synced=synced), args))
 
 
-H = torch.randn(2, 4)
-BAD_SURGICAL_GATE_CALLS = {
-    "h not a tensor": dict(h=[[0.0] * 4] * 2),
-    "h integer": dict(h=torch.ones(2, 4, dtype=torch.int64)),
-    "h scalar": dict(h=torch.tensor(1.0)),
-    "h no features": dict(h=torch.zeros(2, 0)),
-    "s not a tensor": dict(s=None),
-    "s shape": dict(s=torch.randn(2, 3)),
-    "s dtype": dict(s=H.double()),
-    "s device": dict(s=torch.zeros(2, 4, device="meta")),
-    "gate_logits integer": dict(gate_logits=torch.ones(2, 4, dtype=torch.int32)),
-    "weight shape": dict(weight=torch.ones(3)),
-    "weight device": dict(weight=META),
-    "bias dtype": dict(bias=torch.ones(4, dtype=torch.int64)),
-    "bias not a tensor": dict(bias=0.0),
-    "eps zero": dict(eps=0.0),
-    "eps a str": dict(eps="1e-5"),
-}
-
-
 @pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
 @pytest.mark.parametrize("case", BAD_SURGICAL_GATE_CALLS)
 def test_cpp_surgical_gate_checks_raise_what_the_python_checks_raise(case):
@@ -216,3 +135,16 @@ def test_cpp_surgical_gate_checks_raise_what_the_python_checks_raise(case):
     args = tuple(given[k] for k in ("h", "s", "gate_logits", "weight", "bias", "eps"))
     assert (_raised(_backend.extension().fused_surgical_gate, args) ==
             _raised(check_surgical_gate_args, args))
+
+
+def test_readme_lists_every_bad_input_as_raised_today():
+    """The README's table is what the calls raise now (regenerate it with
+    `.venv/bin/python tests/_bad_inputs.py`)."""
+    from pathlib import Path
+
+    import _bad_inputs
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = readme.split("<!-- bad-inputs -->\n")[1].split("\n<!-- /bad-inputs -->")[0]
+    assert shown == _bad_inputs.table()
+    assert shown.count("\n") - 1 >= 20

@@ -35,7 +35,9 @@ SURGELLM_HD void chan_merge(T& n, T& mean, T& m2, T n_b, T mean_b, T m2_b) {
 
 template <typename T>
 SURGELLM_HD T safe_sqrt(T v) {
-  return v > T(0) ? std::sqrt(v) : T(0);
+  // Rounding can leave v slightly negative: 0. NaN stays NaN (a non-finite
+  // input poisons its feature's statistics, as in BatchNorm, never silently).
+  return v > T(0) ? std::sqrt(v) : (v == v ? T(0) : v);
 }
 
 // Eq.10-11 for task t and feature f: mu = mean_c m_c, and

@@ -306,6 +306,12 @@ def iwn_group_moments(x, keys, gate, num_groups):
 # -- forward: combine -----------------------------------------------------------------
 
 @triton.jit
+def _safe_sqrt(v):
+    """safe_sqrt of iwn_math.h: 0 for v <= 0, NaN for NaN."""
+    return tl.where(v > 0, tl.sqrt(tl.maximum(v, 0.0)), tl.where(v != v, v, 0.0))
+
+
+@triton.jit
 def _exact_class_moments(mean_ptr, m2_ptr, mres_ptr, offs, fmask, n, ACC: tl.constexpr):
     """A class's exact mean m + residual and its deviation sqrt((M2 - n
     residual^2) / n), 0 for an absent class (exact_class_mean, class_std)."""
@@ -314,7 +320,7 @@ def _exact_class_moments(mean_ptr, m2_ptr, mres_ptr, offs, fmask, n, ACC: tl.con
     rho = tl.load(mres_ptr + offs, mask=fmask, other=0.0).to(ACC)
     has = n > 0
     var = (q - n * rho * rho) / tl.where(has, n, 1.0)
-    sd = tl.where(has, tl.where(var > 0, tl.sqrt(tl.maximum(var, 0.0)), 0.0), 0.0)
+    sd = tl.where(has, _safe_sqrt(var), 0.0)
     return m + rho, sd
 
 
@@ -353,7 +359,7 @@ def _combine(count_ptr, mean_ptr, m2_ptr, mres_ptr, gstd_ptr, mu_ptr, sigma_ptr,
             d = m - mu
             spread += tl.where(has, sd * sd + d * d, 0.0)
         spread = spread / denom
-        sigma = tl.where(spread > 0, tl.sqrt(tl.maximum(spread, 0.0)), 0.0)
+        sigma = _safe_sqrt(spread)
     stat = t * F + cols
     tl.store(mu_ptr + stat, mu, mask=fmask)
     tl.store(sigma_ptr + stat, sigma, mask=fmask)

@@ -1,0 +1,169 @@
+"""The bad inputs the tests try, in one catalogue, and the README's table of them.
+
+tests/test_validation.py runs every entry through the C++ eager entries and
+the Python checks (same error, same message); ``table()`` calls each one
+through the public API and writes the README's table (between its
+``bad-inputs`` markers); test_validation checks that the README shows what
+the calls raise today. Regenerate with ``.venv/bin/python tests/_bad_inputs.py``.
+"""
+import torch
+
+X = torch.randn(6, 4)
+LABELS = torch.tensor([0, 1, 0, 1, 2, 2])
+RM, RS = torch.zeros(4), torch.ones(4)
+
+META = torch.zeros(4, device="meta")
+BAD_IWN_CALLS = {
+    "x not a tensor": dict(x=[[1.0]]),
+    "x integer": dict(x=torch.ones(6, 4, dtype=torch.int64)),
+    "x scalar": dict(x=torch.tensor(1.0)),
+    "x no features": dict(x=torch.zeros(6, 0)),
+    "std_mode": dict(std_mode="median"),
+    "std_mode not a str": dict(std_mode=None),
+    "eps negative": dict(eps=-1.0),
+    "eps a str": dict(eps="0.1"),
+    "momentum above 1": dict(momentum=1.5),
+    "momentum None": dict(momentum=None),
+    "gate not a tensor": dict(gate=[0.0] * 4),
+    "gate integer": dict(gate=torch.zeros(4, dtype=torch.int32)),
+    "gate device": dict(gate=META),
+    "gate shape": dict(gate=torch.zeros(5)),
+    "gate per-instance dtype": dict(gate=torch.zeros(6, 4, dtype=torch.float64)),
+    "weight shape": dict(weight=torch.ones(3)),
+    "weight device": dict(weight=META),
+    "weight not a tensor": dict(weight=1.0),
+    "bias dtype": dict(bias=torch.ones(4, dtype=torch.int64)),
+    "running_mean alone": dict(running_std=None),
+    "running_mean shape": dict(running_mean=torch.zeros(5), running_std=torch.ones(5)),
+    "running_std dtype": dict(running_std=torch.ones(4, dtype=torch.int32)),
+    "running shapes differ": dict(running_std=torch.ones(1, 4)),
+    "running 3-d": dict(running_mean=torch.zeros(1, 1, 4), running_std=torch.ones(1, 1, 4)),
+    "task_ids with (F,) statistics": dict(task_ids=torch.zeros(6, dtype=torch.long)),
+    "task_ids missing": dict(running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+    "task_ids int32": dict(task_ids=torch.zeros(6, dtype=torch.int32),
+                           running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+    "task_ids shape": dict(task_ids=torch.zeros(5, dtype=torch.long),
+                           running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+    "task_ids device": dict(task_ids=torch.zeros(6, dtype=torch.long, device="meta"),
+                            running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+    "labels missing": dict(labels=None),
+    "labels not a tensor": dict(labels=[0] * 6),
+    "labels int32": dict(labels=LABELS.int()),
+    "labels shape": dict(labels=LABELS[:5]),
+    "labels device": dict(labels=LABELS.to("meta")),
+    "no rows": dict(x=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)),
+    "num_classes zero": dict(num_classes=0),
+    "num_classes float": dict(num_classes=2.5),
+    "num_classes from negative labels": dict(labels=torch.full((6,), -3)),
+    "eval without statistics": dict(training=False, running_mean=None, running_std=None),
+}
+
+
+# With a process group (synced=True in Python, a group name for C++): what
+# differs -- fixed class and task counts; no rows is allowed.
+SYNCED_BAD_IWN_CALLS = {
+    "synced: num_classes missing": dict(num_classes=None),
+    "synced: no rows, num_classes missing": dict(x=torch.zeros(0, 4),
+                                                 labels=torch.zeros(0, dtype=torch.long)),
+    "synced: task_ids without running statistics": dict(
+        task_ids=torch.zeros(6, dtype=torch.long), running_mean=None, running_std=None,
+        num_classes=2),
+    "synced: labels missing": dict(labels=None, num_classes=2),
+}
+
+
+H = torch.randn(2, 4)
+BAD_SURGICAL_GATE_CALLS = {
+    "h not a tensor": dict(h=[[0.0] * 4] * 2),
+    "h integer": dict(h=torch.ones(2, 4, dtype=torch.int64)),
+    "h scalar": dict(h=torch.tensor(1.0)),
+    "h no features": dict(h=torch.zeros(2, 0)),
+    "s not a tensor": dict(s=None),
+    "s shape": dict(s=torch.randn(2, 3)),
+    "s dtype": dict(s=H.double()),
+    "s device": dict(s=torch.zeros(2, 4, device="meta")),
+    "gate_logits integer": dict(gate_logits=torch.ones(2, 4, dtype=torch.int32)),
+    "weight shape": dict(weight=torch.ones(3)),
+    "weight device": dict(weight=META),
+    "bias dtype": dict(bias=torch.ones(4, dtype=torch.int64)),
+    "bias not a tensor": dict(bias=0.0),
+    "eps zero": dict(eps=0.0),
+    "eps a str": dict(eps="1e-5"),
+}
+
+
+# Found in the data (checked in C++ before any kernel writes, on CPU tensors).
+DATA_BAD_IWN_CALLS = {
+    "labels out of range": dict(labels=torch.tensor([0, 1, 0, 1, 2, 3]), num_classes=3),
+    "labels negative": dict(labels=torch.tensor([0, -1, 0, 1, 2, 2])),
+    "task_ids out of range": dict(task_ids=torch.tensor([0, 1, 0, 1, 0, 5]),
+                                  running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+}
+
+
+def iwn_call(x=X, labels=LABELS, gate=None, weight=None, bias=None, running_mean=RM,
+             running_std=RS, task_ids=None, training=True, momentum=0.1, eps=1e-5,
+             std_mode="class_mean", num_classes=None, **extra):
+    """fused_iwn's keyword arguments: a valid training call, changed by the given ones."""
+    return dict(x=x, labels=labels, gate=gate, weight=weight, bias=bias,
+                running_mean=running_mean, running_std=running_std, task_ids=task_ids,
+                training=training, momentum=momentum, eps=eps, std_mode=std_mode,
+                num_classes=num_classes, **extra)
+
+
+def _module_calls():
+    from surgellm_kernels import FusedInstanceWeightedNorm, FusedSurgicalGate
+
+    def norm():
+        return FusedInstanceWeightedNorm(4, 3, num_tasks=2)
+    return {
+        "InstanceWeightedNorm: num_classes zero": lambda: FusedInstanceWeightedNorm(4, 0),
+        "InstanceWeightedNorm: std_mode": lambda: FusedInstanceWeightedNorm(4, 3, std_mode="x"),
+        "InstanceWeightedNorm: x width": lambda: norm().train()(torch.randn(6, 5), LABELS,
+                                                              LABELS % 2),
+        "InstanceWeightedNorm: task_ids missing": lambda: norm().partial_fit(X, LABELS),
+        "InstanceWeightedNorm: fit without data": lambda: norm().fit(),
+        "SurgicalGate: h width": lambda: FusedSurgicalGate(8, 4)(torch.randn(2, 6),
+                                                                 torch.randn(2, 4)),
+        "SurgicalGate: s shape": lambda: FusedSurgicalGate(8, 4)(torch.randn(2, 8),
+                                                                 torch.randn(2, 5)),
+        "SurgicalGate: task_ids missing": lambda: FusedSurgicalGate(8, 4, num_tasks=2)(
+            torch.randn(2, 8), torch.randn(2, 4)),
+    }
+
+
+def every_bad_call():
+    """{name: zero-argument call that raises}: every kind the table lists."""
+    from surgellm_kernels import fused_iwn, fused_surgical_gate
+
+    calls = {}
+    for name, kwargs in {**BAD_IWN_CALLS, **DATA_BAD_IWN_CALLS}.items():
+        calls[f"fused_iwn: {name}"] = (lambda kw: lambda: fused_iwn(**iwn_call(**kw)))(kwargs)
+    calls["fused_iwn: process_group not a group"] = lambda: fused_iwn(
+        **iwn_call(num_classes=3, process_group="world"))
+    calls["fused_iwn: process_group without this rank"] = lambda: fused_iwn(
+        **iwn_call(num_classes=3, process_group=torch.distributed.GroupMember.NON_GROUP_MEMBER))
+    for name, kwargs in BAD_SURGICAL_GATE_CALLS.items():
+        given = dict(dict(h=H, s=H, gate_logits=H), **kwargs)
+        calls[f"fused_surgical_gate: {name}"] = (lambda kw: lambda: fused_surgical_gate(**kw))(
+            given)
+    calls.update(_module_calls())
+    return calls
+
+
+def table():
+    """The README's markdown table: each bad input and the error users get."""
+    rows = ["| bad input | error | message |", "|---|---|---|"]
+    for name, call in every_bad_call().items():
+        try:
+            call()
+        except Exception as e:  # what the user sees
+            message = str(e).splitlines()[0].replace("|", "\\|")
+            rows.append(f"| {name} | `{type(e).__name__}` | {message} |")
+        else:
+            raise AssertionError(f"{name}: no error")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())
