@@ -197,11 +197,12 @@ def test_imbalance_singleton_and_constant_feature(backend, device, num_classes, 
 @pytest.mark.parametrize("value", [-2.0, 3.0])
 def test_constant_feature_gives_the_bias_exactly(backend, device, dtype, std_mode, value,
                                                   force_backend):
-    """Found by tests/test_properties.py: with a constant feature sigma = 0,
-    so y = (u - mu) / eps and the rounding of the class mean (15 equal rows
-    do not sum exactly) came out as |y| ~ 0.02 in float32, and as a gate
-    gradient of the same size. The class means are now taken exact (mean +
-    residual), so y is the bias and the gate gets no gradient, exactly."""
+    """Found by tests/test_properties.py: with a constant feature sigma is
+    (about) 0, so y = (u - mu) / (sigma + eps) and the rounding of the class
+    mean (15 equal rows of u = x * sigmoid(gate) do not sum exactly) came
+    out as |y| ~ 0.02 in float32, and as a gate gradient of the same size.
+    The class means are now taken exact (mean + residual), so y is the bias
+    and the gate gets no gradient, exactly."""
     force_backend(backend)
     x = torch.full((3, 5, 1), value, dtype=dtype, device=device)
     gate = torch.tensor([-0.0877], dtype=dtype, device=device, requires_grad=True)

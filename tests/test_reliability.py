@@ -145,9 +145,9 @@ def test_threads_give_the_serial_bits(backend, device, force_backend):
     inputs = []
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(64, 33, generator=g).to(device)
-        labels = torch.randint(0, 3, (64,), generator=g).to(device)
-        h, s, logits = (torch.randn(16, 40, generator=g).to(device) for _ in range(3))
+        x = torch.randn(2048, 33, generator=g).to(device)
+        labels = torch.randint(0, 3, (2048,), generator=g).to(device)
+        h, s, logits = (torch.randn(512, 40, generator=g).to(device) for _ in range(3))
         inputs.append((x, labels, h, s, logits))
 
     def work(x, labels, h, s, logits):
@@ -161,19 +161,23 @@ def test_threads_give_the_serial_bits(backend, device, force_backend):
         return [y.detach(), dx, rm, rs, z.detach(), dh]
 
     serial = [work(*args) for args in inputs]
-    threaded = [None] * 4
+    threaded = [[] for _ in range(4)]
+    start = threading.Barrier(4)
 
     def run(i):
+        start.wait()  # all four call at once
         for _ in range(3):
-            threaded[i] = work(*inputs[i])
+            threaded[i].append(work(*inputs[i]))
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a thread hung"
-    for a, b in zip(serial, threaded):
-        assert all(torch.equal(p, q) for p, q in zip(a, b))
+    for expected, runs in zip(serial, threaded):
+        assert len(runs) == 3
+        for got in runs:
+            assert all(torch.equal(p, q) for p, q in zip(expected, got))
 
 
 class _FeatureTexts(torch.utils.data.Dataset):
@@ -190,12 +194,21 @@ class _FeatureTexts(torch.utils.data.Dataset):
 
 
 def test_the_ops_work_in_forked_dataloader_workers():
-    """Worker processes forked after the parent ran the ops (and its thread
-    pool) compute the same features and normalized rows."""
+    """Worker processes forked after the parent ran the ops on its thread
+    pool (OpenMP, more than one thread) compute the same features and
+    normalized rows."""
     if "fork" not in torch.multiprocessing.get_all_start_methods():
         pytest.skip("no fork on this platform")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:  # big enough to run parallel_for across threads, training and backward
+        x = torch.randn(8192, 256, requires_grad=True)
+        fused_iwn(x, torch.randint(0, 4, (8192,)), training=True, num_classes=4).sum().backward()
+        fused_surgical_gate(*(torch.randn(8192, 256) for _ in range(3)))
+    finally:
+        torch.set_num_threads(threads)
     data = _FeatureTexts()
-    expected = [data[i] for i in range(len(data))]  # the parent runs the ops first
+    expected = [data[i] for i in range(len(data))]
     loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2,
                                          multiprocessing_context="fork", timeout=120)
     got = [row for s, y in loader for row in zip(s, y)]

@@ -46,19 +46,12 @@ SURGELLM_HD T safe_sqrt(T v) {
 // present. Writes s_c (0 for absent classes), mu and sigma; a task with no
 // rows gets mu = sigma = 0 (no row reads them) and keeps its running
 // statistics, which otherwise move by r += momentum * (batch - r).
-// The class means are taken exact, m_c + residual_c, and M2 about the exact
-// mean, M2 - n_c residual_c^2: so a constant feature has mu equal to its
-// value and s_c = 0, and its y is exactly the bias (rounding of the mean
-// would otherwise be divided by eps alone).
+// The class means are taken exact, m_c + residual_c: so a constant feature
+// has mu equal to its value and its y is exactly the bias (the rounding of
+// the mean would otherwise be divided by sigma + eps, eps alone there).
 template <typename T>
 SURGELLM_HD T exact_class_mean(const IWNCombineArgs<T>& a, int64_t i) {
   return a.mean[i] + a.mean_residual[i];
-}
-
-template <typename T>
-SURGELLM_HD T class_std(const IWNCombineArgs<T>& a, T n, int64_t i) {
-  const T rho = a.mean_residual[i];
-  return safe_sqrt((a.m2[i] - n * rho * rho) / n);
 }
 
 template <typename T>
@@ -71,7 +64,7 @@ SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f) {
   for (int64_t c = 0; c < C; ++c) {
     T sd = 0;
     if (count[c] > T(0)) {
-      sd = class_std(a, count[c], base + c * F);
+      sd = safe_sqrt(a.m2[base + c * F] / count[c]);
       sum_mean += exact_class_mean(a, base + c * F);
       sum_std += sd;
       ++present;

@@ -313,13 +313,13 @@ def _safe_sqrt(v):
 
 @triton.jit
 def _exact_class_moments(mean_ptr, m2_ptr, mres_ptr, offs, fmask, n, ACC: tl.constexpr):
-    """A class's exact mean m + residual and its deviation sqrt((M2 - n
-    residual^2) / n), 0 for an absent class (exact_class_mean, class_std)."""
+    """A class's exact mean m + residual (exact_class_mean) and its deviation
+    sqrt(M2 / n), 0 for an absent class."""
     m = tl.load(mean_ptr + offs, mask=fmask, other=0.0).to(ACC)
     q = tl.load(m2_ptr + offs, mask=fmask, other=0.0).to(ACC)
     rho = tl.load(mres_ptr + offs, mask=fmask, other=0.0).to(ACC)
     has = n > 0
-    var = (q - n * rho * rho) / tl.where(has, n, 1.0)
+    var = q / tl.where(has, n, 1.0)
     sd = tl.where(has, _safe_sqrt(var), 0.0)
     return m + rho, sd
 
