@@ -105,9 +105,31 @@ def _iwn_outputs(fn, call, cast=None):
     return [y.detach(), *grads, *stats.values()]
 
 
-def _ran_enough(ran, backend):
-    """Hypothesis may stop early (it found no new behaviour): say how far it went."""
-    assert ran >= EXAMPLES[backend] * SCALE, f"only {ran} examples ran"
+def _run_examples(strategy, body, examples):
+    """body(value) on ``examples`` values drawn from strategy; fails unless
+    every one ran (hypothesis may stop early when it finds nothing new)."""
+    ran = []
+
+    @settings(max_examples=examples)
+    @given(value=strategy)
+    def check(value):
+        body(value)
+        ran.append(1)
+    check()
+    assert len(ran) >= examples, f"only {len(ran)} examples ran"
+
+
+def _op_against_reference(backend, force_backend, strategy, outputs, fused_fn, ref_fn, first):
+    """The fused op against the reference on every drawn call: outputs(fn,
+    call, cast) gives output, gradients (and statistics); ``first`` names the
+    tensor whose dtype the call has."""
+    def body(call):
+        force_backend(backend)
+        fused, ref = outputs(fused_fn, call), outputs(ref_fn, call)
+        dtype = call["tensors"][first].dtype
+        truth = None if dtype == torch.float64 else outputs(ref_fn, call, torch.float64)
+        _check(fused, ref, truth, dtype)
+    _run_examples(strategy, body, EXAMPLES[backend] * SCALE)
 
 
 def _check(fused, ref, truth, dtype):
@@ -123,20 +145,8 @@ def _check(fused, ref, truth, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_iwn_matches_reference(backend, force_backend):
-    @settings(max_examples=EXAMPLES[backend] * SCALE)
-    @given(call=iwn_calls())
-    def check(call):
-        force_backend(backend)
-        fused = _iwn_outputs(fused_iwn, call)
-        ref = _iwn_outputs(iwn_reference, call)
-        dtype = call["tensors"]["x"].dtype
-        truth = None if dtype == torch.float64 else _iwn_outputs(iwn_reference, call,
-                                                                  torch.float64)
-        _check(fused, ref, truth, dtype)
-        ran.append(1)
-    ran = []
-    check()
-    _ran_enough(len(ran), backend)
+    _op_against_reference(backend, force_backend, iwn_calls(), _iwn_outputs, fused_iwn,
+                          iwn_reference, "x")
 
 
 @st.composite
@@ -172,20 +182,8 @@ def _gate_outputs(fn, call, cast=None):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_surgical_gate_matches_reference(backend, force_backend):
-    @settings(max_examples=EXAMPLES[backend] * SCALE)
-    @given(call=surgical_gate_calls())
-    def check(call):
-        force_backend(backend)
-        fused = _gate_outputs(fused_surgical_gate, call)
-        ref = _gate_outputs(surgical_gate_reference, call)
-        dtype = call["tensors"]["h"].dtype
-        truth = None if dtype == torch.float64 else _gate_outputs(surgical_gate_reference, call,
-                                                                   torch.float64)
-        _check(fused, ref, truth, dtype)
-        ran.append(1)
-    ran = []
-    check()
-    _ran_enough(len(ran), backend)
+    _op_against_reference(backend, force_backend, surgical_gate_calls(), _gate_outputs,
+                          fused_surgical_gate, surgical_gate_reference, "h")
 
 
 MODULE_EXAMPLES = 150  # per module, CPU kernels (the ops above carry the bulk)
@@ -211,8 +209,6 @@ def test_fused_iwn_module_trains_like_the_reference_module(force_backend):
     by the accuracy rule against a float64 copy of the reference)."""
     from surgellm_kernels import FusedInstanceWeightedNorm, InstanceWeightedNorm
 
-    @settings(max_examples=MODULE_EXAMPLES * SCALE)
-    @given(setup=module_setups())
     def check(setup):
         force_backend("cpu")
         F, lead, T, C, dtype = (setup[k] for k in ("F", "lead", "T", "C", "dtype"))
@@ -244,10 +240,7 @@ def test_fused_iwn_module_trains_like_the_reference_module(force_backend):
                              module.running_mean.clone(), module.running_std.clone()])
             fused_out, ref_out, *truth_out = outs
             _check(fused_out, ref_out, truth_out[0] if truth_out else None, dtype)
-        ran.append(1)
-    ran = []
-    check()
-    assert len(ran) >= MODULE_EXAMPLES * SCALE // 2, f"only {len(ran)} examples ran"
+    _run_examples(module_setups(), check, MODULE_EXAMPLES * SCALE)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
@@ -256,11 +249,14 @@ def test_fused_surgical_gate_module_matches_the_reference_module(force_backend):
     of the inputs and of every parameter."""
     from surgellm_kernels import FusedSurgicalGate, SurgicalGate
 
-    @settings(max_examples=MODULE_EXAMPLES * SCALE)
-    @given(d=st.sampled_from([1, 8, 31, 64, 384]), features=st.integers(1, 20),
-           tasks=st.integers(1, 3), rows=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
-           dtype=st.sampled_from([torch.float64, torch.float32]))
-    def check(d, features, tasks, rows, seed, dtype):
+    setups = st.fixed_dictionaries(dict(
+        d=st.sampled_from([1, 8, 31, 64, 384]), features=st.integers(1, 20),
+        tasks=st.integers(1, 3), rows=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
+        dtype=st.sampled_from([torch.float64, torch.float32])))
+
+    def check(setup):
+        d, features, tasks, rows, seed, dtype = (
+            setup[k] for k in ("d", "features", "tasks", "rows", "seed", "dtype"))
         force_backend("cpu")
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -279,7 +275,4 @@ def test_fused_surgical_gate_module_matches_the_reference_module(force_backend):
             outs.append([z.detach(), *grads])
         for a, r in zip(outs[1], outs[0]):
             assert_close(a, r, dtype, scale=10.0)
-        ran.append(1)
-    ran = []
-    check()
-    assert len(ran) >= MODULE_EXAMPLES * SCALE // 2, f"only {len(ran)} examples ran"
+    _run_examples(setups, check, MODULE_EXAMPLES * SCALE)
