@@ -133,7 +133,9 @@ def check_iwn_args(
         raise ValueError("x must have at least one dimension (..., F), got a scalar")
     F = x.shape[-1]
     if F == 0:
-        raise ValueError("x must have at least one feature (last dimension > 0)")
+        raise ValueError(
+            f"x must have at least one feature (last dimension > 0), got shape {tuple(x.shape)}"
+        )
     device = x.device
     rows_shape = x.shape[:-1]
 
@@ -164,7 +166,8 @@ def check_iwn_args(
                 raise ValueError(f"{name} must have shape ({F},), got {tuple(p.shape)}")
 
     if (running_mean is None) != (running_std is None):
-        raise ValueError("running_mean and running_std must be given together")
+        given = "running_mean" if running_std is None else "running_std"
+        raise ValueError(f"running_mean and running_std must be given together, got {given} only")
     num_tasks = 1
     if running_mean is not None:
         for name, r in (("running_mean", running_mean), ("running_std", running_std)):
@@ -218,7 +221,10 @@ def check_iwn_args(
                 "by the same classes, not those its own labels show"
             )
         if num_classes is None:
-            num_classes = int(labels.max()) + 1
+            lo, hi = (int(v) for v in torch.aminmax(labels))
+            if hi < 0:
+                raise ValueError(f"labels must be class indices (>= 0), got values in [{lo}, {hi}]")
+            num_classes = hi + 1
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         return IWNCall(F, num_tasks, num_classes, std_mode == "pooled")

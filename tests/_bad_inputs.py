@@ -92,7 +92,7 @@ BAD_SURGICAL_GATE_CALLS = {
 }
 
 
-# Found in the data (checked in C++ before any kernel writes, on CPU tensors).
+# Found in the data (checked in C++ before any kernel runs).
 DATA_BAD_IWN_CALLS = {
     "labels out of range": dict(labels=torch.tensor([0, 1, 0, 1, 2, 3]), num_classes=3),
     "labels negative": dict(labels=torch.tensor([0, -1, 0, 1, 2, 2])),

@@ -131,6 +131,26 @@ def test_float32_gradient_where_class_rows_nearly_coincide(backend, device, std_
 
 
 @needs_extension
+def test_device_keys_check_ranges_as_the_cpu_keys_do():
+    """iwn_group_keys' kernel for CUDA (generic ATen code), run here on CPU
+    tensors through the dispatcher: the same keys as the CPU kernel for good
+    input, and the same ValueError, before any launch, for bad input."""
+    op = torch.ops.surgellm.iwn_group_keys.default
+    cuda_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    labels, tasks = torch.tensor([0, 1, 2, 1, 0]), torch.tensor([0, 1, 1, 0, 1])
+    for args in [(labels, tasks, 2, 3), (labels, None, 1, 3), (None, tasks, 2, 1)]:
+        assert torch.equal(op.redispatch(cuda_kernel, *args), op(*args))
+    for args, message in [
+            ((labels + 1, tasks, 2, 3), r"labels must lie in \[0, 3\), got values in \[1, 3\]"),
+            ((labels - 1, None, 1, 3), r"labels must lie in \[0, 3\), got values in \[-1, 1\]"),
+            ((labels, tasks * 2, 2, 3), r"task_ids must lie in \[0, 2\), got values in \[0, 2\]"),
+            ((None, tasks - 1, 2, 1), r"task_ids must lie in \[0, 2\), got values in \[-1, 0\]")]:
+        for call in (op, lambda *a: op.redispatch(cuda_kernel, *a)):
+            with pytest.raises(ValueError, match=message):
+                call(*args)
+
+
+@needs_extension
 def test_direct_call_with_bad_keys_raises_on_cpu(force_backend):
     """torch.ops.surgellm.* check their keys on the CPU: never an out-of-bounds write."""
     force_backend("cpu")
@@ -201,8 +221,8 @@ def test_direct_calls_with_bad_shapes_raise(force_backend):
 
 @pytest.mark.skipif("triton" not in [b for b, _ in KERNEL_PAIRS], reason="Triton not runnable")
 def test_triton_kernels_skip_invalid_keys(force_backend):
-    """Keys outside their range (how CUDA marks out-of-range labels, without a
-    host sync) are left out of the statistics and give NaN rows."""
+    """Keys outside their range (how CUDA marks out-of-range labels under graph
+    capture, where they cannot be checked) are left out of the statistics and give NaN rows."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     force_backend("triton")
     fused_iwn(torch.randn(2, 3, device=device), torch.zeros(2, dtype=torch.long, device=device),
@@ -251,7 +271,8 @@ def test_group_scratch_is_bounded_on_cpu():
 
 @needs_cuda
 @pytest.mark.parametrize("backend", [b for b, d in KERNEL_PAIRS if d == "cuda"])
-def test_cuda_training_step_makes_no_host_sync(backend, force_backend):
+def test_cuda_backward_makes_no_host_sync(backend, force_backend):
+    """Forward reads the label and task-id ranges back (its one sync); backward none."""
     force_backend(backend)
     x = torch.randn(64, 32, device="cuda", requires_grad=True)
     labels = torch.randint(0, 4, (64,), device="cuda")
@@ -259,22 +280,55 @@ def test_cuda_training_step_makes_no_host_sync(backend, force_backend):
     rm, rs = torch.zeros(2, 32, device="cuda"), torch.ones(2, 32, device="cuda")
     kwargs = dict(task_ids=tasks, running_mean=rm, running_std=rs, training=True, num_classes=4)
     fused_iwn(x, labels, **kwargs).sum().backward()  # warm-up: first-call setup may sync
+    y = fused_iwn(x, labels, **kwargs)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        fused_iwn(x, labels, **kwargs).sum().backward()
+        y.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
 
 @needs_cuda
 @pytest.mark.parametrize("backend", [b for b, d in KERNEL_PAIRS if d == "cuda"])
-def test_cuda_out_of_range_labels_give_nan_rows(backend, force_backend):
+def test_cuda_out_of_range_labels_raise_before_launch(backend, force_backend):
     force_backend(backend)
     x = torch.randn(6, 3, device="cuda")
-    labels = torch.tensor([0, 1, 9, 1, -2, 0], device="cuda")
+    rm, rs = torch.zeros(2, 3, device="cuda"), torch.ones(2, 3, device="cuda")
+    before = rm.clone(), rs.clone()
+    for labels, tasks, message in [
+            ([0, 1, 9, 1, 0, 0], [0] * 6, r"labels must lie in \[0, 2\), got values in \[0, 9\]"),
+            ([0, 1, 0, 1, -2, 0], [0] * 6, r"labels must lie in \[0, 2\), got values in \[-2, 1\]"),
+            ([0] * 6, [0, 1, 3, 0, 0, 0], r"task_ids must lie in \[0, 2\), got values in \[0, 3\]")]:
+        with pytest.raises(ValueError, match=message):
+            fused_iwn(x, torch.tensor(labels, device="cuda"), training=True, num_classes=2,
+                      task_ids=torch.tensor(tasks, device="cuda"), running_mean=rm,
+                      running_std=rs)
+        assert torch.equal(rm, before[0]) and torch.equal(rs, before[1])
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", [b for b, d in KERNEL_PAIRS if d == "cuda"])
+def test_cuda_graph_capture_skips_the_range_check(backend, force_backend):
+    """Captured in a CUDA graph (no host sync allowed), a training forward runs
+    without the range check; out-of-range rows then get NaN outputs and stay
+    out of the statistics."""
+    force_backend(backend)
+    x = torch.randn(6, 3, device="cuda")
+    labels = torch.tensor([0, 1, 1, 1, 0, 0], device="cuda")
     rm, rs = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
-    y = fused_iwn(x, labels, training=True, num_classes=2, running_mean=rm, running_std=rs)
+    kwargs = dict(training=True, num_classes=2, running_mean=rm, running_std=rs)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as torch advises
+        fused_iwn(x, labels, **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fused_iwn(x, labels, **kwargs)
+    labels.copy_(torch.tensor([0, 1, 9, 1, -2, 0], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
     valid = torch.tensor([0, 1, 3, 5], device="cuda")
     assert torch.isnan(y[[2, 4]]).all()
     expected = iwn_reference(x[valid], labels[valid], training=True, num_classes=2)

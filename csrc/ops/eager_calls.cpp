@@ -116,7 +116,8 @@ Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
   check_float(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (..., F), got a scalar");
   const int64_t F = x.size(-1);
-  TORCH_CHECK_VALUE(F != 0, "x must have at least one feature (last dimension > 0)");
+  TORCH_CHECK_VALUE(F != 0, "x must have at least one feature (last dimension > 0), got shape ",
+                    shape_text(x.sizes()));
   const at::IntArrayRef rows = x.sizes().slice(0, x.dim() - 1);
 
   bool pooled = false;
@@ -150,7 +151,8 @@ Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
   const optional<Tensor> bias = feature_param(bias_h, "bias", x, "x", F);
 
   TORCH_CHECK_VALUE(running_mean_h.is_none() == running_std_h.is_none(),
-                    "running_mean and running_std must be given together");
+                    "running_mean and running_std must be given together, got ",
+                    running_std_h.is_none() ? "running_mean" : "running_std", " only");
   optional<Tensor> running_mean, running_std;
   int64_t num_tasks = 1;
   if (!running_mean_h.is_none()) {
@@ -201,7 +203,13 @@ Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
     TORCH_CHECK_VALUE(!(synced && given.is_none()),
                       "num_classes is required with a process_group: every rank must group its "
                       "rows by the same classes, not those its own labels show");
-    if (given.is_none()) given = py::int_(labels->max().item<int64_t>() + 1);
+    if (given.is_none()) {
+      const auto [lo, hi] = at::aminmax(*labels);
+      const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+      TORCH_CHECK_VALUE(hi_v >= 0, "labels must be class indices (>= 0), got values in [", lo_v,
+                        ", ", hi_v, "]");
+      given = py::int_(hi_v + 1);
+    }
     TORCH_CHECK_VALUE(PyLong_Check(given.ptr()) && PyObject_RichCompareBool(
                                                         given.ptr(), py::int_(1).ptr(), Py_GE) == 1,
                       "num_classes must be a positive int, got ", repr_text(given));

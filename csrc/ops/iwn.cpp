@@ -161,9 +161,8 @@ Tensor all_reduce_sum(const Tensor& t, const RankGroup& g) {
 //   residual = sum_r (n_r / n) (m_r - mean + residual_r)
 // (the residual keeps the exact mean, mean + residual, for backward). A rank
 // without rows of a group sends n_r = 0 and zeros, which add nothing.
-// Returns the merged moments and the ranks that flagged a failure (read on
-// CPU only: on CUDA that would be a host sync, and nothing there fails on
-// the data).
+// Returns the merged moments and the ranks that flagged a failure (read
+// back: one more host sync on CUDA, after the range checks' own).
 std::pair<Moments, std::vector<int64_t>> moments_of_all_ranks(const Moments& local, bool failed,
                                                               const RankGroup& g) {
   const auto& [count, mean, m2, residual] = local;
@@ -174,7 +173,8 @@ std::pair<Moments, std::vector<int64_t>> moments_of_all_ranks(const Moments& loc
   const Tensor per_rank = all_gather(packed, g).view_symint({g.size, -1});
   std::vector<int64_t> failed_ranks;
   const Tensor flags = per_rank.select(1, 0);
-  if (flags.is_cpu() && !at::isTensorSubclassLike(flags))  // not while tracing
+  // Not while tracing, nor under CUDA graph capture (no range check fails there).
+  if (!at::isTensorSubclassLike(flags) && !capturing_cuda_graph(flags))
     for (int64_t r = 0; r < g.size; ++r)
       if (flags[r].item<double>() != 0) failed_ranks.push_back(r);
   const Tensor n = per_rank.narrow_symint(1, 1, G).unsqueeze(-1);  // (R, G, 1)
@@ -292,15 +292,14 @@ ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labe
       r.keys = group_keys(flat(labels), flat(task_ids), T, C);
       moments = group_moments(in.x, r.keys, in.gate, T * C);
     } else {
-      // A rank whose rows fail a check (a label or task id out of range,
-      // found on CPU) still takes part in the all-gather, flagged, and then
+      // A rank whose rows fail a check (a label or task id out of range)
+      // still takes part in the all-gather, flagged, and then
       // every rank raises: none is left waiting in a collective.
       std::exception_ptr failure;
       try {
         r.keys = group_keys(flat(labels), flat(task_ids), T, C);
         moments = group_moments(in.x, r.keys, in.gate, T * C);
       } catch (const c10::Error&) {
-        if (in.x.is_cuda()) throw;  // other ranks do not read the flag there
         failure = std::current_exception();
         const auto opts = in.x.options().dtype(acc);
         const Tensor zeros = at::zeros_symint({T * C, in.x.sym_size(1)}, opts);

@@ -5,9 +5,11 @@
 //
 // Every phase op checks its tensors here, so a direct call through
 // torch.ops.surgellm never hands these kernels a bad pointer: on the CPU the
-// keys are range-checked too (one cheap pass); on CUDA that check would be a
-// host sync, so the CUDA kernels treat a key outside its range as an invalid
-// row (skipped by the reductions, NaN outputs) and never index with it. (The
+// keys are range-checked too (one cheap pass). The CUDA kernels treat a key
+// outside its range as an invalid row (skipped by the reductions, NaN
+// outputs) and never index with it: iwn_group_keys checks the labels and
+// task ids first, but not under CUDA graph capture, and keys may come
+// straight from a direct call. (The
 // phase ops are the op's internals: when Triton's kernels replace these, the
 // checks of surgellm::iwn itself, in iwn.cpp, are what guards them.)
 #include <torch/library.h>
@@ -352,14 +354,31 @@ Tensor iwn_group_keys_cpu(const optional<Tensor>& labels, const optional<Tensor>
   return keys;
 }
 
-// The same keys on any other device, with no host sync: out-of-range labels
-// or task ids give key -1, an invalid row for the kernels.
+// The same keys on any other device. The ranges are checked before any
+// kernel runs, as on the CPU: one device-to-host copy of each argument's
+// (min, max) (a host sync). Under CUDA graph capture a sync is not allowed:
+// there the check is skipped and an out-of-range label or task id gives key
+// -1, a row the kernels leave out of the statistics (NaN outputs).
+void check_range_on_device(const Tensor& values, const char* name, int64_t upper) {
+  if (values.numel() == 0) return;
+  const auto [lo_t, hi_t] = at::aminmax(values);
+  const Tensor both = at::stack({lo_t, hi_t}).cpu();
+  const int64_t lo = both[0].item<int64_t>(), hi = both[1].item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0 && hi < upper, name, " must lie in [0, ", upper,
+                    "), got values in [", lo, ", ", hi, "]");
+}
+
 Tensor iwn_group_keys_device(const optional<Tensor>& labels, const optional<Tensor>& task_ids,
                              int64_t num_tasks, int64_t num_classes) {
   TORCH_CHECK(labels.has_value() || task_ids.has_value(), "labels or task_ids are required");
   const int64_t N = (labels.has_value() ? *labels : *task_ids).numel();
   check_index(labels, "labels", N);
   check_index(task_ids, "task_ids", N);
+  const Tensor& first = labels.has_value() ? *labels : *task_ids;
+  if (!capturing_cuda_graph(first)) {
+    if (labels.has_value()) check_range_on_device(*labels, "labels", num_classes);
+    if (task_ids.has_value()) check_range_on_device(*task_ids, "task_ids", num_tasks);
+  }
   Tensor key, valid;
   if (labels.has_value()) {
     key = *labels;

@@ -11,6 +11,7 @@
 
 #ifdef SURGELLM_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 // Every torch-free launcher, so that run_phase's calls see all overloads.
 #include "cuda/iwn.cuh"
@@ -21,6 +22,18 @@ namespace surgellm {
 
 using at::Tensor;
 using std::optional;
+
+// Whether t's device stream is being captured into a CUDA graph, where a host
+// sync (reading a value back) is not allowed.
+inline bool capturing_cuda_graph(const Tensor& t) {
+#ifdef SURGELLM_WITH_CUDA
+  return t.is_cuda() &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+#else
+  (void)t;
+  return false;
+#endif
+}
 
 inline at::ScalarType acc_scalar_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -13,13 +13,13 @@ does (same errors and messages) and calls the op; under torch.compile the
 Python checks run and the op is traced.
 
 What is checked where: argument types, shapes, devices and ``std_mode``
-before anything runs; label and task-id ranges on CPU tensors in C++ before
-any kernel writes (running statistics stay untouched on error). On CUDA the
-ranges are not checked on the host -- that would be a host sync, which CUDA
-graphs forbid: a row whose label or task id is out of range is left out of
-the statistics and its outputs are NaN. Inferring ``num_classes`` (or the
-task count without running statistics) reads the data: pass them to keep a
-CUDA training step free of host syncs.
+before anything runs; label and task-id ranges in C++ (``iwn_group_keys``)
+before any kernel runs, on every device (running statistics stay untouched
+on error). On CUDA the range check reads each argument's min and max back (a
+host sync); under CUDA graph capture, which forbids syncs, it is skipped: a
+row whose label or task id is out of range is then left out of the
+statistics and its outputs are NaN. Inferring ``num_classes`` (or the task
+count without running statistics) reads the data too.
 """
 from __future__ import annotations
 
@@ -126,9 +126,9 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
             ``DistributedDataParallel`` expects).
 
     Returns y with the shape and dtype of x. Statistics accumulate in float32
-    (float64 for float64 x). Label and task-id ranges are checked on CPU
-    tensors; on CUDA, rows with out-of-range values get NaN outputs (see the
-    module docstring).
+    (float64 for float64 x). Label and task-id ranges are checked before any
+    kernel runs (on CUDA, except under graph capture: see the module
+    docstring).
     """
     # Only training shares statistics; eval normalizes with the running ones.
     ranks = check_process_group(process_group, x)

@@ -25,8 +25,9 @@ feature, mean_residual = (1/n) * sum over the group's rows of (u - mean), the
 part of the exact mean the rounded mean cannot hold (computed in acc), and
 iwn_coefficients folds it into dy_shift.
 
-Invalid keys: on CUDA the keys are not range-checked on the host (that would
-be a host sync); invalid labels or task ids arrive as key -1. A row whose key
+Invalid keys: labels and task ids are range-checked before launch, except
+under CUDA graph capture (no host sync there), where invalid ones arrive as
+key -1. A row whose key
 is < 0 or >= the number of keys the phase knows (num_groups, or
 T * key_div) is never used to index a statistic: it is left out of every
 reduction (moments, task sums, the (F,) gate gradient) and its y and dx (and
