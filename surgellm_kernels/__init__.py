@@ -2,7 +2,7 @@
 instance-weighted normalization (IWN), with the paper's reference modules."""
 from ._backend import backends, cpu_kernel_build
 from .distributed import SyncInstanceWeightedNorm, convert_sync_iwn
-from .features import lexical_features, task_prefix
+from .features import LexicalFeaturizer, lexical_features, task_prefix
 from .model import SurgeLLMConfig, SurgeLLMModel
 from .modules import FusedInstanceWeightedNorm, FusedSurgicalGate
 from .ops import fused_iwn, fused_surgical_gate
@@ -24,6 +24,7 @@ __all__ = [
     "PatchReport",
     "lexical_features",
     "task_prefix",
+    "LexicalFeaturizer",
     "backends",
     "cpu_kernel_build",
 ]

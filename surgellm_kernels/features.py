@@ -14,15 +14,14 @@ pieces left after splitting on '.', '!' and '?'.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
-from typing import Iterable, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-FEATURE_NAMES = (
-    "sst_pos", "sst_neg", "llm_stat", "llm_formal", "llm_list",
-    "human_pers", "human_hedge", "human_emo", "retrieval", "prompt_cot",
+NUMERIC_FEATURE_NAMES = (
     "word_count", "mean_word_length", "sentence_count", "question_marks",
     "exclamation_marks", "has_digit",
 )
@@ -49,8 +48,25 @@ WORD_GROUPS = {
                    "the chain of thought", "walk through"),
 }
 
+FEATURE_NAMES = tuple(WORD_GROUPS) + NUMERIC_FEATURE_NAMES
+
 _WORD = re.compile(r"\w+(?:'\w+)*")
+# Words, and runs of other non-space characters between them: two words are
+# adjacent in the text, with only white space between them (where a
+# multi-word entry matches), when no such run stands between their tokens.
+_TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]+")
 _SENTENCE_SPLIT = re.compile(r"[.!?]")
+
+
+def tokens(text: str) -> list:
+    """The lower-cased words of ``text`` and the runs of punctuation between
+    them, in order: the tokens :mod:`surgellm_kernels.vocabulary` counts
+    (its entries are runs of adjacent words, so they match as entries here)."""
+    return _TOKEN.findall(text.lower())
+
+
+def is_word(token: str) -> bool:
+    return _WORD.fullmatch(token) is not None
 
 
 def _entry_pattern(entry: str) -> re.Pattern:
@@ -66,44 +82,148 @@ def _entry_pattern(entry: str) -> re.Pattern:
     return re.compile(pattern)
 
 
-_GROUP_PATTERNS = tuple(tuple(_entry_pattern(e) for e in entries)
-                        for entries in WORD_GROUPS.values())
-
-
-def _features_of(text: str) -> list:
-    if not isinstance(text, str):
-        raise TypeError(f"texts must hold strings, got {type(text).__name__}")
-    lower = text.lower()
-    values = [float(sum(1 for p in patterns if p.search(lower))) for patterns in _GROUP_PATTERNS]
+def _numeric_features(text: str, lower: str) -> list:
     words = _WORD.findall(lower)
-    values.append(float(len(words)))
-    values.append(sum(len(w) for w in words) / len(words) if words else 0.0)
-    values.append(float(sum(1 for piece in _SENTENCE_SPLIT.split(lower) if piece.strip())))
-    values.append(float(text.count("?")))
-    values.append(float(text.count("!")))
-    values.append(1.0 if any(ch.isdigit() for ch in text) else 0.0)
-    return values
+    return [
+        float(len(words)),
+        sum(len(w) for w in words) / len(words) if words else 0.0,
+        float(sum(1 for piece in _SENTENCE_SPLIT.split(lower) if piece.strip())),
+        float(text.count("?")),
+        float(text.count("!")),
+        1.0 if any(ch.isdigit() for ch in text) else 0.0,
+    ]
+
+
+class LexicalFeaturizer:
+    """Lexical features over word groups given as data: per text, one count per
+    group (how many of its entries occur, the matching rule above), then the
+    six numeric features (word count ... has digit) when ``numeric``.
+
+    ``LexicalFeaturizer()`` is the paper's: the Appendix D groups and the
+    numeric features, the 16 of :func:`lexical_features`. ``groups`` maps a
+    group name to its entries (in order); :meth:`with_groups` replaces groups
+    or adds new ones (e.g. lists from
+    :func:`surgellm_kernels.vocabulary.extract_vocabulary`); :meth:`to_json`
+    / :meth:`from_json` save and restore it, as ``SurgeLLMModel`` does with the
+    lists it was trained with.
+    """
+
+    def __init__(self, groups: Optional[Mapping[str, Sequence[str]]] = None,
+                 numeric: bool = True):
+        groups = WORD_GROUPS if groups is None else groups
+        if not isinstance(groups, Mapping):
+            raise TypeError(f"groups must map a group name to its entries, got "
+                            f"{type(groups).__name__}")
+        if not isinstance(numeric, bool):
+            raise TypeError(f"numeric must be a bool, got {numeric!r}")
+        checked = {}
+        for name, entries in groups.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"group names must be non-empty strings, got {name!r}")
+            if numeric and name in NUMERIC_FEATURE_NAMES:
+                raise ValueError(f"group name {name!r} is the name of a numeric feature")
+            if isinstance(entries, str) or not isinstance(entries, Sequence) or not entries:
+                raise ValueError(f"groups[{name!r}] must be a non-empty list of entries, got "
+                                 f"{entries!r}")
+            for entry in entries:
+                if not isinstance(entry, str) or not entry.strip() or entry.strip() == "*":
+                    raise ValueError(f"groups[{name!r}]: entries must be non-empty strings, "
+                                     f"got {entry!r}")
+            checked[name] = tuple(e.strip().lower() for e in entries)
+        if not checked and not numeric:
+            raise ValueError("a featurizer needs at least one group or numeric=True")
+        self._groups = checked
+        self.numeric = numeric
+        self._patterns = tuple(tuple(_entry_pattern(e) for e in entries)
+                               for entries in checked.values())
+
+    @property
+    def groups(self) -> Dict[str, Tuple[str, ...]]:
+        return dict(self._groups)
+
+    @property
+    def feature_names(self) -> Tuple[str, ...]:
+        return tuple(self._groups) + (NUMERIC_FEATURE_NAMES if self.numeric else ())
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_names)
+
+    def with_groups(self, groups: Mapping[str, Sequence[str]]) -> "LexicalFeaturizer":
+        """A featurizer with ``groups`` replacing the groups of the same name
+        (in place) and the others added after the existing ones."""
+        return LexicalFeaturizer({**self._groups, **dict(groups)}, numeric=self.numeric)
+
+    def features_of(self, text: str) -> List[float]:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must hold strings, got {type(text).__name__}")
+        lower = text.lower()
+        values = [float(sum(1 for p in patterns if p.search(lower)))
+                  for patterns in self._patterns]
+        if self.numeric:
+            values += _numeric_features(text, lower)
+        return values
+
+    def __call__(self, texts: Union[str, Iterable[str]]) -> torch.Tensor:
+        """The features of each text, as a float32 (N, num_features) tensor.
+        Compute them on the full text, before any truncation of the encoder
+        input."""
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [self.features_of(t) for t in texts]
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), self.num_features)
+
+    def to_dict(self) -> dict:
+        return {"groups": {name: list(entries) for name, entries in self._groups.items()},
+                "numeric": self.numeric}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "LexicalFeaturizer":
+        if not isinstance(data, Mapping) or "groups" not in data:
+            raise ValueError("a featurizer's JSON must be an object with 'groups' (and "
+                             "optionally 'numeric')")
+        return cls(data["groups"], numeric=data.get("numeric", True))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LexicalFeaturizer":
+        """From :meth:`to_json`'s text, or from a vocabulary file written by
+        ``python -m surgellm_kernels.vocabulary`` (its ``groups``)."""
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, LexicalFeaturizer) and self._groups == other._groups
+                and self.numeric == other.numeric)
+
+    def __repr__(self) -> str:
+        return (f"LexicalFeaturizer({len(self._groups)} groups, numeric={self.numeric}, "
+                f"{self.num_features} features)")
+
+
+DEFAULT_FEATURIZER = LexicalFeaturizer()
 
 
 def lexical_features(texts: Union[str, Iterable[str]]) -> torch.Tensor:
-    """The 16 lexical features s1..s16 of each text, as a float32 (N, 16) tensor.
+    """The 16 lexical features s1..s16 of each text, as a float32 (N, 16) tensor
+    (the paper's :class:`LexicalFeaturizer`).
 
     Compute them on the full text, before any truncation of the encoder input.
     """
-    if isinstance(texts, str):
-        texts = [texts]
-    rows = [_features_of(t) for t in texts]
-    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(FEATURE_NAMES))
+    return DEFAULT_FEATURIZER(texts)
 
 
-def task_prefix(task: Union[int, str], features: Sequence[float]) -> str:
+def task_prefix(task: Union[int, str], features: Sequence[float],
+                num_features: int = len(FEATURE_NAMES)) -> str:
     """Eq.12: ``[TASK:<t>|F1:<v1>|...|F16:<v16>]`` with ``v_j = floor(s_j)``.
 
     ``task`` is printed as given (an id or a name); ``features`` are the raw
-    features of one example (16 numbers, e.g. a row of :func:`lexical_features`).
+    features of one example (a row of :func:`lexical_features`, 16 numbers;
+    with another :class:`LexicalFeaturizer`, pass its ``num_features``).
     """
     values = features.tolist() if isinstance(features, torch.Tensor) else list(features)
-    if len(values) != len(FEATURE_NAMES):
-        raise ValueError(f"features must hold {len(FEATURE_NAMES)} numbers, got {len(values)}")
+    if len(values) != num_features:
+        raise ValueError(f"features must hold {num_features} numbers, got {len(values)}")
     parts = [f"F{j}:{math.floor(v)}" for j, v in enumerate(values, start=1)]
     return f"[TASK:{task}|" + "|".join(parts) + "]"

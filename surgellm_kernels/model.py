@@ -3,7 +3,7 @@
 Per example, with task ``t`` and text ``x``::
 
     h  = Encoder(prefix(x))[first token]                     (B, d)
-    s  = lexical_features(x)                                 (B, 16), Eq.4
+    s  = featurizer(x)                                       (B, 16), Eq.4 (or lexicon)
     s^ = InstanceWeightedNorm(s, t)                          Eq.10-11, fixed per task
     z  = SurgicalGate(h, s^, t)                              Eq.3, 5, 6, 7
     logits = head_t(z)                                       Eq.13-14
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .features import FEATURE_NAMES, lexical_features, task_prefix
+from .features import FEATURE_NAMES, LexicalFeaturizer, task_prefix
 from .reference import InstanceWeightedNorm, SurgicalGate
 
 __all__ = ["SurgeLLMConfig", "SurgeLLMModel", "SurgeLLMOutput", "UngatedFusion", "TaskHead"]
@@ -75,8 +75,13 @@ class SurgeLLMConfig:
     max_length: int = 128
     encoder_name: Optional[str] = None
     encoder_config: Optional[dict] = None
+    lexicon: Optional[dict] = None
 
     def __post_init__(self):
+        if isinstance(self.lexicon, LexicalFeaturizer):
+            self.lexicon = self.lexicon.to_dict()
+        if self.lexicon is not None:
+            self.lexicon = LexicalFeaturizer.from_dict(self.lexicon).to_dict()  # checked
         if not isinstance(self.tasks, Mapping) or not self.tasks:
             raise ValueError(f"tasks must map task name to number of classes, got {self.tasks!r}")
         self.tasks = dict(self.tasks)
@@ -103,6 +108,12 @@ class SurgeLLMConfig:
     @property
     def max_classes(self) -> int:
         return max(self.tasks.values())
+
+    def featurizer(self) -> LexicalFeaturizer:
+        """The lexical featurizer: the paper's 16 features unless ``lexicon``
+        (a :class:`LexicalFeaturizer`'s ``to_dict``) gives other word lists."""
+        return (LexicalFeaturizer() if self.lexicon is None
+                else LexicalFeaturizer.from_dict(self.lexicon))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -184,12 +195,14 @@ class SurgeLLMModel(nn.Module):
             tokenizer.padding_side = tokenizer.truncation_side = "right"
         self.tokenizer = tokenizer
         d, T = config.hidden_size, len(config.tasks)
+        self.featurizer = config.featurizer()
+        num_features = self.featurizer.num_features
         # The paper's IWN has no learned parameters: fixed statistics per task.
-        self.iwn = (InstanceWeightedNorm(NUM_FEATURES, num_classes=config.max_classes,
+        self.iwn = (InstanceWeightedNorm(num_features, num_classes=config.max_classes,
                                          num_tasks=T, eps=config.eps)
                     if config.iwn else None)
         fusion = SurgicalGate if config.gate else UngatedFusion
-        self.fusion = fusion(d, NUM_FEATURES, T, alpha=config.alpha, eps=config.eps)
+        self.fusion = fusion(d, num_features, T, alpha=config.alpha, eps=config.eps)
         # One head per task, in task-id order (a list: task names need not be
         # valid attribute names).
         self.heads = nn.ModuleList(
@@ -245,7 +258,8 @@ class SurgeLLMModel(nn.Module):
             raise ValueError(f"max_length={config.max_length} exceeds the encoder's "
                              f"max_position_embeddings={limit}")
         if config.prefix:
-            tokenizer.add_tokens(cls.prefix_tokens(config.task_names))
+            tokenizer.add_tokens(cls.prefix_tokens(config.task_names,
+                                                   config.featurizer().num_features))
             # also when the tokenizer had them already (reused, or saved by us)
             if len(tokenizer) > encoder.get_input_embeddings().num_embeddings:
                 encoder.resize_token_embeddings(len(tokenizer))
@@ -255,12 +269,13 @@ class SurgeLLMModel(nn.Module):
         return cls(config, encoder, tokenizer)
 
     @staticmethod
-    def prefix_tokens(task_names: Iterable[str]):
-        """The tokens added for the prefix: each task marker and the 16 field markers."""
+    def prefix_tokens(task_names: Iterable[str], num_features: int = NUM_FEATURES):
+        """The tokens added for the prefix: each task marker and the field
+        markers (16 with the paper's features)."""
         from transformers import AddedToken
 
         markers = [f"[TASK:{t}" for t in task_names]
-        markers += [f"|F{j}:" for j in range(1, NUM_FEATURES + 1)]
+        markers += [f"|F{j}:" for j in range(1, num_features + 1)]
         return [AddedToken(m, normalized=False, single_word=False) for m in markers]
 
     # -- inputs -------------------------------------------------------------------------
@@ -294,10 +309,12 @@ class SurgeLLMModel(nn.Module):
         if not texts:
             raise ValueError("texts is empty")
         task_ids = self.task_ids(tasks)
-        features = lexical_features(texts)
+        features = self.featurizer(texts)
         names = self.config.task_names
         if self.config.prefix:
-            prefixes = [task_prefix(names[t], row) for t, row in zip(task_ids.tolist(), features)]
+            n = features.shape[1]
+            prefixes = [task_prefix(names[t], row, n) for t, row in zip(task_ids.tolist(),
+                                                                        features)]
             self._check_prefix_fits(prefixes)
             texts = [f"{p} {t}" for p, t in zip(prefixes, texts)]
         batch = dict(self.tokenizer(list(texts), padding=True, truncation=True,
@@ -354,7 +371,8 @@ class SurgeLLMModel(nn.Module):
         if constant.any():
             self.iwn.running_std[constant] = 1.0
             names = self.config.task_names
-            pairs = [f"{names[t]}:{FEATURE_NAMES[j]}" for t, j in constant.nonzero().tolist()]
+            feature_names = self.featurizer.feature_names
+            pairs = [f"{names[t]}:{feature_names[j]}" for t, j in constant.nonzero().tolist()]
             warnings.warn(f"fit_statistics: {len(pairs)} (task, feature) pairs have no spread "
                           f"within any class of the training data and are scaled by 1 "
                           f"instead of 1/eps: {', '.join(pairs)}", RuntimeWarning,

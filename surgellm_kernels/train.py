@@ -3,7 +3,7 @@
     python -m surgellm_kernels.train --encoder NAME_OR_PATH --train FILE.jsonl \\
         [--eval FILE.jsonl] --output DIR [--epochs 3] [--max-steps N] [--batch-size 16]
         [--lr 5e-5] [--seed 0] [--kernels fused|reference] [--no-iwn] [--no-gate]
-        [--no-prefix] [--max-length 128]
+        [--no-prefix] [--max-length 128] [--lexicon VOCAB.json]
 
 Reads and checks the data (training and evaluation files, before the
 encoder is loaded), builds a ``SurgeLLMModel`` on the encoder with one head
@@ -26,6 +26,7 @@ import torch
 from ._cli import (ArgumentParser, UsageError, fail, patch_for_kernels, positive_float,
                    positive_int, resolve_device, write_json)
 from .data import DataError, LabelSpace, prepare_all, read_examples, select_rows
+from .features import LexicalFeaturizer
 from .evaluate import evaluate_model, format_metrics
 
 __all__ = ["main", "build_parser"]
@@ -52,6 +53,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--no-prefix", action="store_true", help="ablation: no task prefix")
     parser.add_argument("--max-length", type=positive_int, default=128,
                         help="tokens per input, the prefix included")
+    parser.add_argument("--lexicon", default=None,
+                        help="word lists for the lexical features: a JSON file from "
+                             "python -m surgellm_kernels.vocabulary (default: the paper's)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return parser
 
@@ -76,6 +80,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         eval_encoded = space.encode(eval_examples, args.eval) if args.eval else None
     except DataError as exc:
         return fail(str(exc))
+    lexicon = None
+    if args.lexicon:
+        try:
+            with open(args.lexicon) as f:
+                lexicon = LexicalFeaturizer.from_json(f.read())
+        except (OSError, ValueError, TypeError) as exc:
+            return fail(f"--lexicon {args.lexicon}: {exc}")
     print(f"train: {args.train}: {len(train_examples)} examples; tasks: "
           + ", ".join(f"{t} ({len(c)} classes)" for t, c in space.classes.items()))
     if args.eval:
@@ -94,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         model = SurgeLLMModel.from_encoder(
             args.encoder, space.class_names(), iwn=not args.no_iwn, gate=not args.no_gate,
-            prefix=not args.no_prefix, max_length=args.max_length)
+            prefix=not args.no_prefix, max_length=args.max_length, lexicon=lexicon)
         train_data = prepare_all(model, texts, tasks, labels)  # tokenized once
     except OSError as exc:
         return fail(f"cannot load the encoder {args.encoder!r}: {exc}")
@@ -103,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model.to(device)
     print(f"model: {args.encoder}, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"iwn={model.config.iwn} gate={model.config.gate} prefix={model.config.prefix} "
-          f"max_length={model.config.max_length}, device {device}")
+          f"max_length={model.config.max_length}, "
+          f"{model.featurizer.num_features} lexical features, device {device}")
     patch_for_kernels(model, args.kernels)
 
     n, batch_size = len(texts), args.batch_size

@@ -9,8 +9,8 @@ from safetensors.torch import load_model
 
 from _helpers import assert_close
 from _tiny_encoder import TASKS, synthetic_examples, tiny_bert, write_tokenizer
-from surgellm_kernels import (FusedInstanceWeightedNorm, FusedSurgicalGate, SurgeLLMModel,
-                              backends, patch_model)
+from surgellm_kernels import (FusedInstanceWeightedNorm, FusedSurgicalGate, LexicalFeaturizer,
+                              SurgeLLMModel, backends, patch_model)
 from surgellm_kernels.model import UngatedFusion
 
 transformers = pytest.importorskip("transformers")
@@ -140,6 +140,30 @@ def test_save_pretrained_round_trip(tokenizer_dir, tmp_path):
     back = SurgeLLMModel.from_pretrained(tmp_path / "fused").eval()
     assert type(back.fusion).__name__ == "SurgicalGate"
     assert torch.equal(back(**batch).logits, expected)
+
+
+def test_model_with_its_own_word_lists(tokenizer_dir, tmp_path):
+    """A lexicon with two more groups: 18 features (IWN, gate, prefix fields),
+    saved with the model and restored by from_pretrained."""
+    lexicon = LexicalFeaturizer().with_groups({"films": ["film", "movie"],
+                                               "praise": ["great", "fine"]})
+    model = make_model(tokenizer_dir, lexicon=lexicon)
+    assert model.featurizer == lexicon and model.config.lexicon == lexicon.to_dict()
+    assert model.iwn.num_features == 18
+    assert model.fusion.feature_projection.in_features == 18
+    batch = model.prepare(["great film, fine movie !"], ["sentiment"])
+    assert batch["features"][0, 10:12].tolist() == [2, 2]
+    tokens = model.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert [tokens[2 + 2 * j] for j in range(18)] == [f"|F{j}:" for j in range(1, 19)]
+    batches = make_batches(model, 1)
+    model.fit_statistics(batches).eval()
+    expected = model(**batches[0]).logits
+    model.save_pretrained(tmp_path / "lexicon")
+    loaded = SurgeLLMModel.from_pretrained(tmp_path / "lexicon").eval()
+    assert loaded.featurizer == lexicon and loaded.config == model.config
+    assert torch.equal(loaded(**batches[0]).logits, expected)
+    with pytest.raises(ValueError, match=r"groups\['x'\] must be a non-empty list"):
+        make_model(tokenizer_dir, lexicon={"groups": {"x": []}})
 
 
 def test_from_pretrained_errors(tmp_path):

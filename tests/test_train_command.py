@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from _tiny_encoder import TASKS, synthetic_examples, write_tiny_encoder
-from surgellm_kernels import backends, evaluate, train
+from surgellm_kernels import LexicalFeaturizer, backends, evaluate, train
 from surgellm_kernels.data import DataError, LabelSpace, read_examples
 from surgellm_kernels.evaluate import accuracy, macro_f1
 
@@ -249,6 +249,38 @@ def test_bad_arguments(tmp_path, capsys):
     assert "error: argument --device: " in capsys.readouterr().err
     assert evaluate.main(["--model", str(tmp_path / "nothing"), "--data", "x.jsonl"]) == 2
     assert "error: x.jsonl: cannot read the file" in capsys.readouterr().err
+
+
+def test_train_command_with_extracted_word_lists(files, tmp_path):
+    """vocabulary command -> train --lexicon: the model trains on the
+    extracted lists too and saves them (prefix fields and features widen)."""
+    lexicon = tmp_path / "vocab.json"
+    made = run_module("surgellm_kernels.vocabulary", "--data", files["train"], "--top-k", "3",
+                      "--min-count", "2", "--output", lexicon)
+    assert made.returncode == 0, made.stderr
+    featurizer = LexicalFeaturizer.from_json(lexicon.read_text())
+    assert featurizer.num_features > 16
+    out = tmp_path / "model"
+    result = run_module("surgellm_kernels.train", "--encoder", files["encoder"], "--train",
+                        files["train"], "--output", out, "--lexicon", lexicon, *SMALL,
+                        "--max-length", "96")
+    assert result.returncode == 0, result.stderr
+    assert f"{featurizer.num_features} lexical features" in result.stdout
+    with open(out / "surgellm_config.json") as f:
+        assert LexicalFeaturizer.from_dict(json.load(f)["lexicon"]) == featurizer
+
+
+def test_train_command_bad_lexicon(files, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"groups": {"x": []}}')
+    args = ["--encoder", files["encoder"], "--train", files["train"], "--output",
+            str(tmp_path / "out")]
+    assert train.main(args + ["--lexicon", str(bad)]) == 2
+    assert f"error: --lexicon {bad}: groups['x'] must be a non-empty list" in (
+        capsys.readouterr().err)
+    assert train.main(args + ["--lexicon", str(tmp_path / "missing.json")]) == 2
+    assert "error: --lexicon" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_command_model_errors(files, tmp_path, capsys):
