@@ -125,11 +125,18 @@ class LexicalFeaturizer:
             if isinstance(entries, str) or not isinstance(entries, Sequence) or not entries:
                 raise ValueError(f"groups[{name!r}] must be a non-empty list of entries, got "
                                  f"{entries!r}")
+            normalized = []
             for entry in entries:
                 if not isinstance(entry, str) or not entry.strip() or entry.strip() == "*":
                     raise ValueError(f"groups[{name!r}]: entries must be non-empty strings, "
                                      f"got {entry!r}")
-            checked[name] = tuple(e.strip().lower() for e in entries)
+                # matched lower-case, any run of white space between words
+                entry = " ".join(entry.lower().split())
+                if entry in normalized:
+                    raise ValueError(f"groups[{name!r}] lists {entry!r} twice (entries are "
+                                     f"matched in lower case)")
+                normalized.append(entry)
+            checked[name] = tuple(normalized)
         if not checked and not numeric:
             raise ValueError("a featurizer needs at least one group or numeric=True")
         self._groups = checked
@@ -194,8 +201,9 @@ class LexicalFeaturizer:
         return cls.from_dict(json.loads(text))
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, LexicalFeaturizer) and self._groups == other._groups
-                and self.numeric == other.numeric)
+        # the groups' order is the features' order
+        return (isinstance(other, LexicalFeaturizer) and self.numeric == other.numeric
+                and list(self._groups.items()) == list(other._groups.items()))
 
     def __repr__(self) -> str:
         return (f"LexicalFeaturizer({len(self._groups)} groups, numeric={self.numeric}, "

@@ -116,7 +116,10 @@ class SurgeLLMConfig:
                 else LexicalFeaturizer.from_dict(self.lexicon))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if values["lexicon"] is None:  # the paper's lists: a config older versions read
+            del values["lexicon"]
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "SurgeLLMConfig":

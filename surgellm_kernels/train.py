@@ -83,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lexicon = None
     if args.lexicon:
         try:
-            with open(args.lexicon) as f:
+            with open(args.lexicon, encoding="utf-8") as f:
                 lexicon = LexicalFeaturizer.from_json(f.read())
         except (OSError, ValueError, TypeError) as exc:
             return fail(f"--lexicon {args.lexicon}: {exc}")

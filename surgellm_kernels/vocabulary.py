@@ -2,10 +2,11 @@
 informative Dirichlet prior (Monroe, Colaresi & Quinn 2008, "Fightin' Words").
 
 For class c against the rest of the corpus (the other classes together), with
-``y_cw`` the count of entry w in class c's texts, ``n_c`` all of class c's
-counts, ``y_rw`` / ``n_r`` the same for the rest, and a prior that gives
-entry w ``a_w = prior * y_w`` pseudo-counts in proportion to its count in the
-whole corpus (``a_0 = sum_w a_w``)::
+``y_cw`` the count of entry w in class c's texts, ``n_c`` the sum of class
+c's counts over every entry kept (all lengths together, after
+``min_count``), ``y_rw`` / ``n_r`` the same for the rest, and a prior that
+gives entry w ``a_w = prior * y_w`` pseudo-counts in proportion to its count
+in the whole corpus (``a_0 = sum_w a_w``)::
 
     delta_w = log((y_cw + a_w) / (n_c + a_0 - y_cw - a_w))
             - log((y_rw + a_w) / (n_r + a_0 - y_rw - a_w))
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import sys
 from argparse import ArgumentParser
@@ -45,6 +47,7 @@ from .features import LexicalFeaturizer, is_word, tokens
 __all__ = ["VocabularyEntry", "extract_vocabulary", "LexicalFeaturizer", "main"]
 
 FORMAT = "surgellm-lexicon"
+MIN_PRIOR, MAX_PRIOR = 1e-6, 1e6
 
 
 class VocabularyEntry(NamedTuple):
@@ -57,9 +60,9 @@ class VocabularyEntry(NamedTuple):
 
 
 def _check_arguments(texts, labels, top_k, min_count, ngram_range, prior, binary):
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
+    if isinstance(texts, (str, bytes)) or not hasattr(texts, "__len__"):
         raise TypeError(f"texts must be a sequence of strings, got {type(texts).__name__}")
-    if isinstance(labels, str) or not hasattr(labels, "__len__"):
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
         raise TypeError(f"labels must be a sequence of class labels, got "
                         f"{type(labels).__name__}")
     if len(texts) != len(labels):
@@ -71,16 +74,19 @@ def _check_arguments(texts, labels, top_k, min_count, ngram_range, prior, binary
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be a string, got {type(t).__name__}")
     for name, value, low in (("top_k", top_k, 1), ("min_count", min_count, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if (not isinstance(ngram_range, (tuple, list)) or len(ngram_range) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) for n in ngram_range)
             or not 1 <= ngram_range[0] <= ngram_range[1]):
         raise ValueError(f"ngram_range must be (min_n, max_n) with 1 <= min_n <= max_n, "
                          f"got {ngram_range!r}")
-    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not (
-            math.isfinite(prior) and prior > 0):
-        raise ValueError(f"prior must be a positive number, got {prior!r}")
+    # Far outside this range the z-scores lose all precision (1/a_w overflows,
+    # or the prior drowns every count).
+    if isinstance(prior, bool) or not isinstance(prior, numbers.Real) or not (
+            MIN_PRIOR <= prior <= MAX_PRIOR):
+        raise ValueError(f"prior must be a number in [{MIN_PRIOR:g}, {MAX_PRIOR:g}], got "
+                         f"{prior!r}")
     if not isinstance(binary, bool):
         raise TypeError(f"binary must be a bool, got {binary!r}")
 
@@ -89,7 +95,7 @@ def _classes(labels) -> Tuple[list, np.ndarray]:
     """The distinct labels, sorted, and each row's index among them."""
     values = labels.tolist() if hasattr(labels, "tolist") else list(labels)
     for i, v in enumerate(values):
-        if not isinstance(v, Hashable) or isinstance(v, float):
+        if not isinstance(v, Hashable) or isinstance(v, (float, bool)):
             raise TypeError(f"labels[{i}] must be an int or a string, got {v!r}")
     try:
         classes = sorted(set(values))
@@ -170,6 +176,7 @@ def extract_vocabulary(texts: Sequence[str], labels: Sequence, top_k: int = 10,
     depends only on the input.
     """
     _check_arguments(texts, labels, top_k, min_count, ngram_range, prior, binary)
+    texts, top_k, min_count = list(texts), int(top_k), int(min_count)
     classes, row_class = _classes(labels)
     C = len(classes)
     vocab, ids, word, doc = _token_stream(texts, progress)
@@ -211,7 +218,9 @@ def extract_vocabulary(texts: Sequence[str], labels: Sequence, top_k: int = 10,
     result = {}
     for c, label in enumerate(classes):
         zc = z[c]
-        positive = np.nonzero(zc > 0)[0]
+        # (an entry absent from the class has z <= 0 in exact arithmetic; where
+        # the class has no counts at all, rounding could make it +1e-16)
+        positive = np.nonzero((zc > 0) & (counts[c] > 0))[0]
         if len(positive) > top_k:  # every entry tied with the k-th, then sort exactly
             kth = np.partition(zc[positive], len(positive) - top_k)[len(positive) - top_k]
             positive = positive[zc[positive] >= kth]
@@ -291,17 +300,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     groups[f"{task}:{label}"] = [e.entry for e in entries]
         base = LexicalFeaturizer({} if args.only_extracted else None)
         featurizer = base.with_groups(groups)
+        document = {"format": FORMAT, **featurizer.to_dict(),
+                    "extraction": {"data": os.fspath(args.data), "top_k": args.top_k,
+                                   "min_count": args.min_count,
+                                   "ngram_range": [1, args.max_words], "prior": args.prior,
+                                   "binary": args.binary},
+                    "vocabularies": vocabularies}
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(document, f, indent=2, ensure_ascii=False)
+            f.write("\n")
     except (DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    document = {"format": FORMAT, **featurizer.to_dict(),
-                "extraction": {"data": os.fspath(args.data), "top_k": args.top_k,
-                               "min_count": args.min_count, "ngram_range": [1, args.max_words],
-                               "prior": args.prior, "binary": args.binary},
-                "vocabularies": vocabularies}
-    with open(args.output, "w") as f:
-        json.dump(document, f, indent=2, ensure_ascii=False)
-        f.write("\n")
     for task, per_class in vocabularies.items():
         for label, entries in per_class.items():
             shown = ", ".join(f"{e['entry']} ({e['z']:.1f})" for e in entries) or "(none)"

@@ -10,7 +10,7 @@ from safetensors.torch import load_model
 from _helpers import assert_close
 from _tiny_encoder import TASKS, synthetic_examples, tiny_bert, write_tokenizer
 from surgellm_kernels import (FusedInstanceWeightedNorm, FusedSurgicalGate, LexicalFeaturizer,
-                              SurgeLLMModel, backends, patch_model)
+                              SurgeLLMConfig, SurgeLLMModel, backends, patch_model)
 from surgellm_kernels.model import UngatedFusion
 
 transformers = pytest.importorskip("transformers")
@@ -161,9 +161,15 @@ def test_model_with_its_own_word_lists(tokenizer_dir, tmp_path):
     model.save_pretrained(tmp_path / "lexicon")
     loaded = SurgeLLMModel.from_pretrained(tmp_path / "lexicon").eval()
     assert loaded.featurizer == lexicon and loaded.config == model.config
+    assert loaded.featurizer.feature_names == lexicon.feature_names
     assert torch.equal(loaded(**batches[0]).logits, expected)
     with pytest.raises(ValueError, match=r"groups\['x'\] must be a non-empty list"):
         make_model(tokenizer_dir, lexicon={"groups": {"x": []}})
+    # the paper's lists leave the key out: configs of earlier versions read alike
+    plain = make_model(tokenizer_dir).config
+    assert "lexicon" not in plain.to_dict()
+    assert SurgeLLMConfig.from_dict(plain.to_dict()) == plain
+    assert SurgeLLMConfig.from_dict(plain.to_dict()).featurizer() == LexicalFeaturizer()
 
 
 def test_from_pretrained_errors(tmp_path):

@@ -90,6 +90,33 @@ def test_phrases_binary_counts_and_min_count():
     assert not rare & {e.entry for e in kept}
 
 
+def test_a_class_without_kept_entries_gets_none():
+    """Class C's texts hold no entry that reaches min_count: n_C = 0, every
+    z is 0 up to rounding, and no entry (all of count 0 in C) is listed."""
+    texts = ["good film", "good plot", "bad film", "bad plot", "zzz", ""]
+    for prior in (0.3, 0.5, 1.0, 2.0):
+        got = extract_vocabulary(texts, list("AABBCC"), min_count=2, ngram_range=(1, 1),
+                                 prior=prior)
+        assert got["C"] == [], prior
+        assert [e.entry for e in got["A"]] == ["good"]
+
+
+def test_longer_phrases():
+    texts = ["one two three four", "one two three", "two three four!", "x y"] * 3
+    labels = [0, 0, 1, 1] * 3
+    got = extract_vocabulary(texts, labels, top_k=10, min_count=1, ngram_range=(2, 3))
+    entries = {e.entry: e.count for c in got for e in got[c]}
+    assert all(2 <= len(e.split()) <= 3 for e in entries)
+    # "one two three" twice per repetition, all in class 0
+    assert entries["one two three"] == 6
+    # trigrams: class 0 has "one two three" 6 times and "two three four" 3 times
+    # (n_0 = 9), class 1 "two three four" 3 times (n_1 = 3): the latter leans
+    # to class 1 (its share there is higher), "x y" is too short
+    only = extract_vocabulary(texts, labels, top_k=10, min_count=1, ngram_range=(3, 3))
+    assert [(e.entry, e.count) for e in only[0]] == [("one two three", 6)]
+    assert [(e.entry, e.count) for e in only[1]] == [("two three four", 3)]
+
+
 def test_extracted_entries_match_where_they_were_found():
     texts, labels, _ = planted_corpus(400, seed=3)
     texts = [t.replace(" w1 ", " Don't, ") for t in texts]  # apostrophes and punctuation
@@ -114,11 +141,13 @@ def test_extracted_entries_match_where_they_were_found():
     (dict(top_k=-3), ValueError, "top_k must be an int >= 1, got -3"),
     (dict(min_count=0), ValueError, "min_count must be an int >= 1, got 0"),
     (dict(ngram_range=(2, 1)), ValueError, "ngram_range must be"),
-    (dict(prior=0.0), ValueError, "prior must be a positive number, got 0.0"),
+    (dict(prior=0.0), ValueError, r"prior must be a number in \[1e-06, 1e\+06\], got 0.0"),
+    (dict(prior=1e300), ValueError, "prior must be a number in"),
     (dict(texts=["a b", None, "c"]), TypeError, r"texts\[1\] must be a string, got NoneType"),
     (dict(texts="a b c"), TypeError, "texts must be a sequence of strings"),
     (dict(labels=[0.5, 1.0, 0.5]), TypeError, r"labels\[0\] must be an int or a string"),
     (dict(labels=[0, "a", 0]), TypeError, "labels must all be ints or all be strings"),
+    (dict(labels=[True, 1, 0]), TypeError, r"labels\[0\] must be an int or a string"),
     (dict(min_count=50), ValueError, "fewer than two entries occur at least min_count=50"),
 ])
 def test_bad_input(call, error, message):
@@ -170,6 +199,9 @@ def test_with_groups_replaces_and_extends_and_json_round_trips():
     assert base.groups["sst_pos"] == WORD_GROUPS["sst_pos"]  # unchanged
     restored = LexicalFeaturizer.from_json(extended.to_json())
     assert restored == extended and restored.feature_names == extended.feature_names
+    # the groups' order is the columns' order: part of equality
+    swapped = LexicalFeaturizer({"y": ["good"], "x": ["film"]})
+    assert swapped != LexicalFeaturizer({"x": ["film"], "y": ["good"]})
     texts = ["A good match, a late goal.", "Nothing here"]
     assert torch.equal(restored(texts), extended(texts))
     assert restored(texts)[0, 10] == 2
@@ -182,6 +214,8 @@ def test_with_groups_replaces_and_extends_and_json_round_trips():
     ({"": ["x"]}, True, "group names must be non-empty strings"),
     ({"word_count": ["x"]}, True, "is the name of a numeric feature"),
     ({}, False, "at least one group or numeric=True"),
+    ({"a": ["Good", "good"]}, True, r"groups\['a'\] lists 'good' twice"),
+    ({"a": ["special effects", "special  Effects"]}, True, "lists 'special effects' twice"),
 ])
 def test_featurizer_bad_groups(groups, numeric, message):
     with pytest.raises(ValueError, match=message):
@@ -245,3 +279,8 @@ def test_vocabulary_command_errors(tmp_path, capsys):
     assert main(["--data", str(data), "--output", str(tmp_path / "v.json"),
                  "--top-k", "0"]) == 2
     assert "top_k must be an int >= 1, got 0" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    _write_corpus(good, n=60)
+    assert main(["--data", str(good), "--min-count", "1", "--output",
+                 str(tmp_path / "no-such-dir" / "v.json")]) == 2
+    assert "error:" in capsys.readouterr().err
