@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from surgellm_kernels import fused_iwn
+from surgellm_kernels._backend import select_backend
 from surgellm_kernels.reference import iwn_reference
 
 from _helpers import (assert_as_accurate_as_reference, assert_close,
@@ -213,6 +214,80 @@ def test_constant_feature_gives_the_bias_exactly(backend, device, dtype, std_mod
     assert torch.equal(y, torch.full_like(y, 0.25))
     (dgate,) = torch.autograd.grad(y, gate, torch.randn(y.shape).to(y))
     assert torch.equal(dgate, torch.zeros_like(dgate))
+
+
+# Enough rows for many row chunks on every kernel backend: the CPU kernels
+# chunk by 128 rows or more, the Triton kernels into up to 128 chunks (of 8
+# rows here), the CUDA kernels by 32 rows or more.
+MANY_ROWS = 1000
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+@pytest.mark.parametrize("std_mode", ["class_mean", "pooled"])
+def test_large_constant_feature_over_many_chunks(backend, device, std_mode, force_backend):
+    """float32 constant features at large non-dyadic values, 1000 rows in 3
+    classes: the rows' sums round, so every chunk's mean m_ch differs from
+    the value, and from the merged mean M. Merged without the cross term
+    2 (m_ch - M) R_ch, M2 kept that rounding: the CPU kernels gave 1234.567
+    and -9876.543 class deviations of 3.6e-4 and 2.9e-3 (36 and 290 times
+    eps) instead of 0, so dx came out ~30 times too small. And the plain
+    mean of 3 equal class means 6543.21 is an ulp (4.9e-4) below it in
+    float32: y was off by 0.2-1 (the ulp over a deviation of its size), and
+    with the deviation 0 would be off by 49 (the ulp over eps). Now sigma
+    is 0, mu the value, y the bias exactly, and dx what sigma = 0 gives:
+    (dy_i - sum dy / (C' n_c)) w / eps (the term through sigma is 0: s2 = 0)."""
+    force_backend(backend)
+    N, C, K = MANY_ROWS, 3, 3
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor([1234.567, -9876.543, 6543.21])
+    x = torch.cat([values.expand(N, K), torch.randn(N, 1, generator=g)], 1)
+    labels = torch.arange(N) % C
+    weight, bias = torch.tensor([1.5, -0.5, 2.0, 1.0]), torch.tensor([0.25, -3.0, 0.1, 0.0])
+    dy = torch.randn(N, K + 1, generator=g)
+    x, labels, weight, bias, dy = on_device(device, x, labels, weight, bias, dy)
+    x.requires_grad_(True)
+    running_mean = torch.zeros(K + 1, device=device)
+    running_std = torch.zeros(K + 1, device=device)
+    y = fused_iwn(x, labels, None, weight, bias, running_mean, running_std, training=True,
+                  momentum=1.0, num_classes=C, std_mode=std_mode, eps=1e-5)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert torch.equal(running_mean[:K], values.to(device))
+    assert running_std[:K].abs().max() <= 1e-8  # class_mean: the mean of the s_c (all >= 0)
+    assert torch.equal(y[:, :K], bias[:K].expand(N, K))
+    d = dy[:, :K].double()
+    per_row = C * torch.bincount(labels, minlength=C)[labels].double().unsqueeze(1)  # C' n_c
+    exact = (d - d.sum(0) / per_row) * weight[:K].double() / 1e-5
+    torch.testing.assert_close(dx[:, :K].double(), exact, rtol=1e-5,
+                               atol=1e-6 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+def test_merged_m2_is_the_sum_of_squares_about_the_merged_mean(backend, device, force_backend):
+    """iwn_group_moments over many row chunks: M2 is sum (u - M)^2 about the
+    mean M it returns and the residual is mean(u - M), so the class
+    deviation sqrt(M2 / n - residual^2) is that about the exact mean. float32
+    rows 1e4 + N(0, 0.01^2): a chunk's mean rounds by up to 5e-4 (half an
+    ulp of 1e4, a twentieth of the deviation); without the cross term the
+    deviations were 0.6-0.9% off (CPU and Triton kernels)."""
+    force_backend(backend)
+    select_backend("iwn", torch.device(device))  # the phase ops run that backend's kernels
+    N, F, G = 3000, 5, 3
+    g = torch.Generator().manual_seed(1)
+    u = 1e4 + 0.01 * torch.randn(N, F, generator=g, dtype=torch.float64)
+    x = u.float().to(device)
+    keys = (torch.arange(N) % G).to(torch.int32).to(device)
+    count, mean, m2, residual = torch.ops.surgellm.iwn_group_moments(x, keys, None, G)
+    group_std, _mu, _sigma = torch.ops.surgellm.iwn_combine(count, mean, m2, residual, 1, False,
+                                                            0.1, None, None)
+    u = u.float().double()  # the float32 values, exactly
+    for k in range(G):
+        rows = u[k::G]
+        dev = rows - mean[k].double().cpu()
+        assert count[k].item() == rows.shape[0]
+        torch.testing.assert_close(m2[k].double().cpu(), (dev * dev).sum(0), rtol=1e-5, atol=0)
+        torch.testing.assert_close(residual[k].double().cpu(), dev.mean(0), rtol=0, atol=1e-8)
+        torch.testing.assert_close(group_std[k].double().cpu(), rows.std(0, correction=0),
+                                   rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)

@@ -67,21 +67,17 @@ struct GatedRows {
 
 inline int64_t key_of(const int32_t* keys, int64_t i) { return keys ? keys[i] : 0; }
 
-// Chan merge of a chunk summary (n_b, mean_b, m2_b) into (n_a, mean, m2) for
-// features [f0, f1); n_a is the count merged so far.
+// merge_mean of iwn_math.h for features [f0, f1): the merged mean moves by
+// (mean_b - mean) n_b / (n_a + n_b); n_a is the count merged so far.
 template <typename acc_t>
-inline void chan_merge_row(acc_t n_a, acc_t n_b, acc_t* mean, acc_t* m2, const acc_t* mean_b,
-                           const acc_t* m2_b, int64_t f0, int64_t f1) {
+inline void merge_mean_row(acc_t n_a, acc_t n_b, acc_t* mean, const acc_t* mean_b, int64_t f0,
+                           int64_t f1) {
   using Vec = Vectorized<acc_t>;
-  const acc_t frac = n_b / (n_a + n_b);
-  const Vec vfrac(frac), vcoef(n_a * frac);
+  const Vec vfrac(n_b / (n_a + n_b));
   for_each_vec<acc_t>(f1 - f0, [&](int64_t j, int64_t n) {
     const int64_t f = f0 + j;
     const Vec ma = load(mean + f, n);
-    const Vec delta = load(mean_b + f, n) - ma;
-    store(at::vec::fmadd(delta, vfrac, ma), mean + f, n);
-    const Vec m2v = load(m2 + f, n) + load(m2_b + f, n);
-    store(at::vec::fmadd(delta * delta, vcoef, m2v), m2 + f, n);
+    store(at::vec::fmadd(load(mean_b + f, n) - ma, vfrac, ma), mean + f, n);
   });
 }
 
@@ -91,7 +87,9 @@ inline void chan_merge_row(acc_t n_a, acc_t n_b, acc_t* mean, acc_t* m2, const a
 // give each group's mean, then M2 sums squared deviations from it, so a
 // rounded mean costs M2 only a second-order error (n (mean error)^2) --
 // whatever the data's offset, its first row, or how close its values are.
-// Chunks then merge with Chan's formula in chunk order.
+// Chunks then merge in chunk order: the mean (merge_mean), then M2 and the
+// residual about that merged (rounded) mean, cross terms included
+// (merge_about, iwn_math.h): M2 is the sum of squares about the mean returned.
 template <typename scalar_t>
 void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   using acc_t = acc_type<scalar_t>;
@@ -160,20 +158,20 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
       for (int64_t ch = 0; ch < nchunks; ++ch) {
         const acc_t nb = pcount[ch * G + k];
         if (nb == acc_t(0)) continue;
-        const int64_t off = (ch * G + k) * F;
-        chan_merge_row(n, nb, a.mean + k * F, a.m2 + k * F, pmean.data() + off,
-                       pm2.data() + off, f0, f1);
+        merge_mean_row(n, nb, a.mean + k * F, pmean.data() + (ch * G + k) * F, f0, f1);
         n += nb;
       }
-      // Residual against the merged mean M: sum_ch n_ch (m_ch - M) + R_ch, over n.
       if (n == acc_t(0)) continue;
+      // M2 and the residual sum about the merged mean M (merge_about), over n.
+      acc_t* m2 = a.m2 + k * F;
       acc_t* out = a.mean_residual + k * F;
       for (int64_t ch = 0; ch < nchunks; ++ch) {
         const acc_t nb = pcount[ch * G + k];
         if (nb == acc_t(0)) continue;
         const int64_t off = (ch * G + k) * F;
         for (int64_t f = f0; f < f1; ++f)
-          out[f] += nb * (pmean[off + f] - a.mean[k * F + f]) + pres[off + f];
+          merge_about(m2[f], out[f], nb, pmean[off + f], pm2[off + f], pres[off + f],
+                      a.mean[k * F + f]);
       }
       for (int64_t f = f0; f < f1; ++f) out[f] /= n;
     }

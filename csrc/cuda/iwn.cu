@@ -114,8 +114,9 @@ __global__ void moments_partial(IWNMomentsArgs<acc_t> a, int64_t chunk_rows, acc
   }
 }
 
-// Chan-merge every group's chunk summaries in chunk order; then the mean
-// residual against the merged mean M: sum_ch n_ch (m_ch - M) + R_ch, over n.
+// Merge every group's chunk summaries in chunk order: the mean (merge_mean),
+// then M2 and the residual sum about that merged mean M (merge_about, see
+// iwn_math.h), the residual over n.
 template <typename acc_t>
 __global__ void moments_merge(IWNMomentsArgs<acc_t> a, int64_t nchunks, const acc_t* pcount,
                               const acc_t* pmean, const acc_t* pm2, const acc_t* pres) {
@@ -123,16 +124,14 @@ __global__ void moments_merge(IWNMomentsArgs<acc_t> a, int64_t nchunks, const ac
   const int64_t f = blockIdx.x * int64_t(kThreads) + threadIdx.x;
   const int64_t k = blockIdx.y;
   if (f >= F) return;
-  acc_t n = 0, mean = 0, m2 = 0;
-  for (int64_t ch = 0; ch < nchunks; ++ch) {
-    const int64_t off = (ch * G + k) * F + f;
-    chan_merge(n, mean, m2, pcount[ch * G + k], pmean[off], pm2[off]);
-  }
-  acc_t residual = 0;
+  acc_t n = 0, mean = 0;
+  for (int64_t ch = 0; ch < nchunks; ++ch)
+    merge_mean(n, mean, pcount[ch * G + k], pmean[(ch * G + k) * F + f]);
+  acc_t m2 = 0, residual = 0;
   for (int64_t ch = 0; ch < nchunks; ++ch) {
     const acc_t nb = pcount[ch * G + k];
     const int64_t off = (ch * G + k) * F + f;
-    if (nb > acc_t(0)) residual += nb * (pmean[off] - mean) + pres[off];
+    if (nb > acc_t(0)) merge_about(m2, residual, nb, pmean[off], pm2[off], pres[off], mean);
   }
   a.mean[k * F + f] = mean;
   a.m2[k * F + f] = m2;

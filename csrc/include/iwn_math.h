@@ -2,8 +2,10 @@
 //
 // Everything here works on one feature column at a time and is host/device
 // inline, so both backends compute the small per-(task, feature) steps with
-// the same code. Notation: per (task t, class c): n_c rows, mean m_c,
-// M2_c = sum of squared deviations, s_c = sqrt(M2_c / n_c) (population);
+// the same code. Notation: per (task t, class c): n_c rows, rounded mean
+// m_c and its rounding residual rho_c = mean of (u - m_c) (the exact mean
+// is m_c + rho_c), M2_c = sum of squared deviations from m_c, and the
+// population deviation about the exact mean s_c = sqrt(M2_c / n_c - rho_c^2);
 // C' = the classes present in task t (n_c > 0).
 #pragma once
 
@@ -20,17 +22,32 @@
 
 namespace surgellm {
 
-// Chan et al.'s pairwise merge of two (count, mean, M2) summaries. Merging in
-// a fixed order makes the result independent of how work was scheduled.
+// Merging row-chunk summaries (n_ch, m_ch, M2_ch, R_ch) in chunk order, where
+// M2_ch = sum (u - m_ch)^2 and R_ch = sum (u - m_ch) are taken about the
+// chunk's rounded mean m_ch (R_ch is that rounding, 0 in exact arithmetic).
+// First the mean, as Chan et al. merge it (merge_mean, every chunk in turn).
+// Then, about that merged (rounded) mean M, exactly:
+//   sum (u - M)^2 = sum_ch M2_ch + 2 (m_ch - M) R_ch + n_ch (m_ch - M)^2,
+//   sum (u - M)   = sum_ch n_ch (m_ch - M) + R_ch
+// (merge_about adds one chunk's terms; the second, over n, is the mean
+// residual). Chan's own M2 update drops the cross term 2 (m_ch - M) R_ch and
+// is about the exact mean of the m_ch, not M: both are of the size of
+// n (rounding of the mean)^2, which is the whole variance of a constant
+// feature at a large magnitude. Merging in a fixed order makes the result
+// independent of how work was scheduled.
 template <typename T>
-SURGELLM_HD void chan_merge(T& n, T& mean, T& m2, T n_b, T mean_b, T m2_b) {
+SURGELLM_HD void merge_mean(T& n, T& mean, T n_b, T mean_b) {
   if (n_b == T(0)) return;
   const T total = n + n_b;
-  const T frac = n_b / total;
-  const T delta = mean_b - mean;
-  mean += delta * frac;
-  m2 += m2_b + delta * delta * n * frac;
+  mean += (mean_b - mean) * (n_b / total);
   n = total;
+}
+
+template <typename T>
+SURGELLM_HD void merge_about(T& m2, T& residual_sum, T n_b, T mean_b, T m2_b, T r_b, T mean) {
+  const T d = mean_b - mean;
+  m2 += m2_b + d * (n_b * d + T(2) * r_b);
+  residual_sum += n_b * d + r_b;
 }
 
 template <typename T>
@@ -46,12 +63,24 @@ SURGELLM_HD T safe_sqrt(T v) {
 // present. Writes s_c (0 for absent classes), mu and sigma; a task with no
 // rows gets mu = sigma = 0 (no row reads them) and keeps its running
 // statistics, which otherwise move by r += momentum * (batch - r).
-// The class means are taken exact, m_c + residual_c: so a constant feature
-// has mu equal to its value and its y is exactly the bias (the rounding of
-// the mean would otherwise be divided by sigma + eps, eps alone there).
+// The class moments are taken about the exact mean m_c + rho_c: the mean
+// itself, and s_c^2 = M2_c / n_c - rho_c^2 (M2_c is about m_c, merged as
+// merge_about does). So a constant feature has mu equal to its value and
+// s_c = 0 (up to the rounding of rho_c^2, far below eps), and its y is
+// exactly the bias: the rounding of the mean would otherwise be divided by
+// sigma + eps, with sigma of the size of that rounding. For the same reason
+// mu is summed as the first present class's mean plus the mean of the
+// differences from it: equal class means give mu equal to them, exactly
+// (their plain sum would round, and C' u / C' need not be u).
 template <typename T>
 SURGELLM_HD T exact_class_mean(const IWNCombineArgs<T>& a, int64_t i) {
   return a.mean[i] + a.mean_residual[i];
+}
+
+template <typename T>
+SURGELLM_HD T exact_class_std(const IWNCombineArgs<T>& a, T n, int64_t i) {
+  const T rho = a.mean_residual[i];
+  return safe_sqrt(a.m2[i] / n - rho * rho);
 }
 
 template <typename T>
@@ -60,12 +89,14 @@ SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f) {
   const T* count = a.count + t * C;
   const int64_t base = t * C * F + f;
   int64_t present = 0;
-  T sum_mean = 0, sum_std = 0;
+  T first_mean = 0, sum_mean = 0, sum_std = 0;  // sum_mean: of m_c - first_mean
   for (int64_t c = 0; c < C; ++c) {
     T sd = 0;
     if (count[c] > T(0)) {
-      sd = safe_sqrt(a.m2[base + c * F] / count[c]);
-      sum_mean += exact_class_mean(a, base + c * F);
+      sd = exact_class_std(a, count[c], base + c * F);
+      const T m = exact_class_mean(a, base + c * F);
+      if (present == 0) first_mean = m;
+      sum_mean += m - first_mean;
       sum_std += sd;
       ++present;
     }
@@ -73,7 +104,7 @@ SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f) {
   }
   T mu = 0, sigma = 0;
   if (present > 0) {
-    mu = sum_mean / T(present);
+    mu = first_mean + sum_mean / T(present);
     sigma = sum_std / T(present);
     if (a.pooled) {
       T spread = 0;

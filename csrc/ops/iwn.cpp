@@ -157,7 +157,9 @@ Tensor all_reduce_sum(const Tensor& t, const RankGroup& g) {
 // whether its own phases failed. Every rank merges the same gathered values
 // in the same order, so every rank gets the same statistics (and running
 // statistics). With n = sum_r n_r:
-//   mean = sum_r (n_r / n) m_r,  M2 = sum_r M2_r + n_r (m_r - mean)^2,
+//   mean = sum_r (n_r / n) m_r,
+//   M2 = sum_r M2_r + n_r (m_r - mean) (m_r - mean + 2 residual_r)
+//        (about mean exactly, cross term included: merge_about of iwn_math.h),
 //   residual = sum_r (n_r / n) (m_r - mean + residual_r)
 // (the residual keeps the exact mean, mean + residual, for backward). A rank
 // without rows of a group sends n_r = 0 and zeros, which add nothing.
@@ -183,7 +185,7 @@ std::pair<Moments, std::vector<int64_t>> moments_of_all_ranks(const Moments& loc
   const Tensor frac = n / total.clamp_min(1);
   const Tensor mean_all = (frac * rest.select(1, 0)).sum(0);
   const Tensor dev = rest.select(1, 0) - mean_all;
-  const Tensor m2_all = (rest.select(1, 1) + n * dev * dev).sum(0);
+  const Tensor m2_all = (rest.select(1, 1) + n * dev * (dev + 2 * rest.select(1, 2))).sum(0);
   const Tensor residual_all = (frac * (dev + rest.select(1, 2))).sum(0);
   return {{total.view_symint({G}), mean_all, m2_all, residual_all}, failed_ranks};
 }

@@ -37,11 +37,12 @@ bounds.
 Determinism: reductions over rows (group moments, task sums, the eval
 gradient of a (F,) gate) are split into row chunks; each chunk writes partial
 results to a scratch buffer (chunks x groups x F) and the partials are merged
-in chunk order (Chan's formula for moments, then the mean residuals against
-the merged mean; plain sums otherwise). No atomics, so the results are bitwise
-reproducible. The number of chunks depends on the shapes only and is capped so
-that the scratch stays under ``SCRATCH_BYTES``; with one chunk the partials are
-the result and no merge runs.
+in chunk order (the means as Chan's formula merges them, then M2 and the
+mean residuals about the merged mean, cross terms included; plain sums
+otherwise). No atomics, so the results are bitwise reproducible. The number
+of chunks depends on the shapes only and is capped so that the scratch stays
+under ``SCRATCH_BYTES``; with one chunk the partials are the result and no
+merge runs.
 
 Offsets: every offset that multiplies a row, chunk, group or task index by F
 is computed in int64, so tensors with N * F >= 2**31 elements are addressed
@@ -232,34 +233,36 @@ def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, 
 @triton.jit
 def _moments_merge(pcount_ptr, pmean_ptr, pm2_ptr, pres_ptr, count_ptr, mean_ptr, m2_ptr,
                    res_ptr, F, G, NUM_CHUNKS, ACC: tl.constexpr, BLOCK_F: tl.constexpr):
-    """Chan-merge group k's chunk summaries in chunk order (chan_merge of
-    iwn_math.h); then, against the merged (rounded) mean M, the mean residual
-    (sum over chunks, in chunk order, of n_ch (m_ch - M) + R_ch) / n."""
+    """Merge group k's chunk summaries in chunk order: the mean as Chan's
+    formula does (merge_mean of iwn_math.h); then, about that merged (rounded)
+    mean M, M2 = sum over chunks of M2_ch + 2 (m_ch - M) R_ch + n_ch (m_ch - M)^2
+    and the mean residual (sum of n_ch (m_ch - M) + R_ch) / n (merge_about)."""
     k = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = cols < F
     n = tl.zeros((BLOCK_F,), ACC)
     mean = tl.zeros((BLOCK_F,), ACC)
-    m2 = tl.zeros((BLOCK_F,), ACC)
     for ch in range(0, NUM_CHUNKS):
         part = tl.cast(ch, tl.int64) * G + k
         nb = tl.load(pcount_ptr + part).to(ACC)
         mb = tl.load(pmean_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
-        m2b = tl.load(pm2_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
         has = nb > 0
         total = n + nb
         frac = tl.where(has, nb / tl.where(has, total, 1.0), 0.0)
-        delta = mb - mean
-        mean = mean + delta * frac
-        m2 = m2 + tl.where(has, m2b + delta * delta * n * frac, 0.0)
+        mean = mean + (mb - mean) * frac
         n = total
+    m2 = tl.zeros((BLOCK_F,), ACC)
     res = tl.zeros((BLOCK_F,), ACC)
     for ch in range(0, NUM_CHUNKS):
         part = tl.cast(ch, tl.int64) * G + k
         nb = tl.load(pcount_ptr + part).to(ACC)
         mb = tl.load(pmean_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
+        m2b = tl.load(pm2_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
         rb = tl.load(pres_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
-        res = res + tl.where(nb > 0, nb * (mb - mean) + rb, 0.0)
+        has = nb > 0
+        d = mb - mean
+        m2 = m2 + tl.where(has, m2b + d * (nb * d + 2.0 * rb), 0.0)
+        res = res + tl.where(has, nb * d + rb, 0.0)
     res = tl.where(n > 0, res / tl.where(n > 0, n, 1.0), 0.0)
     tl.store(mean_ptr + k * F + cols, mean, mask=fmask)
     tl.store(m2_ptr + k * F + cols, m2, mask=fmask)
@@ -315,12 +318,13 @@ def _safe_sqrt(v):
 @triton.jit
 def _exact_class_moments(mean_ptr, m2_ptr, mres_ptr, offs, fmask, n, ACC: tl.constexpr):
     """A class's exact mean m + residual (exact_class_mean) and its deviation
-    sqrt(M2 / n), 0 for an absent class."""
+    about it, sqrt(M2 / n - residual^2) (exact_class_std), 0 for an absent
+    class."""
     m = tl.load(mean_ptr + offs, mask=fmask, other=0.0).to(ACC)
     q = tl.load(m2_ptr + offs, mask=fmask, other=0.0).to(ACC)
     rho = tl.load(mres_ptr + offs, mask=fmask, other=0.0).to(ACC)
     has = n > 0
-    var = q / tl.where(has, n, 1.0)
+    var = q / tl.where(has, n, 1.0) - rho * rho
     sd = tl.where(has, _safe_sqrt(var), 0.0)
     return m + rho, sd
 
@@ -330,25 +334,28 @@ def _combine(count_ptr, mean_ptr, m2_ptr, mres_ptr, gstd_ptr, mu_ptr, sigma_ptr,
              rstd_ptr, F, C, momentum: "fp64", POOLED: tl.constexpr, HAS_RUNNING: tl.constexpr,
              ACC: tl.constexpr, BLOCK_F: tl.constexpr):
     """combine_at of iwn_math.h for task program_id(0) and a feature block
-    (exact class means m + residual, M2 about them), then the
-    running-statistics update of a task that has rows."""
+    (class means and deviations about the exact means m + residual; mu as the
+    first present class's mean plus the mean of the differences from it), then
+    the running-statistics update of a task that has rows."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = cols < F
     present = tl.zeros((BLOCK_F,), ACC)
-    sum_mean = tl.zeros((BLOCK_F,), ACC)
+    first_mean = tl.zeros((BLOCK_F,), ACC)
+    sum_mean = tl.zeros((BLOCK_F,), ACC)  # of m_c - first_mean
     sum_std = tl.zeros((BLOCK_F,), ACC)
     for c in range(0, C):
         k = t * C + c
         n = tl.load(count_ptr + k).to(ACC)
         m, sd = _exact_class_moments(mean_ptr, m2_ptr, mres_ptr, k * F + cols, fmask, n, ACC)
         has = n > 0
+        first_mean = tl.where(present == 0, m, first_mean)  # kept from the first present
         present += has.to(ACC)
-        sum_mean += tl.where(has, m, 0.0)
+        sum_mean += tl.where(has, m - first_mean, 0.0)
         sum_std += sd
         tl.store(gstd_ptr + k * F + cols, sd, mask=fmask)
     denom = tl.maximum(present, 1.0)  # no class present: mu = sigma = 0
-    mu = sum_mean / denom
+    mu = first_mean + sum_mean / denom
     sigma = sum_std / denom
     if POOLED:
         spread = tl.zeros((BLOCK_F,), ACC)
