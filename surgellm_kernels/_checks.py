@@ -55,6 +55,11 @@ def check_index_tensor(value, name: str, shape, device: torch.device) -> None:
     check_device(value, name, device)
 
 
+def min_max(value: Tensor):
+    """(min, max) of a non-empty tensor as Python numbers: one read back."""
+    return torch.stack(torch.aminmax(value)).tolist()
+
+
 def check_index_range(value: Tensor, name: str, upper: int) -> None:
     """Data-dependent: every entry of ``value`` must lie in [0, upper).
 
@@ -63,7 +68,7 @@ def check_index_range(value: Tensor, name: str, upper: int) -> None:
     torch.compile goes without it)."""
     if value.numel() == 0 or torch.compiler.is_compiling():
         return
-    lo, hi = (int(v) for v in torch.aminmax(value))
+    lo, hi = min_max(value)
     if lo < 0 or hi >= upper:
         raise ValueError(
             f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]"
@@ -221,7 +226,7 @@ def check_iwn_args(
                 "by the same classes, not those its own labels show"
             )
         if num_classes is None:
-            lo, hi = (int(v) for v in torch.aminmax(labels))
+            lo, hi = min_max(labels)
             if hi < 0:
                 raise ValueError(f"labels must be class indices (>= 0), got values in [{lo}, {hi}]")
             num_classes = hi + 1

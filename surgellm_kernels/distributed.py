@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ._checks import accumulation_dtype
 from .modules import FusedInstanceWeightedNorm
 from .ops import fused_iwn
 from .patching import _twin
@@ -43,7 +44,7 @@ def sync_payload(num_features: int, num_classes: int, num_tasks: int = 1,
     dy (u - mu), ``2 * T * F`` values, all-reduced. Values are in the
     accumulation dtype (float64 for float64 inputs, else float32).
     """
-    itemsize = 8 if dtype == torch.float64 else 4
+    itemsize = accumulation_dtype(dtype).itemsize
     groups = num_tasks * num_classes
     return SyncPayload((1 + groups * (1 + 3 * num_features)) * itemsize,
                        2 * num_tasks * num_features * itemsize)

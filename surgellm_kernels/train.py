@@ -26,8 +26,8 @@ import torch
 from ._cli import (ArgumentParser, UsageError, fail, patch_for_kernels, positive_float,
                    positive_int, resolve_device, write_json)
 from .data import DataError, LabelSpace, prepare_all, read_examples, select_rows
-from .features import LexicalFeaturizer
 from .evaluate import evaluate_model, format_metrics
+from .features import LexicalFeaturizer
 
 __all__ = ["main", "build_parser"]
 

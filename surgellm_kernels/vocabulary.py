@@ -135,20 +135,18 @@ def _ngrams(ids, word, max_n):
     """For n = 1..max_n: (start positions of the n-grams made of n adjacent
     words, their n-gram ids, first-occurrence positions of each id)."""
     V = int(ids.max()) + 1
-    not_word = np.concatenate([[0], np.cumsum(~word)])
+    not_word = np.concatenate([[0], np.cumsum(~word)])  # non-words before each position
     out = []
-    codes = ids.copy()
+    codes = ids  # the (n-1)-gram id at each position
     for n in range(1, max_n + 1):
-        starts = np.nonzero(not_word[n:] - not_word[:-n] == 0)[0] if n > 1 else np.nonzero(
-            word)[0]
         if n > 1:  # extend each (n-1)-gram at i by the token at i + n - 1
             codes = codes[:len(ids) - n + 1] * V + ids[n - 1:]
+        starts = np.nonzero(not_word[n:] - not_word[:-n] == 0)[0]  # n words in a row
         _, first, gram = np.unique(codes[starts], return_index=True, return_inverse=True)
-        out.append((starts, gram.reshape(-1), starts[first]))
-        if n > 1:  # keep codes small: (n-1)-gram ids for the next round
-            compact = np.zeros(len(codes), np.int64)
-            compact[starts] = gram
-            codes = compact
+        gram = gram.reshape(-1)
+        out.append((starts, gram, starts[first]))
+        codes = np.zeros(len(codes), np.int64)  # keep codes small: the n-gram ids
+        codes[starts] = gram
     return out
 
 
@@ -240,7 +238,8 @@ def _log_odds_z(counts: np.ndarray, prior: float) -> np.ndarray:
     rest, n_rest = corpus - counts, n.sum() - n
     own = counts + alpha
     other = rest + alpha
-    delta = (np.log(own) - np.log(n + alpha0 - own)) - (np.log(other) - np.log(n_rest + alpha0 - other))
+    delta = ((np.log(own) - np.log(n + alpha0 - own))
+             - (np.log(other) - np.log(n_rest + alpha0 - other)))
     return delta / np.sqrt(1.0 / own + 1.0 / other)
 
 

@@ -12,6 +12,8 @@
 // dtype): a valid call touches no Python object beyond unpacking the tensors.
 #include "eager_calls.h"
 
+#include "ops/kernel_call.h"
+
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <sstream>
@@ -204,11 +206,10 @@ Tensor fused_iwn_call(py::handle x_h, py::handle labels_h, py::handle gate_h,
                       "num_classes is required with a process_group: every rank must group its "
                       "rows by the same classes, not those its own labels show");
     if (given.is_none()) {
-      const auto [lo, hi] = at::aminmax(*labels);
-      const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-      TORCH_CHECK_VALUE(hi_v >= 0, "labels must be class indices (>= 0), got values in [", lo_v,
-                        ", ", hi_v, "]");
-      given = py::int_(hi_v + 1);
+      const std::vector<int64_t> bounds = min_max_on_host({*labels});  // (lo, hi)
+      TORCH_CHECK_VALUE(bounds[1] >= 0, "labels must be class indices (>= 0), got values in [",
+                        bounds[0], ", ", bounds[1], "]");
+      given = py::int_(bounds[1] + 1);
     }
     TORCH_CHECK_VALUE(PyLong_Check(given.ptr()) && PyObject_RichCompareBool(
                                                         given.ptr(), py::int_(1).ptr(), Py_GE) == 1,

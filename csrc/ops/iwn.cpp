@@ -175,10 +175,14 @@ std::pair<Moments, std::vector<int64_t>> moments_of_all_ranks(const Moments& loc
   const Tensor per_rank = all_gather(packed, g).view_symint({g.size, -1});
   std::vector<int64_t> failed_ranks;
   const Tensor flags = per_rank.select(1, 0);
-  // Not while tracing, nor under CUDA graph capture (no range check fails there).
-  if (!at::isTensorSubclassLike(flags) && !capturing_cuda_graph(flags))
+  // Not while tracing, nor under CUDA graph capture (no range check fails
+  // there); read back in one copy.
+  if (!at::isTensorSubclassLike(flags) && !capturing_cuda_graph(flags)) {
+    const Tensor host = flags.to(at::kCPU, at::kDouble).contiguous();
+    const double* flag = host.const_data_ptr<double>();
     for (int64_t r = 0; r < g.size; ++r)
-      if (flags[r].item<double>() != 0) failed_ranks.push_back(r);
+      if (flag[r] != 0) failed_ranks.push_back(r);
+  }
   const Tensor n = per_rank.narrow_symint(1, 1, G).unsqueeze(-1);  // (R, G, 1)
   const Tensor rest = per_rank.narrow_symint(1, G + 1, 3 * G * F).view_symint({g.size, 3, G, F});
   const Tensor total = n.sum(0);                                      // (G, 1)
@@ -289,18 +293,20 @@ ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labe
   const auto acc = accumulation_type(in.x);
   ForwardResult r;
   if (training) {
+    auto moments_of_rows = [&] {
+      r.keys = group_keys(flat(labels), flat(task_ids), T, C);
+      return group_moments(in.x, r.keys, in.gate, T * C);
+    };
     Moments moments;
     if (!ranks.has_value()) {
-      r.keys = group_keys(flat(labels), flat(task_ids), T, C);
-      moments = group_moments(in.x, r.keys, in.gate, T * C);
+      moments = moments_of_rows();
     } else {
       // A rank whose rows fail a check (a label or task id out of range)
       // still takes part in the all-gather, flagged, and then
       // every rank raises: none is left waiting in a collective.
       std::exception_ptr failure;
       try {
-        r.keys = group_keys(flat(labels), flat(task_ids), T, C);
-        moments = group_moments(in.x, r.keys, in.gate, T * C);
+        moments = moments_of_rows();
       } catch (const c10::Error&) {
         failure = std::current_exception();
         const auto opts = in.x.options().dtype(acc);

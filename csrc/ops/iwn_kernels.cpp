@@ -355,17 +355,31 @@ Tensor iwn_group_keys_cpu(const optional<Tensor>& labels, const optional<Tensor>
 }
 
 // The same keys on any other device. The ranges are checked before any
-// kernel runs, as on the CPU: one device-to-host copy of each argument's
-// (min, max) (a host sync). Under CUDA graph capture a sync is not allowed:
-// there the check is skipped and an out-of-range label or task id gives key
-// -1, a row the kernels leave out of the statistics (NaN outputs).
-void check_range_on_device(const Tensor& values, const char* name, int64_t upper) {
-  if (values.numel() == 0) return;
-  const auto [lo_t, hi_t] = at::aminmax(values);
-  const Tensor both = at::stack({lo_t, hi_t}).cpu();
-  const int64_t lo = both[0].item<int64_t>(), hi = both[1].item<int64_t>();
-  TORCH_CHECK_VALUE(lo >= 0 && hi < upper, name, " must lie in [0, ", upper,
-                    "), got values in [", lo, ", ", hi, "]");
+// kernel runs, as on the CPU: the labels' and task ids' (min, max) come back
+// in one device-to-host copy (a host sync). Under CUDA graph capture a sync is
+// not allowed: there the check is skipped and an out-of-range label or task
+// id gives key -1, a row the kernels leave out of the statistics (NaN outputs).
+void check_ranges_on_device(const optional<Tensor>& labels, const optional<Tensor>& task_ids,
+                            int64_t num_tasks, int64_t num_classes) {
+  const Tensor& first = labels.has_value() ? *labels : *task_ids;
+  if (first.numel() == 0 || capturing_cuda_graph(first)) return;
+  std::vector<Tensor> given;
+  std::vector<std::pair<const char*, int64_t>> names;  // name, upper bound
+  if (labels.has_value()) {
+    given.push_back(*labels);
+    names.emplace_back("labels", num_classes);
+  }
+  if (task_ids.has_value()) {
+    given.push_back(*task_ids);
+    names.emplace_back("task_ids", num_tasks);
+  }
+  const std::vector<int64_t> bounds = min_max_on_host(given);
+  for (size_t i = 0; i < names.size(); ++i) {
+    const auto [name, upper] = names[i];
+    const int64_t lo = bounds[2 * i], hi = bounds[2 * i + 1];
+    TORCH_CHECK_VALUE(lo >= 0 && hi < upper, name, " must lie in [0, ", upper,
+                      "), got values in [", lo, ", ", hi, "]");
+  }
 }
 
 Tensor iwn_group_keys_device(const optional<Tensor>& labels, const optional<Tensor>& task_ids,
@@ -374,11 +388,7 @@ Tensor iwn_group_keys_device(const optional<Tensor>& labels, const optional<Tens
   const int64_t N = (labels.has_value() ? *labels : *task_ids).numel();
   check_index(labels, "labels", N);
   check_index(task_ids, "task_ids", N);
-  const Tensor& first = labels.has_value() ? *labels : *task_ids;
-  if (!capturing_cuda_graph(first)) {
-    if (labels.has_value()) check_range_on_device(*labels, "labels", num_classes);
-    if (task_ids.has_value()) check_range_on_device(*task_ids, "task_ids", num_tasks);
-  }
+  check_ranges_on_device(labels, task_ids, num_tasks, num_classes);
   Tensor key, valid;
   if (labels.has_value()) {
     key = *labels;

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 
 #include <optional>
+#include <vector>
 
 #ifdef SURGELLM_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -33,6 +34,20 @@ inline bool capturing_cuda_graph(const Tensor& t) {
   (void)t;
   return false;
 #endif
+}
+
+// The (min, max) of each integer tensor (each non-empty), read back to the
+// host in one copy: [min_0, max_0, min_1, max_1, ...]. On CUDA, one host sync.
+inline std::vector<int64_t> min_max_on_host(const std::vector<Tensor>& tensors) {
+  std::vector<Tensor> bounds;
+  for (const Tensor& t : tensors) {
+    const auto [lo, hi] = at::aminmax(t);
+    bounds.push_back(lo.to(at::kLong));
+    bounds.push_back(hi.to(at::kLong));
+  }
+  const Tensor host = at::stack(bounds).cpu();
+  const int64_t* p = host.const_data_ptr<int64_t>();
+  return {p, p + host.numel()};
 }
 
 inline at::ScalarType acc_scalar_type(at::ScalarType t) {
