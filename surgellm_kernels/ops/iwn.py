@@ -16,9 +16,9 @@ What is checked where: argument types, shapes, devices and ``std_mode``
 before anything runs; label and task-id ranges in C++ (``iwn_group_keys``)
 before any kernel runs, on every device (running statistics stay untouched
 on error). On CUDA the range check reads the labels' and task ids' min and
-max back in one copy (one host sync); under CUDA graph capture, which forbids syncs, it is skipped: a
-row whose label or task id is out of range is then left out of the
-statistics and its outputs are NaN. Inferring ``num_classes`` (or the task
+max back in one copy (one host sync); under CUDA graph capture, which
+forbids syncs, it is skipped: a row whose label or task id is out of range
+is then left out of the statistics and its outputs are NaN. Inferring ``num_classes`` (or the task
 count without running statistics) reads the data too.
 """
 from __future__ import annotations
