@@ -3,13 +3,15 @@
 Install with ``pip install --no-build-isolation -e .`` (an isolated build
 would download another torch). The extension holds:
 
-* csrc/ops/*.cpp: the dispatcher ops (schemas, autograd, the CPU and CUDA
-  kernels' entry points: checks, dtype dispatch, launches);
-* csrc/bindings.cpp: the small pybind11 module whose import loads them;
-* csrc/cpu/*.cpp: CPU kernels, compiled once per CPU capability (DEFAULT,
-  and AVX2 / AVX512 on x86-64) with that capability's -m flags and picked at
-  run time, as ATen does for its own kernels;
-* csrc/cuda/*.cu: CUDA kernels, when torch has CUDA and nvcc is found
+* csrc/library.cpp: the library and the small pybind11 module whose import
+  loads it;
+* csrc/<op>/<op>.cpp and <op>_kernels.cpp: each op's schemas, checks and
+  autograd, and its kernels' entry points (dtype dispatch, launches);
+  csrc/common/*.cpp: what they share;
+* csrc/<op>/<op>_cpu.cpp: CPU kernels, compiled once per CPU capability
+  (DEFAULT, and AVX2 / AVX512 on x86-64) with that capability's -m flags and
+  picked at run time, as ATen does for its own kernels;
+* csrc/<op>/<op>_cuda.cu: CUDA kernels, when torch has CUDA and nvcc is found
   (TORCH_CUDA_ARCH_LIST is honoured by torch's build helper).
 
 CMakeLists.txt globs the same folders for the standalone build.
@@ -27,9 +29,9 @@ from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension, 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
-CPU_KERNELS = sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
-CUDA_KERNELS = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
-OPS = sorted(glob.glob(os.path.join(CSRC, "ops", "*.cpp")))
+CPU_KERNELS = sorted(glob.glob(os.path.join(CSRC, "*", "*_cpu.cpp")))
+CUDA_KERNELS = sorted(glob.glob(os.path.join(CSRC, "*", "*_cuda.cu")))
+OPS = sorted(set(glob.glob(os.path.join(CSRC, "*", "*.cpp"))) - set(CPU_KERNELS))
 HEADERS = sorted(glob.glob(os.path.join(CSRC, "**", "*.h*"), recursive=True))
 # -ffp-contract=off: the kernels round as written -- one rounding where they
 # call fmadd, two elsewhere -- instead of wherever the compiler chooses to
@@ -74,7 +76,7 @@ class BuildWithCpuCapabilities(BuildExtension):
         cxx = os.environ.get("CXX", "c++")
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
         base = [cxx, "-c", "-fPIC", *CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-        base += [f"-I{p}" for p in include_paths()]
+        base += [f"-I{CSRC}"] + [f"-I{p}" for p in include_paths()]
         jobs, objects = [], []
         # rebuild when a header or this file (its flags) changed
         newest_header = max([os.path.getmtime(h) for h in HEADERS] + [os.path.getmtime(__file__)])
@@ -99,7 +101,7 @@ class BuildWithCpuCapabilities(BuildExtension):
 
 
 def extension():
-    sources = [os.path.join(CSRC, "bindings.cpp")] + OPS
+    sources = [os.path.join(CSRC, "library.cpp")] + OPS
     define_macros = []
     extra = {"cxx": CXX_FLAGS}
     if with_cuda():

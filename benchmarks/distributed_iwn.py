@@ -28,8 +28,8 @@ def _rank(rank, world, store, options, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     from surgellm_kernels import cpu_kernel_build, fused_iwn
-    from surgellm_kernels._backend import planned_backend
-    from surgellm_kernels.distributed import sync_payload
+    from surgellm_kernels.ops._backend import planned_backend
+    from surgellm_kernels.nn.distributed import sync_payload
 
     rows, F, C = options["rows"], options["features"], options["classes"]
     g = torch.Generator().manual_seed(rank)
@@ -82,7 +82,7 @@ def _rank(rank, world, store, options, out):
 def measure(rows=4096, features=768, classes=4, steps=20, warmup=3, world=2, timeout=600):
     """Run the ranks; the dict rank 0 reports. Raises when the ranks fail or
     outlive ``timeout`` seconds (then they are killed)."""
-    from surgellm_kernels._backend import planned_backend
+    from surgellm_kernels.ops._backend import planned_backend
 
     if planned_backend("iwn", "cpu") == "eager":
         raise RuntimeError("no compiled CPU kernels (the eager reference cannot sync): build "

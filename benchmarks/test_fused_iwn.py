@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from harness import COPY_ROOFLINE, PROXY, QUICK, Implementation, case_id, cases, run_case
 from surgellm_kernels import backends, fused_iwn
-from surgellm_kernels.reference import iwn_reference
+from surgellm_kernels.ops.reference import iwn_reference
 
 NUM_CLASSES = 10
 # the paper's lexical features and pooled states, token level, large

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from harness import (COPY_ROOFLINE, DEVICES, PROXY, QUICK, Case, Implementation, case_id,
                      cases, run_case)
 from surgellm_kernels import FusedSurgicalGate, SurgicalGate, backends, fused_surgical_gate
-from surgellm_kernels.reference import surgical_gate_reference
+from surgellm_kernels.ops.reference import surgical_gate_reference
 
 OP = "fused_surgical_gate"
 MODULE = "SurgicalGate module"

@@ -15,8 +15,8 @@ from collections import Counter
 import pytest
 
 import harness
-from surgellm_kernels.features import is_word, tokens
-from surgellm_kernels.vocabulary import extract_vocabulary
+from surgellm_kernels.surgellm.features import is_word, tokens
+from surgellm_kernels.surgellm.vocabulary import extract_vocabulary
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
 from _corpus import planted_corpus  # noqa: E402

@@ -20,8 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from surgellm_kernels import FusedInstanceWeightedNorm
-from surgellm_kernels.distributed import convert_sync_iwn
+from surgellm_kernels import FusedInstanceWeightedNorm, convert_sync_iwn
 
 FEATURES, CLASSES, HIDDEN, STEPS, ROWS_PER_RANK = 12, 3, 32, 20, 16
 

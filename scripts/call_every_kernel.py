@@ -26,7 +26,7 @@ def use_backend(device: str, backend: str) -> None:
     device type: Triton launches are what the recorder intercepts), or
     removes them so that the C++ kernels run."""
     import surgellm_kernels  # noqa: F401  (loads the extension and the fake kernels)
-    from surgellm_kernels import _backend
+    from surgellm_kernels.ops import _backend
 
     _backend._use_triton_kernels(torch.device(device).type, backend == "triton")
 
@@ -49,8 +49,9 @@ def call_iwn(device, N, F, dtype, gate_form, affine, tasks, training, pooled, ru
     rs = torch.ones(T, F, dtype=acc, device=device) if stats else None
     labels = torch.randint(0, C, (N,), generator=g).to(device) if training else None
     task_ids = torch.randint(0, T, (N,), generator=g).to(device) if tasks else None
-    y = torch.ops.surgellm.iwn(x, labels, task_ids, gate, weight, bias, rm, rs, training, 0.1,
-                               1e-5, pooled, T, C if training else 1)
+    y = torch.ops.surgellm.iwn(x, labels, gate, weight, bias, rm, rs, task_ids, training,
+                               std_mode="pooled" if pooled else "class_mean",
+                               num_classes=C if training else None)
     if grad:
         y.backward(torch.ones_like(y))
 
@@ -64,7 +65,7 @@ def call_gate(device, N, d, dtype, affine):
               if affine in ("w", "wb") else None)
     bias = (torch.zeros(d, dtype=acc, device=device, requires_grad=True)
             if affine in ("b", "wb") else None)
-    z = torch.ops.surgellm.surgical_gate(h, s, logits, weight, bias, 1e-5)
+    z = torch.ops.surgellm.surgical_gate(h, s, logits, weight, bias)
     z.backward(torch.ones_like(z))
 
 

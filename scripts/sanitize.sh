@@ -33,7 +33,7 @@ PY
 # repository root (conftest.py) may put the usual build ahead of the
 # sanitizer build's copy of the package.
 .venv/bin/python -P -m pytest --import-mode=importlib -p no:cacheprovider -q \
-  tests/test_fused_iwn.py tests/test_fused_surgical_gate.py tests/test_iwn_ops.py \
-  tests/test_validation.py tests/test_reliability.py tests/test_properties.py \
+  tests/ops/test_fused_iwn.py tests/ops/test_fused_surgical_gate.py tests/ops/test_iwn_ops.py \
+  tests/ops/test_validation.py tests/ops/test_reliability.py tests/ops/test_properties.py \
   -k "not triton" "$@"
 echo "sanitizers: no reports"

@@ -1,13 +1,20 @@
 """surgellm_kernels: fused kernels for SURGELLM's surgical gate and
-instance-weighted normalization (IWN), with the paper's reference modules."""
-from ._backend import backends, cpu_kernel_build
-from .distributed import SyncInstanceWeightedNorm, convert_sync_iwn
-from .features import LexicalFeaturizer, lexical_features, task_prefix
-from .model import SurgeLLMConfig, SurgeLLMModel
-from .modules import FusedInstanceWeightedNorm, FusedSurgicalGate
-from .ops import fused_iwn, fused_surgical_gate
-from .patching import PatchReport, patch_model
-from .reference import InstanceWeightedNorm, SurgicalGate
+instance-weighted normalization (IWN), the paper's reference modules, and the
+SURGELLM model built on them.
+
+Layers, each importing only those below it: kernels (the C++ extension,
+``triton``) -> ``ops`` (the functional ops) -> ``nn`` (modules) -> the
+application, ``surgellm``. Importing this package loads no transformers: the
+application's names below are imported on first use.
+"""
+from .nn import (FusedInstanceWeightedNorm, FusedSurgicalGate, InstanceWeightedNorm,
+                 PatchReport, SurgicalGate, SyncInstanceWeightedNorm, convert_sync_iwn,
+                 patch_model)
+from .ops import backends, cpu_kernel_build, fused_iwn, fused_surgical_gate
+
+# The application's names, from surgellm_kernels.surgellm on first use.
+_APPLICATION = ("SurgeLLMConfig", "SurgeLLMModel", "LexicalFeaturizer", "lexical_features",
+                "task_prefix")
 
 __all__ = [
     "fused_iwn",
@@ -18,14 +25,18 @@ __all__ = [
     "FusedSurgicalGate",
     "SyncInstanceWeightedNorm",
     "convert_sync_iwn",
-    "SurgeLLMConfig",
-    "SurgeLLMModel",
     "patch_model",
     "PatchReport",
-    "lexical_features",
-    "task_prefix",
-    "LexicalFeaturizer",
     "backends",
     "cpu_kernel_build",
+    *_APPLICATION,
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _APPLICATION:
+        from . import surgellm
+
+        return getattr(surgellm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

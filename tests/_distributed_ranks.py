@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from surgellm_kernels import InstanceWeightedNorm, fused_iwn
-from surgellm_kernels.distributed import (SyncInstanceWeightedNorm, convert_sync_iwn,
+from surgellm_kernels.nn.distributed import (SyncInstanceWeightedNorm, convert_sync_iwn,
                                           sync_payload)
 
 COLLECTIVE_TIMEOUT_S = 60  # a rank left waiting in a collective fails, not hangs

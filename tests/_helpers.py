@@ -21,25 +21,28 @@ def on_device(device, *values):
 
 
 def cpu_backends():
-    """Backends that can run CPU tensors here (Triton through its interpreter)."""
+    """Kernel backends that can run CPU tensors here (Triton through its
+    interpreter). The eager backend is the reference itself: it is tested
+    against float64 truth and independent formulas (test_reference.py),
+    never against itself."""
     status = backends()
-    return [name for name in ("cpu", "triton", "eager") if status[name].available]
+    return [name for name in ("cpu", "triton") if status[name].available]
 
 
 def device_backends():
-    """(backend, device) pairs runnable on this machine; with SURGELLM_BACKEND
-    given to pytest (see conftest.py), that backend's pairs and eager's only."""
+    """(backend, device) pairs of kernel backends runnable on this machine;
+    with SURGELLM_BACKEND given to pytest (see conftest.py), that backend's
+    pairs only."""
     pairs = [(name, "cpu") for name in cpu_backends()]
     if torch.cuda.is_available():
         status = backends()
-        pairs += [(name, "cuda") for name in ("triton", "cuda", "eager")
-                  if status[name].available]
+        pairs += [(name, "cuda") for name in ("triton", "cuda") if status[name].available]
     tested = os.environ.get("SURGELLM_TESTED_BACKEND", "")
     if tested and tested not in {b for b, _ in pairs}:
         status = backends(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         raise RuntimeError(f"SURGELLM_BACKEND={tested}: that backend cannot run here "
                            f"({status[tested].reason if tested in status else 'unknown name'})")
-    return [(b, d) for b, d in pairs if not tested or b in (tested, "eager")]
+    return [(b, d) for b, d in pairs if not tested or b == tested]
 
 
 TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-5, torch.bfloat16: 5e-2,

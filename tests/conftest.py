@@ -1,5 +1,11 @@
-"""Shared fixtures (helpers live in _helpers.py)."""
+"""Shared fixtures (helpers live in _helpers.py and its siblings, imported
+as plain modules by the tests in ops/, nn/ and surgellm/)."""
+import os
+import sys
+
 import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""The fused functional ops, one file each."""
+"""The functional ops (one file each), their reference and the backend choice."""
+from ._backend import backends, cpu_kernel_build
 from .iwn import fused_iwn
 from .surgical_gate import fused_surgical_gate
 
-__all__ = ["fused_iwn", "fused_surgical_gate"]
+__all__ = ["fused_iwn", "fused_surgical_gate", "backends", "cpu_kernel_build"]

@@ -2,36 +2,34 @@
 
 ``u = x * sigmoid(gate)``; class-balanced statistics of u per (task, class)
 in training (Eq.10-11 per batch); ``y = (u - mu) / (sigma + eps) * weight +
-bias``. The op is ``torch.ops.surgellm.iwn``, declared with its phases and
-its one autograd implementation in csrc/ops/iwn.cpp; the dispatcher runs the
-CPU or CUDA C++ kernels, or the Triton kernels registered for the device by
-``_backend`` when Triton is the chosen backend. This file gives the phases
-their fake kernels (so ``torch.compile(fullgraph=True)`` traces the op) and
-makes the call. An eager call crosses into C++ once: ``_C.fused_iwn``
-(csrc/ops/eager_calls.cpp) checks the arguments as ``_checks.check_iwn_args``
-does (same errors and messages) and calls the op; under torch.compile the
-Python checks run and the op is traced.
+bias``. The op is ``torch.ops.surgellm.iwn`` (csrc/iwn/iwn.cpp: its schema,
+its argument checks and its one autograd implementation); the dispatcher
+runs its phases on the CPU or CUDA C++ kernels, or on the Triton kernels
+registered for the device when Triton is the chosen backend. This file gives
+the phases their fake kernels (so ``torch.compile(fullgraph=True)`` traces
+the op), converts what the schema cannot carry (a process group) and makes
+the call: one crossing into C++.
 
-What is checked where: argument types, shapes, devices and ``std_mode``
-before anything runs; label and task-id ranges in C++ (``iwn_group_keys``)
-before any kernel runs, on every device (running statistics stay untouched
-on error). On CUDA the range check reads the labels' and task ids' min and
-max back in one copy (one host sync); under CUDA graph capture, which
-forbids syncs, it is skipped: a row whose label or task id is out of range
-is then left out of the statistics and its outputs are NaN. Inferring ``num_classes`` (or the task
-count without running statistics) reads the data too.
+What is checked where: every argument (types, shapes, devices, std_mode,
+eps, momentum, num_classes) by the op before anything runs, so eager calls,
+``torch.compile`` and direct ``torch.ops`` calls raise the same errors; label
+and task-id ranges before any kernel runs, on every device (running
+statistics stay untouched on error). On CUDA the range check reads the
+labels' and task ids' min and max back in one copy (one host sync); under
+CUDA graph capture, which forbids syncs, it is skipped: a row whose label or
+task id is out of range is then left out of the statistics and its outputs
+are NaN. Inferring ``num_classes`` (or the task count without running
+statistics) reads the data too, and cannot happen while tracing.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.overrides import has_torch_function_variadic
 
-from .. import _backend
-from .._checks import accumulation_dtype, check_iwn_args, check_process_group
-from ..reference import iwn_reference
+from . import _backend
+from .reference import accumulation_dtype, iwn_reference
 
 __all__ = ["fused_iwn"]
 
@@ -42,34 +40,41 @@ def _register_fake_kernels() -> None:
     def define(name):
         return torch.library.register_fake(f"surgellm::{name}")
 
-    @define("iwn_group_keys")
+    @define("_iwn_group_keys")
     def _(labels, task_ids, num_tasks, num_classes):
         first = labels if labels is not None else task_ids
         return first.new_empty(first.shape, dtype=torch.int32)
 
-    @define("iwn_group_moments")
+    @define("_iwn_group_moments")
     def _(x, keys, gate, num_groups):
         acc = accumulation_dtype(x.dtype)
         per_group = x.new_empty((num_groups, x.shape[1]), dtype=acc)
         return (x.new_empty((num_groups,), dtype=acc), per_group, torch.empty_like(per_group),
                 torch.empty_like(per_group))
 
-    @define("iwn_combine")
+    @define("_iwn_merge_moments")
+    def _(count, mean, m2, residual_sum):
+        per_group = mean.new_empty(mean.shape[1:])
+        return count.new_empty(count.shape[1:]), per_group, torch.empty_like(per_group), \
+            torch.empty_like(per_group)
+
+    @define("_iwn_combine")
     def _(count, mean, m2, mean_residual, num_tasks, pooled, momentum, running_mean,
           running_std):
         stats = mean.new_empty((num_tasks, mean.shape[1]))
         return torch.empty_like(mean), stats, torch.empty_like(stats)
 
-    @define("iwn_apply")
+    @define("_iwn_apply")
     def _(x, keys, gate, weight, bias, mu, sigma, key_div, eps):
         return torch.empty_like(x)
 
-    @define("iwn_task_sums")
+    @define("_iwn_task_sums")
     def _(grad_y, x, keys, gate, mu, key_div):
         return mu.new_empty((2, *mu.shape))
 
-    @define("iwn_coefficients")
-    def _(sums, weight, count, group_mean, group_std, mean_residual, mu, sigma, pooled, eps):
+    @define("_iwn_coefficients")
+    def _(sums, param_sums, weight, count, group_mean, group_std, mean_residual, mu, sigma,
+          pooled, eps):
         F = mu.shape[1]
         per_group = mu.new_empty((count.shape[0] if count is not None else 0, F))
         per_feature = mu.new_empty((F,))
@@ -77,7 +82,7 @@ def _register_fake_kernels() -> None:
                 torch.empty_like(per_group), per_feature, torch.empty_like(per_feature),
                 torch.empty_like(per_feature))
 
-    @define("iwn_input_grad")
+    @define("_iwn_input_grad")
     def _(grad_y, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div,
           training):
         dgate = (torch.empty_like(gate) if gate is not None
@@ -89,13 +94,60 @@ if _backend.extension() is not None:
     _register_fake_kernels()
 
 
+class RankGroup(NamedTuple):
+    """A process group as the op takes it: torch.distributed's registered
+    name and the group's size."""
+
+    name: str
+    size: int
+
+
+def rank_group(process_group, like: Tensor) -> Optional[RankGroup]:
+    """The group a call communicates over: None without a group or with a
+    group of one rank; a clear error for what cannot be one (``like``: a
+    tensor the group must be able to communicate)."""
+    if process_group is None:
+        return None
+    dist = torch.distributed
+    if isinstance(process_group, int) and process_group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            "process_group: this rank is not a member of the group (new_group returned "
+            "GroupMember.NON_GROUP_MEMBER here); only its members may call with it"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup (or None), got "
+            f"{type(process_group).__name__}"
+        )
+    # Traced by torch.compile, the group is an opaque object that shows its
+    # name and size only: the eager call checks the backend.
+    device = like.device if isinstance(like, Tensor) and not torch.compiler.is_compiling() else None
+    device_types = set() if device is None else {
+        d.type for d in getattr(process_group, "_device_types", ())}
+    if device is not None and device_types and device.type not in device_types:
+        raise ValueError(
+            f"process_group (backend {dist.get_backend(process_group)!r}) cannot communicate "
+            f"{device.type} tensors (x is on {device}); it serves "
+            f"{', '.join(sorted(device_types))} tensors: use a group whose backend serves "
+            f"{device.type} (gloo for CPU, NCCL for CUDA)"
+        )
+    size = process_group.size()
+    return RankGroup(process_group.group_name, size) if size > 1 else None
+
+
 def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor] = None,
               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
               running_mean: Optional[Tensor] = None, running_std: Optional[Tensor] = None,
               task_ids: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
               eps: float = 1e-5, std_mode: str = "class_mean",
               num_classes: Optional[int] = None, process_group=None) -> Tensor:
-    """Gated instance-weighted normalization, called like ``F.batch_norm``.
+    """Gated instance-weighted normalization.
+
+    The counterpart of ``F.batch_norm(input, running_mean, running_var, weight,
+    bias, training, momentum, eps)`` with the class labels second: pass the
+    others by keyword. Training (``training=True``, labels required) uses
+    class-balanced batch statistics and updates the running ones in place;
+    eval (the default) normalizes with ``running_mean`` / ``running_std``.
 
     Args:
         x: (..., F) floating tensor; every leading index is one instance.
@@ -112,8 +164,8 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
         std_mode: "class_mean" (mean of class deviations, the paper) or
             "pooled" (deviation of the class-balanced distribution).
         num_classes: classes per task; default ``labels.max() + 1``. Pass it
-            when compiling with ``torch.compile(fullgraph=True)``, and on CUDA
-            to avoid a host sync. Required with a process group.
+            when compiling with ``torch.compile``, and on CUDA to avoid a
+            host sync. Required with a process group.
         process_group: a ``torch.distributed`` process group (or
             ``torch.distributed.group.WORLD``) whose ranks each hold a shard of
             the batch: in training the statistics, and the running statistics
@@ -126,39 +178,21 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
             ``DistributedDataParallel`` expects).
 
     Returns y with the shape and dtype of x. Statistics accumulate in float32
-    (float64 for float64 x). Label and task-id ranges are checked before any
-    kernel runs (on CUDA, except under graph capture: see the module
-    docstring).
+    (float64 for float64 x). Bad arguments raise ``ValueError`` or
+    ``TypeError`` naming the argument (see the module docstring).
     """
-    # Only training shares statistics; eval normalizes with the running ones.
-    ranks = check_process_group(process_group, x)
-    if not training:
+    ranks = rank_group(process_group, x)
+    if not training:  # eval normalizes with the running statistics: nothing to share
         ranks = None
-    # The C++ entry skips Python's __torch_function__ protocol: tensor
-    # subclasses and TorchFunctionModes take the path below, which calls the
-    # op through torch.ops (so they see it), as do traces.
-    if (isinstance(x, Tensor) and not torch.compiler.is_compiling() and
-            not has_torch_function_variadic(x, labels, gate, weight, bias, running_mean,
-                                            running_std, task_ids)):
-        backend = _backend.select_backend("iwn", x.device)
-        if backend != "eager":  # the checks below and the op call, in C++
-            return _backend.extension().fused_iwn(
-                x, labels, gate, weight, bias, running_mean, running_std, task_ids,
-                bool(training), momentum, eps, std_mode, num_classes,
-                ranks.name if ranks else None, ranks.size if ranks else 1)
-    call = check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
-                          training, momentum, eps, std_mode, num_classes, synced=ranks is not None)
-    backend = _backend.select_backend("iwn", x.device)
-    if backend == "eager":
+    device = x.device if isinstance(x, Tensor) else torch.device("cpu")
+    if _backend.select_backend("iwn", device) == "eager":
         if ranks is not None:
             raise RuntimeError(
                 "fused_iwn with a process_group needs the compiled kernels (backend cpu, cuda "
                 "or triton): the eager reference computes one process's statistics only"
             )
         return iwn_reference(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
-                             training, momentum, eps, std_mode, call.num_classes or num_classes)
-    return torch.ops.surgellm.iwn(
-        x, labels if training else None, task_ids, gate, weight, bias, running_mean, running_std,
-        training, float(momentum), float(eps), call.pooled, call.num_tasks,
-        call.num_classes if training else 1, ranks.name if ranks else None,
-        ranks.size if ranks else 1)
+                             training, momentum, eps, std_mode, num_classes)
+    return _backend.call_op("iwn", (
+        x, labels, gate, weight, bias, running_mean, running_std, task_ids, training, momentum,
+        eps, std_mode, num_classes, ranks.name if ranks else None, ranks.size if ranks else 1))

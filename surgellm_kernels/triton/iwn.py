@@ -6,24 +6,27 @@ key = task * C + class (G = T * C groups) and key_div = C; in eval key = task
 and key_div = 1. A row's task is key // key_div. "acc" is the accumulation
 dtype: float64 for float64 x, else float32; every statistic is in acc.
 
-Phases (each a function below, registered by surgellm_kernels/_backend.py as
-the kernel of the dispatcher op of the same name; ``KERNELS`` maps the names
-to them). Their inputs are contiguous and in the dtypes the op's schema
-promises (the C++ caller converts); their outputs are freshly allocated,
-except the running statistics, which iwn_combine updates in place:
+The row passes of the op's phases, each a function below registered by
+surgellm_kernels/ops/_backend.py as the kernel of the dispatcher op of the
+same name (``KERNELS``). Their inputs are contiguous and in the dtypes the
+op's schema promises (the C++ caller converts); their outputs are freshly
+allocated:
 
-  forward   iwn_group_moments -> iwn_combine -> iwn_apply
-  backward  iwn_task_sums -> iwn_coefficients -> iwn_input_grad
+  forward   _iwn_group_moments -> (C++: _iwn_combine) -> _iwn_apply
+  backward  _iwn_task_sums -> (C++: _iwn_coefficients) -> _iwn_input_grad
 
-iwn_combine and iwn_coefficients compute exactly combine_at and
-coefficients_at of csrc/include/iwn_math.h.
+The small per-(task, class, feature) steps -- the merge of row-chunk
+moments, combine and coefficients -- are not re-derived here: they are the
+C++ ops every backend shares (csrc/iwn/iwn_math.h), which run as CUDA C++ on
+a GPU (so the Triton backend needs the extension built with CUDA) and as
+the CPU kernels under the interpreter.
 
 Mean residuals: the group means are rounded to acc, and where a class's rows
 nearly coincide (tiny s_c) that rounding error is first-order in the backward
 term dev_coef * (u - center). So iwn_group_moments also returns, per group and
 feature, mean_residual = (1/n) * sum over the group's rows of (u - mean), the
 part of the exact mean the rounded mean cannot hold (computed in acc), and
-iwn_coefficients folds it into dy_shift.
+the coefficients fold it into dy_shift.
 
 Invalid keys: labels and task ids are range-checked before launch, except
 under CUDA graph capture (no host sync there), where invalid ones arrive as
@@ -37,12 +40,11 @@ bounds.
 Determinism: reductions over rows (group moments, task sums, the eval
 gradient of a (F,) gate) are split into row chunks; each chunk writes partial
 results to a scratch buffer (chunks x groups x F) and the partials are merged
-in chunk order (the means as Chan's formula merges them, then M2 and the
-mean residuals about the merged mean, cross terms included; plain sums
-otherwise). No atomics, so the results are bitwise reproducible. The number
-of chunks depends on the shapes only and is capped so that the scratch stays
-under ``SCRATCH_BYTES``; with one chunk the partials are the result and no
-merge runs.
+in chunk order (the moments by _iwn_merge_moments; plain sums otherwise). No
+atomics, so the results are bitwise reproducible. The number of chunks
+depends on the shapes only and is capped so that the scratch stays under
+``SCRATCH_BYTES``; with one chunk the partials are the result and no merge
+runs.
 
 Offsets: every offset that multiplies a row, chunk, group or task index by F
 is computed in int64, so tensors with N * F >= 2**31 elements are addressed
@@ -50,9 +52,10 @@ correctly.
 
 Only core ``tl`` math is used (``tl.sigmoid``, ``tl.sqrt``; no libdevice), and
 every load is converted to acc before any math: both are needed by the Triton
-CPU interpreter (TRITON_INTERPRET=1). eps and momentum are declared float64
-kernel arguments (Triton would pass a Python float as float32) and rounded to
-acc inside the kernels, so float64 data sees them unrounded.
+CPU interpreter (TRITON_INTERPRET=1). eps is a declared float64 kernel
+argument (Triton would pass a Python float as float32) and rounded to acc
+inside the kernels, so float64 data sees it unrounded. No checks here:
+the op checks its arguments (check_iwn_args) before any phase runs.
 """
 from __future__ import annotations
 
@@ -62,10 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import accumulation_dtype
-
-__all__ = ["KERNELS", "iwn_group_moments", "iwn_combine", "iwn_apply", "iwn_task_sums",
-           "iwn_coefficients", "iwn_input_grad"]
+__all__ = ["KERNELS", "iwn_group_moments", "iwn_apply", "iwn_task_sums", "iwn_input_grad"]
 
 BLOCK_N = 8        # rows per tile
 BLOCK_F = 64       # features per program
@@ -82,8 +82,9 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def _acc_dtypes(dtype: torch.dtype):
-    """(torch, tl) accumulation dtypes of data of ``dtype``."""
-    acc = accumulation_dtype(dtype)
+    """(torch, tl) accumulation dtypes of data of ``dtype``: float64 for
+    float64 data, else float32."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     return acc, _TL_DTYPES[acc]
 
 
@@ -230,47 +231,6 @@ def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, 
         tl.store(pcount_ptr + part, count, mask=gmask)
 
 
-@triton.jit
-def _moments_merge(pcount_ptr, pmean_ptr, pm2_ptr, pres_ptr, count_ptr, mean_ptr, m2_ptr,
-                   res_ptr, F, G, NUM_CHUNKS, ACC: tl.constexpr, BLOCK_F: tl.constexpr):
-    """Merge group k's chunk summaries in chunk order: the mean as Chan's
-    formula does (merge_mean of iwn_math.h); then, about that merged (rounded)
-    mean M, M2 = sum over chunks of M2_ch + 2 (m_ch - M) R_ch + n_ch (m_ch - M)^2
-    and the mean residual (sum of n_ch (m_ch - M) + R_ch) / n (merge_about)."""
-    k = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = cols < F
-    n = tl.zeros((BLOCK_F,), ACC)
-    mean = tl.zeros((BLOCK_F,), ACC)
-    for ch in range(0, NUM_CHUNKS):
-        part = tl.cast(ch, tl.int64) * G + k
-        nb = tl.load(pcount_ptr + part).to(ACC)
-        mb = tl.load(pmean_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
-        has = nb > 0
-        total = n + nb
-        frac = tl.where(has, nb / tl.where(has, total, 1.0), 0.0)
-        mean = mean + (mb - mean) * frac
-        n = total
-    m2 = tl.zeros((BLOCK_F,), ACC)
-    res = tl.zeros((BLOCK_F,), ACC)
-    for ch in range(0, NUM_CHUNKS):
-        part = tl.cast(ch, tl.int64) * G + k
-        nb = tl.load(pcount_ptr + part).to(ACC)
-        mb = tl.load(pmean_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
-        m2b = tl.load(pm2_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
-        rb = tl.load(pres_ptr + part * F + cols, mask=fmask, other=0.0).to(ACC)
-        has = nb > 0
-        d = mb - mean
-        m2 = m2 + tl.where(has, m2b + d * (nb * d + 2.0 * rb), 0.0)
-        res = res + tl.where(has, nb * d + rb, 0.0)
-    res = tl.where(n > 0, res / tl.where(n > 0, n, 1.0), 0.0)
-    tl.store(mean_ptr + k * F + cols, mean, mask=fmask)
-    tl.store(m2_ptr + k * F + cols, m2, mask=fmask)
-    tl.store(res_ptr + k * F + cols, res, mask=fmask)
-    if tl.program_id(1) == 0:
-        tl.store(count_ptr + k, tl.max(n, axis=0))
-
-
 def iwn_group_moments(x, keys, gate, num_groups):
     """Per group g < num_groups: count (G,), mean (G, F), M2 (G, F) and
     mean_residual (G, F) of u, where mean_residual = (1/n) * sum over the
@@ -279,20 +239,13 @@ def iwn_group_moments(x, keys, gate, num_groups):
     N, F = x.shape
     G = int(num_groups)
     acc_t, ACC = _acc_dtypes(x.dtype)
-    count = x.new_zeros((G,), dtype=acc_t)
-    mean = x.new_zeros((G, F), dtype=acc_t)
-    m2 = x.new_zeros((G, F), dtype=acc_t)
-    mean_residual = x.new_zeros((G, F), dtype=acc_t)
-    if G == 0:
-        return count, mean, m2, mean_residual
     rows_per_chunk, nchunks = _chunks(N, G * (3 * F + 1), acc_t.itemsize)
-    if nchunks == 1:  # the one chunk's summaries are the result
-        pcount, pmean, pm2, pres = count, mean, m2, mean_residual
-    else:
-        pcount = x.new_empty((nchunks, G), dtype=acc_t)
-        pmean = x.new_empty((nchunks, G, F), dtype=acc_t)
-        pm2 = x.new_empty((nchunks, G, F), dtype=acc_t)
-        pres = x.new_empty((nchunks, G, F), dtype=acc_t)
+    # One chunk: its summaries are the result; several: (chunks, G, ...)
+    # partials, merged by the C++ op.
+    shape = (G,) if nchunks == 1 else (nchunks, G)
+    pcount = x.new_zeros(shape, dtype=acc_t)
+    pmean, pm2, pres = (x.new_zeros((*shape, F), dtype=acc_t) for _ in range(3))
+    count, mean, m2, mean_residual = pcount, pmean, pm2, pres
     dummy = x.new_empty((1,), dtype=acc_t)
     with _on_device(x):
         tile = _groups_per_program(acc_t)
@@ -301,104 +254,9 @@ def iwn_group_moments(x, keys, gate, num_groups):
                 pcount, pmean, pm2, pres, N, F, G, rows_per_chunk, GATE_MODE=_gate_mode(gate),
                 HAS_KEYS=keys is not None, ONE_CHUNK=nchunks == 1, ACC=ACC, BLOCK_N=BLOCK_N,
                 BLOCK_F=BLOCK_F, GROUP_TILE=tile, num_warps=REDUCE_WARPS)
-        if nchunks > 1:
-            _launch(_moments_merge, (G, _fblocks(F)), pcount, pmean, pm2, pres, count, mean, m2,
-                    mean_residual, F, G, nchunks, ACC=ACC, BLOCK_F=BLOCK_F)
+    if nchunks > 1:  # the merge every backend shares (C++: iwn_math.h's merge_parts_at)
+        return torch.ops.surgellm._iwn_merge_moments(pcount, pmean, pm2, pres)
     return count, mean, m2, mean_residual
-
-
-# -- forward: combine -----------------------------------------------------------------
-
-@triton.jit
-def _safe_sqrt(v):
-    """safe_sqrt of iwn_math.h: 0 for v <= 0, NaN for NaN."""
-    return tl.where(v > 0, tl.sqrt(tl.maximum(v, 0.0)), tl.where(v != v, v, 0.0))
-
-
-@triton.jit
-def _exact_class_moments(mean_ptr, m2_ptr, mres_ptr, offs, fmask, n, ACC: tl.constexpr):
-    """A class's exact mean m + residual (exact_class_mean) and its deviation
-    about it, sqrt(M2 / n - residual^2) (exact_class_std), 0 for an absent
-    class."""
-    m = tl.load(mean_ptr + offs, mask=fmask, other=0.0).to(ACC)
-    q = tl.load(m2_ptr + offs, mask=fmask, other=0.0).to(ACC)
-    rho = tl.load(mres_ptr + offs, mask=fmask, other=0.0).to(ACC)
-    has = n > 0
-    var = q / tl.where(has, n, 1.0) - rho * rho
-    sd = tl.where(has, _safe_sqrt(var), 0.0)
-    return m + rho, sd
-
-
-@triton.jit
-def _combine(count_ptr, mean_ptr, m2_ptr, mres_ptr, gstd_ptr, mu_ptr, sigma_ptr, rmean_ptr,
-             rstd_ptr, F, C, momentum: "fp64", POOLED: tl.constexpr, HAS_RUNNING: tl.constexpr,
-             ACC: tl.constexpr, BLOCK_F: tl.constexpr):
-    """combine_at of iwn_math.h for task program_id(0) and a feature block
-    (class means and deviations about the exact means m + residual; mu as the
-    first present class's mean plus the mean of the differences from it), then
-    the running-statistics update of a task that has rows."""
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = cols < F
-    present = tl.zeros((BLOCK_F,), ACC)
-    first_mean = tl.zeros((BLOCK_F,), ACC)
-    sum_mean = tl.zeros((BLOCK_F,), ACC)  # of m_c - first_mean
-    sum_std = tl.zeros((BLOCK_F,), ACC)
-    for c in range(0, C):
-        k = t * C + c
-        n = tl.load(count_ptr + k).to(ACC)
-        m, sd = _exact_class_moments(mean_ptr, m2_ptr, mres_ptr, k * F + cols, fmask, n, ACC)
-        has = n > 0
-        first_mean = tl.where(present == 0, m, first_mean)  # kept from the first present
-        present += has.to(ACC)
-        sum_mean += tl.where(has, m - first_mean, 0.0)
-        sum_std += sd
-        tl.store(gstd_ptr + k * F + cols, sd, mask=fmask)
-    denom = tl.maximum(present, 1.0)  # no class present: mu = sigma = 0
-    mu = first_mean + sum_mean / denom
-    sigma = sum_std / denom
-    if POOLED:
-        spread = tl.zeros((BLOCK_F,), ACC)
-        for c in range(0, C):
-            k = t * C + c
-            n = tl.load(count_ptr + k).to(ACC)
-            m, sd = _exact_class_moments(mean_ptr, m2_ptr, mres_ptr, k * F + cols, fmask, n, ACC)
-            has = n > 0
-            d = m - mu
-            spread += tl.where(has, sd * sd + d * d, 0.0)
-        spread = spread / denom
-        sigma = _safe_sqrt(spread)
-    stat = t * F + cols
-    tl.store(mu_ptr + stat, mu, mask=fmask)
-    tl.store(sigma_ptr + stat, sigma, mask=fmask)
-    if HAS_RUNNING:  # r += momentum * (batch - r), only for a task that has rows
-        mom = tl.full((BLOCK_F,), momentum, ACC)
-        upd = fmask & (present > 0)
-        rm = tl.load(rmean_ptr + stat, mask=upd, other=0.0).to(ACC)
-        tl.store(rmean_ptr + stat, rm + mom * (mu - rm), mask=upd)
-        rs = tl.load(rstd_ptr + stat, mask=upd, other=0.0).to(ACC)
-        tl.store(rstd_ptr + stat, rs + mom * (sigma - rs), mask=upd)
-
-
-def iwn_combine(count, mean, m2, mean_residual, num_tasks, pooled, momentum, running_mean,
-                running_std):
-    """group_std (G, F), mu and sigma (T, F) from the group moments, with
-    T = num_tasks and C = G // T classes per task; updates running_mean and
-    running_std (T, F) in place for the tasks that have rows, when given."""
-    G, F = mean.shape
-    T = int(num_tasks)
-    C = G // T if T > 0 else 0
-    _acc_t, ACC = _acc_dtypes(mean.dtype)
-    group_std = torch.zeros_like(mean)
-    mu = mean.new_zeros((T, F))
-    sigma = mean.new_zeros((T, F))
-    has_running = running_mean is not None and running_std is not None
-    with _on_device(mean):
-        _launch(_combine, (T, _fblocks(F)), count, mean, m2, mean_residual, group_std, mu, sigma,
-                running_mean if has_running else mu, running_std if has_running else sigma, F, C,
-                float(momentum), POOLED=bool(pooled), HAS_RUNNING=has_running, ACC=ACC,
-                BLOCK_F=BLOCK_F)
-    return group_std, mu, sigma
 
 
 # -- forward: apply -------------------------------------------------------------------
@@ -511,110 +369,7 @@ def iwn_task_sums(grad_y, x, keys, gate, mu, key_div):
     return sums
 
 
-# -- backward: coefficients -----------------------------------------------------------
-
-@triton.jit
-def _coefficients(sums_ptr, w_ptr, count_ptr, gmean_ptr, gstd_ptr, mres_ptr, mu_ptr, sigma_ptr,
-                  scale_ptr, shift_ptr, devc_ptr, cen_ptr, dw_ptr, db_ptr, duu_ptr, F, T, C,
-                  eps: "fp64", TRAINING: tl.constexpr, POOLED: tl.constexpr,
-                  HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_F: tl.constexpr):
-    """coefficients_at of iwn_math.h for every task (in task order) and a
-    feature block: dL/du = (dy - A_k) * P_t + B_k * (u - center_k), with the
-    rounding residual rho of center_k folded into A_k (dy_shift)."""
-    cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = cols < F
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=fmask, other=1.0).to(ACC)
-    else:
-        w = tl.full((BLOCK_F,), 1.0, ACC)
-    eps_v = tl.full((BLOCK_F,), eps, ACC)
-    dw = tl.zeros((BLOCK_F,), ACC)
-    db = tl.zeros((BLOCK_F,), ACC)
-    du_dot_u = tl.zeros((BLOCK_F,), ACC)  # closed form of sum_i dL/du_i u_i (training)
-    for t in range(0, T):
-        t64 = tl.cast(t, tl.int64)
-        stat = t64 * F + cols
-        s1 = tl.load(sums_ptr + stat, mask=fmask, other=0.0).to(ACC)
-        s2 = tl.load(sums_ptr + (T + t64) * F + cols, mask=fmask, other=0.0).to(ACC)
-        mu = tl.load(mu_ptr + stat, mask=fmask, other=0.0).to(ACC)
-        sigma = tl.load(sigma_ptr + stat, mask=fmask, other=1.0).to(ACC)
-        r = 1.0 / (sigma + eps_v)
-        present = tl.zeros((BLOCK_F,), ACC)
-        mu_res = tl.zeros((BLOCK_F,), ACC)  # the exact mean of the class means, minus mu
-        if TRAINING:
-            for c in range(0, C):
-                k = t64 * C + c
-                has = tl.load(count_ptr + k).to(ACC) > 0
-                m = tl.load(gmean_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
-                rc = tl.load(mres_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
-                mu_res += tl.where(has, (m - mu) + rc, 0.0)
-                present += has.to(ACC)
-            mu_res = mu_res / tl.maximum(present, 1.0)
-            s2 = s2 - mu_res * s1  # summed around the rounded mu: around the exact one
-        dy_yhat = r * s2
-        tl.store(scale_ptr + stat, w * r, mask=fmask)
-        dw += dy_yhat
-        db += s1
-        du_dot_u += eps_v * r * w * dy_yhat
-        if TRAINING:
-            d_sigma = -r * w * dy_yhat
-            for c in range(0, C):
-                k = t64 * C + c
-                n = tl.load(count_ptr + k).to(ACC)
-                has = n > 0
-                inv = tl.where(has, 1.0 / tl.where(has, present * n, 1.0), 0.0)
-                if POOLED:
-                    dev = sigma
-                    cen = mu
-                    rho = mu_res
-                else:
-                    dev = tl.load(gstd_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
-                    cen = tl.load(gmean_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
-                    rho = tl.load(mres_ptr + k * F + cols, mask=fmask, other=0.0).to(ACC)
-                # 0 where the deviation is 0; inv = 0 for an absent class
-                pos = dev > 0
-                safe_dev = tl.where(pos, dev, 1.0)
-                b = tl.where(pos, d_sigma * inv / safe_dev, 0.0)
-                shift = tl.where(pos, inv * (s1 - dy_yhat * rho / safe_dev), s1 * inv)
-                tl.store(shift_ptr + k * F + cols, tl.where(has, shift, 0.0), mask=fmask)
-                tl.store(devc_ptr + k * F + cols, b, mask=fmask)
-                tl.store(cen_ptr + k * F + cols, tl.where(has, cen, 0.0), mask=fmask)
-    tl.store(dw_ptr + cols, dw, mask=fmask)
-    tl.store(db_ptr + cols, db, mask=fmask)
-    tl.store(duu_ptr + cols, du_dot_u, mask=fmask)
-
-
-def iwn_coefficients(sums, weight, count, group_mean, group_std, mean_residual, mu, sigma, pooled,
-                     eps):
-    """scale (T, F), dy_shift, dev_coef, center (K, F), dweight, dbias and
-    du_dot_u (F,). Training iff count is given (K = G = count.numel(),
-    C = G // T; count, group_mean, group_std and mean_residual are then given,
-    else None); in eval K = 0."""
-    _two, T, F = sums.shape
-    _acc_t, ACC = _acc_dtypes(sums.dtype)
-    training = count is not None
-    K = count.numel() if training else 0
-    C = K // T if T > 0 else 0
-    scale = sums.new_zeros((T, F))
-    dy_shift = sums.new_zeros((K, F))
-    dev_coef = sums.new_zeros((K, F))
-    center = sums.new_zeros((K, F))
-    dweight = sums.new_zeros((F,))
-    dbias = sums.new_zeros((F,))
-    du_dot_u = sums.new_zeros((F,))
-    dummy = sums.new_empty((1,))
-    with _on_device(sums):
-        _launch(_coefficients, (_fblocks(F),), sums, weight if weight is not None else dummy,
-                count if training else dummy, group_mean if training else dummy,
-                group_std if training else dummy, mean_residual if training else dummy, mu,
-                sigma, scale, dy_shift if training else dummy, dev_coef if training else dummy,
-                center if training else dummy, dweight, dbias, du_dot_u, F, T, C, float(eps),
-                TRAINING=training, POOLED=bool(pooled), HAS_W=weight is not None, ACC=ACC,
-                BLOCK_F=BLOCK_F, num_warps=1)  # more warps spill in float64 (AOT check)
-    return scale, dy_shift, dev_coef, center, dweight, dbias, du_dot_u
-
-
-# -- backward: input gradient ---------------------------------------------------------
+# -- backward: input gradient -------------------------------------------------------
 
 @triton.jit
 def _input_grad(dy_ptr, x_ptr, gate_ptr, keys_ptr, scale_ptr, shift_ptr, devc_ptr, cen_ptr,
@@ -704,12 +459,11 @@ def iwn_input_grad(grad_y, x, keys, gate, scale, dy_shift, dev_coef, center, du_
     return dx, dgate
 
 
+# The phase op each launcher implements (ops/_backend.py registers them).
 KERNELS = {
-    "iwn_group_moments": iwn_group_moments,
-    "iwn_combine": iwn_combine,
-    "iwn_apply": iwn_apply,
-    "iwn_task_sums": iwn_task_sums,
-    "iwn_coefficients": iwn_coefficients,
-    "iwn_input_grad": iwn_input_grad,
+    "_iwn_group_moments": iwn_group_moments,
+    "_iwn_apply": iwn_apply,
+    "_iwn_task_sums": iwn_task_sums,
+    "_iwn_input_grad": iwn_input_grad,
 }
 

@@ -7,8 +7,8 @@ z = xhat * weight + bias (weight 1 and bias 0 when None). "acc" is the
 accumulation dtype: float64 for float64 data, else float32; every statistic
 is in acc.
 
-Functions (each registered by surgellm_kernels/_backend.py as the kernel of
-the dispatcher op of the same name; ``KERNELS`` maps the names to them).
+Functions (each registered by surgellm_kernels/ops/_backend.py as the kernel
+of the dispatcher op named in ``KERNELS``).
 Their inputs are contiguous and in the dtypes the op's schema promises (the
 C++ caller converts); their outputs are freshly allocated:
 
@@ -350,6 +350,6 @@ def surgical_gate_backward(grad_z, h, s, gate_logits, weight, mean, rstd):
 
 
 KERNELS = {
-    "surgical_gate_forward": surgical_gate_forward,
-    "surgical_gate_backward": surgical_gate_backward,
+    "_surgical_gate_forward": surgical_gate_forward,
+    "_surgical_gate_backward": surgical_gate_backward,
 }

@@ -1,0 +1,170 @@
+// Vector building blocks of the CPU kernels (at::vec loops with counted
+// tails, per-thread row buffers, deterministic chunked reductions). Each
+// kernel source includes this once, compiled per CPU capability.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "include cpu_vec.h from a source compiled with -DCPU_CAPABILITY=..."
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/CPUAllocator.h>
+
+namespace surgellm {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Partial buffers of a chunked reduction stay under this many bytes: with
+// many groups, fewer (longer) chunks instead of chunks x groups x F memory.
+constexpr int64_t kPartialBudgetBytes = int64_t(64) << 20;
+
+// Rows per reduction chunk, for rows of F features and `width` partial
+// values per chunk: about N / 64 rows so that threads have chunks to share,
+// at least 128 to amortize the merge, at most ~1 MiB of data so that a
+// second pass over a chunk (group moments) finds it in L2 -- unless the
+// partials need fewer, longer chunks to fit their budget. A function of the
+// shapes only, never of the thread count: that is what makes the chunked
+// reductions deterministic.
+inline int64_t rows_per_chunk(int64_t N, int64_t F, int64_t width, int64_t bytes_per_value) {
+  const int64_t cache_rows = std::max<int64_t>(128, (int64_t(1) << 18) / F);
+  const int64_t rows = std::min(cache_rows, std::max<int64_t>(128, ceil_div(N, 64)));
+  const int64_t max_chunks =
+      std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, width * bytes_per_value));
+  return std::max(rows, ceil_div(N, max_chunks));
+}
+// Grain of row-parallel elementwise passes: about 16K elements per task.
+inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, 16384 / F); }
+constexpr int64_t kFeatureGrain = 256;
+
+// body(f, n) over [0, F) a vector at a time; n < vector size only in the
+// last call, which then loads and stores n lanes.
+template <typename acc_t, typename Body>
+inline void for_each_vec(int64_t F, const Body& body) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  int64_t f = 0;
+  for (; f + W <= F; f += W) body(f, W);
+  if (f < F) body(f, F - f);
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> load(const acc_t* p, int64_t n) {
+  return n == Vectorized<acc_t>::size() ? Vectorized<acc_t>::loadu(p)
+                                        : Vectorized<acc_t>::loadu(p, n);
+}
+
+template <typename acc_t>
+inline void store(const Vectorized<acc_t>& v, acc_t* p, int64_t n) {
+  if (n == Vectorized<acc_t>::size())
+    v.store(p);
+  else
+    v.store(p, static_cast<int>(n));
+}
+
+// A vector of acc_t read from (written to) data of scalar_t in place:
+// float32 / float64 rows directly, bfloat16 / float16 rows converted lane by
+// lane in registers (no row buffer).
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> load_as_acc(const scalar_t* p, int64_t n) {
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    return load(p, n);
+  } else {
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n)));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_from_acc(const Vectorized<acc_t>& v, scalar_t* p, int64_t n) {
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    store(v, p, n);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, static_cast<int>(n));
+  }
+}
+
+template <typename acc_t>
+void sigmoid_row(const acc_t* logits, acc_t* out, int64_t F) {
+  const Vectorized<acc_t> one(acc_t(1));
+  for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+    store(one / (one + load(logits + f, n).neg().exp()), out + f, n);
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+inline const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t F) {
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, F);
+    return buf;
+  }
+}
+
+// Kernel scratch from c10's CPU allocator (not std::vector), so that memory
+// profilers -- and the benchmarks' peak-memory column -- see it.
+template <typename T>
+struct Scratch {
+  c10::DataPtr ptr;
+  int64_t n;
+  explicit Scratch(int64_t n_, bool zero = true)
+      : ptr(c10::GetCPUAllocator()->allocate(std::max<int64_t>(n_, 1) * sizeof(T))), n(n_) {
+    if (zero) std::fill(data(), data() + n, T(0));
+  }
+  T* data() const { return static_cast<T*>(ptr.get()); }
+  T& operator[](int64_t i) const { return data()[i]; }
+};
+
+// sigmoid of a (F) gate, computed once per call (empty without one).
+template <typename acc_t>
+std::vector<acc_t> gate_sigmoid(const acc_t* logits, int64_t F) {
+  std::vector<acc_t> sig;
+  if (logits) {
+    sig.resize(F);
+    sigmoid_row(logits, sig.data(), F);
+  }
+  return sig;
+}
+
+// A row of output in the accumulation type: written in place when the data
+// type is the accumulation type, else through a per-thread row buffer.
+template <typename scalar_t, typename acc_t>
+struct RowOut {
+  static constexpr bool direct = std::is_same<scalar_t, acc_t>::value;
+  scalar_t* base;
+  int64_t F;
+  std::vector<acc_t> buf;
+  RowOut(void* base_, int64_t F_) : base(static_cast<scalar_t*>(base_)), F(F_), buf(direct ? 0 : F_) {}
+  acc_t* row(int64_t i) { return direct ? reinterpret_cast<acc_t*>(base + i * F) : buf.data(); }
+  void flush(int64_t i) {
+    if constexpr (!direct) at::vec::convert(buf.data(), base + i * F, F);
+  }
+};
+
+// Partial sums of a chunked reduction: `width` values per chunk, summed over
+// chunks in chunk order into out (parallel over values).
+template <typename acc_t>
+void sum_chunks(const Scratch<acc_t>& partial, int64_t nchunks, int64_t width, acc_t* out) {
+  at::parallel_for(0, width, kFeatureGrain, [&](int64_t j0, int64_t j1) {
+    std::fill(out + j0, out + j1, acc_t(0));
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const acc_t* p = partial.data() + ch * width;
+      for (int64_t j = j0; j < j1; ++j) out[j] += p[j];
+    }
+  });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace surgellm

@@ -1,0 +1,144 @@
+// What every op's C++ shares (csrc/<op>/<op>.cpp and <op>_kernels.cpp):
+// dispatcher handles, the layout assertion of the phase ops' tensors, and the
+// call of one kernel where a tensor lives -- the CPU build for this
+// processor, or a CUDA launch on that tensor's device and current stream with
+// a workspace from torch's allocator.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <optional>
+#include <vector>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#ifdef SURGELLM_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "common/cuda_launch.h"
+#endif
+
+namespace surgellm {
+
+using at::Tensor;
+using std::optional;
+
+// A typed handle of dispatcher op `name` ("surgellm::_iwn_apply"): calls go
+// through the dispatcher, which picks the CPU, CUDA, Triton or fake kernel.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// Whether t's device stream is being captured into a CUDA graph, where a host
+// sync (reading a value back) is not allowed.
+inline bool capturing_cuda_graph(const Tensor& t) {
+#ifdef SURGELLM_WITH_CUDA
+  return t.is_cuda() &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+#else
+  (void)t;
+  return false;
+#endif
+}
+
+// The (min, max) of each integer tensor (each non-empty), read back to the
+// host in one copy: [min_0, max_0, min_1, max_1, ...]. On CUDA, one host sync.
+inline std::vector<int64_t> min_max_on_host(const std::vector<Tensor>& tensors) {
+  std::vector<Tensor> bounds;
+  for (const Tensor& t : tensors) {
+    const auto [lo, hi] = at::aminmax(t);
+    bounds.push_back(lo.to(at::kLong));
+    bounds.push_back(hi.to(at::kLong));
+  }
+  const Tensor host = at::stack(bounds).cpu();
+  const int64_t* p = host.const_data_ptr<int64_t>();
+  return {p, p + host.numel()};
+}
+
+inline at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename T>
+const T* ptr_or_null(const optional<Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mutable_ptr_or_null(const optional<Tensor>& t) {
+  return t.has_value() ? t->mutable_data_ptr<T>() : nullptr;
+}
+
+// The phase ops' layout assertion (their callers, the ops' own C++, convert
+// every tensor first; this guards direct torch.ops calls): on x's device, of
+// this dtype and shape, contiguous.
+inline void check_tensor(const Tensor& t, const char* name, const Tensor& x, at::IntArrayRef shape,
+                         at::ScalarType dtype) {
+  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_optional(const optional<Tensor>& t, const char* name, const Tensor& x,
+                           at::IntArrayRef shape, at::ScalarType dtype) {
+  if (t.has_value()) check_tensor(*t, name, x, shape, dtype);
+}
+
+#ifdef SURGELLM_WITH_CUDA
+inline cuda::ScalarKind scalar_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return cuda::ScalarKind::Float64;
+    case at::kHalf: return cuda::ScalarKind::Float16;
+    case at::kBFloat16: return cuda::ScalarKind::BFloat16;
+    default: return cuda::ScalarKind::Float32;
+  }
+}
+#endif
+
+// Runs one phase where `like` lives: cpu_kernel() on the CPU (the build for
+// this processor), or the phase's CUDA launch (cuda_launch.h: found by
+// argument-dependent lookup on Args), with its workspace from torch's
+// allocator, on that tensor's device and its current stream.
+template <typename Args, typename CpuKernel>
+inline void run_phase(const char* phase, const Tensor& like, const Args& args,
+                      const CpuKernel& cpu_kernel) {
+  if (!like.is_cuda()) {
+    cpu_kernel();
+    return;
+  }
+#ifdef SURGELLM_WITH_CUDA
+  const c10::cuda::CUDAGuard device_guard(like.device());
+  const size_t bytes = cuda_workspace_bytes(args);
+  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  const cudaError_t err = cuda_launch(scalar_kind(like.scalar_type()), args,
+                                      bytes ? workspace.mutable_data_ptr() : nullptr,
+                                      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "surgellm_kernels CUDA kernels of ", phase,
+              " failed to launch: ", cudaGetErrorString(err));
+#else
+  TORCH_CHECK(false, "surgellm_kernels._C was built without CUDA kernels");
+#endif
+}
+
+// Whether autograd records a call with these inputs: grad mode is on and one
+// of them requires grad. When not, the ops run without an autograd node (as
+// ATen's own ops do).
+inline bool requires_grad(const Tensor& t) { return t.requires_grad(); }
+inline bool requires_grad(const optional<Tensor>& t) {
+  return t.has_value() && t->requires_grad();
+}
+template <typename... Ts>
+bool autograd_records(const Ts&... inputs) {
+  return at::GradMode::is_enabled() && (requires_grad(inputs) || ...);
+}
+
+#define SURGELLM_DISPATCH_FLOATS(x, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), NAME, __VA_ARGS__)
+
+}  // namespace surgellm

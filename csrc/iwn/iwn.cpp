@@ -1,0 +1,678 @@
+// fused_iwn as dispatcher ops: the schemas, the argument checks
+// (check_iwn_args, the only copy), the op users call (surgellm::iwn) and its
+// one autograd implementation.
+//
+// surgellm::iwn runs in phases, each an op of its own (leading `_`) with a
+// CPU and a CUDA kernel (iwn_kernels.cpp), Triton kernels for the row passes
+// registered for CUDA from Python when Triton is the chosen backend, and a
+// fake kernel for torch.compile (surgellm_kernels/ops/iwn.py):
+//   forward:  group_keys -> group_moments -> combine (mu, sigma, running update) -> apply
+//   backward: task_sums -> coefficients -> input_grad
+// With a process group (group_name, group_size > 1) a training call makes
+// the statistics those of every rank's rows together: one all-gather of the
+// per-(task, class) moments, merged by _iwn_merge_moments, before combine;
+// in backward one all-reduce of the per-task sums before coefficients. The
+// autograd kernel serves eager mode and torch.compile alike (AOTAutograd
+// traces through it).
+#include <ATen/ATen.h>
+#include <ATen/TensorSubclassLikeUtils.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <exception>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common/arg_checks.h"
+#include "common/kernel_call.h"
+
+namespace surgellm {
+namespace {
+
+using at::Tensor;
+using std::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// -- the argument checks ----------------------------------------------------------------
+
+// A synchronized call's process group, as torch's group registry names it.
+struct RankGroup {
+  std::string name;
+  int64_t size;
+};
+
+// What a valid call computes with.
+struct IWNCall {
+  int64_t num_tasks, num_classes;  // num_classes: 1 when not training
+  bool pooled;
+  optional<RankGroup> ranks;  // training over several ranks
+};
+
+// The largest value of an index tensor, read from the data (eager only: a
+// trace has no data, and the call must then say what it would have read).
+int64_t max_on_host(const Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(!at::isTensorSubclassLike(t), what,
+                    " cannot be read from the data while torch.compile traces the call: pass it");
+  return min_max_on_host({t})[1];
+}
+
+IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
+                       const optional<Tensor>& gate, const optional<Tensor>& weight,
+                       const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                       const optional<Tensor>& running_std, const optional<Tensor>& task_ids,
+                       bool training, double momentum, double eps, c10::string_view std_mode,
+                       optional<int64_t> num_classes, const optional<c10::string_view>& group_name,
+                       int64_t group_size) {
+  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be positive, got ", group_size);
+  IWNCall call{1, 1, std_mode == "pooled", std::nullopt};
+  if (training && group_name.has_value() && group_size > 1)
+    call.ranks = RankGroup{std::string(*group_name), group_size};
+  const bool synced = call.ranks.has_value();
+
+  check_float(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (..., F), got a scalar");
+  const c10::SymInt F = x.sym_size(-1);
+  TORCH_CHECK_VALUE(F != 0, "x must have at least one feature (last dimension > 0), got shape ",
+                    shape_text(x.sym_sizes()));
+  const c10::SymIntArrayRef rows = x.sym_sizes().slice(0, x.dim() - 1);
+
+  TORCH_CHECK_VALUE(std_mode == "class_mean" || std_mode == "pooled",
+                    "std_mode must be one of ('class_mean', 'pooled'), got '", std_mode, "'");
+  TORCH_CHECK_VALUE(!(eps < 0) && eps == eps, "eps must be a non-negative number, got ",
+                    number_text(eps));
+  TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, "momentum must be a number in [0, 1], got ",
+                    number_text(momentum));
+
+  if (gate.has_value()) {
+    check_float(*gate, "gate");
+    check_device(*gate, "gate", x, "x");
+    TORCH_CHECK_VALUE((gate->dim() == 1 && gate->sym_size(0) == F) ||
+                          gate->sym_sizes() == x.sym_sizes(),
+                      "gate must have shape (", F, ",) or the shape of x ",
+                      shape_text(x.sym_sizes()), ", got ", shape_text(gate->sym_sizes()));
+    TORCH_CHECK_TYPE(!(gate->sym_sizes() == x.sym_sizes() && gate->dim() > 1 &&
+                       gate->scalar_type() != x.scalar_type()),
+                     "a per-instance gate must have the dtype of x (", dtype_text(x), "), got ",
+                     dtype_text(*gate));
+  }
+  check_feature_param(weight, "weight", x, "x", F);
+  check_feature_param(bias, "bias", x, "x", F);
+
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_std.has_value(),
+                    "running_mean and running_std must be given together, got ",
+                    running_std.has_value() ? "running_std" : "running_mean", " only");
+  if (running_mean.has_value()) {
+    for (const auto& [r, name] :
+         {std::pair{&running_mean, "running_mean"}, std::pair{&running_std, "running_std"}}) {
+      check_float(**r, name);
+      check_device(**r, name, x, "x");
+      TORCH_CHECK_VALUE(((*r)->dim() == 1 || (*r)->dim() == 2) && (*r)->sym_size(-1) == F, name,
+                        " must have shape (", F, ",) or (num_tasks, ", F, "), got ",
+                        shape_text((*r)->sym_sizes()));
+    }
+    TORCH_CHECK_VALUE(running_mean->sym_sizes() == running_std->sym_sizes(), "running_mean ",
+                      shape_text(running_mean->sym_sizes()), " and running_std ",
+                      shape_text(running_std->sym_sizes()), " must have the same shape");
+    call.num_tasks =
+        running_mean->dim() == 2 ? running_mean->sym_size(0).guard_int(__FILE__, __LINE__) : 1;
+    TORCH_CHECK_VALUE(!(running_mean->dim() == 1 && task_ids.has_value()),
+                      "task_ids were given but running_mean has shape (F,): per-task "
+                      "statistics need (num_tasks, F) running_mean / running_std");
+    TORCH_CHECK_VALUE(!(running_mean->dim() == 2 && call.num_tasks > 1 && !task_ids.has_value()),
+                      "running statistics hold ", call.num_tasks, " tasks: task_ids (shape ",
+                      shape_text(rows), ") are required to pick each row's task");
+  }
+  if (task_ids.has_value()) {
+    check_index_tensor(*task_ids, "task_ids", rows, x);
+    if (!running_mean.has_value()) {  // the task count comes from the data
+      TORCH_CHECK_VALUE(!synced,
+                        "task_ids with a process_group need running_mean / running_std of "
+                        "shape (num_tasks, F): every rank must use the same task count, not "
+                        "the one its own rows show");
+      call.num_tasks =
+          task_ids->sym_numel() != 0 ? max_on_host(*task_ids, "the task count") + 1 : 1;
+    }
+  }
+
+  if (!training) {
+    TORCH_CHECK_VALUE(running_mean.has_value(),
+                      labels.has_value()
+                          ? "labels were given but training=False: pass training=True for "
+                            "class-balanced batch statistics, or running_mean and running_std "
+                            "to normalize with (inference)"
+                          : "running_mean and running_std are required when training=False "
+                            "(there are no batch statistics to normalize with): pass them, or "
+                            "training=True with labels");
+    return call;
+  }
+  TORCH_CHECK_VALUE(labels.has_value(),
+                    "labels are required in training: class-balanced statistics need each "
+                    "row's class (pass labels, or training=False with running stats)");
+  check_index_tensor(*labels, "labels", rows, x);
+  TORCH_CHECK_VALUE(x.sym_numel() != 0 || synced,
+                    "x has no rows: training statistics need at least one row");
+  if (!num_classes.has_value()) {
+    TORCH_CHECK_VALUE(!synced,
+                      "num_classes is required with a process_group: every rank must group its "
+                      "rows by the same classes, not those its own labels show");
+    const int64_t hi = max_on_host(*labels, "num_classes");
+    TORCH_CHECK_VALUE(hi >= 0, "labels must be class indices (>= 0), got values up to ", hi);
+    num_classes = hi + 1;
+  }
+  TORCH_CHECK_VALUE(*num_classes >= 1, "num_classes must be a positive int, got ", *num_classes);
+  call.num_classes = *num_classes;
+  return call;
+}
+
+// -- the phases, through the dispatcher --------------------------------------------------
+
+Tensor group_keys(const optional<Tensor>& labels, const optional<Tensor>& task_ids,
+                  int64_t num_tasks, int64_t num_classes) {
+  static const auto h = op_handle<Tensor(const optional<Tensor>&, const optional<Tensor>&,
+                                         int64_t, int64_t)>("surgellm::_iwn_group_keys");
+  return h.call(labels, task_ids, num_tasks, num_classes);
+}
+
+using Moments = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // count, mean, m2, mean_residual
+Moments group_moments(const Tensor& x, const optional<Tensor>& keys,
+                      const optional<Tensor>& gate, int64_t num_groups) {
+  static const auto h = op_handle<Moments(const Tensor&, const optional<Tensor>&,
+                                          const optional<Tensor>&, int64_t)>(
+      "surgellm::_iwn_group_moments");
+  return h.call(x, keys, gate, num_groups);
+}
+
+Moments merge_moments(const Tensor& count, const Tensor& mean, const Tensor& m2,
+                      const Tensor& residual_sum) {
+  static const auto h =
+      op_handle<Moments(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
+          "surgellm::_iwn_merge_moments");
+  return h.call(count, mean, m2, residual_sum);
+}
+
+std::tuple<Tensor, Tensor, Tensor> combine(const Moments& moments, int64_t num_tasks, bool pooled,
+                                           double momentum, const optional<Tensor>& running_mean,
+                                           const optional<Tensor>& running_std) {
+  static const auto h = op_handle<std::tuple<Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool, double,
+      const optional<Tensor>&, const optional<Tensor>&)>("surgellm::_iwn_combine");
+  const auto& [count, mean, m2, mean_residual] = moments;
+  return h.call(count, mean, m2, mean_residual, num_tasks, pooled, momentum, running_mean,
+                running_std);
+}
+
+Tensor apply(const Tensor& x, const optional<Tensor>& keys, const optional<Tensor>& gate,
+             const optional<Tensor>& weight, const optional<Tensor>& bias, const Tensor& mu,
+             const Tensor& sigma, int64_t key_div, double eps) {
+  static const auto h =
+      op_handle<Tensor(const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                       const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
+                       const Tensor&, int64_t, double)>("surgellm::_iwn_apply");
+  return h.call(x, keys, gate, weight, bias, mu, sigma, key_div, eps);
+}
+
+Tensor task_sums(const Tensor& dy, const Tensor& x, const optional<Tensor>& keys,
+                 const optional<Tensor>& gate, const Tensor& mu, int64_t key_div) {
+  static const auto h = op_handle<Tensor(const Tensor&, const Tensor&, const optional<Tensor>&,
+                                         const optional<Tensor>&, const Tensor&, int64_t)>(
+      "surgellm::_iwn_task_sums");
+  return h.call(dy, x, keys, gate, mu, key_div);
+}
+
+using Coefficients = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+Coefficients coefficients(const Tensor& sums, const optional<Tensor>& param_sums,
+                          const optional<Tensor>& weight, const optional<Tensor>& count,
+                          const optional<Tensor>& group_mean, const optional<Tensor>& group_std,
+                          const optional<Tensor>& mean_residual, const Tensor& mu,
+                          const Tensor& sigma, bool pooled, double eps) {
+  static const auto h = op_handle<Coefficients(
+      const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+      const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
+      const Tensor&, bool, double)>("surgellm::_iwn_coefficients");
+  return h.call(sums, param_sums, weight, count, group_mean, group_std, mean_residual, mu, sigma,
+                pooled, eps);
+}
+
+std::tuple<Tensor, Tensor> input_grad(const Tensor& dy, const Tensor& x,
+                                      const optional<Tensor>& keys, const optional<Tensor>& gate,
+                                      const Tensor& scale, const Tensor& dy_shift,
+                                      const Tensor& dev_coef, const Tensor& center,
+                                      const Tensor& du_dot_u, int64_t key_div, bool training) {
+  static const auto h = op_handle<std::tuple<Tensor, Tensor>(
+      const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool)>(
+      "surgellm::_iwn_input_grad");
+  return h.call(dy, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div,
+                training);
+}
+
+// -- data parallel: torch's functional collectives, through the dispatcher ---------------
+// They run on the process group's own backend (gloo, NCCL) and are traced by
+// torch.compile like any op. No weight, bias or gate gradient is reduced
+// here: DistributedDataParallel does that.
+
+// Boxed calls: the schemas' group argument is `str` in some torch releases
+// and `Any` in others; a boxed call passes the name either way.
+Tensor call_and_wait(const c10::OperatorHandle& collective, torch::jit::Stack stack) {
+  static const auto wait =
+      c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::wait_tensor", "");
+  collective.callBoxed(stack);
+  wait.callBoxed(stack);  // stack: the collective's result, waited on
+  return stack.at(0).toTensor();
+}
+
+// (size * numel) values: every rank's t, in rank order.
+Tensor all_gather(const Tensor& t, const RankGroup& g) {
+  static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(
+      "_c10d_functional::all_gather_into_tensor", "");
+  return call_and_wait(h, {t, g.size, g.name});
+}
+
+Tensor all_reduce_sum(const Tensor& t, const RankGroup& g) {
+  static const auto h =
+      c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_reduce", "");
+  return call_and_wait(h, {t, "sum", g.name});
+}
+
+// The moments of every rank's rows together: one all-gather of each rank's
+// (count, mean, M2, residual sum) per group and a flag saying whether its own
+// call failed its checks, then every rank merges the same gathered values in
+// rank order (_iwn_merge_moments), so every rank ends with the same
+// statistics. A rank without rows of a group sends n = 0, which adds
+// nothing. When a rank flagged a failure, every rank raises (none is left
+// waiting in a later collective). The flags are read back (one host sync on
+// CUDA), except while tracing and under CUDA graph capture, where no check
+// fails before the gather.
+Moments moments_of_all_ranks(const Moments& local, bool failed, const RankGroup& g) {
+  const auto& [count, mean, m2, mean_residual] = local;
+  const c10::SymInt G = mean.sym_size(0), F = mean.sym_size(1);
+  const Tensor flag = at::full({1}, failed ? 1 : 0, count.options());
+  const Tensor residual_sum = mean_residual * count.unsqueeze(-1);
+  const Tensor packed =
+      at::cat({flag, count, mean.reshape(-1), m2.reshape(-1), residual_sum.reshape(-1)});
+  const Tensor per_rank = all_gather(packed, g).view_symint({g.size, -1});
+  const Tensor flags = per_rank.select(1, 0);
+  if (!at::isTensorSubclassLike(flags) && !capturing_cuda_graph(flags)) {
+    const Tensor host = flags.to(at::kCPU, at::kDouble).contiguous();
+    const double* flag_of = host.const_data_ptr<double>();
+    std::vector<int64_t> failed_ranks;
+    for (int64_t r = 0; r < g.size; ++r)
+      if (flag_of[r] != 0) failed_ranks.push_back(r);
+    TORCH_CHECK_VALUE(failed_ranks.empty(), "the call failed its checks on rank(s) ",
+                      c10::IntArrayRef(failed_ranks),
+                      " of process_group (their own errors say why); nothing was updated");
+  }
+  auto part = [&](int64_t which) {  // (R, G, F) of mean, m2 or residual_sum
+    return per_rank.narrow_symint(1, G + 1 + which * G * F, G * F)
+        .reshape_symint({g.size, G, F})
+        .contiguous();
+  };
+  return merge_moments(per_rank.narrow_symint(1, 1, G).contiguous(), part(0), part(1), part(2));
+}
+
+// The op _iwn_all_ranks_moments (what InstanceWeightedNorm.fit merges its
+// shards with): moments_of_all_ranks for a process group's name and size.
+Moments all_ranks_moments_op(const Tensor& count, const Tensor& mean, const Tensor& m2,
+                             const Tensor& mean_residual, bool failed,
+                             c10::string_view group_name, int64_t group_size) {
+  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be positive, got ", group_size);
+  return moments_of_all_ranks({count, mean, m2, mean_residual}, failed,
+                              RankGroup{std::string(group_name), group_size});
+}
+
+// -- the forward, phase by phase -------------------------------------------------------
+
+at::ScalarType accumulation_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+optional<Tensor> flat(const optional<Tensor>& t) {
+  return t.has_value() ? optional<Tensor>(t->reshape(-1)) : std::nullopt;
+}
+
+// What the phases take: contiguous (N, F) rows, a (F) gate, weight and bias
+// in the accumulation type (any stride accepted here), a per-instance gate as
+// (N, F) rows of x's type.
+struct PhaseInputs {
+  Tensor x;
+  optional<Tensor> gate, weight, bias;
+};
+
+PhaseInputs phase_inputs(const Tensor& x, const optional<Tensor>& gate,
+                         const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  const auto acc = accumulation_type(x);
+  const c10::SymInt F = x.sym_size(-1);
+  // Tensors already in the layout asked for are passed as they are: no
+  // dispatcher round trip per argument on every call.
+  auto vec = [&](const optional<Tensor>& t) -> optional<Tensor> {
+    if (!t.has_value()) return std::nullopt;
+    if (t->scalar_type() == acc && t->is_contiguous()) return t;
+    return t->to(acc).contiguous();
+  };
+  auto rows = [&](const Tensor& t) {
+    if (t.dim() == 2 && t.is_contiguous()) return t;
+    return t.reshape_symint({-1, F}).contiguous();
+  };
+  optional<Tensor> gate2;
+  if (gate.has_value()) gate2 = gate->dim() == 1 ? vec(gate) : rows(*gate);
+  return {rows(x), gate2, vec(weight), vec(bias)};
+}
+
+struct ForwardResult {
+  Tensor y;  // (N, F)
+  optional<Tensor> keys;
+  optional<Tensor> count, group_mean, group_std, mean_residual;  // training only
+  Tensor mu, sigma;                               // (T, F) statistics used
+  int64_t key_div;
+};
+
+// Running statistics are updated in place by the combine kernels, which take
+// contiguous (T, F) buffers of the accumulation type; other layouts and
+// dtypes go through a temporary copied back afterwards.
+optional<Tensor> kernel_buffer(const optional<Tensor>& r, at::ScalarType acc) {
+  if (!r.has_value() || (r->is_contiguous() && r->scalar_type() == acc)) return r;
+  return r->to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+}
+
+// The rows' keys and the training statistics' moments: of this rank's rows,
+// or of every rank's.
+std::pair<Tensor, Moments> training_moments(const PhaseInputs& in,
+                                            const optional<Tensor>& labels,
+                                            const optional<Tensor>& task_ids,
+                                            const IWNCall& call) {
+  const int64_t T = call.num_tasks, G = T * call.num_classes;
+  auto of_rows = [&] {
+    const Tensor keys = group_keys(flat(labels), flat(task_ids), T, call.num_classes);
+    return std::pair{keys, group_moments(in.x, keys, in.gate, G)};
+  };
+  if (!call.ranks.has_value()) return of_rows();
+  // A rank whose rows fail a check (a label or task id out of range) still
+  // takes part in the all-gather, flagged; then every rank raises (none is
+  // left waiting in a collective), this one its own error.
+  std::exception_ptr failure;
+  std::pair<Tensor, Moments> result;
+  try {
+    result = of_rows();
+  } catch (const c10::Error&) {
+    failure = std::current_exception();
+    const auto opts = in.x.options().dtype(accumulation_type(in.x));
+    const Tensor zeros = at::zeros_symint({G, in.x.sym_size(1)}, opts);
+    result.second = {at::zeros({G}, opts), zeros, zeros, zeros};
+  }
+  try {
+    result.second = moments_of_all_ranks(result.second, failure != nullptr, *call.ranks);
+  } catch (const c10::Error&) {
+    if (failure) std::rethrow_exception(failure);
+    throw;
+  }
+  if (failure) std::rethrow_exception(failure);
+  return result;
+}
+
+// for_backward: autograd records the call, so eval keeps its own copy of
+// the running statistics (backward must see those of this call, not a later
+// update); otherwise they are read where they are.
+ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labels,
+                             const optional<Tensor>& task_ids,
+                             const optional<Tensor>& running_mean,
+                             const optional<Tensor>& running_std, bool training, double momentum,
+                             double eps, const IWNCall& call, bool for_backward) {
+  const auto acc = accumulation_type(in.x);
+  const int64_t T = call.num_tasks;
+  ForwardResult r;
+  if (training) {
+    Moments moments;
+    std::tie(r.keys, moments) = training_moments(in, labels, task_ids, call);
+    const auto rm = kernel_buffer(running_mean, acc), rs = kernel_buffer(running_std, acc);
+    auto [group_std, mu, sigma] = combine(moments, T, call.pooled, momentum, rm, rs);
+    for (const auto& [buffer, running] : {std::pair{rm, running_mean}, std::pair{rs, running_std}})
+      if (buffer.has_value() && !buffer->is_same(*running))
+        running->copy_(buffer->view_symint(running->sym_sizes()));
+    std::tie(r.count, r.group_mean, std::ignore, r.mean_residual) = moments;
+    r.group_std = group_std;
+    r.mu = mu;
+    r.sigma = sigma;
+    r.key_div = call.num_classes;
+  } else {
+    if (task_ids.has_value()) r.keys = group_keys(std::nullopt, flat(task_ids), T, 1);
+    const c10::SymInt F = in.x.sym_size(1);
+    auto stats = [&](const Tensor& s) {
+      if (!for_backward && s.scalar_type() == acc && s.is_contiguous())
+        return s.dim() == 2 ? s : s.view_symint({T, F});
+      return s.reshape_symint({T, F}).to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    };
+    r.mu = stats(*running_mean);
+    r.sigma = stats(*running_std);
+    r.key_div = 1;
+  }
+  r.y = apply(in.x, r.keys, in.gate, in.weight, in.bias, r.mu, r.sigma, r.key_div, eps);
+  return r;
+}
+
+Tensor forward_without_autograd(const Tensor& x, const optional<Tensor>& labels,
+                                const optional<Tensor>& gate, const optional<Tensor>& weight,
+                                const optional<Tensor>& bias,
+                                const optional<Tensor>& running_mean,
+                                const optional<Tensor>& running_std,
+                                const optional<Tensor>& task_ids, bool training,
+                                double momentum, double eps, const IWNCall& call) {
+  const auto r = forward_phases(phase_inputs(x, gate, weight, bias), labels, task_ids,
+                                running_mean, running_std, training, momentum, eps, call,
+                                /*for_backward=*/false);
+  return x.dim() == 2 ? r.y : r.y.view_symint(x.sym_sizes());
+}
+
+// The op without autograd: inference mode, and the Meta / fake path.
+Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels,
+                     const optional<Tensor>& gate, const optional<Tensor>& weight,
+                     const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                     const optional<Tensor>& running_std, const optional<Tensor>& task_ids,
+                     bool training, double momentum, double eps, c10::string_view std_mode,
+                     optional<int64_t> num_classes, optional<c10::string_view> group_name,
+                     int64_t group_size) {
+  const IWNCall call = check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std,
+                                      task_ids, training, momentum, eps, std_mode, num_classes,
+                                      group_name, group_size);
+  return forward_without_autograd(x, labels, gate, weight, bias, running_mean, running_std,
+                                  task_ids, training, momentum, eps, call);
+}
+
+// _iwn_check_args: check_iwn_args and the label / task-id ranges, computing
+// nothing. The reference (surgellm_kernels/ops/reference.py) and the modules'
+// fit run it so that their bad input gets the op's own errors.
+void check_args_op(const Tensor& x, const optional<Tensor>& labels, const optional<Tensor>& gate,
+                   const optional<Tensor>& weight, const optional<Tensor>& bias,
+                   const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
+                   const optional<Tensor>& task_ids, bool training, double momentum, double eps,
+                   c10::string_view std_mode, optional<int64_t> num_classes,
+                   optional<c10::string_view> group_name, int64_t group_size) {
+  const IWNCall call = check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std,
+                                      task_ids, training, momentum, eps, std_mode, num_classes,
+                                      group_name, group_size);
+  if (training)
+    group_keys(flat(labels), flat(task_ids), call.num_tasks, call.num_classes);
+  else if (task_ids.has_value())
+    group_keys(std::nullopt, flat(task_ids), call.num_tasks, 1);
+}
+
+// -- autograd ---------------------------------------------------------------------------
+
+class IWNFunction : public torch::autograd::Function<IWNFunction> {
+ public:
+  // Checked by iwn_autograd; num_tasks, num_classes, pooled and the rank
+  // group are what check_iwn_args made of the call.
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& labels,
+                        const optional<Tensor>& gate, const optional<Tensor>& weight,
+                        const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                        const optional<Tensor>& running_std, const optional<Tensor>& task_ids,
+                        bool training, double momentum, double eps, int64_t num_tasks,
+                        int64_t num_classes, bool pooled, optional<std::string> group_name,
+                        int64_t group_size) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    IWNCall call{num_tasks, num_classes, pooled, std::nullopt};
+    if (group_name.has_value()) call.ranks = RankGroup{*group_name, group_size};
+    const PhaseInputs in = phase_inputs(x, gate, weight, bias);
+    const auto r = forward_phases(in, labels, task_ids, running_mean, running_std, training,
+                                  momentum, eps, call, /*for_backward=*/true);
+    auto or_undefined = [](const optional<Tensor>& t) { return t.value_or(Tensor()); };
+    // The inputs themselves are saved where the phases read them in place
+    // (backward re-derives the same views), so that autograd's version check
+    // sees an in-place change of x, the gate or the weight before backward;
+    // copies made for the phases are saved as they are.
+    auto input = [](const optional<Tensor>& phase, const optional<Tensor>& given) {
+      if (!phase.has_value()) return Tensor();
+      return phase->is_alias_of(*given) ? *given : *phase;
+    };
+    ctx->save_for_backward({input(in.x, x), or_undefined(r.keys), input(in.gate, gate),
+                            input(in.weight, weight), or_undefined(r.count),
+                            or_undefined(r.group_mean), or_undefined(r.group_std),
+                            or_undefined(r.mean_residual), r.mu, r.sigma});
+    ctx->saved_data["x_sizes"] = x.sym_sizes();
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["pooled"] = pooled;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["key_div"] = r.key_div;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    if (call.ranks.has_value()) {
+      ctx->saved_data["group_name"] = call.ranks->name;
+      ctx->saved_data["group_size"] = call.ranks->size;
+    }
+    return x.dim() == 2 ? r.y : r.y.view_symint(x.sym_sizes());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // The backward phases are not differentiable: with create_graph, a
+    // second derivative through them would silently be missing, so refuse.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fused_iwn has no double backward (backward with create_graph=True)");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto saved = ctx->get_saved_variables();
+    auto opt = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
+    const PhaseInputs in = phase_inputs(saved[0], opt(saved[2]), opt(saved[3]), std::nullopt);
+    const Tensor& x = in.x;
+    const optional<Tensor> keys = opt(saved[1]), gate = in.gate, weight = in.weight;
+    const bool training = ctx->saved_data["training"].toBool();
+    const int64_t key_div = ctx->saved_data["key_div"].toInt();
+    const auto x_sizes = ctx->saved_data["x_sizes"].toSymIntVector();
+    const Tensor dy = grad_outputs[0].reshape_symint(x.sym_sizes()).contiguous();
+    const Tensor& mu = saved[8];
+    const Tensor& sigma = saved[9];
+    const Tensor sums = task_sums(dy, x, keys, gate, mu, key_div);
+    // Synchronized: the rows' gradients need every rank's sums (the
+    // statistics are shared); weight, bias and a (F) gate keep this rank's
+    // share, from its own sums, which DistributedDataParallel adds up.
+    Tensor all_sums = sums;
+    if (ctx->saved_data.count("group_name"))
+      all_sums = all_reduce_sum(sums, RankGroup{ctx->saved_data["group_name"].toStringRef(),
+                                                ctx->saved_data["group_size"].toInt()});
+    const auto [scale, dy_shift, dev_coef, center, dweight, dbias, du_dot_u] = coefficients(
+        all_sums, sums, weight, opt(saved[4]), opt(saved[5]), opt(saved[6]), opt(saved[7]), mu,
+        sigma, ctx->saved_data["pooled"].toBool(), ctx->saved_data["eps"].toDouble());
+    auto [dx, dgate] = input_grad(dy, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u,
+                                  key_div, training);
+    Tensor dgate_out;
+    if (gate.has_value()) dgate_out = gate->dim() == 1 ? dgate : dgate.view_symint(x_sizes);
+    variable_list grads(16);  // one per forward argument; undefined: no gradient
+    grads[0] = dx.view_symint(x_sizes);
+    grads[2] = dgate_out;
+    if (weight.has_value()) grads[3] = dweight;
+    if (ctx->saved_data["has_bias"].toBool()) grads[4] = dbias;
+    return grads;
+  }
+};
+
+Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels,
+                    const optional<Tensor>& gate, const optional<Tensor>& weight,
+                    const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                    const optional<Tensor>& running_std, const optional<Tensor>& task_ids,
+                    bool training, double momentum, double eps, c10::string_view std_mode,
+                    optional<int64_t> num_classes, optional<c10::string_view> group_name,
+                    int64_t group_size) {
+  const IWNCall call = check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std,
+                                      task_ids, training, momentum, eps, std_mode, num_classes,
+                                      group_name, group_size);
+  if (!autograd_records(x, gate, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return forward_without_autograd(x, labels, gate, weight, bias, running_mean, running_std,
+                                    task_ids, training, momentum, eps, call);
+  }
+  optional<std::string> ranks_name;
+  if (call.ranks.has_value()) ranks_name = call.ranks->name;
+  return IWNFunction::apply(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
+                            training, momentum, eps, call.num_tasks, call.num_classes,
+                            call.pooled, ranks_name, call.ranks ? call.ranks->size : 1);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(surgellm, m) {
+  // The fake kernels of the phases live in this Python module.
+  m.set_python_module("surgellm_kernels.ops.iwn");
+  // fused_iwn's arguments in its order: x (..., F); labels, task_ids int64 of
+  // x.shape[:-1]; gate (F) or x's shape; running statistics (F) or
+  // (num_tasks, F), updated in place in training. group_name / group_size: a
+  // process group (torch.distributed's registered name) whose ranks' rows
+  // share the training statistics; none, or size 1, communicates nothing.
+  m.def(
+      "iwn(Tensor x, Tensor? labels=None, Tensor? gate=None, Tensor? weight=None, "
+      "Tensor? bias=None, Tensor(a!)? running_mean=None, Tensor(b!)? running_std=None, "
+      "Tensor? task_ids=None, bool training=False, float momentum=0.1, float eps=1e-05, "
+      "str std_mode=\"class_mean\", int? num_classes=None, str? group_name=None, "
+      "int group_size=1) -> Tensor");
+  // The phases: x (N, F) contiguous, keys (N) int32, every statistic in the
+  // accumulation dtype (see iwn_args.h).
+  m.def("_iwn_group_keys(Tensor? labels, Tensor? task_ids, int num_tasks, int num_classes) -> Tensor");
+  m.def(
+      "_iwn_check_args(Tensor x, Tensor? labels=None, Tensor? gate=None, Tensor? weight=None, "
+      "Tensor? bias=None, Tensor? running_mean=None, Tensor? running_std=None, "
+      "Tensor? task_ids=None, bool training=False, float momentum=0.1, float eps=1e-05, "
+      "str std_mode=\"class_mean\", int? num_classes=None, str? group_name=None, "
+      "int group_size=1) -> ()");
+  m.def(
+      "_iwn_group_moments(Tensor x, Tensor? keys, Tensor? gate, int num_groups) -> "
+      "(Tensor count, Tensor mean, Tensor m2, Tensor mean_residual)");
+  m.def(
+      "_iwn_merge_moments(Tensor count, Tensor mean, Tensor m2, Tensor residual_sum) -> "
+      "(Tensor count, Tensor mean, Tensor m2, Tensor mean_residual)");
+  m.def(
+      "_iwn_all_ranks_moments(Tensor count, Tensor mean, Tensor m2, Tensor mean_residual, "
+      "bool failed, str group_name, int group_size) -> "
+      "(Tensor count, Tensor mean, Tensor m2, Tensor mean_residual)");
+  m.def(
+      "_iwn_combine(Tensor count, Tensor mean, Tensor m2, Tensor mean_residual, int num_tasks, "
+      "bool pooled, float momentum, Tensor(a!)? running_mean, Tensor(b!)? running_std) -> "
+      "(Tensor group_std, Tensor mu, Tensor sigma)");
+  m.def(
+      "_iwn_apply(Tensor x, Tensor? keys, Tensor? gate, Tensor? weight, Tensor? bias, Tensor mu, "
+      "Tensor sigma, int key_div, float eps) -> Tensor");
+  m.def(
+      "_iwn_task_sums(Tensor grad_y, Tensor x, Tensor? keys, Tensor? gate, Tensor mu, "
+      "int key_div) -> Tensor");
+  m.def(
+      "_iwn_coefficients(Tensor sums, Tensor? param_sums, Tensor? weight, Tensor? count, "
+      "Tensor? group_mean, Tensor? group_std, Tensor? mean_residual, Tensor mu, Tensor sigma, "
+      "bool pooled, float eps) -> (Tensor scale, Tensor dy_shift, Tensor dev_coef, "
+      "Tensor center, Tensor dweight, Tensor dbias, Tensor du_dot_u)");
+  m.def(
+      "_iwn_input_grad(Tensor grad_y, Tensor x, Tensor? keys, Tensor? gate, Tensor scale, "
+      "Tensor dy_shift, Tensor dev_coef, Tensor center, Tensor du_dot_u, int key_div, "
+      "bool training) -> (Tensor dx, Tensor dgate)");
+}
+
+TORCH_LIBRARY_IMPL(surgellm, CompositeImplicitAutograd, m) {
+  m.impl("_iwn_check_args", &check_args_op);
+}
+
+TORCH_LIBRARY_IMPL(surgellm, CompositeExplicitAutograd, m) {
+  m.impl("iwn", &iwn_composite);
+  m.impl("_iwn_all_ranks_moments", &all_ranks_moments_op);
+}
+
+TORCH_LIBRARY_IMPL(surgellm, Autograd, m) {
+  m.impl("iwn", &iwn_autograd);
+}
+
+}  // namespace surgellm

@@ -1,0 +1,339 @@
+// The fused_iwn phases on the CPU. With u = x * sigmoid(gate):
+//   group moments  per (task, class): count, mean and M2 of u
+//   combine        Eq.10-11 per task (iwn_math.h), running-statistics update
+//   apply          y = (u - mu_t) / (sigma_t + eps) * w + b
+//   task sums      per task: sum dy and sum dy (u - mu_t)
+//   coefficients   of dL/du per (task, class) (iwn_math.h), dweight, dbias
+//   input grad     dx, dgate
+//
+// Compiled once per CPU capability (CPU_CAPABILITY = DEFAULT / AVX2 / AVX512
+// with matching -m flags, see setup.py and CMakeLists.txt): at::vec picks the
+// vector width from those macros. Reductions run over fixed row chunks whose
+// partials are merged in chunk order, so every result is bitwise the same for
+// any thread count. u is never materialized beyond one row per thread. Every
+// row loop is vector code to the end: the last partial vector uses counted
+// loads and stores, so the last features of a row round like the others.
+#include "iwn/iwn_cpu.h"
+
+#include "common/cpu_vec.h"
+#include "iwn/iwn_math.h"
+
+namespace surgellm {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// One row of u = x * s, read a vector at a time: either x and the per-feature
+// s = sigmoid(gate) multiplied on the fly (no buffer pass), or a row already
+// materialized in a per-thread buffer (s == nullptr).
+template <typename acc_t>
+struct RowU {
+  const acc_t* x;
+  const acc_t* s;
+  Vectorized<acc_t> vec(int64_t f, int64_t n) const {
+    return s ? load(x + f, n) * load(s + f, n) : load(x + f, n);
+  }
+};
+
+// Rows of u = x * sigmoid(gate) in the accumulation type, one per thread at
+// a time. float32/float64 data with no gate or a (F) gate is read in place;
+// reduced-precision data and per-instance gates go through per-thread row
+// buffers (never a full-size temporary).
+template <typename scalar_t, typename acc_t>
+struct GatedRows {
+  const scalar_t* x;
+  const scalar_t* gate_full;  // per-instance logits, or null
+  const acc_t* gate_sig;      // per-feature sigmoid(gate), or null
+  int64_t F;
+  std::vector<acc_t> u_buf, sig_buf, logit_buf;
+
+  GatedRows(const IWNRows<acc_t>& r, const acc_t* gate_sig_)
+      : x(static_cast<const scalar_t*>(r.x)),
+        gate_full(static_cast<const scalar_t*>(r.gate_full)), gate_sig(gate_sig_), F(r.F),
+        u_buf(r.F), sig_buf(r.gate_full ? r.F : 0), logit_buf(r.gate_full ? r.F : 0) {}
+
+  // u of row i; sig() is then that row's sigmoid(gate) (null when ungated).
+  RowU<acc_t> u(int64_t i) {
+    const acc_t* xa = as_acc(x + i * F, u_buf.data(), F);
+    if (!gate_full) return {xa, gate_sig};
+    sigmoid_row(as_acc(gate_full + i * F, logit_buf.data(), F), sig_buf.data(), F);
+    for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+      store(load(xa + f, n) * load(sig_buf.data() + f, n), u_buf.data() + f, n);
+    });
+    return {u_buf.data(), nullptr};
+  }
+  const acc_t* sig() const { return gate_full ? sig_buf.data() : gate_sig; }
+};
+
+inline int64_t key_of(const int32_t* keys, int64_t i) { return keys ? keys[i] : 0; }
+
+}  // namespace
+
+// Per group: count, mean and M2 of u. Within a chunk, two passes: the sums
+// give each group's mean, then M2 sums squared deviations from it, so a
+// rounded mean costs M2 only a second-order error (n (mean error)^2) --
+// whatever the data's offset, its first row, or how close its values are.
+// Chunks then merge in chunk order (iwn_merge_moments): the mean, then M2
+// and the residual about that merged (rounded) mean, cross terms included:
+// M2 is the sum of squares about the mean returned.
+template <typename scalar_t>
+void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = a.rows.N, F = a.rows.F, G = a.num_groups;
+  const int64_t chunk = rows_per_chunk(N, F, G * F, 3 * sizeof(acc_t));
+  const int64_t nchunks = ceil_div(N, chunk);
+  const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
+  const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
+  // One chunk (small batches): its summaries are the result, written in place.
+  const bool one = nchunks == 1;
+  Scratch<acc_t> pcount(one ? 0 : nchunks * G), pmean(one ? 0 : nchunks * G * F),
+      pm2(one ? 0 : nchunks * G * F), pres(one ? 0 : nchunks * G * F);
+  if (one) {
+    std::fill(a.count, a.count + G, acc_t(0));
+    std::fill(a.mean, a.mean + G * F, acc_t(0));
+    std::fill(a.m2, a.m2 + G * F, acc_t(0));
+    std::fill(a.mean_residual, a.mean_residual + G * F, acc_t(0));
+  }
+  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+    GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
+    for (int64_t ch = begin; ch < end; ++ch) {
+      acc_t* cnt = one ? a.count : pcount.data() + ch * G;
+      acc_t* mean = one ? a.mean : pmean.data() + ch * G * F;
+      acc_t* m2 = one ? a.m2 : pm2.data() + ch * G * F;
+      acc_t* res = one ? a.mean_residual : pres.data() + ch * G * F;
+      const int64_t r0 = ch * chunk, r1 = std::min(N, (ch + 1) * chunk);
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t k = key_of(a.rows.keys, i);
+        const RowU<acc_t> u = rows.u(i);
+        cnt[k] += acc_t(1);
+        acc_t* sum = mean + k * F;
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+          store(load(sum + f, n) + u.vec(f, n), sum + f, n);
+        });
+      }
+      for (int64_t k = 0; k < G; ++k) {
+        if (cnt[k] == acc_t(0)) continue;
+        const Vec inv(acc_t(1) / cnt[k]);
+        acc_t* m = mean + k * F;
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) { store(load(m + f, n) * inv, m + f, n); });
+      }
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t k = key_of(a.rows.keys, i);
+        const RowU<acc_t> u = rows.u(i);
+        const acc_t* m = mean + k * F;
+        acc_t* sq = m2 + k * F;
+        acc_t* rs = res + k * F;
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+          const Vec d = u.vec(f, n) - load(m + f, n);
+          store(at::vec::fmadd(d, d, load(sq + f, n)), sq + f, n);
+          store(load(rs + f, n) + d, rs + f, n);
+        });
+      }
+    }
+  });
+  if (one) {  // the residual sums over the group's count
+    for (int64_t k = 0; k < G; ++k) {
+      if (a.count[k] == acc_t(0)) continue;
+      acc_t* out = a.mean_residual + k * F;
+      for (int64_t f = 0; f < F; ++f) out[f] /= a.count[k];
+    }
+    return;
+  }
+  iwn_merge_moments(IWNMergeArgs<acc_t>{pcount.data(), pmean.data(), pm2.data(), pres.data(),
+                                       nchunks, G, F, a.count, a.mean, a.m2, a.mean_residual});
+}
+
+// Parts' moments merged in part order, per (group, feature): merge_parts_at.
+template <typename acc_t>
+void iwn_merge_moments(const IWNMergeArgs<acc_t>& a) {
+  at::parallel_for(0, a.F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
+    for (int64_t k = 0; k < a.num_groups; ++k)
+      for (int64_t f = f0; f < f1; ++f) merge_parts_at(a, k, f);
+  });
+}
+
+template <typename acc_t>
+void iwn_combine(const IWNCombineArgs<acc_t>& a) {
+  at::parallel_for(0, a.F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
+    for (int64_t t = 0; t < a.num_tasks; ++t)
+      for (int64_t f = f0; f < f1; ++f) combine_at(a, t, f);
+  });
+}
+
+// y = (u - mu_t) * scale_t + bias, with scale_t = w / (sigma_t + eps).
+template <typename scalar_t>
+void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t F = a.rows.F, T = a.num_tasks;
+  const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
+  const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
+  std::vector<acc_t> scale(T * F);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t f = 0; f < F; ++f)
+      scale[t * F + f] = (a.weight ? a.weight[f] : acc_t(1)) / (a.sigma[t * F + f] + a.eps);
+  at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
+    if (!a.rows.gate_full) {  // the common case: rows read and written in place
+      const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
+      scalar_t* y = static_cast<scalar_t*>(a.y);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t t = key_of(a.rows.keys, i) / a.key_div;
+        const acc_t* m = a.mu + t * F;
+        const acc_t* s = scale.data() + t * F;
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+          Vec u = load_as_acc<scalar_t, acc_t>(x + i * F + f, n);
+          if (gate_sig) u = u * load(gate_sig + f, n);
+          const Vec centered = (u - load(m + f, n)) * load(s + f, n);
+          store_from_acc(a.bias ? centered + load(a.bias + f, n) : centered, y + i * F + f, n);
+        });
+      }
+      return;
+    }
+    GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
+    RowOut<scalar_t, acc_t> y(a.y, F);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = key_of(a.rows.keys, i) / a.key_div;
+      const RowU<acc_t> u = rows.u(i);
+      const acc_t* m = a.mu + t * F;
+      const acc_t* s = scale.data() + t * F;
+      acc_t* out = y.row(i);
+      for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+        const Vec centered = (u.vec(f, n) - load(m + f, n)) * load(s + f, n);
+        store(a.bias ? centered + load(a.bias + f, n) : centered, out + f, n);
+      });
+      y.flush(i);
+    }
+  });
+}
+
+// Per task: sums[0] = sum dy, sums[1] = sum dy (u - mu_t).
+template <typename scalar_t>
+void iwn_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = a.rows.N, F = a.rows.F, T = a.num_tasks;
+  const int64_t width = 2 * T * F;
+  const int64_t chunk = rows_per_chunk(N, F, width, sizeof(acc_t)), nchunks = ceil_div(N, chunk);
+  const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
+  const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
+  const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
+  const bool one = nchunks == 1;  // then the sums are written in place
+  Scratch<acc_t> partial(one ? 0 : nchunks * width);
+  if (one) std::fill(a.sums, a.sums + width, acc_t(0));
+  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+    GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
+    std::vector<acc_t> dy_buf(F);
+    for (int64_t ch = begin; ch < end; ++ch) {
+      acc_t* s = one ? a.sums : partial.data() + ch * width;
+      for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
+        const int64_t t = key_of(a.rows.keys, i) / a.key_div;
+        const RowU<acc_t> u = rows.u(i);
+        const acc_t* g = as_acc(dy + i * F, dy_buf.data(), F);
+        const acc_t* m = a.mu + t * F;
+        acc_t* s1 = s + t * F;
+        acc_t* s2 = s + (T + t) * F;
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+          const Vec gv = load(g + f, n);
+          store(load(s1 + f, n) + gv, s1 + f, n);
+          store(at::vec::fmadd(gv, u.vec(f, n) - load(m + f, n), load(s2 + f, n)), s2 + f, n);
+        });
+      }
+    }
+  });
+  if (!one) sum_chunks(partial, nchunks, width, a.sums);
+}
+
+template <typename acc_t>
+void iwn_coefficients(const IWNCoefficientsArgs<acc_t>& a) {
+  at::parallel_for(0, a.F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) coefficients_at(a, f);
+  });
+}
+
+// du = (dy - dy_shift_k) * scale_t + dev_coef_k * (u - center_k) (eval: dy * scale_t);
+// dx = du * sigmoid(gate); dgate = du * u * (1 - sigmoid(gate)), which a (F)
+// gate reduces over rows (in closed form in training, see coefficients_at).
+template <typename scalar_t>
+void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = a.rows.N, F = a.rows.F;
+  const bool reduce_gate = a.rows.gate_vec && !a.training;
+  const int64_t chunk = rows_per_chunk(N, F, F, sizeof(acc_t)), nchunks = ceil_div(N, chunk);
+  const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
+  const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
+  const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
+  Scratch<acc_t> pgate(reduce_gate ? nchunks * F : 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+    GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
+    RowOut<scalar_t, acc_t> dx(a.dx, F), dgate(a.dgate_full, F);
+    std::vector<acc_t> dy_buf(F);
+    const Vec one(acc_t(1));
+    for (int64_t ch = begin; ch < end; ++ch) {
+      acc_t* pg = reduce_gate ? pgate.data() + ch * F : nullptr;
+      for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
+        const int64_t k = key_of(a.rows.keys, i);
+        const RowU<acc_t> u = rows.u(i);
+        const acc_t* s = rows.sig();
+        const acc_t* g = as_acc(dy + i * F, dy_buf.data(), F);
+        const acc_t* p = a.scale + (k / a.key_div) * F;
+        const acc_t* shift = a.training ? a.dy_shift + k * F : nullptr;
+        const acc_t* coef = a.training ? a.dev_coef + k * F : nullptr;
+        const acc_t* center = a.training ? a.center + k * F : nullptr;
+        acc_t* dxr = dx.row(i);
+        acc_t* dgr = a.dgate_full ? dgate.row(i) : nullptr;
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+          Vec du = load(g + f, n);
+          if (shift) {
+            du = (du - load(shift + f, n)) * load(p + f, n);
+            du = at::vec::fmadd(load(coef + f, n), u.vec(f, n) - load(center + f, n), du);
+          } else {
+            du = du * load(p + f, n);
+          }
+          if (!s) {
+            store(du, dxr + f, n);
+            return;
+          }
+          const Vec sv = load(s + f, n);
+          store(du * sv, dxr + f, n);
+          if (pg)
+            store(at::vec::fmadd(du, u.vec(f, n), load(pg + f, n)), pg + f, n);
+          else if (dgr)
+            store(du * u.vec(f, n) * (one - sv), dgr + f, n);
+        });
+        dx.flush(i);
+        if (dgr) dgate.flush(i);
+      }
+    }
+  });
+  if (a.rows.gate_vec) {
+    if (reduce_gate) sum_chunks(pgate, nchunks, F, a.dgate_vec);
+    for (int64_t f = 0; f < F; ++f) {
+      const acc_t total = reduce_gate ? a.dgate_vec[f] : a.du_dot_u[f];
+      a.dgate_vec[f] = total * (acc_t(1) - sig[f]);
+    }
+  }
+}
+
+#define SURGELLM_INSTANTIATE_ROWS(T)                                              \
+  template void iwn_group_moments<T>(const IWNMomentsArgs<acc_type<T>>&);         \
+  template void iwn_apply<T>(const IWNApplyArgs<acc_type<T>>&);                   \
+  template void iwn_task_sums<T>(const IWNTaskSumsArgs<acc_type<T>>&);            \
+  template void iwn_input_grad<T>(const IWNInputGradArgs<acc_type<T>>&);
+SURGELLM_INSTANTIATE_ROWS(float)
+SURGELLM_INSTANTIATE_ROWS(double)
+SURGELLM_INSTANTIATE_ROWS(c10::BFloat16)
+SURGELLM_INSTANTIATE_ROWS(c10::Half)
+#undef SURGELLM_INSTANTIATE_ROWS
+#define SURGELLM_INSTANTIATE_ACC(T)                                \
+  template void iwn_merge_moments<T>(const IWNMergeArgs<T>&);      \
+  template void iwn_combine<T>(const IWNCombineArgs<T>&);          \
+  template void iwn_coefficients<T>(const IWNCoefficientsArgs<T>&);
+SURGELLM_INSTANTIATE_ACC(float)
+SURGELLM_INSTANTIATE_ACC(double)
+#undef SURGELLM_INSTANTIATE_ACC
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace surgellm

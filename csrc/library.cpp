@@ -1,0 +1,67 @@
+// The Python module surgellm_kernels._C. Importing it loads the library: the
+// surgellm op namespace declared here, each op's schemas in csrc/<op>/<op>.cpp
+// (TORCH_LIBRARY_FRAGMENT) and their CPU and CUDA kernels in
+// csrc/<op>/<op>_kernels.cpp. Python calls the ops as torch.ops.surgellm.*,
+// or, for a plain eager call, through the typed entries below: pybind11
+// converts the arguments to the schema's C++ types and the op's typed
+// dispatcher handle calls it, which skips the boxing of a torch.ops call (a
+// third of a small call's cost). They check nothing: the ops do.
+#include <ATen/Context.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "common/kernel_call.h"
+
+TORCH_LIBRARY(surgellm, m) {
+  // Every op of the library: see csrc/iwn/iwn.cpp and
+  // csrc/surgical_gate/surgical_gate.cpp.
+}
+
+namespace surgellm {
+namespace {
+
+optional<c10::string_view> view(const optional<std::string>& s) {
+  return s.has_value() ? optional<c10::string_view>(*s) : std::nullopt;
+}
+
+Tensor iwn(const Tensor& x, const optional<Tensor>& labels, const optional<Tensor>& gate,
+           const optional<Tensor>& weight, const optional<Tensor>& bias,
+           const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
+           const optional<Tensor>& task_ids, bool training, double momentum, double eps,
+           const std::string& std_mode, optional<int64_t> num_classes,
+           const optional<std::string>& group_name, int64_t group_size) {
+  static const auto op = op_handle<Tensor(
+      const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+      const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+      const optional<Tensor>&, bool, double, double, c10::string_view, optional<int64_t>,
+      optional<c10::string_view>, int64_t)>("surgellm::iwn");
+  return op.call(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
+                 momentum, eps, std_mode, num_classes, view(group_name), group_size);
+}
+
+Tensor surgical_gate(const Tensor& h, const Tensor& s, const Tensor& gate_logits,
+                     const optional<Tensor>& weight, const optional<Tensor>& bias, double eps) {
+  static const auto op =
+      op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+                       const optional<Tensor>&, double)>("surgellm::surgical_gate");
+  return op.call(h, s, gate_logits, weight, bias, eps);
+}
+
+}  // namespace
+}  // namespace surgellm
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "surgellm_kernels compiled kernels: registers the torch.ops.surgellm ops";
+  m.def("cpu_capability", [] { return at::get_cpu_capability(); },
+        "the CPU kernel build in use (DEFAULT, AVX2 or AVX512)");
+  m.def("iwn", &surgellm::iwn, py::call_guard<py::gil_scoped_release>(),
+        "torch.ops.surgellm.iwn's typed eager entry (same arguments, in schema order)");
+  m.def("surgical_gate", &surgellm::surgical_gate, py::call_guard<py::gil_scoped_release>(),
+        "torch.ops.surgellm.surgical_gate's typed eager entry");
+#ifdef SURGELLM_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

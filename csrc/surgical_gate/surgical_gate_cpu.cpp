@@ -1,0 +1,164 @@
+// fused_surgical_gate on the CPU: per row, g = sigmoid(logits),
+// v = g * h + (1 - g) * s, z = LayerNorm(v) * weight + bias; and its backward.
+//
+// Compiled once per CPU capability (see dispatch.h). Rows run in parallel;
+// the blend lives in one per-thread row buffer, never in memory beyond it
+// (forward saves only mean and rstd; backward recomputes the blend). dweight
+// and dbias reduce over fixed row chunks merged in chunk order, so every
+// result is bitwise the same for any thread count.
+#include "surgical_gate/surgical_gate_cpu.h"
+
+#include "common/cpu_vec.h"
+
+namespace surgellm {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+template <typename acc_t>
+acc_t sum_lanes(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return a + b; }, v);
+}
+
+// One row's blend v = g * h + (1 - g) * s and gate g, in per-thread buffers,
+// read from data of any floating type.
+template <typename scalar_t, typename acc_t>
+struct BlendRows {
+  const scalar_t *h, *s, *logits;
+  int64_t d;
+  std::vector<acc_t> h_buf, s_buf, l_buf, g, v;
+  BlendRows(const void* h_, const void* s_, const void* l_, int64_t d_)
+      : h(static_cast<const scalar_t*>(h_)), s(static_cast<const scalar_t*>(s_)),
+        logits(static_cast<const scalar_t*>(l_)), d(d_), h_buf(d_), s_buf(d_), l_buf(d_), g(d_),
+        v(d_) {}
+  // Fills g and v for row i; returns sum(v) and leaves h, s of the row in hr, sr.
+  acc_t blend(int64_t i, const acc_t** hr, const acc_t** sr) {
+    using Vec = Vectorized<acc_t>;
+    *hr = as_acc(h + i * d, h_buf.data(), d);
+    *sr = as_acc(s + i * d, s_buf.data(), d);
+    sigmoid_row(as_acc(logits + i * d, l_buf.data(), d), g.data(), d);
+    const Vec one(acc_t(1)), zero(acc_t(0));
+    Vec sum(acc_t(0));
+    for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
+      const Vec gv = load(g.data() + f, n);
+      const Vec vv = gv * load(*hr + f, n) + (one - gv) * load(*sr + f, n);
+      store(vv, v.data() + f, n);
+      sum = sum + Vec::set(zero, vv, n);
+    });
+    return sum_lanes(sum);
+  }
+};
+
+}  // namespace
+
+template <typename scalar_t>
+void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t d = a.d;
+  at::parallel_for(0, a.N, row_grain(d), [&](int64_t begin, int64_t end) {
+    BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
+    RowOut<scalar_t, acc_t> z(a.z, d);
+    const Vec zero(acc_t(0));
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t *hr, *sr;
+      const acc_t mean0 = rows.blend(i, &hr, &sr) / acc_t(d);
+      const Vec vmean0(mean0);
+      // Deviations from the first mean and their sum: the mean corrected by
+      // it is exact for a constant row (whose z is then exactly the bias).
+      Vec sq(acc_t(0)), sd(acc_t(0));
+      for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
+        const Vec dv = load(rows.v.data() + f, n) - vmean0;
+        sq = Vec::set(sq, at::vec::fmadd(dv, dv, sq), n);
+        sd = Vec::set(sd, sd + dv, n);
+      });
+      const acc_t shift = sum_lanes(sd) / acc_t(d);
+      const acc_t mean = mean0 + shift;
+      const acc_t var = sum_lanes(sq) / acc_t(d) - shift * shift;
+      const acc_t rstd = acc_t(1) / std::sqrt((var > acc_t(0) ? var : acc_t(0)) + a.eps);
+      const Vec vmean(mean), vrstd(rstd);
+      acc_t* out = z.row(i);
+      for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
+        Vec y = (load(rows.v.data() + f, n) - vmean) * vrstd;
+        if (a.weight) y = y * load(a.weight + f, n);
+        if (a.bias) y = y + load(a.bias + f, n);
+        store(y, out + f, n);
+      });
+      z.flush(i);
+      a.mean[i] = mean;
+      a.rstd[i] = rstd;
+    }
+  });
+}
+
+// dv = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dz * w;
+// dh = dv g, ds = dv (1 - g), dlogits = dv (h - s) g (1 - g).
+template <typename scalar_t>
+void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = a.N, d = a.d;
+  const int64_t chunk = rows_per_chunk(N, d, 2 * d, sizeof(acc_t));
+  const int64_t nchunks = ceil_div(N, chunk);
+  const scalar_t* dz = static_cast<const scalar_t*>(a.dz);
+  Scratch<acc_t> partial(nchunks * 2 * d);  // per chunk: sum dz xhat, then sum dz
+  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+    BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
+    RowOut<scalar_t, acc_t> dh(a.dh, d), ds(a.ds, d), dl(a.dlogits, d);
+    std::vector<acc_t> dz_buf(d);
+    const Vec one(acc_t(1));
+    for (int64_t ch = begin; ch < end; ++ch) {
+      acc_t* pw = partial.data() + ch * 2 * d;
+      acc_t* pb = pw + d;
+      for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
+        const acc_t *hr, *sr;
+        rows.blend(i, &hr, &sr);
+        const acc_t* g = as_acc(dz + i * d, dz_buf.data(), d);
+        const Vec mean(a.mean[i]), rstd(a.rstd[i]);
+        // Row sums of dxhat and dxhat * xhat (dz's unused lanes load as 0).
+        Vec c1(acc_t(0)), c2(acc_t(0));
+        for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
+          const Vec gz = load(g + f, n);
+          const Vec xhat = (load(rows.v.data() + f, n) - mean) * rstd;
+          const Vec dxhat = a.weight ? gz * load(a.weight + f, n) : gz;
+          c1 = c1 + dxhat;
+          c2 = at::vec::fmadd(dxhat, xhat, c2);
+          store(at::vec::fmadd(gz, xhat, load(pw + f, n)), pw + f, n);
+          store(load(pb + f, n) + gz, pb + f, n);
+        });
+        const Vec m1(sum_lanes(c1) / acc_t(d)), m2(sum_lanes(c2) / acc_t(d));
+        acc_t *dhr = dh.row(i), *dsr = ds.row(i), *dlr = dl.row(i);
+        for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
+          const Vec gz = load(g + f, n);
+          const Vec xhat = (load(rows.v.data() + f, n) - mean) * rstd;
+          const Vec dxhat = a.weight ? gz * load(a.weight + f, n) : gz;
+          const Vec dv = rstd * (dxhat - m1 - xhat * m2);
+          const Vec gv = load(rows.g.data() + f, n);
+          store(dv * gv, dhr + f, n);
+          store(dv * (one - gv), dsr + f, n);
+          store(dv * (load(hr + f, n) - load(sr + f, n)) * gv * (one - gv), dlr + f, n);
+        });
+        dh.flush(i);
+        ds.flush(i);
+        dl.flush(i);
+      }
+    }
+  });
+  Scratch<acc_t> total(2 * d, false);
+  sum_chunks(partial, nchunks, 2 * d, total.data());
+  std::copy(total.data(), total.data() + d, a.dweight);
+  std::copy(total.data() + d, total.data() + 2 * d, a.dbias);
+}
+
+#define SURGELLM_INSTANTIATE(T)                                                                \
+  template void surgical_gate_forward<T>(const SurgicalGateForwardArgs<acc_type<T>>&);        \
+  template void surgical_gate_backward<T>(const SurgicalGateBackwardArgs<acc_type<T>>&);
+SURGELLM_INSTANTIATE(float)
+SURGELLM_INSTANTIATE(double)
+SURGELLM_INSTANTIATE(c10::BFloat16)
+SURGELLM_INSTANTIATE(c10::Half)
+#undef SURGELLM_INSTANTIATE
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace surgellm

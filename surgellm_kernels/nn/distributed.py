@@ -1,0 +1,111 @@
+"""Data-parallel IWN: class-balanced statistics shared by every rank.
+
+Under ``DistributedDataParallel`` each rank normalizes a shard of the batch.
+Per-shard class-balanced statistics weigh the classes differently on each
+rank (a class can be present on one rank and absent on another), so
+:class:`SyncInstanceWeightedNorm` computes them over all shards together, as
+``torch.nn.SyncBatchNorm`` does for BatchNorm: ``fused_iwn(...,
+process_group=...)`` exchanges the per-(task, class) moments in forward and
+the per-task gradient sums in backward, on the group's own backend (gloo for
+CPU tensors, NCCL for CUDA ones). :func:`convert_sync_iwn` swaps it into a
+model.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import fused_iwn
+from ..ops.reference import accumulation_dtype
+from .iwn import FusedInstanceWeightedNorm, InstanceWeightedNorm
+from .patching import _twin
+
+__all__ = ["SyncInstanceWeightedNorm", "convert_sync_iwn", "SyncPayload", "sync_payload"]
+
+
+class SyncPayload(NamedTuple):
+    """Bytes one rank puts into the collectives of one synchronized training
+    step; both are independent of the batch size."""
+
+    all_gather: int  # forward; each rank receives world_size times this
+    all_reduce: int  # backward
+
+
+def sync_payload(num_features: int, num_classes: int, num_tasks: int = 1,
+                 dtype: torch.dtype = torch.float32) -> SyncPayload:
+    """What ``fused_iwn(..., process_group=...)`` exchanges per training step.
+
+    Forward: count, mean, M2 and mean residual of every (task, class) group,
+    ``T * C * (1 + 3 F)`` values, and a flag saying whether this rank's own
+    checks failed, all-gathered. Backward: the per-task sums of dy and
+    dy (u - mu), ``2 * T * F`` values, all-reduced. Values are in the
+    accumulation dtype (float64 for float64 inputs, else float32).
+    """
+    itemsize = accumulation_dtype(dtype).itemsize
+    groups = num_tasks * num_classes
+    return SyncPayload((1 + groups * (1 + 3 * num_features)) * itemsize,
+                       2 * num_tasks * num_features * itemsize)
+
+
+def _default_group():
+    """The default process group when torch.distributed is initialized, else None."""
+    dist = torch.distributed
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+class SyncInstanceWeightedNorm(FusedInstanceWeightedNorm):
+    """:class:`InstanceWeightedNorm` whose training statistics are those of
+    every rank's rows together.
+
+    Same constructor as :class:`InstanceWeightedNorm`, plus ``process_group``
+    (default: the whole world, once ``torch.distributed`` is initialized;
+    without it the module behaves as :class:`FusedInstanceWeightedNorm`).
+    Every rank must run the module on each training step, a rank without
+    rows too (with x of shape (0, F)). Running statistics end identical on
+    every rank. :meth:`fit` communicates only when given a process group
+    (``fit(process_group=norm.process_group)``), so that fitting on one rank
+    and broadcasting the buffers stays possible.
+    """
+
+    def __init__(self, num_features: int, num_classes: int, num_tasks: int = 1,
+                 eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+                 gate: bool = False, std_mode: str = "class_mean", process_group=None):
+        super().__init__(num_features, num_classes, num_tasks, eps, momentum, affine, gate,
+                         std_mode)
+        self.process_group = process_group
+
+    def _group(self):
+        return self.process_group if self.process_group is not None else _default_group()
+
+    # Called by InstanceWeightedNorm.forward in place of the static functional.
+    def _iwn(self, *args) -> Tensor:
+        return fused_iwn(*args, process_group=self._group())
+
+
+def convert_sync_iwn(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every :class:`InstanceWeightedNorm` and
+    :class:`FusedInstanceWeightedNorm` in ``module`` by a
+    :class:`SyncInstanceWeightedNorm` holding the same Parameter and buffer
+    objects (so an optimizer built before keeps training them), hooks and
+    attributes, like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. A
+    norm registered under several parents becomes one synced module. Returns
+    ``module``, or the new module when ``module`` itself is one. Subclasses
+    with code of their own, and modules already synced, are left as they are.
+    """
+    return _convert(module, process_group, {})
+
+
+def _convert(module: nn.Module, process_group, converted: dict) -> nn.Module:
+    if type(module) in (InstanceWeightedNorm, FusedInstanceWeightedNorm):
+        if id(module) not in converted:
+            synced = _twin(module, SyncInstanceWeightedNorm)  # shares the module's dicts
+            synced.process_group = process_group
+            converted[id(module)] = synced
+        return converted[id(module)]
+    for name, child in module.named_children():
+        new = _convert(child, process_group, converted)
+        if new is not child:
+            setattr(module, name, new)
+    return module

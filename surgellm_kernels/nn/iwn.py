@@ -1,0 +1,210 @@
+"""Instance-Weighted Normalization (Eq.10-11) as a module, and its fused twin.
+
+:class:`InstanceWeightedNorm` reads like the paper: class-balanced batch
+statistics in training, running statistics in eval, and :meth:`fit` for the
+paper's fixed statistics of a whole training set. :class:`FusedInstanceWeightedNorm`
+has the same constructor, parameters and buffers (each loads the other's
+``state_dict``); only the functional it calls differs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import _backend
+from ..ops.iwn import fused_iwn, rank_group
+from ..ops.reference import (check_iwn_args, class_moments, combine_class_statistics,
+                             iwn_reference, merge_moments)
+
+__all__ = ["InstanceWeightedNorm", "FusedInstanceWeightedNorm"]
+
+
+class InstanceWeightedNorm(nn.Module):
+    """Instance-Weighted Normalization (Eq.10-11) with an optional surgical gate.
+
+    Buffers ``running_mean`` / ``running_std`` (num_tasks, num_features) hold
+    either running class-balanced batch statistics (updated in training with
+    ``momentum``) or, after :meth:`fit`, the paper's fixed statistics of a
+    whole training set. Fitting freezes them: forward then uses them in
+    training mode too; :meth:`use_batch_statistics` undoes that.
+    """
+
+    # The functional this module calls; the fused twin swaps in ``fused_iwn``.
+    _iwn = staticmethod(iwn_reference)
+
+    def __init__(self, num_features: int, num_classes: int, num_tasks: int = 1,
+                 eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+                 gate: bool = False, std_mode: str = "class_mean"):
+        super().__init__()
+        if std_mode not in ("class_mean", "pooled"):
+            raise ValueError(f"std_mode must be 'class_mean' or 'pooled', got {std_mode!r}")
+        for name, v in (("num_features", num_features), ("num_classes", num_classes),
+                        ("num_tasks", num_tasks)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.num_features, self.num_classes, self.num_tasks = num_features, num_classes, num_tasks
+        self.eps, self.momentum, self.std_mode = eps, momentum, std_mode
+        self.affine, self.gated = affine, gate
+        self.register_buffer("running_mean", torch.zeros(num_tasks, num_features))
+        self.register_buffer("running_std", torch.ones(num_tasks, num_features))
+        self.register_buffer("statistics_frozen", torch.zeros((), dtype=torch.bool))
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if gate:
+            # Logit 0 opens every dimension halfway; training learns the rest.
+            self.gate_logits = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("gate_logits", None)
+        self._fit_state = None
+        # Python mirror of the buffer: forward branches on it without reading
+        # tensor data (which torch.compile would treat as a graph break).
+        self._frozen = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._frozen = bool(self.statistics_frozen)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, num_classes={self.num_classes}, num_tasks={self.num_tasks}, "
+                f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"gate={self.gated}, std_mode={self.std_mode!r}")
+
+    def _check_width(self, x: Tensor) -> None:
+        # (the functional would name the buffers that do not fit x)
+        if x.dim() < 1 or x.shape[-1] != self.num_features:
+            raise ValueError(f"x must have shape (..., {self.num_features}), got {tuple(x.shape)}")
+
+    def forward(self, x: Tensor, labels: Optional[Tensor] = None,
+                task_ids: Optional[Tensor] = None) -> Tensor:
+        if isinstance(x, Tensor):
+            self._check_width(x)
+        batch_stats = self.training and not self._frozen
+        return self._iwn(
+            x, labels if batch_stats else None, self.gate_logits, self.weight, self.bias,
+            self.running_mean, self.running_std, task_ids, batch_stats,
+            self.momentum, self.eps, self.std_mode, self.num_classes,
+        )
+
+    # -- the paper's fixed statistics -------------------------------------------------
+    def reset_fit(self) -> None:
+        """Forget what :meth:`partial_fit` has accumulated."""
+        self._fit_state = None
+
+    @torch.no_grad()
+    def partial_fit(self, x: Tensor, labels: Tensor, task_ids: Optional[Tensor] = None) -> None:
+        """Accumulate one batch of the training set into the fixed statistics.
+
+        Per (task, class, feature) count, mean and sum of squared deviations are
+        kept in float64 and merged with Chan's formula, so streaming the data in
+        any batches gives the statistics of the whole set. Call :meth:`fit`
+        (no arguments) to finalize. The gate, if any, is applied first.
+        Data-parallel: each rank streams its own shard, and
+        ``fit(process_group=...)`` merges every rank's.
+        """
+        if isinstance(x, Tensor):
+            self._check_width(x)
+            if x.numel() == 0:  # no rows (a rank without data): nothing to add
+                return
+        check_iwn_args(x, labels, self.gate_logits, running_mean=self.running_mean,
+                       running_std=self.running_std, task_ids=task_ids, training=True,
+                       num_classes=self.num_classes)
+        keys = labels.reshape(-1)
+        if task_ids is not None:
+            keys = task_ids.reshape(-1) * self.num_classes + keys
+        u = x.reshape(-1, self.num_features).double()
+        if self.gate_logits is not None:
+            u = u * torch.sigmoid(self.gate_logits.double())
+        groups = self.num_tasks * self.num_classes
+        n_b, mean_b, var_b = class_moments(u, keys, groups)
+        batch = (n_b, mean_b, var_b * n_b.unsqueeze(1))
+        self._fit_state = batch if self._fit_state is None else merge_moments(self._fit_state,
+                                                                              batch)
+
+    @torch.no_grad()
+    def fit(self, x: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+            task_ids: Optional[Tensor] = None, process_group=None) -> "InstanceWeightedNorm":
+        """Set the paper's fixed statistics (Eq.10-11) and freeze them.
+
+        ``fit(x, labels, task_ids=None)`` fits a whole data set in one call;
+        ``fit()`` finalizes what :meth:`partial_fit` accumulated. Tasks with no
+        rows keep their current statistics.
+
+        ``process_group``: each rank of the ``torch.distributed`` group holds
+        a shard of the data set (fitted here or streamed through
+        :meth:`partial_fit`); every rank calls ``fit`` (a rank without data
+        too), the per-(task, class) count, mean and M2 are merged across ranks
+        in rank order (one all-gather), and every rank sets the statistics of
+        the whole set. When ``fit(x, labels)`` fails its checks on one rank,
+        every rank raises after the all-gather (none is left waiting).
+        """
+        ranks = rank_group(process_group, self.running_mean)
+        failure, previous = None, self._fit_state
+        if x is not None:
+            self.reset_fit()
+            try:
+                if labels is None:
+                    raise ValueError("labels are required to fit statistics on x")
+                self.partial_fit(x, labels, task_ids)
+            except (ValueError, TypeError) as error:
+                self._fit_state = previous  # a failed call changes nothing
+                if ranks is None:
+                    raise
+                failure = error
+        state = self._fit_state
+        if ranks is not None:
+            try:
+                state = self._moments_of_all_ranks(ranks, failure is not None)
+            except ValueError:
+                self._fit_state = previous
+                if failure is not None:
+                    raise failure from None
+                raise
+        if state is None:
+            raise RuntimeError("nothing to fit: call fit(x, labels) or partial_fit(...) first")
+        n, mean, m2 = state
+        T, C, Fdim = self.num_tasks, self.num_classes, self.num_features
+        var = m2 / n.clamp_min(1).unsqueeze(1)
+        mu, sigma, present = combine_class_statistics(
+            n.view(T, C), mean.view(T, C, Fdim), var.view(T, C, Fdim), self.std_mode)
+        keep = present.unsqueeze(1)
+        self.running_mean.copy_(torch.where(keep, mu.to(self.running_mean), self.running_mean))
+        self.running_std.copy_(torch.where(keep, sigma.to(self.running_std), self.running_std))
+        self.statistics_frozen.fill_(True)
+        self._frozen = True
+        self._fit_state = None
+        return self
+
+    def _moments_of_all_ranks(self, ranks, failed: bool):
+        """Every rank's fit state merged in rank order (None when no rank has
+        any row): the op the synchronized forward merges with. Raises on
+        every rank when one flagged a failure."""
+        if _backend.extension() is None:
+            raise RuntimeError("fit(process_group=...) needs the compiled extension "
+                               "(pip install --no-build-isolation -e .)")
+        G, Fdim = self.num_tasks * self.num_classes, self.num_features
+        state = self._fit_state
+        if state is None or failed:  # no data here: this rank sends zeros
+            zeros = self.running_mean.new_zeros((G, Fdim), dtype=torch.float64)
+            state = (zeros.new_zeros(G), zeros, zeros)
+        n, mean, m2 = state
+        merged = torch.ops.surgellm._iwn_all_ranks_moments(
+            n, mean, m2, torch.zeros_like(mean), failed, ranks.name, ranks.size)
+        return merged[:3] if merged[0].sum() > 0 else None
+
+    def use_batch_statistics(self) -> "InstanceWeightedNorm":
+        """Undo :meth:`fit`'s freeze: training mode uses batch statistics again."""
+        self.statistics_frozen.fill_(False)
+        self._frozen = False
+        return self
+
+
+class FusedInstanceWeightedNorm(InstanceWeightedNorm):
+    """:class:`InstanceWeightedNorm` running :func:`fused_iwn`."""
+
+    _iwn = staticmethod(fused_iwn)

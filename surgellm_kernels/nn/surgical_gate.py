@@ -1,0 +1,74 @@
+"""The surgical gate (Eq.3, 5, 6, 7) as a module, and its fused twin.
+
+:class:`FusedSurgicalGate` has the same constructor and ``state_dict`` as
+:class:`SurgicalGate`; its fusion tail runs :func:`fused_surgical_gate`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.reference import surgical_gate_reference
+from ..ops.surgical_gate import fused_surgical_gate
+
+__all__ = ["SurgicalGate", "FusedSurgicalGate"]
+
+
+class SurgicalGate(nn.Module):
+    """Task conditioning and gated fusion, Eq.3, 5, 6, 7.
+
+    ``h~ = h + alpha * E[t]``; ``s' = ReLU(W_s s^ + b_s)``;
+    ``g = sigmoid(W_g [h~; s'] + b_g)``; ``z = LayerNorm(g h~ + (1 - g) s')``.
+
+    ``W_g [h~; s']`` is computed as ``W_g[:, :d] h~ + W_g[:, d:] s'``, two
+    products on the two halves of ``gate.weight`` (one ``split``, whose
+    gradient is one concatenation), so no (N, 2d) input concatenation is
+    materialized, nor its gradient. The result equals the concatenated
+    product up to rounding.
+    """
+
+    # The fusion tail; the fused twin swaps in ``fused_surgical_gate``.
+    _fuse = staticmethod(surgical_gate_reference)
+
+    def __init__(self, d_model: int, num_features: int = 16, num_tasks: int = 1,
+                 alpha: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.d_model, self.num_features, self.num_tasks = d_model, num_features, num_tasks
+        self.alpha, self.eps = alpha, eps
+        self.task_embedding = nn.Embedding(num_tasks, d_model)       # E, Eq.3
+        self.feature_projection = nn.Linear(num_features, d_model)   # W_s, b_s, Eq.5
+        self.gate = nn.Linear(2 * d_model, d_model)                  # W_g, b_g, Eq.6
+        self.norm = nn.LayerNorm(d_model, eps=eps)                   # Eq.7
+
+    def forward(self, h: Tensor, s: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
+        if h.shape[-1] != self.d_model:
+            raise ValueError(f"h must have shape (..., {self.d_model}), got {tuple(h.shape)}")
+        if s.shape[:-1] != h.shape[:-1] or s.shape[-1] != self.num_features:
+            raise ValueError(
+                f"s must have shape {tuple(h.shape[:-1]) + (self.num_features,)}, got {tuple(s.shape)}")
+        if task_ids is None:
+            if self.num_tasks > 1:
+                raise ValueError(f"this module holds {self.num_tasks} tasks: task_ids are required")
+            task_ids = torch.zeros(h.shape[:-1], dtype=torch.long, device=h.device)
+        elif task_ids.shape != h.shape[:-1]:
+            raise ValueError(f"task_ids must have shape {tuple(h.shape[:-1])}, got "
+                             f"{tuple(task_ids.shape)}")
+        h_task = h + self.alpha * self.task_embedding(task_ids)
+        s_proj = F.relu(self.feature_projection(s))
+        w_h, w_s = self.gate.weight.split(self.d_model, dim=1)
+        logits = F.linear(h_task, w_h) + F.linear(s_proj, w_s, self.gate.bias)
+        # Under autocast the linears return the low-precision dtype while h~
+        # keeps the encoder's: the tail (a LayerNorm, which autocast runs in
+        # float32) takes all three in their widest dtype.
+        dtype = torch.promote_types(torch.promote_types(h_task.dtype, s_proj.dtype), logits.dtype)
+        return self._fuse(h_task.to(dtype), s_proj.to(dtype), logits.to(dtype), self.norm.weight,
+                          self.norm.bias, self.eps)
+
+
+class FusedSurgicalGate(SurgicalGate):
+    """:class:`SurgicalGate` whose fusion tail runs :func:`fused_surgical_gate`."""
+
+    _fuse = staticmethod(fused_surgical_gate)

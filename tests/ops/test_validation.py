@@ -1,0 +1,202 @@
+"""Bad input gets a clear error naming the argument, on every entry point:
+the fused ops on every backend that checks (the compiled ones: the checks
+are the op's, in C++), direct torch.ops calls and torch.compile's trace."""
+import pytest
+import torch
+
+from surgellm_kernels import InstanceWeightedNorm, fused_iwn, fused_surgical_gate
+from surgellm_kernels.ops.reference import iwn_reference
+
+from _bad_inputs import (BAD_IWN_CALLS, BAD_SURGICAL_GATE_CALLS, H, LABELS, RM, RS,
+                         SYNCED_BAD_IWN_CALLS, X, iwn_call)
+from _helpers import cpu_backends
+
+
+@pytest.fixture(params=cpu_backends() + ["reference"])
+def iwn(request, force_backend):
+    """fused_iwn on each kernel backend, and the reference (which runs the
+    op's own checks)."""
+    if request.param == "reference":
+        return iwn_reference
+    force_backend(request.param)
+    return fused_iwn
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(labels=LABELS.int()), TypeError, "labels must be an int64"),
+    (dict(labels=LABELS.float()), TypeError, "labels must be an int64"),
+    (dict(labels=LABELS[:5]), ValueError, r"labels must have shape \(6,\)"),
+    (dict(labels=torch.tensor([0, 1, 0, 1, 2, 3]), num_classes=3), ValueError,
+     r"labels must lie in \[0, 3\), got values in \[0, 3\]"),
+    (dict(labels=torch.tensor([0, -1, 0, 1, 2, 2])), ValueError, r"labels must lie in"),
+    (dict(labels=None), ValueError, "labels are required in training"),
+    (dict(labels=LABELS, gate=torch.zeros(5)), ValueError, r"gate must have shape \(4,\)"),
+    (dict(labels=LABELS, gate=torch.zeros(6, 4, dtype=torch.float64)), TypeError,
+     "per-instance gate must have the dtype of x"),
+    (dict(labels=LABELS, weight=torch.ones(3)), ValueError, r"weight must have shape \(4,\)"),
+    (dict(labels=LABELS, bias=torch.ones(4, dtype=torch.int64)), TypeError, "bias must be a floating"),
+    (dict(labels=LABELS, running_mean=RM), ValueError, "running_mean and running_std must be given together"),
+    (dict(labels=LABELS, std_mode="median"), ValueError, "std_mode must be one of"),
+    (dict(labels=LABELS, task_ids=torch.tensor([0, 1, 0, 1, 0, 5]),
+          running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)), ValueError,
+     r"task_ids must lie in \[0, 2\)"),
+    (dict(labels=LABELS, running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+     ValueError, "task_ids .* are required"),
+    (dict(labels=LABELS, momentum=1.5), ValueError, "momentum"),
+])
+def test_training_argument_errors(iwn, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        iwn(X, training=True, **kwargs)
+
+
+def test_eval_task_ids_out_of_range(iwn):
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 1\), got values in \[0, 5\]"):
+        iwn(X, task_ids=torch.tensor([0, 0, 1, 0, 0, 5]), running_mean=torch.zeros(1, 4),
+            running_std=torch.ones(1, 4))
+
+
+def test_integer_x_and_scalar_x(iwn):
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        iwn(torch.ones(6, 4, dtype=torch.int64), LABELS, training=True)
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        iwn(torch.tensor(1.0), training=False, running_mean=RM, running_std=RS)
+
+
+def test_eval_needs_running_statistics(iwn):
+    with pytest.raises(ValueError, match="running_mean and running_std are required"):
+        iwn(X, training=False)
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(4,\)"):
+        iwn(X, running_mean=torch.zeros(5), running_std=torch.ones(5))
+
+
+@pytest.mark.skipif(not hasattr(torch, "device"), reason="always runs")
+def test_mixed_devices_are_named(iwn):
+    meta = torch.zeros(4, device="meta")
+    with pytest.raises(ValueError, match="gate is on meta but x is on cpu"):
+        iwn(X, LABELS, gate=meta, training=True)
+    with pytest.raises(ValueError, match="labels is on meta"):
+        iwn(X, LABELS.to("meta"), training=True)
+
+
+def test_module_errors():
+    norm = InstanceWeightedNorm(4, num_classes=3).train()
+    with pytest.raises(ValueError, match="labels are required"):
+        norm(X)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        InstanceWeightedNorm(4, num_classes=0)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 4\)"):
+        norm.partial_fit(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+
+
+def test_surgical_gate_errors():
+    h = torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"s must have the shape of h"):
+        fused_surgical_gate(h, torch.randn(2, 3), h)
+    with pytest.raises(TypeError, match="gate_logits must be a floating"):
+        fused_surgical_gate(h, h, torch.ones(2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
+        fused_surgical_gate(h, h, h, weight=torch.ones(3))
+
+
+# -- every bad input: one check (in C++), the same error on every path -----------------
+
+# The argument each bad call is about, where the case's first word is not it.
+_NAMED = {"no rows": "x", "running shapes differ": "running_std", "running 3-d": "running_mean",
+          "eval without statistics": "running_mean", "synced: no rows, num_classes missing":
+          "num_classes", "num_classes from negative labels": "labels"}
+# Python values the schema cannot convert: the dispatcher's own message names
+# the argument and the type it expects.
+_NOT_CONVERTIBLE = {"x not a tensor", "std_mode not a str", "eps a str", "momentum None",
+                    "gate not a tensor", "weight not a tensor", "labels not a tensor",
+                    "num_classes float", "h not a tensor", "bias not a tensor"}
+
+
+def _argument(case):
+    name = _NAMED.get(case, case.removeprefix("synced: ").split()[0])
+    return name
+
+
+def _raised(call):
+    with pytest.raises(Exception) as info:
+        call()
+    return info.value
+
+
+def _assert_names_the_argument(case, error):
+    if case in _NOT_CONVERTIBLE:
+        assert isinstance(error, RuntimeError)
+        assert f"for argument '{_argument(case)}'" in str(error), str(error)
+    else:
+        assert type(error) in (ValueError, TypeError), repr(error)
+        assert _argument(case) in str(error), str(error)
+
+
+def _synced_op_call(kwargs):
+    """torch.ops.surgellm.iwn with a group of two ranks: its checks fail
+    before any collective, so no process group needs to exist."""
+    call = iwn_call(**kwargs)
+    return lambda: torch.ops.surgellm.iwn(**call, group_name="a group", group_size=2)
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("case", [*BAD_IWN_CALLS, *SYNCED_BAD_IWN_CALLS])
+def test_each_bad_iwn_call_names_its_argument(case):
+    if case in SYNCED_BAD_IWN_CALLS:
+        error = _raised(_synced_op_call(SYNCED_BAD_IWN_CALLS[case]))
+    else:
+        error = _raised(lambda: fused_iwn(**iwn_call(**BAD_IWN_CALLS[case])))
+    _assert_names_the_argument(case, error)
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("case", BAD_SURGICAL_GATE_CALLS)
+def test_each_bad_surgical_gate_call_names_its_argument(case):
+    given = dict(dict(h=H, s=H, gate_logits=H), **BAD_SURGICAL_GATE_CALLS[case])
+    _assert_names_the_argument(case, _raised(lambda: fused_surgical_gate(**given)))
+
+
+def _fake(value):
+    """value with its tensors as fake tensors (what torch.compile traces)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    convert = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return mode, {k: convert(v) for k, v in value.items()}
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("case", [c for c in BAD_IWN_CALLS if c not in _NOT_CONVERTIBLE
+                                  and "device" not in c
+                                  and c != "num_classes from negative labels"])  # data
+def test_the_trace_raises_what_the_eager_call_raises(case, force_backend):
+    """Under fake tensors (torch.compile's tracing) the op runs the same
+    check: the same error and message as eagerly, not a copy's."""
+    force_backend("cpu")
+    call = iwn_call(**BAD_IWN_CALLS[case])
+    eager = _raised(lambda: torch.ops.surgellm.iwn(**call))
+    mode, fake_call = _fake(call)
+    if call["num_classes"] is None and call["training"] and call["labels"] is not None:
+        fake_call["num_classes"] = 3  # a trace cannot read it from the labels
+    with mode:
+        traced = _raised(lambda: torch.ops.surgellm.iwn(**fake_call))
+    assert (type(traced), str(traced)) == (type(eager), str(eager))
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+def test_tracing_without_num_classes_says_to_pass_it():
+    mode, call = _fake(iwn_call())
+    with mode, pytest.raises(ValueError, match="num_classes cannot be read from the data while "
+                                               "torch.compile traces the call: pass it"):
+        torch.ops.surgellm.iwn(**call)
+
+
+def test_readme_lists_every_bad_input_as_raised_today():
+    """The README's table is what the calls raise now (regenerate it with
+    `.venv/bin/python tests/_bad_inputs.py`)."""
+    from pathlib import Path
+
+    import _bad_inputs
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    shown = readme.split("<!-- bad-inputs -->\n")[1].split("\n<!-- /bad-inputs -->")[0]
+    assert shown == _bad_inputs.table()
+    assert shown.count("\n") - 1 >= 20
