@@ -126,11 +126,13 @@ setup(
     version="0.1.0",
     description="Fused kernels for SURGELLM: sigmoid surgical gate and instance-weighted normalization",
     packages=find_packages(include=["surgellm_kernels", "surgellm_kernels.*"]),
-    # Tested: Python 3.11 / torch 2.13 / Triton 3.9 / transformers 5.24 (CI) and
-    # the GPU machines' Python 3.12 / torch 2.11 / Triton 3.6 / transformers 5.17.
+    # Tested: Python 3.11 / torch 2.13 / Triton 3.9 / transformers 5.25 (CI); the
+    # kernels also on the GPU machines' Python 3.12 / torch 2.11 / Triton 3.6.
     python_requires=">=3.10,<3.14",
-    install_requires=["torch>=2.4,<3", "numpy", "transformers>=4.40,<6", "safetensors>=0.4",
-                      "tqdm"],
+    # The kernels need torch and numpy; the SURGELLM application (its model,
+    # training and evaluation) transformers with Trainer's own needs.
+    install_requires=["torch>=2.4,<3", "numpy", "transformers>=5.0,<6", "accelerate>=1.0,<2",
+                      "datasets>=3.0,<6", "scikit-learn>=1.3,<2", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0,<4"],
         "bench": ["pytest-benchmark", "matplotlib"],

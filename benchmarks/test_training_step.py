@@ -1,4 +1,4 @@
-"""One training step of the whole SurgeLLMModel -- forward, backward, AdamW
+"""One training step of SurgeLLMForSequenceClassification -- forward, backward, AdamW
 step -- at batch 32, sequence 128, on a MiniLM-sized encoder (BERT, 384 wide,
 6 layers, 12 heads, built from its config: random weights, no download), with
 the reference modules and patched with ``patch_model``; and the share of the
@@ -16,26 +16,26 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import harness
-from surgellm_kernels import SurgeLLMConfig, SurgeLLMModel, patch_model
+from surgellm_kernels import patch_model
 
 TRANSFORMERS = pytest.importorskip("transformers")
-SECTION = "training step: SurgeLLMModel forward + backward + AdamW step"
+SECTION = "training step: SURGELLM forward + backward + AdamW step"
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
               intermediate_size=1536, max_position_embeddings=512)
 BATCH, SEQUENCE = (8, 32) if harness.QUICK else (32, 128)
 TASKS = {"sentiment": 2, "authorship": 2, "reasoning": 3}
-MODULES = {"IWN": "iwn", "surgical gate": "fusion"}
+MODULES = {"IWN": "iwn", "surgical gate": "fusion"}  # of model.surgellm
 _step_ms = {}
 
 
 def build(kernels: str):
+    from surgellm_kernels.surgellm import SurgeLLMConfig, SurgeLLMForSequenceClassification
+
     options = dict(MINILM, num_hidden_layers=1) if harness.QUICK else MINILM
     torch.manual_seed(0)
-    encoder = TRANSFORMERS.BertModel(TRANSFORMERS.BertConfig(**options),
-                                     add_pooling_layer=False)
-    config = SurgeLLMConfig(tasks=TASKS, hidden_size=MINILM["hidden_size"], prefix=False,
-                            max_length=SEQUENCE)
-    model = SurgeLLMModel(config, encoder)
+    config = SurgeLLMConfig(encoder_config=TRANSFORMERS.BertConfig(**options), tasks=TASKS,
+                            prefix=False, max_seq_length=SEQUENCE)
+    model = SurgeLLMForSequenceClassification(config)
     g = torch.Generator().manual_seed(1)
     task_ids = torch.randint(0, len(TASKS), (BATCH,), generator=g)
     limits = torch.tensor(list(TASKS.values()))[task_ids]
@@ -64,7 +64,7 @@ def build(kernels: str):
 def module_share(model, step):
     """Profiled step time and each module's time in it (forward + backward), ms."""
     for label, attr in MODULES.items():
-        module = getattr(model, attr)
+        module = getattr(model.surgellm, attr)
 
         def scoped(*args, _label=label, _forward=module.forward, **kwargs):
             with record_function(_label):
@@ -76,7 +76,7 @@ def module_share(model, step):
                 step()
     finally:
         for attr in MODULES.values():
-            del getattr(model, attr).forward  # the class's forward again
+            del getattr(model.surgellm, attr).forward  # the class's forward again
     events = prof.events()
     total = sum(e.cpu_time_total for e in events if e.name == "step") / 1e3
     shares = {}

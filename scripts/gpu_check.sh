@@ -6,7 +6,8 @@
 #
 # 1. builds the extension with its CUDA kernels in place, for this GPU's
 #    architecture (pip --no-build-isolation --no-deps: nothing is installed);
-# 2. runs `pytest tests/` with SURGELLM_BACKEND=cuda, then =triton;
+# 2. runs the kernel and module tests (tests/ops, tests/nn) with
+#    SURGELLM_BACKEND=cuda, then =triton;
 # 3. runs the op benchmarks in quick mode in float16 and bfloat16, and the
 #    paper-scale goal case (32768 x 768, float32 and bfloat16, forward +
 #    backward), each next to a device-to-device copy of its ideal bytes;
@@ -87,9 +88,9 @@ for name, s in status.items():
 assert status["cuda"].available and status["triton"].available, "a GPU backend is missing"'
 
 pytest_args=(-q -p no:cacheprovider)
-run tests-cuda 150 env SURGELLM_BACKEND=cuda "$PYTHON" -m pytest tests/ "${pytest_args[@]}" \
+run tests-cuda 150 env SURGELLM_BACKEND=cuda "$PYTHON" -m pytest tests/ops tests/nn "${pytest_args[@]}" \
   --junitxml="$out/tests-cuda.xml"
-run tests-triton 150 env SURGELLM_BACKEND=triton "$PYTHON" -m pytest tests/ "${pytest_args[@]}" \
+run tests-triton 150 env SURGELLM_BACKEND=triton "$PYTHON" -m pytest tests/ops tests/nn "${pytest_args[@]}" \
   --junitxml="$out/tests-triton.xml"
 
 run bench-quick-half 90 env SURGELLM_BENCH_QUICK=1 SURGELLM_BENCH_DTYPES=float16,bfloat16 \

@@ -13,8 +13,8 @@ from .nn import (FusedInstanceWeightedNorm, FusedSurgicalGate, InstanceWeightedN
 from .ops import backends, cpu_kernel_build, fused_iwn, fused_surgical_gate
 
 # The application's names, from surgellm_kernels.surgellm on first use.
-_APPLICATION = ("SurgeLLMConfig", "SurgeLLMModel", "LexicalFeaturizer", "lexical_features",
-                "task_prefix")
+_APPLICATION = ("SurgeLLMConfig", "SurgeLLMModel", "SurgeLLMForSequenceClassification",
+                "SurgeLLMProcessor", "LexicalFeaturizer", "lexical_features", "task_prefix")
 
 __all__ = [
     "fused_iwn",

@@ -47,24 +47,40 @@ class InstanceWeightedNorm(nn.Module):
         self.num_features, self.num_classes, self.num_tasks = num_features, num_classes, num_tasks
         self.eps, self.momentum, self.std_mode = eps, momentum, std_mode
         self.affine, self.gated = affine, gate
-        self.register_buffer("running_mean", torch.zeros(num_tasks, num_features))
-        self.register_buffer("running_std", torch.ones(num_tasks, num_features))
-        self.register_buffer("statistics_frozen", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("running_mean", torch.empty(num_tasks, num_features))
+        self.register_buffer("running_std", torch.empty(num_tasks, num_features))
+        self.register_buffer("statistics_frozen", torch.empty((), dtype=torch.bool))
         if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
+            self.weight = nn.Parameter(torch.empty(num_features))
+            self.bias = nn.Parameter(torch.empty(num_features))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         if gate:
-            # Logit 0 opens every dimension halfway; training learns the rest.
-            self.gate_logits = nn.Parameter(torch.zeros(num_features))
+            self.gate_logits = nn.Parameter(torch.empty(num_features))
         else:
             self.register_parameter("gate_logits", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running statistics 0 and 1, not fitted, nothing accumulated."""
+        with torch.no_grad():
+            self.running_mean.zero_()
+            self.running_std.fill_(1.0)
+            self.statistics_frozen.fill_(False)
         self._fit_state = None
         # Python mirror of the buffer: forward branches on it without reading
         # tensor data (which torch.compile would treat as a graph break).
         self._frozen = False
+
+    def reset_parameters(self) -> None:
+        """The running statistics reset; weight 1, bias 0, gate logits 0
+        (each dimension open halfway; training learns the rest)."""
+        self.reset_running_stats()
+        with torch.no_grad():
+            for p, value in ((self.weight, 1.0), (self.bias, 0.0), (self.gate_logits, 0.0)):
+                if p is not None:
+                    p.fill_(value)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

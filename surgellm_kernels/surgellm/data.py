@@ -1,4 +1,4 @@
-"""JSON-lines data for the training and evaluation commands.
+"""JSON-lines data for the training and evaluation commands, read with ``datasets``.
 
 One example per line, an object with a string ``text``, a non-empty string
 ``task`` and a ``label`` that is an int or a string (other fields are
@@ -8,43 +8,29 @@ ignored); blank lines are skipped::
 
 Every problem raises :class:`DataError` with a message of the form
 ``"<path>:<line>: <what is wrong>"``. A :class:`LabelSpace` (built from the
-training examples, or from a saved model's class names) maps labels to class
+training data, or from a saved model's class names) maps labels to class
 indices. Nothing here prints.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import (Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
-                    Union)
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
-import torch
-
-__all__ = ["DataError", "Example", "LabelSpace", "read_examples", "prepare_all",
-           "select_rows", "prepare_batches"]
+__all__ = ["DataError", "LabelSpace", "load_examples"]
 
 Label = Union[int, str]
-# A task name goes inside the prefix's brackets (see model.py): no white
-# space, '|', '[' or ']'.
+FIELDS = ("text", "task", "label")
+# A task name goes inside the prefix's brackets: no white space, '|', '[' or ']'.
 _BAD_TASK_CHARS = set("|[]")
-# what model.prepare returns besides the tokenizer's (B, L) outputs
-_ROW_KEYS = ("features", "task_ids", "labels")
 
 
 class DataError(ValueError):
     """Bad data; the message starts with ``<path>:<line>:`` (or ``<path>:``)."""
 
 
-class Example(NamedTuple):
-    text: str
-    task: str
-    label: Label
-    line: int
-
-
-def _error(path, line: Optional[int], what: str) -> DataError:
-    where = f"{path}:{line}" if line else f"{path}"
-    return DataError(f"{where}: {what}")
+def _where(path, line: Optional[int]) -> str:
+    return f"{path}:{line}" if line else f"{path}"
 
 
 def _type_name(value) -> str:
@@ -53,49 +39,91 @@ def _type_name(value) -> str:
                                                                      type(value).__name__)
 
 
-def read_examples(path: Union[str, os.PathLike]) -> List[Example]:
+def _row_problem(record) -> Optional[str]:
+    """What is wrong with one parsed line, or None."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {_type_name(record)}"
+    for field in FIELDS:
+        if field not in record:
+            return f'missing field "{field}"'
+    text, task, label = (record[f] for f in FIELDS)
+    if not isinstance(text, str):
+        return f'field "text" must be a string, got {_type_name(text)}'
+    if not isinstance(task, str) or not task:
+        got = "an empty string" if task == "" else _type_name(task)
+        return f'field "task" must be a non-empty string, got {got}'
+    if any(c.isspace() or c in _BAD_TASK_CHARS for c in task):
+        return f"task name {task!r} may not contain white space, '|', '[' or ']'"
+    if isinstance(label, bool) or not isinstance(label, (int, str)):
+        return f'field "label" must be an int or a string, got {_type_name(label)}'
+    return None
+
+
+def _parse(path: str):
+    """The ``datasets.map`` function that turns the lines of ``path`` (rows of
+    the ``text`` loader, in file order) into checked examples."""
+
+    def parse(batch, indices):
+        out = {"text": [], "task": [], "label": [], "label_is_int": [], "line": []}
+        for raw, index in zip(batch["text"], indices):
+            if not raw.strip():
+                continue
+            line = index + 1
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{_where(path, line)}: invalid JSON: {exc.msg} "
+                                f"(column {exc.colno})") from None
+            problem = _row_problem(record)
+            if problem:
+                raise DataError(f"{_where(path, line)}: {problem}")
+            label = record["label"]
+            out["text"].append(record["text"])
+            out["task"].append(record["task"])
+            out["label"].append(str(label))
+            out["label_is_int"].append(isinstance(label, int))
+            out["line"].append(line)
+        return out
+
+    return parse
+
+
+def load_examples(path: Union[str, os.PathLike]):
     """The examples of the JSON-lines file ``path``, checked (see the module
-    docstring); raises :class:`DataError` on the first problem."""
+    docstring): a ``datasets.Dataset`` with the columns ``text``, ``task``,
+    ``label`` (as text), ``label_is_int`` and ``line`` (for messages).
+    ``datasets`` reads the lines; each is parsed and checked where its line
+    number is known, so that a bad one is named (a JSON reader over the whole
+    file names none, and wants one type per field)."""
+    import datasets
+
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: cannot read the file: no such file")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    progress = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
-        with open(path, "rb") as f:
-            raw_lines = f.read().splitlines()
-    except OSError as exc:
-        raise _error(path, None, f"cannot read the file: {exc.strerror or exc}") from None
-    examples = []
-    for number, raw in enumerate(raw_lines, start=1):
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _error(path, number, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") \
-                from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _error(path, number, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise _error(path, number, f"expected a JSON object, got {_type_name(record)}")
-        for field in ("text", "task", "label"):
-            if field not in record:
-                raise _error(path, number, f'missing field "{field}"')
-        text, task, label = record["text"], record["task"], record["label"]
-        if not isinstance(text, str):
-            raise _error(path, number, f'field "text" must be a string, got {_type_name(text)}')
-        if not isinstance(task, str) or not task:
-            got = "an empty string" if task == "" else _type_name(task)
-            raise _error(path, number, f'field "task" must be a non-empty string, got {got}')
-        if any(c.isspace() or c in _BAD_TASK_CHARS for c in task):
-            raise _error(path, number, f"task name {task!r} may not contain white space, "
-                                       f"'|', '[' or ']'")
-        if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise _error(path, number, f'field "label" must be an int or a string, got '
-                                       f"{_type_name(label)}")
-        examples.append(Example(text, task, label, number))
-    if not examples:
-        raise _error(path, None, "no examples (the file is empty)")
-    return examples
+            lines = datasets.load_dataset("text", data_files=path, split="train",
+                                          keep_in_memory=True)
+        except Exception as exc:  # unreadable, or not UTF-8
+            cause = exc.__cause__ or exc
+            raise DataError(f"{path}: cannot read the file: {cause}") from None
+        data = lines.map(_parse(path), batched=True, with_indices=True,
+                         remove_columns=lines.column_names, keep_in_memory=True)
+    finally:
+        if progress:
+            datasets.enable_progress_bars()
+    if len(data) == 0:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return data
+
+
+def _shown(label: str, is_int: bool) -> str:
+    """A label as its JSON line wrote it: 3, or 'three'."""
+    return label if is_int else repr(label)
 
 
 class LabelSpace:
@@ -111,86 +139,50 @@ class LabelSpace:
                        for t, c in self.classes.items()}
 
     @classmethod
-    def from_examples(cls, examples: Sequence[Example], path) -> "LabelSpace":
-        """The label space of training ``examples`` read from ``path``. A task
-        mixing int and str labels, or with a single class, is an error."""
-        if not examples:
-            raise _error(path, None, "no examples")
+    def from_examples(cls, examples, path) -> "LabelSpace":
+        """The label space of training ``examples`` (``load_examples``) read
+        from ``path``. A task mixing int and string labels, or with a single
+        class, is an error."""
         seen: Dict[str, Dict[Label, None]] = {}
-        first: Dict[str, Example] = {}
-        for ex in examples:
-            if ex.task not in first:
-                first[ex.task], seen[ex.task] = ex, {}
-            elif isinstance(ex.label, int) != isinstance(first[ex.task].label, int):
-                head = first[ex.task]
-                raise _error(path, ex.line,
-                             f"task {ex.task!r} mixes int and string labels: label {ex.label!r} "
-                             f"here, label {head.label!r} on line {head.line}")
-            seen[ex.task][ex.label] = None
+        first: Dict[str, tuple] = {}
+        for task, text, is_int, line in zip(examples["task"], examples["label"],
+                                            examples["label_is_int"], examples["line"]):
+            label = int(text) if is_int else text
+            if task in first and isinstance(first[task][0], int) != is_int:
+                head, head_line = first[task]
+                raise DataError(f"{_where(path, line)}: task {task!r} mixes int and string "
+                                f"labels: label {label!r} here, label {head!r} on line "
+                                f"{head_line}")
+            seen.setdefault(task, {})[label] = None
+            first.setdefault(task, (label, line))
         for task, labels in seen.items():
             if len(labels) < 2:
-                raise _error(path, first[task].line,
-                             f"task {task!r} has a single class ({first[task].label!r}) in the "
-                             f"training data; a task needs at least 2")
+                label, line = first[task]
+                raise DataError(f"{_where(path, line)}: task {task!r} has a single class "
+                                f"({label!r}) in the training data; a task needs at least 2")
         return cls({t: sorted(labels) for t, labels in seen.items()})
-
-    @classmethod
-    def from_class_names(cls, class_names: Mapping[str, Sequence[str]]) -> "LabelSpace":
-        """The label space of a saved model (its ``config.class_names``)."""
-        return cls(class_names)
 
     @property
     def tasks(self) -> List[str]:
         return list(self.classes)
 
     def class_names(self) -> Dict[str, List[str]]:
-        """Task name -> class names, for ``SurgeLLMModel.from_encoder``."""
+        """Task name -> class names (what ``from_encoder`` takes as tasks)."""
         return {t: [str(c) for c in classes] for t, classes in self.classes.items()}
 
-    def encode(self, examples: Sequence[Example], path) -> List[Tuple[str, int]]:
-        """``(task, class index)`` of each example read from ``path``; an
-        unknown task or a label not seen in training is an error."""
+    def encode(self, examples, path) -> List[int]:
+        """Each example's class index within its task; an unknown task or a
+        label not seen in training is a :class:`DataError`."""
         encoded = []
-        for ex in examples:
-            index = self._index.get(ex.task)
+        for task, label, is_int, line in zip(examples["task"], examples["label"],
+                                             examples["label_is_int"], examples["line"]):
+            index = self._index.get(task)
             if index is None:
-                raise _error(path, ex.line, f"unknown task {ex.task!r} (training tasks: "
-                                            f"{', '.join(self.tasks)})")
-            i = index.get(str(ex.label))
+                raise DataError(f"{_where(path, line)}: unknown task {task!r} (training "
+                                f"tasks: {', '.join(self.tasks)})")
+            i = index.get(label)  # labels are matched by their text
             if i is None:
-                raise _error(path, ex.line, f"label {ex.label!r} of task {ex.task!r} does not "
-                                            f"occur in the training data")
-            encoded.append((ex.task, i))
+                raise DataError(f"{_where(path, line)}: label {_shown(label, is_int)} of task "
+                                f"{task!r} does not occur in the training data")
+            encoded.append(i)
         return encoded
-
-
-# -- model inputs ---------------------------------------------------------------------------
-def prepare_batches(model, texts: Sequence[str], tasks: Sequence[str],
-                    labels: Optional[Sequence[int]] = None, batch_size: int = 16,
-                    device=None) -> Iterator[Dict[str, torch.Tensor]]:
-    """``model.prepare`` of consecutive batches of ``batch_size`` rows."""
-    for i in range(0, len(texts), batch_size):
-        yield model.prepare(texts[i:i + batch_size], tasks[i:i + batch_size],
-                            None if labels is None else labels[i:i + batch_size], device=device)
-
-
-def prepare_all(model, texts: Sequence[str], tasks: Sequence[str],
-                labels: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
-    """Every row tokenized once (padded to the longest); take batches of it
-    with :func:`select_rows`."""
-    return model.prepare(list(texts), list(tasks), None if labels is None else list(labels))
-
-
-def select_rows(prepared: Mapping[str, torch.Tensor], rows: torch.Tensor,
-                device=None) -> Dict[str, torch.Tensor]:
-    """Rows ``rows`` of :func:`prepare_all`'s output, without the token
-    columns that are padding in all of them (what ``model.prepare`` of those
-    rows alone would give), on ``device``."""
-    keep = prepared["attention_mask"][rows].any(0)
-    batch = {}
-    for name, value in prepared.items():
-        value = value[rows]
-        if name not in _ROW_KEYS:  # a token column per position
-            value = value[:, keep]
-        batch[name] = value if device is None else value.to(device)
-    return batch

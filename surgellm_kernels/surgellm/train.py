@@ -1,177 +1,226 @@
-"""The training command::
+"""The training command, a thin layer over ``transformers``' ``Trainer``::
 
     python -m surgellm_kernels.train --encoder NAME_OR_PATH --train FILE.jsonl \\
-        [--eval FILE.jsonl] --output DIR [--epochs 3] [--max-steps N] [--batch-size 16]
-        [--lr 5e-5] [--seed 0] [--kernels fused|reference] [--no-iwn] [--no-gate]
-        [--no-prefix] [--max-length 128] [--lexicon VOCAB.json]
+        [--eval FILE.jsonl] --output DIR [--no-iwn] [--no-gate] [--no-prefix] \\
+        [--max-length 128] [--lexicon VOCAB.json] [--kernels fused|reference] \\
+        [any TrainingArguments option: --epochs, --lr, --batch-size, --max-steps,
+         --seed, --bf16, --gradient-accumulation-steps, --resume, ...]
 
-Reads and checks the data (training and evaluation files, before the
-encoder is loaded), builds a ``SurgeLLMModel`` on the encoder with one head
-per task of the training data, fits the IWN statistics on the training
-split, trains with AdamW, evaluates (on ``--eval``, else on the training
-data) and writes ``DIR/metrics.json`` and the model (``save_pretrained``).
-Bad data or arguments print ``error: <message>`` and exit with code 2.
+Reads and checks the data (``datasets``; a bad row is reported as
+``file:line``), builds a ``SurgeLLMForSequenceClassification`` on the encoder
+with one head per task of the training data, and trains it with
+``SurgeLLMTrainer``: the paper's recipe as defaults (see
+``surgellm_kernels.surgellm.trainer``), the IWN statistics fitted on the
+training split before the first step, task-homogeneous batches, evaluation
+every epoch (on ``--eval``, else on the training data) keeping the best
+checkpoint by mean macro-F1, checkpoints and ``trainer_state.json`` in
+``--output``. Writes the model, its tokenizer and ``metrics.json``. Runs
+data-parallel under ``torchrun`` / ``accelerate launch`` (IWN then synced
+across ranks). Bad data or arguments print ``error: <message>`` and exit 2.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
-import random
 import sys
-import time
 from typing import Optional, Sequence
 
-import torch
-
-from ._cli import (ArgumentParser, UsageError, fail, patch_for_kernels, positive_float,
-                   positive_int, resolve_device, write_json)
-from .data import DataError, LabelSpace, prepare_all, read_examples, select_rows
-from .evaluate import evaluate_model, format_metrics
-from .features import LexicalFeaturizer
-
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "SurgeLLMArguments"]
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m surgellm_kernels.train",
-                            description="Train a SurgeLLMModel on JSON-lines data.")
-    parser.add_argument("--encoder", required=True,
-                        help="transformers encoder: a model name or a local directory")
-    parser.add_argument("--train", required=True, help="JSON-lines file: text, task, label")
-    parser.add_argument("--eval", help="JSON-lines file to evaluate on (default: --train)")
-    parser.add_argument("--output", required=True, help="directory for the model and metrics")
-    parser.add_argument("--epochs", type=positive_int, default=3)
-    parser.add_argument("--max-steps", type=positive_int, default=None,
-                        help="stop after this many optimizer steps, even mid-epoch")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--lr", type=positive_float, default=5e-5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kernels", choices=("fused", "reference"), default="fused",
-                        help="fused: patch_model (the default); reference: PyTorch modules")
-    parser.add_argument("--no-iwn", action="store_true", help="ablation: no IWN")
-    parser.add_argument("--no-gate", action="store_true", help="ablation: no surgical gate")
-    parser.add_argument("--no-prefix", action="store_true", help="ablation: no task prefix")
-    parser.add_argument("--max-length", type=positive_int, default=128,
-                        help="tokens per input, the prefix included")
-    parser.add_argument("--lexicon", default=None,
-                        help="word lists for the lexical features: a JSON file from "
-                             "python -m surgellm_kernels.vocabulary (default: the paper's)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    return parser
+@dataclasses.dataclass
+class SurgeLLMArguments:
+    """The model and data options of the command (the rest are
+    ``TrainingArguments``)."""
+
+    encoder: str = dataclasses.field(
+        metadata={"help": "transformers encoder: a model name or a local directory"})
+    train: str = dataclasses.field(metadata={"help": "JSON-lines file: text, task, label"})
+    eval: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "JSON-lines file to evaluate on (default: --train)"})
+    no_iwn: bool = dataclasses.field(default=False, metadata={"help": "ablation: no IWN"})
+    no_gate: bool = dataclasses.field(default=False,
+                                      metadata={"help": "ablation: no surgical gate"})
+    no_prefix: bool = dataclasses.field(default=False,
+                                        metadata={"help": "ablation: no task prefix"})
+    max_length: int = dataclasses.field(
+        default=128, metadata={"help": "tokens per input, the prefix included"})
+    lexicon: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "word lists for the lexical features: a JSON file from "
+                                        "python -m surgellm_kernels.vocabulary"})
+    iwn_statistics: str = dataclasses.field(
+        default="fit", metadata={"choices": ["fit", "batch"],
+                                 "help": "fit: the paper's fixed statistics of the training "
+                                         "split, fitted before the first step; batch: "
+                                         "class-balanced batch statistics (synced across ranks)"})
+    config_overrides: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "other SurgeLLMConfig fields, e.g. "
+                                        "'head_dropout=0,alpha=0.2'"})
+    kernels: str = dataclasses.field(
+        default="fused", metadata={"choices": ["fused", "reference"],
+                                   "help": "fused: patch_model (default); reference: PyTorch"})
+    resume: bool = dataclasses.field(
+        default=False, metadata={"help": "resume from the last checkpoint in --output"})
+
+
+def parser():
+    from transformers import HfArgumentParser
+
+    from ._cli import UsageError
+    from .trainer import SurgeLLMTrainingArguments
+
+    class Parser(HfArgumentParser):
+        def error(self, message):  # the command prints it, and exits with 2
+            raise UsageError(message)
+
+    return Parser((SurgeLLMArguments, SurgeLLMTrainingArguments),
+                  prog="python -m surgellm_kernels.train",
+                  description="Train a SURGELLM model on JSON-lines data.")
+
+
+def overrides(options: SurgeLLMArguments) -> dict:
+    """``--config-overrides`` as keyword arguments: ``name=value`` pairs, the
+    values Python literals (numbers, True / False, strings)."""
+    import ast
+
+    from ._cli import UsageError
+
+    result = {}
+    for pair in filter(None, (options.config_overrides or "").split(",")):
+        name, equals, text = pair.partition("=")
+        if not equals or not name.strip().isidentifier():
+            raise UsageError(f"argument --config-overrides: expected name=value, got {pair!r}")
+        try:
+            result[name.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            result[name.strip()] = text.strip()
+    return result
+
+
+def parse(argv: Optional[Sequence[str]] = None):
+    """(SurgeLLMArguments, SurgeLLMTrainingArguments) of the command line;
+    ``UsageError`` for a bad one."""
+    from ._cli import UsageError
+
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        argv = ["--use_cpu", "true", *argv]  # torchrun on CPUs: data-parallel over gloo
+    options, training_args = parser().parse_args_into_dataclasses(args=argv)
+    if training_args.output_dir is None:
+        raise UsageError("the following arguments are required: --output")
+    overrides(options)  # checked here, applied when the model is built
+    for name, value, least in (("--batch-size", training_args.per_device_train_batch_size, 1),
+                               ("--max-length", options.max_length, 2)):
+        if value < least:
+            raise UsageError(f"argument {name}: must be >= {least}, got {value}")
+    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
+        raise UsageError(f"argument --output: {training_args.output_dir} is not a directory")
+    return options, training_args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    start = time.perf_counter()
-    parser = build_parser()
+    from ._cli import UsageError, fail, patch_for_kernels, say, write_json
+    from .data import DataError, LabelSpace, load_examples
+    from .features import LexicalFeaturizer
+
     try:
-        args = parser.parse_args(argv)
-        if os.path.exists(args.output) and not os.path.isdir(args.output):
-            raise UsageError(f"--output {args.output} exists and is not a directory")
-        device = resolve_device(args.device)
+        options, args = parse(argv)
     except UsageError as exc:
-        return fail(str(exc), parser)
+        return fail(f"{exc} (options: --help)")
+    except ValueError as exc:  # what TrainingArguments itself refuses
+        return fail(str(exc))
+    main_process = args.process_index == 0
 
     # -- data, checked before the encoder is loaded ---------------------------------------
     try:
-        train_examples = read_examples(args.train)
-        eval_examples = read_examples(args.eval) if args.eval else None
-        space = LabelSpace.from_examples(train_examples, args.train)
-        train_encoded = space.encode(train_examples, args.train)
-        eval_encoded = space.encode(eval_examples, args.eval) if args.eval else None
+        train_rows = load_examples(options.train)
+        eval_rows = load_examples(options.eval) if options.eval else train_rows
+        space = LabelSpace.from_examples(train_rows, options.train)
+        train_labels = space.encode(train_rows, options.train)
+        eval_labels = space.encode(eval_rows, options.eval or options.train)
     except DataError as exc:
         return fail(str(exc))
     lexicon = None
-    if args.lexicon:
+    if options.lexicon:
         try:
-            with open(args.lexicon, encoding="utf-8") as f:
+            with open(options.lexicon, encoding="utf-8") as f:
                 lexicon = LexicalFeaturizer.from_json(f.read())
         except (OSError, ValueError, TypeError) as exc:
-            return fail(f"--lexicon {args.lexicon}: {exc}")
-    print(f"train: {args.train}: {len(train_examples)} examples; tasks: "
-          + ", ".join(f"{t} ({len(c)} classes)" for t, c in space.classes.items()))
-    if args.eval:
-        print(f"eval: {args.eval}: {len(eval_examples)} examples")
+            return fail(f"--lexicon {options.lexicon}: {exc}")
+    if main_process:
+        say(f"train: {options.train}: {len(train_rows)} examples; tasks: "
+            + ", ".join(f"{t} ({len(c)} classes)" for t, c in space.classes.items()))
+        say(f"eval: {options.eval or options.train + ' (no --eval given)'}: "
+            f"{len(eval_rows)} examples")
 
-    # -- the model --------------------------------------------------------------------------
-    from tqdm.auto import tqdm
+    # -- the model ----------------------------------------------------------------------------
+    from transformers import AutoTokenizer, DataCollatorWithPadding, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
 
-    from .model import SurgeLLMModel
+    from ..nn import convert_sync_iwn
+    from .modeling_surgellm import SurgeLLMForSequenceClassification, check_encoder_path
+    from .processing_surgellm import SurgeLLMProcessor
+    from .trainer import FitIWNStatistics, SurgeLLMTrainer, compute_metrics_for, task_metrics
 
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    texts = [ex.text for ex in train_examples]
-    tasks = [task for task, _ in train_encoded]
-    labels = [label for _, label in train_encoded]
+    set_seed(args.seed)
     try:
-        model = SurgeLLMModel.from_encoder(
-            args.encoder, space.class_names(), iwn=not args.no_iwn, gate=not args.no_gate,
-            prefix=not args.no_prefix, max_length=args.max_length, lexicon=lexicon)
-        train_data = prepare_all(model, texts, tasks, labels)  # tokenized once
+        check_encoder_path(options.encoder)
+        tokenizer = AutoTokenizer.from_pretrained(options.encoder)
+        model = SurgeLLMForSequenceClassification.from_encoder(
+            options.encoder, space.class_names(), tokenizer=tokenizer, iwn=not options.no_iwn,
+            gate=not options.no_gate, prefix=not options.no_prefix,
+            max_seq_length=options.max_length, lexicon=lexicon, **overrides(options))
+        processor = SurgeLLMProcessor(tokenizer, model.config)
+        train_data = processor.map(train_rows, train_labels)
+        eval_data = processor.map(eval_rows, eval_labels)
     except OSError as exc:
-        return fail(f"cannot load the encoder {args.encoder!r}: {exc}")
-    except ValueError as exc:  # e.g. a max_length too short for the prefix
+        return fail(f"cannot load the encoder {options.encoder!r}: {exc}")
+    except (ValueError, TypeError) as exc:  # e.g. a max_length too short for the prefix
         return fail(str(exc))
-    model.to(device)
-    print(f"model: {args.encoder}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"iwn={model.config.iwn} gate={model.config.gate} prefix={model.config.prefix} "
-          f"max_length={model.config.max_length}, "
-          f"{model.featurizer.num_features} lexical features, device {device}")
-    patch_for_kernels(model, args.kernels)
+    config = model.config
+    if main_process:
+        say(f"model: {options.encoder}, {model.num_parameters():,} parameters, "
+            f"iwn={config.iwn} gate={config.gate} prefix={config.prefix} "
+            f"max_length={config.max_seq_length}, "
+            f"{config.featurizer().num_features} lexical features")
+    patch_for_kernels(model, options.kernels, verbose=main_process)
+    if args.world_size > 1:  # class-balanced statistics over the global batch
+        convert_sync_iwn(model)
 
-    n, batch_size = len(texts), args.batch_size
-    if model.iwn is not None:
-        model.fit_statistics(select_rows(train_data, torch.arange(i, min(i + batch_size, n)))
-                             for i in range(0, n, batch_size))
+    # -- training -----------------------------------------------------------------------------
+    collator = DataCollatorWithPadding(tokenizer)
+    callbacks = ([FitIWNStatistics(train_data, args.per_device_train_batch_size)]
+                 if config.iwn and options.iwn_statistics == "fit" else [])
+    trainer = SurgeLLMTrainer(model=model, args=args, train_dataset=train_data,
+                              eval_dataset=eval_data, data_collator=collator,
+                              processing_class=tokenizer,
+                              compute_metrics=compute_metrics_for(config.task_names),
+                              callbacks=callbacks)
+    resume = args.resume_from_checkpoint
+    if options.resume:
+        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if resume is None:
+            return fail(f"--resume: no checkpoint in {args.output_dir}")
+    result = trainer.train(resume_from_checkpoint=resume)
 
-    # -- training ---------------------------------------------------------------------------
-    steps_per_epoch = math.ceil(n / batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    generator = torch.Generator().manual_seed(args.seed)
-    model.train()
-    step, seen, train_start = 0, 0, time.perf_counter()
-    with tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True) as bar:
-        while step < total_steps:
-            order = torch.randperm(n, generator=generator)
-            for i in range(0, n, batch_size):
-                if step >= total_steps:
-                    break
-                batch = select_rows(train_data, order[i:i + batch_size], device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = model(**batch).loss
-                loss.backward()
-                optimizer.step()
-                step += 1
-                seen += batch["labels"].shape[0]
-                elapsed = time.perf_counter() - train_start
-                bar.set_postfix({"loss": f"{loss.item():.4f}",
-                                 "examples/s": f"{seen / max(elapsed, 1e-9):.1f}"})
-                bar.update()
-    train_time = time.perf_counter() - train_start
-    print(f"trained {step} steps ({seen} examples, {seen / n:.2f} epochs) in {train_time:.1f}s, "
-          f"{seen / max(train_time, 1e-9):.1f} examples/s")
+    # -- evaluation and saving ----------------------------------------------------------------
+    prediction = trainer.predict(eval_data)
+    labels, task_ids = prediction.label_ids
+    metrics = task_metrics(prediction.predictions.argmax(-1), labels, task_ids,
+                           config.task_names)
+    if main_process:
+        trainer.save_model(args.output_dir)
+        trainer.save_state()  # trainer_state.json: the log and the best checkpoint
+        processor.save_pretrained(args.output_dir)
+        write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+        say(f"trained {result.global_step} steps in {result.metrics['train_runtime']:.1f}s")
+        say(f"metrics on {options.eval or options.train}:")
+        from .evaluate import format_metrics
 
-    # -- evaluation and saving --------------------------------------------------------------
-    if args.eval:
-        where, examples, encoded = args.eval, eval_examples, eval_encoded
-        print(f"evaluating on {args.eval} ({len(examples)} examples)")
-    else:
-        where, examples, encoded = args.train, train_examples, train_encoded
-        print(f"evaluating on the training data {args.train} ({len(examples)} examples; "
-              f"no --eval given)")
-    metrics = evaluate_model(model, [(ex.text, task, label) for ex, (task, label)
-                                     in zip(examples, encoded)], batch_size)
-    try:
-        model.save_pretrained(args.output)
-        write_json(os.path.join(args.output, "metrics.json"), metrics)
-    except OSError as exc:
-        return fail(f"cannot write to {args.output}: {exc}")
-    print(f"metrics on {where}:")
-    print(format_metrics(metrics))
-    print(f"saved the model and metrics.json to {args.output}")
-    print(f"total time {time.perf_counter() - start:.1f}s")
+        say(format_metrics(metrics))
+        say(f"saved the model, its tokenizer and metrics.json to {args.output_dir}")
     return 0
 
 

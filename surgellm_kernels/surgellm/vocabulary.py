@@ -270,18 +270,16 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .data import DataError, read_examples
+    from .data import DataError, load_examples
 
     args = build_parser().parse_args(argv)
     try:
-        examples = read_examples(args.data)
-        if not examples:
-            raise DataError(f"{args.data}: no examples")
+        examples = load_examples(args.data)
         by_task: Dict[str, Tuple[list, list]] = {}
-        for ex in examples:
-            texts, labels = by_task.setdefault(ex.task, ([], []))
-            texts.append(ex.text)
-            labels.append(str(ex.label))
+        for text, task, label in zip(examples["text"], examples["task"], examples["label"]):
+            texts, labels = by_task.setdefault(task, ([], []))
+            texts.append(text)
+            labels.append(label)
         vocabularies, groups = {}, {}
         for task, (texts, labels) in by_task.items():
             print(f"{task}: {len(texts)} texts", file=sys.stderr)

@@ -1,17 +1,18 @@
-"""SurgeLLMModel on a tiny local BERT: the reference model and a patched copy
-train alike; save / load; torch.compile; autocast; the ablations; input errors."""
-import copy
+"""The SURGELLM transformers models on a tiny local BERT: save / load (Auto
+classes, dtype, nothing at random), patching, torch.compile, autocast, the
+ablations, the prefix and its embeddings, input errors."""
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_model
 
 from _helpers import assert_close
 from _tiny_encoder import TASKS, synthetic_examples, tiny_bert, write_tokenizer
 from surgellm_kernels import (FusedInstanceWeightedNorm, FusedSurgicalGate, LexicalFeaturizer,
-                              SurgeLLMConfig, SurgeLLMModel, backends, patch_model)
-from surgellm_kernels.surgellm.model import UngatedFusion
+                              backends, patch_model)
+from surgellm_kernels.surgellm import (SurgeLLMConfig, SurgeLLMForSequenceClassification,
+                                       SurgeLLMModel, SurgeLLMProcessor)
+from surgellm_kernels.surgellm.modeling_surgellm import UngatedFusion
 
 transformers = pytest.importorskip("transformers")
 BATCH = 16
@@ -24,17 +25,20 @@ def tokenizer_dir(tmp_path_factory):
     return directory
 
 
-def make_model(tokenizer_dir, seed=0, **options):
-    # a fresh tokenizer each time: from_encoder adds the prefix tokens to it
+def make_model(tokenizer_dir, seed=0, tasks=TASKS, **options):
+    """(model, processor) on a tiny random BERT; a fresh tokenizer each time
+    (from_encoder adds the prefix tokens to it)."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     encoder = tiny_bert(len(tokenizer), seed)
     torch.manual_seed(seed + 1)
-    return SurgeLLMModel.from_encoder(encoder, TASKS, tokenizer=tokenizer, **options)
+    model = SurgeLLMForSequenceClassification.from_encoder(encoder, tasks, tokenizer=tokenizer,
+                                                           **options)
+    return model, SurgeLLMProcessor(tokenizer, model.config)
 
 
-def make_batches(model, steps, seed=0, size=BATCH):
+def make_batches(processor, steps, seed=0, size=BATCH):
     texts, tasks, labels = synthetic_examples(steps * size, seed)
-    return [model.prepare(texts[i:i + size], tasks[i:i + size], labels[i:i + size])
+    return [processor(texts[i:i + size], tasks[i:i + size], labels[i:i + size])
             for i in range(0, steps * size, size)]
 
 
@@ -51,95 +55,92 @@ def assert_fast_path(report):
         assert not report.eager, f"fused modules run the eager reference:\n{report}"
 
 
-# -- convergence ------------------------------------------------------------------------
-@pytest.mark.parametrize("statistics", ["fitted", "batch"])
-def test_patched_model_trains_like_reference(tokenizer_dir, statistics):
-    """30 AdamW steps side by side, float32, dropout on (the same masks for
-    both): step-0 gradients, every loss, every parameter and buffer after.
-
-    With batch statistics the batch is 64 rows: at 16, some task has one row
-    per class, so its sigma is 0 and IWN divides by eps alone -- a 1e5 gain
-    on the last-bit difference of the class means, in any two
-    implementations (the paper fits fixed statistics for this reason)."""
-    reference = make_model(tokenizer_dir)
-    batches = make_batches(reference, 30, size=BATCH if statistics == "fitted" else 64)
-    if statistics == "fitted":
-        reference.fit_statistics(batches)
-    patched = copy.deepcopy(reference)
-    report = patch_model(patched)
-    assert sorted(report.backends) == ["fusion", "iwn"]
-    assert isinstance(patched.iwn, FusedInstanceWeightedNorm)
-    assert isinstance(patched.fusion, FusedSurgicalGate)
+def test_patch_model_swaps_the_models_modules(tokenizer_dir):
+    model, processor = make_model(tokenizer_dir)
+    report = patch_model(model)
+    assert sorted(report.backends) == ["surgellm.fusion", "surgellm.iwn"]
+    assert isinstance(model.surgellm.iwn, FusedInstanceWeightedNorm)
+    assert isinstance(model.surgellm.fusion, FusedSurgicalGate)
     assert_fast_path(report)
 
-    models = (reference, patched)
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
-    first_grads = []
-    for step, batch in enumerate(batches):
-        losses = []
-        for model, optimizer in zip(models, optimizers):
-            model.train()
-            torch.manual_seed(step)
-            optimizer.zero_grad()
-            loss = model(**batch).loss
-            loss.backward()
-            if step == 0:
-                first_grads.append({n: p.grad.clone() for n, p in model.named_parameters()
-                                    if p.grad is not None})
-            optimizer.step()
-            losses.append(loss.detach())
-        assert_close(losses[1], losses[0])
-    assert first_grads[0].keys() == first_grads[1].keys()
-    assert "fusion.gate.weight" in first_grads[0] and "encoder.embeddings.word_embeddings.weight" in first_grads[0]
-    for name, grad in first_grads[0].items():
-        assert_close(first_grads[1][name], grad, name=name)
-    for (name, p), (_, q) in zip(reference.named_parameters(), patched.named_parameters()):
-        if name.endswith("attention.self.key.bias"):
-            # Its gradient is 0 in exact arithmetic (softmax over keys is
-            # shift-invariant), so AdamW turns rounding noise into full steps
-            # in both models alike: nothing to compare.
-            continue
-        assert_close(q, p, name=name)
-    for (name, b), (_, c) in zip(reference.named_buffers(), patched.named_buffers()):
-        if b.is_floating_point():
-            assert_close(c, b, name=name)
-        else:
-            assert torch.equal(c, b), name
-    if statistics == "batch":  # running statistics moved away from their initial values
-        assert not torch.equal(reference.iwn.running_mean, torch.zeros_like(reference.iwn.running_mean))
+
+# -- saving, the Auto classes --------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_and_load_in_a_fresh_process(tokenizer_dir, tmp_path, dtype):
+    """save_pretrained -> from_pretrained through the Auto classes in another
+    process: identical logits, the dtype kept (dtype="auto"), no weight
+    missing or unexpected (so nothing initialised at random), the IWN
+    statistics fitted, the class names and the tokenizer's prefix tokens."""
+    import subprocess
+    import sys
+
+    model, processor = make_model(tokenizer_dir)
+    batch = make_batches(processor, 1)[0]
+    model.fit_statistics([batch])
+    model = model.to(dtype).eval()
+    expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    torch.save({"batch": dict(batch), "logits": expected}, tmp_path / "expected.pt")
+    files = sorted(os.listdir(tmp_path))
+    assert "config.json" in files and "model.safetensors" in files
+    script = f"""
+import torch, surgellm_kernels.surgellm as S
+from transformers import AutoModelForSequenceClassification
+model, info = AutoModelForSequenceClassification.from_pretrained(
+    {str(tmp_path)!r}, dtype="auto", output_loading_info=True)
+assert type(model).__name__ == "SurgeLLMForSequenceClassification", type(model)
+assert not any(info.values()), info
+assert model.dtype == {dtype}, model.dtype
+assert model.surgellm.iwn._frozen and model.config.class_names == {TASKS!r}
+saved = torch.load({str(tmp_path / "expected.pt")!r})
+processor = S.SurgeLLMProcessor.from_pretrained({str(tmp_path)!r})
+texts = ["great film !", "maybe i think"]
+again = processor(texts, ["sentiment", "authorship"])
+assert again["input_ids"][0, 1] == processor.tokenizer.convert_tokens_to_ids("[TASK:sentiment")
+assert torch.equal(model.eval()(**saved["batch"]).logits, saved["logits"])
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
 
 
-# -- saving -----------------------------------------------------------------------------
-def test_save_pretrained_round_trip(tokenizer_dir, tmp_path):
-    model = make_model(tokenizer_dir)
-    batch = make_batches(model, 1)[0]
-    model.fit_statistics([batch]).eval()
+def test_fused_and_reference_load_each_others_weights(tokenizer_dir, tmp_path):
+    model, processor = make_model(tokenizer_dir)
+    batch = make_batches(processor, 1)[0]
+    model.fit_statistics([batch])
+    model.eval()
     expected = model(**batch).logits
     model.save_pretrained(tmp_path / "reference")
-    files = sorted(os.listdir(tmp_path / "reference"))
-    assert "surgellm_config.json" in files and "model.safetensors" in files
-    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))], files
-
-    loaded = SurgeLLMModel.from_pretrained(tmp_path / "reference").eval()
-    assert loaded.config == model.config
-    assert loaded.iwn._frozen and loaded.config.class_names == TASKS
-    assert torch.equal(loaded(**batch).logits, expected)
-    # the loaded tokenizer knows the prefix tokens: the same input ids
-    again = loaded.prepare(["great film !"], ["sentiment"])
-    assert torch.equal(again["input_ids"], model.prepare(["great film !"], ["sentiment"])["input_ids"])
-
-    # a fused model loads the reference model's weights ...
-    fused = make_model(tokenizer_dir, seed=5)
+    fused = SurgeLLMForSequenceClassification.from_pretrained(tmp_path / "reference").eval()
     assert_fast_path(patch_model(fused))
-    load_model(fused, tmp_path / "reference" / "model.safetensors")
-    fused.eval()
     finite_logits_close(fused(**batch).logits, expected)
-    assert_fast_path(patch_model(loaded))
-    # ... and the reference model the fused model's
-    loaded.save_pretrained(tmp_path / "fused")
-    back = SurgeLLMModel.from_pretrained(tmp_path / "fused").eval()
-    assert type(back.fusion).__name__ == "SurgicalGate"
+    fused.save_pretrained(tmp_path / "fused")
+    back = SurgeLLMForSequenceClassification.from_pretrained(tmp_path / "fused").eval()
+    assert type(back.surgellm.fusion).__name__ == "SurgicalGate"
     assert torch.equal(back(**batch).logits, expected)
+
+
+def test_base_model_loads_from_the_classifier(tokenizer_dir, tmp_path):
+    model, processor = make_model(tokenizer_dir)
+    batch = make_batches(processor, 1)[0]
+    model.fit_statistics([batch])
+    model.eval()
+    z = model.surgellm(**{k: v for k, v in batch.items() if k != "labels"}).pooler_output
+    model.save_pretrained(tmp_path)
+    base = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(base, SurgeLLMModel)
+    assert torch.equal(base(**{k: v for k, v in batch.items() if k != "labels"}).pooler_output, z)
+
+
+def test_config_round_trip_keeps_task_order():
+    config = SurgeLLMConfig(encoder_config=transformers.BertConfig(hidden_size=8),
+                            tasks={"zeta": 2, "alpha": 3}, max_seq_length=64)
+    again = SurgeLLMConfig.from_dict(config.to_dict())
+    assert again.task_names == ["zeta", "alpha"] and again.max_seq_length == 64
+    assert isinstance(again.encoder_config, transformers.BertConfig)
+    assert transformers.AutoConfig.for_model("surgellm").__class__ is SurgeLLMConfig
 
 
 def test_model_with_its_own_word_lists(tokenizer_dir, tmp_path):
@@ -147,51 +148,59 @@ def test_model_with_its_own_word_lists(tokenizer_dir, tmp_path):
     saved with the model and restored by from_pretrained."""
     lexicon = LexicalFeaturizer().with_groups({"films": ["film", "movie"],
                                                "praise": ["great", "fine"]})
-    model = make_model(tokenizer_dir, lexicon=lexicon)
-    assert model.featurizer == lexicon and model.config.lexicon == lexicon.to_dict()
-    assert model.iwn.num_features == 18
-    assert model.fusion.feature_projection.in_features == 18
-    batch = model.prepare(["great film, fine movie !"], ["sentiment"])
+    model, processor = make_model(tokenizer_dir, lexicon=lexicon)
+    assert processor.featurizer == lexicon and model.config.lexicon == lexicon.to_dict()
+    assert model.surgellm.iwn.num_features == 18
+    assert model.surgellm.fusion.feature_projection.in_features == 18
+    batch = processor(["great film, fine movie !"], ["sentiment"])
     assert batch["features"][0, 10:12].tolist() == [2, 2]
-    tokens = model.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     assert [tokens[2 + 2 * j] for j in range(18)] == [f"|F{j}:" for j in range(1, 19)]
-    batches = make_batches(model, 1)
-    model.fit_statistics(batches).eval()
+    batches = make_batches(processor, 1)
+    model.fit_statistics(batches)
+    model.eval()
     expected = model(**batches[0]).logits
-    model.save_pretrained(tmp_path / "lexicon")
-    loaded = SurgeLLMModel.from_pretrained(tmp_path / "lexicon").eval()
-    assert loaded.featurizer == lexicon and loaded.config == model.config
-    assert loaded.featurizer.feature_names == lexicon.feature_names
+    model.save_pretrained(tmp_path)
+    loaded = SurgeLLMForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.featurizer() == lexicon
     assert torch.equal(loaded(**batches[0]).logits, expected)
     with pytest.raises(ValueError, match=r"groups\['x'\] must be a non-empty list"):
         make_model(tokenizer_dir, lexicon={"groups": {"x": []}})
-    # the paper's lists leave the key out: configs of earlier versions read alike
-    plain = make_model(tokenizer_dir).config
-    assert "lexicon" not in plain.to_dict()
-    assert SurgeLLMConfig.from_dict(plain.to_dict()) == plain
-    assert SurgeLLMConfig.from_dict(plain.to_dict()).featurizer() == LexicalFeaturizer()
 
 
-def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="surgellm_config.json"):
-        SurgeLLMModel.from_pretrained(tmp_path)
-
-
-def test_from_encoder_loads_a_local_path(tokenizer_dir, tmp_path):
+def test_from_encoder_loads_a_local_path(tmp_path):
     encoder_dir = tmp_path / "encoder"
     tokenizer = write_tokenizer(str(encoder_dir))
     tiny_bert(len(tokenizer)).save_pretrained(str(encoder_dir))
-    model = SurgeLLMModel.from_encoder(str(encoder_dir), {"a": 2, "b": 3})
-    assert model.config.encoder_name == str(encoder_dir)
+    model = SurgeLLMForSequenceClassification.from_encoder(str(encoder_dir), {"a": 2, "b": 3})
     assert model.config.tasks == {"a": 2, "b": 3} and model.config.class_names is None
-    out = model(**model.prepare(["great film", "maybe"], ["a", "b"], labels=[1, 2]))
+    processor = SurgeLLMProcessor(transformers.AutoTokenizer.from_pretrained(encoder_dir),
+                                  model.config)
+    out = model(**processor(["great film", "maybe"], ["a", "b"], labels=[1, 2]))
     assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        SurgeLLMForSequenceClassification.from_encoder(str(tmp_path / "typo"), {"a": 2})
+
+
+def test_prefix_tokens_start_from_their_pieces(tokenizer_dir):
+    """Each added token's embedding is the mean of the encoder's embeddings
+    of the pieces its text splits into; no other row changes."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    encoder = tiny_bert(len(tokenizer))
+    before = encoder.get_input_embeddings().weight.detach().clone()
+    pieces = tokenizer("[TASK:sentiment", add_special_tokens=False)["input_ids"]
+    model = SurgeLLMForSequenceClassification.from_encoder(encoder, TASKS, tokenizer=tokenizer)
+    after = model.get_input_embeddings().weight.detach()
+    assert torch.equal(after[:len(before)], before)
+    new = tokenizer.convert_tokens_to_ids("[TASK:sentiment")
+    assert new >= len(before) and len(pieces) > 1
+    assert_close(after[new], before[pieces].mean(0))
 
 
 # -- torch.compile, autocast ------------------------------------------------------------
 def test_patched_compiled_model_matches_eager(tokenizer_dir):
-    model = make_model(tokenizer_dir)
-    batches = make_batches(model, 2)
+    model, processor = make_model(tokenizer_dir)
+    batches = make_batches(processor, 2)
     model.fit_statistics(batches)
     assert_fast_path(patch_model(model))
     model.eval()
@@ -205,8 +214,8 @@ def test_patched_compiled_model_matches_eager(tokenizer_dir):
 
 @pytest.mark.parametrize("kernels", ["reference", "fused"])
 def test_autocast_bfloat16_cpu(tokenizer_dir, kernels):
-    model = make_model(tokenizer_dir)
-    batch = make_batches(model, 1)[0]
+    model, processor = make_model(tokenizer_dir)
+    batch = make_batches(processor, 1)[0]
     model.fit_statistics([batch])
     if kernels == "fused":
         assert_fast_path(patch_model(model))
@@ -225,8 +234,8 @@ def test_autocast_bfloat16_cpu(tokenizer_dir, kernels):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_autocast_cuda(tokenizer_dir, dtype):
-    model = make_model(tokenizer_dir)
-    batch = make_batches(model, 1)[0]
+    model, processor = make_model(tokenizer_dir)
+    batch = make_batches(processor, 1)[0]
     model.fit_statistics([batch])
     model = model.cuda().eval()
     assert_fast_path(patch_model(model))
@@ -242,26 +251,28 @@ def test_autocast_cuda(tokenizer_dir, dtype):
 # -- ablations --------------------------------------------------------------------------
 @pytest.mark.parametrize("component", ["iwn", "gate", "prefix"])
 def test_ablations(tokenizer_dir, component):
-    model = make_model(tokenizer_dir, **{component: False})
-    batch = make_batches(model, 1)[0]
+    model, processor = make_model(tokenizer_dir, **{component: False})
+    batch = make_batches(processor, 1)[0]
     if component == "iwn":
-        assert model.iwn is None and not any(k.startswith("iwn.") for k in model.state_dict())
+        assert model.surgellm.iwn is None
+        assert not any(".iwn." in k for k in model.state_dict())
         with pytest.raises(RuntimeError, match="iwn=False"):
             model.fit_statistics([batch])
     else:
         model.fit_statistics([batch])
     if component == "gate":
-        assert isinstance(model.fusion, UngatedFusion)
+        assert isinstance(model.surgellm.fusion, UngatedFusion)
     if component == "prefix":
         base = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-        assert len(model.tokenizer) == len(base)
+        assert len(processor.tokenizer) == len(base)
         plain = base(synthetic_examples(1)[0][0], return_tensors="pt")["input_ids"][0]
         assert torch.equal(batch["input_ids"][0, :len(plain)], plain)
     else:
-        first = model.tokenizer.convert_ids_to_tokens(batch["input_ids"][0][:3].tolist())
+        first = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0][:3].tolist())
         assert first[1].startswith("[TASK:") and first[2] == "|F1:"
     report = patch_model(model)
-    expected = {"iwn": ["fusion"], "gate": ["iwn"], "prefix": ["fusion", "iwn"]}[component]
+    expected = {"iwn": ["surgellm.fusion"], "gate": ["surgellm.iwn"],
+                "prefix": ["surgellm.fusion", "surgellm.iwn"]}[component]
     assert sorted(report.backends) == expected
     model.train()
     loss = model(**batch).loss
@@ -271,10 +282,10 @@ def test_ablations(tokenizer_dir, component):
 
 # -- inputs -----------------------------------------------------------------------------
 def test_prefix_tokens_and_features(tokenizer_dir):
-    model = make_model(tokenizer_dir)
+    _, processor = make_model(tokenizer_dir)
     text = "I think this film was great! 3 times?"
-    batch = model.prepare([text], ["sentiment"])
-    tokens = model.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    batch = processor([text], ["sentiment"])
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     # [CLS] [TASK:sentiment |F1: 1 ... |F16: 1 ] text... [SEP]
     assert tokens[1] == "[TASK:sentiment"
     assert [tokens[2 + 2 * j] for j in range(16)] == [f"|F{j}:" for j in range(1, 17)]
@@ -283,79 +294,72 @@ def test_prefix_tokens_and_features(tokenizer_dir):
 
 
 def test_truncation_keeps_the_prefix(tokenizer_dir):
-    model = make_model(tokenizer_dir, max_length=40)
-    batch = model.prepare(["great " * 100], ["sentiment"])
+    _, processor = make_model(tokenizer_dir, max_seq_length=40)
+    batch = processor(["great " * 100], ["sentiment"])
     assert batch["input_ids"].shape[1] == 40
     # features come from the full text, before truncation
     assert batch["features"][0, 10] == 100
-    with pytest.raises(ValueError, match="max_length=30 cannot hold the task prefix"):
-        make_model(tokenizer_dir, max_length=30).prepare(["great"], ["sentiment"])
+    _, short = make_model(tokenizer_dir, max_seq_length=30)
+    with pytest.raises(ValueError, match="max_seq_length=30 cannot hold the task prefix"):
+        short(["great"], ["sentiment"])
 
 
 def test_input_errors(tokenizer_dir):
-    model = make_model(tokenizer_dir)
+    model, processor = make_model(tokenizer_dir)
     with pytest.raises(ValueError, match=r"tasks\[1\]: unknown task 'nope'"):
-        model.prepare(["a", "b"], ["sentiment", "nope"])
+        processor(["a", "b"], ["sentiment", "nope"])
     with pytest.raises(ValueError, match=r"labels\[1\]=2 is not a class of task 'authorship'"):
-        model.prepare(["a", "b"], ["sentiment", "authorship"], labels=[0, 2])
+        processor(["a", "b"], ["sentiment", "authorship"], labels=[0, 2])
     with pytest.raises(ValueError, match="texts and tasks must be sequences of one length"):
-        model.prepare(["a", "b"], ["sentiment"])
-    batch = model.prepare(["a", "b"], ["sentiment", "authorship"], labels=[0, 1])
+        processor(["a", "b"], ["sentiment"])
+    batch = processor(["a", "b"], ["sentiment", "authorship"], labels=[0, 1])
     batch["labels"] = torch.tensor([0, 5])
     with pytest.raises(ValueError, match=r"labels\[1\]=5"):
         model(**batch)
+    encoder, tokenizer = model.surgellm.encoder, processor.tokenizer
     with pytest.raises(ValueError, match="number of classes >= 2"):
-        SurgeLLMModel.from_encoder(model.encoder, {"x": 1}, tokenizer=model.tokenizer)
+        SurgeLLMForSequenceClassification.from_encoder(encoder, {"x": 1}, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="task names"):
-        SurgeLLMModel.from_encoder(model.encoder, {"a b": 2}, tokenizer=model.tokenizer)
+        SurgeLLMForSequenceClassification.from_encoder(encoder, {"a b": 2}, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="tokenizer is required"):
-        SurgeLLMModel.from_encoder(model.encoder, {"a": 2})
+        SurgeLLMForSequenceClassification.from_encoder(encoder, {"a": 2})
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        SurgeLLMModel.from_encoder(model.encoder, {"a": 2}, tokenizer=model.tokenizer,
-                                   max_length=1000)
+        SurgeLLMForSequenceClassification.from_encoder(encoder, {"a": 2}, tokenizer=tokenizer,
+                                                       max_seq_length=1000)
 
 
-def test_predict_names_classes(tokenizer_dir):
-    model = make_model(tokenizer_dir)
-    model.train()
-    predictions = model.predict(["great film", "maybe i think"], ["sentiment", "authorship"])
+def test_decode_names_classes(tokenizer_dir):
+    model, processor = make_model(tokenizer_dir)
+    batch = processor(["great film", "maybe i think"], ["sentiment", "authorship"])
+    predictions = processor.decode(model.eval()(**batch).logits, batch["task_ids"])
     assert predictions[0] in TASKS["sentiment"] and predictions[1] in TASKS["authorship"]
-    assert model.training  # restored
 
 
 def test_task_names_that_are_not_attribute_names(tokenizer_dir):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = SurgeLLMModel.from_encoder(tiny_bert(len(tokenizer)), {"sst.2": 2, "type": 3},
-                                       tokenizer=tokenizer)
-    out = model(**model.prepare(["great", "maybe"], ["sst.2", "type"], labels=[1, 2]))
+    model, processor = make_model(tokenizer_dir, tasks={"sst.2": 2, "type": 3})
+    out = model(**processor(["great", "maybe"], ["sst.2", "type"], labels=[1, 2]))
     assert torch.isfinite(out.loss) and [len(h[-1].bias) for h in model.heads] == [2, 3]
 
 
-def test_reused_tokenizer_still_resizes_a_fresh_encoder(tokenizer_dir, tmp_path):
-    model = make_model(tokenizer_dir)
+def test_reused_tokenizer_still_resizes_a_fresh_encoder(tokenizer_dir):
+    model, processor = make_model(tokenizer_dir)
     # the tokenizer already holds the prefix tokens: a new encoder must grow too
-    again = SurgeLLMModel.from_encoder(tiny_bert(len(transformers.AutoTokenizer.from_pretrained(
-        tokenizer_dir))), TASKS, tokenizer=model.tokenizer)
-    embeddings = again.encoder.get_input_embeddings().num_embeddings
-    assert embeddings == len(model.tokenizer)
-    again.eval()(**again.prepare(["great film"], ["sentiment"]))
-    # no pooler (unused: no parameter without a gradient); a model with no
-    # tokenizer saves and loads too
-    assert again.encoder.pooler is None
-    bare = SurgeLLMModel(again.config, again.encoder)
-    bare.save_pretrained(tmp_path / "bare")
-    loaded = SurgeLLMModel.from_pretrained(tmp_path / "bare")
-    assert loaded.tokenizer is None and loaded.encoder.pooler is None
+    fresh = tiny_bert(len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir)))
+    again = SurgeLLMForSequenceClassification.from_encoder(fresh, TASKS,
+                                                           tokenizer=processor.tokenizer)
+    assert again.get_input_embeddings().num_embeddings == len(processor.tokenizer)
+    again.eval()(**processor(["great film"], ["sentiment"]))
+    # no pooler: unused, and DDP wants no parameter without a gradient
+    assert again.surgellm.encoder.pooler is None
 
 
 def test_constant_feature_is_scaled_by_one(tokenizer_dir):
-    model = make_model(tokenizer_dir)
-    batch = model.prepare(["great film .", "dull film ."], ["sentiment", "sentiment"],
-                          labels=[1, 0])
+    model, processor = make_model(tokenizer_dir)
+    batch = processor(["great film .", "dull film ."], ["sentiment", "sentiment"], labels=[1, 0])
     with pytest.warns(RuntimeWarning, match="no spread"):
         model.fit_statistics([batch])
-    sigma = model.iwn.running_std[0]
-    assert (sigma > 0).all()
+    iwn = model.surgellm.iwn
+    assert (iwn.running_std[0] > 0).all()
     model.eval()
-    odd = model.prepare(["what ? ! 7"], ["sentiment"])
-    assert model.iwn(odd["features"], task_ids=odd["task_ids"]).abs().max() < 100
+    odd = processor(["what ? ! 7"], ["sentiment"])
+    assert iwn(odd["features"], task_ids=odd["task_ids"]).abs().max() < 100

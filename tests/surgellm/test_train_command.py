@@ -9,14 +9,17 @@ import pytest
 
 from _tiny_encoder import TASKS, synthetic_examples, write_tiny_encoder
 from surgellm_kernels import LexicalFeaturizer, backends, evaluate, train
-from surgellm_kernels.surgellm.data import DataError, LabelSpace, read_examples
-from surgellm_kernels.surgellm.evaluate import accuracy, macro_f1
+from surgellm_kernels.surgellm import SurgeLLMConfig
+from surgellm_kernels.surgellm.data import DataError, LabelSpace, load_examples
+from surgellm_kernels.surgellm.trainer import task_metrics
 
 pytest.importorskip("transformers")
+pytest.importorskip("datasets")  # the commands read their data with it
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # reasoning gets int labels (sorted numerically: 2 < 7 < 10), the other tasks string labels
 INT_LABELS = {"reasoning": [7, 2, 10]}
-SMALL = ["--max-steps", "3", "--batch-size", "8", "--max-length", "64"]
+SMALL = ["--max-steps", "3", "--batch-size", "8", "--max-length", "64", "--disable-tqdm",
+         "false"]
 
 
 def write_jsonl(path, records):
@@ -88,7 +91,8 @@ def trained(files):
 def test_train_command(files, trained):
     out, result = trained
     assert result.returncode == 0, result.stderr
-    for name in ("metrics.json", "surgellm_config.json", "model.safetensors"):
+    for name in ("metrics.json", "config.json", "model.safetensors", "tokenizer.json",
+                 "trainer_state.json"):
         assert (out / name).is_file(), name
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
@@ -96,23 +100,23 @@ def test_train_command(files, trained):
     # the patch report's table, on this machine's fast path
     stdout = result.stdout
     assert "kernels: fused" in stdout and "2 swapped, 0 skipped" in stdout
-    for row in (("iwn", "InstanceWeightedNorm", "FusedInstanceWeightedNorm"),
-                ("fusion", "SurgicalGate", "FusedSurgicalGate")):
+    for row in (("surgellm.iwn", "InstanceWeightedNorm", "FusedInstanceWeightedNorm"),
+                ("surgellm.fusion", "SurgicalGate", "FusedSurgicalGate")):
         assert any(line.split()[:3] == list(row) for line in stdout.splitlines()), row
     if backends("cpu")["cpu"].available:
         assert "fast path is not taken" not in stdout
-    assert f"evaluating on {files['eval']}" in stdout and "trained 3 steps" in stdout
-    assert "total time" in stdout
+    assert f"metrics on {files['eval']}" in stdout and "trained 3 steps" in stdout
     for task, m in metrics["tasks"].items():  # the per-task table
         assert any(line.split()[:2] == [task, str(m["n"])] for line in stdout.splitlines())
-    assert "examples/s=" in result.stderr and "loss=" in result.stderr  # the progress bar
-    with open(out / "surgellm_config.json") as f:
-        config = json.load(f)
+    assert "it/s" in result.stderr  # Trainer's progress bar
+    with open(out / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == 3
+    config = SurgeLLMConfig.from_pretrained(out)
     # string labels sorted, int labels sorted as numbers
-    assert config["class_names"] == {"sentiment": ["negative", "positive"],
-                                     "authorship": ["human", "llm"],
-                                     "reasoning": ["2", "7", "10"]}
-    assert config["iwn"] and config["gate"] and config["prefix"] and config["max_length"] == 64
+    assert config.class_names == {"sentiment": ["negative", "positive"],
+                                  "authorship": ["human", "llm"],
+                                  "reasoning": ["2", "7", "10"]}
+    assert config.iwn and config.gate and config.prefix and config.max_seq_length == 64
 
 
 def test_evaluate_command_gives_the_same_metrics(files, trained):
@@ -126,6 +130,9 @@ def test_evaluate_command_gives_the_same_metrics(files, trained):
     with open(target) as f, open(out / "metrics.json") as g:
         assert json.load(f) == json.load(g)
     assert "FusedSurgicalGate" in ran.stdout and "mean" in ran.stdout
+    with pytest.raises(ValueError, match="holds a BertConfig, not a SURGELLM model"):
+        from surgellm_kernels.surgellm import SurgeLLMProcessor
+        SurgeLLMProcessor.from_pretrained(files["encoder"])
 
 
 def test_train_command_reference_kernels_and_ablations(files):
@@ -135,12 +142,11 @@ def test_train_command_reference_kernels_and_ablations(files):
                         "--kernels", "reference", "--no-iwn", "--no-gate", "--no-prefix")
     assert result.returncode == 0, result.stderr
     assert "kernels: reference" in result.stdout and "Fused" not in result.stdout
-    assert "evaluating on the training data" in result.stdout
+    assert "(no --eval given)" in result.stdout
     with open(out / "metrics.json") as f:
         check_metrics(json.load(f), files["train_counts"])
-    with open(out / "surgellm_config.json") as f:
-        config = json.load(f)
-    assert not (config["iwn"] or config["gate"] or config["prefix"])
+    config = SurgeLLMConfig.from_pretrained(out)
+    assert not (config.iwn or config.gate or config.prefix)
     assert (out / "model.safetensors").is_file()
 
 
@@ -208,29 +214,28 @@ def test_train_command_data_errors(tmp_path, capsys, train_lines, eval_lines, wh
     ('{"text": "x", "task": "a", "label": null}', "got null"),
     ('{"text": "x", "label": 1}', 'missing field "task"'),
 ])
-def test_read_examples_errors(tmp_path, line, message):
+def test_load_examples_errors(tmp_path, line, message):
     path = write_jsonl(tmp_path / "d.jsonl", ["", json.dumps(GOOD), line])
     with pytest.raises(DataError) as info:
-        read_examples(path)
+        load_examples(path)
     assert str(info.value).startswith(f"{path}:3: ") and message in str(info.value)
 
 
-def test_read_examples_and_label_space(tmp_path):
+def test_load_examples_and_label_space(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [
         record(task="b", label=10), "", record(task="a", label="y"), record(task="b", label=2),
         record(task="a", label="X"), record(task="a", label="y", extra=1),
         record(task="b", label=7)])
-    examples = read_examples(path)
-    assert [(e.task, e.label, e.line) for e in examples] == [
-        ("b", 10, 1), ("a", "y", 3), ("b", 2, 4), ("a", "X", 5), ("a", "y", 6), ("b", 7, 7)]
+    examples = load_examples(path)
+    assert list(zip(examples["task"], examples["label"], examples["line"])) == [
+        ("b", "10", 1), ("a", "y", 3), ("b", "2", 4), ("a", "X", 5), ("a", "y", 6), ("b", "7", 7)]
     space = LabelSpace.from_examples(examples, path)
     assert space.tasks == ["b", "a"]
     assert space.classes == {"b": [2, 7, 10], "a": ["X", "y"]}
     assert space.class_names() == {"b": ["2", "7", "10"], "a": ["X", "y"]}
-    assert space.encode(examples, path) == [("b", 2), ("a", 1), ("b", 0), ("a", 0), ("a", 1),
-                                            ("b", 1)]
+    assert space.encode(examples, path) == [2, 1, 0, 0, 1, 1]
     with pytest.raises(DataError, match="cannot read the file"):
-        read_examples(tmp_path / "missing.jsonl")
+        load_examples(tmp_path / "missing.jsonl")
 
 
 def test_bad_arguments(tmp_path, capsys):
@@ -245,8 +250,8 @@ def test_bad_arguments(tmp_path, capsys):
                        "--kernels", "fast"]) == 2
     assert "error: argument --kernels: invalid choice" in capsys.readouterr().err
     assert train.main(["--encoder", "x", "--train", "t.jsonl", "--output", str(tmp_path),
-                       "--device", "nonsense"]) == 2
-    assert "error: argument --device: " in capsys.readouterr().err
+                       "--no-such-option", "1"]) == 2
+    assert "--no-such-option" in capsys.readouterr().err
     assert evaluate.main(["--model", str(tmp_path / "nothing"), "--data", "x.jsonl"]) == 2
     assert "error: x.jsonl: cannot read the file" in capsys.readouterr().err
 
@@ -266,8 +271,7 @@ def test_train_command_with_extracted_word_lists(files, tmp_path):
                         "--max-length", "96")
     assert result.returncode == 0, result.stderr
     assert f"{featurizer.num_features} lexical features" in result.stdout
-    with open(out / "surgellm_config.json") as f:
-        assert LexicalFeaturizer.from_dict(json.load(f)["lexicon"]) == featurizer
+    assert SurgeLLMConfig.from_pretrained(out).featurizer() == featurizer
 
 
 def test_train_command_bad_lexicon(files, tmp_path, capsys):
@@ -286,10 +290,11 @@ def test_train_command_bad_lexicon(files, tmp_path, capsys):
 def test_train_command_model_errors(files, tmp_path, capsys):
     args = ["--train", files["train"], "--output", str(tmp_path / "out")]
     assert train.main(args + ["--encoder", files["encoder"], "--max-length", "20"]) == 2
-    assert "error: max_length=20 cannot hold the task prefix" in capsys.readouterr().err
+    assert "error: max_seq_length=20 cannot hold the task prefix" in capsys.readouterr().err
     missing = str(tmp_path / "no-encoder")
     assert train.main(args + ["--encoder", missing]) == 2
-    assert f"error: cannot load the encoder {missing!r}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: cannot load the encoder {missing!r}" in err and "no such directory" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -306,33 +311,18 @@ def test_evaluate_command_label_errors(files, trained, tmp_path, capsys):
 
 
 # -- metrics --------------------------------------------------------------------------------
-def test_macro_f1_hand_computed():
-    y_true = [0, 0, 0, 1, 1, 2]
-    y_pred = [0, 0, 1, 1, 0, 0]
-    # class 0: tp 2, fp 2, fn 1 -> 4/7; class 1: tp 1, fp 1, fn 1 -> 1/2;
-    # class 2: never predicted -> 0
-    assert macro_f1(y_true, y_pred) == pytest.approx((4 / 7 + 1 / 2 + 0) / 3)
-    assert accuracy(y_true, y_pred) == pytest.approx(3 / 6)
-    # a class only predicted counts 0 too: a 2/3, b 1, c 0
-    assert macro_f1(["a", "a", "b"], ["a", "c", "b"]) == pytest.approx(5 / 9)
-    # a class in neither (2 of a 3-class task) does not enter
-    assert macro_f1([0, 1, 1], [0, 1, 1]) == 1.0
-    assert macro_f1([0, 1], [1, 0]) == 0.0 and accuracy([0, 1], [1, 0]) == 0.0
-    assert macro_f1([1, 1, 1], [1, 1, 0]) == pytest.approx((0.8 + 0) / 2)
-    with pytest.raises(ValueError, match="one length"):
-        macro_f1([0, 1], [0])
-    with pytest.raises(ValueError, match="empty"):
-        macro_f1([], [])
-
-
-def test_macro_f1_matches_scikit_learn():
-    metrics = pytest.importorskip("sklearn.metrics")
-    import random
-
-    rng = random.Random(0)
-    for _ in range(20):
-        n = rng.randint(1, 30)
-        y_true = [rng.randrange(4) for _ in range(n)]
-        y_pred = [rng.randrange(4) for _ in range(n)]
-        expected = metrics.f1_score(y_true, y_pred, average="macro", zero_division=0)
-        assert macro_f1(y_true, y_pred) == pytest.approx(expected, abs=1e-12)
+def test_task_metrics_per_task_hand_computed():
+    """scikit-learn's macro-F1 and accuracy per task, the mean over the tasks
+    present, in task order."""
+    predictions = [0, 0, 1, 1, 0, 0, 1, 0]
+    labels = [0, 0, 0, 1, 1, 2, 1, 0]
+    task_ids = [0, 0, 0, 0, 0, 0, 2, 2]
+    metrics = task_metrics(predictions, labels, task_ids, ["a", "b", "c"])
+    assert list(metrics["tasks"]) == ["a", "c"]  # b has no rows
+    # task a: class 0: tp 2, fp 2, fn 1 -> 4/7; class 1: tp 1, fp 1, fn 1 -> 1/2; class 2: 0
+    assert metrics["tasks"]["a"] == {"macro_f1": pytest.approx((4 / 7 + 1 / 2) / 3),
+                                     "accuracy": pytest.approx(3 / 6), "n": 6}
+    assert metrics["tasks"]["c"] == {"macro_f1": 1.0, "accuracy": 1.0, "n": 2}
+    assert metrics["macro_f1"] == pytest.approx(((4 / 7 + 1 / 2) / 3 + 1) / 2)
+    with pytest.raises(ValueError, match="no examples"):
+        task_metrics([], [], [], ["a"])

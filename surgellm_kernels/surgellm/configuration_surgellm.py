@@ -1,0 +1,145 @@
+"""SURGELLM's configuration, a ``transformers`` config (``model_type = "surgellm"``)."""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Mapping, Optional, Union
+
+from transformers import AutoConfig, PretrainedConfig
+
+from .features import LexicalFeaturizer
+
+__all__ = ["SurgeLLMConfig"]
+
+# A task name appears inside the prefix's brackets: it may not contain them,
+# the field separator or white space.
+_TASK_NAME = re.compile(r"[^\s|\[\]]+")
+
+
+class SurgeLLMConfig(PretrainedConfig):
+    """Everything that builds a SURGELLM model without its weights.
+
+    Args:
+        encoder_config: the encoder's own ``transformers`` config (or its dict):
+            the model builds its encoder from it, so a saved model loads
+            offline and with nothing initialised at random.
+        tasks: task name -> number of classes, in task-id order (or a list
+            of (name, count) pairs: how it is saved, since JSON objects lose
+            their order).
+        class_names: task name -> its class names (optional).
+        iwn, gate, prefix: the paper's parts, each switchable for its
+            ablations (Instance-Weighted Normalization of the lexical
+            features, the surgical gate, the task prefix of the text).
+        alpha: the task embedding's weight in Eq.3.
+        eps: of IWN and the fusion LayerNorm.
+        head_dropout, head_hidden_dropout: the heads' two dropouts (Eq.13-14).
+        max_seq_length: tokens per input, the prefix included (not
+            ``max_length``, which transformers reserves for generation).
+        lexicon: the lexical features' word lists (a ``LexicalFeaturizer``
+            or its ``to_dict()``); None: the paper's 16 features.
+        initializer_range: the standard deviation of the new layers'
+            initial weights.
+    """
+
+    model_type = "surgellm"
+    sub_configs = {"encoder_config": AutoConfig}
+
+    def __init__(self, encoder_config: Optional[Union[PretrainedConfig, dict]] = None,
+                 tasks: Optional[Union[Mapping[str, int], List]] = None,
+                 class_names: Optional[Mapping[str, List[str]]] = None, iwn: bool = True,
+                 gate: bool = True, prefix: bool = True, alpha: float = 0.1, eps: float = 1e-5,
+                 head_dropout: float = 0.1, head_hidden_dropout: float = 0.05,
+                 max_seq_length: int = 128,
+                 lexicon: Optional[Union[LexicalFeaturizer, dict]] = None,
+                 initializer_range: float = 0.02, **kwargs):
+        if isinstance(encoder_config, dict):
+            values = dict(encoder_config)
+            model_type = values.pop("model_type", None)
+            if model_type is None:
+                raise ValueError("encoder_config must name its model_type")
+            encoder_config = AutoConfig.for_model(model_type, **values)
+        if tasks is None:  # a default config: one two-class task, no encoder yet
+            tasks = {"task": 2}
+        if isinstance(tasks, list) and all(isinstance(p, (list, tuple)) and len(p) == 2
+                                           for p in tasks):
+            tasks = dict(tasks)
+        if not isinstance(tasks, Mapping) or not tasks:
+            raise ValueError(f"tasks must map task name to number of classes, got {tasks!r}")
+        tasks = dict(tasks)
+        for name, n in tasks.items():
+            if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
+                raise ValueError(f"task names must be non-empty strings without white space, "
+                                 f"'|', '[' or ']', got {name!r}")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                raise ValueError(f"tasks[{name!r}] must be a number of classes >= 2, got {n!r}")
+        if class_names is not None:
+            class_names = {k: [str(c) for c in v] for k, v in class_names.items()}
+            for name, n in tasks.items():
+                names = class_names.get(name)
+                if names is None or len(names) != n or len(set(names)) != n:
+                    raise ValueError(f"class_names[{name!r}] must list {n} distinct names, "
+                                     f"got {names!r}")
+        if (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                or max_seq_length < 2):
+            raise ValueError(f"max_seq_length must be an int >= 2, got {max_seq_length!r}")
+        if isinstance(lexicon, LexicalFeaturizer):
+            lexicon = lexicon.to_dict()
+        if isinstance(lexicon, Mapping) and isinstance(lexicon.get("groups"), list):
+            lexicon = {**lexicon, "groups": dict(lexicon["groups"])}  # as saved, in order
+        if lexicon is not None:
+            lexicon = LexicalFeaturizer.from_dict(lexicon).to_dict()  # checked
+        self.encoder_config = encoder_config
+        self.tasks: Dict[str, int] = tasks
+        self.class_names = class_names
+        self.iwn, self.gate, self.prefix = bool(iwn), bool(gate), bool(prefix)
+        self.alpha, self.eps = alpha, eps
+        self.head_dropout, self.head_hidden_dropout = head_dropout, head_hidden_dropout
+        self.max_seq_length = max_seq_length
+        self.lexicon = lexicon
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # JSON objects lose their order when saved (keys sorted): the tasks'
+        # order is the task ids', the word groups' the features'
+        output["tasks"] = [[name, n] for name, n in self.tasks.items()]
+        if self.lexicon is not None:
+            output["lexicon"] = {**self.lexicon, "groups": list(map(list, self.lexicon[
+                "groups"].items()))}
+        return output
+
+    @property
+    def hidden_size(self) -> int:
+        """The encoder's (and so the fusion's) width."""
+        if self.encoder_config is None:
+            raise ValueError("this SurgeLLMConfig has no encoder_config")
+        return self.encoder_config.hidden_size
+
+    @property
+    def task_names(self) -> List[str]:
+        return list(self.tasks)
+
+    @property
+    def max_classes(self) -> int:
+        return max(self.tasks.values())
+
+    def check_labels(self, labels, task_ids) -> None:
+        """Each label a class of its row's task (tensors of one shape)."""
+        import torch
+
+        if labels.shape != task_ids.shape:
+            raise ValueError(f"labels must have shape {tuple(task_ids.shape)}, "
+                             f"got {tuple(labels.shape)}")
+        counts = torch.tensor(list(self.tasks.values()))[task_ids.cpu()]
+        bad = ((labels.cpu() < 0) | (labels.cpu() >= counts)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(f"labels[{i}]={int(labels[i])} is not a class of task "
+                             f"{self.task_names[int(task_ids[i])]!r} (expected "
+                             f"0 <= label < {int(counts[i])})")
+
+    def featurizer(self) -> LexicalFeaturizer:
+        """The lexical featurizer: the paper's 16 features unless ``lexicon``
+        gives other word lists."""
+        return (LexicalFeaturizer() if self.lexicon is None
+                else LexicalFeaturizer.from_dict(self.lexicon))

@@ -1,0 +1,121 @@
+"""``SurgeLLMProcessor``: texts and task names to SURGELLM model inputs."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from transformers import AutoConfig, AutoTokenizer
+
+from .configuration_surgellm import SurgeLLMConfig
+from .features import task_prefix
+
+__all__ = ["SurgeLLMProcessor"]
+
+
+class SurgeLLMProcessor:
+    """The tokenizer (with the prefix tokens), the lexical featurizer and the
+    task names of one SURGELLM model.
+
+    ``processor(texts, tasks, labels=None)`` returns the model's inputs:
+    ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the
+    tokenizer makes them) of the prefixed texts, ``features`` (the lexical
+    features of the full text, before truncation), ``task_ids`` and
+    ``labels``. Truncation cuts the end of the text, never the prefix: a
+    ``max_seq_length`` too short for the prefix and one text token is an
+    error.
+    """
+
+    def __init__(self, tokenizer, config: SurgeLLMConfig):
+        # the first token is the pooled one, and truncation must cut the text's
+        # end, never the prefix in front
+        tokenizer.padding_side = tokenizer.truncation_side = "right"
+        self.tokenizer, self.config = tokenizer, config
+        self.featurizer = config.featurizer()
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "SurgeLLMProcessor":
+        """The processor of a model saved with ``save_pretrained`` (the
+        model's directory, where :meth:`save_pretrained` wrote the tokenizer)."""
+        config = AutoConfig.from_pretrained(directory)
+        if not isinstance(config, SurgeLLMConfig):
+            raise ValueError(f"{directory} holds a {type(config).__name__}, not a SURGELLM model")
+        return cls(AutoTokenizer.from_pretrained(directory), config)
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        self.tokenizer.save_pretrained(directory)
+
+    def task_ids(self, tasks: Sequence[Union[str, int]]) -> Tensor:
+        """Task ids of task names (or ids, checked)."""
+        names = self.config.task_names
+        ids = []
+        for i, t in enumerate(tasks):
+            if isinstance(t, str):
+                if t not in self.config.tasks:
+                    raise ValueError(f"tasks[{i}]: unknown task {t!r}; this model has {names}")
+                ids.append(names.index(t))
+            elif isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(names):
+                ids.append(t)
+            else:
+                raise ValueError(f"tasks[{i}] must be a task name or an id in "
+                                 f"[0, {len(names)}), got {t!r}")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def __call__(self, texts: Sequence[str], tasks: Sequence[Union[str, int]],
+                 labels: Optional[Sequence[int]] = None, padding: Union[bool, str] = True,
+                 return_tensors: Optional[str] = "pt") -> Dict[str, Union[Tensor, List]]:
+        """Model inputs for ``texts`` of ``tasks`` (see the class docstring);
+        ``padding=False, return_tensors=None`` gives lists, for a data
+        collator to pad later."""
+        if isinstance(texts, str) or len(texts) != len(tasks):
+            raise ValueError(f"texts and tasks must be sequences of one length, got "
+                             f"{type(texts).__name__} and {len(tasks)} tasks")
+        if not texts:
+            raise ValueError("texts is empty")
+        task_ids = self.task_ids(tasks)
+        features = self.featurizer(texts)
+        if self.config.prefix:
+            names, n = self.config.task_names, features.shape[1]
+            prefixes = [task_prefix(names[t], row, n)
+                        for t, row in zip(task_ids.tolist(), features)]
+            self._check_prefix_fits(prefixes)
+            texts = [f"{p} {t}" for p, t in zip(prefixes, texts)]
+        batch = dict(self.tokenizer(list(texts), padding=padding, truncation=True,
+                                    max_length=self.config.max_seq_length,
+                                    return_tensors=return_tensors))
+        batch.update(features=features, task_ids=task_ids)
+        if labels is not None:
+            batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
+            self.config.check_labels(batch["labels"], task_ids)
+        if return_tensors is None:
+            batch = {k: v.tolist() if isinstance(v, Tensor) else v for k, v in batch.items()}
+        return batch
+
+    def _check_prefix_fits(self, prefixes: List[str]) -> None:
+        longest = max(len(ids) for ids in self.tokenizer(prefixes, add_special_tokens=False)[
+            "input_ids"])
+        needed = longest + self.tokenizer.num_special_tokens_to_add() + 1
+        if needed > self.config.max_seq_length:
+            raise ValueError(f"max_seq_length={self.config.max_seq_length} cannot hold the task "
+                             f"prefix ({longest} tokens) and any text: use a max_seq_length of "
+                             f"at least {needed}")
+
+    def map(self, rows, labels: Sequence[int]):
+        """A ``datasets.Dataset`` of ``text`` and ``task`` columns, with the
+        class index of each row in ``labels``, as unpadded model inputs (a
+        data collator such as ``DataCollatorWithPadding`` pads each batch)."""
+        return rows.map(
+            lambda batch, rows_: self(batch["text"], batch["task"], [labels[i] for i in rows_],
+                                      padding=False, return_tensors=None),
+            batched=True, with_indices=True, remove_columns=rows.column_names,
+            keep_in_memory=True)
+
+    def decode(self, logits: Tensor, task_ids: Tensor) -> List:
+        """Each row's predicted class: its name when the config names them."""
+        predictions = logits.argmax(-1).tolist()
+        names = self.config.class_names
+        if names is None:
+            return predictions
+        tasks = self.config.task_names
+        return [names[tasks[t]][p] for t, p in zip(task_ids.tolist(), predictions)]

@@ -1,0 +1,151 @@
+"""SURGELLM on ``transformers``' ``Trainer``: the paper's recipe as
+``TrainingArguments`` defaults, task-homogeneous batches, the IWN statistics
+fitted before the first step (a callback), and per-task metrics.
+
+The paper's recipe (each a ``TrainingArguments`` field, changeable): AdamW at
+learning rate 2e-5, weight decay 0.01 except biases and LayerNorm weights
+(``Trainer``'s default grouping), linear warm-up over 6% of the updates then
+linear decay, gradient clipping at 1.0, 3 epochs, evaluation every epoch
+keeping the best checkpoint by the mean macro-F1 over tasks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+__all__ = ["SurgeLLMTrainingArguments", "SurgeLLMTrainer", "FitIWNStatistics",
+           "TaskHomogeneousSampler", "task_metrics", "compute_metrics_for"]
+
+
+@dataclasses.dataclass
+class SurgeLLMTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the paper's recipe as defaults (see the
+    module docstring), the old command's short flags as aliases, and the
+    settings SURGELLM's inputs need."""
+
+    output_dir: Optional[str] = dataclasses.field(
+        default=None, metadata={"aliases": ["--output"],
+                                "help": "directory for checkpoints, the model and metrics.json"})
+    learning_rate: float = dataclasses.field(default=2e-5, metadata={"aliases": ["--lr"]})
+    weight_decay: float = 0.01
+    warmup_steps: float = dataclasses.field(
+        default=0.06, metadata={"help": "linear warm-up: steps, or a ratio of them in [0, 1)"})
+    num_train_epochs: float = dataclasses.field(default=3.0, metadata={"aliases": ["--epochs"]})
+    per_device_train_batch_size: int = dataclasses.field(default=16,
+                                                         metadata={"aliases": ["--batch-size"]})
+    eval_strategy: str = "epoch"
+    save_strategy: str = "epoch"
+    save_total_limit: Optional[int] = 2
+    load_best_model_at_end: bool = True
+    metric_for_best_model: Optional[str] = "macro_f1"
+    greater_is_better: Optional[bool] = True
+    logging_steps: float = 10
+    report_to: Optional[str] = "none"
+    seed: int = 0
+    # task ids are gathered with the labels, for the per-task metrics
+    label_names: Optional[List[str]] = dataclasses.field(
+        default_factory=lambda: ["labels", "task_ids"])
+
+
+class TaskHomogeneousSampler(Sampler):
+    """Row indices in runs of ``batch_size`` that each hold rows of one task
+    (the paper's task-homogeneous batches): each task's rows shuffled and
+    cut into batches, a task's last batch filled up with its own rows drawn
+    again, and the batches shuffled across tasks. Each pass over it is a new
+    permutation, the same on every rank (seeded by ``seed`` and the pass)."""
+
+    def __init__(self, task_ids: Sequence[int], batch_size: int, seed: int = 0):
+        self.batch_size, self.seed, self.passes = batch_size, seed, 0
+        tasks = np.asarray(task_ids)
+        self.rows = {int(t): np.flatnonzero(tasks == t) for t in np.unique(tasks)}
+
+    def _batches(self, generator: torch.Generator) -> List[np.ndarray]:
+        batches = []
+        for rows in self.rows.values():
+            order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+            short = -len(order) % self.batch_size
+            if short:
+                refill = torch.randint(len(rows), (short,), generator=generator).numpy()
+                order = np.concatenate([order, rows[refill]])
+            batches += np.split(order, len(order) // self.batch_size)
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.passes)
+        self.passes += 1
+        for batch in self._batches(generator):
+            yield from batch.tolist()
+
+    def __len__(self) -> int:
+        return sum(-(-len(rows) // self.batch_size) * self.batch_size
+                   for rows in self.rows.values())
+
+
+class SurgeLLMTrainer(Trainer):
+    """``Trainer`` with task-homogeneous training batches: data-parallel,
+    every rank's share of a step comes from one global batch of one task
+    (each rank takes its consecutive part of the runs the sampler makes), so
+    that N ranks of batch B take the steps one process of batch N x B takes."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size
+        return TaskHomogeneousSampler(dataset["task_ids"], global_batch, self.args.seed)
+
+
+class FitIWNStatistics(TrainerCallback):
+    """Fits the paper's fixed IWN statistics on the training split before the
+    first step: one streamed pass (``InstanceWeightedNorm.partial_fit``), the
+    same on every rank (each streams the whole split)."""
+
+    def __init__(self, train_dataset, batch_size: int):
+        columns = ["features", "labels", "task_ids"]
+        self.rows = train_dataset.select_columns(columns).with_format("torch")
+        self.batch_size = batch_size
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and model.surgellm.iwn is not None:
+            model.fit_statistics(DataLoader(self.rows, self.batch_size))
+
+
+def task_metrics(predictions: Sequence[int], labels: Sequence[int], task_ids: Sequence[int],
+                 task_names: Sequence[str]) -> Dict:
+    """``{"macro_f1": <mean over tasks>, "tasks": {<task>: {"macro_f1",
+    "accuracy", "n"}}}`` over the tasks present, in task order
+    (scikit-learn's ``f1_score(average="macro")`` and ``accuracy_score``)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    predictions, labels, task_ids = map(np.asarray, (predictions, labels, task_ids))
+    results = {}
+    for t, name in enumerate(task_names):
+        rows = task_ids == t
+        if rows.any():
+            true, pred = labels[rows], predictions[rows]
+            results[name] = {"macro_f1": float(f1_score(true, pred, average="macro")),
+                             "accuracy": float(accuracy_score(true, pred)),
+                             "n": int(rows.sum())}
+    if not results:
+        raise ValueError("no examples to evaluate")
+    mean = float(np.mean([r["macro_f1"] for r in results.values()]))
+    return {"macro_f1": mean, "tasks": results}
+
+
+def compute_metrics_for(task_names: Sequence[str]):
+    """``Trainer``'s ``compute_metrics``: the mean macro-F1 (``macro_f1``, what
+    the best checkpoint is chosen by) and each task's macro-F1 and accuracy."""
+
+    def compute_metrics(eval_prediction) -> Dict[str, float]:
+        labels, task_ids = eval_prediction.label_ids
+        metrics = task_metrics(np.argmax(eval_prediction.predictions, -1), labels, task_ids,
+                               task_names)
+        flat = {"macro_f1": metrics["macro_f1"]}
+        for name, m in metrics["tasks"].items():
+            flat.update({f"{name}_macro_f1": m["macro_f1"], f"{name}_accuracy": m["accuracy"]})
+        return flat
+
+    return compute_metrics
