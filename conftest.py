@@ -5,6 +5,7 @@ must be switched on before ``triton`` (and our kernels) are imported: this
 file is loaded by pytest before any test module. On a machine with a CUDA GPU
 the real compiler is used instead.
 """
+
 import os
 
 # `SURGELLM_BACKEND=cuda pytest tests/` (scripts/gpu_check.sh) selects the

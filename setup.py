@@ -16,6 +16,7 @@ would download another torch). The extension holds:
 
 CMakeLists.txt globs the same folders for the standalone build.
 """
+
 import glob
 import os
 import platform
@@ -24,8 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension, CUDAExtension,
-                                       include_paths)
+from torch.utils.cpp_extension import (
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+    include_paths,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
@@ -42,8 +48,12 @@ LINK_FLAGS = ["-lgomp"]
 # SURGELLM_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer
 # (scripts/sanitize.sh builds that way into its own directory).
 if os.environ.get("SURGELLM_SANITIZE", "0") == "1":
-    SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
-                "-fno-sanitize-recover=undefined", "-g"]
+    SANITIZE = [
+        "-fsanitize=address,undefined",
+        "-fno-omit-frame-pointer",
+        "-fno-sanitize-recover=undefined",
+        "-g",
+    ]
     CXX_FLAGS = ["-O1", *CXX_FLAGS[1:], *SANITIZE]
     LINK_FLAGS = [*LINK_FLAGS, *SANITIZE]
 
@@ -86,17 +96,33 @@ class BuildWithCpuCapabilities(BuildExtension):
                 obj = os.path.join(self.build_temp, "cpu_kernels", f"{name}.{cap}.o")
                 objects.append(obj)
                 if os.path.exists(obj) and os.path.getmtime(obj) > max(
-                        os.path.getmtime(src), newest_header):
+                    os.path.getmtime(src), newest_header
+                ):
                     continue
                 os.makedirs(os.path.dirname(obj), exist_ok=True)
-                jobs.append(base + [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}",
-                                    *flags, src, "-o", obj])
+                jobs.append(
+                    (
+                        f"{os.path.relpath(src, ROOT)} ({cap})",
+                        base
+                        + [
+                            f"-DCPU_CAPABILITY={cap}",
+                            f"-DCPU_CAPABILITY_{cap}",
+                            *flags,
+                            src,
+                            "-o",
+                            obj,
+                        ],
+                    )
+                )
         workers = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for cmd, proc in zip(jobs, pool.map(
-                    lambda c: subprocess.run(c, capture_output=True, text=True), jobs)):
+            runs = pool.map(
+                lambda job: subprocess.run(job[1], capture_output=True, text=True), jobs
+            )
+            for i, ((label, _), proc) in enumerate(zip(jobs, runs), 1):
                 if proc.returncode != 0:
-                    raise RuntimeError(f"compiling {cmd[-3]} failed:\n{proc.stderr}")
+                    raise RuntimeError(f"compiling {label} failed:\n{proc.stderr}")
+                print(f"[cpu kernels {i}/{len(jobs)}] {label}", flush=True)
         return objects
 
 
@@ -121,24 +147,37 @@ def extension():
     )
 
 
+# SURGELLM_SKIP_EXTENSION=1: the package without its extension (scripts/
+# bootstrap.sh installs it editable that way and builds the extension in
+# place, incrementally, with `setup.py build_ext --inplace`).
+SKIP_EXTENSION = os.environ.get("SURGELLM_SKIP_EXTENSION", "0") == "1"
+
 setup(
     name="surgellm_kernels",
-    version="0.1.0",
-    description="Fused kernels for SURGELLM: sigmoid surgical gate and instance-weighted normalization",
+    version="0.2.0",
+    description="Fused kernels for SURGELLM: the sigmoid surgical gate and instance-weighted "
+    "normalization",
     packages=find_packages(include=["surgellm_kernels", "surgellm_kernels.*"]),
     # Tested: Python 3.11 / torch 2.13 / Triton 3.9 / transformers 5.25 (CI); the
     # kernels also on the GPU machines' Python 3.12 / torch 2.11 / Triton 3.6.
     python_requires=">=3.10,<3.14",
     # The kernels need torch and numpy; the SURGELLM application (its model,
     # training and evaluation) transformers with Trainer's own needs.
-    install_requires=["torch>=2.4,<3", "numpy", "transformers>=5.0,<6", "accelerate>=1.0,<2",
-                      "datasets>=3.0,<6", "scikit-learn>=1.3,<2", "tqdm"],
+    install_requires=[
+        "torch>=2.4,<3",
+        "numpy",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0,<2",
+        "datasets>=3.0,<6",
+        "scikit-learn>=1.3,<2",
+        "tqdm",
+    ],
     extras_require={
         "triton": ["triton>=3.0,<4"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "test": ["pytest"],
     },
-    ext_modules=[extension()],
+    ext_modules=[] if SKIP_EXTENSION else [extension()],
     cmdclass={"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=True)},
     zip_safe=False,
 )

@@ -1,5 +1,6 @@
 """pytest-benchmark plumbing: the results folder option and the end-of-run
 report (one table per op and mode, saved with JSON and a PNG plot)."""
+
 import ctypes
 import os
 
@@ -32,8 +33,11 @@ _REPORT = Report()
 
 
 def pytest_addoption(parser):
-    parser.addoption("--results-dir", default=os.path.join(os.path.dirname(__file__), "results"),
-                     help="where the benchmark report (JSON, PNG) is written")
+    parser.addoption(
+        "--results-dir",
+        default=os.path.join(os.path.dirname(__file__), "results"),
+        help="where the benchmark report (JSON, PNG) is written",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +51,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.section("surgellm_kernels benchmark report (ratios within this run)")
     info = harness.machine_info()
-    tr.write_line(", ".join(f"{k}: {v}" for k, v in info.items()))
+    tr.write_line(", ".join(f"{k}: {v}" for k, v in info.items() if k != "backends"))
+    tr.write_line(f"backends: {info['backends']}")
+    tr.write_line(harness.CAPTION)
     tr.write_line(_REPORT.format_tables())
     for path in _REPORT.save(config.getoption("--results-dir")):
         tr.write_line(f"saved {path}")

@@ -7,10 +7,12 @@ Each rank times a training forward + backward of ``fused_iwn`` on its own
 (each rank's own statistics), and without but with a barrier after forward
 and after backward (the synced step's waits for the other rank, without its
 payload or merge), alternating the three so that all see the same machine
-state; a barrier (not timed) starts every step on both ranks at once. Rank 0 reports the medians, their ratio and the bytes each rank puts
-into the collectives per step (``sync_payload``). One thread per rank.
+state; a barrier (not timed) starts every step on both ranks at once. Rank 0
+reports the medians, their ratio and the bytes each rank puts into the
+collectives per step (``sync_payload``). One thread per rank.
 benchmarks/test_distributed_iwn.py runs it as part of the benchmark suite.
 """
+
 import argparse
 import json
 import os
@@ -28,8 +30,8 @@ def _rank(rank, world, store, options, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     from surgellm_kernels import cpu_kernel_build, fused_iwn
-    from surgellm_kernels.ops._backend import planned_backend
     from surgellm_kernels.nn.distributed import sync_payload
+    from surgellm_kernels.ops._backend import planned_backend
 
     rows, F, C = options["rows"], options["features"], options["classes"]
     g = torch.Generator().manual_seed(rank)
@@ -42,8 +44,17 @@ def _rank(rank, world, store, options, out):
     def step(group, barriers=False):
         for t in (x, gate, weight, bias):
             t.grad = None
-        y = fused_iwn(x, labels, gate, weight, bias, *running, training=True, num_classes=C,
-                      process_group=group)
+        y = fused_iwn(
+            x,
+            labels,
+            gate,
+            weight,
+            bias,
+            *running,
+            training=True,
+            num_classes=C,
+            process_group=group,
+        )
         if barriers:
             dist.barrier()
         y.backward(dy)
@@ -54,8 +65,11 @@ def _rank(rank, world, store, options, out):
     # step does, with no payload and no merge: the difference between the two
     # is what the synchronization itself costs, the rest is waiting for the
     # slower rank.
-    modes = {"synced": (dist.group.WORLD, False), "unsynced": (None, False),
-             "unsynced + 2 barriers": (None, True)}
+    modes = {
+        "synced": (dist.group.WORLD, False),
+        "unsynced": (None, False),
+        "unsynced + 2 barriers": (None, True),
+    }
     times = {name: [] for name in modes}
     for i in range(options["warmup"] + options["steps"]):
         for name, (group, barriers) in modes.items():
@@ -67,13 +81,19 @@ def _rank(rank, world, store, options, out):
     if rank == 0:
         ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         payload = sync_payload(F, C)
-        result = dict(options, world=world, backend=planned_backend("iwn", "cpu"),
-                      synced_ms=ms["synced"], unsynced_ms=ms["unsynced"],
-                      barriers_ms=ms["unsynced + 2 barriers"],
-                      overhead=ms["synced"] / ms["unsynced"],
-                      overhead_vs_barriers=ms["synced"] / ms["unsynced + 2 barriers"],
-                      all_gather_bytes=payload.all_gather, all_reduce_bytes=payload.all_reduce,
-                      cpu_build=cpu_kernel_build())
+        result = dict(
+            options,
+            world=world,
+            backend=planned_backend("iwn", "cpu"),
+            synced_ms=ms["synced"],
+            unsynced_ms=ms["unsynced"],
+            barriers_ms=ms["unsynced + 2 barriers"],
+            overhead=ms["synced"] / ms["unsynced"],
+            overhead_vs_barriers=ms["synced"] / ms["unsynced + 2 barriers"],
+            all_gather_bytes=payload.all_gather,
+            all_reduce_bytes=payload.all_reduce,
+            cpu_build=cpu_kernel_build(),
+        )
         with open(out, "w") as f:
             json.dump(result, f)
     dist.destroy_process_group()
@@ -85,13 +105,19 @@ def measure(rows=4096, features=768, classes=4, steps=20, warmup=3, world=2, tim
     from surgellm_kernels.ops._backend import planned_backend
 
     if planned_backend("iwn", "cpu") == "eager":
-        raise RuntimeError("no compiled CPU kernels (the eager reference cannot sync): build "
-                           "the extension first")
+        raise RuntimeError(
+            "no compiled CPU kernels (the eager reference cannot sync): build the extension first"
+        )
     options = dict(rows=rows, features=features, classes=classes, steps=steps, warmup=warmup)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        context = mp.start_processes(_rank, args=(world, os.path.join(tmp, "store"), options, out),
-                                     nprocs=world, join=False, start_method="spawn")
+        context = mp.start_processes(
+            _rank,
+            args=(world, os.path.join(tmp, "store"), options, out),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + timeout
         while not context.join(timeout=max(1.0, deadline - time.monotonic())):
             if time.monotonic() > deadline:
@@ -103,15 +129,17 @@ def measure(rows=4096, features=768, classes=4, steps=20, warmup=3, world=2, tim
 
 
 def describe(r):
-    return (f"{r['world']} gloo ranks on this machine, one thread each, ({r['rows']}, "
-            f"{r['features']}) float32 per rank, {r['classes']} classes, gate + affine, "
-            f"backend {r['backend']}: training forward + backward "
-            f"synced {r['synced_ms']:.2f} ms vs unsynced {r['unsynced_ms']:.2f} ms "
-            f"(medians of {r['steps']} alternated steps): overhead {r['overhead']:.3f}x; "
-            f"vs unsynced with a barrier after forward and after backward "
-            f"({r['barriers_ms']:.2f} ms): {r['overhead_vs_barriers']:.3f}x; "
-            f"per step each rank sends {r['all_gather_bytes']:,} bytes to one all-gather "
-            f"(receives {r['world']}x) and {r['all_reduce_bytes']:,} bytes to one all-reduce")
+    return (
+        f"{r['world']} gloo ranks on this machine, one thread each, ({r['rows']}, "
+        f"{r['features']}) float32 per rank, {r['classes']} classes, gate + affine, "
+        f"backend {r['backend']}: training forward + backward "
+        f"synced {r['synced_ms']:.2f} ms vs unsynced {r['unsynced_ms']:.2f} ms "
+        f"(medians of {r['steps']} alternated steps): overhead {r['overhead']:.3f}x; "
+        f"vs unsynced with a barrier after forward and after backward "
+        f"({r['barriers_ms']:.2f} ms): {r['overhead_vs_barriers']:.3f}x; "
+        f"per step each rank sends {r['all_gather_bytes']:,} bytes to one all-gather "
+        f"(receives {r['world']}x) and {r['all_reduce_bytes']:,} bytes to one all-reduce"
+    )
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ An op plugs in by describing its cases and its implementations (see
 test_fused_iwn.py); everything else -- pytest-benchmark timing, the roofline
 proxy, peak memory, speedups taken within one run -- lives here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+# Sizes of a run: the default covers every op and the training step in a few
+# minutes; SURGELLM_BENCH_FULL=1 adds the large shapes and bfloat16 (float16
+# on CUDA); SURGELLM_BENCH_QUICK=1 is CI's smoke run.
 QUICK = os.environ.get("SURGELLM_BENCH_QUICK", "0") not in ("", "0")
+FULL = os.environ.get("SURGELLM_BENCH_FULL", "0") not in ("", "0") and not QUICK
 # Overrides of the cases, e.g. for scripts/gpu_check.sh:
 # SURGELLM_BENCH_SHAPES="32768x768,4096x768"  SURGELLM_BENCH_DTYPES="float16,bfloat16"
 SHAPES_ENV, DTYPES_ENV = "SURGELLM_BENCH_SHAPES", "SURGELLM_BENCH_DTYPES"
@@ -67,11 +72,16 @@ def shapes(default: List[Tuple[int, ...]]) -> List[Tuple[int, ...]]:
     return [tuple(int(n) for n in shape.split("x")) for shape in text.split(",")]
 
 
+def sized(quick, default, full):
+    """The value for this run's size (SURGELLM_BENCH_QUICK / _FULL)."""
+    return quick if QUICK else full if FULL else default
+
+
 def dtypes(device: str) -> List[torch.dtype]:
     text = os.environ.get(DTYPES_ENV, "").strip()
     if text:
         return [getattr(torch, name.strip()) for name in text.split(",")]
-    if QUICK:
+    if not FULL:
         return [torch.float32]
     return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
 
@@ -79,21 +89,46 @@ def dtypes(device: str) -> List[torch.dtype]:
 def cases(op: str, default_shapes, modes=MODES) -> List[Case]:
     """The op's cases on every device present, for the shapes and dtypes of
     this run (the defaults, or the environment's overrides)."""
-    return [Case(op, mode, shape, dtype, device) for device in DEVICES
-            for dtype in dtypes(device) for shape in shapes(default_shapes) for mode in modes]
+    return [
+        Case(op, mode, shape, dtype, device)
+        for device in DEVICES
+        for dtype in dtypes(device)
+        for shape in shapes(default_shapes)
+        for mode in modes
+    ]
 
 
 def case_id(case: Case) -> str:
-    return (f"{case.device}-{str(case.dtype).split('.')[-1]}-"
-            f"{'x'.join(map(str, case.shape))}-{case.mode}")
+    return (
+        f"{case.device}-{str(case.dtype).split('.')[-1]}-"
+        f"{'x'.join(map(str, case.shape))}-{case.mode}"
+    )
 
 
 @dataclass
 class Implementation:
-    """``build(case)`` returns (fn, None) with fn() -> outputs, or (None, why)."""
+    """``build(case)`` returns (fn, None) with fn() -> outputs, or (None, why).
+    ``backend``: the surgellm_kernels backend it runs (its rows are left out
+    where that backend cannot run at all: the report says why in one line)."""
+
     name: str
     build: Callable[[Case], Tuple[Optional[Callable], Optional[str]]]
     env: Dict[str, str] = field(default_factory=dict)
+    backend: Optional[str] = None
+
+
+def runnable(implementations: List[Implementation], op: str) -> List[Implementation]:
+    """The implementations that can run on a device present here."""
+    from surgellm_kernels import backends
+
+    def runs(impl):
+        if impl.backend == "triton":  # interpreted on CPU tensors: a test vehicle, not timed
+            return "cuda" in DEVICES and backends("cuda", op)["triton"].available
+        if impl.backend is not None:
+            return any(backends(device, op)[impl.backend].available for device in DEVICES)
+        return impl is not COPY_ROOFLINE or "cuda" in DEVICES
+
+    return [impl for impl in implementations if runs(impl)]
 
 
 @dataclass
@@ -155,10 +190,14 @@ def peak_bytes(fn: Callable, device: str) -> int:
         sync(device)
         return max(0, torch.cuda.max_memory_allocated() - before)
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -175,6 +214,7 @@ def rounds_for(seconds_per_call: float) -> int:
 class Report:
     def __init__(self):
         self.rows: List[Row] = []
+        self.picture: Optional[str] = None
         # free-form results of benchmarks that are not op cases: title -> lines
         self.sections: Dict[str, List[str]] = {}
 
@@ -185,8 +225,11 @@ class Report:
         self.rows.append(row)
 
     def _times(self):
-        return {(r.op, r.mode, r.shape, r.dtype, r.device, r.impl): r.median_ms
-                for r in self.rows if r.median_ms is not None}
+        return {
+            (r.op, r.mode, r.shape, r.dtype, r.device, r.impl): r.median_ms
+            for r in self.rows
+            if r.median_ms is not None
+        }
 
     def table_rows(self):
         """Rows with the ratios of the same run: vs eager, vs compile, roofline."""
@@ -203,7 +246,9 @@ class Report:
                 numel = 1
                 for s in r.shape.split("x"):
                     numel *= int(s)
-                elsize = torch.empty((), dtype=getattr(torch, r.dtype.split(".")[-1])).element_size()
+                elsize = torch.empty(
+                    (), dtype=getattr(torch, r.dtype.split(".")[-1])
+                ).element_size()
                 moved = TENSORS_MOVED[r.op][r.mode] * numel * elsize
                 if r.impl == PROXY:
                     moved = PROXY_TENSORS * numel * elsize
@@ -211,8 +256,11 @@ class Report:
                 d["vs_eager"] = eager / r.median_ms if eager else None
                 d["vs_compile"] = compiled / r.median_ms if compiled else None
                 # the proxy's time scaled to this mode's bytes, over ours
-                d["roofline"] = (proxy * TENSORS_MOVED[r.op][r.mode] / PROXY_TENSORS / r.median_ms
-                                 if proxy else None)
+                d["roofline"] = (
+                    proxy * TENSORS_MOVED[r.op][r.mode] / PROXY_TENSORS / r.median_ms
+                    if proxy
+                    else None
+                )
                 # CUDA: the fraction of copy bandwidth reached on the ideal bytes
                 d["vs_copy"] = copy / r.median_ms if copy and r.impl != COPY else None
             out.append(d)
@@ -230,30 +278,37 @@ class Report:
                     continue
                 with_copy = any(r.get("vs_copy") for r in sel)
                 lines.append("")
-                lines.append(f"{op} -- {mode} (roofline: {PROXY} time scaled to "
-                             f"{TENSORS_MOVED[op][mode]} tensors / ours, >1 beats the proxy; "
-                             f"peak: memory held beyond the inputs, outputs included"
-                             + (f"; vs copy: {COPY} time / ours, 1 = copy bandwidth)"
-                                if with_copy else ")"))
-                head = (f"{'shape':>11} {'dtype':>9} {'device':>6} {'implementation':<24} "
-                        f"{'median ms':>10} {'vs eager':>9} {'vs comp.':>9} {'GB/s':>7} "
-                        f"{'roofline':>8} {'peak MB':>8}" + (f" {'vs copy':>7}" if with_copy else ""))
+                lines.append(
+                    f"{op} -- {mode} (roofline: {PROXY} time scaled to "
+                    f"{TENSORS_MOVED[op][mode]} tensors / ours, >1 beats the proxy; "
+                    f"peak: memory held beyond the inputs, outputs included"
+                    + (f"; vs copy: {COPY} time / ours, 1 = copy bandwidth)" if with_copy else ")")
+                )
+                head = (
+                    f"{'shape':>11} {'dtype':>9} {'device':>6} {'implementation':<24} "
+                    f"{'median ms':>10} {'vs eager':>9} {'vs comp.':>9} {'GB/s':>7} "
+                    f"{'roofline':>8} {'peak MB':>8}" + (f" {'vs copy':>7}" if with_copy else "")
+                )
                 lines.append(head)
                 lines.append("-" * len(head))
                 for r in sel:
                     if r["median_ms"] is None:
-                        lines.append(f"{r['shape']:>11} {r['dtype'].split('.')[-1]:>9} "
-                                     f"{r['device']:>6} {r['impl']:<24} {r['note']}")
+                        lines.append(
+                            f"{r['shape']:>11} {r['dtype'].split('.')[-1]:>9} "
+                            f"{r['device']:>6} {r['impl']:<24} {r['note']}"
+                        )
                         continue
 
                     def fmt(v, spec):
                         return format(v, spec) if v is not None else "n/a"
+
                     lines.append(
                         f"{r['shape']:>11} {r['dtype'].split('.')[-1]:>9} {r['device']:>6} "
                         f"{r['impl']:<24} {r['median_ms']:>10.3f} {fmt(r['vs_eager'], '>8.2f')}x "
                         f"{fmt(r['vs_compile'], '>8.2f')}x {r['gb_per_s']:>7.1f} "
                         f"{fmt(r['roofline'], '>8.2f')} {fmt(r['peak_mb'], '>8.1f')}"
-                        + (f" {fmt(r.get('vs_copy'), '>7.2f')}" if with_copy else ""))
+                        + (f" {fmt(r.get('vs_copy'), '>7.2f')}" if with_copy else "")
+                    )
         return "\n".join(lines)
 
     def save(self, folder: str) -> List[str]:
@@ -261,8 +316,9 @@ class Report:
         meta = machine_info()
         json_path = os.path.join(folder, "results.json")
         with open(json_path, "w") as f:
-            json.dump({"machine": meta, "rows": self.table_rows(), "sections": self.sections},
-                      f, indent=1)
+            json.dump(
+                {"machine": meta, "rows": self.table_rows(), "sections": self.sections}, f, indent=1
+            )
         paths = [json_path]
         png = self._plot(os.path.join(folder, "speedup.png"), meta)
         if png:
@@ -270,47 +326,78 @@ class Report:
         return paths
 
     def _plot(self, path: str, meta) -> Optional[str]:
+        """Speed-up over eager per case, one panel per (op, mode) measured."""
         try:
             import matplotlib
+
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
+            from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
         except ImportError:
             return None
         rows = [r for r in self.table_rows() if r.get("vs_eager") and r["impl"] != "eager"]
-        if not rows:
+        panels = sorted(
+            {(r["op"], r["mode"]) for r in rows}, key=lambda p: (p[0], MODES.index(p[1]))
+        )
+        if not panels:
             return None
-        ops = sorted({r["op"] for r in rows})
-        fig, axes = plt.subplots(len(ops), len(MODES), figsize=(7 * len(MODES), 5 * len(ops)),
-                                 squeeze=False)
-        for i, op in enumerate(ops):
-            for j, mode in enumerate(MODES):
-                ax = axes[i][j]
-                sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
-                cases = sorted({(r["shape"], r["dtype"].split(".")[-1], r["device"]) for r in sel},
-                               key=lambda c: (c[2], c[1], [int(s) for s in c[0].split("x")]))
-                impls = sorted({r["impl"] for r in sel})
-                width = 0.8 / max(1, len(impls))
-                for k, impl in enumerate(impls):
-                    vals = []
-                    for c in cases:
-                        match = [r["vs_eager"] for r in sel if r["impl"] == impl and
-                                 (r["shape"], r["dtype"].split(".")[-1], r["device"]) == c]
-                        vals.append(match[0] if match else 0)
-                    ax.bar([x + k * width for x in range(len(cases))], vals, width, label=impl)
-                ax.axhline(1.0, color="black", linewidth=0.8)
-                ax.set_yscale("log")
-                ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))])
-                ax.set_xticklabels([" ".join(c) for c in cases], fontsize=7, rotation=35,
-                                   ha="right")
-                ax.set_title(f"{op}: {mode}")
-                ax.set_ylabel("speedup vs eager (log)")
-                ax.legend(fontsize=7)
-        fig.suptitle(f"surgellm_kernels, {meta['date']}, {meta['cpu']}, "
-                     f"{meta['threads']} threads", fontsize=9)
-        fig.tight_layout()
+        columns = min(3, len(panels))
+        lines = -(-len(panels) // columns)
+        fig, axes = plt.subplots(
+            lines, columns, figsize=(6.5 * columns, 4.6 * lines + 1.4), squeeze=False
+        )
+        for ax in axes.flat[len(panels) :]:
+            ax.set_visible(False)
+        ticks = [2.0**k for k in range(-6, 8)]
+        for ax, (op, mode) in zip(axes.flat, panels):
+            sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
+            cases = sorted(
+                {(r["shape"], r["dtype"].split(".")[-1], r["device"]) for r in sel},
+                key=lambda c: (c[2], c[1], [int(s) for s in c[0].split("x")]),
+            )
+            impls = sorted({r["impl"] for r in sel})
+            width = 0.8 / max(1, len(impls))
+            for k, impl in enumerate(impls):
+                values = []
+                for c in cases:
+                    match = [
+                        r["vs_eager"]
+                        for r in sel
+                        if r["impl"] == impl
+                        and (r["shape"], r["dtype"].split(".")[-1], r["device"]) == c
+                    ]
+                    values.append(match[0] if match else float("nan"))
+                ax.bar([x + k * width for x in range(len(cases))], values, width, label=impl)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_locator(FixedLocator(ticks))
+            ax.yaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}\u00d7"))
+            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))])
+            ax.set_xticklabels([" ".join(c) for c in cases], fontsize=7, rotation=30, ha="right")
+            ax.set_title(f"{op}: {mode.replace('_', ' ')}")
+            ax.set_ylabel("speed-up over eager PyTorch")
+            ax.legend(fontsize=7)
+        fig.suptitle(
+            f"surgellm_kernels, {meta['date']}: {meta['cpu']}, {meta['threads']} "
+            f"threads, torch {meta['torch']}",
+            fontsize=9,
+        )
+        fig.text(0.01, 0.005, CAPTION, fontsize=7, va="bottom", wrap=True)
+        fig.tight_layout(rect=(0, 1.2 / (4.6 * lines + 1.4), 1, 1))
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+CAPTION = (
+    "Bars: how many times faster than the eager PyTorch reference (above 1x: faster). "
+    "eager: the paper's equations in PyTorch ops; torch.compile: that reference compiled; "
+    "F.batch_norm / F.layer_norm: ATen's own norm on the same tensor, which computes less "
+    "(no classes, no gate, no blend); addcmul proxy: torch.addcmul(a, b, c, out=d), one op "
+    "that reads three tensors and writes one -- the time this machine needs to move that "
+    "many bytes, a floor no kernel that moves as much can beat."
+)
 
 
 def machine_info():
@@ -323,24 +410,38 @@ def machine_info():
                     break
     except OSError:
         pass
-    info = {"date": datetime.date.today().isoformat(), "cpu": cpu,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "allocator": ALLOCATOR, "quick": QUICK}
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
-        from surgellm_kernels import cpu_kernel_build
-        info["cpu_kernel_build"] = cpu_kernel_build() or "not built"
+        from surgellm_kernels.ops import _backend
+
+        info["backends"] = _backend.summary()
     except Exception:  # the report must not fail on this
-        info["cpu_kernel_build"] = "unknown"
+        info["backends"] = "unknown"
+    info.update(allocator=ALLOCATOR, size="quick" if QUICK else "full" if FULL else "default")
     return info
 
 
 def run_case(benchmark, report: Report, case: Case, impl: Implementation) -> None:
     """Times one implementation on one case, or records why it cannot run."""
     import pytest
-    row = Row(case.op, case.mode, "x".join(map(str, case.shape)), str(case.dtype), case.device,
-              impl.name)
+
+    row = Row(
+        case.op, case.mode, "x".join(map(str, case.shape)), str(case.dtype), case.device, impl.name
+    )
     with environment(impl.env):
         fn, why = impl.build(case)
         if fn is None:
@@ -354,6 +455,7 @@ def run_case(benchmark, report: Report, case: Case, impl: Implementation) -> Non
             return out
 
         import time
+
         start = time.perf_counter()
         timed()  # warm-up (compilation happens here)
         timed()

@@ -1,20 +1,26 @@
 """fused_iwn against eager, torch.compile, F.batch_norm and a memory-copy proxy.
 
-    pytest benchmarks/ --benchmark-only                      # full run
-    SURGELLM_BENCH_QUICK=1 pytest benchmarks/ --benchmark-only   # smoke run
+pytest benchmarks/ --benchmark-only                          # default run
+SURGELLM_BENCH_FULL=1 pytest benchmarks/ --benchmark-only    # + large shapes, bfloat16
+SURGELLM_BENCH_QUICK=1 pytest benchmarks/ --benchmark-only   # smoke run
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import COPY_ROOFLINE, PROXY, QUICK, Implementation, case_id, cases, run_case
 from surgellm_kernels import backends, fused_iwn
 from surgellm_kernels.ops.reference import iwn_reference
 
+from harness import COPY_ROOFLINE, PROXY, Implementation, case_id, cases, run_case, runnable, sized
+
 NUM_CLASSES = 10
 # the paper's lexical features and pooled states, token level, large
-SHAPES = [(32, 16), (256, 64)] if QUICK else [(32, 16), (32, 768), (4096, 768), (32768, 768),
-                                             (65536, 1024)]
+SHAPES = sized(
+    quick=[(32, 16), (256, 64)],
+    default=[(32, 16), (32, 768), (4096, 768)],
+    full=[(32, 16), (32, 768), (4096, 768), (32768, 768), (65536, 1024)],
+)
 
 CASES = cases("fused_iwn", SHAPES)
 
@@ -26,9 +32,11 @@ def _inputs(case):
     params = dict(
         labels=torch.randint(0, NUM_CLASSES, (N,), generator=g).to(case.device),
         gate=torch.randn(Fd, generator=g).to(case.device),
-        weight=torch.ones(Fd, device=case.device), bias=torch.zeros(Fd, device=case.device),
+        weight=torch.ones(Fd, device=case.device),
+        bias=torch.zeros(Fd, device=case.device),
         running_mean=torch.zeros(Fd, device=case.device),
-        running_std=torch.ones(Fd, device=case.device))
+        running_std=torch.ones(Fd, device=case.device),
+    )
     return x, params
 
 
@@ -51,6 +59,7 @@ def _call(fn, case):
             t.grad = None
         fn(leaf, **kwargs).backward(dy)
         return leaf.grad
+
     return fwd_bwd
 
 
@@ -64,7 +73,10 @@ def _fused(backend):
         if why is not None:
             return None, why
         return _call(fused_iwn, case), None
-    return Implementation(f"fused_iwn[{backend}]", build, env={"SURGELLM_BACKEND": backend})
+
+    return Implementation(
+        f"fused_iwn[{backend}]", build, env={"SURGELLM_BACKEND": backend}, backend=backend
+    )
 
 
 def _compiled(case):
@@ -74,9 +86,20 @@ def _compiled(case):
 
 def _batch_norm(case):
     """ATen's class-blind batch norm (no gate) on the same tensor."""
-    def bn(x, labels=None, gate=None, weight=None, bias=None, running_mean=None,
-           running_std=None, training=False, num_classes=None):
+
+    def bn(
+        x,
+        labels=None,
+        gate=None,
+        weight=None,
+        bias=None,
+        running_mean=None,
+        running_std=None,
+        training=False,
+        num_classes=None,
+    ):
         return F.batch_norm(x, running_mean, running_std, weight, bias, training=training)
+
     return _call(bn, case), None
 
 
@@ -87,11 +110,19 @@ def _proxy(case):
     return (lambda: torch.addcmul(a, b, c, out=out)), None
 
 
-IMPLEMENTATIONS = [_fused("cpu"), _fused("triton"), _fused("cuda"),
-                   Implementation("eager", lambda case: (_call(iwn_reference, case), None)),
-                   Implementation("torch.compile", _compiled),
-                   Implementation("F.batch_norm (class-blind)", _batch_norm),
-                   Implementation(PROXY, _proxy), COPY_ROOFLINE]
+IMPLEMENTATIONS = runnable(
+    [
+        _fused("cpu"),
+        _fused("triton"),
+        _fused("cuda"),
+        Implementation("eager", lambda case: (_call(iwn_reference, case), None)),
+        Implementation("torch.compile", _compiled),
+        Implementation("F.batch_norm (class-blind)", _batch_norm),
+        Implementation(PROXY, _proxy),
+        COPY_ROOFLINE,
+    ],
+    "iwn",
+)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)

@@ -2,40 +2,64 @@
 memory-copy proxy; and the whole SurgicalGate module, reference vs fused.
 
     pytest benchmarks/ --benchmark-only -k surgical              # this op only
+    SURGELLM_BENCH_FULL=1 pytest benchmarks/ --benchmark-only    # + large shapes, bfloat16
     SURGELLM_BENCH_QUICK=1 pytest benchmarks/ --benchmark-only   # smoke run
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import (COPY_ROOFLINE, DEVICES, PROXY, QUICK, Case, Implementation, case_id,
-                     cases, run_case)
 from surgellm_kernels import FusedSurgicalGate, SurgicalGate, backends, fused_surgical_gate
 from surgellm_kernels.ops.reference import surgical_gate_reference
+
+from harness import (
+    COPY_ROOFLINE,
+    DEVICES,
+    PROXY,
+    Case,
+    Implementation,
+    case_id,
+    cases,
+    run_case,
+    runnable,
+    sized,
+)
 
 OP = "fused_surgical_gate"
 MODULE = "SurgicalGate module"
 # pooled states (paper), token level, large
-SHAPES = [(32, 768), (256, 64)] if QUICK else [(32, 768), (4096, 768), (32768, 768),
-                                             (16384, 1024)]
-MODULE_SHAPES = [(32, 768)] if QUICK else [(32, 768), (4096, 768)]
+SHAPES = sized(
+    quick=[(32, 768), (256, 64)],
+    default=[(32, 768), (4096, 768)],
+    full=[(32, 768), (4096, 768), (32768, 768), (16384, 1024)],
+)
+MODULE_SHAPES = sized(
+    quick=[(32, 768)], default=[(32, 768), (4096, 768)], full=[(32, 768), (4096, 768)]
+)
 
 CASES = cases(OP, SHAPES)
-MODULE_CASES = [Case(MODULE, "train_fwd_bwd", shape, torch.float32, device)
-                for device in DEVICES for shape in MODULE_SHAPES]
+MODULE_CASES = [
+    Case(MODULE, "train_fwd_bwd", shape, torch.float32, device)
+    for device in DEVICES
+    for shape in MODULE_SHAPES
+]
 
 
 def _call(fn, case):
     """A closure running fn(h, s, gate_logits, weight, bias) in the case's mode."""
     g = torch.Generator().manual_seed(0)
-    h, s, logits = (torch.randn(case.shape, generator=g).to(case.dtype).to(case.device)
-                    for _ in range(3))
+    h, s, logits = (
+        torch.randn(case.shape, generator=g).to(case.dtype).to(case.device) for _ in range(3)
+    )
     d = case.shape[-1]
     weight, bias = torch.ones(d, device=case.device), torch.zeros(d, device=case.device)
     if case.mode == "eval":
+
         def run():
             with torch.no_grad():
                 return fn(h, s, logits, weight, bias)
+
         return run
     leaves = [t.requires_grad_(True) for t in (h, s, logits, weight, bias)]
     if case.mode == "train_fwd":
@@ -47,6 +71,7 @@ def _call(fn, case):
             t.grad = None
         fn(*leaves).backward(dz)
         return h.grad
+
     return fwd_bwd
 
 
@@ -59,7 +84,10 @@ def _fused(backend):
         if why is not None:
             return None, why
         return _call(fused_surgical_gate, case), None
-    return Implementation(f"{OP}[{backend}]", build, env={"SURGELLM_BACKEND": backend})
+
+    return Implementation(
+        f"{OP}[{backend}]", build, env={"SURGELLM_BACKEND": backend}, backend=backend
+    )
 
 
 def _compiled(case):
@@ -80,17 +108,25 @@ def _proxy(case):
     return (lambda: torch.addcmul(a, b, c, out=out)), None
 
 
-IMPLEMENTATIONS = [_fused("cpu"), _fused("triton"), _fused("cuda"),
-                   Implementation("eager", lambda case: (_call(surgical_gate_reference, case),
-                                                         None)),
-                   Implementation("torch.compile", _compiled),
-                   Implementation("F.layer_norm alone", _layer_norm),
-                   Implementation(PROXY, _proxy), COPY_ROOFLINE]
+IMPLEMENTATIONS = runnable(
+    [
+        _fused("cpu"),
+        _fused("triton"),
+        _fused("cuda"),
+        Implementation("eager", lambda case: (_call(surgical_gate_reference, case), None)),
+        Implementation("torch.compile", _compiled),
+        Implementation("F.layer_norm alone", _layer_norm),
+        Implementation(PROXY, _proxy),
+        COPY_ROOFLINE,
+    ],
+    "surgical_gate",
+)
 
 
 def _module(cls):
     """The whole module (task embedding, projection, gate linear, fused tail),
     forward + backward; 16 lexical features, 3 tasks."""
+
     def build(case):
         torch.manual_seed(0)
         N, d = case.shape
@@ -103,12 +139,16 @@ def _module(cls):
         def fwd_bwd():
             module.zero_grad(set_to_none=True)
             module(h, s, tasks).backward(dz)
+
         return fwd_bwd, None
+
     return build
 
 
-MODULE_IMPLEMENTATIONS = [Implementation("eager", _module(SurgicalGate)),
-                          Implementation("FusedSurgicalGate", _module(FusedSurgicalGate))]
+MODULE_IMPLEMENTATIONS = [
+    Implementation("eager", _module(SurgicalGate)),
+    Implementation("FusedSurgicalGate", _module(FusedSurgicalGate)),
+]
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda i: i.name)

@@ -9,19 +9,27 @@ a ``record_function`` scope around it) and the backward nodes autograd made
 for them (matched by sequence number). The profiler's per-op overhead makes
 small ops look larger, so the share is an upper bound.
 """
+
 import time
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import harness
 from surgellm_kernels import patch_model
+
+import harness
 
 TRANSFORMERS = pytest.importorskip("transformers")
 SECTION = "training step: SURGELLM forward + backward + AdamW step"
-MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-              intermediate_size=1536, max_position_embeddings=512)
+MINILM = dict(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    max_position_embeddings=512,
+)
 BATCH, SEQUENCE = (8, 32) if harness.QUICK else (32, 128)
 TASKS = {"sentiment": 2, "authorship": 2, "reasoning": 3}
 MODULES = {"IWN": "iwn", "surgical gate": "fusion"}  # of model.surgellm
@@ -33,8 +41,12 @@ def build(kernels: str):
 
     options = dict(MINILM, num_hidden_layers=1) if harness.QUICK else MINILM
     torch.manual_seed(0)
-    config = SurgeLLMConfig(encoder_config=TRANSFORMERS.BertConfig(**options), tasks=TASKS,
-                            prefix=False, max_seq_length=SEQUENCE)
+    config = SurgeLLMConfig(
+        encoder_config=TRANSFORMERS.BertConfig(**options),
+        tasks=TASKS,
+        prefix=False,
+        max_seq_length=SEQUENCE,
+    )
     model = SurgeLLMForSequenceClassification(config)
     g = torch.Generator().manual_seed(1)
     task_ids = torch.randint(0, len(TASKS), (BATCH,), generator=g)
@@ -58,6 +70,7 @@ def build(kernels: str):
         loss.backward()
         optimizer.step()
         return loss
+
     return model, step, report
 
 
@@ -69,6 +82,7 @@ def module_share(model, step):
         def scoped(*args, _label=label, _forward=module.forward, **kwargs):
             with record_function(_label):
                 return _forward(*args, **kwargs)
+
         module.forward = scoped
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -89,10 +103,15 @@ def module_share(model, step):
             if e.sequence_nr >= 0:
                 sequence.add(e.sequence_nr)
             stack.extend(e.cpu_children)
-        backward = [e for e in events if e.sequence_nr in sequence
-                    and e.name.startswith("autograd::engine::evaluate_function")]
-        shares[label] = (sum(e.cpu_time_total for e in scopes)
-                         + sum(e.cpu_time_total for e in backward)) / 1e3
+        backward = [
+            e
+            for e in events
+            if e.sequence_nr in sequence
+            and e.name.startswith("autograd::engine::evaluate_function")
+        ]
+        shares[label] = (
+            sum(e.cpu_time_total for e in scopes) + sum(e.cpu_time_total for e in backward)
+        ) / 1e3
     return total, shares
 
 
@@ -103,8 +122,9 @@ def test_training_step(benchmark, bench_report, kernels):
     start = time.perf_counter()
     step()
     rounds = harness.rounds_for(time.perf_counter() - start)
-    benchmark.extra_info.update({"op": "training step", "impl": kernels,
-                                 "shape": f"{BATCH}x{SEQUENCE}"})
+    benchmark.extra_info.update(
+        {"op": "training step", "impl": kernels, "shape": f"{BATCH}x{SEQUENCE}"}
+    )
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
     median = benchmark.stats.stats.median * 1e3
     _step_ms[kernels] = median
@@ -113,11 +133,14 @@ def test_training_step(benchmark, bench_report, kernels):
     if not bench_report.sections.get(SECTION):
         layers = 1 if harness.QUICK else MINILM["num_hidden_layers"]
         bench_report.add_section_line(
-            SECTION, f"batch {BATCH}, sequence {SEQUENCE}, BERT 384 wide, {layers} layers; "
-                     f"module share = its forward ops + their backward nodes in one profiled "
-                     f"step")
-    parts = ", ".join(f"{label} {ms:.2f} ms ({100 * ms / total:.2f}%)"
-                      for label, ms in shares.items())
+            SECTION,
+            f"batch {BATCH}, sequence {SEQUENCE}, BERT 384 wide, {layers} layers; "
+            f"module share = its forward ops + their backward nodes in one profiled "
+            f"step",
+        )
+    parts = ", ".join(
+        f"{label} {ms:.2f} ms ({100 * ms / total:.2f}%)" for label, ms in shares.items()
+    )
     line = f"{kernels:>9}: median {median:9.1f} ms"
     if kernels == "patched":
         if "reference" in _step_ms:

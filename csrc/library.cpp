@@ -30,11 +30,12 @@ Tensor iwn(const Tensor& x, const optional<Tensor>& labels, const optional<Tenso
            const optional<Tensor>& task_ids, bool training, double momentum, double eps,
            const std::string& std_mode, optional<int64_t> num_classes,
            const optional<std::string>& group_name, int64_t group_size) {
-  static const auto op = op_handle<Tensor(
-      const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-      const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-      const optional<Tensor>&, bool, double, double, c10::string_view, optional<int64_t>,
-      optional<c10::string_view>, int64_t)>("surgellm::iwn");
+  static const auto op =
+      op_handle<Tensor(const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                       const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+                       const optional<Tensor>&, const optional<Tensor>&, bool, double, double,
+                       c10::string_view, optional<int64_t>, optional<c10::string_view>, int64_t)>(
+          "surgellm::iwn");
   return op.call(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
                  momentum, eps, std_mode, num_classes, view(group_name), group_size);
 }
@@ -53,8 +54,9 @@ Tensor surgical_gate(const Tensor& h, const Tensor& s, const Tensor& gate_logits
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "surgellm_kernels compiled kernels: registers the torch.ops.surgellm ops";
-  m.def("cpu_capability", [] { return at::get_cpu_capability(); },
-        "the CPU kernel build in use (DEFAULT, AVX2 or AVX512)");
+  m.def(
+      "cpu_capability", [] { return at::get_cpu_capability(); },
+      "the CPU kernel build in use (DEFAULT, AVX2 or AVX512)");
   m.def("iwn", &surgellm::iwn, py::call_guard<py::gil_scoped_release>(),
         "torch.ops.surgellm.iwn's typed eager entry (same arguments, in schema order)");
   m.def("surgical_gate", &surgellm::surgical_gate, py::call_guard<py::gil_scoped_release>(),

@@ -12,6 +12,7 @@ trains alongside and compares with every rank's (gathered). A plain
 (unsynced) run is shown for contrast: there each rank's running statistics
 are its own shard's.
 """
+
 import os
 import warnings
 
@@ -42,9 +43,11 @@ def batches(world, device):
     for _ in range(STEPS):
         shards = []
         for r in range(world):
-            labels = torch.where(torch.rand(ROWS_PER_RANK, generator=g) < 0.8,
-                                 torch.tensor(r % CLASSES),
-                                 torch.randint(0, CLASSES, (ROWS_PER_RANK,), generator=g))
+            labels = torch.where(
+                torch.rand(ROWS_PER_RANK, generator=g) < 0.8,
+                torch.tensor(r % CLASSES),
+                torch.randint(0, CLASSES, (ROWS_PER_RANK,), generator=g),
+            )
             x = torch.randn(ROWS_PER_RANK, FEATURES, generator=g) + labels.unsqueeze(1)
             shards.append((x, labels))
         yield [(x.to(device), y.to(device)) for x, y in shards]
@@ -68,8 +71,10 @@ def every_rank(tensors, world):
     flat = torch.cat([t.detach().reshape(-1) for t in tensors])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
-    return [[piece.view_as(t) for piece, t in zip(g.split([t.numel() for t in tensors]), tensors)]
-            for g in gathered]
+    return [
+        [piece.view_as(t) for piece, t in zip(g.split([t.numel() for t in tensors]), tensors)]
+        for g in gathered
+    ]
 
 
 def main():
@@ -104,17 +109,27 @@ def main():
         train(single, None, world, device)
         stat_gap = max(largest_difference(s, stats(single)) for s in synced_stats)
         param_gap = max(largest_difference(p, single.parameters()) for p in synced_params)
-        print(f"{world} ranks ({dist.get_backend()}), {STEPS} steps, "
-              f"{ROWS_PER_RANK} rows per rank, skewed classes")
-        print(f"synced IWN:   every rank's running statistics differ from one process by at "
-              f"most {stat_gap:.2e}, its parameters by {param_gap:.2e}")
-        print("unsynced IWN: running statistics differ from one process by " + ", ".join(
-            f"{largest_difference(s, stats(single)):.2e} (rank {r})"
-            for r, s in enumerate(unsynced_stats)))
+        print(
+            f"{world} ranks ({dist.get_backend()}), {STEPS} steps, "
+            f"{ROWS_PER_RANK} rows per rank, skewed classes"
+        )
+        print(
+            f"synced IWN:   every rank's running statistics differ from one process by at "
+            f"most {stat_gap:.2e}, its parameters by {param_gap:.2e}"
+        )
+        print(
+            "unsynced IWN: running statistics differ from one process by "
+            + ", ".join(
+                f"{largest_difference(s, stats(single)):.2e} (rank {r})"
+                for r, s in enumerate(unsynced_stats)
+            )
+        )
         tolerance = 1e-4
         if stat_gap < tolerance and param_gap < tolerance:
-            print(f"synced statistics and parameters match a single-process run "
-                  f"(within {tolerance:g})")
+            print(
+                f"synced statistics and parameters match a single-process run "
+                f"(within {tolerance:g})"
+            )
         else:
             raise SystemExit("synced run does NOT match the single-process run")
     dist.destroy_process_group()

@@ -11,6 +11,7 @@ same learning rate, warm-up and linear decay, the same epochs and batches),
 once per seed; prints a markdown table of the mean macro-F1 over tasks (and
 per task) on --eval, each cell the mean over seeds with the range.
 """
+
 import argparse
 import json
 import os
@@ -19,8 +20,13 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = {"full model": [], "no prefix": ["--no-prefix"], "no gate": ["--no-gate"],
-            "no IWN": ["--no-iwn"], "all three off": ["--no-prefix", "--no-gate", "--no-iwn"]}
+VARIANTS = {
+    "full model": [],
+    "no prefix": ["--no-prefix"],
+    "no gate": ["--no-gate"],
+    "no IWN": ["--no-iwn"],
+    "all three off": ["--no-prefix", "--no-gate", "--no-iwn"],
+}
 
 
 def plain_fine_tune(encoder, train, eval_path, output, seed, extra):
@@ -33,13 +39,29 @@ def plain_fine_tune(encoder, train, eval_path, output, seed, extra):
 
     from surgellm_kernels.surgellm.data import LabelSpace, load_examples
     from surgellm_kernels.surgellm.train import parse
-    from surgellm_kernels.surgellm.trainer import (SurgeLLMTrainer, compute_metrics_for,
-                                                   task_metrics)
+    from surgellm_kernels.surgellm.trainer import SurgeLLMTrainer, compute_metrics_for, task_metrics
 
-    options, args = parse(["--encoder", encoder, "--train", train, "--output", output,
-                           "--seed", str(seed), "--save-strategy", "no", "--eval-strategy",
-                           "no", "--load-best-model-at-end", "false", "--disable-tqdm", "true",
-                           *extra])
+    options, args = parse(
+        [
+            "--encoder",
+            encoder,
+            "--train",
+            train,
+            "--output",
+            output,
+            "--seed",
+            str(seed),
+            "--save-strategy",
+            "no",
+            "--eval-strategy",
+            "no",
+            "--load-best-model-at-end",
+            "false",
+            "--disable-tqdm",
+            "true",
+            *extra,
+        ]
+    )
     rows, eval_rows = load_examples(train), load_examples(eval_path)
     space = LabelSpace.from_examples(rows, train)
     tasks = space.tasks
@@ -47,11 +69,16 @@ def plain_fine_tune(encoder, train, eval_path, output, seed, extra):
 
     def encode(data, path):
         labels = space.encode(data, path)
-        return data.map(lambda b, idx: {**tokenizer(b["text"], truncation=True,
-                                                     max_length=options.max_length),
-                                        "labels": [labels[i] for i in idx],
-                                        "task_ids": [tasks.index(t) for t in b["task"]]},
-                        batched=True, with_indices=True, remove_columns=data.column_names)
+        return data.map(
+            lambda b, idx: {
+                **tokenizer(b["text"], truncation=True, max_length=options.max_length),
+                "labels": [labels[i] for i in idx],
+                "task_ids": [tasks.index(t) for t in b["task"]],
+            },
+            batched=True,
+            with_indices=True,
+            remove_columns=data.column_names,
+        )
 
     class Plain(nn.Module):
         def __init__(self):
@@ -61,19 +88,29 @@ def plain_fine_tune(encoder, train, eval_path, output, seed, extra):
             self.heads = nn.ModuleList(nn.Linear(d, len(space.classes[t])) for t in tasks)
 
         def forward(self, input_ids, attention_mask, task_ids, labels=None, token_type_ids=None):
-            h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+            h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[
+                :, 0
+            ]
             width = max(len(c) for c in space.classes.values())
-            logits = torch.stack([nn.functional.pad(head(h), (0, width - head.out_features),
-                                                    value=float("-inf")) for head in self.heads])
+            logits = torch.stack(
+                [
+                    nn.functional.pad(head(h), (0, width - head.out_features), value=float("-inf"))
+                    for head in self.heads
+                ]
+            )
             logits = logits[task_ids, torch.arange(len(h))]
             loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
             return SequenceClassifierOutput(loss=loss, logits=logits)
 
     torch.manual_seed(seed)
     data, eval_data = encode(rows, train), encode(eval_rows, eval_path)
-    trainer = SurgeLLMTrainer(model=Plain(), args=args, train_dataset=data,
-                              data_collator=DataCollatorWithPadding(tokenizer),
-                              compute_metrics=compute_metrics_for(tasks))
+    trainer = SurgeLLMTrainer(
+        model=Plain(),
+        args=args,
+        train_dataset=data,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics_for(tasks),
+    )
     trainer.train()
     prediction = trainer.predict(eval_data)
     labels, task_ids = prediction.label_ids
@@ -95,13 +132,29 @@ def main():
         for seed in args.seeds:
             output = os.path.join(args.out, name.replace(" ", "-"), f"seed{seed}")
             if name == "plain fine-tune":
-                metrics = plain_fine_tune(args.encoder, args.train, args.eval, output, seed,
-                                          extra)
+                metrics = plain_fine_tune(args.encoder, args.train, args.eval, output, seed, extra)
             else:
-                command = [sys.executable, "-m", "surgellm_kernels.train", "--encoder",
-                           args.encoder, "--train", args.train, "--eval", args.eval,
-                           "--output", output, "--seed", str(seed), "--disable-tqdm", "true",
-                           "--save-total-limit", "1", *VARIANTS[name], *extra]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "surgellm_kernels.train",
+                    "--encoder",
+                    args.encoder,
+                    "--train",
+                    args.train,
+                    "--eval",
+                    args.eval,
+                    "--output",
+                    output,
+                    "--seed",
+                    str(seed),
+                    "--disable-tqdm",
+                    "true",
+                    "--save-total-limit",
+                    "1",
+                    *VARIANTS[name],
+                    *extra,
+                ]
                 done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
                 if done.returncode != 0:
                     sys.exit(f"{name}, seed {seed}: {done.stderr[-2000:]}")
@@ -113,8 +166,11 @@ def main():
 
     def cell(values):
         mean = statistics.mean(values)
-        return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else \
-            f"{mean:.3f}"
+        return (
+            f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+            if len(values) > 1
+            else f"{mean:.3f}"
+        )
 
     print(f"\n| variant | mean macro-F1 | {' | '.join(tasks)} |")
     print("|---|---|" + "---|" * len(tasks))

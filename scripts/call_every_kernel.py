@@ -10,14 +10,46 @@ that the chosen backend's kernels run whatever the tensors' device, and it
 checks nothing: the sanitizer (or the recorder) is the judge; the test suite
 checks the numbers.
 """
+
 import argparse
 import itertools
 import sys
 
 import torch
 
-WIDTHS = (1, 2, 3, 7, 15, 16, 17, 31, 48, 63, 64, 65, 100, 127, 128, 129, 255, 256, 384, 511,
-          512, 768, 1000, 1023, 1024, 1536, 2047, 2048, 3000, 4095, 4096)
+WIDTHS = (
+    1,
+    2,
+    3,
+    7,
+    15,
+    16,
+    17,
+    31,
+    48,
+    63,
+    64,
+    65,
+    100,
+    127,
+    128,
+    129,
+    255,
+    256,
+    384,
+    511,
+    512,
+    768,
+    1000,
+    1023,
+    1024,
+    1536,
+    2047,
+    2048,
+    3000,
+    4095,
+    4096,
+)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -36,22 +68,41 @@ def call_iwn(device, N, F, dtype, gate_form, affine, tasks, training, pooled, ru
     T, C = (3 if tasks else 1), 4
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = torch.randn(N, F, generator=g).to(dtype).to(device).requires_grad_(grad)
-    gate = {None: None, "vector": torch.zeros(F, dtype=acc, device=device),
-            "per_row": torch.zeros(N, F, dtype=dtype, device=device)}[gate_form]
+    gate = {
+        None: None,
+        "vector": torch.zeros(F, dtype=acc, device=device),
+        "per_row": torch.zeros(N, F, dtype=dtype, device=device),
+    }[gate_form]
     if gate is not None:
         gate.requires_grad_(grad)
-    weight = (torch.ones(F, dtype=acc, device=device, requires_grad=grad)
-              if affine in ("w", "wb") else None)
-    bias = (torch.zeros(F, dtype=acc, device=device, requires_grad=grad)
-            if affine in ("b", "wb") else None)
+    weight = (
+        torch.ones(F, dtype=acc, device=device, requires_grad=grad)
+        if affine in ("w", "wb")
+        else None
+    )
+    bias = (
+        torch.zeros(F, dtype=acc, device=device, requires_grad=grad)
+        if affine in ("b", "wb")
+        else None
+    )
     stats = running or not training
     rm = torch.zeros(T, F, dtype=acc, device=device) if stats else None
     rs = torch.ones(T, F, dtype=acc, device=device) if stats else None
     labels = torch.randint(0, C, (N,), generator=g).to(device) if training else None
     task_ids = torch.randint(0, T, (N,), generator=g).to(device) if tasks else None
-    y = torch.ops.surgellm.iwn(x, labels, gate, weight, bias, rm, rs, task_ids, training,
-                               std_mode="pooled" if pooled else "class_mean",
-                               num_classes=C if training else None)
+    y = torch.ops.surgellm.iwn(
+        x,
+        labels,
+        gate,
+        weight,
+        bias,
+        rm,
+        rs,
+        task_ids,
+        training,
+        std_mode="pooled" if pooled else "class_mean",
+        num_classes=C if training else None,
+    )
     if grad:
         y.backward(torch.ones_like(y))
 
@@ -59,12 +110,19 @@ def call_iwn(device, N, F, dtype, gate_form, affine, tasks, training, pooled, ru
 def call_gate(device, N, d, dtype, affine):
     g = torch.Generator().manual_seed(N * 7919 + d)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    h, s, logits = (torch.randn(N, d, generator=g).to(dtype).to(device).requires_grad_(True)
-                    for _ in range(3))
-    weight = (torch.ones(d, dtype=acc, device=device, requires_grad=True)
-              if affine in ("w", "wb") else None)
-    bias = (torch.zeros(d, dtype=acc, device=device, requires_grad=True)
-            if affine in ("b", "wb") else None)
+    h, s, logits = (
+        torch.randn(N, d, generator=g).to(dtype).to(device).requires_grad_(True) for _ in range(3)
+    )
+    weight = (
+        torch.ones(d, dtype=acc, device=device, requires_grad=True)
+        if affine in ("w", "wb")
+        else None
+    )
+    bias = (
+        torch.zeros(d, dtype=acc, device=device, requires_grad=True)
+        if affine in ("b", "wb")
+        else None
+    )
     z = torch.ops.surgellm.surgical_gate(h, s, logits, weight, bias)
     z.backward(torch.ones_like(z))
 
@@ -74,15 +132,21 @@ def call_every_kernel(device: str = "cpu", widths=WIDTHS, dtypes=DTYPES) -> int:
     and several; then every width in ``widths`` (and a few row counts) with the
     flags that change which pointers a kernel reads. Returns the call count."""
     calls = 0
-    flags = itertools.product(dtypes, (None, "vector", "per_row"), (None, "w", "b", "wb"),
-                              (False, True), (False, True), (False, True), (False, True),
-                              (False, True))
+    flags = itertools.product(
+        dtypes,
+        (None, "vector", "per_row"),
+        (None, "w", "b", "wb"),
+        (False, True),
+        (False, True),
+        (False, True),
+        (False, True),
+        (False, True),
+    )
     for dtype, gate_form, affine, tasks, training, pooled, running, grad in flags:
         if not training and (pooled or running):
             continue  # eval reads the running statistics; std_mode is a training choice
         for N, F in ((5, 3), (300, 96)):
-            call_iwn(device, N, F, dtype, gate_form, affine, tasks, training, pooled, running,
-                     grad)
+            call_iwn(device, N, F, dtype, gate_form, affine, tasks, training, pooled, running, grad)
             calls += 1
     for dtype, F, N in itertools.product(dtypes, widths, (1, 16, 40)):
         for gate_form, training in itertools.product((None, "vector", "per_row"), (False, True)):
@@ -100,13 +164,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backend", choices=("cuda", "cpu", "triton"), required=True)
-    parser.add_argument("--widths", type=int, nargs="+", default=[1, 3, 16, 65, 768, 1023],
-                        help="widths of the sweep (default: a short list, for the sanitizer)")
+    parser.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        default=[1, 3, 16, 65, 768, 1023],
+        help="widths of the sweep (default: a short list, for the sanitizer)",
+    )
     parser.add_argument("--dtypes", nargs="+", default=[str(d).split(".")[-1] for d in DTYPES])
     args = parser.parse_args(argv)
     use_backend(args.device, args.backend)
-    calls = call_every_kernel(args.device, widths=args.widths,
-                              dtypes=[getattr(torch, name) for name in args.dtypes])
+    calls = call_every_kernel(
+        args.device, widths=args.widths, dtypes=[getattr(torch, name) for name in args.dtypes]
+    )
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     print(f"{calls} calls (forward and backward) on {args.device} with the {args.backend} kernels")

@@ -13,6 +13,7 @@ process: both register the surgellm ops). The workers take turns, one batch
 of calls each (A B A B ...), so that both see the same machine; the report
 gives each tree's median per call and the new/old ratio of the medians.
 """
+
 import argparse
 import json
 import os
@@ -29,10 +30,17 @@ SHAPES = ((32, 16), (32, 768))
 def baseline_tree(rev: str, workdir: str) -> str:
     """A checkout of commit ``rev`` with its extension built in place."""
     tree = os.path.join(workdir, "tree")
-    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, rev], check=True,
-                   capture_output=True)
-    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", ROOT, "worktree", "add", "--detach", tree, rev],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=tree,
+        check=True,
+        capture_output=True,
+    )
     return tree
 
 
@@ -48,8 +56,11 @@ def calls(N, Fd, num_classes=10):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, Fd, generator=g).requires_grad_(True)
     labels = torch.randint(0, num_classes, (N,), generator=g)
-    p = dict(gate=torch.zeros(Fd, requires_grad=True), weight=torch.ones(Fd, requires_grad=True),
-             bias=torch.zeros(Fd, requires_grad=True))
+    p = dict(
+        gate=torch.zeros(Fd, requires_grad=True),
+        weight=torch.ones(Fd, requires_grad=True),
+        bias=torch.zeros(Fd, requires_grad=True),
+    )
     rm, rs, rv = torch.zeros(Fd), torch.ones(Fd), torch.ones(Fd)
     h, s, logits = (torch.randn(N, Fd, generator=g) for _ in range(3))
     dy = torch.randn(N, Fd, generator=g)
@@ -59,6 +70,7 @@ def calls(N, Fd, num_classes=10):
         def run():
             with torch.no_grad():
                 fn(False)
+
         return run
 
     def train_call(fn):
@@ -66,11 +78,19 @@ def calls(N, Fd, num_classes=10):
             for t in leaves:
                 t.grad = None
             fn(True).backward(dy)
+
         return run
 
     def iwn(training):
-        return fused_iwn(x, labels if training else None, **p, running_mean=rm, running_std=rs,
-                         training=training, num_classes=num_classes)
+        return fused_iwn(
+            x,
+            labels if training else None,
+            **p,
+            running_mean=rm,
+            running_std=rs,
+            training=training,
+            num_classes=num_classes,
+        )
 
     def bn(training):
         return F.batch_norm(x, rm, rv, p["weight"], p["bias"], training)
@@ -79,19 +99,25 @@ def calls(N, Fd, num_classes=10):
         def run():
             with torch.no_grad():
                 fn()
+
         return run
 
     w, b = p["weight"].detach(), p["bias"].detach()
-    return {"fused_iwn eval": eval_call(iwn), "fused_iwn fwd+bwd": train_call(iwn),
-            "F.batch_norm eval": eval_call(bn), "F.batch_norm fwd+bwd": train_call(bn),
-            "fused_surgical_gate fwd": no_grad(lambda: fused_surgical_gate(h, s, logits, w, b)),
-            "F.layer_norm fwd": no_grad(lambda: F.layer_norm(h, (Fd,), w, b))}
+    return {
+        "fused_iwn eval": eval_call(iwn),
+        "fused_iwn fwd+bwd": train_call(iwn),
+        "F.batch_norm eval": eval_call(bn),
+        "F.batch_norm fwd+bwd": train_call(bn),
+        "fused_surgical_gate fwd": no_grad(lambda: fused_surgical_gate(h, s, logits, w, b)),
+        "F.layer_norm fwd": no_grad(lambda: F.layer_norm(h, (Fd,), w, b)),
+    }
 
 
 def worker() -> None:
     """Times batches of calls on request: reads "<shape index> <batch>" lines,
     answers with a JSON object of microseconds per call, one per case."""
     import torch
+
     torch.set_num_threads(int(os.environ.get("PERCALL_THREADS", torch.get_num_threads())))
     cases = [calls(*shape) for shape in SHAPES]
     for fns in cases:  # warm up
@@ -112,9 +138,14 @@ def worker() -> None:
 
 def start_worker(tree: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=tree)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "percall.py"),
-                             "--worker"], cwd=tree, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "scripts", "percall.py"), "--worker"],
+        cwd=tree,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready", f"worker for {tree} did not start"
     return proc
 
@@ -131,15 +162,23 @@ def measure(trees: dict, rounds: int, batch: int) -> None:
                     proc.stdin.write(f"{index} {batch}\n")
                     proc.stdin.flush()
                     times[label].append(json.loads(proc.stdout.readline()))
-            print(f"{shape[0]} x {shape[1]}, float32: median of {rounds} interleaved batches "
-                  f"of {batch} calls, microseconds per call (ratio to the ATen norm)")
-            medians = {label: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                       for label, runs in times.items()}
-            for case, norm in (("fused_iwn eval", "F.batch_norm eval"),
-                               ("fused_iwn fwd+bwd", "F.batch_norm fwd+bwd"),
-                               ("fused_surgical_gate fwd", "F.layer_norm fwd")):
-                row = "  ".join(f"{label}: {m[case]:7.1f} ({m[case] / m[norm]:.2f}x)"
-                                for label, m in medians.items())
+            print(
+                f"{shape[0]} x {shape[1]}, float32: median of {rounds} interleaved batches "
+                f"of {batch} calls, microseconds per call (ratio to the ATen norm)"
+            )
+            medians = {
+                label: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                for label, runs in times.items()
+            }
+            for case, norm in (
+                ("fused_iwn eval", "F.batch_norm eval"),
+                ("fused_iwn fwd+bwd", "F.batch_norm fwd+bwd"),
+                ("fused_surgical_gate fwd", "F.layer_norm fwd"),
+            ):
+                row = "  ".join(
+                    f"{label}: {m[case]:7.1f} ({m[case] / m[norm]:.2f}x)"
+                    for label, m in medians.items()
+                )
                 print(f"  {case:24s} {row}")
                 if len(medians) == 2:
                     (_, new), (_, old) = medians.items()
@@ -153,8 +192,9 @@ def measure(trees: dict, rounds: int, batch: int) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", help="a commit to measure too (built in a temporary "
-                                           "checkout)")
+    parser.add_argument(
+        "--baseline", help="a commit to measure too (built in a temporary checkout)"
+    )
     parser.add_argument("--baseline-tree", help="a checkout with its extension built in place")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--batch", type=int, default=100)
@@ -163,8 +203,7 @@ def main():
     if args.worker:
         return worker()
     if args.baseline_tree:
-        return measure({"this tree": ROOT, "baseline": args.baseline_tree}, args.rounds,
-                       args.batch)
+        return measure({"this tree": ROOT, "baseline": args.baseline_tree}, args.rounds, args.batch)
     if not args.baseline:
         return measure({"this tree": ROOT}, args.rounds, args.batch)
     with tempfile.TemporaryDirectory() as workdir:
@@ -172,8 +211,7 @@ def main():
         try:
             measure({"this tree": ROOT, args.baseline: tree}, args.rounds, args.batch)
         finally:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree],
-                           check=False)
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], check=False)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,18 @@ rather than from a list kept by hand: it runs the real ops
 (``surgellm::iwn`` and ``surgellm::surgical_gate``, forward and backward) on
 small CPU tensors with the Triton kernels registered for CPU, over every
 dtype, gate form, affine choice, task layout, training / eval and std_mode,
-and over the widths 1...4096 (scripts/call_every_kernel.py) (which change the specialization attributes,
-e.g. divisibility by 16, and the surgical gate's tiling). Each launch is
-stopped before it reaches a driver and bound by Triton's own JIT binder for
-each target, which gives the signature, constexprs, specialization attributes
-and options the JIT would compile on that GPU. Each distinct one is compiled
-with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and
+and over the widths 1...4096 (scripts/call_every_kernel.py), which change the
+specialization attributes (e.g. divisibility by 16, and the surgical gate's
+tiling). Each launch is stopped before it reaches a driver and bound by
+Triton's own JIT binder for each target, which gives the signature,
+constexprs, specialization attributes and options the JIT would compile on
+that GPU. Each distinct one is compiled with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", cc, 32))`` and
 its cubin read with the ``cuobjdump`` shipped with Triton.
 
 Written against Triton's JIT binder (triton 3.9); run without TRITON_INTERPRET.
 """
+
 import argparse
 import concurrent.futures
 import json
@@ -35,6 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- recording launches ----------------------------------------------------------------
+
 
 class Recorder:
     """Replaces JITFunction.run: binds each launch for every target, keeps the
@@ -63,10 +66,17 @@ class Recorder:
             key = (fn.__name__, cc, str(specialization), str(options))
             if key in self.configs:
                 continue
-            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
-                                                                  specialization, options)
-            self.configs[key] = dict(fn=fn, cc=cc, signature=signature, constexprs=constexprs,
-                                     attrs=attrs, options=options)
+            options, signature, constexprs, attrs = fn._pack_args(
+                backend, kwargs, bound, specialization, options
+            )
+            self.configs[key] = dict(
+                fn=fn,
+                cc=cc,
+                signature=signature,
+                constexprs=constexprs,
+                attrs=attrs,
+                options=options,
+            )
 
     def install(self):
         recorder = self
@@ -84,16 +94,24 @@ def unlaunched_kernels(launched):
     import pkgutil
 
     import triton
+
     import surgellm_kernels.triton as package
 
     jitted = {}
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
-        jitted.update({name: obj for name, obj in vars(module).items()
-                       if isinstance(obj, triton.runtime.jit.JITFunction)})
-    called = {name for name in jitted
-              if any(re.search(rf"\b{name}\(", other.src) for o, other in jitted.items()
-                     if o != name)}
+        jitted.update(
+            {
+                name: obj
+                for name, obj in vars(module).items()
+                if isinstance(obj, triton.runtime.jit.JITFunction)
+            }
+        )
+    called = {
+        name
+        for name in jitted
+        if any(re.search(rf"\b{name}\(", other.src) for o, other in jitted.items() if o != name)
+    }
     return sorted(set(jitted) - called - set(launched))
 
 
@@ -109,6 +127,7 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 def _nvidia_tool(name):
     """A binary shipped with Triton's NVIDIA backend."""
     import triton
+
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
@@ -127,8 +146,10 @@ def _report(pattern, tool, *args_and_input, output=False):
         raise RuntimeError(f"{os.path.basename(tool)} failed ({proc.returncode}): {proc.stderr}")
     match = pattern.search(proc.stdout + proc.stderr)
     if match is None:
-        raise RuntimeError(f"nothing matches {pattern.pattern!r} in the output of "
-                           f"{os.path.basename(tool)}:\n{proc.stdout}{proc.stderr}")
+        raise RuntimeError(
+            f"nothing matches {pattern.pattern!r} in the output of "
+            f"{os.path.basename(tool)}:\n{proc.stdout}{proc.stderr}"
+        )
     return match
 
 
@@ -138,32 +159,53 @@ def compile_config(index):
 
     c = _CONFIGS[index]
     names = c["fn"].arg_names
-    row = dict(kernel=c["fn"].__name__, arch=f"sm_{c['cc']}", num_warps=c["options"].num_warps,
-               constexprs={names[k[0]]: str(v) for k, v in c["constexprs"].items()},
-               signature=" ".join(v for v in c["signature"].values() if v != "constexpr"),
-               # the arguments specialized as multiples of 16 (pointers: 16-byte aligned)
-               attrs="div16: " + ",".join(names[k[0]] for k, v in c["attrs"].items()
-                                          if ["tt.divisibility", 16] in v))
+    row = dict(
+        kernel=c["fn"].__name__,
+        arch=f"sm_{c['cc']}",
+        num_warps=c["options"].num_warps,
+        constexprs={names[k[0]]: str(v) for k, v in c["constexprs"].items()},
+        signature=" ".join(v for v in c["signature"].values() if v != "constexpr"),
+        # the arguments specialized as multiples of 16 (pointers: 16-byte aligned)
+        attrs="div16: "
+        + ",".join(names[k[0]] for k, v in c["attrs"].items() if ["tt.divisibility", 16] in v),
+    )
     try:
         src = triton.compiler.ASTSource(c["fn"], c["signature"], c["constexprs"], c["attrs"])
         target = triton.backends.compiler.GPUTarget("cuda", c["cc"], 32)
         kernel = triton.compile(src, target=target, options=c["options"].__dict__)
-        usage = _report(_RESOURCE, _nvidia_tool("cuobjdump"), "--dump-resource-usage",
-                        kernel.asm["cubin"], ".cubin")
+        usage = _report(
+            _RESOURCE,
+            _nvidia_tool("cuobjdump"),
+            "--dump-resource-usage",
+            kernel.asm["cubin"],
+            ".cubin",
+        )
         # Triton's shared memory is dynamic (the launch asks for metadata.shared
         # bytes); the cubin's SHARED is the static part.
-        row.update(registers=int(usage.group(2)), stack=int(usage.group(3)),
-                   shared=int(usage.group(4)) + kernel.metadata.shared,
-                   local=int(usage.group(5)), spill_stores=0, spill_loads=0)
+        row.update(
+            registers=int(usage.group(2)),
+            stack=int(usage.group(3)),
+            shared=int(usage.group(4)) + kernel.metadata.shared,
+            local=int(usage.group(5)),
+            spill_stores=0,
+            spill_loads=0,
+        )
         if row["stack"] or row["local"]:
             # A stack frame is either spilled registers or a call's frame: the
             # report of the ptxas Triton uses for this target, with its flags, tells.
             from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
-            spills = _report(_SPILLS, get_ptxas(c["cc"]).path, "-v", "-lineinfo",
-                             "--regAllocOptLevel=2",
-                             f"--gpu-name={sm_arch_from_capability(c['cc'])}",
-                             kernel.asm["ptx"].encode(), ".ptx", output=True)
+            spills = _report(
+                _SPILLS,
+                get_ptxas(c["cc"]).path,
+                "-v",
+                "-lineinfo",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={sm_arch_from_capability(c['cc'])}",
+                kernel.asm["ptx"].encode(),
+                ".ptx",
+                output=True,
+            )
             row.update(spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)))
     except Exception as exc:  # reported, and fails the run
         row["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
@@ -191,15 +233,24 @@ def main(argv=None):
     if missing:
         print(f"kernels no op call launched (extend drive_ops): {', '.join(missing)}")
         return 1
-    _CONFIGS.extend(sorted((c for c in recorder.configs.values()
-                            if not args.kernels or c["fn"].__name__ in args.kernels),
-                           key=lambda c: (c["fn"].__name__, c["cc"], str(c["constexprs"]))))
+    _CONFIGS.extend(
+        sorted(
+            (
+                c
+                for c in recorder.configs.values()
+                if not args.kernels or c["fn"].__name__ in args.kernels
+            ),
+            key=lambda c: (c["fn"].__name__, c["cc"], str(c["constexprs"])),
+        )
+    )
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
         rows = list(pool.map(compile_config, range(len(_CONFIGS))))
 
-    print(f"{'kernel':22s} {'arch':6s} {'warps':>5s} {'regs':>4s} {'shared':>7s} "
-          f"{'stack':>5s} {'spill':>5s}  constexprs  specialization")
+    print(
+        f"{'kernel':22s} {'arch':6s} {'warps':>5s} {'regs':>4s} {'shared':>7s} "
+        f"{'stack':>5s} {'spill':>5s}  constexprs  specialization"
+    )
     failed = []
     for row in rows:
         consts = ",".join(f"{k}={v}" for k, v in row["constexprs"].items())
@@ -210,19 +261,25 @@ def main(argv=None):
         spilled = row["spill_stores"] > 0 or row["local"] > 0
         if spilled:
             failed.append(row)
-        print(f"{row['kernel']:22s} {row['arch']:6s} {row['num_warps']:5d} {row['registers']:4d} "
-              f"{row['shared']:7d} {row['stack']:5d} {row['spill_stores']:5d}  {consts}  "
-              f"{row['attrs']}" + ("  SPILL" if spilled else ""))
+        print(
+            f"{row['kernel']:22s} {row['arch']:6s} {row['num_warps']:5d} {row['registers']:4d} "
+            f"{row['shared']:7d} {row['stack']:5d} {row['spill_stores']:5d}  {consts}  "
+            f"{row['attrs']}" + ("  SPILL" if spilled else "")
+        )
     kernels = sorted({r["kernel"] for r in rows})
-    print(f"{len(rows)} configurations of {len(kernels)} kernels "
-          f"({', '.join(kernels)}) for {', '.join(f'sm_{a}' for a in args.arch)}: "
-          f"{len(rows) - len(failed)} compiled without spills, {len(failed)} failed")
+    print(
+        f"{len(rows)} configurations of {len(kernels)} kernels "
+        f"({', '.join(kernels)}) for {', '.join(f'sm_{a}' for a in args.arch)}: "
+        f"{len(rows) - len(failed)} compiled without spills, {len(failed)} failed"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     for row in failed:
-        print(f"\nFAILED {row['kernel']} {row['arch']} {row['constexprs']} {row['attrs']}:\n"
-              f"{row.get('error', 'registers spilled to local memory')}")
+        print(
+            f"\nFAILED {row['kernel']} {row['arch']} {row['constexprs']} {row['attrs']}:\n"
+            f"{row.get('error', 'registers spilled to local memory')}"
+        )
     return 1 if failed else 0
 
 

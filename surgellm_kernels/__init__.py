@@ -7,14 +7,29 @@ Layers, each importing only those below it: kernels (the C++ extension,
 application, ``surgellm``. Importing this package loads no transformers: the
 application's names below are imported on first use.
 """
-from .nn import (FusedInstanceWeightedNorm, FusedSurgicalGate, InstanceWeightedNorm,
-                 PatchReport, SurgicalGate, SyncInstanceWeightedNorm, convert_sync_iwn,
-                 patch_model)
+
+from .nn import (
+    FusedInstanceWeightedNorm,
+    FusedSurgicalGate,
+    InstanceWeightedNorm,
+    PatchReport,
+    SurgicalGate,
+    SyncInstanceWeightedNorm,
+    convert_sync_iwn,
+    patch_model,
+)
 from .ops import backends, cpu_kernel_build, fused_iwn, fused_surgical_gate
 
 # The application's names, from surgellm_kernels.surgellm on first use.
-_APPLICATION = ("SurgeLLMConfig", "SurgeLLMModel", "SurgeLLMForSequenceClassification",
-                "SurgeLLMProcessor", "LexicalFeaturizer", "lexical_features", "task_prefix")
+_APPLICATION = (
+    "SurgeLLMConfig",
+    "SurgeLLMModel",
+    "SurgeLLMForSequenceClassification",
+    "SurgeLLMProcessor",
+    "LexicalFeaturizer",
+    "lexical_features",
+    "task_prefix",
+)
 
 __all__ = [
     "fused_iwn",
@@ -31,7 +46,7 @@ __all__ = [
     "cpu_kernel_build",
     *_APPLICATION,
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name):

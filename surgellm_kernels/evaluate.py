@@ -1,4 +1,5 @@
 """`python -m surgellm_kernels.evaluate`: the command of surgellm_kernels.surgellm.evaluate."""
+
 import sys
 
 from .surgellm.evaluate import *  # noqa: F401,F403

@@ -1,4 +1,5 @@
 """`python -m surgellm_kernels.train`: the command of surgellm_kernels.surgellm.train."""
+
 import sys
 
 from .surgellm.train import *  # noqa: F401,F403

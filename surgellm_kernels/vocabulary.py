@@ -1,4 +1,5 @@
 """`python -m surgellm_kernels.vocabulary`: the command of surgellm_kernels.surgellm.vocabulary."""
+
 import sys
 
 from .surgellm.vocabulary import *  # noqa: F401,F403

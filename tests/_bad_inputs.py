@@ -1,11 +1,13 @@
-"""The bad inputs the tests try, in one catalogue, and the README's table of them.
+"""The bad inputs the tests try, in one catalogue, and the table of them in
+docs/reliability.md.
 
-tests/test_validation.py runs every entry through the C++ eager entries and
-the Python checks (same error, same message); ``table()`` calls each one
-through the public API and writes the README's table (between its
-``bad-inputs`` markers); test_validation checks that the README shows what
-the calls raise today. Regenerate with ``.venv/bin/python tests/_bad_inputs.py``.
+tests/ops/test_validation.py runs every entry (each names its argument, on the
+eager, direct and traced paths); ``table()`` calls each one through the public
+API and writes the table (between the ``bad-inputs`` markers of
+docs/reliability.md); test_validation checks that the document shows what the
+calls raise today. Regenerate with ``.venv/bin/python tests/_bad_inputs.py``.
 """
+
 import torch
 
 X = torch.randn(6, 4)
@@ -40,12 +42,21 @@ BAD_IWN_CALLS = {
     "running 3-d": dict(running_mean=torch.zeros(1, 1, 4), running_std=torch.ones(1, 1, 4)),
     "task_ids with (F,) statistics": dict(task_ids=torch.zeros(6, dtype=torch.long)),
     "task_ids missing": dict(running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
-    "task_ids int32": dict(task_ids=torch.zeros(6, dtype=torch.int32),
-                           running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
-    "task_ids shape": dict(task_ids=torch.zeros(5, dtype=torch.long),
-                           running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
-    "task_ids device": dict(task_ids=torch.zeros(6, dtype=torch.long, device="meta"),
-                            running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+    "task_ids int32": dict(
+        task_ids=torch.zeros(6, dtype=torch.int32),
+        running_mean=torch.zeros(2, 4),
+        running_std=torch.ones(2, 4),
+    ),
+    "task_ids shape": dict(
+        task_ids=torch.zeros(5, dtype=torch.long),
+        running_mean=torch.zeros(2, 4),
+        running_std=torch.ones(2, 4),
+    ),
+    "task_ids device": dict(
+        task_ids=torch.zeros(6, dtype=torch.long, device="meta"),
+        running_mean=torch.zeros(2, 4),
+        running_std=torch.ones(2, 4),
+    ),
     "labels missing": dict(labels=None),
     "labels not a tensor": dict(labels=[0] * 6),
     "labels int32": dict(labels=LABELS.int()),
@@ -63,11 +74,15 @@ BAD_IWN_CALLS = {
 # differs -- fixed class and task counts; no rows is allowed.
 SYNCED_BAD_IWN_CALLS = {
     "synced: num_classes missing": dict(num_classes=None),
-    "synced: no rows, num_classes missing": dict(x=torch.zeros(0, 4),
-                                                 labels=torch.zeros(0, dtype=torch.long)),
+    "synced: no rows, num_classes missing": dict(
+        x=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)
+    ),
     "synced: task_ids without running statistics": dict(
-        task_ids=torch.zeros(6, dtype=torch.long), running_mean=None, running_std=None,
-        num_classes=2),
+        task_ids=torch.zeros(6, dtype=torch.long),
+        running_mean=None,
+        running_std=None,
+        num_classes=2,
+    ),
     "synced: labels missing": dict(labels=None, num_classes=2),
 }
 
@@ -96,19 +111,47 @@ BAD_SURGICAL_GATE_CALLS = {
 DATA_BAD_IWN_CALLS = {
     "labels out of range": dict(labels=torch.tensor([0, 1, 0, 1, 2, 3]), num_classes=3),
     "labels negative": dict(labels=torch.tensor([0, -1, 0, 1, 2, 2])),
-    "task_ids out of range": dict(task_ids=torch.tensor([0, 1, 0, 1, 0, 5]),
-                                  running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+    "task_ids out of range": dict(
+        task_ids=torch.tensor([0, 1, 0, 1, 0, 5]),
+        running_mean=torch.zeros(2, 4),
+        running_std=torch.ones(2, 4),
+    ),
 }
 
 
-def iwn_call(x=X, labels=LABELS, gate=None, weight=None, bias=None, running_mean=RM,
-             running_std=RS, task_ids=None, training=True, momentum=0.1, eps=1e-5,
-             std_mode="class_mean", num_classes=None, **extra):
+def iwn_call(
+    x=X,
+    labels=LABELS,
+    gate=None,
+    weight=None,
+    bias=None,
+    running_mean=RM,
+    running_std=RS,
+    task_ids=None,
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    std_mode="class_mean",
+    num_classes=None,
+    **extra,
+):
     """fused_iwn's keyword arguments: a valid training call, changed by the given ones."""
-    return dict(x=x, labels=labels, gate=gate, weight=weight, bias=bias,
-                running_mean=running_mean, running_std=running_std, task_ids=task_ids,
-                training=training, momentum=momentum, eps=eps, std_mode=std_mode,
-                num_classes=num_classes, **extra)
+    return dict(
+        x=x,
+        labels=labels,
+        gate=gate,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_std=running_std,
+        task_ids=task_ids,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        std_mode=std_mode,
+        num_classes=num_classes,
+        **extra,
+    )
 
 
 def _module_calls():
@@ -116,19 +159,24 @@ def _module_calls():
 
     def norm():
         return FusedInstanceWeightedNorm(4, 3, num_tasks=2)
+
     return {
         "InstanceWeightedNorm: num_classes zero": lambda: FusedInstanceWeightedNorm(4, 0),
         "InstanceWeightedNorm: std_mode": lambda: FusedInstanceWeightedNorm(4, 3, std_mode="x"),
-        "InstanceWeightedNorm: x width": lambda: norm().train()(torch.randn(6, 5), LABELS,
-                                                              LABELS % 2),
+        "InstanceWeightedNorm: x width": lambda: norm().train()(
+            torch.randn(6, 5), LABELS, LABELS % 2
+        ),
         "InstanceWeightedNorm: task_ids missing": lambda: norm().partial_fit(X, LABELS),
         "InstanceWeightedNorm: fit without data": lambda: norm().fit(),
-        "SurgicalGate: h width": lambda: FusedSurgicalGate(8, 4)(torch.randn(2, 6),
-                                                                 torch.randn(2, 4)),
-        "SurgicalGate: s shape": lambda: FusedSurgicalGate(8, 4)(torch.randn(2, 8),
-                                                                 torch.randn(2, 5)),
+        "SurgicalGate: h width": lambda: FusedSurgicalGate(8, 4)(
+            torch.randn(2, 6), torch.randn(2, 4)
+        ),
+        "SurgicalGate: s shape": lambda: FusedSurgicalGate(8, 4)(
+            torch.randn(2, 8), torch.randn(2, 5)
+        ),
         "SurgicalGate: task_ids missing": lambda: FusedSurgicalGate(8, 4, num_tasks=2)(
-            torch.randn(2, 8), torch.randn(2, 4)),
+            torch.randn(2, 8), torch.randn(2, 4)
+        ),
     }
 
 
@@ -140,19 +188,22 @@ def every_bad_call():
     for name, kwargs in {**BAD_IWN_CALLS, **DATA_BAD_IWN_CALLS}.items():
         calls[f"fused_iwn: {name}"] = (lambda kw: lambda: fused_iwn(**iwn_call(**kw)))(kwargs)
     calls["fused_iwn: process_group not a group"] = lambda: fused_iwn(
-        **iwn_call(num_classes=3, process_group="world"))
+        **iwn_call(num_classes=3, process_group="world")
+    )
     calls["fused_iwn: process_group without this rank"] = lambda: fused_iwn(
-        **iwn_call(num_classes=3, process_group=torch.distributed.GroupMember.NON_GROUP_MEMBER))
+        **iwn_call(num_classes=3, process_group=torch.distributed.GroupMember.NON_GROUP_MEMBER)
+    )
     for name, kwargs in BAD_SURGICAL_GATE_CALLS.items():
         given = dict(dict(h=H, s=H, gate_logits=H), **kwargs)
         calls[f"fused_surgical_gate: {name}"] = (lambda kw: lambda: fused_surgical_gate(**kw))(
-            given)
+            given
+        )
     calls.update(_module_calls())
     return calls
 
 
 def table():
-    """The README's markdown table: each bad input and the error users get."""
+    """The markdown table: each bad input and the error users get."""
     rows = ["| bad input | error | message |", "|---|---|---|"]
     for name, call in every_bad_call().items():
         try:

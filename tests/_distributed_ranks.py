@@ -6,6 +6,7 @@ order; each rank writes which cases failed and why. A case compares its
 rank's synchronized call with a single-process ``fused_iwn`` call on the
 whole batch, which every rank computes itself from the same seed.
 """
+
 import datetime
 import json
 import os
@@ -18,8 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from surgellm_kernels import InstanceWeightedNorm, fused_iwn
-from surgellm_kernels.nn.distributed import (SyncInstanceWeightedNorm, convert_sync_iwn,
-                                          sync_payload)
+from surgellm_kernels.nn.distributed import SyncInstanceWeightedNorm, convert_sync_iwn, sync_payload
 
 COLLECTIVE_TIMEOUT_S = 60  # a rank left waiting in a collective fails, not hangs
 DEVICE = torch.device("cpu")  # where a rank's batches live (set by _rank_main)
@@ -27,14 +27,18 @@ DEVICE = torch.device("cpu")  # where a rank's batches live (set by _rank_main)
 
 # -- launching ---------------------------------------------------------------------------
 
+
 def launch(world_size, cases, workdir, backend="cpu", device="cpu", timeout=300):
     """Run ``cases`` on ``world_size`` spawned ranks; {case: failure text or None}.
     A run that outlives ``timeout`` is killed and every case fails with that.
     On ``device`` "cuda" every rank uses the one GPU (gloo serves CUDA tensors)."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main,
-                         args=(rank, world_size, str(workdir), list(cases), backend, device))
-             for rank in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_rank_main, args=(rank, world_size, str(workdir), list(cases), backend, device)
+        )
+        for rank in range(world_size)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -56,8 +60,11 @@ def launch(world_size, cases, workdir, backend="cpu", device="cpu", timeout=300)
             if name in reported:
                 error = reported[name]
             else:  # the cases this rank never finished
-                error = (f"still running after {timeout} s (killed)" if rank in hung
-                         else f"exited with code {p.exitcode} before finishing this case")
+                error = (
+                    f"still running after {timeout} s (killed)"
+                    if rank in hung
+                    else f"exited with code {p.exitcode} before finishing this case"
+                )
             if error and not results[name]:
                 results[name] = f"rank {rank}:\n{error}"
     return results
@@ -68,13 +75,19 @@ def _rank_main(rank, world_size, workdir, cases, backend, device):
     DEVICE = torch.device(device)
     os.environ["SURGELLM_BACKEND"] = backend
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank,
-                            world_size=world_size,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{workdir}/store",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
     # Groups are created by every rank, in the same order, before any case.
-    groups = {"world": dist.group.WORLD,
-              "even": dist.new_group([r for r in range(world_size) if r % 2 == 0]),
-              "cuda_only": dist.new_group(backend="cuda:gloo")}
+    groups = {
+        "world": dist.group.WORLD,
+        "even": dist.new_group([r for r in range(world_size) if r % 2 == 0]),
+        "cuda_only": dist.new_group(backend="cuda:gloo"),
+    }
     results = {}
     for name in cases:
         try:
@@ -91,43 +104,67 @@ def _rank_main(rank, world_size, workdir, cases, backend, device):
 
 # -- one batch, split into shards --------------------------------------------------------
 
+
 def _tolerance(dtype):
     return {torch.float64: 1e-10, torch.float32: 2e-5}[dtype]
 
 
 def assert_close(actual, expected, dtype, what):
     tol = _tolerance(dtype)
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 class Batch:
     """A batch of ``sum(sizes)`` rows, shard r = rows of rank r (or of the
     group's r-th member)."""
 
-    def __init__(self, sizes, F=5, C=3, T=1, dtype=torch.float64, labels=None, tasks=None,
-                 gate="vec", affine=True, rows_shape=(), seed=0):
+    def __init__(
+        self,
+        sizes,
+        F=5,
+        C=3,
+        T=1,
+        dtype=torch.float64,
+        labels=None,
+        tasks=None,
+        gate="vec",
+        affine=True,
+        rows_shape=(),
+        seed=0,
+    ):
         N = sum(sizes)
         g = torch.Generator().manual_seed(seed)
         self.sizes, self.F, self.C, self.T, self.dtype = sizes, F, C, T, dtype
-        self.x = (torch.randn(N, *rows_shape, F, generator=g, dtype=torch.float64) * 2 + 0.5
-                  ).to(dtype)
-        self.labels = (torch.tensor(labels) if labels is not None
-                       else torch.randint(0, C, (N,), generator=g))
-        self.labels = self.labels.view(N, *([1] * len(rows_shape))).expand(
-            N, *rows_shape).contiguous() if rows_shape else self.labels
+        self.x = (torch.randn(N, *rows_shape, F, generator=g, dtype=torch.float64) * 2 + 0.5).to(
+            dtype
+        )
+        self.labels = (
+            torch.tensor(labels) if labels is not None else torch.randint(0, C, (N,), generator=g)
+        )
+        self.labels = (
+            self.labels.view(N, *([1] * len(rows_shape))).expand(N, *rows_shape).contiguous()
+            if rows_shape
+            else self.labels
+        )
         self.task_ids = None
         if T > 1:
-            self.task_ids = (torch.tensor(tasks) if tasks is not None
-                             else torch.randint(0, T, (N,), generator=g))
+            self.task_ids = (
+                torch.tensor(tasks) if tasks is not None else torch.randint(0, T, (N,), generator=g)
+            )
             if rows_shape:
-                self.task_ids = self.task_ids.view(N, *([1] * len(rows_shape))).expand(
-                    N, *rows_shape).contiguous()
+                self.task_ids = (
+                    self.task_ids.view(N, *([1] * len(rows_shape)))
+                    .expand(N, *rows_shape)
+                    .contiguous()
+                )
         self.dy = torch.randn(self.x.shape, generator=g, dtype=torch.float64).to(dtype)
-        self.gate = {"none": None,
-                     "vec": torch.randn(F, generator=g, dtype=torch.float64).to(dtype),
-                     "rows": torch.randn(self.x.shape, generator=g, dtype=torch.float64).to(dtype)
-                     }[gate]
+        self.gate = {
+            "none": None,
+            "vec": torch.randn(F, generator=g, dtype=torch.float64).to(dtype),
+            "rows": torch.randn(self.x.shape, generator=g, dtype=torch.float64).to(dtype),
+        }[gate]
         self.weight = self.bias = None
         if affine:
             self.weight = torch.randn(F, generator=g, dtype=torch.float64).to(dtype)
@@ -140,24 +177,49 @@ class Batch:
         start = sum(self.sizes[:index])
         return slice(start, start + self.sizes[index])
 
-    def run(self, rows=slice(None), process_group=None, requires_grad=True, std_mode="class_mean",
-            training=True, running=None):
+    def run(
+        self,
+        rows=slice(None),
+        process_group=None,
+        requires_grad=True,
+        std_mode="class_mean",
+        training=True,
+        running=None,
+    ):
         """One call on ``rows``: y, the gradients (x, gate, weight, bias) and
         the running statistics."""
+
         def leaf(t, per_row=False):
             if t is None:
                 return None
             t = (t[rows] if per_row else t).clone()
             return t.requires_grad_(requires_grad)
+
         x, gate = leaf(self.x, True), leaf(self.gate, self.gate is not None and self.gate.dim() > 1)
         weight, bias = leaf(self.weight), leaf(self.bias)
         shape = (self.T, self.F) if self.T > 1 else (self.F,)
-        rm, rs = running if running is not None else (
-            torch.full(shape, 0.25, dtype=self.dtype, device=DEVICE),
-            torch.full(shape, 2.0, dtype=self.dtype, device=DEVICE))
-        y = fused_iwn(x, self.labels[rows], gate, weight, bias, rm, rs,
-                      None if self.task_ids is None else self.task_ids[rows], training=training,
-                      std_mode=std_mode, num_classes=self.C, process_group=process_group)
+        rm, rs = (
+            running
+            if running is not None
+            else (
+                torch.full(shape, 0.25, dtype=self.dtype, device=DEVICE),
+                torch.full(shape, 2.0, dtype=self.dtype, device=DEVICE),
+            )
+        )
+        y = fused_iwn(
+            x,
+            self.labels[rows],
+            gate,
+            weight,
+            bias,
+            rm,
+            rs,
+            None if self.task_ids is None else self.task_ids[rows],
+            training=training,
+            std_mode=std_mode,
+            num_classes=self.C,
+            process_group=process_group,
+        )
         grads = [None] * 4
         if requires_grad:
             (y * self.dy[rows]).sum().backward()
@@ -183,14 +245,18 @@ def compare_with_one_process(batch, rank, group, members, **options):
     for gathered, r in zip(every_rank, running):
         dist.all_gather(gathered, r, group=group)
     # Weight, bias and a (F) gate: each rank's share, which DDP adds up.
-    totals = {i: summed(grads[i], group) for i in (1, 2, 3)
-              if grads[i] is not None and grads[i].dim() == 1}
+    totals = {
+        i: summed(grads[i], group)
+        for i in (1, 2, 3)
+        if grads[i] is not None and grads[i].dim() == 1
+    }
 
     assert y.shape == batch.x[rows].shape, (y.shape, batch.x[rows].shape)
     assert torch.isfinite(y).all() and all(torch.isfinite(r).all() for r in running)
     assert_close(y, y_all[rows], batch.dtype, "output")
-    for name, r, r_all, gathered in zip(("running_mean", "running_std"), running, running_all,
-                                        every_rank):
+    for name, r, r_all, gathered in zip(
+        ("running_mean", "running_std"), running, running_all, every_rank
+    ):
         assert_close(r, r_all, batch.dtype, name)
         assert all(torch.equal(e, r) for e in gathered), f"{name} differs between ranks"
     if not options.get("requires_grad", True):
@@ -199,10 +265,13 @@ def compare_with_one_process(batch, rank, group, members, **options):
     if grads[1] is not None and grads[1].dim() > 1:  # per instance: this rank's rows
         assert_close(grads[1], grads_all[1][rows], batch.dtype, "per-instance gate grad")
     for i, total in totals.items():
-        assert_close(total, grads_all[i], batch.dtype, f"summed {('gate', 'weight', 'bias')[i - 1]} grad")
+        assert_close(
+            total, grads_all[i], batch.dtype, f"summed {('gate', 'weight', 'bias')[i - 1]} grad"
+        )
 
 
 # -- the cases ---------------------------------------------------------------------------
+
 
 def _sizes(world, two, three):
     return two if world == 2 else three
@@ -216,16 +285,21 @@ def _labels_by_shard(sizes, per_shard):
 def _matrix_case(sizes_fn, dtype=torch.float64, options=None, **batch_args):
     def case(rank, world, groups):
         sizes = sizes_fn(world)
-        batch = Batch(sizes, dtype=dtype, **{k: (v(sizes) if callable(v) else v)
-                                              for k, v in batch_args.items()})
-        compare_with_one_process(batch, rank, groups["world"], list(range(world)),
-                                 **(options or {}))
+        batch = Batch(
+            sizes,
+            dtype=dtype,
+            **{k: (v(sizes) if callable(v) else v) for k, v in batch_args.items()},
+        )
+        compare_with_one_process(
+            batch, rank, groups["world"], list(range(world)), **(options or {})
+        )
+
     return case
 
 
-EQUAL = lambda world: [6] * world                                   # noqa: E731
-UNEVEN = lambda world: _sizes(world, [7, 1], [7, 1, 4])            # noqa: E731
-EMPTY = lambda world: _sizes(world, [9, 0], [5, 0, 4])             # noqa: E731
+EQUAL = lambda world: [6] * world  # noqa: E731
+UNEVEN = lambda world: _sizes(world, [7, 1], [7, 1, 4])  # noqa: E731
+EMPTY = lambda world: _sizes(world, [9, 0], [5, 0, 4])  # noqa: E731
 
 CASES = {
     "equal_shards": _matrix_case(EQUAL),
@@ -235,20 +309,32 @@ CASES = {
     "empty_shard": _matrix_case(EMPTY),
     "empty_shard_pooled_tasks": _matrix_case(EMPTY, T=2, options={"std_mode": "pooled"}),
     # class 2 only in rank 0's rows
-    "class_on_one_rank": _matrix_case(UNEVEN, labels=lambda s: _labels_by_shard(
-        s, lambda r, n: [(i % 3) if r == 0 else (i % 2) for i in range(n)])),
+    "class_on_one_rank": _matrix_case(
+        UNEVEN,
+        labels=lambda s: _labels_by_shard(
+            s, lambda r, n: [(i % 3) if r == 0 else (i % 2) for i in range(n)]
+        ),
+    ),
     # classes 0..2 of 4: class 3 nowhere
-    "class_absent_everywhere": _matrix_case(EQUAL, C=4, labels=lambda s: _labels_by_shard(
-        s, lambda r, n: [i % 3 for i in range(n)])),
+    "class_absent_everywhere": _matrix_case(
+        EQUAL, C=4, labels=lambda s: _labels_by_shard(s, lambda r, n: [i % 3 for i in range(n)])
+    ),
     # class 2 has one row on each of the first two ranks; class 1 one row in all
-    "singleton_classes_split": _matrix_case(EQUAL, labels=lambda s: _labels_by_shard(
-        s, lambda r, n: [2 if (i == 0 and r < 2) else (1 if (i == 1 and r == 0) else 0)
-                         for i in range(n)])),
+    "singleton_classes_split": _matrix_case(
+        EQUAL,
+        labels=lambda s: _labels_by_shard(
+            s,
+            lambda r, n: [
+                2 if (i == 0 and r < 2) else (1 if (i == 1 and r == 0) else 0) for i in range(n)
+            ],
+        ),
+    ),
     "pooled": _matrix_case(UNEVEN, options={"std_mode": "pooled"}),
     # three tasks, the third on no rank: its running statistics stay
     "tasks": _matrix_case(UNEVEN, T=3, tasks=lambda s: [i % 2 for i in range(sum(s))]),
-    "tasks_pooled_float32": _matrix_case(EQUAL, dtype=torch.float32, T=3,
-                                         options={"std_mode": "pooled"}),
+    "tasks_pooled_float32": _matrix_case(
+        EQUAL, dtype=torch.float32, T=3, options={"std_mode": "pooled"}
+    ),
     "ungated": _matrix_case(UNEVEN, gate="none", affine=False),
     "per_instance_gate": _matrix_case(UNEVEN, gate="rows"),
     "rows_3d": _matrix_case(UNEVEN, gate="rows", rows_shape=(3,)),
@@ -264,8 +350,9 @@ def case(fn):
 def count_collectives(fn, payloads=None):
     """(collectives fn issued on gloo, fn's result); ``payloads`` collects
     how many values each functional collective was given."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                record_shapes=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+    ) as prof:
         result = fn()
     for e in prof.events():
         if payloads is not None and e.name.startswith("_c10d_functional::all_"):
@@ -281,12 +368,25 @@ def collective_count(rank, world, groups):
     batch = Batch(UNEVEN(world))
     rows, group = batch.shard(rank), groups["world"]
     x = batch.x[rows].clone().requires_grad_()
-    rm, rs = (torch.zeros(batch.F, dtype=batch.dtype, device=DEVICE),
-              torch.ones(batch.F, dtype=batch.dtype, device=DEVICE))
+    rm, rs = (
+        torch.zeros(batch.F, dtype=batch.dtype, device=DEVICE),
+        torch.ones(batch.F, dtype=batch.dtype, device=DEVICE),
+    )
 
     def call(training, process_group=group, inputs=x):
-        return fused_iwn(inputs, batch.labels[rows], batch.gate, batch.weight, batch.bias, rm, rs,
-                         training=training, num_classes=batch.C, process_group=process_group)
+        return fused_iwn(
+            inputs,
+            batch.labels[rows],
+            batch.gate,
+            batch.weight,
+            batch.bias,
+            rm,
+            rs,
+            training=training,
+            num_classes=batch.C,
+            process_group=process_group,
+        )
+
     payloads = {}
     n, y = count_collectives(lambda: call(True), payloads)
     assert n == 1, f"training forward issued {n} collectives, expected 1"
@@ -294,8 +394,10 @@ def collective_count(rank, world, groups):
     assert n == 1, f"backward issued {n} collectives, expected 1"
     expected = sync_payload(batch.F, batch.C, batch.T, batch.dtype)
     itemsize = batch.x.element_size()  # float64: the accumulation dtype too
-    assert payloads == {"all_gather_into_tensor": expected.all_gather // itemsize,
-                        "all_reduce": expected.all_reduce // itemsize}, (payloads, expected)
+    assert payloads == {
+        "all_gather_into_tensor": expected.all_gather // itemsize,
+        "all_reduce": expected.all_reduce // itemsize,
+    }, (payloads, expected)
     n, y = count_collectives(lambda: call(False))
     assert n == 0, f"eval issued {n} collectives, expected 0"
     with torch.no_grad():
@@ -327,15 +429,28 @@ def bad_input(rank, world, groups):
     expectations = [
         (dict(process_group=groups["cuda_only"]), ValueError, "cannot communicate cpu tensors"),
         (dict(process_group=groups["world"], num_classes=None), ValueError, "num_classes"),
-        (dict(process_group=groups["world"], task_ids=torch.zeros(len(batch.x[rows]),
-                                                                  dtype=torch.long),
-              running_mean=None, running_std=None), ValueError, "task count"),
+        (
+            dict(
+                process_group=groups["world"],
+                task_ids=torch.zeros(len(batch.x[rows]), dtype=torch.long),
+                running_mean=None,
+                running_std=None,
+            ),
+            ValueError,
+            "task count",
+        ),
         (dict(process_group="world"), TypeError, "process_group must be"),
     ]
     rm, rs = torch.zeros(batch.F, dtype=batch.dtype), torch.ones(batch.F, dtype=batch.dtype)
     for overrides, error, words in expectations:
-        args = dict(labels=batch.labels[rows], gate=batch.gate, running_mean=rm, running_std=rs,
-                    training=True, num_classes=batch.C)
+        args = dict(
+            labels=batch.labels[rows],
+            gate=batch.gate,
+            running_mean=rm,
+            running_std=rs,
+            training=True,
+            num_classes=batch.C,
+        )
         args.update(overrides)
         before = (rm.clone(), rs.clone())
         try:
@@ -348,8 +463,15 @@ def bad_input(rank, world, groups):
     # The eager reference computes one process's statistics: refused, not run unsynced.
     os.environ["SURGELLM_BACKEND"] = "eager"
     try:
-        fused_iwn(batch.x[rows], batch.labels[rows], running_mean=rm, running_std=rs,
-                  training=True, num_classes=batch.C, process_group=groups["world"])
+        fused_iwn(
+            batch.x[rows],
+            batch.labels[rows],
+            running_mean=rm,
+            running_std=rs,
+            training=True,
+            num_classes=batch.C,
+            process_group=groups["world"],
+        )
     except RuntimeError as e:
         assert "compiled kernels" in str(e), e
     else:
@@ -376,13 +498,16 @@ def distributed_fit(rank, world, groups):
     whole = _norm(batch).fit(batch.x, batch.labels, batch.task_ids)
     rows = batch.shard(rank)
     streamed = _norm(batch)
-    for part in (slice(rows.start, rows.start + sizes[rank] // 2),
-                 slice(rows.start + sizes[rank] // 2, rows.stop)):
+    for part in (
+        slice(rows.start, rows.start + sizes[rank] // 2),
+        slice(rows.start + sizes[rank] // 2, rows.stop),
+    ):
         if part.stop > part.start:  # a rank with no data streams nothing
             streamed.partial_fit(batch.x[part], batch.labels[part], batch.task_ids[part])
     streamed.fit(process_group=groups["world"])
-    synced = _norm(batch, SyncInstanceWeightedNorm).fit(batch.x[rows], batch.labels[rows],
-                                                         batch.task_ids[rows], groups["world"])
+    synced = _norm(batch, SyncInstanceWeightedNorm).fit(
+        batch.x[rows], batch.labels[rows], batch.task_ids[rows], groups["world"]
+    )
     for norm in (streamed, synced):
         assert norm._frozen
         assert_close(norm.running_mean, whole.running_mean, torch.float64, "fit mean")
@@ -424,8 +549,9 @@ def ddp_parity(rank, world, groups):
     for step in range(steps):
         for net, optimizer, part in ((single, opt_single, slice(None)), (ddp, opt, rows)):
             optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(net(x[step, part], labels[step, part]),
-                                               labels[step, part])
+            loss = nn.functional.cross_entropy(
+                net(x[step, part], labels[step, part]), labels[step, part]
+            )
             loss.backward()
             optimizer.step()
     for (name, p_single), p in zip(single.named_parameters(), model.parameters()):
@@ -440,16 +566,29 @@ def compiled(rank, world, groups):
     batch = Batch(UNEVEN(world), gate="none")
     rows = batch.shard(rank)
     y_all, (dx_all, _, weight_all, bias_all), running_all = batch.run()
-    rm, rs = (torch.full((batch.F,), 0.25, dtype=batch.dtype, device=DEVICE),
-              torch.full((batch.F,), 2.0, dtype=batch.dtype, device=DEVICE))
+    rm, rs = (
+        torch.full((batch.F,), 0.25, dtype=batch.dtype, device=DEVICE),
+        torch.full((batch.F,), 2.0, dtype=batch.dtype, device=DEVICE),
+    )
     x = batch.x[rows].clone().requires_grad_()
     weight, bias = batch.weight.clone().requires_grad_(), batch.bias.clone().requires_grad_()
     labels, group = batch.labels[rows], groups["world"]
 
     @torch.compile(fullgraph=True)
     def step(x, weight, bias):
-        return fused_iwn(x, labels, None, weight, bias, rm, rs, training=True,
-                         num_classes=batch.C, process_group=group)
+        return fused_iwn(
+            x,
+            labels,
+            None,
+            weight,
+            bias,
+            rm,
+            rs,
+            training=True,
+            num_classes=batch.C,
+            process_group=group,
+        )
+
     y = step(x, weight, bias)
     (y * batch.dy[rows]).sum().backward()
     weight_grad, bias_grad = summed(weight.grad, group), summed(bias.grad, group)
@@ -469,14 +608,25 @@ def bad_labels_on_one_rank(rank, world, groups):
     labels = batch.labels[rows].clone()
     if rank == bad:
         labels[0] = batch.C
-    rm, rs = (torch.zeros(batch.F, dtype=batch.dtype, device=DEVICE),
-              torch.ones(batch.F, dtype=batch.dtype, device=DEVICE))
+    rm, rs = (
+        torch.zeros(batch.F, dtype=batch.dtype, device=DEVICE),
+        torch.ones(batch.F, dtype=batch.dtype, device=DEVICE),
+    )
     norm = _norm(batch)
     errors = []
-    for call in (lambda: fused_iwn(batch.x[rows], labels, batch.gate, running_mean=rm,
-                                   running_std=rs, training=True, num_classes=batch.C,
-                                   process_group=groups["world"]),
-                 lambda: norm.fit(batch.x[rows], labels, process_group=groups["world"])):
+    for call in (
+        lambda: fused_iwn(
+            batch.x[rows],
+            labels,
+            batch.gate,
+            running_mean=rm,
+            running_std=rs,
+            training=True,
+            num_classes=batch.C,
+            process_group=groups["world"],
+        ),
+        lambda: norm.fit(batch.x[rows], labels, process_group=groups["world"]),
+    ):
         try:
             call()
             errors.append(None)

@@ -1,4 +1,5 @@
 """Helpers shared by the test modules (imported as a plain module)."""
+
 import os
 
 import torch
@@ -10,12 +11,14 @@ from surgellm_kernels import backends
 def on_device(device, *values):
     """``values`` (tensors, or dicts of tensors and other things) moved to
     ``device``; one value is returned as itself, several as a tuple."""
+
     def move(v):
         if isinstance(v, torch.Tensor):
             return v.to(device)
         if isinstance(v, dict):
             return {k: move(item) for k, item in v.items()}
         return v
+
     moved = tuple(move(v) for v in values)
     return moved[0] if len(moved) == 1 else moved
 
@@ -40,21 +43,27 @@ def device_backends():
     tested = os.environ.get("SURGELLM_TESTED_BACKEND", "")
     if tested and tested not in {b for b, _ in pairs}:
         status = backends(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        raise RuntimeError(f"SURGELLM_BACKEND={tested}: that backend cannot run here "
-                           f"({status[tested].reason if tested in status else 'unknown name'})")
+        raise RuntimeError(
+            f"SURGELLM_BACKEND={tested}: that backend cannot run here "
+            f"({status[tested].reason if tested in status else 'unknown name'})"
+        )
     return [(b, d) for b, d in pairs if not tested or b == tested]
 
 
-TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-5, torch.bfloat16: 5e-2,
-              torch.float16: 1e-2}
+TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 def assert_close(actual, expected, dtype=None, scale=1.0, name=None):
     """Compare in float64 at the tolerance of ``dtype`` (default: actual's);
     ``name`` prefixes the failure message."""
     tol = TOLERANCES[dtype or actual.dtype] * scale
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol,
-                               msg=None if name is None else (lambda m: f"{name}: {m}"))
+    torch.testing.assert_close(
+        actual.double(),
+        expected.double(),
+        rtol=tol,
+        atol=tol,
+        msg=None if name is None else (lambda m: f"{name}: {m}"),
+    )
 
 
 def assert_as_accurate_as_reference(fused, ref, truth, dtype, scale=1.0):
@@ -68,8 +77,9 @@ def assert_as_accurate_as_reference(fused, ref, truth, dtype, scale=1.0):
     for i, (a, r, t) in enumerate(zip(fused, ref, truth)):
         err, ref_err = (a.double() - t).abs().max(), (r.double() - t).abs().max()
         bound = 4 * ref_err + tol * max(1.0, t.abs().max())
-        assert err <= bound, (f"output {i}: error {err:.3g} > bound {bound:.3g} "
-                              f"(reference {ref_err:.3g})")
+        assert err <= bound, (
+            f"output {i}: error {err:.3g} > bound {bound:.3g} (reference {ref_err:.3g})"
+        )
 
 
 def assert_same_bits_across_threads(run):
@@ -93,6 +103,7 @@ def assert_same_bits_across_threads(run):
 
 class TorchCalls(TorchFunctionMode):
     """Records every torch function called from Python, tensor metadata aside."""
+
     METADATA = {"__get__", "dim", "numel", "size", "stride", "is_contiguous"}
 
     def __init__(self):

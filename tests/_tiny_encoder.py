@@ -1,5 +1,6 @@
 """A tiny BERT encoder and WordPiece tokenizer built locally (no download),
 for the model, patching and training-command tests."""
+
 import inspect
 import os
 import string
@@ -38,8 +39,14 @@ def tiny_bert(vocab_size: int, seed: int = 0, **overrides):
     """A 2-layer, 64-wide BertModel with random weights."""
     from transformers import BertConfig, BertModel
 
-    options = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
-                   num_attention_heads=2, intermediate_size=128, max_position_embeddings=256)
+    options = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    )
     options.update(overrides)
     torch.manual_seed(seed)
     return BertModel(BertConfig(**options))
@@ -53,8 +60,11 @@ def write_tiny_encoder(directory: str, seed: int = 0):
     return directory
 
 
-TASKS = {"sentiment": ["negative", "positive"], "authorship": ["human", "llm"],
-         "reasoning": ["direct", "retrieval", "chain"]}
+TASKS = {
+    "sentiment": ["negative", "positive"],
+    "authorship": ["human", "llm"],
+    "reasoning": ["direct", "retrieval", "chain"],
+}
 _CUES = {
     ("sentiment", 0): "terrible awful boring dull worst bad".split(),
     ("sentiment", 1): "great excellent brilliant wonderful good love".split(),

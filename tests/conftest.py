@@ -1,5 +1,6 @@
 """Shared fixtures (helpers live in _helpers.py and its siblings, imported
 as plain modules by the tests in ops/, nn/ and surgellm/)."""
+
 import os
 import sys
 
@@ -11,8 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def force_backend(monkeypatch):
     """force_backend(name) sets SURGELLM_BACKEND for the rest of the test."""
+
     def _force(name):
         monkeypatch.setenv("SURGELLM_BACKEND", name)
+
     return _force
 
 
@@ -26,8 +29,13 @@ try:
     from hypothesis import HealthCheck, settings
 
     settings.register_profile(
-        "ci", derandomize=True, deadline=None, database=None, print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        "ci",
+        derandomize=True,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     settings.register_profile("long", parent=settings.get_profile("ci"))
     settings.load_profile(_os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # pragma: no cover - hypothesis is in requirements.txt

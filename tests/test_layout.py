@@ -1,5 +1,6 @@
 """The package's layers: each imports only the layers below it, and the
 kernel layers load no transformers."""
+
 import ast
 import subprocess
 import sys
@@ -44,8 +45,10 @@ def test_no_layer_imports_a_higher_one():
 
 
 def test_import_loads_no_transformers():
-    code = ("import sys, surgellm_kernels, surgellm_kernels.ops, surgellm_kernels.nn; "
-            "print(sorted(m for m in ('transformers', 'safetensors') if m in sys.modules))")
+    code = (
+        "import sys, surgellm_kernels, surgellm_kernels.ops, surgellm_kernels.nn; "
+        "print(sorted(m for m in ('transformers', 'safetensors') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

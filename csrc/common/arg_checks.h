@@ -27,19 +27,32 @@ inline std::string shape_text(c10::SymIntArrayRef shape) {
 // str(t.dtype): torch.float32.
 inline std::string dtype_text(const Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    case at::kComplexFloat: return "torch.complex64";
-    case at::kComplexDouble: return "torch.complex128";
-    default: return std::string("torch.") + c10::toString(t.scalar_type());
+    case at::kFloat:
+      return "torch.float32";
+    case at::kDouble:
+      return "torch.float64";
+    case at::kHalf:
+      return "torch.float16";
+    case at::kBFloat16:
+      return "torch.bfloat16";
+    case at::kLong:
+      return "torch.int64";
+    case at::kInt:
+      return "torch.int32";
+    case at::kShort:
+      return "torch.int16";
+    case at::kChar:
+      return "torch.int8";
+    case at::kByte:
+      return "torch.uint8";
+    case at::kBool:
+      return "torch.bool";
+    case at::kComplexFloat:
+      return "torch.complex64";
+    case at::kComplexDouble:
+      return "torch.complex128";
+    default:
+      return std::string("torch.") + c10::toString(t.scalar_type());
   }
 }
 
@@ -62,18 +75,19 @@ inline void check_float(const Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.defined(), name, " must be a tensor, got None");
   TORCH_CHECK_TYPE(is_float(t), name,
                    " must be a floating tensor (float16, bfloat16, float32 or float64), got "
-                   "dtype ", dtype_text(t));
+                   "dtype ",
+                   dtype_text(t));
 }
 
 // `first`: the argument whose device the others must share.
 inline void check_device(const Tensor& t, const char* name, const Tensor& first_tensor,
-                  const char* first) {
+                         const char* first) {
   TORCH_CHECK_VALUE(t.device() == first_tensor.device(), name, " is on ", t.device(), " but ",
                     first, " is on ", first_tensor.device(), ": all tensors must be on one device");
 }
 
 inline void check_index_tensor(const Tensor& t, const char* name, c10::SymIntArrayRef rows,
-                        const Tensor& x) {
+                               const Tensor& x) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be an int64 tensor, got dtype ",
                    dtype_text(t));
   TORCH_CHECK_VALUE(t.sym_sizes() == rows, name, " must have shape ", shape_text(rows),
@@ -82,13 +96,14 @@ inline void check_index_tensor(const Tensor& t, const char* name, c10::SymIntArr
 }
 
 // An optional (F,) floating parameter (weight, bias) on first_tensor's device.
-inline void check_feature_param(const optional<Tensor>& p, const char* name, const Tensor& first_tensor,
-                         const char* first, const c10::SymInt& F) {
+inline void check_feature_param(const optional<Tensor>& p, const char* name,
+                                const Tensor& first_tensor, const char* first,
+                                const c10::SymInt& F) {
   if (!p.has_value()) return;
   check_float(*p, name);
   check_device(*p, name, first_tensor, first);
-  TORCH_CHECK_VALUE(p->dim() == 1 && p->sym_size(0) == F, name, " must have shape (", F,
-                    ",), got ", shape_text(p->sym_sizes()));
+  TORCH_CHECK_VALUE(p->dim() == 1 && p->sym_size(0) == F, name, " must have shape (", F, ",), got ",
+                    shape_text(p->sym_sizes()));
 }
 
 }  // namespace surgellm

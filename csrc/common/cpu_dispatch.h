@@ -28,18 +28,18 @@ Capability capability();
 
 // Calls KERNEL<T>(ARGS) from the build matching this processor.
 #ifdef SURGELLM_CPU_HAS_AVX
-#define SURGELLM_CPU_KERNEL(KERNEL, T, ARGS)                               \
-  do {                                                                     \
-    switch (::surgellm::cpu::capability()) {                               \
-      case ::surgellm::cpu::Capability::AVX512:                            \
-        ::surgellm::cpu::AVX512::KERNEL<T>(ARGS);                          \
-        break;                                                             \
-      case ::surgellm::cpu::Capability::AVX2:                              \
-        ::surgellm::cpu::AVX2::KERNEL<T>(ARGS);                            \
-        break;                                                             \
-      default:                                                             \
-        ::surgellm::cpu::DEFAULT::KERNEL<T>(ARGS);                         \
-    }                                                                      \
+#define SURGELLM_CPU_KERNEL(KERNEL, T, ARGS)       \
+  do {                                             \
+    switch (::surgellm::cpu::capability()) {       \
+      case ::surgellm::cpu::Capability::AVX512:    \
+        ::surgellm::cpu::AVX512::KERNEL<T>(ARGS);  \
+        break;                                     \
+      case ::surgellm::cpu::Capability::AVX2:      \
+        ::surgellm::cpu::AVX2::KERNEL<T>(ARGS);    \
+        break;                                     \
+      default:                                     \
+        ::surgellm::cpu::DEFAULT::KERNEL<T>(ARGS); \
+    }                                              \
   } while (0)
 #else
 #define SURGELLM_CPU_KERNEL(KERNEL, T, ARGS) ::surgellm::cpu::DEFAULT::KERNEL<T>(ARGS)

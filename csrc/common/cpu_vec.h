@@ -144,7 +144,8 @@ struct RowOut {
   scalar_t* base;
   int64_t F;
   std::vector<acc_t> buf;
-  RowOut(void* base_, int64_t F_) : base(static_cast<scalar_t*>(base_)), F(F_), buf(direct ? 0 : F_) {}
+  RowOut(void* base_, int64_t F_)
+      : base(static_cast<scalar_t*>(base_)), F(F_), buf(direct ? 0 : F_) {}
   acc_t* row(int64_t i) { return direct ? reinterpret_cast<acc_t*>(base + i * F) : buf.data(); }
   void flush(int64_t i) {
     if constexpr (!direct) at::vec::convert(buf.data(), base + i * F, F);

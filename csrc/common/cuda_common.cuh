@@ -66,10 +66,14 @@ cudaError_t with_scalar(ScalarKind kind, Fn fn) {
     return kind == ScalarKind::Float64 ? fn(double{}) : cudaErrorInvalidValue;
   } else {
     switch (kind) {
-      case ScalarKind::Float32: return fn(float{});
-      case ScalarKind::Float16: return fn(__half{});
-      case ScalarKind::BFloat16: return fn(__nv_bfloat16{});
-      default: return cudaErrorInvalidValue;
+      case ScalarKind::Float32:
+        return fn(float{});
+      case ScalarKind::Float16:
+        return fn(__half{});
+      case ScalarKind::BFloat16:
+        return fn(__nv_bfloat16{});
+      default:
+        return cudaErrorInvalidValue;
     }
   }
 }

@@ -93,10 +93,14 @@ inline void check_optional(const optional<Tensor>& t, const char* name, const Te
 #ifdef SURGELLM_WITH_CUDA
 inline cuda::ScalarKind scalar_kind(at::ScalarType t) {
   switch (t) {
-    case at::kDouble: return cuda::ScalarKind::Float64;
-    case at::kHalf: return cuda::ScalarKind::Float16;
-    case at::kBFloat16: return cuda::ScalarKind::BFloat16;
-    default: return cuda::ScalarKind::Float32;
+    case at::kDouble:
+      return cuda::ScalarKind::Float64;
+    case at::kHalf:
+      return cuda::ScalarKind::Float16;
+    case at::kBFloat16:
+      return cuda::ScalarKind::BFloat16;
+    default:
+      return cuda::ScalarKind::Float32;
   }
 }
 #endif
@@ -130,9 +134,7 @@ inline void run_phase(const char* phase, const Tensor& like, const Args& args,
 // of them requires grad. When not, the ops run without an autograd node (as
 // ATen's own ops do).
 inline bool requires_grad(const Tensor& t) { return t.requires_grad(); }
-inline bool requires_grad(const optional<Tensor>& t) {
-  return t.has_value() && t->requires_grad();
-}
+inline bool requires_grad(const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); }
 template <typename... Ts>
 bool autograd_records(const Ts&... inputs) {
   return at::GradMode::is_enabled() && (requires_grad(inputs) || ...);

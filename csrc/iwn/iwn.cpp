@@ -89,10 +89,10 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
   if (gate.has_value()) {
     check_float(*gate, "gate");
     check_device(*gate, "gate", x, "x");
-    TORCH_CHECK_VALUE((gate->dim() == 1 && gate->sym_size(0) == F) ||
-                          gate->sym_sizes() == x.sym_sizes(),
-                      "gate must have shape (", F, ",) or the shape of x ",
-                      shape_text(x.sym_sizes()), ", got ", shape_text(gate->sym_sizes()));
+    TORCH_CHECK_VALUE(
+        (gate->dim() == 1 && gate->sym_size(0) == F) || gate->sym_sizes() == x.sym_sizes(),
+        "gate must have shape (", F, ",) or the shape of x ", shape_text(x.sym_sizes()), ", got ",
+        shape_text(gate->sym_sizes()));
     TORCH_CHECK_TYPE(!(gate->sym_sizes() == x.sym_sizes() && gate->dim() > 1 &&
                        gate->scalar_type() != x.scalar_type()),
                      "a per-instance gate must have the dtype of x (", dtype_text(x), "), got ",
@@ -171,17 +171,18 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
 
 Tensor group_keys(const optional<Tensor>& labels, const optional<Tensor>& task_ids,
                   int64_t num_tasks, int64_t num_classes) {
-  static const auto h = op_handle<Tensor(const optional<Tensor>&, const optional<Tensor>&,
-                                         int64_t, int64_t)>("surgellm::_iwn_group_keys");
+  static const auto h =
+      op_handle<Tensor(const optional<Tensor>&, const optional<Tensor>&, int64_t, int64_t)>(
+          "surgellm::_iwn_group_keys");
   return h.call(labels, task_ids, num_tasks, num_classes);
 }
 
 using Moments = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // count, mean, m2, mean_residual
-Moments group_moments(const Tensor& x, const optional<Tensor>& keys,
-                      const optional<Tensor>& gate, int64_t num_groups) {
-  static const auto h = op_handle<Moments(const Tensor&, const optional<Tensor>&,
-                                          const optional<Tensor>&, int64_t)>(
-      "surgellm::_iwn_group_moments");
+Moments group_moments(const Tensor& x, const optional<Tensor>& keys, const optional<Tensor>& gate,
+                      int64_t num_groups) {
+  static const auto h =
+      op_handle<Moments(const Tensor&, const optional<Tensor>&, const optional<Tensor>&, int64_t)>(
+          "surgellm::_iwn_group_moments");
   return h.call(x, keys, gate, num_groups);
 }
 
@@ -242,11 +243,10 @@ std::tuple<Tensor, Tensor> input_grad(const Tensor& dy, const Tensor& x,
                                       const Tensor& dev_coef, const Tensor& center,
                                       const Tensor& du_dot_u, int64_t key_div, bool training) {
   static const auto h = op_handle<std::tuple<Tensor, Tensor>(
-      const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
-      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool)>(
+      const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool)>(
       "surgellm::_iwn_input_grad");
-  return h.call(dy, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div,
-                training);
+  return h.call(dy, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div, training);
 }
 
 // -- data parallel: torch's functional collectives, through the dispatcher ---------------
@@ -316,8 +316,8 @@ Moments moments_of_all_ranks(const Moments& local, bool failed, const RankGroup&
 // The op _iwn_all_ranks_moments (what InstanceWeightedNorm.fit merges its
 // shards with): moments_of_all_ranks for a process group's name and size.
 Moments all_ranks_moments_op(const Tensor& count, const Tensor& mean, const Tensor& m2,
-                             const Tensor& mean_residual, bool failed,
-                             c10::string_view group_name, int64_t group_size) {
+                             const Tensor& mean_residual, bool failed, c10::string_view group_name,
+                             int64_t group_size) {
   TORCH_CHECK_VALUE(group_size >= 1, "group_size must be positive, got ", group_size);
   return moments_of_all_ranks({count, mean, m2, mean_residual}, failed,
                               RankGroup{std::string(group_name), group_size});
@@ -365,7 +365,7 @@ struct ForwardResult {
   Tensor y;  // (N, F)
   optional<Tensor> keys;
   optional<Tensor> count, group_mean, group_std, mean_residual;  // training only
-  Tensor mu, sigma;                               // (T, F) statistics used
+  Tensor mu, sigma;                                              // (T, F) statistics used
   int64_t key_div;
 };
 
@@ -379,10 +379,8 @@ optional<Tensor> kernel_buffer(const optional<Tensor>& r, at::ScalarType acc) {
 
 // The rows' keys and the training statistics' moments: of this rank's rows,
 // or of every rank's.
-std::pair<Tensor, Moments> training_moments(const PhaseInputs& in,
-                                            const optional<Tensor>& labels,
-                                            const optional<Tensor>& task_ids,
-                                            const IWNCall& call) {
+std::pair<Tensor, Moments> training_moments(const PhaseInputs& in, const optional<Tensor>& labels,
+                                            const optional<Tensor>& task_ids, const IWNCall& call) {
   const int64_t T = call.num_tasks, G = T * call.num_classes;
   auto of_rows = [&] {
     const Tensor keys = group_keys(flat(labels), flat(task_ids), T, call.num_classes);
@@ -416,8 +414,7 @@ std::pair<Tensor, Moments> training_moments(const PhaseInputs& in,
 // the running statistics (backward must see those of this call, not a later
 // update); otherwise they are read where they are.
 ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labels,
-                             const optional<Tensor>& task_ids,
-                             const optional<Tensor>& running_mean,
+                             const optional<Tensor>& task_ids, const optional<Tensor>& running_mean,
                              const optional<Tensor>& running_std, bool training, double momentum,
                              double eps, const IWNCall& call, bool for_backward) {
   const auto acc = accumulation_type(in.x);
@@ -454,28 +451,26 @@ ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labe
 
 Tensor forward_without_autograd(const Tensor& x, const optional<Tensor>& labels,
                                 const optional<Tensor>& gate, const optional<Tensor>& weight,
-                                const optional<Tensor>& bias,
-                                const optional<Tensor>& running_mean,
+                                const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                                 const optional<Tensor>& running_std,
-                                const optional<Tensor>& task_ids, bool training,
-                                double momentum, double eps, const IWNCall& call) {
-  const auto r = forward_phases(phase_inputs(x, gate, weight, bias), labels, task_ids,
-                                running_mean, running_std, training, momentum, eps, call,
+                                const optional<Tensor>& task_ids, bool training, double momentum,
+                                double eps, const IWNCall& call) {
+  const auto r = forward_phases(phase_inputs(x, gate, weight, bias), labels, task_ids, running_mean,
+                                running_std, training, momentum, eps, call,
                                 /*for_backward=*/false);
   return x.dim() == 2 ? r.y : r.y.view_symint(x.sym_sizes());
 }
 
 // The op without autograd: inference mode, and the Meta / fake path.
-Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels,
-                     const optional<Tensor>& gate, const optional<Tensor>& weight,
-                     const optional<Tensor>& bias, const optional<Tensor>& running_mean,
-                     const optional<Tensor>& running_std, const optional<Tensor>& task_ids,
-                     bool training, double momentum, double eps, c10::string_view std_mode,
-                     optional<int64_t> num_classes, optional<c10::string_view> group_name,
-                     int64_t group_size) {
-  const IWNCall call = check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std,
-                                      task_ids, training, momentum, eps, std_mode, num_classes,
-                                      group_name, group_size);
+Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels, const optional<Tensor>& gate,
+                     const optional<Tensor>& weight, const optional<Tensor>& bias,
+                     const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
+                     const optional<Tensor>& task_ids, bool training, double momentum, double eps,
+                     c10::string_view std_mode, optional<int64_t> num_classes,
+                     optional<c10::string_view> group_name, int64_t group_size) {
+  const IWNCall call =
+      check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
+                     momentum, eps, std_mode, num_classes, group_name, group_size);
   return forward_without_autograd(x, labels, gate, weight, bias, running_mean, running_std,
                                   task_ids, training, momentum, eps, call);
 }
@@ -489,9 +484,9 @@ void check_args_op(const Tensor& x, const optional<Tensor>& labels, const option
                    const optional<Tensor>& task_ids, bool training, double momentum, double eps,
                    c10::string_view std_mode, optional<int64_t> num_classes,
                    optional<c10::string_view> group_name, int64_t group_size) {
-  const IWNCall call = check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std,
-                                      task_ids, training, momentum, eps, std_mode, num_classes,
-                                      group_name, group_size);
+  const IWNCall call =
+      check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
+                     momentum, eps, std_mode, num_classes, group_name, group_size);
   if (training)
     group_keys(flat(labels), flat(task_ids), call.num_tasks, call.num_classes);
   else if (task_ids.has_value())
@@ -584,16 +579,15 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
   }
 };
 
-Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels,
-                    const optional<Tensor>& gate, const optional<Tensor>& weight,
-                    const optional<Tensor>& bias, const optional<Tensor>& running_mean,
-                    const optional<Tensor>& running_std, const optional<Tensor>& task_ids,
-                    bool training, double momentum, double eps, c10::string_view std_mode,
-                    optional<int64_t> num_classes, optional<c10::string_view> group_name,
-                    int64_t group_size) {
-  const IWNCall call = check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std,
-                                      task_ids, training, momentum, eps, std_mode, num_classes,
-                                      group_name, group_size);
+Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels, const optional<Tensor>& gate,
+                    const optional<Tensor>& weight, const optional<Tensor>& bias,
+                    const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
+                    const optional<Tensor>& task_ids, bool training, double momentum, double eps,
+                    c10::string_view std_mode, optional<int64_t> num_classes,
+                    optional<c10::string_view> group_name, int64_t group_size) {
+  const IWNCall call =
+      check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
+                     momentum, eps, std_mode, num_classes, group_name, group_size);
   if (!autograd_records(x, gate, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_without_autograd(x, labels, gate, weight, bias, running_mean, running_std,
@@ -602,8 +596,8 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels,
   optional<std::string> ranks_name;
   if (call.ranks.has_value()) ranks_name = call.ranks->name;
   return IWNFunction::apply(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
-                            training, momentum, eps, call.num_tasks, call.num_classes,
-                            call.pooled, ranks_name, call.ranks ? call.ranks->size : 1);
+                            training, momentum, eps, call.num_tasks, call.num_classes, call.pooled,
+                            ranks_name, call.ranks ? call.ranks->size : 1);
 }
 
 }  // namespace
@@ -624,7 +618,9 @@ TORCH_LIBRARY_FRAGMENT(surgellm, m) {
       "int group_size=1) -> Tensor");
   // The phases: x (N, F) contiguous, keys (N) int32, every statistic in the
   // accumulation dtype (see iwn_args.h).
-  m.def("_iwn_group_keys(Tensor? labels, Tensor? task_ids, int num_tasks, int num_classes) -> Tensor");
+  m.def(
+      "_iwn_group_keys(Tensor? labels, Tensor? task_ids, int num_tasks, int num_classes) -> "
+      "Tensor");
   m.def(
       "_iwn_check_args(Tensor x, Tensor? labels=None, Tensor? gate=None, Tensor? weight=None, "
       "Tensor? bias=None, Tensor? running_mean=None, Tensor? running_std=None, "
@@ -671,8 +667,6 @@ TORCH_LIBRARY_IMPL(surgellm, CompositeExplicitAutograd, m) {
   m.impl("_iwn_all_ranks_moments", &all_ranks_moments_op);
 }
 
-TORCH_LIBRARY_IMPL(surgellm, Autograd, m) {
-  m.impl("iwn", &iwn_autograd);
-}
+TORCH_LIBRARY_IMPL(surgellm, Autograd, m) { m.impl("iwn", &iwn_autograd); }
 
 }  // namespace surgellm

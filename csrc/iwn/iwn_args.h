@@ -112,20 +112,20 @@ struct IWNCoefficientsArgs {
   int64_t F, num_tasks, num_classes;
   bool training, pooled;
   acc_t eps;
-  const acc_t* weight;      // (F) or null
-  const acc_t* count;       // training: (T * C)
-  const acc_t* group_mean;  // training: (T * C, F)
-  const acc_t* group_std;   // training: (T * C, F)
+  const acc_t* weight;         // (F) or null
+  const acc_t* count;          // training: (T * C)
+  const acc_t* group_mean;     // training: (T * C, F)
+  const acc_t* group_std;      // training: (T * C, F)
   const acc_t* mean_residual;  // training: (T * C, F)
-  const acc_t* mu;          // (T, F)
-  const acc_t* sigma;       // (T, F)
-  acc_t* scale;             // (T, F) out
-  acc_t* dy_shift;          // training: (T * C, F) out
-  acc_t* dev_coef;          // training: (T * C, F) out
-  acc_t* center;            // training: (T * C, F) out
-  acc_t* dweight;           // (F) out
-  acc_t* dbias;             // (F) out
-  acc_t* du_dot_u;          // (F) out: training's closed form of sum_i dL/du_i u_i
+  const acc_t* mu;             // (T, F)
+  const acc_t* sigma;          // (T, F)
+  acc_t* scale;                // (T, F) out
+  acc_t* dy_shift;             // training: (T * C, F) out
+  acc_t* dev_coef;             // training: (T * C, F) out
+  acc_t* center;               // training: (T * C, F) out
+  acc_t* dweight;              // (F) out
+  acc_t* dbias;                // (F) out
+  acc_t* du_dot_u;             // (F) out: training's closed form of sum_i dL/du_i u_i
 };
 
 // dx = du * sigmoid(gate); dgate = du * u * (1 - sigmoid(gate)), reduced over

@@ -49,8 +49,12 @@ struct GatedRows {
 
   GatedRows(const IWNRows<acc_t>& r, const acc_t* gate_sig_)
       : x(static_cast<const scalar_t*>(r.x)),
-        gate_full(static_cast<const scalar_t*>(r.gate_full)), gate_sig(gate_sig_), F(r.F),
-        u_buf(r.F), sig_buf(r.gate_full ? r.F : 0), logit_buf(r.gate_full ? r.F : 0) {}
+        gate_full(static_cast<const scalar_t*>(r.gate_full)),
+        gate_sig(gate_sig_),
+        F(r.F),
+        u_buf(r.F),
+        sig_buf(r.gate_full ? r.F : 0),
+        logit_buf(r.gate_full ? r.F : 0) {}
 
   // u of row i; sig() is then that row's sigmoid(gate) (null when ungated).
   RowU<acc_t> u(int64_t i) {
@@ -108,15 +112,15 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
         const RowU<acc_t> u = rows.u(i);
         cnt[k] += acc_t(1);
         acc_t* sum = mean + k * F;
-        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
-          store(load(sum + f, n) + u.vec(f, n), sum + f, n);
-        });
+        for_each_vec<acc_t>(
+            F, [&](int64_t f, int64_t n) { store(load(sum + f, n) + u.vec(f, n), sum + f, n); });
       }
       for (int64_t k = 0; k < G; ++k) {
         if (cnt[k] == acc_t(0)) continue;
         const Vec inv(acc_t(1) / cnt[k]);
         acc_t* m = mean + k * F;
-        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) { store(load(m + f, n) * inv, m + f, n); });
+        for_each_vec<acc_t>(F,
+                            [&](int64_t f, int64_t n) { store(load(m + f, n) * inv, m + f, n); });
       }
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t k = key_of(a.rows.keys, i);
@@ -141,7 +145,7 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
     return;
   }
   iwn_merge_moments(IWNMergeArgs<acc_t>{pcount.data(), pmean.data(), pm2.data(), pres.data(),
-                                       nchunks, G, F, a.count, a.mean, a.m2, a.mean_residual});
+                                        nchunks, G, F, a.count, a.mean, a.m2, a.mean_residual});
 }
 
 // Parts' moments merged in part order, per (group, feature): merge_parts_at.
@@ -316,19 +320,19 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   }
 }
 
-#define SURGELLM_INSTANTIATE_ROWS(T)                                              \
-  template void iwn_group_moments<T>(const IWNMomentsArgs<acc_type<T>>&);         \
-  template void iwn_apply<T>(const IWNApplyArgs<acc_type<T>>&);                   \
-  template void iwn_task_sums<T>(const IWNTaskSumsArgs<acc_type<T>>&);            \
+#define SURGELLM_INSTANTIATE_ROWS(T)                                      \
+  template void iwn_group_moments<T>(const IWNMomentsArgs<acc_type<T>>&); \
+  template void iwn_apply<T>(const IWNApplyArgs<acc_type<T>>&);           \
+  template void iwn_task_sums<T>(const IWNTaskSumsArgs<acc_type<T>>&);    \
   template void iwn_input_grad<T>(const IWNInputGradArgs<acc_type<T>>&);
 SURGELLM_INSTANTIATE_ROWS(float)
 SURGELLM_INSTANTIATE_ROWS(double)
 SURGELLM_INSTANTIATE_ROWS(c10::BFloat16)
 SURGELLM_INSTANTIATE_ROWS(c10::Half)
 #undef SURGELLM_INSTANTIATE_ROWS
-#define SURGELLM_INSTANTIATE_ACC(T)                                \
-  template void iwn_merge_moments<T>(const IWNMergeArgs<T>&);      \
-  template void iwn_combine<T>(const IWNCombineArgs<T>&);          \
+#define SURGELLM_INSTANTIATE_ACC(T)                           \
+  template void iwn_merge_moments<T>(const IWNMergeArgs<T>&); \
+  template void iwn_combine<T>(const IWNCombineArgs<T>&);     \
   template void iwn_coefficients<T>(const IWNCoefficientsArgs<T>&);
 SURGELLM_INSTANTIATE_ACC(float)
 SURGELLM_INSTANTIATE_ACC(double)

@@ -30,7 +30,6 @@ constexpr int kThreads = 128;
 // Partial buffers of a chunked reduction stay under this many bytes.
 constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
 
-
 // Rows per chunk: about 256 chunks to fill the GPU, at least 32 rows, and
 // few enough chunks that `width` partial values per chunk fit the budget.
 // A function of the shapes only (never of the device), for determinism.
@@ -56,8 +55,10 @@ __device__ __forceinline__ acc_t load_u(const IWNRows<acc_t>& r, int64_t i, int6
   const auto* gate_full = static_cast<const scalar_t*>(r.gate_full);
   const acc_t xv = to_acc<acc_t>(x[i * r.F + f]);
   acc_t sv = acc_t(1);
-  if (gate_full) sv = sigmoid(to_acc<acc_t>(gate_full[i * r.F + f]));
-  else if (r.gate_vec) sv = sigmoid(r.gate_vec[f]);
+  if (gate_full)
+    sv = sigmoid(to_acc<acc_t>(gate_full[i * r.F + f]));
+  else if (r.gate_vec)
+    sv = sigmoid(r.gate_vec[f]);
   *s = sv;
   return xv * sv;
 }
@@ -328,7 +329,7 @@ size_t cuda_workspace_bytes(const IWNCoefficientsArgs<acc_t>&) {
 
 template <typename acc_t>
 cudaError_t cuda_launch(ScalarKind kind, const IWNMomentsArgs<acc_t>& a, void* workspace,
-                   cudaStream_t stream) {
+                        cudaStream_t stream) {
   if (a.num_groups > kMaxGroups) return cudaErrorInvalidValue;
   Workspace<acc_t> ws{static_cast<char*>(workspace)};
   const MomentsPlan<acc_t> p(a, ws);
@@ -363,69 +364,69 @@ cudaError_t cuda_launch(ScalarKind kind, const IWNApplyArgs<acc_t>& a, void*, cu
   const int64_t chunk = rows_per_chunk<acc_t>(a.rows.N, 0);
   return with_scalar<acc_t>(kind, [&](auto tag) {
     using scalar_t = decltype(tag);
-    apply<scalar_t, acc_t><<<row_tiles(ceil_div(a.rows.N, chunk), a.rows.F), kThreads, 0,
-                             stream>>>(a, chunk);
+    apply<scalar_t, acc_t>
+        <<<row_tiles(ceil_div(a.rows.N, chunk), a.rows.F), kThreads, 0, stream>>>(a, chunk);
     return cudaGetLastError();
   });
 }
 
 template <typename acc_t>
 cudaError_t cuda_launch(ScalarKind kind, const IWNTaskSumsArgs<acc_t>& a, void* workspace,
-                   cudaStream_t stream) {
+                        cudaStream_t stream) {
   Workspace<acc_t> ws{static_cast<char*>(workspace)};
   const TaskSumsPlan<acc_t> p(a, ws);
   return with_scalar<acc_t>(kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     task_sums_partial<scalar_t, acc_t>
         <<<row_tiles(p.nchunks, a.rows.F), kThreads, 0, stream>>>(a, p.chunk, p.partial);
-    sum_chunks<acc_t><<<ceil_div(p.width, kThreads), kThreads, 0, stream>>>(
-        p.partial, p.nchunks, p.width, a.sums);
+    sum_chunks<acc_t><<<ceil_div(p.width, kThreads), kThreads, 0, stream>>>(p.partial, p.nchunks,
+                                                                            p.width, a.sums);
     return cudaGetLastError();
   });
 }
 
 template <typename acc_t>
-cudaError_t cuda_launch(ScalarKind, const IWNCoefficientsArgs<acc_t>& a, void*, cudaStream_t stream) {
+cudaError_t cuda_launch(ScalarKind, const IWNCoefficientsArgs<acc_t>& a, void*,
+                        cudaStream_t stream) {
   coefficients<acc_t><<<ceil_div(a.F, kThreads), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename acc_t>
 cudaError_t cuda_launch(ScalarKind kind, const IWNInputGradArgs<acc_t>& a, void* workspace,
-                   cudaStream_t stream) {
+                        cudaStream_t stream) {
   Workspace<acc_t> ws{static_cast<char*>(workspace)};
   const InputGradPlan<acc_t> p(a, ws);
   const int64_t F = a.rows.F;
   return with_scalar<acc_t>(kind, [&](auto tag) {
     using scalar_t = decltype(tag);
     const bool reduce = a.rows.gate_vec && !a.training;
-    input_grad<scalar_t, acc_t><<<row_tiles(p.nchunks, F), kThreads, 0, stream>>>(
-        a, p.chunk, reduce ? p.pgate : nullptr);
+    input_grad<scalar_t, acc_t>
+        <<<row_tiles(p.nchunks, F), kThreads, 0, stream>>>(a, p.chunk, reduce ? p.pgate : nullptr);
     if (a.rows.gate_vec) {
       const acc_t* total = a.du_dot_u;
       if (reduce) {
-        sum_chunks<acc_t><<<ceil_div(F, kThreads), kThreads, 0, stream>>>(p.pgate, p.nchunks, F,
-                                                                          p.gate_sum);
+        sum_chunks<acc_t>
+            <<<ceil_div(F, kThreads), kThreads, 0, stream>>>(p.pgate, p.nchunks, F, p.gate_sum);
         total = p.gate_sum;
       }
-      vec_gate_grad<acc_t><<<ceil_div(F, kThreads), kThreads, 0, stream>>>(total, F,
-                                                                           a.rows.gate_vec,
-                                                                           a.dgate_vec);
+      vec_gate_grad<acc_t>
+          <<<ceil_div(F, kThreads), kThreads, 0, stream>>>(total, F, a.rows.gate_vec, a.dgate_vec);
     }
     return cudaGetLastError();
   });
 }
 
-#define SURGELLM_INSTANTIATE_PHASE(ARGS, T)                                             \
-  template size_t cuda_workspace_bytes<T>(const ARGS<T>&);                              \
+#define SURGELLM_INSTANTIATE_PHASE(ARGS, T)                \
+  template size_t cuda_workspace_bytes<T>(const ARGS<T>&); \
   template cudaError_t cuda_launch<T>(ScalarKind, const ARGS<T>&, void*, cudaStream_t);
-#define SURGELLM_INSTANTIATE(T)                           \
-  SURGELLM_INSTANTIATE_PHASE(IWNMomentsArgs, T)           \
-  SURGELLM_INSTANTIATE_PHASE(IWNMergeArgs, T)             \
-  SURGELLM_INSTANTIATE_PHASE(IWNCombineArgs, T)           \
-  SURGELLM_INSTANTIATE_PHASE(IWNApplyArgs, T)             \
-  SURGELLM_INSTANTIATE_PHASE(IWNTaskSumsArgs, T)          \
-  SURGELLM_INSTANTIATE_PHASE(IWNCoefficientsArgs, T)      \
+#define SURGELLM_INSTANTIATE(T)                      \
+  SURGELLM_INSTANTIATE_PHASE(IWNMomentsArgs, T)      \
+  SURGELLM_INSTANTIATE_PHASE(IWNMergeArgs, T)        \
+  SURGELLM_INSTANTIATE_PHASE(IWNCombineArgs, T)      \
+  SURGELLM_INSTANTIATE_PHASE(IWNApplyArgs, T)        \
+  SURGELLM_INSTANTIATE_PHASE(IWNTaskSumsArgs, T)     \
+  SURGELLM_INSTANTIATE_PHASE(IWNCoefficientsArgs, T) \
   SURGELLM_INSTANTIATE_PHASE(IWNInputGradArgs, T)
 SURGELLM_INSTANTIATE(float)
 SURGELLM_INSTANTIATE(double)

@@ -22,10 +22,10 @@ constexpr int64_t kMaxTasks = 65535;
 // row chunk; the chunks are fewer when groups x features are many, so that
 // this stays under about 256 MiB -- or one chunk's partials, 3 x groups x F
 // values, when those alone are more; 0 for none), and the launch itself.
-#define SURGELLM_DECLARE_CUDA_PHASE(ARGS)                                                \
-  template <typename acc_t>                                                              \
-  size_t cuda_workspace_bytes(const ARGS<acc_t>& args);                                  \
-  template <typename acc_t>                                                              \
+#define SURGELLM_DECLARE_CUDA_PHASE(ARGS)                                                  \
+  template <typename acc_t>                                                                \
+  size_t cuda_workspace_bytes(const ARGS<acc_t>& args);                                    \
+  template <typename acc_t>                                                                \
   cudaError_t cuda_launch(cuda::ScalarKind kind, const ARGS<acc_t>& args, void* workspace, \
                           cudaStream_t stream);
 SURGELLM_DECLARE_CUDA_PHASE(IWNMomentsArgs)

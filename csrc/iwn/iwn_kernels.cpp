@@ -33,8 +33,8 @@ using std::optional;
 void check_keys_cpu(const optional<Tensor>& keys, int64_t upper) {
   if (!keys.has_value() || !keys->is_cpu()) return;
   const int32_t* k = keys->const_data_ptr<int32_t>();
-  const auto bad = std::find_if(k, k + keys->numel(),
-                                [upper](int32_t v) { return v < 0 || v >= upper; });
+  const auto bad =
+      std::find_if(k, k + keys->numel(), [upper](int32_t v) { return v < 0 || v >= upper; });
   TORCH_CHECK(bad == k + keys->numel(), "keys must lie in [0, ", upper, "), got ", *bad);
 }
 
@@ -43,9 +43,12 @@ template <typename acc_t>
 IWNRows<acc_t> rows_args(const Tensor& x, const optional<Tensor>& keys,
                          const optional<Tensor>& gate) {
   const bool full_gate = gate.has_value() && gate->dim() == 2;
-  return {x.const_data_ptr(), full_gate ? gate->const_data_ptr() : nullptr,
-          full_gate ? nullptr : ptr_or_null<acc_t>(gate), ptr_or_null<int32_t>(keys),
-          x.size(0), x.size(1)};
+  return {x.const_data_ptr(),
+          full_gate ? gate->const_data_ptr() : nullptr,
+          full_gate ? nullptr : ptr_or_null<acc_t>(gate),
+          ptr_or_null<int32_t>(keys),
+          x.size(0),
+          x.size(1)};
 }
 
 at::ScalarType check_rows(const Tensor& x, const optional<Tensor>& keys,
@@ -86,8 +89,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> iwn_group_moments(const Tensor& x,
   const auto acc = check_rows(x, keys, gate, num_groups);
   const int64_t F = x.size(1);
 #ifdef SURGELLM_WITH_CUDA
-  TORCH_CHECK(!x.is_cuda() || num_groups <= cuda::kMaxGroups,
-              "the CUDA kernels hold at most ", cuda::kMaxGroups,
+  TORCH_CHECK(!x.is_cuda() || num_groups <= cuda::kMaxGroups, "the CUDA kernels hold at most ",
+              cuda::kMaxGroups,
               " (task, class) groups, got num_tasks * num_classes = ", num_groups);
 #endif
   const auto opts = x.options().dtype(acc);
@@ -100,12 +103,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> iwn_group_moments(const Tensor& x,
   }
   SURGELLM_DISPATCH_FLOATS(x, "iwn_group_moments", [&] {
     using acc_t = cpu::acc_type<scalar_t>;
-    const IWNMomentsArgs<acc_t> a{rows_args<acc_t>(x, keys, gate), num_groups,
-                                  count.mutable_data_ptr<acc_t>(), mean.mutable_data_ptr<acc_t>(),
-                                  m2.mutable_data_ptr<acc_t>(),
-                                  residual.mutable_data_ptr<acc_t>()};
-    run_phase("group_moments", x, a,
-              [&] { SURGELLM_CPU_KERNEL(iwn_group_moments, scalar_t, a); });
+    const IWNMomentsArgs<acc_t> a{
+        rows_args<acc_t>(x, keys, gate), num_groups,
+        count.mutable_data_ptr<acc_t>(), mean.mutable_data_ptr<acc_t>(),
+        m2.mutable_data_ptr<acc_t>(),    residual.mutable_data_ptr<acc_t>()};
+    run_phase("group_moments", x, a, [&] { SURGELLM_CPU_KERNEL(iwn_group_moments, scalar_t, a); });
   });
   return {count, mean, m2, residual};
 }
@@ -113,8 +115,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> iwn_group_moments(const Tensor& x,
 std::tuple<Tensor, Tensor, Tensor, Tensor> iwn_merge_moments(const Tensor& count,
                                                              const Tensor& mean, const Tensor& m2,
                                                              const Tensor& residual_sum) {
-  TORCH_CHECK(mean.dim() == 3 && mean.size(2) > 0,
-              "mean must be 3-D (parts, groups, F > 0), got ", mean.sizes());
+  TORCH_CHECK(mean.dim() == 3 && mean.size(2) > 0, "mean must be 3-D (parts, groups, F > 0), got ",
+              mean.sizes());
   const int64_t P = mean.size(0), G = mean.size(1), F = mean.size(2);
   const auto acc = mean.scalar_type();
   TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "mean must be float32 or float64");
@@ -135,7 +137,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> iwn_merge_moments(const Tensor& count
                                    mean.const_data_ptr<scalar_t>(),
                                    m2.const_data_ptr<scalar_t>(),
                                    residual_sum.const_data_ptr<scalar_t>(),
-                                   P, G, F,
+                                   P,
+                                   G,
+                                   F,
                                    out_count.mutable_data_ptr<scalar_t>(),
                                    out_mean.mutable_data_ptr<scalar_t>(),
                                    out_m2.mutable_data_ptr<scalar_t>(),
@@ -148,8 +152,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> iwn_merge_moments(const Tensor& count
 
 std::tuple<Tensor, Tensor, Tensor> iwn_combine(const Tensor& count, const Tensor& mean,
                                                const Tensor& m2, const Tensor& mean_residual,
-                                               int64_t num_tasks, bool pooled,
-                                               double momentum,
+                                               int64_t num_tasks, bool pooled, double momentum,
                                                const optional<Tensor>& running_mean,
                                                const optional<Tensor>& running_std) {
   TORCH_CHECK(mean.dim() == 2 && mean.size(1) > 0, "mean must be 2-D (groups, F > 0), got ",
@@ -195,8 +198,7 @@ std::tuple<Tensor, Tensor, Tensor> iwn_combine(const Tensor& count, const Tensor
                                      sigma.mutable_data_ptr<scalar_t>(),
                                      mutable_ptr_or_null<scalar_t>(running_mean),
                                      mutable_ptr_or_null<scalar_t>(running_std)};
-    run_phase("combine", mean, a,
-              [&] { SURGELLM_CPU_KERNEL(iwn_combine, scalar_t, a); });
+    run_phase("combine", mean, a, [&] { SURGELLM_CPU_KERNEL(iwn_combine, scalar_t, a); });
   });
   return {group_std, mu, sigma};
 }
@@ -216,12 +218,16 @@ Tensor iwn_apply(const Tensor& x, const optional<Tensor>& keys, const optional<T
   if (x.size(0) == 0) return y;
   SURGELLM_DISPATCH_FLOATS(x, "iwn_apply", [&] {
     using acc_t = cpu::acc_type<scalar_t>;
-    const IWNApplyArgs<acc_t> a{rows_args<acc_t>(x, keys, gate), T, key_div,
-                                ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias),
-                                mu.const_data_ptr<acc_t>(), sigma.const_data_ptr<acc_t>(),
-                                static_cast<acc_t>(eps), y.mutable_data_ptr()};
-    run_phase("apply", x, a,
-              [&] { SURGELLM_CPU_KERNEL(iwn_apply, scalar_t, a); });
+    const IWNApplyArgs<acc_t> a{rows_args<acc_t>(x, keys, gate),
+                                T,
+                                key_div,
+                                ptr_or_null<acc_t>(weight),
+                                ptr_or_null<acc_t>(bias),
+                                mu.const_data_ptr<acc_t>(),
+                                sigma.const_data_ptr<acc_t>(),
+                                static_cast<acc_t>(eps),
+                                y.mutable_data_ptr()};
+    run_phase("apply", x, a, [&] { SURGELLM_CPU_KERNEL(iwn_apply, scalar_t, a); });
   });
   return y;
 }
@@ -240,20 +246,19 @@ Tensor iwn_task_sums(const Tensor& dy, const Tensor& x, const optional<Tensor>& 
   if (x.size(0) == 0) return sums.zero_();
   SURGELLM_DISPATCH_FLOATS(x, "iwn_task_sums", [&] {
     using acc_t = cpu::acc_type<scalar_t>;
-    const IWNTaskSumsArgs<acc_t> a{rows_args<acc_t>(x, keys, gate), dy.const_data_ptr(), T,
-                                   key_div, mu.const_data_ptr<acc_t>(),
-                                   sums.mutable_data_ptr<acc_t>()};
-    run_phase("task_sums", x, a,
-              [&] { SURGELLM_CPU_KERNEL(iwn_task_sums, scalar_t, a); });
+    const IWNTaskSumsArgs<acc_t> a{
+        rows_args<acc_t>(x, keys, gate), dy.const_data_ptr(),           T, key_div,
+        mu.const_data_ptr<acc_t>(),      sums.mutable_data_ptr<acc_t>()};
+    run_phase("task_sums", x, a, [&] { SURGELLM_CPU_KERNEL(iwn_task_sums, scalar_t, a); });
   });
   return sums;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> iwn_coefficients(
-    const Tensor& sums, const optional<Tensor>& param_sums, const optional<Tensor>& weight, const optional<Tensor>& count,
-    const optional<Tensor>& group_mean, const optional<Tensor>& group_std,
-    const optional<Tensor>& mean_residual, const Tensor& mu, const Tensor& sigma, bool pooled,
-    double eps) {
+    const Tensor& sums, const optional<Tensor>& param_sums, const optional<Tensor>& weight,
+    const optional<Tensor>& count, const optional<Tensor>& group_mean,
+    const optional<Tensor>& group_std, const optional<Tensor>& mean_residual, const Tensor& mu,
+    const Tensor& sigma, bool pooled, double eps) {
   TORCH_CHECK(mu.dim() == 2 && mu.size(1) > 0, "mu must be 2-D (num_tasks, F > 0), got ",
               mu.sizes());
   const int64_t T = mu.size(0), F = mu.size(1);
@@ -281,20 +286,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> iwn_coefficie
          dweight = at::empty({F}, opts), dbias = at::empty({F}, opts),
          du_dot_u = at::empty({F}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "iwn_coefficients", [&] {
-    const IWNCoefficientsArgs<scalar_t> a{
-        sums.const_data_ptr<scalar_t>(),
-        param_sums.has_value() ? param_sums->const_data_ptr<scalar_t>()
-                               : sums.const_data_ptr<scalar_t>(),
-        F, T, training ? K / T : 1, training, pooled,
-        static_cast<scalar_t>(eps), ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(count),
-        ptr_or_null<scalar_t>(group_mean), ptr_or_null<scalar_t>(group_std),
-        ptr_or_null<scalar_t>(mean_residual), mu.const_data_ptr<scalar_t>(), sigma.const_data_ptr<scalar_t>(),
-        scale.mutable_data_ptr<scalar_t>(), dy_shift.mutable_data_ptr<scalar_t>(),
-        dev_coef.mutable_data_ptr<scalar_t>(), center.mutable_data_ptr<scalar_t>(),
-        dweight.mutable_data_ptr<scalar_t>(), dbias.mutable_data_ptr<scalar_t>(),
-        du_dot_u.mutable_data_ptr<scalar_t>()};
-    run_phase("coefficients", mu, a,
-              [&] { SURGELLM_CPU_KERNEL(iwn_coefficients, scalar_t, a); });
+    const IWNCoefficientsArgs<scalar_t> a{sums.const_data_ptr<scalar_t>(),
+                                          param_sums.has_value()
+                                              ? param_sums->const_data_ptr<scalar_t>()
+                                              : sums.const_data_ptr<scalar_t>(),
+                                          F,
+                                          T,
+                                          training ? K / T : 1,
+                                          training,
+                                          pooled,
+                                          static_cast<scalar_t>(eps),
+                                          ptr_or_null<scalar_t>(weight),
+                                          ptr_or_null<scalar_t>(count),
+                                          ptr_or_null<scalar_t>(group_mean),
+                                          ptr_or_null<scalar_t>(group_std),
+                                          ptr_or_null<scalar_t>(mean_residual),
+                                          mu.const_data_ptr<scalar_t>(),
+                                          sigma.const_data_ptr<scalar_t>(),
+                                          scale.mutable_data_ptr<scalar_t>(),
+                                          dy_shift.mutable_data_ptr<scalar_t>(),
+                                          dev_coef.mutable_data_ptr<scalar_t>(),
+                                          center.mutable_data_ptr<scalar_t>(),
+                                          dweight.mutable_data_ptr<scalar_t>(),
+                                          dbias.mutable_data_ptr<scalar_t>(),
+                                          du_dot_u.mutable_data_ptr<scalar_t>()};
+    run_phase("coefficients", mu, a, [&] { SURGELLM_CPU_KERNEL(iwn_coefficients, scalar_t, a); });
   });
   return {scale, dy_shift, dev_coef, center, dweight, dbias, du_dot_u};
 }
@@ -324,22 +340,21 @@ std::tuple<Tensor, Tensor> iwn_input_grad(const Tensor& dy, const Tensor& x,
   const bool vec_gate = gate.has_value() && gate->dim() == 1;
   SURGELLM_DISPATCH_FLOATS(x, "iwn_input_grad", [&] {
     using acc_t = cpu::acc_type<scalar_t>;
-    const IWNInputGradArgs<acc_t> a{rows_args<acc_t>(x, keys, gate),
-                                    dy.const_data_ptr(),
-                                    T,
-                                    key_div,
-                                    training,
-                                    scale.const_data_ptr<acc_t>(),
-                                    dy_shift.const_data_ptr<acc_t>(),
-                                    dev_coef.const_data_ptr<acc_t>(),
-                                    center.const_data_ptr<acc_t>(),
-                                    du_dot_u.const_data_ptr<acc_t>(),
-                                    dx.mutable_data_ptr(),
-                                    gate.has_value() && !vec_gate ? dgate.mutable_data_ptr()
-                                                                  : nullptr,
-                                    vec_gate ? dgate.mutable_data_ptr<acc_t>() : nullptr};
-    run_phase("input_grad", x, a,
-              [&] { SURGELLM_CPU_KERNEL(iwn_input_grad, scalar_t, a); });
+    const IWNInputGradArgs<acc_t> a{
+        rows_args<acc_t>(x, keys, gate),
+        dy.const_data_ptr(),
+        T,
+        key_div,
+        training,
+        scale.const_data_ptr<acc_t>(),
+        dy_shift.const_data_ptr<acc_t>(),
+        dev_coef.const_data_ptr<acc_t>(),
+        center.const_data_ptr<acc_t>(),
+        du_dot_u.const_data_ptr<acc_t>(),
+        dx.mutable_data_ptr(),
+        gate.has_value() && !vec_gate ? dgate.mutable_data_ptr() : nullptr,
+        vec_gate ? dgate.mutable_data_ptr<acc_t>() : nullptr};
+    run_phase("input_grad", x, a, [&] { SURGELLM_CPU_KERNEL(iwn_input_grad, scalar_t, a); });
   });
   return {dx, dgate};
 }
@@ -421,8 +436,8 @@ void check_ranges_on_device(const optional<Tensor>& labels, const optional<Tenso
   for (size_t i = 0; i < names.size(); ++i) {
     const auto [name, upper] = names[i];
     const int64_t lo = bounds[2 * i], hi = bounds[2 * i + 1];
-    TORCH_CHECK_VALUE(lo >= 0 && hi < upper, name, " must lie in [0, ", upper,
-                      "), got values in [", lo, ", ", hi, "]");
+    TORCH_CHECK_VALUE(lo >= 0 && hi < upper, name, " must lie in [0, ", upper, "), got values in [",
+                      lo, ", ", hi, "]");
   }
 }
 
@@ -472,6 +487,5 @@ TORCH_LIBRARY_IMPL(surgellm, CUDA, m) {
   impl_phase_kernels(m);
 #endif
 }
-
 
 }  // namespace surgellm

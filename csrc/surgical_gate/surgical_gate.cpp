@@ -45,8 +45,8 @@ ForwardOutputs call_forward(const Tensor& h, const Tensor& s, const Tensor& logi
                             const optional<Tensor>& weight, const optional<Tensor>& bias,
                             double eps) {
   static const auto handle =
-      op_handle<ForwardOutputs(const Tensor&, const Tensor&, const Tensor&,
-                               const optional<Tensor>&, const optional<Tensor>&, double)>(
+      op_handle<ForwardOutputs(const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+                               const optional<Tensor>&, double)>(
           "surgellm::_surgical_gate_forward");
   return handle.call(h, s, logits, weight, bias, eps);
 }
@@ -70,8 +70,8 @@ struct Rows {
 };
 
 // (Checked first: check_surgical_gate_args.)
-Rows rows_of(const Tensor& h, const Tensor& s, const Tensor& logits,
-             const optional<Tensor>& weight, const optional<Tensor>& bias) {
+Rows rows_of(const Tensor& h, const Tensor& s, const Tensor& logits, const optional<Tensor>& weight,
+             const optional<Tensor>& bias) {
   const c10::SymInt d = h.sym_size(-1);
   const auto acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto row = [&](const Tensor& t) { return t.reshape_symint({-1, d}).contiguous(); };
@@ -126,8 +126,7 @@ class SurgicalGateFunction : public torch::autograd::Function<SurgicalGateFuncti
                 "fused_surgical_gate has no double backward (backward with create_graph=True)");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto saved = ctx->get_saved_variables();
-    const optional<Tensor> weight =
-        saved[3].defined() ? optional<Tensor>(saved[3]) : std::nullopt;
+    const optional<Tensor> weight = saved[3].defined() ? optional<Tensor>(saved[3]) : std::nullopt;
     // Each input was saved as given or as its (N, d) copy: re-derive the rows
     // of each on its own.
     const auto sizes = ctx->saved_data["sizes"].toSymIntVector();
@@ -189,8 +188,6 @@ TORCH_LIBRARY_IMPL(surgellm, CompositeExplicitAutograd, m) {
   m.impl("surgical_gate", &surgical_gate_composite);
 }
 
-TORCH_LIBRARY_IMPL(surgellm, Autograd, m) {
-  m.impl("surgical_gate", &surgical_gate_autograd);
-}
+TORCH_LIBRARY_IMPL(surgellm, Autograd, m) { m.impl("surgical_gate", &surgical_gate_autograd); }
 
 }  // namespace surgellm

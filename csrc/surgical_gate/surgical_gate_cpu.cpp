@@ -28,8 +28,14 @@ struct BlendRows {
   int64_t d;
   std::vector<acc_t> h_buf, s_buf, l_buf, g, v;
   BlendRows(const void* h_, const void* s_, const void* l_, int64_t d_)
-      : h(static_cast<const scalar_t*>(h_)), s(static_cast<const scalar_t*>(s_)),
-        logits(static_cast<const scalar_t*>(l_)), d(d_), h_buf(d_), s_buf(d_), l_buf(d_), g(d_),
+      : h(static_cast<const scalar_t*>(h_)),
+        s(static_cast<const scalar_t*>(s_)),
+        logits(static_cast<const scalar_t*>(l_)),
+        d(d_),
+        h_buf(d_),
+        s_buf(d_),
+        l_buf(d_),
+        g(d_),
         v(d_) {}
   // Fills g and v for row i; returns sum(v) and leaves h, s of the row in hr, sr.
   acc_t blend(int64_t i, const acc_t** hr, const acc_t** sr) {
@@ -150,8 +156,8 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
   std::copy(total.data() + d, total.data() + 2 * d, a.dbias);
 }
 
-#define SURGELLM_INSTANTIATE(T)                                                                \
-  template void surgical_gate_forward<T>(const SurgicalGateForwardArgs<acc_type<T>>&);        \
+#define SURGELLM_INSTANTIATE(T)                                                        \
+  template void surgical_gate_forward<T>(const SurgicalGateForwardArgs<acc_type<T>>&); \
   template void surgical_gate_backward<T>(const SurgicalGateBackwardArgs<acc_type<T>>&);
 SURGELLM_INSTANTIATE(float)
 SURGELLM_INSTANTIATE(double)

@@ -57,7 +57,6 @@ constexpr int64_t kMinBlockRows = 8;
 constexpr int64_t kPartialBudgetBytes = int64_t(64) << 20;
 constexpr int kSumThreads = 256;
 
-
 // -- Row layout: a function of d only.
 
 inline bool warp_rows(int64_t d) { return d <= kWarpRowsMaxD; }
@@ -320,8 +319,8 @@ struct BackwardPlan {
     const int64_t width = 2 * a.d;
     const int64_t per_block = std::max<int64_t>(1, width * int64_t(sizeof(acc_t)));
     const int64_t max_blocks = std::max<int64_t>(1, kPartialBudgetBytes / per_block);
-    block_rows = std::max({kMinBlockRows, ceil_div(a.N, kTargetRowBlocks),
-                           ceil_div(a.N, max_blocks)});
+    block_rows =
+        std::max({kMinBlockRows, ceil_div(a.N, kTargetRowBlocks), ceil_div(a.N, max_blocks)});
     nblocks = a.N > 0 ? ceil_div(a.N, block_rows) : 0;
     partial = ws.take(nblocks * width);
   }
@@ -347,7 +346,7 @@ size_t cuda_workspace_bytes(const SurgicalGateBackwardArgs<acc_t>& a) {
 
 template <typename acc_t>
 cudaError_t cuda_launch(ScalarKind kind, const SurgicalGateForwardArgs<acc_t>& a, void*,
-                   cudaStream_t stream) {
+                        cudaStream_t stream) {
   if (a.N < 0 || a.d <= 0) return cudaErrorInvalidValue;
   return with_scalar<acc_t>(kind, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -370,7 +369,7 @@ cudaError_t cuda_launch(ScalarKind kind, const SurgicalGateForwardArgs<acc_t>& a
 
 template <typename acc_t>
 cudaError_t cuda_launch(ScalarKind kind, const SurgicalGateBackwardArgs<acc_t>& a, void* workspace,
-                   cudaStream_t stream) {
+                        cudaStream_t stream) {
   if (a.N < 0 || a.d <= 0) return cudaErrorInvalidValue;
   Workspace<acc_t> ws{static_cast<char*>(workspace)};
   const BackwardPlan<acc_t> p(a, ws);
@@ -381,13 +380,14 @@ cudaError_t cuda_launch(ScalarKind kind, const SurgicalGateBackwardArgs<acc_t>& 
     if (p.nblocks > 0) {
       if (warp_rows(d)) {
         const size_t smem = size_t(kRowWarps) * 2 * d * sizeof(acc_t);  // <= 32 KiB
-        backward_rows<scalar_t, acc_t, true><<<unsigned(p.nblocks), kWarpRowThreads, smem,
-                                               stream>>>(a, p.block_rows, true, p.partial);
+        backward_rows<scalar_t, acc_t, true>
+            <<<unsigned(p.nblocks), kWarpRowThreads, smem, stream>>>(a, p.block_rows, true,
+                                                                     p.partial);
       } else {
         const bool smem_acc = 2 * d * int64_t(sizeof(acc_t)) <= kMaxDynamicSmem;
         backward_rows<scalar_t, acc_t, false>
-            <<<unsigned(p.nblocks), row_threads(d), smem_acc ? 2 * d * sizeof(acc_t) : 0,
-               stream>>>(a, p.block_rows, smem_acc, p.partial);
+            <<<unsigned(p.nblocks), row_threads(d), smem_acc ? 2 * d * sizeof(acc_t) : 0, stream>>>(
+                a, p.block_rows, smem_acc, p.partial);
       }
     }
     // With N == 0 (no row blocks) this zero-fills dweight and dbias.
@@ -398,12 +398,12 @@ cudaError_t cuda_launch(ScalarKind kind, const SurgicalGateBackwardArgs<acc_t>& 
 }
 
 #define SURGELLM_INSTANTIATE(T)                                                              \
-  template size_t cuda_workspace_bytes<T>(const SurgicalGateForwardArgs<T>&);                     \
-  template cudaError_t cuda_launch<T>(ScalarKind, const SurgicalGateForwardArgs<T>&, void*,       \
-                                 cudaStream_t);                                              \
-  template size_t cuda_workspace_bytes<T>(const SurgicalGateBackwardArgs<T>&);                    \
-  template cudaError_t cuda_launch<T>(ScalarKind, const SurgicalGateBackwardArgs<T>&, void*,      \
-                                 cudaStream_t);
+  template size_t cuda_workspace_bytes<T>(const SurgicalGateForwardArgs<T>&);                \
+  template cudaError_t cuda_launch<T>(ScalarKind, const SurgicalGateForwardArgs<T>&, void*,  \
+                                      cudaStream_t);                                         \
+  template size_t cuda_workspace_bytes<T>(const SurgicalGateBackwardArgs<T>&);               \
+  template cudaError_t cuda_launch<T>(ScalarKind, const SurgicalGateBackwardArgs<T>&, void*, \
+                                      cudaStream_t);
 SURGELLM_INSTANTIATE(float)
 SURGELLM_INSTANTIATE(double)
 #undef SURGELLM_INSTANTIATE

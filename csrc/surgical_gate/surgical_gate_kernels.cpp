@@ -18,8 +18,7 @@ namespace {
 // h, s, logits: (N, d) contiguous, one floating dtype; weight, bias: (d) acc.
 at::ScalarType check_rows(const Tensor& h, const Tensor& s, const Tensor& logits,
                           const optional<Tensor>& weight) {
-  TORCH_CHECK(h.dim() == 2 && h.size(1) > 0, "h must be 2-D (N, d) with d > 0, got ",
-              h.sizes());
+  TORCH_CHECK(h.dim() == 2 && h.size(1) > 0, "h must be 2-D (N, d) with d > 0, got ", h.sizes());
   TORCH_CHECK(h.is_contiguous(), "h must be contiguous");
   const auto st = h.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
@@ -34,8 +33,7 @@ at::ScalarType check_rows(const Tensor& h, const Tensor& s, const Tensor& logits
 std::tuple<Tensor, Tensor, Tensor> surgical_gate_forward(const Tensor& h, const Tensor& s,
                                                          const Tensor& logits,
                                                          const optional<Tensor>& weight,
-                                                         const optional<Tensor>& bias,
-                                                         double eps) {
+                                                         const optional<Tensor>& bias, double eps) {
   const auto acc = check_rows(h, s, logits, weight);
   const int64_t N = h.size(0), d = h.size(1);
   check_optional(bias, "bias", h, {d}, acc);
@@ -44,10 +42,17 @@ std::tuple<Tensor, Tensor, Tensor> surgical_gate_forward(const Tensor& h, const 
   if (N == 0) return {z, mean, rstd};
   SURGELLM_DISPATCH_FLOATS(h, "surgical_gate_forward", [&] {
     using acc_t = cpu::acc_type<scalar_t>;
-    const SurgicalGateForwardArgs<acc_t> a{
-        h.const_data_ptr(), s.const_data_ptr(), logits.const_data_ptr(), N, d,
-        ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias), static_cast<acc_t>(eps),
-        z.mutable_data_ptr(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>()};
+    const SurgicalGateForwardArgs<acc_t> a{h.const_data_ptr(),
+                                           s.const_data_ptr(),
+                                           logits.const_data_ptr(),
+                                           N,
+                                           d,
+                                           ptr_or_null<acc_t>(weight),
+                                           ptr_or_null<acc_t>(bias),
+                                           static_cast<acc_t>(eps),
+                                           z.mutable_data_ptr(),
+                                           mean.mutable_data_ptr<acc_t>(),
+                                           rstd.mutable_data_ptr<acc_t>()};
     run_phase("surgical_gate_forward", h, a,
               [&] { SURGELLM_CPU_KERNEL(surgical_gate_forward, scalar_t, a); });
   });
@@ -68,12 +73,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> surgical_gate_backward(
   if (N == 0) return {dh, ds, dlogits, dweight.zero_(), dbias.zero_()};
   SURGELLM_DISPATCH_FLOATS(h, "surgical_gate_backward", [&] {
     using acc_t = cpu::acc_type<scalar_t>;
-    const SurgicalGateBackwardArgs<acc_t> a{
-        dz.const_data_ptr(), h.const_data_ptr(), s.const_data_ptr(), logits.const_data_ptr(),
-        N, d, ptr_or_null<acc_t>(weight), mean.const_data_ptr<acc_t>(),
-        rstd.const_data_ptr<acc_t>(), dh.mutable_data_ptr(), ds.mutable_data_ptr(),
-        dlogits.mutable_data_ptr(), dweight.mutable_data_ptr<acc_t>(),
-        dbias.mutable_data_ptr<acc_t>()};
+    const SurgicalGateBackwardArgs<acc_t> a{dz.const_data_ptr(),
+                                            h.const_data_ptr(),
+                                            s.const_data_ptr(),
+                                            logits.const_data_ptr(),
+                                            N,
+                                            d,
+                                            ptr_or_null<acc_t>(weight),
+                                            mean.const_data_ptr<acc_t>(),
+                                            rstd.const_data_ptr<acc_t>(),
+                                            dh.mutable_data_ptr(),
+                                            ds.mutable_data_ptr(),
+                                            dlogits.mutable_data_ptr(),
+                                            dweight.mutable_data_ptr<acc_t>(),
+                                            dbias.mutable_data_ptr<acc_t>()};
     run_phase("surgical_gate_backward", h, a,
               [&] { SURGELLM_CPU_KERNEL(surgical_gate_backward, scalar_t, a); });
   });

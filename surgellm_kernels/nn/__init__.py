@@ -1,5 +1,6 @@
 """Modules: the paper's reference modules (Eq.3-7, Eq.10-11), their fused
 twins, the data-parallel IWN and ``patch_model``."""
+
 from .distributed import SyncInstanceWeightedNorm, convert_sync_iwn, sync_payload
 from .iwn import FusedInstanceWeightedNorm, InstanceWeightedNorm
 from .patching import PatchReport, patch_model

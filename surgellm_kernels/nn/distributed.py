@@ -10,6 +10,7 @@ the per-task gradient sums in backward, on the group's own backend (gloo for
 CPU tensors, NCCL for CUDA ones). :func:`convert_sync_iwn` swaps it into a
 model.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -33,8 +34,9 @@ class SyncPayload(NamedTuple):
     all_reduce: int  # backward
 
 
-def sync_payload(num_features: int, num_classes: int, num_tasks: int = 1,
-                 dtype: torch.dtype = torch.float32) -> SyncPayload:
+def sync_payload(
+    num_features: int, num_classes: int, num_tasks: int = 1, dtype: torch.dtype = torch.float32
+) -> SyncPayload:
     """What ``fused_iwn(..., process_group=...)`` exchanges per training step.
 
     Forward: count, mean, M2 and mean residual of every (task, class) group,
@@ -45,8 +47,9 @@ def sync_payload(num_features: int, num_classes: int, num_tasks: int = 1,
     """
     itemsize = accumulation_dtype(dtype).itemsize
     groups = num_tasks * num_classes
-    return SyncPayload((1 + groups * (1 + 3 * num_features)) * itemsize,
-                       2 * num_tasks * num_features * itemsize)
+    return SyncPayload(
+        (1 + groups * (1 + 3 * num_features)) * itemsize, 2 * num_tasks * num_features * itemsize
+    )
 
 
 def _default_group():
@@ -69,11 +72,21 @@ class SyncInstanceWeightedNorm(FusedInstanceWeightedNorm):
     and broadcasting the buffers stays possible.
     """
 
-    def __init__(self, num_features: int, num_classes: int, num_tasks: int = 1,
-                 eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
-                 gate: bool = False, std_mode: str = "class_mean", process_group=None):
-        super().__init__(num_features, num_classes, num_tasks, eps, momentum, affine, gate,
-                         std_mode)
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        num_tasks: int = 1,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = False,
+        gate: bool = False,
+        std_mode: str = "class_mean",
+        process_group=None,
+    ):
+        super().__init__(
+            num_features, num_classes, num_tasks, eps, momentum, affine, gate, std_mode
+        )
         self.process_group = process_group
 
     def _group(self):

@@ -6,6 +6,7 @@ paper's fixed statistics of a whole training set. :class:`FusedInstanceWeightedN
 has the same constructor, parameters and buffers (each loads the other's
 ``state_dict``); only the functional it calls differs.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -15,8 +16,13 @@ from torch import Tensor, nn
 
 from ..ops import _backend
 from ..ops.iwn import fused_iwn, rank_group
-from ..ops.reference import (check_iwn_args, class_moments, combine_class_statistics,
-                             iwn_reference, merge_moments)
+from ..ops.reference import (
+    check_iwn_args,
+    class_moments,
+    combine_class_statistics,
+    iwn_reference,
+    merge_moments,
+)
 
 __all__ = ["InstanceWeightedNorm", "FusedInstanceWeightedNorm"]
 
@@ -34,14 +40,25 @@ class InstanceWeightedNorm(nn.Module):
     # The functional this module calls; the fused twin swaps in ``fused_iwn``.
     _iwn = staticmethod(iwn_reference)
 
-    def __init__(self, num_features: int, num_classes: int, num_tasks: int = 1,
-                 eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
-                 gate: bool = False, std_mode: str = "class_mean"):
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        num_tasks: int = 1,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = False,
+        gate: bool = False,
+        std_mode: str = "class_mean",
+    ):
         super().__init__()
         if std_mode not in ("class_mean", "pooled"):
             raise ValueError(f"std_mode must be 'class_mean' or 'pooled', got {std_mode!r}")
-        for name, v in (("num_features", num_features), ("num_classes", num_classes),
-                        ("num_tasks", num_tasks)):
+        for name, v in (
+            ("num_features", num_features),
+            ("num_classes", num_classes),
+            ("num_tasks", num_tasks),
+        ):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.num_features, self.num_classes, self.num_tasks = num_features, num_classes, num_tasks
@@ -87,24 +104,37 @@ class InstanceWeightedNorm(nn.Module):
         self._frozen = bool(self.statistics_frozen)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, num_classes={self.num_classes}, num_tasks={self.num_tasks}, "
-                f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"gate={self.gated}, std_mode={self.std_mode!r}")
+        return (
+            f"{self.num_features}, num_classes={self.num_classes}, num_tasks={self.num_tasks}, "
+            f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"gate={self.gated}, std_mode={self.std_mode!r}"
+        )
 
     def _check_width(self, x: Tensor) -> None:
         # (the functional would name the buffers that do not fit x)
         if x.dim() < 1 or x.shape[-1] != self.num_features:
             raise ValueError(f"x must have shape (..., {self.num_features}), got {tuple(x.shape)}")
 
-    def forward(self, x: Tensor, labels: Optional[Tensor] = None,
-                task_ids: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, labels: Optional[Tensor] = None, task_ids: Optional[Tensor] = None
+    ) -> Tensor:
         if isinstance(x, Tensor):
             self._check_width(x)
         batch_stats = self.training and not self._frozen
         return self._iwn(
-            x, labels if batch_stats else None, self.gate_logits, self.weight, self.bias,
-            self.running_mean, self.running_std, task_ids, batch_stats,
-            self.momentum, self.eps, self.std_mode, self.num_classes,
+            x,
+            labels if batch_stats else None,
+            self.gate_logits,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_std,
+            task_ids,
+            batch_stats,
+            self.momentum,
+            self.eps,
+            self.std_mode,
+            self.num_classes,
         )
 
     # -- the paper's fixed statistics -------------------------------------------------
@@ -127,9 +157,16 @@ class InstanceWeightedNorm(nn.Module):
             self._check_width(x)
             if x.numel() == 0:  # no rows (a rank without data): nothing to add
                 return
-        check_iwn_args(x, labels, self.gate_logits, running_mean=self.running_mean,
-                       running_std=self.running_std, task_ids=task_ids, training=True,
-                       num_classes=self.num_classes)
+        check_iwn_args(
+            x,
+            labels,
+            self.gate_logits,
+            running_mean=self.running_mean,
+            running_std=self.running_std,
+            task_ids=task_ids,
+            training=True,
+            num_classes=self.num_classes,
+        )
         keys = labels.reshape(-1)
         if task_ids is not None:
             keys = task_ids.reshape(-1) * self.num_classes + keys
@@ -139,12 +176,18 @@ class InstanceWeightedNorm(nn.Module):
         groups = self.num_tasks * self.num_classes
         n_b, mean_b, var_b = class_moments(u, keys, groups)
         batch = (n_b, mean_b, var_b * n_b.unsqueeze(1))
-        self._fit_state = batch if self._fit_state is None else merge_moments(self._fit_state,
-                                                                              batch)
+        self._fit_state = (
+            batch if self._fit_state is None else merge_moments(self._fit_state, batch)
+        )
 
     @torch.no_grad()
-    def fit(self, x: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-            task_ids: Optional[Tensor] = None, process_group=None) -> "InstanceWeightedNorm":
+    def fit(
+        self,
+        x: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        task_ids: Optional[Tensor] = None,
+        process_group=None,
+    ) -> "InstanceWeightedNorm":
         """Set the paper's fixed statistics (Eq.10-11) and freeze them.
 
         ``fit(x, labels, task_ids=None)`` fits a whole data set in one call;
@@ -187,7 +230,8 @@ class InstanceWeightedNorm(nn.Module):
         T, C, Fdim = self.num_tasks, self.num_classes, self.num_features
         var = m2 / n.clamp_min(1).unsqueeze(1)
         mu, sigma, present = combine_class_statistics(
-            n.view(T, C), mean.view(T, C, Fdim), var.view(T, C, Fdim), self.std_mode)
+            n.view(T, C), mean.view(T, C, Fdim), var.view(T, C, Fdim), self.std_mode
+        )
         keep = present.unsqueeze(1)
         self.running_mean.copy_(torch.where(keep, mu.to(self.running_mean), self.running_mean))
         self.running_std.copy_(torch.where(keep, sigma.to(self.running_std), self.running_std))
@@ -201,8 +245,10 @@ class InstanceWeightedNorm(nn.Module):
         any row): the op the synchronized forward merges with. Raises on
         every rank when one flagged a failure."""
         if _backend.extension() is None:
-            raise RuntimeError("fit(process_group=...) needs the compiled extension "
-                               "(pip install --no-build-isolation -e .)")
+            raise RuntimeError(
+                "fit(process_group=...) needs the compiled extension "
+                "(pip install --no-build-isolation -e .)"
+            )
         G, Fdim = self.num_tasks * self.num_classes, self.num_features
         state = self._fit_state
         if state is None or failed:  # no data here: this rank sends zeros
@@ -210,7 +256,8 @@ class InstanceWeightedNorm(nn.Module):
             state = (zeros.new_zeros(G), zeros, zeros)
         n, mean, m2 = state
         merged = torch.ops.surgellm._iwn_all_ranks_moments(
-            n, mean, m2, torch.zeros_like(mean), failed, ranks.name, ranks.size)
+            n, mean, m2, torch.zeros_like(mean), failed, ranks.name, ranks.size
+        )
         return merged[:3] if merged[0].sum() > 0 else None
 
     def use_batch_statistics(self) -> "InstanceWeightedNorm":

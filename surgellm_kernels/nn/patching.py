@@ -14,6 +14,7 @@ before: the two share their Parameters, buffers and hooks, but plain
 attributes (the training flag, the fitted-statistics flag) are the twin's
 own from the swap on, until :meth:`PatchReport.revert` copies them back.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -74,8 +75,7 @@ class PatchReport:
         return [s.name for s in self.swaps if s.backend.startswith("eager")]
 
     def rows(self) -> List[Tuple[str, str, str, str]]:
-        rows = [(s.name, type(s.old).__name__, type(s.new).__name__, s.backend)
-                for s in self.swaps]
+        rows = [(s.name, type(s.old).__name__, type(s.new).__name__, s.backend) for s in self.swaps]
         rows += [(k.name, k.cls, "-", f"skipped: {k.reason}") for k in self.skipped]
         return rows
 
@@ -85,8 +85,7 @@ class PatchReport:
             return "patch_model: no InstanceWeightedNorm or SurgicalGate found"
         header = ("module", "was", "now", "backend")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-                 for r in [header] + rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         summary = f"{len(self.swaps)} swapped, {len(self.skipped)} skipped"
         if self.reverted:
@@ -94,8 +93,10 @@ class PatchReport:
         return "\n".join(lines + [summary])
 
     def __repr__(self) -> str:
-        return (f"PatchReport(swapped={len(self.swaps)}, skipped={len(self.skipped)}, "
-                f"reverted={self.reverted})")
+        return (
+            f"PatchReport(swapped={len(self.swaps)}, skipped={len(self.skipped)}, "
+            f"reverted={self.reverted})"
+        )
 
     def revert(self) -> None:
         """Put every original module back in its slot. State changed while
@@ -107,8 +108,10 @@ class PatchReport:
         for swap in self.swaps:
             for parent, attr in swap.slots:
                 if parent._modules.get(attr) is not swap.new:
-                    raise RuntimeError(f"cannot revert {swap.name}: the module at that slot was "
-                                       f"replaced after patching")
+                    raise RuntimeError(
+                        f"cannot revert {swap.name}: the module at that slot was "
+                        f"replaced after patching"
+                    )
         for swap in reversed(self.swaps):
             swap.old.__dict__.update(swap.new.__dict__)
             for parent, attr in swap.slots:
@@ -166,10 +169,11 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
     skipped: Dict[int, Skip] = {}
     for module in model.modules():
         # torch.compile(module) wraps it; module.compile() compiles in place
-        if (type(module).__name__ == "OptimizedModule"
-                or module.__dict__.get("_compiled_call_impl") is not None):
-            raise ValueError("model contains a torch.compile'd module: patch before "
-                             "torch.compile")
+        if (
+            type(module).__name__ == "OptimizedModule"
+            or module.__dict__.get("_compiled_call_impl") is not None
+        ):
+            raise ValueError("model contains a torch.compile'd module: patch before torch.compile")
         for attr, child in module._modules.items():
             if child is None or id(child) in skipped:
                 continue
@@ -184,8 +188,9 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             if twin_and_op is None:
                 base = next((c for c in FUSED_TWINS if isinstance(child, c)), None)
                 if base is not None:
-                    skipped[id(child)] = Skip(name, type(child).__name__,
-                                              f"subclass of {base.__name__} with its own code")
+                    skipped[id(child)] = Skip(
+                        name, type(child).__name__, f"subclass of {base.__name__} with its own code"
+                    )
                 continue
             fused_cls, op = twin_and_op
             device = _device_of(child)
@@ -193,25 +198,38 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             if backend is not None and planned != backend:
                 status = _backend.backends(device, op)[backend]
                 if status.available:
-                    remedy = (f"set {_backend.ENV_VAR}={backend} before the first call to "
-                              f"choose it")
+                    remedy = f"set {_backend.ENV_VAR}={backend} before the first call to choose it"
                 else:
-                    remedy = (f"{backend!r} cannot run here: {status.reason}. Leave backend "
-                              f"unset to use {planned!r}")
-                raise ValueError(f"backend={backend!r} was asked for, but {name} is on "
-                                 f"{device.type} and would run {planned!r}; {remedy}")
-            swaps[id(child)] = Swap(name, child, _twin(child, fused_cls),
-                                    _backend_label(planned, device), ((module, attr),))
+                    remedy = (
+                        f"{backend!r} cannot run here: {status.reason}. Leave backend "
+                        f"unset to use {planned!r}"
+                    )
+                raise ValueError(
+                    f"backend={backend!r} was asked for, but {name} is on "
+                    f"{device.type} and would run {planned!r}; {remedy}"
+                )
+            swaps[id(child)] = Swap(
+                name,
+                child,
+                _twin(child, fused_cls),
+                _backend_label(planned, device),
+                ((module, attr),),
+            )
     if isinstance(model, tuple(FUSED_TWINS)) and type(model) not in fused_classes:
-        skipped[id(model)] = Skip("(root)", type(model).__name__,
-                                  "the root module has no parent to swap it on; construct the "
-                                  "fused class instead")
+        skipped[id(model)] = Skip(
+            "(root)",
+            type(model).__name__,
+            "the root module has no parent to swap it on; construct the fused class instead",
+        )
     # Everything checked: now swap.
     for swap in swaps.values():
         for parent, attr in swap.slots:
             parent._modules[attr] = swap.new
     report = PatchReport(list(swaps.values()), list(skipped.values()))
     if report.eager:
-        warnings.warn(f"patch_model: no fused kernel here for {report.eager}; they run the "
-                      f"eager reference", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"patch_model: no fused kernel here for {report.eager}; they run the eager reference",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return report

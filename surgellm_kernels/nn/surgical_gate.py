@@ -3,6 +3,7 @@
 :class:`FusedSurgicalGate` has the same constructor and ``state_dict`` as
 :class:`SurgicalGate`; its fusion tail runs :func:`fused_surgical_gate`.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -33,29 +34,36 @@ class SurgicalGate(nn.Module):
     # The fusion tail; the fused twin swaps in ``fused_surgical_gate``.
     _fuse = staticmethod(surgical_gate_reference)
 
-    def __init__(self, d_model: int, num_features: int = 16, num_tasks: int = 1,
-                 alpha: float = 0.1, eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        num_features: int = 16,
+        num_tasks: int = 1,
+        alpha: float = 0.1,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.d_model, self.num_features, self.num_tasks = d_model, num_features, num_tasks
         self.alpha, self.eps = alpha, eps
-        self.task_embedding = nn.Embedding(num_tasks, d_model)       # E, Eq.3
-        self.feature_projection = nn.Linear(num_features, d_model)   # W_s, b_s, Eq.5
-        self.gate = nn.Linear(2 * d_model, d_model)                  # W_g, b_g, Eq.6
-        self.norm = nn.LayerNorm(d_model, eps=eps)                   # Eq.7
+        self.task_embedding = nn.Embedding(num_tasks, d_model)  # E, Eq.3
+        self.feature_projection = nn.Linear(num_features, d_model)  # W_s, b_s, Eq.5
+        self.gate = nn.Linear(2 * d_model, d_model)  # W_g, b_g, Eq.6
+        self.norm = nn.LayerNorm(d_model, eps=eps)  # Eq.7
 
     def forward(self, h: Tensor, s: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
         if h.shape[-1] != self.d_model:
             raise ValueError(f"h must have shape (..., {self.d_model}), got {tuple(h.shape)}")
         if s.shape[:-1] != h.shape[:-1] or s.shape[-1] != self.num_features:
-            raise ValueError(
-                f"s must have shape {tuple(h.shape[:-1]) + (self.num_features,)}, got {tuple(s.shape)}")
+            expected = (*h.shape[:-1], self.num_features)
+            raise ValueError(f"s must have shape {expected}, got {tuple(s.shape)}")
         if task_ids is None:
             if self.num_tasks > 1:
                 raise ValueError(f"this module holds {self.num_tasks} tasks: task_ids are required")
             task_ids = torch.zeros(h.shape[:-1], dtype=torch.long, device=h.device)
         elif task_ids.shape != h.shape[:-1]:
-            raise ValueError(f"task_ids must have shape {tuple(h.shape[:-1])}, got "
-                             f"{tuple(task_ids.shape)}")
+            raise ValueError(
+                f"task_ids must have shape {tuple(h.shape[:-1])}, got {tuple(task_ids.shape)}"
+            )
         h_task = h + self.alpha * self.task_embedding(task_ids)
         s_proj = F.relu(self.feature_projection(s))
         w_h, w_s = self.gate.weight.split(self.d_model, dim=1)
@@ -64,8 +72,14 @@ class SurgicalGate(nn.Module):
         # keeps the encoder's: the tail (a LayerNorm, which autocast runs in
         # float32) takes all three in their widest dtype.
         dtype = torch.promote_types(torch.promote_types(h_task.dtype, s_proj.dtype), logits.dtype)
-        return self._fuse(h_task.to(dtype), s_proj.to(dtype), logits.to(dtype), self.norm.weight,
-                          self.norm.bias, self.eps)
+        return self._fuse(
+            h_task.to(dtype),
+            s_proj.to(dtype),
+            logits.to(dtype),
+            self.norm.weight,
+            self.norm.bias,
+            self.eps,
+        )
 
 
 class FusedSurgicalGate(SurgicalGate):

@@ -1,4 +1,5 @@
 """The functional ops (one file each), their reference and the backend choice."""
+
 from ._backend import backends, cpu_kernel_build
 from .iwn import fused_iwn
 from .surgical_gate import fused_surgical_gate

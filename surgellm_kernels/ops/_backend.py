@@ -16,6 +16,7 @@ ones on every backend (one definition of that math), so Triton on a GPU needs
 the extension built with CUDA. Under ``torch.compile`` the registration is
 left as it is.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -55,14 +56,19 @@ def _load_extension():
 # torch.compile traces, where an import cannot happen. Triton itself is only
 # looked up here (importing it is slow); its kernels import it when chosen.
 _extension, _extension_error = _load_extension()
-_triton_error: Optional[str] = (None if importlib.util.find_spec("triton") is not None
-                                else "triton is not installed")
+_triton_error: Optional[str] = (
+    None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+)
 # The ops users call: their torch.ops overloads and the extension's typed entries.
 _USER_OPS = ("iwn", "surgical_gate")
-_overloads = ({} if _extension is None else
-              {name: getattr(torch.ops.surgellm, name).default for name in _USER_OPS})
-_typed_entries = ({} if _extension is None else
-                  {name: getattr(_extension, name) for name in _USER_OPS})
+_overloads = (
+    {}
+    if _extension is None
+    else {name: getattr(torch.ops.surgellm, name).default for name in _USER_OPS}
+)
+_typed_entries = (
+    {} if _extension is None else {name: getattr(_extension, name) for name in _USER_OPS}
+)
 _warned_eager = False
 
 
@@ -109,14 +115,21 @@ def _why_not(backend: str, device: Optional[torch.device], op: Optional[str]) ->
             return _triton_error
         if extension() is None:
             return f"the Triton kernels implement the extension's ops: {_extension_error}"
-        if device is not None and device.type != "cuda" and not (
-                device.type == "cpu" and triton_interpreted()):
-            return (f"triton kernels need CUDA tensors (or CPU tensors with "
-                    f"TRITON_INTERPRET=1 set before import), got {device.type} tensors")
+        if (
+            device is not None
+            and device.type != "cuda"
+            and not (device.type == "cpu" and triton_interpreted())
+        ):
+            return (
+                f"triton kernels need CUDA tensors (or CPU tensors with "
+                f"TRITON_INTERPRET=1 set before import), got {device.type} tensors"
+            )
         cuda_tensors = device.type == "cuda" if device is not None else not triton_interpreted()
         if cuda_tensors and not extension().has_cuda:
-            return ("the Triton kernels run beside the extension's CUDA C++ phases, but it "
-                    "was built without CUDA (rebuild with nvcc and a CUDA torch)")
+            return (
+                "the Triton kernels run beside the extension's CUDA C++ phases, but it "
+                "was built without CUDA (rebuild with nvcc and a CUDA torch)"
+            )
         return None
     ext = extension()
     if ext is None:
@@ -145,11 +158,42 @@ def backends(device=None, op: Optional[str] = None) -> Dict[str, BackendStatus]:
         why = _why_not(name, device, op)
         if name == "cuda" and why is None and not torch.cuda.is_available():
             why = "built with CUDA kernels, but no CUDA device is visible"
-        if (name == "triton" and why is None
-                and not (torch.cuda.is_available() or triton_interpreted())):
+        if (
+            name == "triton"
+            and why is None
+            and not (torch.cuda.is_available() or triton_interpreted())
+        ):
             why = "triton importable, but no CUDA device (and TRITON_INTERPRET is not set)"
         result[name] = BackendStatus(why is None, why or "available")
     return result
+
+
+def summary() -> str:
+    """One line: the backends that run here, and why the others do not in a
+    word or two ("cpu (AVX2), eager; not here: triton (no GPU), cuda (not
+    built)")."""
+    status = backends()
+    gpu = torch.cuda.is_available()
+    label = {
+        "cpu": f"cpu ({cpu_kernel_build()})",
+        "triton": "triton" if gpu else "triton (interpreter, on CPU tensors)",
+    }
+    ready = [label.get(name, name) for name, s in status.items() if s.available]
+    short = {
+        "triton": (_triton_error and "not installed")
+        or (_extension_error and "not built")
+        or (not (gpu or triton_interpreted()) and "no GPU")
+        or (gpu and not _extension.has_cuda and "needs the CUDA build")
+        or "unavailable",
+        "cuda": (_extension_error and "not built")
+        or (not getattr(_extension, "has_cuda", False) and "not built")
+        or (not gpu and "no GPU")
+        or "unavailable",
+        "cpu": "not built",
+        "eager": "unavailable",
+    }
+    missing = [f"{name} ({short[name]})" for name, s in status.items() if not s.available]
+    return ", ".join(ready) + (f"; not here: {', '.join(missing)}" if missing else "")
 
 
 def forced_backend() -> Optional[str]:
@@ -207,7 +251,9 @@ def _choose(op: str, device: torch.device, warn: bool = True) -> str:
     if forced is not None:
         why = _why_not(forced, device, op)
         if why is not None:
-            raise RuntimeError(f"{ENV_VAR}={forced} cannot run {op} on {device.type} tensors: {why}")
+            raise RuntimeError(
+                f"{ENV_VAR}={forced} cannot run {op} on {device.type} tensors: {why}"
+            )
         return forced
     candidates = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
     for name in candidates:
@@ -232,9 +278,11 @@ def _triton_kernel(module: str, name: str):
     """The Triton kernel of op ``name`` in ``surgellm_kernels.triton.<module>``,
     imported on its first call (importing Triton is slow, and never happens
     inside a trace: tracing runs the fake kernels)."""
+
     def kernel(*args):
         kernels = importlib.import_module(f"surgellm_kernels.triton.{module}").KERNELS
         return kernels[name](*args)
+
     kernel.__name__ = f"triton_{name}"
     return kernel
 
@@ -259,8 +307,9 @@ def _register_triton_kernels(device_type: str, use: bool) -> None:
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
         for module, names in TRITON_KERNELS.items():
             for name in names:  # names start with "_": the phase ops
-                torch.library.register_kernel(f"surgellm::{name}", device_type,
-                                              _triton_kernel(module, name), lib=lib)
+                torch.library.register_kernel(
+                    f"surgellm::{name}", device_type, _triton_kernel(module, name), lib=lib
+                )
     _triton_libraries[device_type] = lib
 
 
@@ -274,8 +323,11 @@ TRITON_KERNELS = {
 
 # On a GPU machine Triton is the default for CUDA tensors: registered now, so
 # that a process whose first call is compiled already runs it.
-if (torch.cuda.is_available() and _why_not("triton", torch.device("cuda"), None) is None
-        and os.environ.get(ENV_VAR, "").strip().lower() in ("", "triton")):
+if (
+    torch.cuda.is_available()
+    and _why_not("triton", torch.device("cuda"), None) is None
+    and os.environ.get(ENV_VAR, "").strip().lower() in ("", "triton")
+):
     _use_triton_kernels("cuda", True)
 
 
@@ -288,4 +340,6 @@ def _warn_eager_once(op: str) -> None:
             f"surgellm_kernels: running {op} with the eager PyTorch reference "
             f"({reason}); build the extension with `pip install --no-build-isolation -e .` "
             f"(bash scripts/bootstrap.sh in a clone)",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -21,6 +21,7 @@ task id is out of range is then left out of the statistics and its outputs
 are NaN. Inferring ``num_classes`` (or the task count without running
 statistics) reads the data too, and cannot happen while tracing.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -49,18 +50,25 @@ def _register_fake_kernels() -> None:
     def _(x, keys, gate, num_groups):
         acc = accumulation_dtype(x.dtype)
         per_group = x.new_empty((num_groups, x.shape[1]), dtype=acc)
-        return (x.new_empty((num_groups,), dtype=acc), per_group, torch.empty_like(per_group),
-                torch.empty_like(per_group))
+        return (
+            x.new_empty((num_groups,), dtype=acc),
+            per_group,
+            torch.empty_like(per_group),
+            torch.empty_like(per_group),
+        )
 
     @define("_iwn_merge_moments")
     def _(count, mean, m2, residual_sum):
         per_group = mean.new_empty(mean.shape[1:])
-        return count.new_empty(count.shape[1:]), per_group, torch.empty_like(per_group), \
-            torch.empty_like(per_group)
+        return (
+            count.new_empty(count.shape[1:]),
+            per_group,
+            torch.empty_like(per_group),
+            torch.empty_like(per_group),
+        )
 
     @define("_iwn_combine")
-    def _(count, mean, m2, mean_residual, num_tasks, pooled, momentum, running_mean,
-          running_std):
+    def _(count, mean, m2, mean_residual, num_tasks, pooled, momentum, running_mean, running_std):
         stats = mean.new_empty((num_tasks, mean.shape[1]))
         return torch.empty_like(mean), stats, torch.empty_like(stats)
 
@@ -73,20 +81,39 @@ def _register_fake_kernels() -> None:
         return mu.new_empty((2, *mu.shape))
 
     @define("_iwn_coefficients")
-    def _(sums, param_sums, weight, count, group_mean, group_std, mean_residual, mu, sigma,
-          pooled, eps):
+    def _(
+        sums,
+        param_sums,
+        weight,
+        count,
+        group_mean,
+        group_std,
+        mean_residual,
+        mu,
+        sigma,
+        pooled,
+        eps,
+    ):
         F = mu.shape[1]
         per_group = mu.new_empty((count.shape[0] if count is not None else 0, F))
         per_feature = mu.new_empty((F,))
-        return (torch.empty_like(mu), per_group, torch.empty_like(per_group),
-                torch.empty_like(per_group), per_feature, torch.empty_like(per_feature),
-                torch.empty_like(per_feature))
+        return (
+            torch.empty_like(mu),
+            per_group,
+            torch.empty_like(per_group),
+            torch.empty_like(per_group),
+            per_feature,
+            torch.empty_like(per_feature),
+            torch.empty_like(per_feature),
+        )
 
     @define("_iwn_input_grad")
-    def _(grad_y, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div,
-          training):
-        dgate = (torch.empty_like(gate) if gate is not None
-                 else x.new_empty((0,), dtype=accumulation_dtype(x.dtype)))
+    def _(grad_y, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div, training):
+        dgate = (
+            torch.empty_like(gate)
+            if gate is not None
+            else x.new_empty((0,), dtype=accumulation_dtype(x.dtype))
+        )
         return torch.empty_like(x), dgate
 
 
@@ -122,8 +149,9 @@ def rank_group(process_group, like: Tensor) -> Optional[RankGroup]:
     # Traced by torch.compile, the group is an opaque object that shows its
     # name and size only: the eager call checks the backend.
     device = like.device if isinstance(like, Tensor) and not torch.compiler.is_compiling() else None
-    device_types = set() if device is None else {
-        d.type for d in getattr(process_group, "_device_types", ())}
+    device_types = (
+        set() if device is None else {d.type for d in getattr(process_group, "_device_types", ())}
+    )
     if device is not None and device_types and device.type not in device_types:
         raise ValueError(
             f"process_group (backend {dist.get_backend(process_group)!r}) cannot communicate "
@@ -135,12 +163,22 @@ def rank_group(process_group, like: Tensor) -> Optional[RankGroup]:
     return RankGroup(process_group.group_name, size) if size > 1 else None
 
 
-def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor] = None,
-              weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-              running_mean: Optional[Tensor] = None, running_std: Optional[Tensor] = None,
-              task_ids: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
-              eps: float = 1e-5, std_mode: str = "class_mean",
-              num_classes: Optional[int] = None, process_group=None) -> Tensor:
+def fused_iwn(
+    x: Tensor,
+    labels: Optional[Tensor] = None,
+    gate: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_std: Optional[Tensor] = None,
+    task_ids: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    std_mode: str = "class_mean",
+    num_classes: Optional[int] = None,
+    process_group=None,
+) -> Tensor:
     """Gated instance-weighted normalization.
 
     The counterpart of ``F.batch_norm(input, running_mean, running_var, weight,
@@ -191,8 +229,38 @@ def fused_iwn(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor]
                 "fused_iwn with a process_group needs the compiled kernels (backend cpu, cuda "
                 "or triton): the eager reference computes one process's statistics only"
             )
-        return iwn_reference(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
-                             training, momentum, eps, std_mode, num_classes)
-    return _backend.call_op("iwn", (
-        x, labels, gate, weight, bias, running_mean, running_std, task_ids, training, momentum,
-        eps, std_mode, num_classes, ranks.name if ranks else None, ranks.size if ranks else 1))
+        return iwn_reference(
+            x,
+            labels,
+            gate,
+            weight,
+            bias,
+            running_mean,
+            running_std,
+            task_ids,
+            training,
+            momentum,
+            eps,
+            std_mode,
+            num_classes,
+        )
+    return _backend.call_op(
+        "iwn",
+        (
+            x,
+            labels,
+            gate,
+            weight,
+            bias,
+            running_mean,
+            running_std,
+            task_ids,
+            training,
+            momentum,
+            eps,
+            std_mode,
+            num_classes,
+            ranks.name if ranks else None,
+            ranks.size if ranks else 1,
+        ),
+    )

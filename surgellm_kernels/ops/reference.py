@@ -8,6 +8,7 @@ their arguments with the ops' own checks (check_<op>_args, in C++) when the
 extension is built; without it, bad arguments get PyTorch's own errors. The
 class-statistics helpers here also serve the modules' ``fit``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -62,8 +63,11 @@ def safe_sqrt(var: Tensor) -> Tensor:
     silent 0.
     """
     positive = var > 0
-    return torch.where(positive, torch.where(positive, var, torch.ones_like(var)).sqrt(),
-                       torch.where(var.isnan(), var, torch.zeros_like(var)))
+    return torch.where(
+        positive,
+        torch.where(positive, var, torch.ones_like(var)).sqrt(),
+        torch.where(var.isnan(), var, torch.zeros_like(var)),
+    )
 
 
 def class_moments(u: Tensor, keys: Tensor, num_groups: int):
@@ -76,7 +80,7 @@ def class_moments(u: Tensor, keys: Tensor, num_groups: int):
     # Group sums as a one-hot matrix product: dense, static shapes, so eager
     # runs it through BLAS and torch.compile traces it without graph breaks
     # (a fair baseline for the kernels).
-    onehot = F.one_hot(keys, num_groups).to(u.dtype)                # (N, G)
+    onehot = F.one_hot(keys, num_groups).to(u.dtype)  # (N, G)
     count = onehot.sum(0)
     mean = (onehot.T @ u) / count.clamp_min(1).unsqueeze(1)
     dev = u - mean[keys]
@@ -106,9 +110,14 @@ def combine_class_statistics(count: Tensor, mean: Tensor, var: Tensor, std_mode:
     return mu, sigma, count.sum(1) > 0
 
 
-def class_balanced_statistics(u: Tensor, labels: Tensor, num_classes: int,
-                              task_ids: Optional[Tensor] = None, num_tasks: int = 1,
-                              std_mode: str = "class_mean"):
+def class_balanced_statistics(
+    u: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    task_ids: Optional[Tensor] = None,
+    num_tasks: int = 1,
+    std_mode: str = "class_mean",
+):
     """Batch statistics of ``u`` (N, F) keyed by (task, class); see
     :func:`combine_class_statistics` for what is returned."""
     keys = labels if task_ids is None else task_ids * num_classes + labels
@@ -134,9 +143,14 @@ def merge_moments(a, b):
 
 
 @torch.no_grad()
-def update_running_statistics(running_mean: Tensor, running_std: Tensor, mu: Tensor,
-                              sigma: Tensor, task_present: Optional[Tensor],
-                              momentum: float) -> None:
+def update_running_statistics(
+    running_mean: Tensor,
+    running_std: Tensor,
+    mu: Tensor,
+    sigma: Tensor,
+    task_present: Optional[Tensor],
+    momentum: float,
+) -> None:
     """``r = (1 - momentum) r + momentum * batch_stat`` for the tasks present
     in the batch; absent tasks keep their statistics. In place, no autograd.
     ``task_present=None`` means every task is present (with one task, a
@@ -150,20 +164,42 @@ def update_running_statistics(running_mean: Tensor, running_std: Tensor, mu: Ten
             rows.copy_(torch.where(task_present.unsqueeze(1), updated, rows))
 
 
-def iwn_reference(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Tensor] = None,
-                  weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                  running_mean: Optional[Tensor] = None, running_std: Optional[Tensor] = None,
-                  task_ids: Optional[Tensor] = None, training: bool = False,
-                  momentum: float = 0.1, eps: float = 1e-5, std_mode: str = "class_mean",
-                  num_classes: Optional[int] = None) -> Tensor:
+def iwn_reference(
+    x: Tensor,
+    labels: Optional[Tensor] = None,
+    gate: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_std: Optional[Tensor] = None,
+    task_ids: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    std_mode: str = "class_mean",
+    num_classes: Optional[int] = None,
+) -> Tensor:
     """Gated instance-weighted normalization, in eager PyTorch.
 
     ``u = x * sigmoid(gate)``; ``y = (u - mu) / (sigma + eps) * weight + bias``
     with class-balanced batch statistics in training (Eq.10-11 per batch) and
     the given statistics otherwise. This is the definition ``fused_iwn`` matches.
     """
-    check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                   momentum, eps, std_mode, num_classes)
+    check_iwn_args(
+        x,
+        labels,
+        gate,
+        weight,
+        bias,
+        running_mean,
+        running_std,
+        task_ids,
+        training,
+        momentum,
+        eps,
+        std_mode,
+        num_classes,
+    )
     acc = accumulation_dtype(x.dtype)
     Fdim = x.shape[-1]
     u = x.reshape(-1, Fdim).to(acc)
@@ -180,10 +216,12 @@ def iwn_reference(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Ten
         if num_classes is None:
             num_classes = int(flat_labels.max()) + 1
         mu, sigma, present = class_balanced_statistics(
-            u, flat_labels, num_classes, tasks, num_tasks, std_mode)
+            u, flat_labels, num_classes, tasks, num_tasks, std_mode
+        )
         if running_mean is not None:
-            update_running_statistics(running_mean, running_std, mu, sigma,
-                                      present if num_tasks > 1 else None, momentum)
+            update_running_statistics(
+                running_mean, running_std, mu, sigma, present if num_tasks > 1 else None, momentum
+            )
     else:
         mu = running_mean.reshape(num_tasks, Fdim).to(acc)
         sigma = running_std.reshape(num_tasks, Fdim).to(acc)
@@ -199,9 +237,14 @@ def iwn_reference(x: Tensor, labels: Optional[Tensor] = None, gate: Optional[Ten
     return y.to(x.dtype).reshape(x.shape)
 
 
-def surgical_gate_reference(h: Tensor, s: Tensor, gate_logits: Tensor,
-                            weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                            eps: float = 1e-5) -> Tensor:
+def surgical_gate_reference(
+    h: Tensor,
+    s: Tensor,
+    gate_logits: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
     """Eq.6-7 tail: ``LayerNorm(g * h + (1 - g) * s)`` with ``g = sigmoid(logits)``."""
     check_surgical_gate_args(h, s, gate_logits, weight, bias, eps)
     acc = accumulation_dtype(h.dtype)

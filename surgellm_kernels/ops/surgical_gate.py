@@ -9,6 +9,7 @@ registered for the device when Triton is the chosen backend. This file gives
 the kernels their fake implementations (for ``torch.compile``) and makes the
 call: one crossing into C++.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -31,17 +32,27 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("surgellm::_surgical_gate_backward")
     def _(grad_z, h, s, gate_logits, weight, mean, rstd):
         per_feature = h.new_empty((h.shape[1],), dtype=accumulation_dtype(h.dtype))
-        return (torch.empty_like(h), torch.empty_like(h), torch.empty_like(h), per_feature,
-                torch.empty_like(per_feature))
+        return (
+            torch.empty_like(h),
+            torch.empty_like(h),
+            torch.empty_like(h),
+            per_feature,
+            torch.empty_like(per_feature),
+        )
 
 
 if _backend.extension() is not None:
     _register_fake_kernels()
 
 
-def fused_surgical_gate(h: Tensor, s: Tensor, gate_logits: Tensor,
-                        weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                        eps: float = 1e-5) -> Tensor:
+def fused_surgical_gate(
+    h: Tensor,
+    s: Tensor,
+    gate_logits: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
     """Gated blend of ``h`` and ``s`` followed by LayerNorm over the last dim.
 
     ``h``, ``s``, ``gate_logits``: one shape (..., d) and one floating dtype;

@@ -1,5 +1,6 @@
 """What the commands share: argument parsing that raises instead of exiting,
 the ``error:`` exit, their output lines, the patch report, and writing JSON."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,6 @@ import os
 import sys
 import warnings
 from typing import Optional
-
 
 
 class UsageError(Exception):
@@ -62,8 +62,10 @@ def patch_for_kernels(model, kernels: str, verbose: bool = True) -> None:
         say("kernels: fused")
         say(str(report))
         if report.eager:
-            say(f"warning: no fused kernel here for {', '.join(report.eager)}: the fast path "
-                f"is not taken, they run the eager reference")
+            say(
+                f"warning: no fused kernel here for {', '.join(report.eager)}: the fast path "
+                f"is not taken, they run the eager reference"
+            )
 
 
 def write_json(path: str, value) -> None:

@@ -1,4 +1,5 @@
 """SURGELLM's configuration, a ``transformers`` config (``model_type = "surgellm"``)."""
+
 from __future__ import annotations
 
 import re
@@ -43,14 +44,23 @@ class SurgeLLMConfig(PretrainedConfig):
     model_type = "surgellm"
     sub_configs = {"encoder_config": AutoConfig}
 
-    def __init__(self, encoder_config: Optional[Union[PretrainedConfig, dict]] = None,
-                 tasks: Optional[Union[Mapping[str, int], List]] = None,
-                 class_names: Optional[Mapping[str, List[str]]] = None, iwn: bool = True,
-                 gate: bool = True, prefix: bool = True, alpha: float = 0.1, eps: float = 1e-5,
-                 head_dropout: float = 0.1, head_hidden_dropout: float = 0.05,
-                 max_seq_length: int = 128,
-                 lexicon: Optional[Union[LexicalFeaturizer, dict]] = None,
-                 initializer_range: float = 0.02, **kwargs):
+    def __init__(
+        self,
+        encoder_config: Optional[Union[PretrainedConfig, dict]] = None,
+        tasks: Optional[Union[Mapping[str, int], List]] = None,
+        class_names: Optional[Mapping[str, List[str]]] = None,
+        iwn: bool = True,
+        gate: bool = True,
+        prefix: bool = True,
+        alpha: float = 0.1,
+        eps: float = 1e-5,
+        head_dropout: float = 0.1,
+        head_hidden_dropout: float = 0.05,
+        max_seq_length: int = 128,
+        lexicon: Optional[Union[LexicalFeaturizer, dict]] = None,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
         if isinstance(encoder_config, dict):
             values = dict(encoder_config)
             model_type = values.pop("model_type", None)
@@ -59,16 +69,19 @@ class SurgeLLMConfig(PretrainedConfig):
             encoder_config = AutoConfig.for_model(model_type, **values)
         if tasks is None:  # a default config: one two-class task, no encoder yet
             tasks = {"task": 2}
-        if isinstance(tasks, list) and all(isinstance(p, (list, tuple)) and len(p) == 2
-                                           for p in tasks):
+        if isinstance(tasks, list) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in tasks
+        ):
             tasks = dict(tasks)
         if not isinstance(tasks, Mapping) or not tasks:
             raise ValueError(f"tasks must map task name to number of classes, got {tasks!r}")
         tasks = dict(tasks)
         for name, n in tasks.items():
             if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
-                raise ValueError(f"task names must be non-empty strings without white space, "
-                                 f"'|', '[' or ']', got {name!r}")
+                raise ValueError(
+                    f"task names must be non-empty strings without white space, "
+                    f"'|', '[' or ']', got {name!r}"
+                )
             if isinstance(n, bool) or not isinstance(n, int) or n < 2:
                 raise ValueError(f"tasks[{name!r}] must be a number of classes >= 2, got {n!r}")
         if class_names is not None:
@@ -76,10 +89,14 @@ class SurgeLLMConfig(PretrainedConfig):
             for name, n in tasks.items():
                 names = class_names.get(name)
                 if names is None or len(names) != n or len(set(names)) != n:
-                    raise ValueError(f"class_names[{name!r}] must list {n} distinct names, "
-                                     f"got {names!r}")
-        if (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
-                or max_seq_length < 2):
+                    raise ValueError(
+                        f"class_names[{name!r}] must list {n} distinct names, got {names!r}"
+                    )
+        if (
+            isinstance(max_seq_length, bool)
+            or not isinstance(max_seq_length, int)
+            or max_seq_length < 2
+        ):
             raise ValueError(f"max_seq_length must be an int >= 2, got {max_seq_length!r}")
         if isinstance(lexicon, LexicalFeaturizer):
             lexicon = lexicon.to_dict()
@@ -104,8 +121,10 @@ class SurgeLLMConfig(PretrainedConfig):
         # order is the task ids', the word groups' the features'
         output["tasks"] = [[name, n] for name, n in self.tasks.items()]
         if self.lexicon is not None:
-            output["lexicon"] = {**self.lexicon, "groups": list(map(list, self.lexicon[
-                "groups"].items()))}
+            output["lexicon"] = {
+                **self.lexicon,
+                "groups": list(map(list, self.lexicon["groups"].items())),
+            }
         return output
 
     @property
@@ -128,18 +147,24 @@ class SurgeLLMConfig(PretrainedConfig):
         import torch
 
         if labels.shape != task_ids.shape:
-            raise ValueError(f"labels must have shape {tuple(task_ids.shape)}, "
-                             f"got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must have shape {tuple(task_ids.shape)}, got {tuple(labels.shape)}"
+            )
         counts = torch.tensor(list(self.tasks.values()))[task_ids.cpu()]
         bad = ((labels.cpu() < 0) | (labels.cpu() >= counts)).nonzero()
         if bad.numel():
             i = int(bad[0, 0])
-            raise ValueError(f"labels[{i}]={int(labels[i])} is not a class of task "
-                             f"{self.task_names[int(task_ids[i])]!r} (expected "
-                             f"0 <= label < {int(counts[i])})")
+            raise ValueError(
+                f"labels[{i}]={int(labels[i])} is not a class of task "
+                f"{self.task_names[int(task_ids[i])]!r} (expected "
+                f"0 <= label < {int(counts[i])})"
+            )
 
     def featurizer(self) -> LexicalFeaturizer:
         """The lexical featurizer: the paper's 16 features unless ``lexicon``
         gives other word lists."""
-        return (LexicalFeaturizer() if self.lexicon is None
-                else LexicalFeaturizer.from_dict(self.lexicon))
+        return (
+            LexicalFeaturizer()
+            if self.lexicon is None
+            else LexicalFeaturizer.from_dict(self.lexicon)
+        )

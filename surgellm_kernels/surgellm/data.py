@@ -11,6 +11,7 @@ Every problem raises :class:`DataError` with a message of the form
 training data, or from a saved model's class names) maps labels to class
 indices. Nothing here prints.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,15 @@ def _where(path, line: Optional[int]) -> str:
 
 
 def _type_name(value) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "an int", float: "a float", type(None): "null"}.get(type(value),
-                                                                     type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "an int",
+        float: "a float",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _row_problem(record) -> Optional[str]:
@@ -72,8 +79,9 @@ def _parse(path: str):
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{_where(path, line)}: invalid JSON: {exc.msg} "
-                                f"(column {exc.colno})") from None
+                raise DataError(
+                    f"{_where(path, line)}: invalid JSON: {exc.msg} (column {exc.colno})"
+                ) from None
             problem = _row_problem(record)
             if problem:
                 raise DataError(f"{_where(path, line)}: {problem}")
@@ -106,13 +114,19 @@ def load_examples(path: Union[str, os.PathLike]):
     datasets.disable_progress_bars()
     try:
         try:
-            lines = datasets.load_dataset("text", data_files=path, split="train",
-                                          keep_in_memory=True)
+            lines = datasets.load_dataset(
+                "text", data_files=path, split="train", keep_in_memory=True
+            )
         except Exception as exc:  # unreadable, or not UTF-8
             cause = exc.__cause__ or exc
             raise DataError(f"{path}: cannot read the file: {cause}") from None
-        data = lines.map(_parse(path), batched=True, with_indices=True,
-                         remove_columns=lines.column_names, keep_in_memory=True)
+        data = lines.map(
+            _parse(path),
+            batched=True,
+            with_indices=True,
+            remove_columns=lines.column_names,
+            keep_in_memory=True,
+        )
     finally:
         if progress:
             datasets.enable_progress_bars()
@@ -135,8 +149,7 @@ class LabelSpace:
 
     def __init__(self, classes: Mapping[str, Sequence[Label]]):
         self.classes: Dict[str, List[Label]] = {t: list(c) for t, c in classes.items()}
-        self._index = {t: {str(c): i for i, c in enumerate(c)}
-                       for t, c in self.classes.items()}
+        self._index = {t: {str(c): i for i, c in enumerate(c)} for t, c in self.classes.items()}
 
     @classmethod
     def from_examples(cls, examples, path) -> "LabelSpace":
@@ -145,21 +158,26 @@ class LabelSpace:
         class, is an error."""
         seen: Dict[str, Dict[Label, None]] = {}
         first: Dict[str, tuple] = {}
-        for task, text, is_int, line in zip(examples["task"], examples["label"],
-                                            examples["label_is_int"], examples["line"]):
+        for task, text, is_int, line in zip(
+            examples["task"], examples["label"], examples["label_is_int"], examples["line"]
+        ):
             label = int(text) if is_int else text
             if task in first and isinstance(first[task][0], int) != is_int:
                 head, head_line = first[task]
-                raise DataError(f"{_where(path, line)}: task {task!r} mixes int and string "
-                                f"labels: label {label!r} here, label {head!r} on line "
-                                f"{head_line}")
+                raise DataError(
+                    f"{_where(path, line)}: task {task!r} mixes int and string "
+                    f"labels: label {label!r} here, label {head!r} on line "
+                    f"{head_line}"
+                )
             seen.setdefault(task, {})[label] = None
             first.setdefault(task, (label, line))
         for task, labels in seen.items():
             if len(labels) < 2:
                 label, line = first[task]
-                raise DataError(f"{_where(path, line)}: task {task!r} has a single class "
-                                f"({label!r}) in the training data; a task needs at least 2")
+                raise DataError(
+                    f"{_where(path, line)}: task {task!r} has a single class "
+                    f"({label!r}) in the training data; a task needs at least 2"
+                )
         return cls({t: sorted(labels) for t, labels in seen.items()})
 
     @property
@@ -174,15 +192,20 @@ class LabelSpace:
         """Each example's class index within its task; an unknown task or a
         label not seen in training is a :class:`DataError`."""
         encoded = []
-        for task, label, is_int, line in zip(examples["task"], examples["label"],
-                                             examples["label_is_int"], examples["line"]):
+        for task, label, is_int, line in zip(
+            examples["task"], examples["label"], examples["label_is_int"], examples["line"]
+        ):
             index = self._index.get(task)
             if index is None:
-                raise DataError(f"{_where(path, line)}: unknown task {task!r} (training "
-                                f"tasks: {', '.join(self.tasks)})")
+                raise DataError(
+                    f"{_where(path, line)}: unknown task {task!r} (training "
+                    f"tasks: {', '.join(self.tasks)})"
+                )
             i = index.get(label)  # labels are matched by their text
             if i is None:
-                raise DataError(f"{_where(path, line)}: label {_shown(label, is_int)} of task "
-                                f"{task!r} does not occur in the training data")
+                raise DataError(
+                    f"{_where(path, line)}: label {_shown(label, is_int)} of task "
+                    f"{task!r} does not occur in the training data"
+                )
             encoded.append(i)
         return encoded

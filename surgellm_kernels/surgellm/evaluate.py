@@ -10,6 +10,7 @@ writes to ``metrics.json``:
 ``{"macro_f1": <mean over tasks>, "tasks": {<task>: {"macro_f1", "accuracy", "n"}}}``,
 over the tasks present in the data (scikit-learn's metrics).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,7 @@ import sys
 import tempfile
 from typing import Optional, Sequence
 
-from ._cli import (ArgumentParser, UsageError, fail, patch_for_kernels, positive_int, say,
-                   write_json)
+from ._cli import ArgumentParser, UsageError, fail, patch_for_kernels, positive_int, say, write_json
 
 __all__ = ["format_metrics", "main"]
 
@@ -26,22 +26,27 @@ __all__ = ["format_metrics", "main"]
 def format_metrics(metrics: dict) -> str:
     """A small table: one row per task, then the mean macro-F1."""
     header = ("task", "n", "accuracy", "macro_f1")
-    rows = [(task, str(m["n"]), f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}")
-            for task, m in metrics["tasks"].items()]
+    rows = [
+        (task, str(m["n"]), f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}")
+        for task, m in metrics["tasks"].items()
+    ]
     rows.append(("mean", "", "", f"{metrics['macro_f1']:.4f}"))
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
 
     def line(row):
-        return "  ".join([row[0].ljust(widths[0])] +
-                         [c.rjust(w) for c, w in zip(row[1:], widths[1:])]).rstrip()
+        return "  ".join(
+            [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule] + [line(r) for r in rows[:-1]] + [rule, line(rows[-1])])
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m surgellm_kernels.evaluate",
-                            description="Evaluate a saved SURGELLM model on JSON-lines data.")
+    parser = ArgumentParser(
+        prog="python -m surgellm_kernels.evaluate",
+        description="Evaluate a saved SURGELLM model on JSON-lines data.",
+    )
     parser.add_argument("--model", required=True, help="directory written by save_pretrained")
     parser.add_argument("--data", required=True, help="JSON-lines file: text, task, label")
     parser.add_argument("--batch-size", type=positive_int, default=16)
@@ -65,8 +70,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not os.path.isdir(args.model):
         return fail(f"--model {args.model}: not a directory")
 
-    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from .processing_surgellm import SurgeLLMProcessor
     from .trainer import task_metrics
@@ -76,8 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as exc:
         return fail(f"cannot load the model from {args.model}: {exc}")
     config = processor.config
-    names = config.class_names or {t: [str(i) for i in range(n)]
-                                   for t, n in config.tasks.items()}
+    names = config.class_names or {t: [str(i) for i in range(n)] for t, n in config.tasks.items()}
     try:
         labels = LabelSpace(names).encode(rows, args.data)
     except DataError as exc:
@@ -89,10 +97,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = processor.map(rows, labels)
     patch_for_kernels(model, args.kernels)
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = Trainer(model=model, data_collator=DataCollatorWithPadding(processor.tokenizer),
-                          args=TrainingArguments(output_dir=scratch, report_to="none",
-                                                 per_device_eval_batch_size=args.batch_size,
-                                                 label_names=["labels", "task_ids"]))
+        trainer = Trainer(
+            model=model,
+            data_collator=DataCollatorWithPadding(processor.tokenizer),
+            args=TrainingArguments(
+                output_dir=scratch,
+                report_to="none",
+                per_device_eval_batch_size=args.batch_size,
+                label_names=["labels", "task_ids"],
+            ),
+        )
         prediction = trainer.predict(data)
     true, task_ids = prediction.label_ids
     metrics = task_metrics(prediction.predictions.argmax(-1), true, task_ids, config.task_names)

@@ -12,6 +12,7 @@ Words (s11, s12) are runs of word characters, apostrophes inside allowed
 ("don't" is one word of five characters). Sentences (s13) are the non-blank
 pieces left after splitting on '.', '!' and '?'.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,30 +23,114 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 
 NUMERIC_FEATURE_NAMES = (
-    "word_count", "mean_word_length", "sentence_count", "question_marks",
-    "exclamation_marks", "has_digit",
+    "word_count",
+    "mean_word_length",
+    "sentence_count",
+    "question_marks",
+    "exclamation_marks",
+    "has_digit",
 )
 
 WORD_GROUPS = {
-    "sst_pos": ("great", "excellent", "brilliant", "terrific", "wonderful", "masterpiece",
-                "captivat*", "impressive", "delightful", "superb"),
-    "sst_neg": ("terrible", "awful", "dreadful", "unwatchable", "boring", "dull", "mediocre",
-                "disappoint*", "worst", "painful"),
-    "llm_stat": ("empirically", "statistically", "demonstrated", "observed", "evidenced",
-                 "indicate*", "suggest*", "results show", "data show"),
-    "llm_formal": ("moreover", "furthermore", "additionally", "consequently", "therefore",
-                   "in conclusion", "in summary", "to summarize"),
-    "llm_list": ("firstly", "secondly", "thirdly", "finally", "in addition",
-                 "on the other hand", "(1)", "(2)", "(3)"),
+    "sst_pos": (
+        "great",
+        "excellent",
+        "brilliant",
+        "terrific",
+        "wonderful",
+        "masterpiece",
+        "captivat*",
+        "impressive",
+        "delightful",
+        "superb",
+    ),
+    "sst_neg": (
+        "terrible",
+        "awful",
+        "dreadful",
+        "unwatchable",
+        "boring",
+        "dull",
+        "mediocre",
+        "disappoint*",
+        "worst",
+        "painful",
+    ),
+    "llm_stat": (
+        "empirically",
+        "statistically",
+        "demonstrated",
+        "observed",
+        "evidenced",
+        "indicate*",
+        "suggest*",
+        "results show",
+        "data show",
+    ),
+    "llm_formal": (
+        "moreover",
+        "furthermore",
+        "additionally",
+        "consequently",
+        "therefore",
+        "in conclusion",
+        "in summary",
+        "to summarize",
+    ),
+    "llm_list": (
+        "firstly",
+        "secondly",
+        "thirdly",
+        "finally",
+        "in addition",
+        "on the other hand",
+        "(1)",
+        "(2)",
+        "(3)",
+    ),
     "human_pers": ("i", "my", "we", "our", "personally", "i think", "i believe", "i feel"),
-    "human_hedge": ("maybe", "perhaps", "possibly", "kind of", "sort of", "i guess", "probably",
-                    "somewhat", "arguably"),
-    "human_emo": ("love", "hate", "amazing", "awesome", "terrible", "awful", "fantastic",
-                  "horrible", "sad", "happy"),
-    "retrieval": ("according to", "as stated in", "the article reports", "the text states",
-                  "multi-hop", "supporting context", "in the passage"),
-    "prompt_cot": ("step by step", "let us think", "first", "then", "next", "reasoning",
-                   "the chain of thought", "walk through"),
+    "human_hedge": (
+        "maybe",
+        "perhaps",
+        "possibly",
+        "kind of",
+        "sort of",
+        "i guess",
+        "probably",
+        "somewhat",
+        "arguably",
+    ),
+    "human_emo": (
+        "love",
+        "hate",
+        "amazing",
+        "awesome",
+        "terrible",
+        "awful",
+        "fantastic",
+        "horrible",
+        "sad",
+        "happy",
+    ),
+    "retrieval": (
+        "according to",
+        "as stated in",
+        "the article reports",
+        "the text states",
+        "multi-hop",
+        "supporting context",
+        "in the passage",
+    ),
+    "prompt_cot": (
+        "step by step",
+        "let us think",
+        "first",
+        "then",
+        "next",
+        "reasoning",
+        "the chain of thought",
+        "walk through",
+    ),
 }
 
 FEATURE_NAMES = tuple(WORD_GROUPS) + NUMERIC_FEATURE_NAMES
@@ -108,12 +193,12 @@ class LexicalFeaturizer:
     lists it was trained with.
     """
 
-    def __init__(self, groups: Optional[Mapping[str, Sequence[str]]] = None,
-                 numeric: bool = True):
+    def __init__(self, groups: Optional[Mapping[str, Sequence[str]]] = None, numeric: bool = True):
         groups = WORD_GROUPS if groups is None else groups
         if not isinstance(groups, Mapping):
-            raise TypeError(f"groups must map a group name to its entries, got "
-                            f"{type(groups).__name__}")
+            raise TypeError(
+                f"groups must map a group name to its entries, got {type(groups).__name__}"
+            )
         if not isinstance(numeric, bool):
             raise TypeError(f"numeric must be a bool, got {numeric!r}")
         checked = {}
@@ -123,26 +208,31 @@ class LexicalFeaturizer:
             if numeric and name in NUMERIC_FEATURE_NAMES:
                 raise ValueError(f"group name {name!r} is the name of a numeric feature")
             if isinstance(entries, str) or not isinstance(entries, Sequence) or not entries:
-                raise ValueError(f"groups[{name!r}] must be a non-empty list of entries, got "
-                                 f"{entries!r}")
+                raise ValueError(
+                    f"groups[{name!r}] must be a non-empty list of entries, got {entries!r}"
+                )
             normalized = []
             for entry in entries:
                 if not isinstance(entry, str) or not entry.strip() or entry.strip() == "*":
-                    raise ValueError(f"groups[{name!r}]: entries must be non-empty strings, "
-                                     f"got {entry!r}")
+                    raise ValueError(
+                        f"groups[{name!r}]: entries must be non-empty strings, got {entry!r}"
+                    )
                 # matched lower-case, any run of white space between words
                 entry = " ".join(entry.lower().split())
                 if entry in normalized:
-                    raise ValueError(f"groups[{name!r}] lists {entry!r} twice (entries are "
-                                     f"matched in lower case)")
+                    raise ValueError(
+                        f"groups[{name!r}] lists {entry!r} twice (entries are "
+                        f"matched in lower case)"
+                    )
                 normalized.append(entry)
             checked[name] = tuple(normalized)
         if not checked and not numeric:
             raise ValueError("a featurizer needs at least one group or numeric=True")
         self._groups = checked
         self.numeric = numeric
-        self._patterns = tuple(tuple(_entry_pattern(e) for e in entries)
-                               for entries in checked.values())
+        self._patterns = tuple(
+            tuple(_entry_pattern(e) for e in entries) for entries in checked.values()
+        )
 
     @property
     def groups(self) -> Dict[str, Tuple[str, ...]]:
@@ -165,8 +255,7 @@ class LexicalFeaturizer:
         if not isinstance(text, str):
             raise TypeError(f"texts must hold strings, got {type(text).__name__}")
         lower = text.lower()
-        values = [float(sum(1 for p in patterns if p.search(lower)))
-                  for patterns in self._patterns]
+        values = [float(sum(1 for p in patterns if p.search(lower))) for patterns in self._patterns]
         if self.numeric:
             values += _numeric_features(text, lower)
         return values
@@ -181,14 +270,17 @@ class LexicalFeaturizer:
         return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), self.num_features)
 
     def to_dict(self) -> dict:
-        return {"groups": {name: list(entries) for name, entries in self._groups.items()},
-                "numeric": self.numeric}
+        return {
+            "groups": {name: list(entries) for name, entries in self._groups.items()},
+            "numeric": self.numeric,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "LexicalFeaturizer":
         if not isinstance(data, Mapping) or "groups" not in data:
-            raise ValueError("a featurizer's JSON must be an object with 'groups' (and "
-                             "optionally 'numeric')")
+            raise ValueError(
+                "a featurizer's JSON must be an object with 'groups' (and optionally 'numeric')"
+            )
         return cls(data["groups"], numeric=data.get("numeric", True))
 
     def to_json(self) -> str:
@@ -202,12 +294,17 @@ class LexicalFeaturizer:
 
     def __eq__(self, other) -> bool:
         # the groups' order is the features' order
-        return (isinstance(other, LexicalFeaturizer) and self.numeric == other.numeric
-                and list(self._groups.items()) == list(other._groups.items()))
+        return (
+            isinstance(other, LexicalFeaturizer)
+            and self.numeric == other.numeric
+            and list(self._groups.items()) == list(other._groups.items())
+        )
 
     def __repr__(self) -> str:
-        return (f"LexicalFeaturizer({len(self._groups)} groups, numeric={self.numeric}, "
-                f"{self.num_features} features)")
+        return (
+            f"LexicalFeaturizer({len(self._groups)} groups, numeric={self.numeric}, "
+            f"{self.num_features} features)"
+        )
 
 
 DEFAULT_FEATURIZER = LexicalFeaturizer()
@@ -222,8 +319,9 @@ def lexical_features(texts: Union[str, Iterable[str]]) -> torch.Tensor:
     return DEFAULT_FEATURIZER(texts)
 
 
-def task_prefix(task: Union[int, str], features: Sequence[float],
-                num_features: int = len(FEATURE_NAMES)) -> str:
+def task_prefix(
+    task: Union[int, str], features: Sequence[float], num_features: int = len(FEATURE_NAMES)
+) -> str:
     """Eq.12: ``[TASK:<t>|F1:<v1>|...|F16:<v16>]`` with ``v_j = floor(s_j)``.
 
     ``task`` is printed as given (an id or a name); ``features`` are the raw

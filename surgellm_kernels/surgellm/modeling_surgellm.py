@@ -27,6 +27,7 @@ splits into (a random row would carry no meaning for the few hundred steps
 of a fine-tune). The values and the closing ``]`` go through the encoder's
 own tokenizer.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,15 @@ try:  # transformers >= 5: init functions that leave loaded weights alone
 except ImportError:  # pragma: no cover - transformers 4
     from torch.nn import init
 
-__all__ = ["SurgeLLMPreTrainedModel", "SurgeLLMModel", "SurgeLLMForSequenceClassification",
-           "TaskHead", "UngatedFusion", "prefix_tokens", "check_encoder_path"]
+__all__ = [
+    "SurgeLLMPreTrainedModel",
+    "SurgeLLMModel",
+    "SurgeLLMForSequenceClassification",
+    "TaskHead",
+    "UngatedFusion",
+    "prefix_tokens",
+    "check_encoder_path",
+]
 
 
 def prefix_tokens(config: SurgeLLMConfig) -> list:
@@ -64,8 +72,14 @@ class UngatedFusion(nn.Module):
     gate's task embedding and feature projection with no gate (an even,
     unlearned sum in place of Eq.6's per-dimension blend)."""
 
-    def __init__(self, d_model: int, num_features: int, num_tasks: int = 1,
-                 alpha: float = 0.1, eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        num_features: int,
+        num_tasks: int = 1,
+        alpha: float = 0.1,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.alpha = alpha
         self.task_embedding = nn.Embedding(num_tasks, d_model)
@@ -80,10 +94,16 @@ class UngatedFusion(nn.Module):
 class TaskHead(nn.Sequential):
     """Eq.13-14: ``Dropout -> Linear(d, d/2) -> GELU -> Dropout -> Linear(d/2, C)``."""
 
-    def __init__(self, d_model: int, num_classes: int, dropout: float = 0.1,
-                 hidden_dropout: float = 0.05):
-        super().__init__(nn.Dropout(dropout), nn.Linear(d_model, d_model // 2), nn.GELU(),
-                         nn.Dropout(hidden_dropout), nn.Linear(d_model // 2, num_classes))
+    def __init__(
+        self, d_model: int, num_classes: int, dropout: float = 0.1, hidden_dropout: float = 0.05
+    ):
+        super().__init__(
+            nn.Dropout(dropout),
+            nn.Linear(d_model, d_model // 2),
+            nn.GELU(),
+            nn.Dropout(hidden_dropout),
+            nn.Linear(d_model // 2, num_classes),
+        )
 
 
 def _without_pooler(encoder: nn.Module) -> nn.Module:
@@ -121,8 +141,11 @@ class SurgeLLMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.running_mean)
             init.ones_(module.running_std)
             init.zeros_(module.statistics_frozen)
-            for p, fill in ((module.weight, init.ones_), (module.bias, init.zeros_),
-                            (module.gate_logits, init.zeros_)):
+            for p, fill in (
+                (module.weight, init.ones_),
+                (module.bias, init.zeros_),
+                (module.gate_logits, init.zeros_),
+            ):
                 if p is not None:
                     fill(p)
 
@@ -146,8 +169,13 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
         num_features = config.featurizer().num_features
         self.encoder = _without_pooler(AutoModel.from_config(config.encoder_config))
         # The paper's IWN has no learned parameters: fixed statistics per task.
-        self.iwn = (InstanceWeightedNorm(num_features, num_classes=config.max_classes,
-                                         num_tasks=T, eps=config.eps) if config.iwn else None)
+        self.iwn = (
+            InstanceWeightedNorm(
+                num_features, num_classes=config.max_classes, num_tasks=T, eps=config.eps
+            )
+            if config.iwn
+            else None
+        )
         fusion = SurgicalGate if config.gate else UngatedFusion
         self.fusion = fusion(d, num_features, T, alpha=config.alpha, eps=config.eps)
         self.post_init()
@@ -158,10 +186,17 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.encoder.set_input_embeddings(value)
 
-    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                task_ids: Optional[Tensor] = None, features: Optional[Tensor] = None,
-                token_type_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                return_dict: Optional[bool] = None, **kwargs) -> BaseModelOutputWithPooling:
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        task_ids: Optional[Tensor] = None,
+        features: Optional[Tensor] = None,
+        token_type_ids: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
         """``labels`` reach IWN only, which needs them in training until its
         statistics are fitted (:meth:`SurgeLLMForSequenceClassification.fit_statistics`)."""
         if task_ids is None or features is None:
@@ -196,7 +231,8 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         # valid attribute names).
         self.heads = nn.ModuleList(
             TaskHead(d, n, config.head_dropout, config.head_hidden_dropout)
-            for n in config.tasks.values())
+            for n in config.tasks.values()
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -205,21 +241,33 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.surgellm.set_input_embeddings(value)
 
-    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                task_ids: Optional[Tensor] = None, features: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None,
-                return_dict: Optional[bool] = None, **kwargs) -> SequenceClassifierOutput:
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        task_ids: Optional[Tensor] = None,
+        features: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        token_type_ids: Optional[Tensor] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
         if labels is not None and labels.device.type == "cpu" and not torch.compiler.is_compiling():
             self.config.check_labels(labels, task_ids)
-        z = self.surgellm(input_ids, attention_mask, task_ids, features, token_type_ids,
-                          labels=labels, **kwargs).pooler_output
+        z = self.surgellm(
+            input_ids, attention_mask, task_ids, features, token_type_ids, labels=labels, **kwargs
+        ).pooler_output
         # Every head on every row, then each row's own: static shapes (no
         # per-task boolean indexing), so torch.compile sees one graph. The
         # heads are small next to the encoder.
         counts = list(self.config.tasks.values())
         width = max(counts)
-        per_task = torch.stack([F.pad(head(z), (0, width - n), value=float("-inf"))
-                                for head, n in zip(self.heads, counts)])
+        per_task = torch.stack(
+            [
+                F.pad(head(z), (0, width - n), value=float("-inf"))
+                for head, n in zip(self.heads, counts)
+            ]
+        )
         logits = per_task[task_ids, torch.arange(z.shape[0], device=z.device)]
         loss = None if labels is None else self.loss(logits, labels, task_ids)
         if return_dict is False:
@@ -245,8 +293,11 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         iwn.reset_fit()
         device = iwn.running_mean.device
         for batch in batches:  # partial_fit accumulates in float64 itself
-            iwn.partial_fit(batch["features"].to(device), batch["labels"].to(device),
-                            batch["task_ids"].to(device))
+            iwn.partial_fit(
+                batch["features"].to(device),
+                batch["labels"].to(device),
+                batch["task_ids"].to(device),
+            )
         iwn.fit()
         # A feature constant within every class of a task's training split has
         # sigma 0, and Eq.11 would divide any other value of it by eps alone
@@ -256,18 +307,27 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         if constant.any():
             iwn.running_std[constant] = 1.0
             feature_names = self.config.featurizer().feature_names
-            pairs = [f"{self.config.task_names[t]}:{feature_names[j]}"
-                     for t, j in constant.nonzero().tolist()]
-            warnings.warn(f"fit_statistics: {len(pairs)} (task, feature) pairs have no spread "
-                          f"within any class of the training data and are scaled by 1 "
-                          f"instead of 1/eps: {', '.join(pairs)}", RuntimeWarning,
-                          stacklevel=3)  # the caller, past torch.no_grad's wrapper
+            pairs = [
+                f"{self.config.task_names[t]}:{feature_names[j]}"
+                for t, j in constant.nonzero().tolist()
+            ]
+            warnings.warn(
+                f"fit_statistics: {len(pairs)} (task, feature) pairs have no spread "
+                f"within any class of the training data and are scaled by 1 "
+                f"instead of 1/eps: {', '.join(pairs)}",
+                RuntimeWarning,
+                stacklevel=3,
+            )  # the caller, past torch.no_grad's wrapper
 
     # -- a new model on a pretrained encoder --------------------------------------------
     @classmethod
-    def from_encoder(cls, encoder: Union[str, os.PathLike, PreTrainedModel],
-                     tasks: Mapping[str, Union[int, Sequence[str]]], tokenizer=None,
-                     **options) -> "SurgeLLMForSequenceClassification":
+    def from_encoder(
+        cls,
+        encoder: Union[str, os.PathLike, PreTrainedModel],
+        tasks: Mapping[str, Union[int, Sequence[str]]],
+        tokenizer=None,
+        **options,
+    ) -> "SurgeLLMForSequenceClassification":
         """A new SURGELLM model on a pretrained ``transformers`` encoder.
 
         ``encoder``: a model name or a local directory (loaded with
@@ -284,8 +344,10 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
             encoder = AutoModel.from_pretrained(name)
         elif not isinstance(encoder, PreTrainedModel):
-            raise TypeError(f"encoder must be a model name, a path or a transformers model, "
-                            f"got {type(encoder).__name__}")
+            raise TypeError(
+                f"encoder must be a model name, a path or a transformers model, "
+                f"got {type(encoder).__name__}"
+            )
         if tokenizer is None:
             raise ValueError("tokenizer is required when encoder is a model")
         counts, class_names = {}, {}
@@ -295,17 +357,24 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
             elif isinstance(value, Sequence) and not isinstance(value, str):
                 counts[name], class_names[name] = len(value), [str(v) for v in value]
             else:
-                raise ValueError(f"tasks[{name!r}] must be a number of classes or a list of "
-                                 f"class names, got {value!r}")
+                raise ValueError(
+                    f"tasks[{name!r}] must be a number of classes or a list of "
+                    f"class names, got {value!r}"
+                )
         if class_names:  # tasks given by a count get their class indices as names
-            class_names = {name: class_names.get(name, [str(i) for i in range(n)])
-                           for name, n in counts.items()}
-        config = SurgeLLMConfig(encoder_config=encoder.config, tasks=counts,
-                                class_names=class_names or None, **options)
+            class_names = {
+                name: class_names.get(name, [str(i) for i in range(n)])
+                for name, n in counts.items()
+            }
+        config = SurgeLLMConfig(
+            encoder_config=encoder.config, tasks=counts, class_names=class_names or None, **options
+        )
         limit = getattr(encoder.config, "max_position_embeddings", None)
         if limit is not None and config.max_seq_length > limit:
-            raise ValueError(f"max_seq_length={config.max_seq_length} exceeds the encoder's "
-                             f"max_position_embeddings={limit}")
+            raise ValueError(
+                f"max_seq_length={config.max_seq_length} exceeds the encoder's "
+                f"max_position_embeddings={limit}"
+            )
         if config.prefix:
             _add_prefix_tokens(encoder, tokenizer, prefix_tokens(config))
         config.encoder_config = encoder.config  # with the vocabulary grown
@@ -318,8 +387,10 @@ def check_encoder_path(name: str) -> None:
     """A path that does not exist gets its own error, not the hub's."""
     looks_like_path = os.sep in name or name.startswith(".") or name.startswith("~")
     if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
-        raise FileNotFoundError(f"encoder {name!r}: no such directory (give a local model "
-                                f"directory, or a model name already in the local cache)")
+        raise FileNotFoundError(
+            f"encoder {name!r}: no such directory (give a local model "
+            f"directory, or a model name already in the local cache)"
+        )
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
 """``SurgeLLMProcessor``: texts and task names to SURGELLM model inputs."""
+
 from __future__ import annotations
 
 import os
@@ -58,32 +59,47 @@ class SurgeLLMProcessor:
             elif isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(names):
                 ids.append(t)
             else:
-                raise ValueError(f"tasks[{i}] must be a task name or an id in "
-                                 f"[0, {len(names)}), got {t!r}")
+                raise ValueError(
+                    f"tasks[{i}] must be a task name or an id in [0, {len(names)}), got {t!r}"
+                )
         return torch.tensor(ids, dtype=torch.long)
 
-    def __call__(self, texts: Sequence[str], tasks: Sequence[Union[str, int]],
-                 labels: Optional[Sequence[int]] = None, padding: Union[bool, str] = True,
-                 return_tensors: Optional[str] = "pt") -> Dict[str, Union[Tensor, List]]:
+    def __call__(
+        self,
+        texts: Sequence[str],
+        tasks: Sequence[Union[str, int]],
+        labels: Optional[Sequence[int]] = None,
+        padding: Union[bool, str] = True,
+        return_tensors: Optional[str] = "pt",
+    ) -> Dict[str, Union[Tensor, List]]:
         """Model inputs for ``texts`` of ``tasks`` (see the class docstring);
         ``padding=False, return_tensors=None`` gives lists, for a data
         collator to pad later."""
         if isinstance(texts, str) or len(texts) != len(tasks):
-            raise ValueError(f"texts and tasks must be sequences of one length, got "
-                             f"{type(texts).__name__} and {len(tasks)} tasks")
+            raise ValueError(
+                f"texts and tasks must be sequences of one length, got "
+                f"{type(texts).__name__} and {len(tasks)} tasks"
+            )
         if not texts:
             raise ValueError("texts is empty")
         task_ids = self.task_ids(tasks)
         features = self.featurizer(texts)
         if self.config.prefix:
             names, n = self.config.task_names, features.shape[1]
-            prefixes = [task_prefix(names[t], row, n)
-                        for t, row in zip(task_ids.tolist(), features)]
+            prefixes = [
+                task_prefix(names[t], row, n) for t, row in zip(task_ids.tolist(), features)
+            ]
             self._check_prefix_fits(prefixes)
             texts = [f"{p} {t}" for p, t in zip(prefixes, texts)]
-        batch = dict(self.tokenizer(list(texts), padding=padding, truncation=True,
-                                    max_length=self.config.max_seq_length,
-                                    return_tensors=return_tensors))
+        batch = dict(
+            self.tokenizer(
+                list(texts),
+                padding=padding,
+                truncation=True,
+                max_length=self.config.max_seq_length,
+                return_tensors=return_tensors,
+            )
+        )
         batch.update(features=features, task_ids=task_ids)
         if labels is not None:
             batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
@@ -93,23 +109,34 @@ class SurgeLLMProcessor:
         return batch
 
     def _check_prefix_fits(self, prefixes: List[str]) -> None:
-        longest = max(len(ids) for ids in self.tokenizer(prefixes, add_special_tokens=False)[
-            "input_ids"])
+        longest = max(
+            len(ids) for ids in self.tokenizer(prefixes, add_special_tokens=False)["input_ids"]
+        )
         needed = longest + self.tokenizer.num_special_tokens_to_add() + 1
         if needed > self.config.max_seq_length:
-            raise ValueError(f"max_seq_length={self.config.max_seq_length} cannot hold the task "
-                             f"prefix ({longest} tokens) and any text: use a max_seq_length of "
-                             f"at least {needed}")
+            raise ValueError(
+                f"max_seq_length={self.config.max_seq_length} cannot hold the task "
+                f"prefix ({longest} tokens) and any text: use a max_seq_length of "
+                f"at least {needed}"
+            )
 
     def map(self, rows, labels: Sequence[int]):
         """A ``datasets.Dataset`` of ``text`` and ``task`` columns, with the
         class index of each row in ``labels``, as unpadded model inputs (a
         data collator such as ``DataCollatorWithPadding`` pads each batch)."""
         return rows.map(
-            lambda batch, rows_: self(batch["text"], batch["task"], [labels[i] for i in rows_],
-                                      padding=False, return_tensors=None),
-            batched=True, with_indices=True, remove_columns=rows.column_names,
-            keep_in_memory=True)
+            lambda batch, rows_: self(
+                batch["text"],
+                batch["task"],
+                [labels[i] for i in rows_],
+                padding=False,
+                return_tensors=None,
+            ),
+            batched=True,
+            with_indices=True,
+            remove_columns=rows.column_names,
+            keep_in_memory=True,
+        )
 
     def decode(self, logits: Tensor, task_ids: Tensor) -> List:
         """Each row's predicted class: its name when the config names them."""

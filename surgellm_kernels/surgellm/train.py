@@ -18,6 +18,7 @@ checkpoint by mean macro-F1, checkpoints and ``trainer_state.json`` in
 data-parallel under ``torchrun`` / ``accelerate launch`` (IWN then synced
 across ranks). Bad data or arguments print ``error: <message>`` and exit 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,33 +35,52 @@ class SurgeLLMArguments:
     ``TrainingArguments``)."""
 
     encoder: str = dataclasses.field(
-        metadata={"help": "transformers encoder: a model name or a local directory"})
+        metadata={"help": "transformers encoder: a model name or a local directory"}
+    )
     train: str = dataclasses.field(metadata={"help": "JSON-lines file: text, task, label"})
     eval: Optional[str] = dataclasses.field(
-        default=None, metadata={"help": "JSON-lines file to evaluate on (default: --train)"})
+        default=None, metadata={"help": "JSON-lines file to evaluate on (default: --train)"}
+    )
     no_iwn: bool = dataclasses.field(default=False, metadata={"help": "ablation: no IWN"})
-    no_gate: bool = dataclasses.field(default=False,
-                                      metadata={"help": "ablation: no surgical gate"})
-    no_prefix: bool = dataclasses.field(default=False,
-                                        metadata={"help": "ablation: no task prefix"})
+    no_gate: bool = dataclasses.field(
+        default=False, metadata={"help": "ablation: no surgical gate"}
+    )
+    no_prefix: bool = dataclasses.field(
+        default=False, metadata={"help": "ablation: no task prefix"}
+    )
     max_length: int = dataclasses.field(
-        default=128, metadata={"help": "tokens per input, the prefix included"})
+        default=128, metadata={"help": "tokens per input, the prefix included"}
+    )
     lexicon: Optional[str] = dataclasses.field(
-        default=None, metadata={"help": "word lists for the lexical features: a JSON file from "
-                                        "python -m surgellm_kernels.vocabulary"})
+        default=None,
+        metadata={
+            "help": "word lists for the lexical features: a JSON file from "
+            "python -m surgellm_kernels.vocabulary"
+        },
+    )
     iwn_statistics: str = dataclasses.field(
-        default="fit", metadata={"choices": ["fit", "batch"],
-                                 "help": "fit: the paper's fixed statistics of the training "
-                                         "split, fitted before the first step; batch: "
-                                         "class-balanced batch statistics (synced across ranks)"})
+        default="fit",
+        metadata={
+            "choices": ["fit", "batch"],
+            "help": "fit: the paper's fixed statistics of the training "
+            "split, fitted before the first step; batch: "
+            "class-balanced batch statistics (synced across ranks)",
+        },
+    )
     config_overrides: Optional[str] = dataclasses.field(
-        default=None, metadata={"help": "other SurgeLLMConfig fields, e.g. "
-                                        "'head_dropout=0,alpha=0.2'"})
+        default=None,
+        metadata={"help": "other SurgeLLMConfig fields, e.g. 'head_dropout=0,alpha=0.2'"},
+    )
     kernels: str = dataclasses.field(
-        default="fused", metadata={"choices": ["fused", "reference"],
-                                   "help": "fused: patch_model (default); reference: PyTorch"})
+        default="fused",
+        metadata={
+            "choices": ["fused", "reference"],
+            "help": "fused: patch_model (default); reference: PyTorch",
+        },
+    )
     resume: bool = dataclasses.field(
-        default=False, metadata={"help": "resume from the last checkpoint in --output"})
+        default=False, metadata={"help": "resume from the last checkpoint in --output"}
+    )
 
 
 def parser():
@@ -73,9 +93,11 @@ def parser():
         def error(self, message):  # the command prints it, and exits with 2
             raise UsageError(message)
 
-    return Parser((SurgeLLMArguments, SurgeLLMTrainingArguments),
-                  prog="python -m surgellm_kernels.train",
-                  description="Train a SURGELLM model on JSON-lines data.")
+    return Parser(
+        (SurgeLLMArguments, SurgeLLMTrainingArguments),
+        prog="python -m surgellm_kernels.train",
+        description="Train a SURGELLM model on JSON-lines data.",
+    )
 
 
 def overrides(options: SurgeLLMArguments) -> dict:
@@ -100,9 +122,9 @@ def overrides(options: SurgeLLMArguments) -> dict:
 def parse(argv: Optional[Sequence[str]] = None):
     """(SurgeLLMArguments, SurgeLLMTrainingArguments) of the command line;
     ``UsageError`` for a bad one."""
-    from ._cli import UsageError
-
     import torch
+
+    from ._cli import UsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
@@ -111,8 +133,10 @@ def parse(argv: Optional[Sequence[str]] = None):
     if training_args.output_dir is None:
         raise UsageError("the following arguments are required: --output")
     overrides(options)  # checked here, applied when the model is built
-    for name, value, least in (("--batch-size", training_args.per_device_train_batch_size, 1),
-                               ("--max-length", options.max_length, 2)):
+    for name, value, least in (
+        ("--batch-size", training_args.per_device_train_batch_size, 1),
+        ("--max-length", options.max_length, 2),
+    ):
         if value < least:
             raise UsageError(f"argument {name}: must be >= {least}, got {value}")
     if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
@@ -150,10 +174,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError, TypeError) as exc:
             return fail(f"--lexicon {options.lexicon}: {exc}")
     if main_process:
-        say(f"train: {options.train}: {len(train_rows)} examples; tasks: "
-            + ", ".join(f"{t} ({len(c)} classes)" for t, c in space.classes.items()))
-        say(f"eval: {options.eval or options.train + ' (no --eval given)'}: "
-            f"{len(eval_rows)} examples")
+        say(
+            f"train: {options.train}: {len(train_rows)} examples; tasks: "
+            + ", ".join(f"{t} ({len(c)} classes)" for t, c in space.classes.items())
+        )
+        say(
+            f"eval: {options.eval or options.train + ' (no --eval given)'}: "
+            f"{len(eval_rows)} examples"
+        )
 
     # -- the model ----------------------------------------------------------------------------
     from transformers import AutoTokenizer, DataCollatorWithPadding, set_seed
@@ -169,9 +197,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_encoder_path(options.encoder)
         tokenizer = AutoTokenizer.from_pretrained(options.encoder)
         model = SurgeLLMForSequenceClassification.from_encoder(
-            options.encoder, space.class_names(), tokenizer=tokenizer, iwn=not options.no_iwn,
-            gate=not options.no_gate, prefix=not options.no_prefix,
-            max_seq_length=options.max_length, lexicon=lexicon, **overrides(options))
+            options.encoder,
+            space.class_names(),
+            tokenizer=tokenizer,
+            iwn=not options.no_iwn,
+            gate=not options.no_gate,
+            prefix=not options.no_prefix,
+            max_seq_length=options.max_length,
+            lexicon=lexicon,
+            **overrides(options),
+        )
         processor = SurgeLLMProcessor(tokenizer, model.config)
         train_data = processor.map(train_rows, train_labels)
         eval_data = processor.map(eval_rows, eval_labels)
@@ -181,23 +216,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail(str(exc))
     config = model.config
     if main_process:
-        say(f"model: {options.encoder}, {model.num_parameters():,} parameters, "
+        say(
+            f"model: {options.encoder}, {model.num_parameters():,} parameters, "
             f"iwn={config.iwn} gate={config.gate} prefix={config.prefix} "
             f"max_length={config.max_seq_length}, "
-            f"{config.featurizer().num_features} lexical features")
+            f"{config.featurizer().num_features} lexical features"
+        )
     patch_for_kernels(model, options.kernels, verbose=main_process)
     if args.world_size > 1:  # class-balanced statistics over the global batch
         convert_sync_iwn(model)
 
     # -- training -----------------------------------------------------------------------------
     collator = DataCollatorWithPadding(tokenizer)
-    callbacks = ([FitIWNStatistics(train_data, args.per_device_train_batch_size)]
-                 if config.iwn and options.iwn_statistics == "fit" else [])
-    trainer = SurgeLLMTrainer(model=model, args=args, train_dataset=train_data,
-                              eval_dataset=eval_data, data_collator=collator,
-                              processing_class=tokenizer,
-                              compute_metrics=compute_metrics_for(config.task_names),
-                              callbacks=callbacks)
+    callbacks = (
+        [FitIWNStatistics(train_data, args.per_device_train_batch_size)]
+        if config.iwn and options.iwn_statistics == "fit"
+        else []
+    )
+    trainer = SurgeLLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics_for(config.task_names),
+        callbacks=callbacks,
+    )
     resume = args.resume_from_checkpoint
     if options.resume:
         resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
@@ -208,8 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # -- evaluation and saving ----------------------------------------------------------------
     prediction = trainer.predict(eval_data)
     labels, task_ids = prediction.label_ids
-    metrics = task_metrics(prediction.predictions.argmax(-1), labels, task_ids,
-                           config.task_names)
+    metrics = task_metrics(prediction.predictions.argmax(-1), labels, task_ids, config.task_names)
     if main_process:
         trainer.save_model(args.output_dir)
         trainer.save_state()  # trainer_state.json: the log and the best checkpoint

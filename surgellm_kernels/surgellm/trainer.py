@@ -8,6 +8,7 @@ learning rate 2e-5, weight decay 0.01 except biases and LayerNorm weights
 linear decay, gradient clipping at 1.0, 3 epochs, evaluation every epoch
 keeping the best checkpoint by the mean macro-F1 over tasks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-__all__ = ["SurgeLLMTrainingArguments", "SurgeLLMTrainer", "FitIWNStatistics",
-           "TaskHomogeneousSampler", "task_metrics", "compute_metrics_for"]
+__all__ = [
+    "SurgeLLMTrainingArguments",
+    "SurgeLLMTrainer",
+    "FitIWNStatistics",
+    "TaskHomogeneousSampler",
+    "task_metrics",
+    "compute_metrics_for",
+]
 
 
 @dataclasses.dataclass
@@ -29,15 +36,21 @@ class SurgeLLMTrainingArguments(TrainingArguments):
     settings SURGELLM's inputs need."""
 
     output_dir: Optional[str] = dataclasses.field(
-        default=None, metadata={"aliases": ["--output"],
-                                "help": "directory for checkpoints, the model and metrics.json"})
+        default=None,
+        metadata={
+            "aliases": ["--output"],
+            "help": "directory for checkpoints, the model and metrics.json",
+        },
+    )
     learning_rate: float = dataclasses.field(default=2e-5, metadata={"aliases": ["--lr"]})
     weight_decay: float = 0.01
     warmup_steps: float = dataclasses.field(
-        default=0.06, metadata={"help": "linear warm-up: steps, or a ratio of them in [0, 1)"})
+        default=0.06, metadata={"help": "linear warm-up: steps, or a ratio of them in [0, 1)"}
+    )
     num_train_epochs: float = dataclasses.field(default=3.0, metadata={"aliases": ["--epochs"]})
-    per_device_train_batch_size: int = dataclasses.field(default=16,
-                                                         metadata={"aliases": ["--batch-size"]})
+    per_device_train_batch_size: int = dataclasses.field(
+        default=16, metadata={"aliases": ["--batch-size"]}
+    )
     eval_strategy: str = "epoch"
     save_strategy: str = "epoch"
     save_total_limit: Optional[int] = 2
@@ -49,7 +62,8 @@ class SurgeLLMTrainingArguments(TrainingArguments):
     seed: int = 0
     # task ids are gathered with the labels, for the per-task metrics
     label_names: Optional[List[str]] = dataclasses.field(
-        default_factory=lambda: ["labels", "task_ids"])
+        default_factory=lambda: ["labels", "task_ids"]
+    )
 
 
 class TaskHomogeneousSampler(Sampler):
@@ -82,8 +96,9 @@ class TaskHomogeneousSampler(Sampler):
             yield from batch.tolist()
 
     def __len__(self) -> int:
-        return sum(-(-len(rows) // self.batch_size) * self.batch_size
-                   for rows in self.rows.values())
+        return sum(
+            -(-len(rows) // self.batch_size) * self.batch_size for rows in self.rows.values()
+        )
 
 
 class SurgeLLMTrainer(Trainer):
@@ -113,8 +128,12 @@ class FitIWNStatistics(TrainerCallback):
             model.fit_statistics(DataLoader(self.rows, self.batch_size))
 
 
-def task_metrics(predictions: Sequence[int], labels: Sequence[int], task_ids: Sequence[int],
-                 task_names: Sequence[str]) -> Dict:
+def task_metrics(
+    predictions: Sequence[int],
+    labels: Sequence[int],
+    task_ids: Sequence[int],
+    task_names: Sequence[str],
+) -> Dict:
     """``{"macro_f1": <mean over tasks>, "tasks": {<task>: {"macro_f1",
     "accuracy", "n"}}}`` over the tasks present, in task order
     (scikit-learn's ``f1_score(average="macro")`` and ``accuracy_score``)."""
@@ -126,9 +145,11 @@ def task_metrics(predictions: Sequence[int], labels: Sequence[int], task_ids: Se
         rows = task_ids == t
         if rows.any():
             true, pred = labels[rows], predictions[rows]
-            results[name] = {"macro_f1": float(f1_score(true, pred, average="macro")),
-                             "accuracy": float(accuracy_score(true, pred)),
-                             "n": int(rows.sum())}
+            results[name] = {
+                "macro_f1": float(f1_score(true, pred, average="macro")),
+                "accuracy": float(accuracy_score(true, pred)),
+                "n": int(rows.sum()),
+            }
     if not results:
         raise ValueError("no examples to evaluate")
     mean = float(np.mean([r["macro_f1"] for r in results.values()]))
@@ -141,8 +162,9 @@ def compute_metrics_for(task_names: Sequence[str]):
 
     def compute_metrics(eval_prediction) -> Dict[str, float]:
         labels, task_ids = eval_prediction.label_ids
-        metrics = task_metrics(np.argmax(eval_prediction.predictions, -1), labels, task_ids,
-                               task_names)
+        metrics = task_metrics(
+            np.argmax(eval_prediction.predictions, -1), labels, task_ids, task_names
+        )
         flat = {"macro_f1": metrics["macro_f1"]}
         for name, m in metrics["tasks"].items():
             flat.update({f"{name}_macro_f1": m["macro_f1"], f"{name}_accuracy": m["accuracy"]})

@@ -30,10 +30,10 @@ groups, then one group ``<task>:<class>`` per class, unless
 ``--only-extracted``) with the ranked entries, z-scores and counts under
 ``vocabularies``; ``LexicalFeaturizer.from_json`` reads it.
 """
+
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 import sys
@@ -53,6 +53,7 @@ MIN_PRIOR, MAX_PRIOR = 1e-6, 1e6
 class VocabularyEntry(NamedTuple):
     """One extracted entry: its z-score for the class, its count in the
     class's texts and in the whole corpus."""
+
     entry: str
     z: float
     count: int
@@ -63,11 +64,12 @@ def _check_arguments(texts, labels, top_k, min_count, ngram_range, prior, binary
     if isinstance(texts, (str, bytes)) or not hasattr(texts, "__len__"):
         raise TypeError(f"texts must be a sequence of strings, got {type(texts).__name__}")
     if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
-        raise TypeError(f"labels must be a sequence of class labels, got "
-                        f"{type(labels).__name__}")
+        raise TypeError(f"labels must be a sequence of class labels, got {type(labels).__name__}")
     if len(texts) != len(labels):
-        raise ValueError(f"texts and labels must have the same length, got {len(texts)} texts "
-                         f"and {len(labels)} labels")
+        raise ValueError(
+            f"texts and labels must have the same length, got {len(texts)} texts "
+            f"and {len(labels)} labels"
+        )
     if not texts:
         raise ValueError("texts is empty: nothing to extract from")
     for i, t in enumerate(texts):
@@ -76,17 +78,23 @@ def _check_arguments(texts, labels, top_k, min_count, ngram_range, prior, binary
     for name, value, low in (("top_k", top_k, 1), ("min_count", min_count, 1)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if (not isinstance(ngram_range, (tuple, list)) or len(ngram_range) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) for n in ngram_range)
-            or not 1 <= ngram_range[0] <= ngram_range[1]):
-        raise ValueError(f"ngram_range must be (min_n, max_n) with 1 <= min_n <= max_n, "
-                         f"got {ngram_range!r}")
+    if (
+        not isinstance(ngram_range, (tuple, list))
+        or len(ngram_range) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in ngram_range)
+        or not 1 <= ngram_range[0] <= ngram_range[1]
+    ):
+        raise ValueError(
+            f"ngram_range must be (min_n, max_n) with 1 <= min_n <= max_n, got {ngram_range!r}"
+        )
     # Far outside this range the z-scores lose all precision (1/a_w overflows,
     # or the prior drowns every count).
-    if isinstance(prior, bool) or not isinstance(prior, numbers.Real) or not (
-            MIN_PRIOR <= prior <= MAX_PRIOR):
-        raise ValueError(f"prior must be a number in [{MIN_PRIOR:g}, {MAX_PRIOR:g}], got "
-                         f"{prior!r}")
+    if (
+        isinstance(prior, bool)
+        or not isinstance(prior, numbers.Real)
+        or not (MIN_PRIOR <= prior <= MAX_PRIOR)
+    ):
+        raise ValueError(f"prior must be a number in [{MIN_PRIOR:g}, {MAX_PRIOR:g}], got {prior!r}")
     if not isinstance(binary, bool):
         raise TypeError(f"binary must be a bool, got {binary!r}")
 
@@ -102,8 +110,10 @@ def _classes(labels) -> Tuple[list, np.ndarray]:
     except TypeError:
         raise TypeError("labels must all be ints or all be strings") from None
     if len(classes) < 2:
-        raise ValueError(f"labels hold one class only ({classes[0]!r}): the log-odds ratio "
-                         f"compares a class with the others, so at least two are needed")
+        raise ValueError(
+            f"labels hold one class only ({classes[0]!r}): the log-odds ratio "
+            f"compares a class with the others, so at least two are needed"
+        )
     index = {c: i for i, c in enumerate(classes)}
     return classes, np.fromiter(map(index.__getitem__, values), np.int64, len(values))
 
@@ -116,8 +126,8 @@ def _token_stream(texts, progress: bool):
     iterator = enumerate(texts)
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(iterator, total=len(texts), desc="tokenizing", unit=" texts",
-                        disable=None)
+
+        iterator = tqdm(iterator, total=len(texts), desc="tokenizing", unit=" texts", disable=None)
     for i, text in iterator:
         found = tokens(text)
         stream += found
@@ -140,7 +150,7 @@ def _ngrams(ids, word, max_n):
     codes = ids  # the (n-1)-gram id at each position
     for n in range(1, max_n + 1):
         if n > 1:  # extend each (n-1)-gram at i by the token at i + n - 1
-            codes = codes[:len(ids) - n + 1] * V + ids[n - 1:]
+            codes = codes[: len(ids) - n + 1] * V + ids[n - 1 :]
         starts = np.nonzero(not_word[n:] - not_word[:-n] == 0)[0]  # n words in a row
         _, first, gram = np.unique(codes[starts], return_index=True, return_inverse=True)
         gram = gram.reshape(-1)
@@ -150,10 +160,16 @@ def _ngrams(ids, word, max_n):
     return out
 
 
-def extract_vocabulary(texts: Sequence[str], labels: Sequence, top_k: int = 10,
-                       min_count: int = 5, ngram_range: Tuple[int, int] = (1, 2),
-                       prior: float = 1.0, binary: bool = False,
-                       progress: bool = False) -> Dict[object, List[VocabularyEntry]]:
+def extract_vocabulary(
+    texts: Sequence[str],
+    labels: Sequence,
+    top_k: int = 10,
+    min_count: int = 5,
+    ngram_range: Tuple[int, int] = (1, 2),
+    prior: float = 1.0,
+    binary: bool = False,
+    progress: bool = False,
+) -> Dict[object, List[VocabularyEntry]]:
     """The ``top_k`` entries most associated with each class of ``labels``.
 
     Args:
@@ -180,7 +196,7 @@ def extract_vocabulary(texts: Sequence[str], labels: Sequence, top_k: int = 10,
     vocab, ids, word, doc = _token_stream(texts, progress)
     if not word.any():
         raise ValueError("texts hold no words (all empty or punctuation only)")
-    grams = _ngrams(ids, word, ngram_range[1])[ngram_range[0] - 1:]
+    grams = _ngrams(ids, word, ngram_range[1])[ngram_range[0] - 1 :]
     # One id space over all n: (n, gram) -> offset + gram.
     entry_of, row_of, first_at, lengths, offset = [], [], [], [], 0
     for n, (starts, gram, first) in enumerate(grams, start=ngram_range[0]):
@@ -198,20 +214,25 @@ def extract_vocabulary(texts: Sequence[str], labels: Sequence, top_k: int = 10,
     corpus = np.bincount(entry, minlength=E)
     kept = np.nonzero(corpus >= min_count)[0]
     if len(kept) < 2:
-        raise ValueError(f"fewer than two entries occur at least min_count={min_count} times: "
-                         f"lower min_count or give more text")
+        raise ValueError(
+            f"fewer than two entries occur at least min_count={min_count} times: "
+            f"lower min_count or give more text"
+        )
     remap = np.full(E, -1, np.int64)
     remap[kept] = np.arange(len(kept))
     keep_rows = remap[entry] >= 0
     K = len(kept)
-    counts = np.bincount(row_class[row[keep_rows]] * K + remap[entry[keep_rows]],
-                         minlength=C * K).reshape(C, K).astype(np.float64)
+    counts = (
+        np.bincount(row_class[row[keep_rows]] * K + remap[entry[keep_rows]], minlength=C * K)
+        .reshape(C, K)
+        .astype(np.float64)
+    )
     z = _log_odds_z(counts, prior)
     total = corpus[kept]
 
     def text_of(k: int) -> str:
         start, n = first_at[kept[k]], lengths[kept[k]]
-        return " ".join(vocab[t] for t in ids[start:start + n])
+        return " ".join(vocab[t] for t in ids[start : start + n])
 
     result = {}
     for c, label in enumerate(classes):
@@ -223,8 +244,10 @@ def extract_vocabulary(texts: Sequence[str], labels: Sequence, top_k: int = 10,
             kth = np.partition(zc[positive], len(positive) - top_k)[len(positive) - top_k]
             positive = positive[zc[positive] >= kth]
         ranked = sorted(((-float(zc[k]), text_of(k), k) for k in positive))[:top_k]
-        result[label] = [VocabularyEntry(text, -neg_z, int(counts[c, k]), int(total[k]))
-                         for neg_z, text, k in ranked]
+        result[label] = [
+            VocabularyEntry(text, -neg_z, int(counts[c, k]), int(total[k]))
+            for neg_z, text, k in ranked
+        ]
     return result
 
 
@@ -238,34 +261,51 @@ def _log_odds_z(counts: np.ndarray, prior: float) -> np.ndarray:
     rest, n_rest = corpus - counts, n.sum() - n
     own = counts + alpha
     other = rest + alpha
-    delta = ((np.log(own) - np.log(n + alpha0 - own))
-             - (np.log(other) - np.log(n_rest + alpha0 - other)))
+    delta = (np.log(own) - np.log(n + alpha0 - own)) - (
+        np.log(other) - np.log(n_rest + alpha0 - other)
+    )
     return delta / np.sqrt(1.0 / own + 1.0 / other)
 
 
 # -- command line ----------------------------------------------------------------------
 
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m surgellm_kernels.vocabulary",
         description="Extract per-(task, class) word lists from labelled JSON-lines data "
-                    "(weighted log-odds with an informative Dirichlet prior) and write them "
-                    "as a LexicalFeaturizer file.")
-    parser.add_argument("--data", required=True,
-                        help="JSON lines with text, label and task (the training format)")
+        "(weighted log-odds with an informative Dirichlet prior) and write them "
+        "as a LexicalFeaturizer file.",
+    )
+    parser.add_argument(
+        "--data", required=True, help="JSON lines with text, label and task (the training format)"
+    )
     parser.add_argument("--output", required=True, help="the JSON file to write")
     parser.add_argument("--top-k", type=int, default=10, help="entries per class (10)")
-    parser.add_argument("--min-count", type=int, default=5,
-                        help="leave out entries counted fewer times in a task's texts (5)")
-    parser.add_argument("--max-words", type=int, default=2,
-                        help="entries are runs of 1 to this many words (2)")
-    parser.add_argument("--prior", type=float, default=1.0,
-                        help="the prior's weight relative to the corpus counts (1.0)")
-    parser.add_argument("--binary", action="store_true",
-                        help="count an entry once per text (document frequency)")
-    parser.add_argument("--only-extracted", action="store_true",
-                        help="the featurizer's groups are the extracted ones only (default: "
-                             "the paper's groups, then the extracted ones)")
+    parser.add_argument(
+        "--min-count",
+        type=int,
+        default=5,
+        help="leave out entries counted fewer times in a task's texts (5)",
+    )
+    parser.add_argument(
+        "--max-words", type=int, default=2, help="entries are runs of 1 to this many words (2)"
+    )
+    parser.add_argument(
+        "--prior",
+        type=float,
+        default=1.0,
+        help="the prior's weight relative to the corpus counts (1.0)",
+    )
+    parser.add_argument(
+        "--binary", action="store_true", help="count an entry once per text (document frequency)"
+    )
+    parser.add_argument(
+        "--only-extracted",
+        action="store_true",
+        help="the featurizer's groups are the extracted ones only (default: "
+        "the paper's groups, then the extracted ones)",
+    )
     return parser
 
 
@@ -285,24 +325,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{task}: {len(texts)} texts", file=sys.stderr)
             try:
                 extracted = extract_vocabulary(
-                    texts, labels, top_k=args.top_k, min_count=args.min_count,
-                    ngram_range=(1, args.max_words), prior=args.prior, binary=args.binary,
-                    progress=True)
+                    texts,
+                    labels,
+                    top_k=args.top_k,
+                    min_count=args.min_count,
+                    ngram_range=(1, args.max_words),
+                    prior=args.prior,
+                    binary=args.binary,
+                    progress=True,
+                )
             except ValueError as e:
                 raise DataError(f"{args.data}: task {task!r}: {e}") from None
-            vocabularies[task] = {str(label): [entry._asdict() for entry in entries]
-                                  for label, entries in extracted.items()}
+            vocabularies[task] = {
+                str(label): [entry._asdict() for entry in entries]
+                for label, entries in extracted.items()
+            }
             for label, entries in extracted.items():
                 if entries:
                     groups[f"{task}:{label}"] = [e.entry for e in entries]
         base = LexicalFeaturizer({} if args.only_extracted else None)
         featurizer = base.with_groups(groups)
-        document = {"format": FORMAT, **featurizer.to_dict(),
-                    "extraction": {"data": os.fspath(args.data), "top_k": args.top_k,
-                                   "min_count": args.min_count,
-                                   "ngram_range": [1, args.max_words], "prior": args.prior,
-                                   "binary": args.binary},
-                    "vocabularies": vocabularies}
+        document = {
+            "format": FORMAT,
+            **featurizer.to_dict(),
+            "extraction": {
+                "data": os.fspath(args.data),
+                "top_k": args.top_k,
+                "min_count": args.min_count,
+                "ngram_range": [1, args.max_words],
+                "prior": args.prior,
+                "binary": args.binary,
+            },
+            "vocabularies": vocabularies,
+        }
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(document, f, indent=2, ensure_ascii=False)
             f.write("\n")
@@ -313,8 +368,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for label, entries in per_class.items():
             shown = ", ".join(f"{e['entry']} ({e['z']:.1f})" for e in entries) or "(none)"
             print(f"{task}:{label}: {shown}")
-    print(f"wrote {args.output}: {featurizer.num_features} features "
-          f"({len(groups)} extracted groups)")
+    print(
+        f"wrote {args.output}: {featurizer.num_features} features ({len(groups)} extracted groups)"
+    )
     return 0
 
 

@@ -57,6 +57,7 @@ argument (Triton would pass a Python float as float32) and rounded to acc
 inside the kernels, so float64 data sees it unrounded. No checks here:
 the op checks its arguments (check_iwn_args) before any phase runs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,14 +68,14 @@ import triton.language as tl
 
 __all__ = ["KERNELS", "iwn_group_moments", "iwn_apply", "iwn_task_sums", "iwn_input_grad"]
 
-BLOCK_N = 8        # rows per tile
-BLOCK_F = 64       # features per program
-GROUP_TILE = 16    # groups (or tasks) per program in the one-hot reductions (8 in float64)
+BLOCK_N = 8  # rows per tile
+BLOCK_F = 64  # features per program
+GROUP_TILE = 16  # groups (or tasks) per program in the one-hot reductions (8 in float64)
 # Warps of the kernels whose tiles hold one-hot [rows, groups, features]
 # products or a row reduction: with the default 4, some of their
 # configurations spill registers (scripts/triton_aot.py compiles them all).
 REDUCE_WARPS = 8
-BLOCK_SUM = 256    # elements per program when summing chunk partials
+BLOCK_SUM = 256  # elements per program when summing chunk partials
 TARGET_CHUNKS = 128
 SCRATCH_BYTES = 256 << 20  # cap on the partial buffers of one split reduction
 
@@ -124,6 +125,7 @@ def _fblocks(F: int) -> int:
 
 # -- shared pieces ---------------------------------------------------------------------
 
+
 @triton.jit
 def _row_keys(keys_ptr, rows, N, NUM_KEYS, HAS_KEYS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys (int32) of ``rows`` (int64 indices), -1 for rows past N and for
@@ -167,30 +169,69 @@ def _sum_chunks(p_ptr, out_ptr, M, NUM_CHUNKS, ACC: tl.constexpr, BLOCK: tl.cons
 def _reduce_chunks(partial: torch.Tensor, out: torch.Tensor, ACC) -> None:
     """Sum ``partial`` (chunks, *out.shape) into ``out`` in chunk order."""
     m = out.numel()
-    _launch(_sum_chunks, (triton.cdiv(m, BLOCK_SUM),), partial, out, m, partial.shape[0],
-            ACC=ACC, BLOCK=BLOCK_SUM)
+    _launch(
+        _sum_chunks,
+        (triton.cdiv(m, BLOCK_SUM),),
+        partial,
+        out,
+        m,
+        partial.shape[0],
+        ACC=ACC,
+        BLOCK=BLOCK_SUM,
+    )
 
 
 # -- forward: group moments -----------------------------------------------------------
 
+
 @triton.jit
-def _group_tile(x_ptr, gate_ptr, keys_ptr, rows, cols, fmask, groups, N, F, G,
-                GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr, ACC: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+def _group_tile(
+    x_ptr,
+    gate_ptr,
+    keys_ptr,
+    rows,
+    cols,
+    fmask,
+    groups,
+    N,
+    F,
+    G,
+    GATE_MODE: tl.constexpr,
+    HAS_KEYS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """A tile of u (0 in invalid rows) and, per row, which of ``groups`` it
     belongs to: what both passes of _moments_partial read, read the same way."""
     key = _row_keys(keys_ptr, rows, N, G, HAS_KEYS, BLOCK_N)
     mask = (key >= 0)[:, None] & fmask[None, :]
-    u, _s = _load_u(x_ptr, gate_ptr, rows[:, None] * F + cols[None, :], cols, mask, F,
-                    GATE_MODE, ACC)
+    u, _s = _load_u(
+        x_ptr, gate_ptr, rows[:, None] * F + cols[None, :], cols, mask, F, GATE_MODE, ACC
+    )
     return u, key[:, None] == groups[None, :]
 
 
 @triton.jit
-def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, pres_ptr, N, F,
-                     G, ROWS_PER_CHUNK, GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr,
-                     ONE_CHUNK: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_F: tl.constexpr, GROUP_TILE: tl.constexpr):
+def _moments_partial(
+    x_ptr,
+    gate_ptr,
+    keys_ptr,
+    pcount_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    pres_ptr,
+    N,
+    F,
+    G,
+    ROWS_PER_CHUNK,
+    GATE_MODE: tl.constexpr,
+    HAS_KEYS: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    GROUP_TILE: tl.constexpr,
+):
     """Per (chunk, group, feature): count, mean and M2 of u over the chunk's rows,
     and R = sum of the deviations (u - mean), two passes (sum, then deviations
     from the chunk's rounded mean). ONE_CHUNK (the partials are the result):
@@ -204,8 +245,22 @@ def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, 
     total = tl.zeros((GROUP_TILE, BLOCK_F), ACC)
     for i in range(0, ROWS_PER_CHUNK, BLOCK_N):
         rows = row0 + i + tl.arange(0, BLOCK_N)
-        u, hit = _group_tile(x_ptr, gate_ptr, keys_ptr, rows, cols, fmask, groups, N, F, G,
-                             GATE_MODE, HAS_KEYS, ACC, BLOCK_N)
+        u, hit = _group_tile(
+            x_ptr,
+            gate_ptr,
+            keys_ptr,
+            rows,
+            cols,
+            fmask,
+            groups,
+            N,
+            F,
+            G,
+            GATE_MODE,
+            HAS_KEYS,
+            ACC,
+            BLOCK_N,
+        )
         count += tl.sum(hit.to(ACC), axis=0)
         total += tl.sum(tl.where(hit[:, :, None], u[:, None, :], 0.0), axis=0)
     mean = total / tl.maximum(count, 1.0)[:, None]
@@ -213,8 +268,22 @@ def _moments_partial(x_ptr, gate_ptr, keys_ptr, pcount_ptr, pmean_ptr, pm2_ptr, 
     res = tl.zeros((GROUP_TILE, BLOCK_F), ACC)
     for i in range(0, ROWS_PER_CHUNK, BLOCK_N):
         rows = row0 + i + tl.arange(0, BLOCK_N)
-        u, hit = _group_tile(x_ptr, gate_ptr, keys_ptr, rows, cols, fmask, groups, N, F, G,
-                             GATE_MODE, HAS_KEYS, ACC, BLOCK_N)
+        u, hit = _group_tile(
+            x_ptr,
+            gate_ptr,
+            keys_ptr,
+            rows,
+            cols,
+            fmask,
+            groups,
+            N,
+            F,
+            G,
+            GATE_MODE,
+            HAS_KEYS,
+            ACC,
+            BLOCK_N,
+        )
         dev = u - tl.sum(tl.where(hit[:, :, None], mean[None, :, :], 0.0), axis=1)
         m2 += tl.sum(tl.where(hit[:, :, None], (dev * dev)[:, None, :], 0.0), axis=0)
         res += tl.sum(tl.where(hit[:, :, None], dev[:, None, :], 0.0), axis=0)
@@ -249,11 +318,29 @@ def iwn_group_moments(x, keys, gate, num_groups):
     dummy = x.new_empty((1,), dtype=acc_t)
     with _on_device(x):
         tile = _groups_per_program(acc_t)
-        _launch(_moments_partial, (nchunks, _fblocks(F), triton.cdiv(G, tile)),
-                x, gate if gate is not None else dummy, keys if keys is not None else dummy,
-                pcount, pmean, pm2, pres, N, F, G, rows_per_chunk, GATE_MODE=_gate_mode(gate),
-                HAS_KEYS=keys is not None, ONE_CHUNK=nchunks == 1, ACC=ACC, BLOCK_N=BLOCK_N,
-                BLOCK_F=BLOCK_F, GROUP_TILE=tile, num_warps=REDUCE_WARPS)
+        _launch(
+            _moments_partial,
+            (nchunks, _fblocks(F), triton.cdiv(G, tile)),
+            x,
+            gate if gate is not None else dummy,
+            keys if keys is not None else dummy,
+            pcount,
+            pmean,
+            pm2,
+            pres,
+            N,
+            F,
+            G,
+            rows_per_chunk,
+            GATE_MODE=_gate_mode(gate),
+            HAS_KEYS=keys is not None,
+            ONE_CHUNK=nchunks == 1,
+            ACC=ACC,
+            BLOCK_N=BLOCK_N,
+            BLOCK_F=BLOCK_F,
+            GROUP_TILE=tile,
+            num_warps=REDUCE_WARPS,
+        )
     if nchunks > 1:  # the merge every backend shares (C++: iwn_math.h's merge_parts_at)
         return torch.ops.surgellm._iwn_merge_moments(pcount, pmean, pm2, pres)
     return count, mean, m2, mean_residual
@@ -261,11 +348,30 @@ def iwn_group_moments(x, keys, gate, num_groups):
 
 # -- forward: apply -------------------------------------------------------------------
 
+
 @triton.jit
-def _apply(x_ptr, gate_ptr, keys_ptr, w_ptr, b_ptr, mu_ptr, sigma_ptr, y_ptr, N, F, NUM_KEYS,
-           KEY_DIV, eps: "fp64", GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr,
-           HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_F: tl.constexpr):
+def _apply(
+    x_ptr,
+    gate_ptr,
+    keys_ptr,
+    w_ptr,
+    b_ptr,
+    mu_ptr,
+    sigma_ptr,
+    y_ptr,
+    N,
+    F,
+    NUM_KEYS,
+    KEY_DIV,
+    eps: "fp64",
+    GATE_MODE: tl.constexpr,
+    HAS_KEYS: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
     """y = (u - mu_t) / (sigma_t + eps) * w + b; NaN rows for invalid keys."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -298,22 +404,57 @@ def iwn_apply(x, keys, gate, weight, bias, mu, sigma, key_div, eps):
     y = torch.empty_like(x)
     dummy = x.new_empty((1,), dtype=acc_t)
     with _on_device(x):
-        _launch(_apply, (triton.cdiv(N, BLOCK_N), _fblocks(F)), x,
-                gate if gate is not None else dummy, keys if keys is not None else dummy,
-                weight if weight is not None else dummy, bias if bias is not None else dummy,
-                mu, sigma, y, N, F, T * int(key_div), int(key_div), float(eps),
-                GATE_MODE=_gate_mode(gate), HAS_KEYS=keys is not None, HAS_W=weight is not None,
-                HAS_B=bias is not None, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+        _launch(
+            _apply,
+            (triton.cdiv(N, BLOCK_N), _fblocks(F)),
+            x,
+            gate if gate is not None else dummy,
+            keys if keys is not None else dummy,
+            weight if weight is not None else dummy,
+            bias if bias is not None else dummy,
+            mu,
+            sigma,
+            y,
+            N,
+            F,
+            T * int(key_div),
+            int(key_div),
+            float(eps),
+            GATE_MODE=_gate_mode(gate),
+            HAS_KEYS=keys is not None,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            ACC=ACC,
+            BLOCK_N=BLOCK_N,
+            BLOCK_F=BLOCK_F,
+        )
     return y
 
 
 # -- backward: task sums --------------------------------------------------------------
 
+
 @triton.jit
-def _task_sums_partial(dy_ptr, x_ptr, gate_ptr, keys_ptr, mu_ptr, ps_ptr, N, F, T, NUM_KEYS,
-                       KEY_DIV, ROWS_PER_CHUNK, GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr,
-                       ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
-                       GROUP_TILE: tl.constexpr):
+def _task_sums_partial(
+    dy_ptr,
+    x_ptr,
+    gate_ptr,
+    keys_ptr,
+    mu_ptr,
+    ps_ptr,
+    N,
+    F,
+    T,
+    NUM_KEYS,
+    KEY_DIV,
+    ROWS_PER_CHUNK,
+    GATE_MODE: tl.constexpr,
+    HAS_KEYS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    GROUP_TILE: tl.constexpr,
+):
     """Per (chunk, task): s1 = sum dy and s2 = sum dy * (u - mu_task), into the
     (chunks, 2, T, F) partial buffer."""
     chunk = tl.program_id(0).to(tl.int64)
@@ -358,12 +499,29 @@ def iwn_task_sums(grad_y, x, keys, gate, mu, key_div):
     dummy = x.new_empty((1,), dtype=acc_t)
     with _on_device(x):
         tile = _groups_per_program(acc_t)
-        _launch(_task_sums_partial, (nchunks, _fblocks(F), triton.cdiv(T, tile)),
-                grad_y, x, gate if gate is not None else dummy,
-                keys if keys is not None else dummy, mu, ps, N, F, T, T * int(key_div),
-                int(key_div), rows_per_chunk, GATE_MODE=_gate_mode(gate),
-                HAS_KEYS=keys is not None, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
-                GROUP_TILE=tile, num_warps=REDUCE_WARPS)
+        _launch(
+            _task_sums_partial,
+            (nchunks, _fblocks(F), triton.cdiv(T, tile)),
+            grad_y,
+            x,
+            gate if gate is not None else dummy,
+            keys if keys is not None else dummy,
+            mu,
+            ps,
+            N,
+            F,
+            T,
+            T * int(key_div),
+            int(key_div),
+            rows_per_chunk,
+            GATE_MODE=_gate_mode(gate),
+            HAS_KEYS=keys is not None,
+            ACC=ACC,
+            BLOCK_N=BLOCK_N,
+            BLOCK_F=BLOCK_F,
+            GROUP_TILE=tile,
+            num_warps=REDUCE_WARPS,
+        )
         if nchunks > 1:
             _reduce_chunks(ps, sums, ACC)
     return sums
@@ -371,11 +529,32 @@ def iwn_task_sums(grad_y, x, keys, gate, mu, key_div):
 
 # -- backward: input gradient -------------------------------------------------------
 
+
 @triton.jit
-def _input_grad(dy_ptr, x_ptr, gate_ptr, keys_ptr, scale_ptr, shift_ptr, devc_ptr, cen_ptr,
-                dx_ptr, dgate_ptr, pgate_ptr, N, F, NUM_KEYS, KEY_DIV, ROWS_PER_CHUNK,
-                GATE_MODE: tl.constexpr, HAS_KEYS: tl.constexpr, TRAINING: tl.constexpr,
-                ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+def _input_grad(
+    dy_ptr,
+    x_ptr,
+    gate_ptr,
+    keys_ptr,
+    scale_ptr,
+    shift_ptr,
+    devc_ptr,
+    cen_ptr,
+    dx_ptr,
+    dgate_ptr,
+    pgate_ptr,
+    N,
+    F,
+    NUM_KEYS,
+    KEY_DIV,
+    ROWS_PER_CHUNK,
+    GATE_MODE: tl.constexpr,
+    HAS_KEYS: tl.constexpr,
+    TRAINING: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
     """dx = du * sigmoid(gate); the (N, F) gate's gradient du * u * (1 - s), or
     the (F,) gate's per-chunk partial sum of du * u (eval only)."""
     chunk = tl.program_id(0).to(tl.int64)
@@ -393,8 +572,7 @@ def _input_grad(dy_ptr, x_ptr, gate_ptr, keys_ptr, scale_ptr, shift_ptr, devc_pt
         offs = rows[:, None] * F + cols[None, :]
         u, s = _load_u(x_ptr, gate_ptr, offs, cols, mask, F, GATE_MODE, ACC)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        p = tl.load(scale_ptr + task[:, None] * F + cols[None, :], mask=smask,
-                    other=0.0).to(ACC)
+        p = tl.load(scale_ptr + task[:, None] * F + cols[None, :], mask=smask, other=0.0).to(ACC)
         if TRAINING:
             kf = tl.maximum(key, 0).to(tl.int64)[:, None] * F + cols[None, :]
             a = tl.load(shift_ptr + kf, mask=smask, other=0.0).to(ACC)
@@ -408,14 +586,16 @@ def _input_grad(dy_ptr, x_ptr, gate_ptr, keys_ptr, scale_ptr, shift_ptr, devc_pt
         if GATE_MODE == 1 and not TRAINING:  # training: closed form instead
             gate_acc += tl.sum(tl.where(smask, du * u, 0.0), axis=0)
         if GATE_MODE == 2:
-            tl.store(dgate_ptr + offs, (du * u * (1.0 - s)).to(dgate_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(
+                dgate_ptr + offs, (du * u * (1.0 - s)).to(dgate_ptr.dtype.element_ty), mask=mask
+            )
     if GATE_MODE == 1 and not TRAINING:
         tl.store(pgate_ptr + chunk * F + cols, gate_acc, mask=fmask)
 
 
-def iwn_input_grad(grad_y, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div,
-                   training):
+def iwn_input_grad(
+    grad_y, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u, key_div, training
+):
     """dx (N, F) in x's dtype and dgate: (N, F) in x's dtype for a per-instance
     gate, (F,) in acc for a (F,) gate, else an empty (0,) acc tensor. Rows whose
     key is invalid get NaN dx and are left out of the (F,) gate's sum."""
@@ -440,13 +620,33 @@ def iwn_input_grad(grad_y, x, keys, gate, scale, dy_shift, dev_coef, center, du_
         gate_sum = x.new_zeros((F,), dtype=acc_t)
         pgate = gate_sum if nchunks == 1 else x.new_empty((nchunks, F), dtype=acc_t)
     with _on_device(x):
-        _launch(_input_grad, (nchunks, _fblocks(F)), grad_y, x,
-                gate if gate is not None else dummy, keys if keys is not None else dummy,
-                scale, dy_shift if training else dummy, dev_coef if training else dummy,
-                center if training else dummy, dx, dgate_full, pgate, N, F, num_keys,
-                int(key_div), rows_per_chunk, GATE_MODE=mode, HAS_KEYS=keys is not None,
-                TRAINING=training, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
-                num_warps=REDUCE_WARPS)
+        _launch(
+            _input_grad,
+            (nchunks, _fblocks(F)),
+            grad_y,
+            x,
+            gate if gate is not None else dummy,
+            keys if keys is not None else dummy,
+            scale,
+            dy_shift if training else dummy,
+            dev_coef if training else dummy,
+            center if training else dummy,
+            dx,
+            dgate_full,
+            pgate,
+            N,
+            F,
+            num_keys,
+            int(key_div),
+            rows_per_chunk,
+            GATE_MODE=mode,
+            HAS_KEYS=keys is not None,
+            TRAINING=training,
+            ACC=ACC,
+            BLOCK_N=BLOCK_N,
+            BLOCK_F=BLOCK_F,
+            num_warps=REDUCE_WARPS,
+        )
         if reduce_gate and nchunks > 1:
             _reduce_chunks(pgate, gate_sum, ACC)
     if mode == 1:
@@ -466,4 +666,3 @@ KERNELS = {
     "_iwn_task_sums": iwn_task_sums,
     "_iwn_input_grad": iwn_input_grad,
 }
-

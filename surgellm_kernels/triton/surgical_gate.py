@@ -55,6 +55,7 @@ the kernel, so float64 data sees it unrounded. Large logits saturate the
 sigmoid without NaN: g = 1 / (1 + exp(-x)) is exactly 0 where exp(-x)
 overflows to inf and exactly 1 where it drops below half an ulp of 1.
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,10 +66,10 @@ from .iwn import _acc_dtypes, _on_device
 
 __all__ = ["KERNELS", "surgical_gate_forward", "surgical_gate_backward"]
 
-TILE_BYTES = 4096      # of a program's tile in acc: ROWS * BLOCK_D * itemsize
+TILE_BYTES = 4096  # of a program's tile in acc: ROWS * BLOCK_D * itemsize
 BYTES_PER_THREAD = 16  # of each tile tensor held per thread: the warps of a program
-MAX_PROGRAMS = 512   # cap on the backward's row-block programs (and partial rows)
-BLOCK_SUM = 256      # columns per program when summing the partials
+MAX_PROGRAMS = 512  # cap on the backward's row-block programs (and partial rows)
+BLOCK_SUM = 256  # columns per program when summing the partials
 
 
 def _tiling(d: int, acc_itemsize: int) -> dict:
@@ -82,8 +83,7 @@ def _tiling(d: int, acc_itemsize: int) -> dict:
     block_d = min(triton.next_power_of_2(d), tile)
     rows = max(1, tile // block_d)
     warps = triton.next_power_of_2(rows * block_d * acc_itemsize // (32 * BYTES_PER_THREAD))
-    return dict(ROWS=rows, BLOCK_D=block_d, CHUNKED=block_d < d,
-                num_warps=max(1, min(16, warps)))
+    return dict(ROWS=rows, BLOCK_D=block_d, CHUNKED=block_d < d, num_warps=max(1, min(16, warps)))
 
 
 def _row_blocks(n: int, rows: int):
@@ -98,6 +98,7 @@ def _row_blocks(n: int, rows: int):
 
 # -- shared pieces ---------------------------------------------------------------------
 
+
 @triton.jit
 def _blend(h_ptr, s_ptr, l_ptr, offs, mask, ACC: tl.constexpr):
     """h, s, g = sigmoid(logits) and v = g * h + (1 - g) * s of a tile at int64
@@ -110,9 +111,21 @@ def _blend(h_ptr, s_ptr, l_ptr, offs, mask, ACC: tl.constexpr):
 
 # -- forward --------------------------------------------------------------------------
 
+
 @triton.jit
-def _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, shift, SQUARE: tl.constexpr,
-             ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_sum(
+    h_ptr,
+    s_ptr,
+    l_ptr,
+    rows,
+    rmask,
+    D,
+    shift,
+    SQUARE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Per row of a chunked tile: the sum over all D columns, block by block,
     of v - shift (or of its square)."""
     total = tl.zeros((ROWS,), ACC)
@@ -126,8 +139,21 @@ def _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, shift, SQUARE: tl.constexpr,
 
 
 @triton.jit
-def _store_z(z_ptr, w_ptr, b_ptr, v, mean, rstd, rows, rmask, cols, D, HAS_W: tl.constexpr,
-             HAS_B: tl.constexpr, ACC: tl.constexpr):
+def _store_z(
+    z_ptr,
+    w_ptr,
+    b_ptr,
+    v,
+    mean,
+    rstd,
+    rows,
+    rmask,
+    cols,
+    D,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """z = (v - mean) * rstd * w + b of a tile of blends v."""
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
@@ -142,9 +168,25 @@ def _store_z(z_ptr, w_ptr, b_ptr, v, mean, rstd, rows, rmask, cols, D, HAS_W: tl
 # N (rows) is not specialized: a launch with N == 1 would otherwise compile a
 # kernel of its own (and in float64 ptxas spills 4 bytes in one of them).
 @triton.jit(do_not_specialize=["N"])
-def _forward(h_ptr, s_ptr, l_ptr, w_ptr, b_ptr, z_ptr, mean_ptr, rstd_ptr, N, D, eps: "fp64",
-             HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
-             BLOCK_D: tl.constexpr, CHUNKED: tl.constexpr):
+def _forward(
+    h_ptr,
+    s_ptr,
+    l_ptr,
+    w_ptr,
+    b_ptr,
+    z_ptr,
+    mean_ptr,
+    rstd_ptr,
+    N,
+    D,
+    eps: "fp64",
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNKED: tl.constexpr,
+):
     """z, mean and rstd of ROWS rows: two-pass statistics of the blend. A
     row longer than BLOCK_D (CHUNKED) is read block by block in each pass
     (the same sums, added block by block), then once more to write z."""
@@ -152,12 +194,9 @@ def _forward(h_ptr, s_ptr, l_ptr, w_ptr, b_ptr, z_ptr, mean_ptr, rstd_ptr, N, D,
     rmask = rows < N
     zero = tl.zeros((ROWS,), ACC)
     if CHUNKED:
-        mean = _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, zero, False, ACC, ROWS,
-                        BLOCK_D) / D
-        mean += _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, mean, False, ACC, ROWS,
-                         BLOCK_D) / D
-        var = _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, mean, True, ACC, ROWS,
-                       BLOCK_D) / D
+        mean = _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, zero, False, ACC, ROWS, BLOCK_D) / D
+        mean += _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, mean, False, ACC, ROWS, BLOCK_D) / D
+        var = _row_sum(h_ptr, s_ptr, l_ptr, rows, rmask, D, mean, True, ACC, ROWS, BLOCK_D) / D
     else:
         cols = tl.arange(0, BLOCK_D)
         mask = rmask[:, None] & (cols < D)[None, :]
@@ -173,12 +212,26 @@ def _forward(h_ptr, s_ptr, l_ptr, w_ptr, b_ptr, z_ptr, mean_ptr, rstd_ptr, N, D,
         for c in range(0, D, BLOCK_D):
             cols = c + tl.arange(0, BLOCK_D)
             mask = rmask[:, None] & (cols < D)[None, :]
-            _h, _s, _g, v = _blend(h_ptr, s_ptr, l_ptr, rows[:, None] * D + cols[None, :], mask,
-                                   ACC)
+            _h, _s, _g, v = _blend(
+                h_ptr, s_ptr, l_ptr, rows[:, None] * D + cols[None, :], mask, ACC
+            )
             _store_z(z_ptr, w_ptr, b_ptr, v, mean, rstd, rows, rmask, cols, D, HAS_W, HAS_B, ACC)
     else:
-        _store_z(z_ptr, w_ptr, b_ptr, v, mean, rstd, rows, rmask, tl.arange(0, BLOCK_D), D, HAS_W,
-                 HAS_B, ACC)
+        _store_z(
+            z_ptr,
+            w_ptr,
+            b_ptr,
+            v,
+            mean,
+            rstd,
+            rows,
+            rmask,
+            tl.arange(0, BLOCK_D),
+            D,
+            HAS_W,
+            HAS_B,
+            ACC,
+        )
     tl.store(mean_ptr + rows, mean, mask=rmask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
@@ -198,17 +251,44 @@ def surgical_gate_forward(h, s, gate_logits, weight, bias, eps):
     dummy = h.new_empty((1,), dtype=acc_t)
     with _on_device(h):
         _forward[(triton.cdiv(n, meta["ROWS"]),)](
-            h, s, gate_logits, weight if weight is not None else dummy,
-            bias if bias is not None else dummy, z, mean, rstd, n, d, float(eps),
-            HAS_W=weight is not None, HAS_B=bias is not None, ACC=ACC, **meta)
+            h,
+            s,
+            gate_logits,
+            weight if weight is not None else dummy,
+            bias if bias is not None else dummy,
+            z,
+            mean,
+            rstd,
+            n,
+            d,
+            float(eps),
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            ACC=ACC,
+            **meta,
+        )
     return z, mean, rstd
 
 
 # -- backward -------------------------------------------------------------------------
 
+
 @triton.jit
-def _backward_tile(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, rows, rmask, cols, D, mean, rstd,
-                   ACC: tl.constexpr, HAS_W: tl.constexpr):
+def _backward_tile(
+    dz_ptr,
+    h_ptr,
+    s_ptr,
+    l_ptr,
+    w_ptr,
+    rows,
+    rmask,
+    cols,
+    D,
+    mean,
+    rstd,
+    ACC: tl.constexpr,
+    HAS_W: tl.constexpr,
+):
     """Of a tile: the mask, offsets, h, s, g, dz, xhat and dxhat = dz * w."""
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
@@ -224,10 +304,32 @@ def _backward_tile(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, rows, rmask, cols, D, mea
 
 
 @triton.jit
-def _backward_block(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, ds_ptr,
-                    dl_ptr, pw_ptr, pb_ptr, c_ptr, pid, row0, cols, N, D, ROWS_PER_PROGRAM,
-                    HAS_W: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
-                    BLOCK_D: tl.constexpr, CHUNKED: tl.constexpr):
+def _backward_block(
+    dz_ptr,
+    h_ptr,
+    s_ptr,
+    l_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dh_ptr,
+    ds_ptr,
+    dl_ptr,
+    pw_ptr,
+    pb_ptr,
+    c_ptr,
+    pid,
+    row0,
+    cols,
+    N,
+    D,
+    ROWS_PER_PROGRAM,
+    HAS_W: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNKED: tl.constexpr,
+):
     """The gradients of the program's rows in the columns ``cols``, and the
     program's partial sums of dz * xhat and dz over those columns. A row's
     mean(dxhat) and mean(dxhat * xhat) come from c (CHUNKED) or the tile."""
@@ -239,7 +341,8 @@ def _backward_block(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_p
         mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0).to(ACC)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0).to(ACC)
         mask, offs, h, s, g, dz, xhat, dxhat = _backward_tile(
-            dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, rows, rmask, cols, D, mean, rstd, ACC, HAS_W)
+            dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, rows, rmask, cols, D, mean, rstd, ACC, HAS_W
+        )
         if CHUNKED:
             c1 = tl.load(c_ptr + rows, mask=rmask, other=0.0)
             c2 = tl.load(c_ptr + N + rows, mask=rmask, other=0.0)
@@ -250,8 +353,7 @@ def _backward_block(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_p
         gc = 1.0 - g
         tl.store(dh_ptr + offs, (dv * g).to(dh_ptr.dtype.element_ty), mask=mask)
         tl.store(ds_ptr + offs, (dv * gc).to(ds_ptr.dtype.element_ty), mask=mask)
-        tl.store(dl_ptr + offs, (dv * (h - s) * (g * gc)).to(dl_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(dl_ptr + offs, (dv * (h - s) * (g * gc)).to(dl_ptr.dtype.element_ty), mask=mask)
         dw += tl.sum(dz * xhat, axis=0)
         db += tl.sum(dz, axis=0)
     tl.store(pw_ptr + pid * D + cols, dw, mask=cols < D)
@@ -259,10 +361,29 @@ def _backward_block(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_p
 
 
 @triton.jit(do_not_specialize=["N"])
-def _backward(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, ds_ptr, dl_ptr,
-              pw_ptr, pb_ptr, c_ptr, N, D, ROWS_PER_PROGRAM, HAS_W: tl.constexpr,
-              ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-              CHUNKED: tl.constexpr):
+def _backward(
+    dz_ptr,
+    h_ptr,
+    s_ptr,
+    l_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dh_ptr,
+    ds_ptr,
+    dl_ptr,
+    pw_ptr,
+    pb_ptr,
+    c_ptr,
+    N,
+    D,
+    ROWS_PER_PROGRAM,
+    HAS_W: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNKED: tl.constexpr,
+):
     """dh, ds and dlogits of the program's rows (ROWS at a time), and their
     partial sums of dz * xhat and dz into row program_id(0) of pw and pb.
     CHUNKED (rows longer than BLOCK_D): a first pass over each row's blocks
@@ -280,27 +401,85 @@ def _backward(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, ds
             s2 = tl.zeros((ROWS,), ACC)
             for c in range(0, D, BLOCK_D):
                 _m, _o, _h, _s, _g, _dz, xhat, dxhat = _backward_tile(
-                    dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, rows, rmask, c + tl.arange(0, BLOCK_D),
-                    D, mean, rstd, ACC, HAS_W)
+                    dz_ptr,
+                    h_ptr,
+                    s_ptr,
+                    l_ptr,
+                    w_ptr,
+                    rows,
+                    rmask,
+                    c + tl.arange(0, BLOCK_D),
+                    D,
+                    mean,
+                    rstd,
+                    ACC,
+                    HAS_W,
+                )
                 s1 += tl.sum(dxhat, axis=1)
                 s2 += tl.sum(dxhat * xhat, axis=1)
             tl.store(c_ptr + rows, s1 / D, mask=rmask)
             tl.store(c_ptr + N + rows, s2 / D, mask=rmask)
         tl.debug_barrier()  # the row sums written above are read by other threads below
         for c in range(0, D, BLOCK_D):
-            _backward_block(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr,
-                            ds_ptr, dl_ptr, pw_ptr, pb_ptr, c_ptr, pid, row0, c + tl.arange(
-                                0, BLOCK_D), N, D, ROWS_PER_PROGRAM, HAS_W, ACC, ROWS, BLOCK_D,
-                            CHUNKED)
+            _backward_block(
+                dz_ptr,
+                h_ptr,
+                s_ptr,
+                l_ptr,
+                w_ptr,
+                mean_ptr,
+                rstd_ptr,
+                dh_ptr,
+                ds_ptr,
+                dl_ptr,
+                pw_ptr,
+                pb_ptr,
+                c_ptr,
+                pid,
+                row0,
+                c + tl.arange(0, BLOCK_D),
+                N,
+                D,
+                ROWS_PER_PROGRAM,
+                HAS_W,
+                ACC,
+                ROWS,
+                BLOCK_D,
+                CHUNKED,
+            )
     else:
-        _backward_block(dz_ptr, h_ptr, s_ptr, l_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, ds_ptr,
-                        dl_ptr, pw_ptr, pb_ptr, c_ptr, pid, row0, tl.arange(0, BLOCK_D), N, D,
-                        ROWS_PER_PROGRAM, HAS_W, ACC, ROWS, BLOCK_D, CHUNKED)
+        _backward_block(
+            dz_ptr,
+            h_ptr,
+            s_ptr,
+            l_ptr,
+            w_ptr,
+            mean_ptr,
+            rstd_ptr,
+            dh_ptr,
+            ds_ptr,
+            dl_ptr,
+            pw_ptr,
+            pb_ptr,
+            c_ptr,
+            pid,
+            row0,
+            tl.arange(0, BLOCK_D),
+            N,
+            D,
+            ROWS_PER_PROGRAM,
+            HAS_W,
+            ACC,
+            ROWS,
+            BLOCK_D,
+            CHUNKED,
+        )
 
 
 @triton.jit
-def _sum_partials(pw_ptr, pb_ptr, dw_ptr, db_ptr, D, NUM_PROGRAMS, ACC: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _sum_partials(
+    pw_ptr, pb_ptr, dw_ptr, db_ptr, D, NUM_PROGRAMS, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
     """dw[j] and db[j] = sums over programs, in program order, of pw[p, j] and
     pb[p, j] (both (NUM_PROGRAMS, D))."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -340,12 +519,30 @@ def surgical_gate_backward(grad_z, h, s, gate_logits, weight, mean, rstd):
     row_sums = h.new_empty((2, n), dtype=acc_t) if meta["CHUNKED"] else dummy
     with _on_device(h):
         _backward[(nprog,)](
-            grad_z, h, s, gate_logits, weight if weight is not None else dummy, mean, rstd,
-            dh, ds, dlogits, pw, pb, row_sums, n, d, per, HAS_W=weight is not None, ACC=ACC,
-            **meta)
+            grad_z,
+            h,
+            s,
+            gate_logits,
+            weight if weight is not None else dummy,
+            mean,
+            rstd,
+            dh,
+            ds,
+            dlogits,
+            pw,
+            pb,
+            row_sums,
+            n,
+            d,
+            per,
+            HAS_W=weight is not None,
+            ACC=ACC,
+            **meta,
+        )
         if nprog > 1:
-            _sum_partials[(triton.cdiv(d, BLOCK_SUM),)](pw, pb, dweight, dbias, d, nprog,
-                                                        ACC=ACC, BLOCK=BLOCK_SUM)
+            _sum_partials[(triton.cdiv(d, BLOCK_SUM),)](
+                pw, pb, dweight, dbias, d, nprog, ACC=ACC, BLOCK=BLOCK_SUM
+            )
     return dh, ds, dlogits, dweight, dbias
 
 

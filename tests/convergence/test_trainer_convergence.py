@@ -2,14 +2,16 @@
 (fused modules) train 30 steps side by side on a tiny encoder, float32,
 dropout on (the same masks for both); every logged loss and every parameter
 and buffer at the end agree to about 1e-5."""
+
 import copy
 
 import pytest
 import torch
 
+from surgellm_kernels import FusedInstanceWeightedNorm, backends, patch_model
+
 from _helpers import assert_close
 from _tiny_encoder import TASKS, synthetic_examples, tiny_bert, write_tokenizer
-from surgellm_kernels import FusedInstanceWeightedNorm, backends, patch_model
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
@@ -17,18 +19,34 @@ STEPS = 30
 
 
 def _train(model, processor, data, output_dir, statistics):
-    from surgellm_kernels.surgellm.trainer import (FitIWNStatistics, SurgeLLMTrainer,
-                                                   SurgeLLMTrainingArguments)
+    from surgellm_kernels.surgellm.trainer import (
+        FitIWNStatistics,
+        SurgeLLMTrainer,
+        SurgeLLMTrainingArguments,
+    )
 
     args = SurgeLLMTrainingArguments(
-        output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=16,
-        learning_rate=1e-3, warmup_steps=0.1, logging_steps=1, eval_strategy="no",
-        save_strategy="no", load_best_model_at_end=False, disable_tqdm=True, seed=3,
-        use_cpu=True)
+        output_dir=str(output_dir),
+        max_steps=STEPS,
+        per_device_train_batch_size=16,
+        learning_rate=1e-3,
+        warmup_steps=0.1,
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        disable_tqdm=True,
+        seed=3,
+        use_cpu=True,
+    )
     callbacks = [FitIWNStatistics(data, 16)] if statistics == "fitted" else []
-    trainer = SurgeLLMTrainer(model=model, args=args, train_dataset=data,
-                              data_collator=transformers.DataCollatorWithPadding(
-                                  processor.tokenizer), callbacks=callbacks)
+    trainer = SurgeLLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=transformers.DataCollatorWithPadding(processor.tokenizer),
+        callbacks=callbacks,
+    )
     trainer.train()
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
@@ -40,8 +58,9 @@ def test_patched_model_trains_like_reference(tmp_path, statistics):
     write_tokenizer(str(tmp_path / "tokenizer"))
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     torch.manual_seed(1)
-    reference = SurgeLLMForSequenceClassification.from_encoder(tiny_bert(len(tokenizer)), TASKS,
-                                                               tokenizer=tokenizer)
+    reference = SurgeLLMForSequenceClassification.from_encoder(
+        tiny_bert(len(tokenizer)), TASKS, tokenizer=tokenizer
+    )
     processor = SurgeLLMProcessor(tokenizer, reference.config)
     texts, tasks, labels = synthetic_examples(480, seed=4)
     rows = datasets.Dataset.from_dict({"text": texts, "task": tasks})
@@ -52,8 +71,10 @@ def test_patched_model_trains_like_reference(tmp_path, statistics):
     if backends("cpu")["cpu"].available:
         assert not report.eager, report
 
-    losses = [_train(model, processor, data, tmp_path / name, statistics)
-              for model, name in ((reference, "reference"), (patched, "patched"))]
+    losses = [
+        _train(model, processor, data, tmp_path / name, statistics)
+        for model, name in ((reference, "reference"), (patched, "patched"))
+    ]
     assert len(losses[0]) == STEPS
     for step, (expected, actual) in enumerate(zip(*losses)):
         assert actual == pytest.approx(expected, rel=1e-5, abs=1e-6), step

@@ -4,6 +4,7 @@ Each world size (and backend) is one spawned run of every case
 (tests/_distributed_ranks.py); each case is reported by its own test here.
 A run that hangs is killed after its timeout and fails every case.
 """
+
 import subprocess
 import sys
 from pathlib import Path
@@ -12,26 +13,46 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import _distributed_ranks as ranks
-from _helpers import device_backends
 from surgellm_kernels import FusedInstanceWeightedNorm, InstanceWeightedNorm, fused_iwn
 from surgellm_kernels.nn.distributed import SyncInstanceWeightedNorm, convert_sync_iwn
+
+import _distributed_ranks as ranks
+from _helpers import device_backends
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
 ROOT = Path(__file__).resolve().parents[2]
-OTHERS = ("collective_count", "subgroup", "bad_input", "bad_labels_on_one_rank",
-          "distributed_fit", "ddp_parity", "compiled")
+OTHERS = (
+    "collective_count",
+    "subgroup",
+    "bad_input",
+    "bad_labels_on_one_rank",
+    "distributed_fit",
+    "ddp_parity",
+    "compiled",
+)
 MATRIX = [name for name in ranks.CASES if name not in OTHERS]
 # The kernels' side, per backend: the phases with no rows and several tasks;
 # the collectives themselves are the same C++ code on every backend.
-KERNEL_CASES = ["equal_shards", "empty_shard_pooled_tasks", "per_instance_gate",
-                "collective_count"]
+KERNEL_CASES = ["equal_shards", "empty_shard_pooled_tasks", "per_instance_gate", "collective_count"]
 RUNS = {  # (world size, backend, device): cases
-    (2, "cpu", "cpu"): [*MATRIX, "collective_count", "bad_input", "bad_labels_on_one_rank",
-                        "distributed_fit", "ddp_parity", "compiled"],
-    (3, "cpu", "cpu"): [*MATRIX, "collective_count", "subgroup", "bad_labels_on_one_rank",
-                        "distributed_fit", "ddp_parity"],
+    (2, "cpu", "cpu"): [
+        *MATRIX,
+        "collective_count",
+        "bad_input",
+        "bad_labels_on_one_rank",
+        "distributed_fit",
+        "ddp_parity",
+        "compiled",
+    ],
+    (3, "cpu", "cpu"): [
+        *MATRIX,
+        "collective_count",
+        "subgroup",
+        "bad_labels_on_one_rank",
+        "distributed_fit",
+        "ddp_parity",
+    ],
     (2, "triton", "cpu"): KERNEL_CASES,  # interpreted here; compiled on a GPU machine
     (2, "triton", "cuda"): KERNEL_CASES,
     (2, "cuda", "cuda"): KERNEL_CASES,
@@ -51,19 +72,30 @@ def run_results(tmp_path_factory):
             workdir = tmp_path_factory.mktemp(f"world{world}_{backend}_{device}")
             cache[key] = ranks.launch(world, RUNS[key], workdir, backend, device)
         return cache[key]
+
     return results
 
 
-@pytest.mark.parametrize("world, backend, device, case", [
-    (*key, case) for key, cases in RUNS.items() for case in cases])
+# Three ranks are the slow (many-rank) runs; two cover every case by default.
+@pytest.mark.parametrize(
+    "world, backend, device, case",
+    [
+        pytest.param(*key, case, marks=[pytest.mark.slow] if key[0] > 2 else [])
+        for key, cases in RUNS.items()
+        for case in cases
+    ],
+)
 def test_ranks_match_one_process(run_results, world, backend, device, case):
     error = run_results(world, backend, device)[case]
     if error:
-        pytest.fail(f"world size {world}, backend {backend} on {device}, case {case}:\n{error}",
-                    pytrace=False)
+        pytest.fail(
+            f"world size {world}, backend {backend} on {device}, case {case}:\n{error}",
+            pytrace=False,
+        )
 
 
 # -- in this process ----------------------------------------------------------------------
+
 
 def test_without_an_initialized_group_nothing_is_synced():
     """A group of one rank, or no group: the plain call, no collective."""
@@ -79,14 +111,17 @@ def test_process_group_type_is_checked():
     with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
         fused_iwn(x, labels, training=True, num_classes=2, process_group="world")
     with pytest.raises(ValueError, match="not a member"):
-        fused_iwn(x, labels, training=True, num_classes=2,
-                  process_group=dist.GroupMember.NON_GROUP_MEMBER)
+        fused_iwn(
+            x, labels, training=True, num_classes=2, process_group=dist.GroupMember.NON_GROUP_MEMBER
+        )
 
 
 def test_convert_sync_iwn_keeps_parameters_and_buffers():
     model = torch.nn.Sequential(
-        torch.nn.Linear(4, 4), InstanceWeightedNorm(4, 3, num_tasks=2, affine=True, gate=True),
-        torch.nn.Sequential(FusedInstanceWeightedNorm(4, 2, std_mode="pooled").eval()))
+        torch.nn.Linear(4, 4),
+        InstanceWeightedNorm(4, 3, num_tasks=2, affine=True, gate=True),
+        torch.nn.Sequential(FusedInstanceWeightedNorm(4, 2, std_mode="pooled").eval()),
+    )
     model[1].fit(torch.randn(10, 4), torch.randint(0, 3, (10,)), torch.randint(0, 2, (10,)))
     before = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]}
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -109,9 +144,14 @@ def test_ddp_example_runs_with_torchrun():
     """examples/ddp_iwn.py under torchrun: two gloo ranks, the statistics of a
     single-process run."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun) if torchrun.exists() else sys.executable, *(
-        [] if torchrun.exists() else ["-m", "torch.distributed.run"]),
-        "--standalone", "--nproc-per-node", "2", str(ROOT / "examples" / "ddp_iwn.py")]
+    command = [
+        str(torchrun) if torchrun.exists() else sys.executable,
+        *([] if torchrun.exists() else ["-m", "torch.distributed.run"]),
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(ROOT / "examples" / "ddp_iwn.py"),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "match a single-process run" in done.stdout, done.stdout

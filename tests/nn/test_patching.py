@@ -1,14 +1,22 @@
 """patch_model on arbitrary modules: the swap shares Parameters and buffers,
 is idempotent, reports what it did and why it skipped, and reverts exactly."""
+
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from surgellm_kernels import (
+    FusedInstanceWeightedNorm,
+    FusedSurgicalGate,
+    InstanceWeightedNorm,
+    SurgicalGate,
+    backends,
+    patch_model,
+)
+
 from _helpers import assert_close
-from surgellm_kernels import (FusedInstanceWeightedNorm, FusedSurgicalGate, InstanceWeightedNorm,
-                              SurgicalGate, backends, patch_model)
 
 
 class Toy(nn.Module):
@@ -31,8 +39,12 @@ class Toy(nn.Module):
 
 def inputs(n=24):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(n, 8, generator=g), torch.randn(n, 16, generator=g),
-            torch.randint(0, 3, (n,), generator=g), torch.randint(0, 2, (n,), generator=g))
+    return (
+        torch.randn(n, 8, generator=g),
+        torch.randn(n, 16, generator=g),
+        torch.randint(0, 3, (n,), generator=g),
+        torch.randint(0, 2, (n,), generator=g),
+    )
 
 
 def test_swaps_share_parameters_and_buffers():
@@ -57,8 +69,13 @@ def test_swaps_share_parameters_and_buffers():
         assert not report.eager
         assert all(v.startswith("cpu (") for v in report.backends.values())
     table = str(report)
-    for text in ("module", "blocks.1", "InstanceWeightedNorm", "FusedSurgicalGate",
-                 "3 swapped, 0 skipped"):
+    for text in (
+        "module",
+        "blocks.1",
+        "InstanceWeightedNorm",
+        "FusedSurgicalGate",
+        "3 swapped, 0 skipped",
+    ):
         assert text in table
 
     # the same numbers, and the optimizer built before patching trains the patched model
@@ -76,7 +93,10 @@ def test_idempotent_and_skips_with_reasons():
     again = patch_model(model)
     assert not again.swaps
     assert {(k.name, k.reason) for k in again.skipped} == {
-        ("norm", "already fused"), ("blocks.1", "already fused"), ("more.0", "already fused")}
+        ("norm", "already fused"),
+        ("blocks.1", "already fused"),
+        ("more.0", "already fused"),
+    }
 
     class MyNorm(InstanceWeightedNorm):
         def forward(self, x, labels=None, task_ids=None):
@@ -99,16 +119,15 @@ def test_revert_restores_the_originals():
     model = Toy()
     originals = (model.norm, model.blocks[1], model.more[0])
     report = patch_model(model)
-    model.eval()                      # state changed while patched ...
-    model.norm.fit(torch.randn(30, 16), torch.randint(0, 3, (30,)),
-                   torch.randint(0, 2, (30,)))
+    model.eval()  # state changed while patched ...
+    model.norm.fit(torch.randn(30, 16), torch.randint(0, 3, (30,)), torch.randint(0, 2, (30,)))
     report.revert()
     assert (model.norm, model.blocks[1], model.more[0]) == originals
     assert model.by_name["again"] is originals[2]
     assert type(model.norm) is InstanceWeightedNorm
-    assert not model.norm.training and model.norm._frozen     # ... is carried back
+    assert not model.norm.training and model.norm._frozen  # ... is carried back
     assert "(reverted)" in str(report)
-    report.revert()                   # twice is a no-op
+    report.revert()  # twice is a no-op
     # a slot changed after patching: revert refuses, changing nothing
     report = patch_model(model)
     model.blocks[1] = nn.Identity()
@@ -125,7 +144,7 @@ def test_backend_argument_and_failures_change_nothing(monkeypatch):
     wanted = "eager" if available["cpu"].available else "cpu"
     with pytest.raises(ValueError, match=f"backend='{wanted}' was asked for"):
         patch_model(model, backend=wanted)
-    assert type(model.norm) is InstanceWeightedNorm   # nothing patched
+    assert type(model.norm) is InstanceWeightedNorm  # nothing patched
     if available["cpu"].available:
         assert patch_model(model, backend="cpu").swaps
         model = Toy()

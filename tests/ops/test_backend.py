@@ -1,4 +1,5 @@
 """Backend discovery, forcing, and the package without its extension."""
+
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ def test_backends_reports_every_backend_with_a_reason():
     status = backends()
     assert set(status) == {"triton", "cuda", "cpu", "eager"}
     assert status["eager"].available
-    for name, st in status.items():
+    for st in status.values():
         assert isinstance(st.reason, str) and st.reason
     if not torch.cuda.is_available():
         assert not status["cuda"].available
@@ -93,7 +94,9 @@ def test_package_works_without_the_extension():
 def test_triton_registers_a_kernel_for_every_kernel_op():
     import importlib
     import inspect
+
     from surgellm_kernels.ops import _backend
+
     for module, names in _backend.TRITON_KERNELS.items():
         kernels = importlib.import_module(f"surgellm_kernels.triton.{module}").KERNELS
         assert set(names) == set(kernels)

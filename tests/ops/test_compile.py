@@ -1,4 +1,5 @@
 """A model using the fused op compiles with fullgraph=True (no graph break)."""
+
 import pytest
 import torch
 
@@ -44,28 +45,39 @@ def test_compile_fullgraph_forward_backward(backend, force_backend):
 def test_fake_tensor_shapes_of_the_ops():
     """The op and each of its phases run on fake tensors (what torch.compile traces)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     ops = torch.ops.surgellm
     with FakeTensorMode():
         x = torch.empty(2, 5, 6)
         labels = torch.zeros(2, 5, dtype=torch.long)
         rm, rs = torch.zeros(6), torch.ones(6)
-        assert ops.iwn(x, labels, running_mean=rm, running_std=rs, training=True,
-                       num_classes=3).shape == (2, 5, 6)
+        assert ops.iwn(
+            x, labels, running_mean=rm, running_std=rs, training=True, num_classes=3
+        ).shape == (2, 5, 6)
         x2 = x.reshape(10, 6)
         keys = ops._iwn_group_keys(labels.reshape(-1), None, 1, 3)
         count, mean, m2, residual = ops._iwn_group_moments(x2, keys, None, 3)
-        merged = ops._iwn_merge_moments(count.expand(4, 3), mean.expand(4, 3, 6),
-                                        m2.expand(4, 3, 6), residual.expand(4, 3, 6))
-        group_std, mu, sigma = ops._iwn_combine(count, mean, m2, residual, 1, False, 0.1, None,
-                                                None)
+        merged = ops._iwn_merge_moments(
+            count.expand(4, 3), mean.expand(4, 3, 6), m2.expand(4, 3, 6), residual.expand(4, 3, 6)
+        )
+        group_std, mu, sigma = ops._iwn_combine(
+            count, mean, m2, residual, 1, False, 0.1, None, None
+        )
         assert [tuple(t.shape) for t in (keys, count, mean, residual, group_std, mu, sigma)] == [
-            (10,), (3,), (3, 6), (3, 6), (3, 6), (1, 6), (1, 6)]
+            (10,),
+            (3,),
+            (3, 6),
+            (3, 6),
+            (3, 6),
+            (1, 6),
+            (1, 6),
+        ]
         assert [tuple(t.shape) for t in merged] == [(3,), (3, 6), (3, 6), (3, 6)]
         sums = ops._iwn_task_sums(x2, x2, keys, None, mu, 3)
-        coefs = ops._iwn_coefficients(sums, None, None, count, mean, group_std, residual, mu,
-                                      sigma, False, 1e-5)
-        assert [tuple(t.shape) for t in coefs] == [(1, 6), (3, 6), (3, 6), (3, 6), (6,), (6,),
-                                                    (6,)]
+        coefs = ops._iwn_coefficients(
+            sums, None, None, count, mean, group_std, residual, mu, sigma, False, 1e-5
+        )
+        assert [tuple(t.shape) for t in coefs] == [(1, 6), (3, 6), (3, 6), (3, 6), (6,), (6,), (6,)]
         dx, dgate = ops._iwn_input_grad(x2, x2, keys, None, *coefs[:4], coefs[6], 3, True)
         assert dx.shape == (10, 6) and dgate.shape == (0,)
 
@@ -89,6 +101,7 @@ def test_compile_before_any_eager_call():
     import subprocess
     import sys
     import textwrap
+
     script = textwrap.dedent("""
         import torch
         from surgellm_kernels import FusedInstanceWeightedNorm, InstanceWeightedNorm

@@ -2,6 +2,7 @@
 forward and backward: on this CPU machine the C++ CPU kernels, the Triton
 kernels through the interpreter and eager; on a GPU machine also the CUDA
 C++ and compiled Triton kernels on CUDA tensors."""
+
 import pytest
 import torch
 
@@ -9,14 +10,21 @@ from surgellm_kernels import fused_iwn
 from surgellm_kernels.ops._backend import select_backend
 from surgellm_kernels.ops.reference import iwn_reference
 
-from _helpers import (assert_as_accurate_as_reference, assert_close,
-                      assert_same_bits_across_threads, device_backends, on_device)
+from _helpers import (
+    assert_as_accurate_as_reference,
+    assert_close,
+    assert_same_bits_across_threads,
+    device_backends,
+    on_device,
+)
 
 PAIRS = device_backends()
 KERNEL_PAIRS = [(b, d) for b, d in PAIRS if b != "eager"]
 # The Triton interpreter is slow: it gets the small shapes only.
-SHAPES = {"small": [(1, 7), (2, 1), (33, 16), (5, 768), (3, 1023)],
-          "large": [(33, 768), (4096, 16), (2048, 1023)]}
+SHAPES = {
+    "small": [(1, 7), (2, 1), (33, 16), (5, 768), (3, 1023)],
+    "large": [(33, 768), (4096, 16), (2048, 1023)],
+}
 
 
 def _shapes(backend, device):
@@ -66,12 +74,12 @@ def _compare(backend, device, force_backend, x, params, **kwargs):
 
     def run(fn, cast=None):
         stats = {} if rm is None else {"running_mean": rm.clone(), "running_std": rs.clone()}
-        cast_params = {k: (v if v is None or cast is None else v.to(cast))
-                       for k, v in params.items()}
+        cast_params = {
+            k: (v if v is None or cast is None else v.to(cast)) for k, v in params.items()
+        }
         xx = x if cast is None else x.to(cast)
         stats = {k: (v if cast is None else v.to(cast)) for k, v in stats.items()}
-        y, grads = _run(fn, xx, cast_params, dy if cast is None else dy.to(cast), **stats,
-                        **kwargs)
+        y, grads = _run(fn, xx, cast_params, dy if cast is None else dy.to(cast), **stats, **kwargs)
         return [y, *grads, *stats.values()]
 
     force_backend(backend)
@@ -95,16 +103,19 @@ def _params(F, dtype, gate="vec", affine=True, n=None):
         gate_t = torch.randn(F, generator=g, dtype=torch.float64).to(dtype)
     elif gate == "full":
         gate_t = torch.randn(n, F, generator=g, dtype=torch.float64).to(dtype)
-    return {"gate": gate_t,
-            "weight": torch.randn(F, generator=g, dtype=torch.float64).to(dtype) if affine else None,
-            "bias": torch.randn(F, generator=g, dtype=torch.float64).to(dtype) if affine else None}
+    return {
+        "gate": gate_t,
+        "weight": torch.randn(F, generator=g, dtype=torch.float64).to(dtype) if affine else None,
+        "bias": torch.randn(F, generator=g, dtype=torch.float64).to(dtype) if affine else None,
+    }
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape_index", range(8))
-def test_training_matches_reference_on_odd_sizes(backend, device, dtype, shape_index,
-                                                 force_backend):
+def test_training_matches_reference_on_odd_sizes(
+    backend, device, dtype, shape_index, force_backend
+):
     shapes = _shapes(backend, device)
     if shape_index >= len(shapes):
         pytest.skip("shape not run on this backend")
@@ -116,9 +127,19 @@ def test_training_matches_reference_on_odd_sizes(backend, device, dtype, shape_i
         x = torch.arange(N, dtype=torch.float64)[:, None] + 0.1 * x
     x = x.to(dtype)
     std_mode = "pooled" if shape_index % 2 else "class_mean"
-    _compare(backend, device, force_backend, x, _params(F, dtype), labels=_labels(N), training=True,
-             num_classes=10, std_mode=std_mode, running_mean=torch.zeros(F, dtype=dtype),
-             running_std=torch.ones(F, dtype=dtype))
+    _compare(
+        backend,
+        device,
+        force_backend,
+        x,
+        _params(F, dtype),
+        labels=_labels(N),
+        training=True,
+        num_classes=10,
+        std_mode=std_mode,
+        running_mean=torch.zeros(F, dtype=dtype),
+        running_std=torch.ones(F, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -133,10 +154,13 @@ def test_gate_affine_and_modes(backend, device, gate, affine, std_mode, training
     if training:
         kwargs["labels"] = torch.randint(0, 4, (N,))
     else:
-        kwargs.update(running_mean=torch.randn(F, dtype=torch.float64),
-                      running_std=torch.rand(F, dtype=torch.float64) + 0.5)
-    _compare(backend, device, force_backend, x, _params(F, torch.float64, gate, affine, N),
-             **kwargs)
+        kwargs.update(
+            running_mean=torch.randn(F, dtype=torch.float64),
+            running_std=torch.rand(F, dtype=torch.float64) + 0.5,
+        )
+    _compare(
+        backend, device, force_backend, x, _params(F, torch.float64, gate, affine, N), **kwargs
+    )
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -145,8 +169,16 @@ def test_gate_affine_and_modes(backend, device, gate, affine, std_mode, training
 def test_half_precision(backend, device, dtype, gate, force_backend):
     N, F = 40, 24
     x = torch.randn(N, F).to(dtype)
-    _compare(backend, device, force_backend, x, _params(F, dtype, gate, True, N), labels=_labels(N),
-             training=True, num_classes=10)
+    _compare(
+        backend,
+        device,
+        force_backend,
+        x,
+        _params(F, dtype, gate, True, N),
+        labels=_labels(N),
+        training=True,
+        num_classes=10,
+    )
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -155,12 +187,27 @@ def test_three_d_and_non_contiguous_input(backend, device, force_backend):
     x3d = base.transpose(0, 1)  # (9, 5, 6), non-contiguous
     assert not x3d.is_contiguous()
     labels = torch.randint(0, 3, (9, 5))
-    _compare(backend, device, force_backend, x3d, _params(6, torch.float64, None, True)
-             | {"gate": torch.randn(9, 5, 6, dtype=torch.float64)},
-             labels=labels, training=True, num_classes=3)
+    _compare(
+        backend,
+        device,
+        force_backend,
+        x3d,
+        _params(6, torch.float64, None, True) | {"gate": torch.randn(9, 5, 6, dtype=torch.float64)},
+        labels=labels,
+        training=True,
+        num_classes=3,
+    )
     cols = torch.randn(12, 20, dtype=torch.float64)[:, ::2]  # strided features
-    _compare(backend, device, force_backend, cols, _params(10, torch.float64),
-             labels=_labels(12), training=True, num_classes=10)
+    _compare(
+        backend,
+        device,
+        force_backend,
+        cols,
+        _params(10, torch.float64),
+        labels=_labels(12),
+        training=True,
+        num_classes=10,
+    )
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -169,9 +216,13 @@ def test_per_task_statistics(backend, device, training, force_backend):
     N, F, T = 30, 5, 3
     x = torch.randn(N, F, dtype=torch.float64)
     tasks = torch.randint(0, 2, (N,))  # task 2 absent: its running row stays
-    kwargs = dict(task_ids=tasks, training=training, num_classes=3,
-                  running_mean=torch.randn(T, F, dtype=torch.float64),
-                  running_std=torch.rand(T, F, dtype=torch.float64) + 0.5)
+    kwargs = dict(
+        task_ids=tasks,
+        training=training,
+        num_classes=3,
+        running_mean=torch.randn(T, F, dtype=torch.float64),
+        running_std=torch.rand(T, F, dtype=torch.float64) + 0.5,
+    )
     if training:
         kwargs["labels"] = torch.randint(0, 3, (N,))
     _compare(backend, device, force_backend, x, _params(F, torch.float64), **kwargs)
@@ -182,22 +233,32 @@ def test_per_task_statistics(backend, device, training, force_backend):
 def test_imbalance_singleton_and_constant_feature(backend, device, num_classes, force_backend):
     N, F = 52, 4
     x = torch.randn(N, F, dtype=torch.float64)
-    x[:, 2] = 3.0                                    # a constant feature
+    x[:, 2] = 3.0  # a constant feature
     if num_classes == 2:
-        labels = torch.tensor([0] * 51 + [1])        # 51:1, the minority a singleton
+        labels = torch.tensor([0] * 51 + [1])  # 51:1, the minority a singleton
     else:
-        labels = torch.tensor([0] * 50 + [1, 2])     # 1:50, two singletons, class 3 absent
+        labels = torch.tensor([0] * 50 + [1, 2])  # 1:50, two singletons, class 3 absent
     for std_mode in ("class_mean", "pooled"):
-        _compare(backend, device, force_backend, x, _params(F, torch.float64), labels=labels,
-                 training=True, num_classes=num_classes, std_mode=std_mode)
+        _compare(
+            backend,
+            device,
+            force_backend,
+            x,
+            _params(F, torch.float64),
+            labels=labels,
+            training=True,
+            num_classes=num_classes,
+            std_mode=std_mode,
+        )
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("std_mode", ["class_mean", "pooled"])
 @pytest.mark.parametrize("value", [-2.0, 3.0])
-def test_constant_feature_gives_the_bias_exactly(backend, device, dtype, std_mode, value,
-                                                  force_backend):
+def test_constant_feature_gives_the_bias_exactly(
+    backend, device, dtype, std_mode, value, force_backend
+):
     """Found by tests/test_properties.py: with a constant feature sigma is
     (about) 0, so y = (u - mu) / (sigma + eps) and the rounding of the class
     mean (15 equal rows of u = x * sigmoid(gate) do not sum exactly) came
@@ -209,8 +270,17 @@ def test_constant_feature_gives_the_bias_exactly(backend, device, dtype, std_mod
     gate = torch.tensor([-0.0877], dtype=dtype, device=device, requires_grad=True)
     bias = torch.tensor([0.25], dtype=dtype, device=device)
     labels = torch.zeros(3, 5, dtype=torch.long, device=device)
-    y = fused_iwn(x, labels, gate, torch.ones(1, dtype=dtype, device=device), bias,
-                  training=True, num_classes=1, std_mode=std_mode, eps=1e-5)
+    y = fused_iwn(
+        x,
+        labels,
+        gate,
+        torch.ones(1, dtype=dtype, device=device),
+        bias,
+        training=True,
+        num_classes=1,
+        std_mode=std_mode,
+        eps=1e-5,
+    )
     assert torch.equal(y, torch.full_like(y, 0.25))
     (dgate,) = torch.autograd.grad(y, gate, torch.randn(y.shape).to(y))
     assert torch.equal(dgate, torch.zeros_like(dgate))
@@ -248,8 +318,20 @@ def test_large_constant_feature_over_many_chunks(backend, device, std_mode, forc
     x.requires_grad_(True)
     running_mean = torch.zeros(K + 1, device=device)
     running_std = torch.zeros(K + 1, device=device)
-    y = fused_iwn(x, labels, None, weight, bias, running_mean, running_std, training=True,
-                  momentum=1.0, num_classes=C, std_mode=std_mode, eps=1e-5)
+    y = fused_iwn(
+        x,
+        labels,
+        None,
+        weight,
+        bias,
+        running_mean,
+        running_std,
+        training=True,
+        momentum=1.0,
+        num_classes=C,
+        std_mode=std_mode,
+        eps=1e-5,
+    )
     (dx,) = torch.autograd.grad(y, x, dy)
     assert torch.equal(running_mean[:K], values.to(device))
     assert running_std[:K].abs().max() <= 1e-8  # class_mean: the mean of the s_c (all >= 0)
@@ -257,8 +339,9 @@ def test_large_constant_feature_over_many_chunks(backend, device, std_mode, forc
     d = dy[:, :K].double()
     per_row = C * torch.bincount(labels, minlength=C)[labels].double().unsqueeze(1)  # C' n_c
     exact = (d - d.sum(0) / per_row) * weight[:K].double() / 1e-5
-    torch.testing.assert_close(dx[:, :K].double(), exact, rtol=1e-5,
-                               atol=1e-6 * exact.abs().max().item())
+    torch.testing.assert_close(
+        dx[:, :K].double(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
@@ -277,8 +360,9 @@ def test_merged_m2_is_the_sum_of_squares_about_the_merged_mean(backend, device, 
     x = u.float().to(device)
     keys = (torch.arange(N) % G).to(torch.int32).to(device)
     count, mean, m2, residual = torch.ops.surgellm._iwn_group_moments(x, keys, None, G)
-    group_std, _mu, _sigma = torch.ops.surgellm._iwn_combine(count, mean, m2, residual, 1, False,
-                                                            0.1, None, None)
+    group_std, _mu, _sigma = torch.ops.surgellm._iwn_combine(
+        count, mean, m2, residual, 1, False, 0.1, None, None
+    )
     u = u.float().double()  # the float32 values, exactly
     for k in range(G):
         rows = u[k::G]
@@ -286,8 +370,9 @@ def test_merged_m2_is_the_sum_of_squares_about_the_merged_mean(backend, device, 
         assert count[k].item() == rows.shape[0]
         torch.testing.assert_close(m2[k].double().cpu(), (dev * dev).sum(0), rtol=1e-5, atol=0)
         torch.testing.assert_close(residual[k].double().cpu(), dev.mean(0), rtol=0, atol=1e-8)
-        torch.testing.assert_close(group_std[k].double().cpu(), rows.std(0, correction=0),
-                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            group_std[k].double().cpu(), rows.std(0, correction=0), rtol=1e-5, atol=0
+        )
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
@@ -303,17 +388,21 @@ def test_gradcheck(backend, device, gate, std_mode, force_backend):
     names = [k for k, v in params.items() if v is not None]
 
     def fn(xx, *ps):
-        return fused_iwn(xx, labels, training=True, num_classes=5, std_mode=std_mode,
-                         **dict(zip(names, ps)))
+        return fused_iwn(
+            xx, labels, training=True, num_classes=5, std_mode=std_mode, **dict(zip(names, ps))
+        )
 
     # fast_mode (random projections) keeps the Triton interpreter's runs short
     fast = backend == "triton" and device == "cpu"
     assert torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=fast)
 
     def fn_eval(xx, *ps):
-        return fused_iwn(xx, running_mean=torch.ones(F, dtype=torch.float64, device=device),
-                         running_std=torch.full((F,), 2.0, dtype=torch.float64, device=device),
-                         **dict(zip(names, ps)))
+        return fused_iwn(
+            xx,
+            running_mean=torch.ones(F, dtype=torch.float64, device=device),
+            running_std=torch.full((F,), 2.0, dtype=torch.float64, device=device),
+            **dict(zip(names, ps)),
+        )
 
     assert torch.autograd.gradcheck(fn_eval, tuple(leaves), fast_mode=fast)
 
@@ -330,12 +419,16 @@ def test_bitwise_deterministic_across_runs_and_threads(backend, device, force_ba
     def run():
         y = fused_iwn(x, labels, gate, training=True, num_classes=10)
         return (y, *torch.autograd.grad(y, (x, gate), dy))
+
     assert_same_bits_across_threads(run)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_empty_batch_in_eval(backend, device, force_backend):
     force_backend(backend)
-    y = fused_iwn(torch.randn(0, 4, device=device), running_mean=torch.zeros(4, device=device),
-                  running_std=torch.ones(4, device=device))
+    y = fused_iwn(
+        torch.randn(0, 4, device=device),
+        running_mean=torch.zeros(4, device=device),
+        running_std=torch.ones(4, device=device),
+    )
     assert y.shape == (0, 4)

@@ -1,14 +1,21 @@
 """fused_surgical_gate on every (backend, device) present against the
 reference, forward and every gradient; the fused module against the
 reference module; bad input."""
+
 import pytest
 import torch
 
 from surgellm_kernels import FusedSurgicalGate, SurgicalGate, fused_surgical_gate
 from surgellm_kernels.ops.reference import surgical_gate_reference
 
-from _helpers import (assert_as_accurate_as_reference, assert_close,
-                      assert_same_bits_across_threads, device_backends, on_device, TorchCalls)
+from _helpers import (
+    TorchCalls,
+    assert_as_accurate_as_reference,
+    assert_close,
+    assert_same_bits_across_threads,
+    device_backends,
+    on_device,
+)
 
 PAIRS = device_backends()
 KERNEL_PAIRS = [(b, d) for b, d in PAIRS if b != "eager"]
@@ -25,8 +32,10 @@ def _inputs(shape, dtype, affine=True, seed=0, logit_scale=1.0):
     d = shape[-1]
     h, s = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
     logits = torch.randn(shape, generator=g, dtype=torch.float64) * logit_scale
-    params = {"weight": torch.randn(d, generator=g, dtype=torch.float64) if affine else None,
-              "bias": torch.randn(d, generator=g, dtype=torch.float64) if affine else None}
+    params = {
+        "weight": torch.randn(d, generator=g, dtype=torch.float64) if affine else None,
+        "bias": torch.randn(d, generator=g, dtype=torch.float64) if affine else None,
+    }
     dz = torch.randn(shape, generator=g, dtype=torch.float64)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return [cast(t) for t in (h, s, logits)], {k: cast(v) for k, v in params.items()}, cast(dz)
@@ -36,8 +45,7 @@ def _run(fn, tensors, params, dz, cast=None):
     """z and the gradients of every input present (in the inputs' dtype)."""
     conv = (lambda t: t) if cast is None else (lambda t: t.to(cast))
     leaves = [conv(t).detach().requires_grad_(True) for t in tensors]
-    p = {k: None if v is None else conv(v).detach().requires_grad_(True)
-         for k, v in params.items()}
+    p = {k: None if v is None else conv(v).detach().requires_grad_(True) for k, v in params.items()}
     z = fn(*leaves, **p)
     wrt = leaves + [v for v in p.values() if v is not None]
     return [z.detach(), *torch.autograd.grad(z, wrt, conv(dz))]
@@ -117,8 +125,8 @@ def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backen
     h, s, logits = tensors
     logits[:3] = 80.0
     logits[3:] = -80.0
-    h[1], s[1] = 0.1, 0.1             # constant blend, g = 1
-    s[4] = -0.3                       # constant blend, g = 0
+    h[1], s[1] = 0.1, 0.1  # constant blend, g = 1
+    s[4] = -0.3  # constant blend, g = 0
     (h, s, logits), params, dz = on_device(device, [h, s, logits], params, dz)
     z = fused_surgical_gate(h, s, logits, **params)
     assert torch.isfinite(z).all()
@@ -141,7 +149,9 @@ def test_one_call_is_one_op(force_backend):
 
 @pytest.mark.parametrize("backend,device", [p for p in KERNEL_PAIRS if p[0] == "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("d,rows", [(17, 5), (100, 33), (64, 2)])
+@pytest.mark.parametrize(
+    "d,rows", [(17, 5), pytest.param(100, 33, marks=pytest.mark.slow), (64, 2)]
+)
 def test_triton_rows_in_blocks(backend, device, dtype, d, rows, force_backend, monkeypatch):
     """Rows longer than one block, which the kernels read block by block
     (TILE_BYTES made small so that the interpreter gets such rows too):
@@ -162,8 +172,10 @@ def test_triton_rows_in_blocks(backend, device, dtype, d, rows, force_backend, m
         leaves = [t[1:].detach().requires_grad_(True) for t in (h, s, logits)]
         leaves += [p.detach().requires_grad_(True) for p in params.values()]
         assert torch.autograd.gradcheck(
-            lambda a, b, c, w, bias: fused_surgical_gate(a, b, c, w, bias), tuple(leaves),
-            fast_mode=_interpreted(backend, device))
+            lambda a, b, c, w, bias: fused_surgical_gate(a, b, c, w, bias),
+            tuple(leaves),
+            fast_mode=_interpreted(backend, device),
+        )
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
@@ -173,7 +185,8 @@ def test_gradcheck(backend, device, affine, force_backend):
     tensors, params, _ = _inputs((5, 6), torch.float64, affine=affine)
     tensors, params = on_device(device, tensors, params)
     leaves = [t.requires_grad_(True) for t in tensors] + [
-        p.requires_grad_(True) for p in params.values() if p is not None]
+        p.requires_grad_(True) for p in params.values() if p is not None
+    ]
     names = [k for k, v in params.items() if v is not None]
 
     def fn(h, s, logits, *ps):
@@ -201,6 +214,7 @@ def test_empty_input(backend, device, force_backend):
 
 
 # -- the module ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_module_matches_reference_module(backend, device, force_backend):
@@ -234,8 +248,7 @@ def test_gate_linear_uses_views_of_one_weight():
     s_proj = torch.relu(module.feature_projection(s))
     h_task = h + module.alpha * module.task_embedding(torch.zeros(3, dtype=torch.long))
     logits = module.gate(torch.cat([h_task, s_proj], -1))
-    expected = surgical_gate_reference(h_task, s_proj, logits, module.norm.weight,
-                                       module.norm.bias)
+    expected = surgical_gate_reference(h_task, s_proj, logits, module.norm.weight, module.norm.bias)
     z = module(h, s)
     torch.testing.assert_close(z, expected)
     seen, stack = set(), [z.grad_fn]
@@ -272,19 +285,25 @@ def test_compile_fullgraph(backend, force_backend):
 H = torch.randn(2, 4)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(s=torch.randn(2, 3)), ValueError, r"s must have the shape of h"),
-    (dict(gate_logits=torch.randn(4, 2)), ValueError, r"gate_logits must have the shape of h"),
-    (dict(s=H.double()), TypeError, r"s must have the dtype of h"),
-    (dict(gate_logits=torch.ones(2, 4, dtype=torch.int32)), TypeError,
-     "gate_logits must be a floating"),
-    (dict(h=torch.ones(2, 4, dtype=torch.int64)), TypeError, "h must be a floating"),
-    (dict(weight=torch.ones(3)), ValueError, r"weight must have shape \(4,\)"),
-    (dict(bias=torch.ones(5)), ValueError, r"bias must have shape \(4,\)"),
-    (dict(s=H.to("meta")), ValueError, "s is on meta but h is on cpu"),
-    (dict(eps=0.0), ValueError, "eps must be a positive number"),
-    (dict(eps=-1e-5), ValueError, "eps must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(s=torch.randn(2, 3)), ValueError, r"s must have the shape of h"),
+        (dict(gate_logits=torch.randn(4, 2)), ValueError, r"gate_logits must have the shape of h"),
+        (dict(s=H.double()), TypeError, r"s must have the dtype of h"),
+        (
+            dict(gate_logits=torch.ones(2, 4, dtype=torch.int32)),
+            TypeError,
+            "gate_logits must be a floating",
+        ),
+        (dict(h=torch.ones(2, 4, dtype=torch.int64)), TypeError, "h must be a floating"),
+        (dict(weight=torch.ones(3)), ValueError, r"weight must have shape \(4,\)"),
+        (dict(bias=torch.ones(5)), ValueError, r"bias must have shape \(4,\)"),
+        (dict(s=H.to("meta")), ValueError, "s is on meta but h is on cpu"),
+        (dict(eps=0.0), ValueError, "eps must be a positive number"),
+        (dict(eps=-1e-5), ValueError, "eps must be a positive number"),
+    ],
+)
 @pytest.mark.parametrize("fn", [fused_surgical_gate, surgical_gate_reference])
 def test_bad_input(fn, kwargs, error, match):
     args = dict(h=H, s=H, gate_logits=H) | kwargs

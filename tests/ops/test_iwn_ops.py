@@ -2,6 +2,7 @@
 phase ops called directly, and the defects a review of the GPU paths found
 (each test fails on the code before its fix where this machine can show it;
 the CUDA-only ones run on a GPU machine)."""
+
 import subprocess
 import sys
 import textwrap
@@ -16,8 +17,9 @@ from surgellm_kernels.ops.reference import iwn_reference
 from _helpers import TOLERANCES, TorchCalls, device_backends
 
 KERNEL_PAIRS = [(b, d) for b, d in device_backends() if b != "eager"]
-needs_extension = pytest.mark.skipif(not backends()["cpu"].available,
-                                     reason="the C++ extension is not built")
+needs_extension = pytest.mark.skipif(
+    not backends()["cpu"].available, reason="the C++ extension is not built"
+)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -31,9 +33,14 @@ def test_one_call_is_one_op(training, tasks, force_backend):
     force_backend("cpu")
     x = torch.randn(8, 4, requires_grad=True)
     labels = torch.randint(0, 3, (8,))
-    kwargs = dict(gate=torch.zeros(4, requires_grad=True), weight=torch.ones(4),
-                  bias=torch.zeros(4), running_mean=torch.zeros(2, 4),
-                  running_std=torch.ones(2, 4), task_ids=torch.randint(0, 2, (8,)))
+    kwargs = dict(
+        gate=torch.zeros(4, requires_grad=True),
+        weight=torch.ones(4),
+        bias=torch.zeros(4),
+        running_mean=torch.zeros(2, 4),
+        running_std=torch.ones(2, 4),
+        task_ids=torch.randint(0, 2, (8,)),
+    )
     if not tasks:
         kwargs.update(running_mean=torch.zeros(4), running_std=torch.ones(4), task_ids=None)
     with TorchCalls() as recorded:
@@ -51,13 +58,18 @@ def test_strided_gate_weight_bias(backend, device, force_backend):
     F = 6
     x = torch.randn(20, F, dtype=torch.float64, device=device)
     labels = torch.randint(0, 3, (20,), device=device)
-    params = {k: torch.randn(2 * F, dtype=torch.float64, device=device)[::2].requires_grad_(True)
-              for k in ("gate", "weight", "bias")}
+    params = {
+        k: torch.randn(2 * F, dtype=torch.float64, device=device)[::2].requires_grad_(True)
+        for k in ("gate", "weight", "bias")
+    }
     assert not params["gate"].is_contiguous()
     for training in (True, False):
-        kwargs = dict(training=training, num_classes=3, running_mean=torch.zeros(F, device=device,
-                      dtype=torch.float64), running_std=torch.ones(F, device=device,
-                      dtype=torch.float64))
+        kwargs = dict(
+            training=training,
+            num_classes=3,
+            running_mean=torch.zeros(F, device=device, dtype=torch.float64),
+            running_std=torch.ones(F, device=device, dtype=torch.float64),
+        )
         y = fused_iwn(x, labels, **params, **kwargs)
         grads = torch.autograd.grad(y.square().sum(), list(params.values()))
         contiguous = {k: v.detach().contiguous().requires_grad_(True) for k, v in params.items()}
@@ -79,8 +91,11 @@ def test_outlier_first_row_float32_moments(backend, device, force_backend):
     x[0] = 1000.0  # the first row of class 0 is an outlier
     labels = torch.zeros(N, dtype=torch.long)
     labels[1::2] = 1
-    fused = fused_iwn(x.float().to(device), labels.to(device), training=True,
-                      num_classes=2).double().cpu()
+    fused = (
+        fused_iwn(x.float().to(device), labels.to(device), training=True, num_classes=2)
+        .double()
+        .cpu()
+    )
     # the same float32 input, reduced exactly (in float64): the error budget
     # of a stable float32 reduction of it
     exact = iwn_reference(x.float().double(), labels, training=True, num_classes=2)
@@ -92,8 +107,9 @@ def test_outlier_first_row_float32_moments(backend, device, force_backend):
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
 @pytest.mark.parametrize("std_mode", ["class_mean", "pooled"])
-def test_float32_gradient_where_class_rows_nearly_coincide(backend, device, std_mode,
-                                                           force_backend):
+def test_float32_gradient_where_class_rows_nearly_coincide(
+    backend, device, std_mode, force_backend
+):
     """Two rows of a class 1e-3 apart at an offset of ~1: s_c is tiny, and the
     float32 rounding of the class mean is first-order in u - mean. The input
     gradient must stay as accurate as autograd through the eager reference
@@ -101,7 +117,7 @@ def test_float32_gradient_where_class_rows_nearly_coincide(backend, device, std_
     force_backend(backend)
     g = torch.Generator().manual_seed(61)
     x = (torch.randn(33, 16, generator=g, dtype=torch.float64) * 2 + 0.5).float()
-    labels = (torch.arange(33) % 10)
+    labels = torch.arange(33) % 10
     labels[labels == 3] = 4
     x[labels == 0, 7] = torch.tensor([1.142265796661377, 1.1413174867630005, 1.1417, 1.1419])
     dy = torch.randn(33, 16, generator=g, dtype=torch.float64).float()
@@ -129,10 +145,11 @@ def test_device_keys_check_ranges_as_the_cpu_keys_do():
     for args in [(labels, tasks, 2, 3), (labels, None, 1, 3), (None, tasks, 2, 1)]:
         assert torch.equal(op.redispatch(cuda_kernel, *args), op(*args))
     for args, message in [
-            ((labels + 1, tasks, 2, 3), r"labels must lie in \[0, 3\), got values in \[1, 3\]"),
-            ((labels - 1, None, 1, 3), r"labels must lie in \[0, 3\), got values in \[-1, 1\]"),
-            ((labels, tasks * 2, 2, 3), r"task_ids must lie in \[0, 2\), got values in \[0, 2\]"),
-            ((None, tasks - 1, 2, 1), r"task_ids must lie in \[0, 2\), got values in \[-1, 0\]")]:
+        ((labels + 1, tasks, 2, 3), r"labels must lie in \[0, 3\), got values in \[1, 3\]"),
+        ((labels - 1, None, 1, 3), r"labels must lie in \[0, 3\), got values in \[-1, 1\]"),
+        ((labels, tasks * 2, 2, 3), r"task_ids must lie in \[0, 2\), got values in \[0, 2\]"),
+        ((None, tasks - 1, 2, 1), r"task_ids must lie in \[0, 2\), got values in \[-1, 0\]"),
+    ]:
         for call in (op, lambda *a: op.redispatch(cuda_kernel, *a)):
             with pytest.raises(ValueError, match=message):
                 call(*args)
@@ -171,20 +188,20 @@ def test_in_place_change_before_backward_raises(backend, device, force_backend):
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
-def test_running_statistics_of_other_dtypes_and_layouts_are_updated(backend, device,
-                                                                    force_backend):
+def test_running_statistics_of_other_dtypes_and_layouts_are_updated(backend, device, force_backend):
     """Each running buffer is updated, whichever of them needs a temporary."""
     force_backend(backend)
     x = torch.randn(12, 5, dtype=torch.float64, device=device)
     labels = torch.randint(0, 3, (12,), device=device)
-    for rm, rs in ((torch.zeros(5, device=device, dtype=torch.float64),
-                    torch.ones(10, device=device)[::2]),
-                   (torch.zeros(5, device=device), torch.ones(5, device=device,
-                                                            dtype=torch.float64))):
+    for rm, rs in (
+        (torch.zeros(5, device=device, dtype=torch.float64), torch.ones(10, device=device)[::2]),
+        (torch.zeros(5, device=device), torch.ones(5, device=device, dtype=torch.float64)),
+    ):
         rm_ref, rs_ref = rm.clone(), rs.clone()
         fused_iwn(x, labels, running_mean=rm, running_std=rs, training=True, num_classes=3)
-        iwn_reference(x, labels, running_mean=rm_ref, running_std=rs_ref, training=True,
-                      num_classes=3)
+        iwn_reference(
+            x, labels, running_mean=rm_ref, running_std=rs_ref, training=True, num_classes=3
+        )
         torch.testing.assert_close(rm, rm_ref)
         torch.testing.assert_close(rs, rs_ref)
 
@@ -199,8 +216,14 @@ def test_direct_calls_with_bad_shapes_raise(force_backend):
     x, labels = torch.randn(6, 4), torch.zeros(6, dtype=torch.long)
     tasks = torch.tensor([0, 1, 2, 3, 0, 1])
     with pytest.raises(ValueError, match=r"task_ids were given but running_mean has shape"):
-        torch.ops.surgellm.iwn(x, labels, running_mean=torch.zeros(4), running_std=torch.ones(4),
-                               task_ids=tasks, training=True)
+        torch.ops.surgellm.iwn(
+            x,
+            labels,
+            running_mean=torch.zeros(4),
+            running_std=torch.ones(4),
+            task_ids=tasks,
+            training=True,
+        )
     with pytest.raises(RuntimeError, match=r"F > 0"):
         torch.ops.surgellm._iwn_group_moments(torch.randn(3, 0), None, None, 1)
     with pytest.raises(ValueError, match=r"gate must have shape \(4,\)"):
@@ -213,14 +236,18 @@ def test_triton_kernels_skip_invalid_keys(force_backend):
     capture, where they cannot be checked) are left out of the statistics and give NaN rows."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     force_backend("triton")
-    fused_iwn(torch.randn(2, 3, device=device), torch.zeros(2, dtype=torch.long, device=device),
-              training=True)  # registers the Triton kernels for this device
+    fused_iwn(
+        torch.randn(2, 3, device=device),
+        torch.zeros(2, dtype=torch.long, device=device),
+        training=True,
+    )  # registers the Triton kernels for this device
     x = torch.randn(6, 3, dtype=torch.float64, device=device)
     keys = torch.tensor([0, 1, -1, 1, 5, 0], dtype=torch.int32, device=device)
     count, mean, m2, _ = torch.ops.surgellm._iwn_group_moments(x, keys, None, 2)
     valid = torch.tensor([0, 1, 3, 5], device=device)
     exp_count, exp_mean, exp_m2, _ = torch.ops.surgellm._iwn_group_moments(
-        x[valid], keys[valid].contiguous(), None, 2)
+        x[valid], keys[valid].contiguous(), None, 2
+    )
     torch.testing.assert_close(count, exp_count)
     torch.testing.assert_close(mean, exp_mean)
     torch.testing.assert_close(m2, exp_m2)
@@ -257,6 +284,7 @@ def test_group_scratch_is_bounded_on_cpu():
 
 # -- on CUDA only -------------------------------------------------------------------
 
+
 @needs_cuda
 @pytest.mark.parametrize("backend", [b for b, d in KERNEL_PAIRS if d == "cuda"])
 def test_cuda_backward_makes_no_host_sync(backend, force_backend):
@@ -285,13 +313,20 @@ def test_cuda_out_of_range_labels_raise_before_launch(backend, force_backend):
     rm, rs = torch.zeros(2, 3, device="cuda"), torch.ones(2, 3, device="cuda")
     before = rm.clone(), rs.clone()
     for labels, tasks, message in [
-            ([0, 1, 9, 1, 0, 0], [0] * 6, r"labels must lie in \[0, 2\), got values in \[0, 9\]"),
-            ([0, 1, 0, 1, -2, 0], [0] * 6, r"labels must lie in \[0, 2\), got values in \[-2, 1\]"),
-            ([0] * 6, [0, 1, 3, 0, 0, 0], r"task_ids must lie in \[0, 2\), got values in \[0, 3\]")]:
+        ([0, 1, 9, 1, 0, 0], [0] * 6, r"labels must lie in \[0, 2\), got values in \[0, 9\]"),
+        ([0, 1, 0, 1, -2, 0], [0] * 6, r"labels must lie in \[0, 2\), got values in \[-2, 1\]"),
+        ([0] * 6, [0, 1, 3, 0, 0, 0], r"task_ids must lie in \[0, 2\), got values in \[0, 3\]"),
+    ]:
         with pytest.raises(ValueError, match=message):
-            fused_iwn(x, torch.tensor(labels, device="cuda"), training=True, num_classes=2,
-                      task_ids=torch.tensor(tasks, device="cuda"), running_mean=rm,
-                      running_std=rs)
+            fused_iwn(
+                x,
+                torch.tensor(labels, device="cuda"),
+                training=True,
+                num_classes=2,
+                task_ids=torch.tensor(tasks, device="cuda"),
+                running_mean=rm,
+                running_std=rs,
+            )
         assert torch.equal(rm, before[0]) and torch.equal(rs, before[1])
 
 
@@ -331,8 +366,9 @@ def test_cuda_too_many_groups_is_a_clear_error(force_backend):
     force_backend("cuda")
     x = torch.randn(4, 2, device="cuda")
     with pytest.raises(RuntimeError, match="at most 12288 .task, class. groups"):
-        fused_iwn(x, torch.zeros(4, dtype=torch.long, device="cuda"), training=True,
-                  num_classes=20000)
+        fused_iwn(
+            x, torch.zeros(4, dtype=torch.long, device="cuda"), training=True, num_classes=20000
+        )
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -351,5 +387,6 @@ def test_kernels_run_on_the_inputs_device(backend, force_backend):
     y_ref = iwn_reference(xc, labels.cpu(), gc, training=True, num_classes=3)
     dx_ref, dgate_ref = torch.autograd.grad(y_ref.square().sum(), (xc, gc))
     for a, b in ((y, y_ref), (dx, dx_ref), (dgate, dgate_ref)):
-        torch.testing.assert_close(a.cpu(), b, rtol=TOLERANCES[torch.float64],
-                                   atol=TOLERANCES[torch.float64])
+        torch.testing.assert_close(
+            a.cpu(), b, rtol=TOLERANCES[torch.float64], atol=TOLERANCES[torch.float64]
+        )

@@ -2,10 +2,9 @@
 
 A bfloat16 x of 2,097,216 x 1024 (2^31 + 65,536 elements, 4.3 GB), eval and
 training forward on the CPU kernels, rows past element 2^31 checked against
-the reference. Slow and memory-hungry (about 9 GB): it runs when
-SURGELLM_SLOW_TESTS=1 (.ci/run sets it once).
+the reference. Slow and memory-hungry (about 9 GB): marked slow (run with
+`pytest -m slow`, as .ci/run does).
 """
-import os
 
 import pytest
 import torch
@@ -25,10 +24,10 @@ def _free_gib():
 
 
 pytestmark = [
-    pytest.mark.skipif(os.environ.get("SURGELLM_SLOW_TESTS") != "1",
-                       reason="slow: set SURGELLM_SLOW_TESTS=1 (.ci/run does)"),
-    pytest.mark.skipif(not backends(torch.device("cpu"))["cpu"].available,
-                       reason="the C++ extension is not built"),
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not backends(torch.device("cpu"))["cpu"].available, reason="the C++ extension is not built"
+    ),
 ]
 
 
@@ -50,14 +49,16 @@ def test_eval_and_training_forward_past_2_to_the_31(big, force_backend):
     checked = [0, N // 2, 2**31 // F, N - 2, N - 1]  # row 2^31 / F starts past element 2^31
     rm, rs = torch.randn(F), torch.rand(F) + 0.5
     y = fused_iwn(x, running_mean=rm, running_std=rs)
-    torch.testing.assert_close(y[checked], iwn_reference(x[checked], running_mean=rm,
-                                                         running_std=rs), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        y[checked], iwn_reference(x[checked], running_mean=rm, running_std=rs), rtol=1e-2, atol=1e-2
+    )
     del y
     # Training: with momentum 1 the running statistics become the batch's,
     # which one period of rows has too (every class sees the same rows).
     rm, rs = torch.zeros(F), torch.ones(F)
-    y = fused_iwn(x, labels, running_mean=rm, running_std=rs, training=True, momentum=1.0,
-                  num_classes=3)
+    y = fused_iwn(
+        x, labels, running_mean=rm, running_std=rs, training=True, momentum=1.0, num_classes=3
+    )
     mu, sigma, _ = class_balanced_statistics(x[:PERIOD].float(), labels[:PERIOD], 3)
     torch.testing.assert_close(rm, mu[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(rs, sigma[0], rtol=1e-4, atol=1e-4)
@@ -69,5 +70,6 @@ def test_eval_and_training_forward_past_2_to_the_31(big, force_backend):
     past = slice(2**31 // F, N)
     x[past] = torch.randn(x[past].shape, generator=torch.Generator().manual_seed(1)).to(x)
     y = fused_iwn(x, running_mean=rm, running_std=rs)
-    torch.testing.assert_close(y[past], iwn_reference(x[past], running_mean=rm, running_std=rs),
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        y[past], iwn_reference(x[past], running_mean=rm, running_std=rs), rtol=1e-2, atol=1e-2
+    )

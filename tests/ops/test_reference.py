@@ -1,4 +1,5 @@
 """The reference modules against hand-computed cases (the paper's Eq.3-11)."""
+
 import math
 
 import pytest
@@ -21,8 +22,8 @@ def _two_class_batch():
 def test_class_mean_and_pooled_by_hand():
     x, labels = _two_class_batch()
     mu, sigma, _ = class_balanced_statistics(x, labels, 2, std_mode="class_mean")
-    assert mu.item() == pytest.approx(5.5)          # (1 + 10) / 2, not 12 / 3
-    assert sigma.item() == pytest.approx(0.5)       # (1 + 0) / 2
+    assert mu.item() == pytest.approx(5.5)  # (1 + 10) / 2, not 12 / 3
+    assert sigma.item() == pytest.approx(0.5)  # (1 + 0) / 2
     _, pooled, _ = class_balanced_statistics(x, labels, 2, std_mode="pooled")
     # sqrt(((1 + 4.5^2) + (0 + 4.5^2)) / 2)
     assert pooled.item() == pytest.approx(math.sqrt(20.75))
@@ -38,8 +39,9 @@ def test_module_training_forward_by_hand(std_mode, sigma):
     torch.testing.assert_close(y, expected)
     # running statistics moved 10% of the way from (0, 1)
     torch.testing.assert_close(norm.running_mean, torch.tensor([[0.55]], dtype=torch.float64))
-    torch.testing.assert_close(norm.running_std,
-                               torch.tensor([[0.9 + 0.1 * sigma]], dtype=torch.float64))
+    torch.testing.assert_close(
+        norm.running_std, torch.tensor([[0.9 + 0.1 * sigma]], dtype=torch.float64)
+    )
 
 
 def test_eval_uses_running_statistics_and_affine_gate():
@@ -52,8 +54,10 @@ def test_eval_uses_running_statistics_and_affine_gate():
         norm.gate_logits.copy_(torch.tensor([0.0, 100.0]))  # gates 0.5 and ~1
     x = torch.tensor([[4.0, 3.0]], dtype=torch.float64)
     y = norm(x)
-    expected = torch.tensor([[(2.0 - 1.0) / (2.0 + EPS) * 3.0 + 0.5,
-                              (3.0 + 1.0) / (0.5 + EPS) * 4.0 - 0.5]], dtype=torch.float64)
+    expected = torch.tensor(
+        [[(2.0 - 1.0) / (2.0 + EPS) * 3.0 + 0.5, (3.0 + 1.0) / (0.5 + EPS) * 4.0 - 0.5]],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(y, expected)
 
 
@@ -84,14 +88,16 @@ def test_singleton_and_absent_classes_give_no_nan(std_mode):
         assert torch.isfinite(t).all()
     # absent classes are skipped: same as the batch relabelled without them
     relabelled = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])
-    y2 = iwn_reference(x.detach(), relabelled, gate.detach(), training=True, num_classes=3,
-                       std_mode=std_mode)
+    y2 = iwn_reference(
+        x.detach(), relabelled, gate.detach(), training=True, num_classes=3, std_mode=std_mode
+    )
     torch.testing.assert_close(y.detach(), y2)
 
 
 def test_constant_feature_gives_zero_sigma_gradient_not_nan():
-    x = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 3.0], [1.0, 2.0]], dtype=torch.float64,
-                     requires_grad=True)
+    x = torch.tensor(
+        [[1.0, 0.0], [1.0, 1.0], [1.0, 3.0], [1.0, 2.0]], dtype=torch.float64, requires_grad=True
+    )
     labels = torch.tensor([0, 0, 1, 1])
     y = iwn_reference(x, labels, training=True, num_classes=2)
     y.sum().backward()
@@ -104,8 +110,9 @@ def test_per_task_statistics_equal_separate_calls():
     labels = torch.randint(0, 3, (30,))
     tasks = torch.randint(0, 2, (30,))
     rm, rs = torch.zeros(3, 5, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64)
-    y = iwn_reference(x, labels, running_mean=rm, running_std=rs, task_ids=tasks, training=True,
-                      num_classes=3)
+    y = iwn_reference(
+        x, labels, running_mean=rm, running_std=rs, task_ids=tasks, training=True, num_classes=3
+    )
     for t in (0, 1):
         rows = tasks == t
         alone = iwn_reference(x[rows], labels[rows], training=True, num_classes=3)
@@ -137,7 +144,7 @@ def test_fit_matches_paper_and_streamed_fit_matches_whole():
     torch.testing.assert_close(whole.running_std[0], torch.from_numpy(sigma))
     streamed = InstanceWeightedNorm(6, num_classes=4).double()
     for start in range(0, 200, 7):
-        streamed.partial_fit(x[start:start + 7], labels[start:start + 7])
+        streamed.partial_fit(x[start : start + 7], labels[start : start + 7])
     streamed.fit()
     torch.testing.assert_close(streamed.running_mean, whole.running_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(streamed.running_std, whole.running_std, rtol=1e-12, atol=1e-12)
@@ -184,10 +191,10 @@ def test_surgical_gate_equations_by_hand():
     s = torch.randn(4, nf, dtype=torch.float64)
     tasks = torch.tensor([0, 2, 1, 2])
     z = gate(h, s, tasks)
-    h_t = h + 0.1 * gate.task_embedding.weight[tasks]                                  # Eq.3
+    h_t = h + 0.1 * gate.task_embedding.weight[tasks]  # Eq.3
     s_p = torch.relu(s @ gate.feature_projection.weight.T + gate.feature_projection.bias)  # Eq.5
-    g = torch.sigmoid(torch.cat([h_t, s_p], -1) @ gate.gate.weight.T + gate.gate.bias)     # Eq.6
-    fused = g * h_t + (1 - g) * s_p                                                       # Eq.7
+    g = torch.sigmoid(torch.cat([h_t, s_p], -1) @ gate.gate.weight.T + gate.gate.bias)  # Eq.6
+    fused = g * h_t + (1 - g) * s_p  # Eq.7
     mean = fused.mean(-1, keepdim=True)
     var = fused.var(-1, unbiased=False, keepdim=True)
     expected = (fused - mean) / torch.sqrt(var + 1e-5) * gate.norm.weight + gate.norm.bias
@@ -195,6 +202,7 @@ def test_surgical_gate_equations_by_hand():
 
 
 # -- the eager backend (the reference functionals) against formulas written out ----------
+
 
 def _iwn_by_loops(x, labels, task_ids, gate, weight, bias, std_mode, eps):
     """Eq.10-11 per task with Python loops over the classes present:
@@ -210,7 +218,7 @@ def _iwn_by_loops(x, labels, task_ids, gate, weight, bias, std_mode, eps):
         if std_mode == "class_mean":
             sigma = stds.mean(0)
         else:
-            sigma = (stds ** 2 + (means - mu) ** 2).mean(0).sqrt()
+            sigma = (stds**2 + (means - mu) ** 2).mean(0).sqrt()
         y[rows] = (u[rows] - mu) / (sigma + eps)
     return y * weight + bias
 
@@ -227,11 +235,22 @@ def test_eager_backend_matches_the_equations_written_out(std_mode, force_backend
     task_ids = (torch.arange(N) // 2) % T
     gate, weight, bias = (torch.randn(F, generator=g, dtype=torch.float64) for _ in range(3))
     rm, rs = torch.zeros(T, F, dtype=torch.float64), torch.ones(T, F, dtype=torch.float64)
-    y = fused_iwn(x, labels, gate=gate, weight=weight, bias=bias, running_mean=rm,
-                  running_std=rs, task_ids=task_ids, training=True, std_mode=std_mode,
-                  num_classes=C)
-    torch.testing.assert_close(y, _iwn_by_loops(x, labels, task_ids, gate, weight, bias,
-                                                std_mode, EPS))
+    y = fused_iwn(
+        x,
+        labels,
+        gate=gate,
+        weight=weight,
+        bias=bias,
+        running_mean=rm,
+        running_std=rs,
+        task_ids=task_ids,
+        training=True,
+        std_mode=std_mode,
+        num_classes=C,
+    )
+    torch.testing.assert_close(
+        y, _iwn_by_loops(x, labels, task_ids, gate, weight, bias, std_mode, EPS)
+    )
 
 
 @pytest.mark.parametrize("std_mode", ["class_mean", "pooled"])
@@ -239,11 +258,13 @@ def test_reference_gradients_against_finite_differences(std_mode):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(12, 3, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.arange(12) % 3
-    gate, weight, bias = (torch.randn(3, generator=g, dtype=torch.float64).requires_grad_(True)
-                          for _ in range(3))
+    gate, weight, bias = (
+        torch.randn(3, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(3)
+    )
     torch.autograd.gradcheck(
         lambda *a: iwn_reference(a[0], labels, *a[1:], training=True, std_mode=std_mode),
-        (x, gate, weight, bias))
+        (x, gate, weight, bias),
+    )
 
 
 def test_surgical_gate_reference_against_the_equations_written_out():
@@ -251,8 +272,10 @@ def test_surgical_gate_reference_against_the_equations_written_out():
 
     g = torch.Generator().manual_seed(7)
     h, s, logits = (torch.randn(5, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    weight, bias = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g,
-                                                                                dtype=torch.float64)
+    weight, bias = (
+        torch.randn(8, generator=g, dtype=torch.float64),
+        torch.randn(8, generator=g, dtype=torch.float64),
+    )
     gate = 1 / (1 + torch.exp(-logits))
     v = gate * h + (1 - gate) * s
     mean = v.sum(-1, keepdim=True) / 8

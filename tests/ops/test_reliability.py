@@ -1,15 +1,24 @@
 """Reliability: failed calls change nothing, non-finite inputs, threads,
 fork, checkpoints."""
+
 import io
 import threading
 
 import pytest
 import torch
 
+from surgellm_kernels import (
+    FusedInstanceWeightedNorm,
+    FusedSurgicalGate,
+    InstanceWeightedNorm,
+    SurgicalGate,
+    SyncInstanceWeightedNorm,
+    fused_iwn,
+    fused_surgical_gate,
+    lexical_features,
+)
+
 from _helpers import device_backends
-from surgellm_kernels import (FusedInstanceWeightedNorm, FusedSurgicalGate, InstanceWeightedNorm,
-                              SurgicalGate, SyncInstanceWeightedNorm, fused_iwn,
-                              fused_surgical_gate, lexical_features)
 
 CPU_PAIRS = [(b, d) for b, d in device_backends() if d == "cpu"]
 
@@ -18,8 +27,11 @@ def _snapshot(module):
     """Every piece of a module's state, cloned: parameters, buffers, fit state, flags."""
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     fit = getattr(module, "_fit_state", None)
-    return state, None if fit is None else [t.clone() for t in fit], getattr(module, "_frozen",
-                                                                             None)
+    return (
+        state,
+        None if fit is None else [t.clone() for t in fit],
+        getattr(module, "_frozen", None),
+    )
 
 
 def _assert_unchanged(module, before):
@@ -44,8 +56,11 @@ def _norm(cls=FusedInstanceWeightedNorm):
     return norm
 
 
-X, LABELS, TASKS = torch.randn(8, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.zeros(
-    8, dtype=torch.long)
+X, LABELS, TASKS = (
+    torch.randn(8, 6),
+    torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]),
+    torch.zeros(8, dtype=torch.long),
+)
 FAILING_CALLS = {  # (what, call(norm)) -- every one raises
     "labels out of range": lambda m: m(X, LABELS + 1, TASKS),
     "negative label": lambda m: m(X, LABELS - 1, TASKS),
@@ -106,8 +121,15 @@ def test_non_finite_input_poisons_its_feature_only(backend, device, std_mode, fo
     for inputs in (x, bad):
         rm = torch.zeros(5, dtype=torch.float64, device=device)
         rs = torch.ones(5, dtype=torch.float64, device=device)
-        y = fused_iwn(inputs, labels, running_mean=rm, running_std=rs, training=True,
-                      num_classes=3, std_mode=std_mode)
+        y = fused_iwn(
+            inputs,
+            labels,
+            running_mean=rm,
+            running_std=rs,
+            training=True,
+            num_classes=3,
+            std_mode=std_mode,
+        )
         results.append((y, rm, rs))
     (y, rm, rs), (y_bad, rm_bad, rs_bad) = results
     for f in (1, 2):
@@ -136,8 +158,9 @@ def test_non_finite_row_of_the_gate_stays_in_its_row(backend, device, force_back
 
 # Not the interpreted Triton kernels: Triton's interpreter keeps its grid in
 # a global and is not thread-safe (compiled Triton runs this on a GPU).
-@pytest.mark.parametrize("backend,device", [p for p in device_backends()
-                                            if p[0] != "eager" and p != ("triton", "cpu")])
+@pytest.mark.parametrize(
+    "backend,device", [p for p in device_backends() if p[0] != "eager" and p != ("triton", "cpu")]
+)
 def test_threads_give_the_serial_bits(backend, device, force_backend):
     """Four Python threads calling both ops at once on their own tensors get
     bitwise what one thread gets calling them in turn."""
@@ -168,6 +191,7 @@ def test_threads_give_the_serial_bits(backend, device, force_backend):
         start.wait()  # all four call at once
         for _ in range(3):
             threaded[i].append(work(*inputs[i]))
+
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
@@ -181,8 +205,12 @@ def test_threads_give_the_serial_bits(backend, device, force_backend):
 
 
 class _FeatureTexts(torch.utils.data.Dataset):
-    texts = ["A captivating film!", "Moreover, results show a 3% gain.", "I think, maybe?",
-             "Firstly, the data show (1) a rise."]
+    texts = [
+        "A captivating film!",
+        "Moreover, results show a 3% gain.",
+        "I think, maybe?",
+        "Firstly, the data show (1) a rise.",
+    ]
 
     def __len__(self):
         return 8
@@ -209,21 +237,26 @@ def test_the_ops_work_in_forked_dataloader_workers():
         torch.set_num_threads(threads)
     data = _FeatureTexts()
     expected = [data[i] for i in range(len(data))]
-    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2,
-                                         multiprocessing_context="fork", timeout=120)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=2, num_workers=2, multiprocessing_context="fork", timeout=120
+    )
     got = [row for s, y in loader for row in zip(s, y)]
     assert len(got) == len(expected)
     for (s, y), (s_ref, y_ref) in zip(got, expected):
         assert torch.equal(s, s_ref) and torch.equal(y, y_ref)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: InstanceWeightedNorm(6, 3, num_tasks=2, affine=True, gate=True),
-    lambda: FusedInstanceWeightedNorm(6, 3, std_mode="pooled"),
-    lambda: SyncInstanceWeightedNorm(6, 3, affine=True),
-    lambda: SurgicalGate(8, num_features=4, num_tasks=2),
-    lambda: FusedSurgicalGate(8, num_features=4),
-], ids=["iwn", "fused_iwn", "sync_iwn", "surgical_gate", "fused_surgical_gate"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: InstanceWeightedNorm(6, 3, num_tasks=2, affine=True, gate=True),
+        lambda: FusedInstanceWeightedNorm(6, 3, std_mode="pooled"),
+        lambda: SyncInstanceWeightedNorm(6, 3, affine=True),
+        lambda: SurgicalGate(8, num_features=4, num_tasks=2),
+        lambda: FusedSurgicalGate(8, num_features=4),
+    ],
+    ids=["iwn", "fused_iwn", "sync_iwn", "surgical_gate", "fused_surgical_gate"],
+)
 def test_state_dicts_load_with_weights_only(make):
     """Every module's state_dict is plain tensors: torch.load(weights_only=True)
     reads it, and a fresh module loads it to the same state."""
@@ -234,8 +267,11 @@ def test_state_dicts_load_with_weights_only(make):
             if t.is_floating_point():
                 t.normal_()
     if isinstance(module, InstanceWeightedNorm):
-        module.fit(torch.randn(20, 6), torch.randint(0, 3, (20,)),
-                   torch.randint(0, module.num_tasks, (20,)) if module.num_tasks > 1 else None)
+        module.fit(
+            torch.randn(20, 6),
+            torch.randint(0, 3, (20,)),
+            torch.randint(0, module.num_tasks, (20,)) if module.num_tasks > 1 else None,
+        )
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     buffer.seek(0)

@@ -14,6 +14,7 @@ without a GPU) ``@triton.jit`` gives interpreter objects that cannot be
 compiled, so the compilation runs in a subprocess without that variable (this
 file is also that subprocess's script).
 """
+
 import json
 import os
 import re
@@ -44,65 +45,154 @@ def _cases():
     the pointer arguments whose addresses must be computed in int64)."""
     cases = []
 
-    for dt, mode, keys, one in (("fp32", 1, True, False), ("bf16", 2, True, True),
-                                ("fp64", 0, False, False), ("fp32", 0, True, True)):
+    for dt, mode, keys, one in (
+        ("fp32", 1, True, False),
+        ("bf16", 2, True, True),
+        ("fp64", 0, False, False),
+        ("fp32", 0, True, True),
+    ):
         data, acc, gate = _rows_sig(dt, mode)
-        sig = dict(x_ptr=data, gate_ptr=gate, keys_ptr="*i32", pcount_ptr=acc, pmean_ptr=acc,
-                   pm2_ptr=acc, pres_ptr=acc, N="i32", F="i32", G="i32", ROWS_PER_CHUNK="i32")
-        const = dict(GATE_MODE=mode, HAS_KEYS=keys, ONE_CHUNK=one, ACC=acc, BLOCK_N=8,
-                     BLOCK_F=64, GROUP_TILE=16)
+        sig = dict(
+            x_ptr=data,
+            gate_ptr=gate,
+            keys_ptr="*i32",
+            pcount_ptr=acc,
+            pmean_ptr=acc,
+            pm2_ptr=acc,
+            pres_ptr=acc,
+            N="i32",
+            F="i32",
+            G="i32",
+            ROWS_PER_CHUNK="i32",
+        )
+        const = dict(
+            GATE_MODE=mode,
+            HAS_KEYS=keys,
+            ONE_CHUNK=one,
+            ACC=acc,
+            BLOCK_N=8,
+            BLOCK_F=64,
+            GROUP_TILE=16,
+        )
         wide = ["x_ptr", "pcount_ptr", "pmean_ptr", "pm2_ptr", "pres_ptr"]
         wide += ["keys_ptr"] if keys else []
         wide += ["gate_ptr"] if mode == 2 else []
-        cases.append((f"moments_partial-{dt}-gate{mode}-keys{int(keys)}-one{int(one)}",
-                      "_moments_partial", sig, const, wide))
+        cases.append(
+            (
+                f"moments_partial-{dt}-gate{mode}-keys{int(keys)}-one{int(one)}",
+                "_moments_partial",
+                sig,
+                const,
+                wide,
+            )
+        )
 
     for dt in ("fp32", "fp64"):
         acc = _DT[dt][1]
         sig = dict(p_ptr=acc, out_ptr=acc, M="i32", NUM_CHUNKS="i32")
-        cases.append((f"sum_chunks-{dt}", "_sum_chunks", sig, dict(ACC=acc, BLOCK=256),
-                      ["p_ptr", "out_ptr"]))
+        cases.append(
+            (f"sum_chunks-{dt}", "_sum_chunks", sig, dict(ACC=acc, BLOCK=256), ["p_ptr", "out_ptr"])
+        )
 
-    for dt, mode, keys, affine in (("fp32", 1, True, True), ("bf16", 2, True, False),
-                                   ("fp64", 0, False, True)):
+    for dt, mode, keys, affine in (
+        ("fp32", 1, True, True),
+        ("bf16", 2, True, False),
+        ("fp64", 0, False, True),
+    ):
         data, acc, gate = _rows_sig(dt, mode)
-        sig = dict(x_ptr=data, gate_ptr=gate, keys_ptr="*i32", w_ptr=acc, b_ptr=acc,
-                   mu_ptr=acc, sigma_ptr=acc, y_ptr=data, N="i32", F="i32", NUM_KEYS="i32",
-                   KEY_DIV="i32", eps="fp64")
-        const = dict(GATE_MODE=mode, HAS_KEYS=keys, HAS_W=affine, HAS_B=affine, ACC=acc,
-                     BLOCK_N=8, BLOCK_F=64)
+        sig = dict(
+            x_ptr=data,
+            gate_ptr=gate,
+            keys_ptr="*i32",
+            w_ptr=acc,
+            b_ptr=acc,
+            mu_ptr=acc,
+            sigma_ptr=acc,
+            y_ptr=data,
+            N="i32",
+            F="i32",
+            NUM_KEYS="i32",
+            KEY_DIV="i32",
+            eps="fp64",
+        )
+        const = dict(
+            GATE_MODE=mode,
+            HAS_KEYS=keys,
+            HAS_W=affine,
+            HAS_B=affine,
+            ACC=acc,
+            BLOCK_N=8,
+            BLOCK_F=64,
+        )
         wide = ["x_ptr", "y_ptr", "mu_ptr", "sigma_ptr"] + (["keys_ptr"] if keys else [])
         wide += ["gate_ptr"] if mode == 2 else []
         cases.append((f"apply-{dt}-gate{mode}-keys{int(keys)}", "_apply", sig, const, wide))
 
     for dt, mode, keys in (("fp32", 1, True), ("bf16", 2, True), ("fp64", 0, False)):
         data, acc, gate = _rows_sig(dt, mode)
-        sig = dict(dy_ptr=data, x_ptr=data, gate_ptr=gate, keys_ptr="*i32", mu_ptr=acc,
-                   ps_ptr=acc, N="i32", F="i32", T="i32", NUM_KEYS="i32", KEY_DIV="i32",
-                   ROWS_PER_CHUNK="i32")
-        const = dict(GATE_MODE=mode, HAS_KEYS=keys, ACC=acc, BLOCK_N=8, BLOCK_F=64,
-                     GROUP_TILE=16)
+        sig = dict(
+            dy_ptr=data,
+            x_ptr=data,
+            gate_ptr=gate,
+            keys_ptr="*i32",
+            mu_ptr=acc,
+            ps_ptr=acc,
+            N="i32",
+            F="i32",
+            T="i32",
+            NUM_KEYS="i32",
+            KEY_DIV="i32",
+            ROWS_PER_CHUNK="i32",
+        )
+        const = dict(GATE_MODE=mode, HAS_KEYS=keys, ACC=acc, BLOCK_N=8, BLOCK_F=64, GROUP_TILE=16)
         wide = ["dy_ptr", "x_ptr", "mu_ptr", "ps_ptr"] + (["keys_ptr"] if keys else [])
         wide += ["gate_ptr"] if mode == 2 else []
-        cases.append((f"task_sums-{dt}-gate{mode}-keys{int(keys)}", "_task_sums_partial", sig,
-                      const, wide))
+        cases.append(
+            (f"task_sums-{dt}-gate{mode}-keys{int(keys)}", "_task_sums_partial", sig, const, wide)
+        )
 
-    for dt, mode, keys, training in (("fp32", 1, True, True), ("fp32", 1, True, False),
-                                     ("bf16", 2, True, True), ("fp64", 0, False, False)):
+    for dt, mode, keys, training in (
+        ("fp32", 1, True, True),
+        ("fp32", 1, True, False),
+        ("bf16", 2, True, True),
+        ("fp64", 0, False, False),
+    ):
         data, acc, gate = _rows_sig(dt, mode)
-        sig = dict(dy_ptr=data, x_ptr=data, gate_ptr=gate, keys_ptr="*i32", scale_ptr=acc,
-                   shift_ptr=acc, devc_ptr=acc, cen_ptr=acc, dx_ptr=data,
-                   dgate_ptr=data if mode == 2 else acc, pgate_ptr=acc, N="i32", F="i32",
-                   NUM_KEYS="i32", KEY_DIV="i32", ROWS_PER_CHUNK="i32")
-        const = dict(GATE_MODE=mode, HAS_KEYS=keys, TRAINING=training, ACC=acc, BLOCK_N=8,
-                     BLOCK_F=64)
+        sig = dict(
+            dy_ptr=data,
+            x_ptr=data,
+            gate_ptr=gate,
+            keys_ptr="*i32",
+            scale_ptr=acc,
+            shift_ptr=acc,
+            devc_ptr=acc,
+            cen_ptr=acc,
+            dx_ptr=data,
+            dgate_ptr=data if mode == 2 else acc,
+            pgate_ptr=acc,
+            N="i32",
+            F="i32",
+            NUM_KEYS="i32",
+            KEY_DIV="i32",
+            ROWS_PER_CHUNK="i32",
+        )
+        const = dict(
+            GATE_MODE=mode, HAS_KEYS=keys, TRAINING=training, ACC=acc, BLOCK_N=8, BLOCK_F=64
+        )
         wide = ["dy_ptr", "dx_ptr", "scale_ptr"] + (["keys_ptr"] if keys else [])
         wide += ["x_ptr"] if training or mode else []  # else u is unused: no load of x
         wide += ["shift_ptr", "devc_ptr", "cen_ptr"] if training else []
         wide += ["gate_ptr", "dgate_ptr"] if mode == 2 else []
         wide += ["pgate_ptr"] if mode == 1 and not training else []
-        cases.append((f"input_grad-{dt}-gate{mode}-keys{int(keys)}-train{int(training)}",
-                      "_input_grad", sig, const, wide))
+        cases.append(
+            (
+                f"input_grad-{dt}-gate{mode}-keys{int(keys)}-train{int(training)}",
+                "_input_grad",
+                sig,
+                const,
+                wide,
+            )
+        )
     return cases
 
 
@@ -111,6 +201,7 @@ CASE_IDS = [c[0] for c in CASES]
 
 
 # -- the subprocess: compile everything, write TTIR (or the error) as JSON ---------------
+
 
 def _compile_all(out_path):
     sys.path.insert(0, REPO)
@@ -136,9 +227,9 @@ def _compile_all(out_path):
         tl.store(y_ptr + rows * F, tl.load(x_ptr + rows * F, mask=rows < N), mask=rows < N)
 
     result = compile_cases(iwn, CASES, lambda fn, case: compile_one(fn, case[2], case[3]))
-    result["control"] = compile_one(_int32_rows_control,
-                                    dict(x_ptr="*fp32", y_ptr="*fp32", N="i32", F="i32"),
-                                    dict(BLOCK_N=8))
+    result["control"] = compile_one(
+        _int32_rows_control, dict(x_ptr="*fp32", y_ptr="*fp32", N="i32", F="i32"), dict(BLOCK_N=8)
+    )
     with open(out_path, "w") as f:
         json.dump(result, f)
 
@@ -150,9 +241,14 @@ def compile_cases(module, cases, compile_case) -> dict:
     test that owns the case, not here."""
     import triton
 
-    result = {"jit_functions": sorted(name for name, obj in vars(module).items()
-                                      if isinstance(obj, triton.runtime.jit.JITFunction)),
-              "cases": {}}
+    result = {
+        "jit_functions": sorted(
+            name
+            for name, obj in vars(module).items()
+            if isinstance(obj, triton.runtime.jit.JITFunction)
+        ),
+        "cases": {},
+    }
     for case in cases:
         case_id, name = case[0], case[1]
         try:
@@ -164,6 +260,7 @@ def compile_cases(module, cases, compile_case) -> dict:
 
 # -- the test process -------------------------------------------------------------------
 
+
 def compile_in_subprocess(script: str, tmp) -> dict:
     """Runs ``script`` (a compile-test file run as a program) without
     TRITON_INTERPRET, so that it compiles for real, and returns its JSON result."""
@@ -171,23 +268,34 @@ def compile_in_subprocess(script: str, tmp) -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # compile for real, leave no cache behind
-    proc = subprocess.run([sys.executable, script, str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, script, str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
-        pytest.fail(f"compilation subprocess failed (rc {proc.returncode}):\n"
-                    f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"compilation subprocess failed (rc {proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     with open(out) as f:
         return json.load(f)
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    return compile_in_subprocess(os.path.abspath(__file__),
-                                 tmp_path_factory.mktemp("triton_gpu_compile"))
+    return compile_in_subprocess(
+        os.path.abspath(__file__), tmp_path_factory.mktemp("triton_gpu_compile")
+    )
 
 
-_DEF = re.compile(r"^\s*(%[\w.$-]+) = tt\.(splat|broadcast|expand_dims|reshape|addptr) "
-                  r"(%[\w.$-]+)(.*)$")
+_DEF = re.compile(
+    r"^\s*(%[\w.$-]+) = tt\.(splat|broadcast|expand_dims|reshape|addptr) "
+    r"(%[\w.$-]+)(.*)$"
+)
 _USE = re.compile(r"\btt\.(load|store) (%[\w.$-]+)")
 
 
@@ -233,8 +341,10 @@ def check_compiled_with_64bit_offsets(entry, name, wide):
 def check_every_kernel_has_a_case(compiled, cases, helpers):
     launched = set(compiled["jit_functions"]) - helpers
     covered = {c[1] for c in cases}
-    assert launched == covered, (f"kernels without a compile case: {launched - covered}; "
-                                 f"cases for unknown kernels: {covered - launched}")
+    assert launched == covered, (
+        f"kernels without a compile case: {launched - covered}; "
+        f"cases for unknown kernels: {covered - launched}"
+    )
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)

@@ -12,6 +12,7 @@ or a program's partial row) must have a 64-bit offset.
 The compilation runs in a subprocess without TRITON_INTERPRET (this file is
 also that subprocess's script), as there.
 """
+
 import json
 import os
 import sys
@@ -20,10 +21,15 @@ import pytest
 
 pytest.importorskip("triton")
 
-from test_triton_gpu_compile import (REPO, TARGET, _DT,  # noqa: E402
-                                     check_compiled_with_64bit_offsets,
-                                     check_every_kernel_has_a_case, compile_cases,
-                                     compile_in_subprocess)
+from test_triton_gpu_compile import (  # noqa: E402
+    _DT,
+    REPO,
+    TARGET,
+    check_compiled_with_64bit_offsets,
+    check_every_kernel_has_a_case,
+    compile_cases,
+    compile_in_subprocess,
+)
 
 # Device functions called by the kernels (inlined into them), never launched.
 HELPERS = {"_blend", "_row_sum", "_store_z", "_backward_tile", "_backward_block"}
@@ -35,46 +41,158 @@ def _cases():
     use, and the pointer arguments whose addresses must be computed in int64)."""
     cases = []
     # d: 4096 and 16384 rows in blocks, 64 and 7 many rows per program
-    for dt, d, w, b in (("fp32", 4096, True, True), ("bf16", 64, False, False),
-                        ("fp64", 7, True, False), ("fp32", 16384, False, True),
-                        ("fp64", 16384, True, True)):
+    for dt, d, w, b in (
+        ("fp32", 4096, True, True),
+        ("bf16", 64, False, False),
+        ("fp64", 7, True, False),
+        ("fp32", 16384, False, True),
+        ("fp64", 16384, True, True),
+    ):
         data, acc = _DT[dt]
-        sig = dict(h_ptr=data, s_ptr=data, l_ptr=data, w_ptr=acc, b_ptr=acc, z_ptr=data,
-                   mean_ptr=acc, rstd_ptr=acc, N="i32", D="i32", eps="fp64")
-        cases.append((f"forward-{dt}-d{d}-w{int(w)}-b{int(b)}", "_forward", sig,
-                      dict(HAS_W=w, HAS_B=b, ACC=acc), d,
-                      ["h_ptr", "s_ptr", "l_ptr", "z_ptr", "mean_ptr", "rstd_ptr"]))
-    for dt, d, w in (("fp32", 4096, True), ("bf16", 64, False), ("fp64", 7, True),
-                     ("fp32", 16384, False)):
+        sig = dict(
+            h_ptr=data,
+            s_ptr=data,
+            l_ptr=data,
+            w_ptr=acc,
+            b_ptr=acc,
+            z_ptr=data,
+            mean_ptr=acc,
+            rstd_ptr=acc,
+            N="i32",
+            D="i32",
+            eps="fp64",
+        )
+        cases.append(
+            (
+                f"forward-{dt}-d{d}-w{int(w)}-b{int(b)}",
+                "_forward",
+                sig,
+                dict(HAS_W=w, HAS_B=b, ACC=acc),
+                d,
+                ["h_ptr", "s_ptr", "l_ptr", "z_ptr", "mean_ptr", "rstd_ptr"],
+            )
+        )
+    for dt, d, w in (
+        ("fp32", 4096, True),
+        ("bf16", 64, False),
+        ("fp64", 7, True),
+        ("fp32", 16384, False),
+    ):
         data, acc = _DT[dt]
-        sig = dict(dz_ptr=data, h_ptr=data, s_ptr=data, l_ptr=data, w_ptr=acc, mean_ptr=acc,
-                   rstd_ptr=acc, dh_ptr=data, ds_ptr=data, dl_ptr=data, pw_ptr=acc, pb_ptr=acc,
-                   c_ptr=acc, N="i32", D="i32", ROWS_PER_PROGRAM="i32")
-        wide = ["dz_ptr", "h_ptr", "s_ptr", "l_ptr", "mean_ptr", "rstd_ptr", "dh_ptr", "ds_ptr",
-                "dl_ptr", "pw_ptr", "pb_ptr"]
+        sig = dict(
+            dz_ptr=data,
+            h_ptr=data,
+            s_ptr=data,
+            l_ptr=data,
+            w_ptr=acc,
+            mean_ptr=acc,
+            rstd_ptr=acc,
+            dh_ptr=data,
+            ds_ptr=data,
+            dl_ptr=data,
+            pw_ptr=acc,
+            pb_ptr=acc,
+            c_ptr=acc,
+            N="i32",
+            D="i32",
+            ROWS_PER_PROGRAM="i32",
+        )
+        wide = [
+            "dz_ptr",
+            "h_ptr",
+            "s_ptr",
+            "l_ptr",
+            "mean_ptr",
+            "rstd_ptr",
+            "dh_ptr",
+            "ds_ptr",
+            "dl_ptr",
+            "pw_ptr",
+            "pb_ptr",
+        ]
         wide += ["c_ptr"] if d > 1024 else []  # rows in blocks: the row sums' scratch
-        cases.append((f"backward-{dt}-d{d}-w{int(w)}", "_backward", sig, dict(HAS_W=w, ACC=acc),
-                      d, wide))
+        cases.append(
+            (f"backward-{dt}-d{d}-w{int(w)}", "_backward", sig, dict(HAS_W=w, ACC=acc), d, wide)
+        )
     # d == 1: a launch passes it as the constexpr 1 (Triton specializes
     # integer arguments equal to 1; N is exempt, see triton/surgical_gate.py)
     data, acc = _DT["fp32"]
-    sig = dict(h_ptr=data, s_ptr=data, l_ptr=data, w_ptr=acc, b_ptr=acc, z_ptr=data,
-               mean_ptr=acc, rstd_ptr=acc, N="i32", D="constexpr", eps="fp64")
-    cases.append(("forward-fp32-d1", "_forward", sig,
-                  dict(D=1, HAS_W=True, HAS_B=True, ACC=acc), 1,
-                  ["h_ptr", "s_ptr", "l_ptr", "z_ptr", "mean_ptr", "rstd_ptr"]))
-    sig = dict(dz_ptr=data, h_ptr=data, s_ptr=data, l_ptr=data, w_ptr=acc, mean_ptr=acc,
-               rstd_ptr=acc, dh_ptr=data, ds_ptr=data, dl_ptr=data, pw_ptr=acc, pb_ptr=acc,
-               c_ptr=acc, N="i32", D="constexpr", ROWS_PER_PROGRAM="i32")
-    cases.append(("backward-fp32-d1", "_backward", sig,
-                  dict(D=1, HAS_W=True, ACC=acc), 1,
-                  ["dz_ptr", "h_ptr", "s_ptr", "l_ptr", "mean_ptr", "rstd_ptr", "dh_ptr",
-                   "ds_ptr", "dl_ptr", "pw_ptr", "pb_ptr"]))
+    sig = dict(
+        h_ptr=data,
+        s_ptr=data,
+        l_ptr=data,
+        w_ptr=acc,
+        b_ptr=acc,
+        z_ptr=data,
+        mean_ptr=acc,
+        rstd_ptr=acc,
+        N="i32",
+        D="constexpr",
+        eps="fp64",
+    )
+    cases.append(
+        (
+            "forward-fp32-d1",
+            "_forward",
+            sig,
+            dict(D=1, HAS_W=True, HAS_B=True, ACC=acc),
+            1,
+            ["h_ptr", "s_ptr", "l_ptr", "z_ptr", "mean_ptr", "rstd_ptr"],
+        )
+    )
+    sig = dict(
+        dz_ptr=data,
+        h_ptr=data,
+        s_ptr=data,
+        l_ptr=data,
+        w_ptr=acc,
+        mean_ptr=acc,
+        rstd_ptr=acc,
+        dh_ptr=data,
+        ds_ptr=data,
+        dl_ptr=data,
+        pw_ptr=acc,
+        pb_ptr=acc,
+        c_ptr=acc,
+        N="i32",
+        D="constexpr",
+        ROWS_PER_PROGRAM="i32",
+    )
+    cases.append(
+        (
+            "backward-fp32-d1",
+            "_backward",
+            sig,
+            dict(D=1, HAS_W=True, ACC=acc),
+            1,
+            [
+                "dz_ptr",
+                "h_ptr",
+                "s_ptr",
+                "l_ptr",
+                "mean_ptr",
+                "rstd_ptr",
+                "dh_ptr",
+                "ds_ptr",
+                "dl_ptr",
+                "pw_ptr",
+                "pb_ptr",
+            ],
+        )
+    )
     for dt in ("fp32", "fp64"):
         acc = _DT[dt][1]
         sig = dict(pw_ptr=acc, pb_ptr=acc, dw_ptr=acc, db_ptr=acc, D="i32", NUM_PROGRAMS="i32")
-        cases.append((f"sum_partials-{dt}", "_sum_partials", sig, dict(ACC=acc), None,
-                      ["pw_ptr", "pb_ptr", "dw_ptr", "db_ptr"]))
+        cases.append(
+            (
+                f"sum_partials-{dt}",
+                "_sum_partials",
+                sig,
+                dict(ACC=acc),
+                None,
+                ["pw_ptr", "pb_ptr", "dw_ptr", "db_ptr"],
+            )
+        )
     return cases
 
 
@@ -83,6 +201,7 @@ CASE_IDS = [c[0] for c in CASES]
 
 
 # -- the subprocess: compile everything, write TTIR (or the error) as JSON ---------------
+
 
 def _compile_all(out_path):
     sys.path.insert(0, REPO)
@@ -116,10 +235,12 @@ def _compile_all(out_path):
 
 # -- the test process -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    return compile_in_subprocess(os.path.abspath(__file__),
-                                 tmp_path_factory.mktemp("triton_gpu_compile_surgical_gate"))
+    return compile_in_subprocess(
+        os.path.abspath(__file__), tmp_path_factory.mktemp("triton_gpu_compile_surgical_gate")
+    )
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)

@@ -1,14 +1,24 @@
 """Bad input gets a clear error naming the argument, on every entry point:
 the fused ops on every backend that checks (the compiled ones: the checks
 are the op's, in C++), direct torch.ops calls and torch.compile's trace."""
+
 import pytest
 import torch
 
 from surgellm_kernels import InstanceWeightedNorm, fused_iwn, fused_surgical_gate
 from surgellm_kernels.ops.reference import iwn_reference
 
-from _bad_inputs import (BAD_IWN_CALLS, BAD_SURGICAL_GATE_CALLS, H, LABELS, RM, RS,
-                         SYNCED_BAD_IWN_CALLS, X, iwn_call)
+from _bad_inputs import (
+    BAD_IWN_CALLS,
+    BAD_SURGICAL_GATE_CALLS,
+    LABELS,
+    RM,
+    RS,
+    SYNCED_BAD_IWN_CALLS,
+    H,
+    X,
+    iwn_call,
+)
 from _helpers import cpu_backends
 
 
@@ -22,28 +32,55 @@ def iwn(request, force_backend):
     return fused_iwn
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(labels=LABELS.int()), TypeError, "labels must be an int64"),
-    (dict(labels=LABELS.float()), TypeError, "labels must be an int64"),
-    (dict(labels=LABELS[:5]), ValueError, r"labels must have shape \(6,\)"),
-    (dict(labels=torch.tensor([0, 1, 0, 1, 2, 3]), num_classes=3), ValueError,
-     r"labels must lie in \[0, 3\), got values in \[0, 3\]"),
-    (dict(labels=torch.tensor([0, -1, 0, 1, 2, 2])), ValueError, r"labels must lie in"),
-    (dict(labels=None), ValueError, "labels are required in training"),
-    (dict(labels=LABELS, gate=torch.zeros(5)), ValueError, r"gate must have shape \(4,\)"),
-    (dict(labels=LABELS, gate=torch.zeros(6, 4, dtype=torch.float64)), TypeError,
-     "per-instance gate must have the dtype of x"),
-    (dict(labels=LABELS, weight=torch.ones(3)), ValueError, r"weight must have shape \(4,\)"),
-    (dict(labels=LABELS, bias=torch.ones(4, dtype=torch.int64)), TypeError, "bias must be a floating"),
-    (dict(labels=LABELS, running_mean=RM), ValueError, "running_mean and running_std must be given together"),
-    (dict(labels=LABELS, std_mode="median"), ValueError, "std_mode must be one of"),
-    (dict(labels=LABELS, task_ids=torch.tensor([0, 1, 0, 1, 0, 5]),
-          running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)), ValueError,
-     r"task_ids must lie in \[0, 2\)"),
-    (dict(labels=LABELS, running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
-     ValueError, "task_ids .* are required"),
-    (dict(labels=LABELS, momentum=1.5), ValueError, "momentum"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(labels=LABELS.int()), TypeError, "labels must be an int64"),
+        (dict(labels=LABELS.float()), TypeError, "labels must be an int64"),
+        (dict(labels=LABELS[:5]), ValueError, r"labels must have shape \(6,\)"),
+        (
+            dict(labels=torch.tensor([0, 1, 0, 1, 2, 3]), num_classes=3),
+            ValueError,
+            r"labels must lie in \[0, 3\), got values in \[0, 3\]",
+        ),
+        (dict(labels=torch.tensor([0, -1, 0, 1, 2, 2])), ValueError, r"labels must lie in"),
+        (dict(labels=None), ValueError, "labels are required in training"),
+        (dict(labels=LABELS, gate=torch.zeros(5)), ValueError, r"gate must have shape \(4,\)"),
+        (
+            dict(labels=LABELS, gate=torch.zeros(6, 4, dtype=torch.float64)),
+            TypeError,
+            "per-instance gate must have the dtype of x",
+        ),
+        (dict(labels=LABELS, weight=torch.ones(3)), ValueError, r"weight must have shape \(4,\)"),
+        (
+            dict(labels=LABELS, bias=torch.ones(4, dtype=torch.int64)),
+            TypeError,
+            "bias must be a floating",
+        ),
+        (
+            dict(labels=LABELS, running_mean=RM),
+            ValueError,
+            "running_mean and running_std must be given together",
+        ),
+        (dict(labels=LABELS, std_mode="median"), ValueError, "std_mode must be one of"),
+        (
+            dict(
+                labels=LABELS,
+                task_ids=torch.tensor([0, 1, 0, 1, 0, 5]),
+                running_mean=torch.zeros(2, 4),
+                running_std=torch.ones(2, 4),
+            ),
+            ValueError,
+            r"task_ids must lie in \[0, 2\)",
+        ),
+        (
+            dict(labels=LABELS, running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
+            ValueError,
+            "task_ids .* are required",
+        ),
+        (dict(labels=LABELS, momentum=1.5), ValueError, "momentum"),
+    ],
+)
 def test_training_argument_errors(iwn, kwargs, error, match):
     with pytest.raises(error, match=match):
         iwn(X, training=True, **kwargs)
@@ -51,8 +88,12 @@ def test_training_argument_errors(iwn, kwargs, error, match):
 
 def test_eval_task_ids_out_of_range(iwn):
     with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 1\), got values in \[0, 5\]"):
-        iwn(X, task_ids=torch.tensor([0, 0, 1, 0, 0, 5]), running_mean=torch.zeros(1, 4),
-            running_std=torch.ones(1, 4))
+        iwn(
+            X,
+            task_ids=torch.tensor([0, 0, 1, 0, 0, 5]),
+            running_mean=torch.zeros(1, 4),
+            running_std=torch.ones(1, 4),
+        )
 
 
 def test_integer_x_and_scalar_x(iwn):
@@ -101,14 +142,28 @@ def test_surgical_gate_errors():
 # -- every bad input: one check (in C++), the same error on every path -----------------
 
 # The argument each bad call is about, where the case's first word is not it.
-_NAMED = {"no rows": "x", "running shapes differ": "running_std", "running 3-d": "running_mean",
-          "eval without statistics": "running_mean", "synced: no rows, num_classes missing":
-          "num_classes", "num_classes from negative labels": "labels"}
+_NAMED = {
+    "no rows": "x",
+    "running shapes differ": "running_std",
+    "running 3-d": "running_mean",
+    "eval without statistics": "running_mean",
+    "synced: no rows, num_classes missing": "num_classes",
+    "num_classes from negative labels": "labels",
+}
 # Python values the schema cannot convert: the dispatcher's own message names
 # the argument and the type it expects.
-_NOT_CONVERTIBLE = {"x not a tensor", "std_mode not a str", "eps a str", "momentum None",
-                    "gate not a tensor", "weight not a tensor", "labels not a tensor",
-                    "num_classes float", "h not a tensor", "bias not a tensor"}
+_NOT_CONVERTIBLE = {
+    "x not a tensor",
+    "std_mode not a str",
+    "eps a str",
+    "momentum None",
+    "gate not a tensor",
+    "weight not a tensor",
+    "labels not a tensor",
+    "num_classes float",
+    "h not a tensor",
+    "bias not a tensor",
+}
 
 
 def _argument(case):
@@ -158,15 +213,23 @@ def test_each_bad_surgical_gate_call_names_its_argument(case):
 def _fake(value):
     """value with its tensors as fake tensors (what torch.compile traces)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     convert = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
     return mode, {k: convert(v) for k, v in value.items()}
 
 
 @pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
-@pytest.mark.parametrize("case", [c for c in BAD_IWN_CALLS if c not in _NOT_CONVERTIBLE
-                                  and "device" not in c
-                                  and c != "num_classes from negative labels"])  # data
+@pytest.mark.parametrize(
+    "case",
+    [
+        c
+        for c in BAD_IWN_CALLS
+        if c not in _NOT_CONVERTIBLE
+        and "device" not in c
+        and c != "num_classes from negative labels"
+    ],
+)  # data
 def test_the_trace_raises_what_the_eager_call_raises(case, force_backend):
     """Under fake tensors (torch.compile's tracing) the op runs the same
     check: the same error and message as eagerly, not a copy's."""
@@ -184,19 +247,25 @@ def test_the_trace_raises_what_the_eager_call_raises(case, force_backend):
 @pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
 def test_tracing_without_num_classes_says_to_pass_it():
     mode, call = _fake(iwn_call())
-    with mode, pytest.raises(ValueError, match="num_classes cannot be read from the data while "
-                                               "torch.compile traces the call: pass it"):
+    with (
+        mode,
+        pytest.raises(
+            ValueError,
+            match="num_classes cannot be read from the data while "
+            "torch.compile traces the call: pass it",
+        ),
+    ):
         torch.ops.surgellm.iwn(**call)
 
 
 def test_readme_lists_every_bad_input_as_raised_today():
-    """The README's table is what the calls raise now (regenerate it with
+    """docs/reliability.md shows what the calls raise now (regenerate it with
     `.venv/bin/python tests/_bad_inputs.py`)."""
     from pathlib import Path
 
     import _bad_inputs
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
     shown = readme.split("<!-- bad-inputs -->\n")[1].split("\n<!-- /bad-inputs -->")[0]
     assert shown == _bad_inputs.table()
     assert shown.count("\n") - 1 >= 20

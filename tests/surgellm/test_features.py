@@ -1,4 +1,5 @@
 """Lexical features (the paper's Appendix D, Eq.4) on sentences counted by hand."""
+
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ def feats(text):
 
 def test_prefix_match_case_and_counts():
     f = feats("This film was captivating and GREAT, truly a masterpiece!")
-    assert f["sst_pos"] == 3          # captivat*, great (any case), masterpiece
+    assert f["sst_pos"] == 3  # captivat*, great (any case), masterpiece
     assert f["word_count"] == 9
     assert f["mean_word_length"] == pytest.approx(47 / 9)
     assert f["sentence_count"] == 1
@@ -21,10 +22,10 @@ def test_prefix_match_case_and_counts():
 
 def test_multi_word_entries_digits_and_punctuation():
     f = feats("I think the results show 3 things. Do we agree? In conclusion, maybe!")
-    assert f["human_pers"] == 3       # i, we, "i think"
-    assert f["llm_stat"] == 1         # "results show"
-    assert f["llm_formal"] == 1       # "in conclusion"
-    assert f["human_hedge"] == 1      # maybe
+    assert f["human_pers"] == 3  # i, we, "i think"
+    assert f["llm_stat"] == 1  # "results show"
+    assert f["llm_formal"] == 1  # "in conclusion"
+    assert f["human_hedge"] == 1  # maybe
     assert f["sentence_count"] == 3
     assert f["word_count"] == 13
     assert (f["question_marks"], f["exclamation_marks"], f["has_digit"]) == (1, 1, 1)
@@ -32,16 +33,16 @@ def test_multi_word_entries_digits_and_punctuation():
 
 def test_word_boundaries_and_literal_entries():
     f = feats("Firstly, the itinerary (1) was multi-hop")
-    assert f["llm_list"] == 2         # firstly, (1)
-    assert f["prompt_cot"] == 0       # "first" is not a whole word in "Firstly"
-    assert f["human_pers"] == 0       # "i" does not match inside "itinerary"
-    assert f["retrieval"] == 1        # multi-hop
+    assert f["llm_list"] == 2  # firstly, (1)
+    assert f["prompt_cot"] == 0  # "first" is not a whole word in "Firstly"
+    assert f["human_pers"] == 0  # "i" does not match inside "itinerary"
+    assert f["retrieval"] == 1  # multi-hop
 
 
 def test_presence_not_frequency_and_whitespace_in_phrases():
     f = feats("GREAT great Great. The data   show it")
     assert f["sst_pos"] == 1
-    assert f["llm_stat"] == 1         # "data show" across several spaces
+    assert f["llm_stat"] == 1  # "data show" across several spaces
 
 
 def test_shared_entries_count_in_each_group():
@@ -59,8 +60,10 @@ def test_empty_text_and_shape():
 def test_task_prefix_prints_floor_as_integers():
     values = [1.0, 2.7, 0, 0, 0, 0, 0, 0, 0, 0, 12, 4.6, 2, 1, 0, 1]
     prefix = task_prefix("sst2", values)
-    assert prefix == ("[TASK:sst2|F1:1|F2:2|F3:0|F4:0|F5:0|F6:0|F7:0|F8:0|F9:0|F10:0"
-                      "|F11:12|F12:4|F13:2|F14:1|F15:0|F16:1]")
+    assert prefix == (
+        "[TASK:sst2|F1:1|F2:2|F3:0|F4:0|F5:0|F6:0|F7:0|F8:0|F9:0|F10:0"
+        "|F11:12|F12:4|F13:2|F14:1|F15:0|F16:1]"
+    )
     assert task_prefix(3, torch.tensor(values)).startswith("[TASK:3|F1:1|")
     with pytest.raises(ValueError, match="16"):
         task_prefix(0, [1, 2])

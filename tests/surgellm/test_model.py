@@ -1,18 +1,29 @@
 """The SURGELLM transformers models on a tiny local BERT: save / load (Auto
 classes, dtype, nothing at random), patching, torch.compile, autocast, the
 ablations, the prefix and its embeddings, input errors."""
+
 import os
 
 import pytest
 import torch
 
+from surgellm_kernels import (
+    FusedInstanceWeightedNorm,
+    FusedSurgicalGate,
+    LexicalFeaturizer,
+    backends,
+    patch_model,
+)
+from surgellm_kernels.surgellm import (
+    SurgeLLMConfig,
+    SurgeLLMForSequenceClassification,
+    SurgeLLMModel,
+    SurgeLLMProcessor,
+)
+from surgellm_kernels.surgellm.modeling_surgellm import UngatedFusion
+
 from _helpers import assert_close
 from _tiny_encoder import TASKS, synthetic_examples, tiny_bert, write_tokenizer
-from surgellm_kernels import (FusedInstanceWeightedNorm, FusedSurgicalGate, LexicalFeaturizer,
-                              backends, patch_model)
-from surgellm_kernels.surgellm import (SurgeLLMConfig, SurgeLLMForSequenceClassification,
-                                       SurgeLLMModel, SurgeLLMProcessor)
-from surgellm_kernels.surgellm.modeling_surgellm import UngatedFusion
 
 transformers = pytest.importorskip("transformers")
 BATCH = 16
@@ -31,15 +42,18 @@ def make_model(tokenizer_dir, seed=0, tasks=TASKS, **options):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     encoder = tiny_bert(len(tokenizer), seed)
     torch.manual_seed(seed + 1)
-    model = SurgeLLMForSequenceClassification.from_encoder(encoder, tasks, tokenizer=tokenizer,
-                                                           **options)
+    model = SurgeLLMForSequenceClassification.from_encoder(
+        encoder, tasks, tokenizer=tokenizer, **options
+    )
     return model, SurgeLLMProcessor(tokenizer, model.config)
 
 
 def make_batches(processor, steps, seed=0, size=BATCH):
     texts, tasks, labels = synthetic_examples(steps * size, seed)
-    return [processor(texts[i:i + size], tasks[i:i + size], labels[i:i + size])
-            for i in range(0, steps * size, size)]
+    return [
+        processor(texts[i : i + size], tasks[i : i + size], labels[i : i + size])
+        for i in range(0, steps * size, size)
+    ]
 
 
 def finite_logits_close(actual, expected, dtype=torch.float32, scale=1.0):
@@ -135,8 +149,11 @@ def test_base_model_loads_from_the_classifier(tokenizer_dir, tmp_path):
 
 
 def test_config_round_trip_keeps_task_order():
-    config = SurgeLLMConfig(encoder_config=transformers.BertConfig(hidden_size=8),
-                            tasks={"zeta": 2, "alpha": 3}, max_seq_length=64)
+    config = SurgeLLMConfig(
+        encoder_config=transformers.BertConfig(hidden_size=8),
+        tasks={"zeta": 2, "alpha": 3},
+        max_seq_length=64,
+    )
     again = SurgeLLMConfig.from_dict(config.to_dict())
     assert again.task_names == ["zeta", "alpha"] and again.max_seq_length == 64
     assert isinstance(again.encoder_config, transformers.BertConfig)
@@ -146,8 +163,9 @@ def test_config_round_trip_keeps_task_order():
 def test_model_with_its_own_word_lists(tokenizer_dir, tmp_path):
     """A lexicon with two more groups: 18 features (IWN, gate, prefix fields),
     saved with the model and restored by from_pretrained."""
-    lexicon = LexicalFeaturizer().with_groups({"films": ["film", "movie"],
-                                               "praise": ["great", "fine"]})
+    lexicon = LexicalFeaturizer().with_groups(
+        {"films": ["film", "movie"], "praise": ["great", "fine"]}
+    )
     model, processor = make_model(tokenizer_dir, lexicon=lexicon)
     assert processor.featurizer == lexicon and model.config.lexicon == lexicon.to_dict()
     assert model.surgellm.iwn.num_features == 18
@@ -174,8 +192,9 @@ def test_from_encoder_loads_a_local_path(tmp_path):
     tiny_bert(len(tokenizer)).save_pretrained(str(encoder_dir))
     model = SurgeLLMForSequenceClassification.from_encoder(str(encoder_dir), {"a": 2, "b": 3})
     assert model.config.tasks == {"a": 2, "b": 3} and model.config.class_names is None
-    processor = SurgeLLMProcessor(transformers.AutoTokenizer.from_pretrained(encoder_dir),
-                                  model.config)
+    processor = SurgeLLMProcessor(
+        transformers.AutoTokenizer.from_pretrained(encoder_dir), model.config
+    )
     out = model(**processor(["great film", "maybe"], ["a", "b"], labels=[1, 2]))
     assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
     with pytest.raises(FileNotFoundError, match="no such directory"):
@@ -191,7 +210,7 @@ def test_prefix_tokens_start_from_their_pieces(tokenizer_dir):
     pieces = tokenizer("[TASK:sentiment", add_special_tokens=False)["input_ids"]
     model = SurgeLLMForSequenceClassification.from_encoder(encoder, TASKS, tokenizer=tokenizer)
     after = model.get_input_embeddings().weight.detach()
-    assert torch.equal(after[:len(before)], before)
+    assert torch.equal(after[: len(before)], before)
     new = tokenizer.convert_tokens_to_ids("[TASK:sentiment")
     assert new >= len(before) and len(pieces) > 1
     assert_close(after[new], before[pieces].mean(0))
@@ -266,13 +285,16 @@ def test_ablations(tokenizer_dir, component):
         base = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
         assert len(processor.tokenizer) == len(base)
         plain = base(synthetic_examples(1)[0][0], return_tensors="pt")["input_ids"][0]
-        assert torch.equal(batch["input_ids"][0, :len(plain)], plain)
+        assert torch.equal(batch["input_ids"][0, : len(plain)], plain)
     else:
         first = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0][:3].tolist())
         assert first[1].startswith("[TASK:") and first[2] == "|F1:"
     report = patch_model(model)
-    expected = {"iwn": ["surgellm.fusion"], "gate": ["surgellm.iwn"],
-                "prefix": ["surgellm.fusion", "surgellm.iwn"]}[component]
+    expected = {
+        "iwn": ["surgellm.fusion"],
+        "gate": ["surgellm.iwn"],
+        "prefix": ["surgellm.fusion", "surgellm.iwn"],
+    }[component]
     assert sorted(report.backends) == expected
     model.train()
     loss = model(**batch).loss
@@ -324,8 +346,9 @@ def test_input_errors(tokenizer_dir):
     with pytest.raises(ValueError, match="tokenizer is required"):
         SurgeLLMForSequenceClassification.from_encoder(encoder, {"a": 2})
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        SurgeLLMForSequenceClassification.from_encoder(encoder, {"a": 2}, tokenizer=tokenizer,
-                                                       max_seq_length=1000)
+        SurgeLLMForSequenceClassification.from_encoder(
+            encoder, {"a": 2}, tokenizer=tokenizer, max_seq_length=1000
+        )
 
 
 def test_decode_names_classes(tokenizer_dir):
@@ -345,8 +368,9 @@ def test_reused_tokenizer_still_resizes_a_fresh_encoder(tokenizer_dir):
     model, processor = make_model(tokenizer_dir)
     # the tokenizer already holds the prefix tokens: a new encoder must grow too
     fresh = tiny_bert(len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir)))
-    again = SurgeLLMForSequenceClassification.from_encoder(fresh, TASKS,
-                                                           tokenizer=processor.tokenizer)
+    again = SurgeLLMForSequenceClassification.from_encoder(
+        fresh, TASKS, tokenizer=processor.tokenizer
+    )
     assert again.get_input_embeddings().num_embeddings == len(processor.tokenizer)
     again.eval()(**processor(["great film"], ["sentiment"]))
     # no pooler: unused, and DDP wants no parameter without a gradient

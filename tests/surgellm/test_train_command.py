@@ -1,5 +1,6 @@
 """The training and evaluation commands end to end on a tiny local encoder
 (as subprocesses), their data errors (in-process), and the metrics."""
+
 import json
 import os
 import subprocess
@@ -7,19 +8,19 @@ import sys
 
 import pytest
 
-from _tiny_encoder import TASKS, synthetic_examples, write_tiny_encoder
 from surgellm_kernels import LexicalFeaturizer, backends, evaluate, train
 from surgellm_kernels.surgellm import SurgeLLMConfig
 from surgellm_kernels.surgellm.data import DataError, LabelSpace, load_examples
 from surgellm_kernels.surgellm.trainer import task_metrics
+
+from _tiny_encoder import TASKS, synthetic_examples, write_tiny_encoder
 
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")  # the commands read their data with it
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # reasoning gets int labels (sorted numerically: 2 < 7 < 10), the other tasks string labels
 INT_LABELS = {"reasoning": [7, 2, 10]}
-SMALL = ["--max-steps", "3", "--batch-size", "8", "--max-length", "64", "--disable-tqdm",
-         "false"]
+SMALL = ["--max-steps", "3", "--batch-size", "8", "--max-length", "64", "--disable-tqdm", "false"]
 
 
 def write_jsonl(path, records):
@@ -31,9 +32,10 @@ def write_jsonl(path, records):
 
 def synthetic_records(n, seed):
     texts, tasks, labels = synthetic_examples(n, seed)
-    return [{"text": x, "task": t,
-             "label": INT_LABELS[t][y] if t in INT_LABELS else TASKS[t][y]}
-            for x, t, y in zip(texts, tasks, labels)]
+    return [
+        {"text": x, "task": t, "label": INT_LABELS[t][y] if t in INT_LABELS else TASKS[t][y]}
+        for x, t, y in zip(texts, tasks, labels)
+    ]
 
 
 def task_counts(records):
@@ -46,8 +48,14 @@ def task_counts(records):
 def run_module(module, *args):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def check_metrics(metrics, counts):
@@ -71,19 +79,31 @@ def files(tmp_path_factory):
     seen = {(r["task"], r["label"]) for r in train_records}
     eval_records = [r for r in eval_records if (r["task"], r["label"]) in seen]
     assert len(task_counts(eval_records)) == 3 and len(seen) == 7
-    return {"root": root, "encoder": write_tiny_encoder(str(root / "encoder")),
-            "train": write_jsonl(root / "train.jsonl", train_records),
-            "eval": write_jsonl(root / "eval.jsonl", eval_records),
-            "train_counts": task_counts(train_records),
-            "eval_counts": task_counts(eval_records)}
+    return {
+        "root": root,
+        "encoder": write_tiny_encoder(str(root / "encoder")),
+        "train": write_jsonl(root / "train.jsonl", train_records),
+        "eval": write_jsonl(root / "eval.jsonl", eval_records),
+        "train_counts": task_counts(train_records),
+        "eval_counts": task_counts(eval_records),
+    }
 
 
 @pytest.fixture(scope="module")
 def trained(files):
     out = files["root"] / "model"
-    result = run_module("surgellm_kernels.train", "--encoder", files["encoder"],
-                        "--train", files["train"], "--eval", files["eval"],
-                        "--output", out, *SMALL)
+    result = run_module(
+        "surgellm_kernels.train",
+        "--encoder",
+        files["encoder"],
+        "--train",
+        files["train"],
+        "--eval",
+        files["eval"],
+        "--output",
+        out,
+        *SMALL,
+    )
     return out, result
 
 
@@ -91,8 +111,13 @@ def trained(files):
 def test_train_command(files, trained):
     out, result = trained
     assert result.returncode == 0, result.stderr
-    for name in ("metrics.json", "config.json", "model.safetensors", "tokenizer.json",
-                 "trainer_state.json"):
+    for name in (
+        "metrics.json",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "trainer_state.json",
+    ):
         assert (out / name).is_file(), name
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
@@ -100,8 +125,10 @@ def test_train_command(files, trained):
     # the patch report's table, on this machine's fast path
     stdout = result.stdout
     assert "kernels: fused" in stdout and "2 swapped, 0 skipped" in stdout
-    for row in (("surgellm.iwn", "InstanceWeightedNorm", "FusedInstanceWeightedNorm"),
-                ("surgellm.fusion", "SurgicalGate", "FusedSurgicalGate")):
+    for row in (
+        ("surgellm.iwn", "InstanceWeightedNorm", "FusedInstanceWeightedNorm"),
+        ("surgellm.fusion", "SurgicalGate", "FusedSurgicalGate"),
+    ):
         assert any(line.split()[:3] == list(row) for line in stdout.splitlines()), row
     if backends("cpu")["cpu"].available:
         assert "fast path is not taken" not in stdout
@@ -113,9 +140,11 @@ def test_train_command(files, trained):
         assert json.load(f)["global_step"] == 3
     config = SurgeLLMConfig.from_pretrained(out)
     # string labels sorted, int labels sorted as numbers
-    assert config.class_names == {"sentiment": ["negative", "positive"],
-                                  "authorship": ["human", "llm"],
-                                  "reasoning": ["2", "7", "10"]}
+    assert config.class_names == {
+        "sentiment": ["negative", "positive"],
+        "authorship": ["human", "llm"],
+        "reasoning": ["2", "7", "10"],
+    }
     assert config.iwn and config.gate and config.prefix and config.max_seq_length == 64
 
 
@@ -124,22 +153,44 @@ def test_evaluate_command_gives_the_same_metrics(files, trained):
     assert result.returncode == 0, result.stderr
     target = files["root"] / "m.json"
     # the batch size of the training run's evaluation: the same padding, the same logits
-    ran = run_module("surgellm_kernels.evaluate", "--model", out, "--data", files["eval"],
-                     "--batch-size", "8", "--output", target)
+    ran = run_module(
+        "surgellm_kernels.evaluate",
+        "--model",
+        out,
+        "--data",
+        files["eval"],
+        "--batch-size",
+        "8",
+        "--output",
+        target,
+    )
     assert ran.returncode == 0, ran.stderr
     with open(target) as f, open(out / "metrics.json") as g:
         assert json.load(f) == json.load(g)
     assert "FusedSurgicalGate" in ran.stdout and "mean" in ran.stdout
     with pytest.raises(ValueError, match="holds a BertConfig, not a SURGELLM model"):
         from surgellm_kernels.surgellm import SurgeLLMProcessor
+
         SurgeLLMProcessor.from_pretrained(files["encoder"])
 
 
 def test_train_command_reference_kernels_and_ablations(files):
     out = files["root"] / "ablated"
-    result = run_module("surgellm_kernels.train", "--encoder", files["encoder"],
-                        "--train", files["train"], "--output", out, *SMALL,
-                        "--kernels", "reference", "--no-iwn", "--no-gate", "--no-prefix")
+    result = run_module(
+        "surgellm_kernels.train",
+        "--encoder",
+        files["encoder"],
+        "--train",
+        files["train"],
+        "--output",
+        out,
+        *SMALL,
+        "--kernels",
+        "reference",
+        "--no-iwn",
+        "--no-gate",
+        "--no-prefix",
+    )
     assert result.returncode == 0, result.stderr
     assert "kernels: reference" in result.stdout and "Fused" not in result.stdout
     assert "(no --eval given)" in result.stdout
@@ -160,36 +211,84 @@ def record(**changes):
 
 
 def training_set():
-    return [record(), record(label="negative", text="dull"),
-            record(task="reasoning", label=1, text="first then"),
-            record(task="reasoning", label=2, text="according to")]
+    return [
+        record(),
+        record(label="negative", text="dull"),
+        record(task="reasoning", label=1, text="first then"),
+        record(task="reasoning", label=2, text="according to"),
+    ]
 
 
-@pytest.mark.parametrize("train_lines, eval_lines, where, message", [
-    ([record(), record(task=None)], None, "train:2", 'missing field "task"'),
-    (training_set(), [record(), record(), record(task="other")], "eval:3",
-     "unknown task 'other' (training tasks: sentiment, reasoning)"),
-    ([], None, "train", "no examples"),
-    (["", "  "], None, "train", "no examples"),
-    (training_set(), None, "eval", "no examples"),
-    (training_set(), [record(), record(label="neutral")], "eval:2",
-     "label 'neutral' of task 'sentiment' does not occur in the training data"),
-    (training_set(), [record(task="reasoning", label=3)], "eval:1",
-     "label 3 of task 'reasoning' does not occur in the training data"),
-    ([record(), '{"text": "x", "task": "sentiment", "label": }'], None, "train:2",
-     "invalid JSON"),
-    (training_set() + [record(task="reasoning", label="chain")], None, "train:5",
-     "task 'reasoning' mixes int and string labels: label 'chain' here, label 1 on line 3"),
-    ([record(), record(label="positive", text="good")], None, "train:1",
-     "task 'sentiment' has a single class ('positive')"),
-], ids=["missing-field", "unknown-task-at-eval", "empty-file", "blank-file", "empty-eval",
-        "label-only-at-eval", "int-label-only-at-eval", "invalid-json", "mixed-label-types",
-        "single-class"])
+@pytest.mark.parametrize(
+    "train_lines, eval_lines, where, message",
+    [
+        ([record(), record(task=None)], None, "train:2", 'missing field "task"'),
+        (
+            training_set(),
+            [record(), record(), record(task="other")],
+            "eval:3",
+            "unknown task 'other' (training tasks: sentiment, reasoning)",
+        ),
+        ([], None, "train", "no examples"),
+        (["", "  "], None, "train", "no examples"),
+        (training_set(), None, "eval", "no examples"),
+        (
+            training_set(),
+            [record(), record(label="neutral")],
+            "eval:2",
+            "label 'neutral' of task 'sentiment' does not occur in the training data",
+        ),
+        (
+            training_set(),
+            [record(task="reasoning", label=3)],
+            "eval:1",
+            "label 3 of task 'reasoning' does not occur in the training data",
+        ),
+        (
+            [record(), '{"text": "x", "task": "sentiment", "label": }'],
+            None,
+            "train:2",
+            "invalid JSON",
+        ),
+        (
+            training_set() + [record(task="reasoning", label="chain")],
+            None,
+            "train:5",
+            "task 'reasoning' mixes int and string labels: label 'chain' here, label 1 on line 3",
+        ),
+        (
+            [record(), record(label="positive", text="good")],
+            None,
+            "train:1",
+            "task 'sentiment' has a single class ('positive')",
+        ),
+    ],
+    ids=[
+        "missing-field",
+        "unknown-task-at-eval",
+        "empty-file",
+        "blank-file",
+        "empty-eval",
+        "label-only-at-eval",
+        "int-label-only-at-eval",
+        "invalid-json",
+        "mixed-label-types",
+        "single-class",
+    ],
+)
 def test_train_command_data_errors(tmp_path, capsys, train_lines, eval_lines, where, message):
-    paths = {"train": write_jsonl(tmp_path / "train.jsonl", train_lines),
-             "eval": str(tmp_path / "eval.jsonl")}
-    args = ["--encoder", str(tmp_path / "never-loaded"), "--train", paths["train"],
-            "--output", str(tmp_path / "out")]
+    paths = {
+        "train": write_jsonl(tmp_path / "train.jsonl", train_lines),
+        "eval": str(tmp_path / "eval.jsonl"),
+    }
+    args = [
+        "--encoder",
+        str(tmp_path / "never-loaded"),
+        "--train",
+        paths["train"],
+        "--output",
+        str(tmp_path / "out"),
+    ]
     if eval_lines is not None or where.startswith("eval"):
         write_jsonl(paths["eval"], eval_lines or [])
         args += ["--eval", paths["eval"]]
@@ -202,18 +301,26 @@ def test_train_command_data_errors(tmp_path, capsys, train_lines, eval_lines, wh
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("line, message", [
-    ('["text", "task", "label"]', "expected a JSON object, got an array"),
-    ('{"text": 3, "task": "a", "label": 1}', 'field "text" must be a string, got an int'),
-    ('{"text": "x", "task": "", "label": 1}', 'field "task" must be a non-empty string'),
-    ('{"text": "x", "task": 4, "label": 1}', 'field "task" must be a non-empty string, got an int'),
-    ('{"text": "x", "task": "a b", "label": 1}', "may not contain white space"),
-    ('{"text": "x", "task": "a", "label": true}', 'field "label" must be an int or a string, '
-                                                  'got a boolean'),
-    ('{"text": "x", "task": "a", "label": 1.0}', "got a float"),
-    ('{"text": "x", "task": "a", "label": null}', "got null"),
-    ('{"text": "x", "label": 1}', 'missing field "task"'),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('["text", "task", "label"]', "expected a JSON object, got an array"),
+        ('{"text": 3, "task": "a", "label": 1}', 'field "text" must be a string, got an int'),
+        ('{"text": "x", "task": "", "label": 1}', 'field "task" must be a non-empty string'),
+        (
+            '{"text": "x", "task": 4, "label": 1}',
+            'field "task" must be a non-empty string, got an int',
+        ),
+        ('{"text": "x", "task": "a b", "label": 1}', "may not contain white space"),
+        (
+            '{"text": "x", "task": "a", "label": true}',
+            'field "label" must be an int or a string, got a boolean',
+        ),
+        ('{"text": "x", "task": "a", "label": 1.0}', "got a float"),
+        ('{"text": "x", "task": "a", "label": null}', "got null"),
+        ('{"text": "x", "label": 1}', 'missing field "task"'),
+    ],
+)
 def test_load_examples_errors(tmp_path, line, message):
     path = write_jsonl(tmp_path / "d.jsonl", ["", json.dumps(GOOD), line])
     with pytest.raises(DataError) as info:
@@ -222,13 +329,27 @@ def test_load_examples_errors(tmp_path, line, message):
 
 
 def test_load_examples_and_label_space(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        record(task="b", label=10), "", record(task="a", label="y"), record(task="b", label=2),
-        record(task="a", label="X"), record(task="a", label="y", extra=1),
-        record(task="b", label=7)])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            record(task="b", label=10),
+            "",
+            record(task="a", label="y"),
+            record(task="b", label=2),
+            record(task="a", label="X"),
+            record(task="a", label="y", extra=1),
+            record(task="b", label=7),
+        ],
+    )
     examples = load_examples(path)
     assert list(zip(examples["task"], examples["label"], examples["line"])) == [
-        ("b", "10", 1), ("a", "y", 3), ("b", "2", 4), ("a", "X", 5), ("a", "y", 6), ("b", "7", 7)]
+        ("b", "10", 1),
+        ("a", "y", 3),
+        ("b", "2", 4),
+        ("a", "X", 5),
+        ("a", "y", 6),
+        ("b", "7", 7),
+    ]
     space = LabelSpace.from_examples(examples, path)
     assert space.tasks == ["b", "a"]
     assert space.classes == {"b": [2, 7, 10], "a": ["X", "y"]}
@@ -239,18 +360,39 @@ def test_load_examples_and_label_space(tmp_path):
 
 
 def test_bad_arguments(tmp_path, capsys):
-    assert train.main(["--encoder", "x", "--train", "t.jsonl", "--output", str(tmp_path),
-                       "--batch-size", "0"]) == 2
+    assert (
+        train.main(
+            ["--encoder", "x", "--train", "t.jsonl", "--output", str(tmp_path), "--batch-size", "0"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "error: argument --batch-size: must be >= 1, got 0" in err
     assert "Traceback" not in err
     assert train.main(["--encoder", "x", "--output", str(tmp_path)]) == 2
     assert "error: the following arguments are required: --train" in capsys.readouterr().err
-    assert train.main(["--encoder", "x", "--train", "t.jsonl", "--output", str(tmp_path),
-                       "--kernels", "fast"]) == 2
+    assert (
+        train.main(
+            ["--encoder", "x", "--train", "t.jsonl", "--output", str(tmp_path), "--kernels", "fast"]
+        )
+        == 2
+    )
     assert "error: argument --kernels: invalid choice" in capsys.readouterr().err
-    assert train.main(["--encoder", "x", "--train", "t.jsonl", "--output", str(tmp_path),
-                       "--no-such-option", "1"]) == 2
+    assert (
+        train.main(
+            [
+                "--encoder",
+                "x",
+                "--train",
+                "t.jsonl",
+                "--output",
+                str(tmp_path),
+                "--no-such-option",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "--no-such-option" in capsys.readouterr().err
     assert evaluate.main(["--model", str(tmp_path / "nothing"), "--data", "x.jsonl"]) == 2
     assert "error: x.jsonl: cannot read the file" in capsys.readouterr().err
@@ -260,15 +402,35 @@ def test_train_command_with_extracted_word_lists(files, tmp_path):
     """vocabulary command -> train --lexicon: the model trains on the
     extracted lists too and saves them (prefix fields and features widen)."""
     lexicon = tmp_path / "vocab.json"
-    made = run_module("surgellm_kernels.vocabulary", "--data", files["train"], "--top-k", "3",
-                      "--min-count", "2", "--output", lexicon)
+    made = run_module(
+        "surgellm_kernels.vocabulary",
+        "--data",
+        files["train"],
+        "--top-k",
+        "3",
+        "--min-count",
+        "2",
+        "--output",
+        lexicon,
+    )
     assert made.returncode == 0, made.stderr
     featurizer = LexicalFeaturizer.from_json(lexicon.read_text())
     assert featurizer.num_features > 16
     out = tmp_path / "model"
-    result = run_module("surgellm_kernels.train", "--encoder", files["encoder"], "--train",
-                        files["train"], "--output", out, "--lexicon", lexicon, *SMALL,
-                        "--max-length", "96")
+    result = run_module(
+        "surgellm_kernels.train",
+        "--encoder",
+        files["encoder"],
+        "--train",
+        files["train"],
+        "--output",
+        out,
+        "--lexicon",
+        lexicon,
+        *SMALL,
+        "--max-length",
+        "96",
+    )
     assert result.returncode == 0, result.stderr
     assert f"{featurizer.num_features} lexical features" in result.stdout
     assert SurgeLLMConfig.from_pretrained(out).featurizer() == featurizer
@@ -277,11 +439,18 @@ def test_train_command_with_extracted_word_lists(files, tmp_path):
 def test_train_command_bad_lexicon(files, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"groups": {"x": []}}')
-    args = ["--encoder", files["encoder"], "--train", files["train"], "--output",
-            str(tmp_path / "out")]
+    args = [
+        "--encoder",
+        files["encoder"],
+        "--train",
+        files["train"],
+        "--output",
+        str(tmp_path / "out"),
+    ]
     assert train.main(args + ["--lexicon", str(bad)]) == 2
     assert f"error: --lexicon {bad}: groups['x'] must be a non-empty list" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     assert train.main(args + ["--lexicon", str(tmp_path / "missing.json")]) == 2
     assert "error: --lexicon" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -304,7 +473,8 @@ def test_evaluate_command_label_errors(files, trained, tmp_path, capsys):
     data = write_jsonl(tmp_path / "e.jsonl", [record(), record(task="reasoning", label=5)])
     assert evaluate.main(["--model", str(out), "--data", data]) == 2
     assert capsys.readouterr().err.startswith(
-        f"error: {data}:2: label 5 of task 'reasoning' does not occur in the training data")
+        f"error: {data}:2: label 5 of task 'reasoning' does not occur in the training data"
+    )
     data = write_jsonl(tmp_path / "e.jsonl", [record(task="other")])
     assert evaluate.main(["--model", str(out), "--data", data]) == 2
     assert capsys.readouterr().err.startswith(f"error: {data}:1: unknown task 'other'")
@@ -320,8 +490,11 @@ def test_task_metrics_per_task_hand_computed():
     metrics = task_metrics(predictions, labels, task_ids, ["a", "b", "c"])
     assert list(metrics["tasks"]) == ["a", "c"]  # b has no rows
     # task a: class 0: tp 2, fp 2, fn 1 -> 4/7; class 1: tp 1, fp 1, fn 1 -> 1/2; class 2: 0
-    assert metrics["tasks"]["a"] == {"macro_f1": pytest.approx((4 / 7 + 1 / 2) / 3),
-                                     "accuracy": pytest.approx(3 / 6), "n": 6}
+    assert metrics["tasks"]["a"] == {
+        "macro_f1": pytest.approx((4 / 7 + 1 / 2) / 3),
+        "accuracy": pytest.approx(3 / 6),
+        "n": 6,
+    }
     assert metrics["tasks"]["c"] == {"macro_f1": 1.0, "accuracy": 1.0, "n": 2}
     assert metrics["macro_f1"] == pytest.approx(((4 / 7 + 1 / 2) / 3 + 1) / 2)
     with pytest.raises(ValueError, match="no examples"):

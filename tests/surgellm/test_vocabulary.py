@@ -1,5 +1,6 @@
 """Word lists from data (extract_vocabulary, the vocabulary command) and
 features over any word lists (LexicalFeaturizer, a model trained with them)."""
+
 import json
 import math
 import os
@@ -7,10 +8,11 @@ import os
 import pytest
 import torch
 
-from _corpus import planted_corpus
 from surgellm_kernels import LexicalFeaturizer, lexical_features
 from surgellm_kernels.surgellm.features import FEATURE_NAMES, WORD_GROUPS, task_prefix
 from surgellm_kernels.surgellm.vocabulary import VocabularyEntry, extract_vocabulary, main
+
+from _corpus import planted_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,7 +40,7 @@ def test_planted_words_are_recovered_and_background_words_are_not():
 def _hand_z(own, n_own, other, n_other, alpha, alpha0):
     """The module docstring's z, from counts worked out by hand."""
     a, b = own + alpha, other + alpha
-    delta = (math.log(a / (n_own + alpha0 - a)) - math.log(b / (n_other + alpha0 - b)))
+    delta = math.log(a / (n_own + alpha0 - a)) - math.log(b / (n_other + alpha0 - b))
     return delta / math.sqrt(1 / a + 1 / b)
 
 
@@ -48,39 +50,48 @@ def test_ranking_of_a_hand_worked_example():
     texts = ["Good nice film.", "good, NICE plot", "bad film", "Bad plot!"]
     labels = ["A", "A", "B", "B"]
     got = extract_vocabulary(texts, labels, top_k=5, min_count=1, ngram_range=(1, 1))
-    z_good = _hand_z(2, 6, 0, 4, 2, 10)   # log 2 / sqrt(3/4)
-    z_bad = _hand_z(2, 4, 0, 6, 2, 10)    # log(0.4 * 7) / sqrt(3/4)
+    z_good = _hand_z(2, 6, 0, 4, 2, 10)  # log 2 / sqrt(3/4)
+    z_bad = _hand_z(2, 4, 0, 6, 2, 10)  # log(0.4 * 7) / sqrt(3/4)
     z_film_b = _hand_z(1, 4, 1, 6, 2, 10)  # log(13/11) / sqrt(2/3)
     assert z_good == pytest.approx(0.800377, abs=1e-6)
     assert z_bad == pytest.approx(1.188902, abs=1e-6)
     assert z_film_b == pytest.approx(0.204598, abs=1e-6)
     # film and plot lean to B (z < 0 for A): A lists good and nice only, tied,
     # in the entries' order; B's film and plot tie too.
-    assert [(e.entry, e.count, e.corpus_count) for e in got["A"]] == [("good", 2, 2),
-                                                                      ("nice", 2, 2)]
+    assert [(e.entry, e.count, e.corpus_count) for e in got["A"]] == [
+        ("good", 2, 2),
+        ("nice", 2, 2),
+    ]
     assert [(e.entry, e.count, e.corpus_count) for e in got["B"]] == [
-        ("bad", 2, 2), ("film", 1, 2), ("plot", 1, 2)]
+        ("bad", 2, 2),
+        ("film", 1, 2),
+        ("plot", 1, 2),
+    ]
     for entry, z in zip(got["A"], (z_good, z_good)):
         assert entry.z == pytest.approx(z, rel=1e-12)
     for entry, z in zip(got["B"], (z_bad, z_film_b, z_film_b)):
         assert entry.z == pytest.approx(z, rel=1e-12)
     # top_k cuts the ranked list; the result depends only on the input
-    again = extract_vocabulary(list(reversed(texts)), list(reversed(labels)), top_k=1,
-                               min_count=1, ngram_range=(1, 1))
+    again = extract_vocabulary(
+        list(reversed(texts)), list(reversed(labels)), top_k=1, min_count=1, ngram_range=(1, 1)
+    )
     assert again == {"A": got["A"][:1], "B": got["B"][:1]}
 
 
 def test_phrases_binary_counts_and_min_count():
     texts = ["great movie. great movie", "great, movie", "great \n movie", "dull film"] * 2
     labels = [1, 1, 0, 0] * 2
-    counts = {e.entry: (e.count, e.corpus_count)
-              for e in extract_vocabulary(texts, labels, top_k=10, min_count=1)[1]}
+    counts = {
+        e.entry: (e.count, e.corpus_count)
+        for e in extract_vocabulary(texts, labels, top_k=10, min_count=1)[1]
+    }
     # "great, movie" is no phrase (punctuation between); "great \n movie" is one
     assert counts["great movie"] == (4, 6)
     assert "movie great" not in counts  # across the full stop
-    binary = {e.entry: (e.count, e.corpus_count)
-              for e in extract_vocabulary(texts, labels, top_k=10, min_count=1,
-                                          binary=True)[1]}
+    binary = {
+        e.entry: (e.count, e.corpus_count)
+        for e in extract_vocabulary(texts, labels, top_k=10, min_count=1, binary=True)[1]
+    }
     assert binary["great movie"] == (2, 4)
     # min_count is on the corpus count: dull, film, "dull film" occur twice
     rare = {"dull", "film", "dull film"}
@@ -95,8 +106,9 @@ def test_a_class_without_kept_entries_gets_none():
     z is 0 up to rounding, and no entry (all of count 0 in C) is listed."""
     texts = ["good film", "good plot", "bad film", "bad plot", "zzz", ""]
     for prior in (0.3, 0.5, 1.0, 2.0):
-        got = extract_vocabulary(texts, list("AABBCC"), min_count=2, ngram_range=(1, 1),
-                                 prior=prior)
+        got = extract_vocabulary(
+            texts, list("AABBCC"), min_count=2, ngram_range=(1, 1), prior=prior
+        )
         assert got["C"] == [], prior
         assert [e.entry for e in got["A"]] == ["good"]
 
@@ -131,25 +143,31 @@ def test_extracted_entries_match_where_they_were_found():
     assert featurizer(texts).shape == (400, 3)
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (dict(labels=[0, 1]), ValueError, "texts and labels must have the same length, got 3 texts "
-                                      "and 2 labels"),
-    (dict(labels=[1, 1, 1]), ValueError, r"labels hold one class only \(1\)"),
-    (dict(texts=[], labels=[]), ValueError, "texts is empty"),
-    (dict(texts=["", " ", "?!"]), ValueError, "texts hold no words"),
-    (dict(top_k=0), ValueError, "top_k must be an int >= 1, got 0"),
-    (dict(top_k=-3), ValueError, "top_k must be an int >= 1, got -3"),
-    (dict(min_count=0), ValueError, "min_count must be an int >= 1, got 0"),
-    (dict(ngram_range=(2, 1)), ValueError, "ngram_range must be"),
-    (dict(prior=0.0), ValueError, r"prior must be a number in \[1e-06, 1e\+06\], got 0.0"),
-    (dict(prior=1e300), ValueError, "prior must be a number in"),
-    (dict(texts=["a b", None, "c"]), TypeError, r"texts\[1\] must be a string, got NoneType"),
-    (dict(texts="a b c"), TypeError, "texts must be a sequence of strings"),
-    (dict(labels=[0.5, 1.0, 0.5]), TypeError, r"labels\[0\] must be an int or a string"),
-    (dict(labels=[0, "a", 0]), TypeError, "labels must all be ints or all be strings"),
-    (dict(labels=[True, 1, 0]), TypeError, r"labels\[0\] must be an int or a string"),
-    (dict(min_count=50), ValueError, "fewer than two entries occur at least min_count=50"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            dict(labels=[0, 1]),
+            ValueError,
+            "texts and labels must have the same length, got 3 texts and 2 labels",
+        ),
+        (dict(labels=[1, 1, 1]), ValueError, r"labels hold one class only \(1\)"),
+        (dict(texts=[], labels=[]), ValueError, "texts is empty"),
+        (dict(texts=["", " ", "?!"]), ValueError, "texts hold no words"),
+        (dict(top_k=0), ValueError, "top_k must be an int >= 1, got 0"),
+        (dict(top_k=-3), ValueError, "top_k must be an int >= 1, got -3"),
+        (dict(min_count=0), ValueError, "min_count must be an int >= 1, got 0"),
+        (dict(ngram_range=(2, 1)), ValueError, "ngram_range must be"),
+        (dict(prior=0.0), ValueError, r"prior must be a number in \[1e-06, 1e\+06\], got 0.0"),
+        (dict(prior=1e300), ValueError, "prior must be a number in"),
+        (dict(texts=["a b", None, "c"]), TypeError, r"texts\[1\] must be a string, got NoneType"),
+        (dict(texts="a b c"), TypeError, "texts must be a sequence of strings"),
+        (dict(labels=[0.5, 1.0, 0.5]), TypeError, r"labels\[0\] must be an int or a string"),
+        (dict(labels=[0, "a", 0]), TypeError, "labels must all be ints or all be strings"),
+        (dict(labels=[True, 1, 0]), TypeError, r"labels\[0\] must be an int or a string"),
+        (dict(min_count=50), ValueError, "fewer than two entries occur at least min_count=50"),
+    ],
+)
 def test_bad_input(call, error, message):
     kwargs = dict(texts=["good film", "bad film", "good plot"], labels=[0, 1, 0], min_count=1)
     kwargs.update(call)
@@ -172,19 +190,25 @@ def test_default_featurizer_gives_exactly_the_features_of_before():
 
 
 def test_custom_groups_counted_by_hand():
-    featurizer = LexicalFeaturizer({"cinema": ["film", "movie*", "special effects"],
-                                    "money": ["$", "budget"]})
+    featurizer = LexicalFeaturizer(
+        {"cinema": ["film", "movie*", "special effects"], "money": ["$", "budget"]}
+    )
     assert featurizer.feature_names == ("cinema", "money") + FEATURE_NAMES[10:]
-    texts = ["The FILM had special\teffects and a $5 budget!",  # cinema 2, money 2
-             "Movies, movies: a filmmaker's budget?",           # cinema 1 (movie*), money 1
-             ""]
+    texts = [
+        "The FILM had special\teffects and a $5 budget!",  # cinema 2, money 2
+        "Movies, movies: a filmmaker's budget?",  # cinema 1 (movie*), money 1
+        "",
+    ]
     got = featurizer(texts)
-    expected = torch.tensor([
-        # the film had special effects and a 5 budget: 9 words, 35 characters
-        [2, 2, 9, 35 / 9, 1, 0, 1, 1],
-        # movies movies a filmmaker's budget: 5 words, 6 + 6 + 1 + 11 + 6 = 30
-        [1, 1, 5, 30 / 5, 1, 1, 0, 0],
-        [0] * 8])
+    expected = torch.tensor(
+        [
+            # the film had special effects and a 5 budget: 9 words, 35 characters
+            [2, 2, 9, 35 / 9, 1, 0, 1, 1],
+            # movies movies a filmmaker's budget: 5 words, 6 + 6 + 1 + 11 + 6 = 30
+            [1, 1, 5, 30 / 5, 1, 1, 0, 0],
+            [0] * 8,
+        ]
+    )
     assert torch.equal(got, expected)
     words_only = LexicalFeaturizer({"cinema": ["film"]}, numeric=False)
     assert words_only(texts).tolist() == [[1], [0], [0]]
@@ -207,16 +231,19 @@ def test_with_groups_replaces_and_extends_and_json_round_trips():
     assert restored(texts)[0, 10] == 2
 
 
-@pytest.mark.parametrize("groups, numeric, message", [
-    ({"a": []}, True, r"groups\['a'\] must be a non-empty list of entries"),
-    ({"a": "word"}, True, r"groups\['a'\] must be a non-empty list"),
-    ({"a": ["ok", ""]}, True, r"groups\['a'\]: entries must be non-empty strings, got ''"),
-    ({"": ["x"]}, True, "group names must be non-empty strings"),
-    ({"word_count": ["x"]}, True, "is the name of a numeric feature"),
-    ({}, False, "at least one group or numeric=True"),
-    ({"a": ["Good", "good"]}, True, r"groups\['a'\] lists 'good' twice"),
-    ({"a": ["special effects", "special  Effects"]}, True, "lists 'special effects' twice"),
-])
+@pytest.mark.parametrize(
+    "groups, numeric, message",
+    [
+        ({"a": []}, True, r"groups\['a'\] must be a non-empty list of entries"),
+        ({"a": "word"}, True, r"groups\['a'\] must be a non-empty list"),
+        ({"a": ["ok", ""]}, True, r"groups\['a'\]: entries must be non-empty strings, got ''"),
+        ({"": ["x"]}, True, "group names must be non-empty strings"),
+        ({"word_count": ["x"]}, True, "is the name of a numeric feature"),
+        ({}, False, "at least one group or numeric=True"),
+        ({"a": ["Good", "good"]}, True, r"groups\['a'\] lists 'good' twice"),
+        ({"a": ["special effects", "special  Effects"]}, True, "lists 'special effects' twice"),
+    ],
+)
 def test_featurizer_bad_groups(groups, numeric, message):
     with pytest.raises(ValueError, match=message):
         LexicalFeaturizer(groups, numeric=numeric)
@@ -253,8 +280,12 @@ def test_vocabulary_command(tmp_path, capsys):
     assert document["extraction"]["top_k"] == 4
     featurizer = LexicalFeaturizer.from_json(out.read_text())
     assert featurizer.feature_names[:10] == FEATURE_NAMES[:10]
-    assert featurizer.feature_names[10:14] == ("forum:neg", "forum:pos", "reviews:neg",
-                                               "reviews:pos")
+    assert featurizer.feature_names[10:14] == (
+        "forum:neg",
+        "forum:pos",
+        "reviews:neg",
+        "reviews:pos",
+    )
     for task in ("forum", "reviews"):
         for c, label in enumerate(["neg", "pos"]):
             entries = document["vocabularies"][task][label]
@@ -262,8 +293,9 @@ def test_vocabulary_command(tmp_path, capsys):
             assert set(featurizer.groups[f"{task}:{label}"]) == set(planted[c])
             assert all(set(e) == set(VocabularyEntry._fields) for e in entries)
     only = tmp_path / "only.json"
-    assert main(["--data", str(data), "--top-k", "4", "--output", str(only),
-                 "--only-extracted"]) == 0
+    assert (
+        main(["--data", str(data), "--top-k", "4", "--output", str(only), "--only-extracted"]) == 0
+    )
     assert LexicalFeaturizer.from_json(only.read_text()).num_features == 4 + 6
 
 
@@ -273,14 +305,25 @@ def test_vocabulary_command_errors(tmp_path, capsys):
     assert main(["--data", str(data), "--output", str(tmp_path / "v.json")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "task 't'" in err and "one class only" in err
-    assert main(["--data", str(tmp_path / "missing.jsonl"), "--output",
-                 str(tmp_path / "v.json")]) == 2
+    assert (
+        main(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "v.json")]) == 2
+    )
     assert not (tmp_path / "v.json").exists()
-    assert main(["--data", str(data), "--output", str(tmp_path / "v.json"),
-                 "--top-k", "0"]) == 2
+    assert main(["--data", str(data), "--output", str(tmp_path / "v.json"), "--top-k", "0"]) == 2
     assert "top_k must be an int >= 1, got 0" in capsys.readouterr().err
     good = tmp_path / "good.jsonl"
     _write_corpus(good, n=60)
-    assert main(["--data", str(good), "--min-count", "1", "--output",
-                 str(tmp_path / "no-such-dir" / "v.json")]) == 2
+    assert (
+        main(
+            [
+                "--data",
+                str(good),
+                "--min-count",
+                "1",
+                "--output",
+                str(tmp_path / "no-such-dir" / "v.json"),
+            ]
+        )
+        == 2
+    )
     assert "error:" in capsys.readouterr().err
