@@ -42,7 +42,10 @@ HEADERS = sorted(glob.glob(os.path.join(CSRC, "**", "*.h*"), recursive=True))
 # -ffp-contract=off: the kernels round as written -- one rounding where they
 # call fmadd, two elsewhere -- instead of wherever the compiler chooses to
 # contract (which differs between capability builds, and between the scalar
-# combine steps and the vector loops).
+# combine steps and the vector loops). --fmad=false is the same for nvcc,
+# whose default contracts: there x * g - mu became fma(x, g, -mu), so the
+# rounding of u = x * g leaked into u - mu, and a constant feature's y into
+# that rounding over eps.
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
 LINK_FLAGS = ["-lgomp"]
 # SURGELLM_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer
@@ -133,7 +136,7 @@ def extension():
     if with_cuda():
         sources += CUDA_KERNELS
         define_macros.append(("SURGELLM_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "-std=c++17"]
+        extra["nvcc"] = ["-O3", "-std=c++17", "--fmad=false"]
         ctor = CUDAExtension
     else:
         ctor = CppExtension

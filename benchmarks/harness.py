@@ -25,8 +25,13 @@ QUICK = os.environ.get("SURGELLM_BENCH_QUICK", "0") not in ("", "0")
 FULL = os.environ.get("SURGELLM_BENCH_FULL", "0") not in ("", "0") and not QUICK
 # Overrides of the cases, e.g. for scripts/gpu_check.sh:
 # SURGELLM_BENCH_SHAPES="32768x768,4096x768"  SURGELLM_BENCH_DTYPES="float16,bfloat16"
+# SURGELLM_BENCH_DEVICES="cuda"
 SHAPES_ENV, DTYPES_ENV = "SURGELLM_BENCH_SHAPES", "SURGELLM_BENCH_DTYPES"
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = [
+    d
+    for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if d in os.environ.get("SURGELLM_BENCH_DEVICES", "cpu,cuda").split(",")
+]
 MODES = ("eval", "train_fwd", "train_fwd_bwd")
 # Tensors of x's size an ideal kernel moves, per op and mode. fused_iwn: eval
 # reads x, writes y; training reads x twice (statistics, then normalize) and

@@ -5,7 +5,11 @@
 // or, for a plain eager call, through the typed entries below: pybind11
 // converts the arguments to the schema's C++ types and the op's typed
 // dispatcher handle calls it, which skips the boxing of a torch.ops call (a
-// third of a small call's cost). They check nothing: the ops do.
+// third of a small call's cost). They check nothing: the ops do. Like
+// torch's own bindings, each runs the op without the GIL and turns a C++
+// error into its Python exception (ValueError, TypeError, ...) with the GIL
+// held again (HANDLE_TH_ERRORS), so that no exception crosses pybind11's
+// call with the GIL released and C++ warnings reach Python's warnings.
 #include <ATen/Context.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -36,8 +40,11 @@ Tensor iwn(const Tensor& x, const optional<Tensor>& labels, const optional<Tenso
                        const optional<Tensor>&, const optional<Tensor>&, bool, double, double,
                        c10::string_view, optional<int64_t>, optional<c10::string_view>, int64_t)>(
           "surgellm::iwn");
+  HANDLE_TH_ERRORS
+  pybind11::gil_scoped_release no_gil;
   return op.call(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
                  momentum, eps, std_mode, num_classes, view(group_name), group_size);
+  END_HANDLE_TH_ERRORS_PYBIND
 }
 
 Tensor surgical_gate(const Tensor& h, const Tensor& s, const Tensor& gate_logits,
@@ -45,7 +52,10 @@ Tensor surgical_gate(const Tensor& h, const Tensor& s, const Tensor& gate_logits
   static const auto op =
       op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
                        const optional<Tensor>&, double)>("surgellm::surgical_gate");
+  HANDLE_TH_ERRORS
+  pybind11::gil_scoped_release no_gil;
   return op.call(h, s, gate_logits, weight, bias, eps);
+  END_HANDLE_TH_ERRORS_PYBIND
 }
 
 }  // namespace
@@ -57,9 +67,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_capability", [] { return at::get_cpu_capability(); },
       "the CPU kernel build in use (DEFAULT, AVX2 or AVX512)");
-  m.def("iwn", &surgellm::iwn, py::call_guard<py::gil_scoped_release>(),
+  m.def("iwn", &surgellm::iwn,
         "torch.ops.surgellm.iwn's typed eager entry (same arguments, in schema order)");
-  m.def("surgical_gate", &surgellm::surgical_gate, py::call_guard<py::gil_scoped_release>(),
+  m.def("surgical_gate", &surgellm::surgical_gate,
         "torch.ops.surgellm.surgical_gate's typed eager entry");
 #ifdef SURGELLM_WITH_CUDA
   m.attr("has_cuda") = true;

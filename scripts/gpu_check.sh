@@ -8,11 +8,12 @@
 #    architecture (pip --no-build-isolation --no-deps: nothing is installed);
 # 2. runs the kernel and module tests (tests/ops, tests/nn) with
 #    SURGELLM_BACKEND=cuda, then =triton;
-# 3. runs the op benchmarks in quick mode in float16 and bfloat16, and the
-#    paper-scale goal case (32768 x 768, float32 and bfloat16, forward +
-#    backward), each next to a device-to-device copy of its ideal bytes;
-# 4. runs compute-sanitizer memcheck and racecheck over
+# 3. runs compute-sanitizer memcheck and racecheck over
 #    scripts/call_every_kernel.py, once per backend;
+# 4. runs the op benchmarks on CUDA tensors in quick mode in float16 and
+#    bfloat16, and the paper-scale goal case (32768 x 768, float32 and
+#    bfloat16, forward + backward), each next to a device-to-device copy of
+#    its ideal bytes;
 # and writes OUT_DIR/summary.json (each step: exit code, seconds, log file)
 # with the logs and benchmark tables next to it. Every step runs under a
 # time limit and all of them within SURGELLM_GPU_CHECK_SECONDS (470 s), so
@@ -87,19 +88,17 @@ for name, s in status.items():
     print(name, "available" if s.available else f"unavailable: {s.reason}")
 assert status["cuda"].available and status["triton"].available, "a GPU backend is missing"'
 
-pytest_args=(-q -p no:cacheprovider)
-run tests-cuda 150 env SURGELLM_BACKEND=cuda "$PYTHON" -m pytest tests/ops tests/nn "${pytest_args[@]}" \
+# -v: each test's name as it runs (a crash shows where); -rfE: the failures'
+# names and messages in the summary.
+# pytest-xdist, where installed, spreads the tests over 4 processes (and a
+# process that crashes is reported as its test's failure, the rest go on).
+pytest_args=(-p no:cacheprovider)
+test_args=(-v --tb=short -rfE)
+if "$PYTHON" -c "import xdist" 2>/dev/null; then test_args+=(-n 4); fi
+run tests-cuda 150 env SURGELLM_BACKEND=cuda "$PYTHON" -m pytest tests/ops tests/nn "${pytest_args[@]}" "${test_args[@]}" \
   --junitxml="$out/tests-cuda.xml"
-run tests-triton 150 env SURGELLM_BACKEND=triton "$PYTHON" -m pytest tests/ops tests/nn "${pytest_args[@]}" \
+run tests-triton 150 env SURGELLM_BACKEND=triton "$PYTHON" -m pytest tests/ops tests/nn "${pytest_args[@]}" "${test_args[@]}" \
   --junitxml="$out/tests-triton.xml"
-
-run bench-quick-half 90 env SURGELLM_BENCH_QUICK=1 SURGELLM_BENCH_DTYPES=float16,bfloat16 \
-  "$PYTHON" -m pytest benchmarks/test_fused_iwn.py benchmarks/test_fused_surgical_gate.py \
-  --benchmark-only "${pytest_args[@]}" --results-dir "$out/bench-quick-half"
-run bench-goal 90 env SURGELLM_BENCH_SHAPES=32768x768 \
-  SURGELLM_BENCH_DTYPES=float32,bfloat16 \
-  "$PYTHON" -m pytest benchmarks/test_fused_iwn.py -k train_fwd_bwd \
-  --benchmark-only "${pytest_args[@]}" --results-dir "$out/bench-goal"
 
 if command -v compute-sanitizer >/dev/null; then
   sanitizer=compute-sanitizer
@@ -111,7 +110,7 @@ fi
 if [ -n "$sanitizer" ]; then
   for backend in cuda triton; do
     for tool in memcheck racecheck; do
-      run "$tool-$backend" 60 "$sanitizer" --tool "$tool" --error-exitcode 3 \
+      run "$tool-$backend" 45 "$sanitizer" --tool "$tool" --error-exitcode 3 \
         "$PYTHON" scripts/call_every_kernel.py --device cuda --backend "$backend" \
         --dtypes float32 bfloat16 --widths 1 65 1023
     done
@@ -120,6 +119,15 @@ else
   echo "compute-sanitizer not found"
   record compute-sanitizer 127 0 false null
 fi
+
+run bench-quick-half 90 env SURGELLM_BENCH_DEVICES=cuda SURGELLM_BENCH_QUICK=1 SURGELLM_BENCH_DTYPES=float16,bfloat16 \
+  "$PYTHON" -m pytest benchmarks/test_fused_iwn.py benchmarks/test_fused_surgical_gate.py \
+  --benchmark-only -q "${pytest_args[@]}" --results-dir "$out/bench-quick-half"
+run bench-goal 90 env SURGELLM_BENCH_DEVICES=cuda SURGELLM_BENCH_SHAPES=32768x768 \
+  SURGELLM_BENCH_DTYPES=float32,bfloat16 \
+  "$PYTHON" -m pytest benchmarks/test_fused_iwn.py -k train_fwd_bwd \
+  --benchmark-only -q "${pytest_args[@]}" --results-dir "$out/bench-goal"
+
 
 # The benchmark tables (the reports' last sections) next to the summary.
 for bench in bench-quick-half bench-goal; do

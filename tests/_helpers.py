@@ -9,14 +9,16 @@ from surgellm_kernels import backends
 
 
 def on_device(device, *values):
-    """``values`` (tensors, or dicts of tensors and other things) moved to
-    ``device``; one value is returned as itself, several as a tuple."""
+    """``values`` (tensors, or lists, tuples and dicts of tensors and other
+    things) moved to ``device``; one value is returned as itself, several as a tuple."""
 
     def move(v):
         if isinstance(v, torch.Tensor):
             return v.to(device)
         if isinstance(v, dict):
             return {k: move(item) for k, item in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(move(item) for item in v)
         return v
 
     moved = tuple(move(v) for v in values)
@@ -28,7 +30,7 @@ def cpu_backends():
     interpreter). The eager backend is the reference itself: it is tested
     against float64 truth and independent formulas (test_reference.py),
     never against itself."""
-    status = backends()
+    status = backends(torch.device("cpu"))
     return [name for name in ("cpu", "triton") if status[name].available]
 
 

@@ -94,9 +94,16 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# Every launch rounds as written: no multiply-add contraction (the CPU build's
+# -ffp-contract=off, nvcc's --fmad=false). Contracted, x * g - mu becomes
+# fma(x, g, -mu), the rounding of u = x * g leaks into u - mu, and a constant
+# feature (u - mu = 0 exactly) gets that rounding divided by eps.
+ROUND_AS_WRITTEN = {"enable_fp_fusion": False}
+
+
 def _launch(kernel, grid, *args, **meta):
     if all(g > 0 for g in grid):
-        kernel[grid](*args, **meta)
+        kernel[grid](*args, **meta, **ROUND_AS_WRITTEN)
 
 
 def _chunks(n: int, scratch_per_chunk: int, itemsize: int):
