@@ -10,6 +10,7 @@ for them (matched by sequence number). The profiler's per-op overhead makes
 small ops look larger, so the share is an upper bound.
 """
 
+import statistics
 import time
 
 import pytest
@@ -33,7 +34,6 @@ MINILM = dict(
 BATCH, SEQUENCE = (8, 32) if harness.QUICK else (32, 128)
 TASKS = {"sentiment": 2, "authorship": 2, "reasoning": 3}
 MODULES = {"IWN": "iwn", "surgical gate": "fusion"}  # of model.surgellm
-_step_ms = {}
 
 
 def build(kernels: str):
@@ -72,6 +72,22 @@ def build(kernels: str):
         return loss
 
     return model, step, report
+
+
+def interleaved_steps(patched_step, rounds: int):
+    """Median step times (ms) of a fresh reference model and ``patched_step``,
+    run alternately (reference, patched, reference, ...): a machine's drift
+    then weighs on both alike, which it does not on two runs one after the
+    other."""
+    _, reference_step, _ = build("reference")
+    reference_step()  # warm-up
+    times = {"reference": [], "patched": []}
+    for _ in range(rounds):
+        for name, run in (("reference", reference_step), ("patched", patched_step)):
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times["reference"]), statistics.median(times["patched"])
 
 
 def module_share(model, step):
@@ -127,7 +143,6 @@ def test_training_step(benchmark, bench_report, kernels):
     )
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
     median = benchmark.stats.stats.median * 1e3
-    _step_ms[kernels] = median
     total, shares = module_share(model, step)
 
     if not bench_report.sections.get(SECTION):
@@ -143,8 +158,11 @@ def test_training_step(benchmark, bench_report, kernels):
     )
     line = f"{kernels:>9}: median {median:9.1f} ms"
     if kernels == "patched":
-        if "reference" in _step_ms:
-            line += f" ({_step_ms['reference'] / median:.3f}x the reference step)"
+        reference_ms, patched_ms = interleaved_steps(step, rounds)
+        line += (
+            f"; alternated with the reference, step for step: {patched_ms:.1f} vs "
+            f"{reference_ms:.1f} ms ({reference_ms / patched_ms:.3f}x the reference's speed)"
+        )
         backends = sorted(set(report.backends.values()))
         line += f"; fused modules run {', '.join(backends)}"
         if report.eager:

@@ -15,7 +15,7 @@ in the whole corpus (``a_0 = sum_w a_w``)::
 
 An entry is a run of 1 to ``ngram_range[1]`` adjacent words (white space
 only between them), lower-cased and tokenized as
-:mod:`surgellm_kernels.features` does, so an extracted entry matches, as a
+:mod:`surgellm_kernels.surgellm.features` does, so an extracted entry matches, as a
 :class:`LexicalFeaturizer` entry, the texts it was found in. Counting is
 vectorized (numpy): one regular-expression pass per text, no Python loop over
 tokens or entries.
