@@ -201,6 +201,8 @@ def compile_config(index):
                 "-v",
                 "-lineinfo",
                 "--regAllocOptLevel=2",
+                # as Triton's own ptxas call: no contraction unless fp fusion is on
+                *([] if c["options"].enable_fp_fusion else ["--fmad=false"]),
                 f"--gpu-name={sm_arch_from_capability(c['cc'])}",
                 kernel.asm["ptx"].encode(),
                 ".ptx",

@@ -73,8 +73,10 @@ BLOCK_F = 64  # features per program
 GROUP_TILE = 16  # groups (or tasks) per program in the one-hot reductions (8 in float64)
 # Warps of the kernels whose tiles hold one-hot [rows, groups, features]
 # products or a row reduction: with the default 4, some of their
-# configurations spill registers (scripts/triton_aot.py compiles them all).
+# configurations spill registers (scripts/triton_aot.py compiles them all);
+# the input gradient in float64, compiled without contraction, needs 16.
 REDUCE_WARPS = 8
+INPUT_GRAD_WARPS_FP64 = 16
 BLOCK_SUM = 256  # elements per program when summing chunk partials
 TARGET_CHUNKS = 128
 SCRATCH_BYTES = 256 << 20  # cap on the partial buffers of one split reduction
@@ -94,8 +96,8 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-# Every launch rounds as written: no multiply-add contraction (the CPU build's
-# -ffp-contract=off, nvcc's --fmad=false). Contracted, x * g - mu becomes
+# Every IWN launch rounds as written: no multiply-add contraction (the CPU
+# build's -ffp-contract=off, nvcc's --fmad=false). Contracted, x * g - mu becomes
 # fma(x, g, -mu), the rounding of u = x * g leaks into u - mu, and a constant
 # feature (u - mu = 0 exactly) gets that rounding divided by eps.
 ROUND_AS_WRITTEN = {"enable_fp_fusion": False}
@@ -652,7 +654,7 @@ def iwn_input_grad(
             ACC=ACC,
             BLOCK_N=BLOCK_N,
             BLOCK_F=BLOCK_F,
-            num_warps=REDUCE_WARPS,
+            num_warps=INPUT_GRAD_WARPS_FP64 if acc_t == torch.float64 else REDUCE_WARPS,
         )
         if reduce_gate and nchunks > 1:
             _reduce_chunks(pgate, gate_sum, ACC)

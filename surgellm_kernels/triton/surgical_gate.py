@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .iwn import ROUND_AS_WRITTEN, _acc_dtypes, _on_device
+from .iwn import _acc_dtypes, _on_device
 
 __all__ = ["KERNELS", "surgical_gate_forward", "surgical_gate_backward"]
 
@@ -266,7 +266,6 @@ def surgical_gate_forward(h, s, gate_logits, weight, bias, eps):
             HAS_B=bias is not None,
             ACC=ACC,
             **meta,
-            **ROUND_AS_WRITTEN,
         )
     return z, mean, rstd
 
@@ -539,11 +538,10 @@ def surgical_gate_backward(grad_z, h, s, gate_logits, weight, mean, rstd):
             HAS_W=weight is not None,
             ACC=ACC,
             **meta,
-            **ROUND_AS_WRITTEN,
         )
         if nprog > 1:
             _sum_partials[(triton.cdiv(d, BLOCK_SUM),)](
-                pw, pb, dweight, dbias, d, nprog, ACC=ACC, BLOCK=BLOCK_SUM, **ROUND_AS_WRITTEN
+                pw, pb, dweight, dbias, d, nprog, ACC=ACC, BLOCK=BLOCK_SUM
             )
     return dh, ds, dlogits, dweight, dbias
 
