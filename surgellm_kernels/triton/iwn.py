@@ -96,8 +96,8 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-# Every IWN launch rounds as written: no multiply-add contraction (the CPU
-# build's -ffp-contract=off, nvcc's --fmad=false). Contracted, x * g - mu becomes
+# Every launch rounds as written: no multiply-add contraction (the CPU build's
+# -ffp-contract=off, nvcc's --fmad=false). Contracted, x * g - mu becomes
 # fma(x, g, -mu), the rounding of u = x * g leaks into u - mu, and a constant
 # feature (u - mu = 0 exactly) gets that rounding divided by eps.
 ROUND_AS_WRITTEN = {"enable_fp_fusion": False}

@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .iwn import _acc_dtypes, _on_device
+from .iwn import ROUND_AS_WRITTEN, _acc_dtypes, _on_device
 
 __all__ = ["KERNELS", "surgical_gate_forward", "surgical_gate_backward"]
 
@@ -266,6 +266,7 @@ def surgical_gate_forward(h, s, gate_logits, weight, bias, eps):
             HAS_B=bias is not None,
             ACC=ACC,
             **meta,
+            **ROUND_AS_WRITTEN,
         )
     return z, mean, rstd
 
@@ -502,6 +503,15 @@ def surgical_gate_backward(grad_z, h, s, gate_logits, weight, mean, rstd):
     n = h.numel() // d if d > 0 else 0
     acc_t, ACC = _acc_dtypes(h.dtype)
     meta = _tiling(d, acc_t.itemsize)
+    # Rounded as written (no contraction), this longer kernel spills registers
+    # in some tiles at the forward's warp count: float32 tiles get twice as
+    # many warps, float64 tiles of one whole-width row half as many (each
+    # choice the one scripts/triton_aot.py compiles without spills).
+    warps = meta["num_warps"]
+    if acc_t == torch.float32:
+        meta["num_warps"] = min(16, 2 * warps)
+    elif meta["ROWS"] == 1:
+        meta["num_warps"] = max(1, warps // 2)
     dh = torch.empty_like(h)
     ds = torch.empty_like(h)
     dlogits = torch.empty_like(h)
@@ -538,10 +548,11 @@ def surgical_gate_backward(grad_z, h, s, gate_logits, weight, mean, rstd):
             HAS_W=weight is not None,
             ACC=ACC,
             **meta,
+            **ROUND_AS_WRITTEN,
         )
         if nprog > 1:
             _sum_partials[(triton.cdiv(d, BLOCK_SUM),)](
-                pw, pb, dweight, dbias, d, nprog, ACC=ACC, BLOCK=BLOCK_SUM
+                pw, pb, dweight, dbias, d, nprog, ACC=ACC, BLOCK=BLOCK_SUM, **ROUND_AS_WRITTEN
             )
     return dh, ds, dlogits, dweight, dbias
 
