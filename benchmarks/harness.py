@@ -42,6 +42,7 @@ TENSORS_MOVED = {
     "fused_iwn": {"eval": 2, "train_fwd": 3, "train_fwd_bwd": 8},
     "fused_surgical_gate": {"eval": 4, "train_fwd": 4, "train_fwd_bwd": 11},
     "SurgicalGate module": {"eval": 4, "train_fwd": 4, "train_fwd_bwd": 11},
+    "InstanceWeightedNorm2d": {"eval": 2, "train_fwd": 3, "train_fwd_bwd": 8},
 }
 PROXY = "addcmul proxy"
 COPY = "D2D copy of ideal bytes"  # CUDA roofline: copy_ moving the ideal bytes

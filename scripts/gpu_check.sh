@@ -13,7 +13,8 @@
 # 4. runs the op benchmarks on CUDA tensors in quick mode in float16 and
 #    bfloat16, and the paper-scale goal case (32768 x 768, float32 and
 #    bfloat16, forward + backward), each next to a device-to-device copy of
-#    its ideal bytes;
+#    its ideal bytes; and class-balanced BatchNorm (IWN2d) at the shapes of
+#    benchmarks/test_iwn_batchnorm.py against F.batch_norm;
 # and writes OUT_DIR/summary.json (each step: exit code, seconds, log file)
 # with the logs and benchmark tables next to it. Every step runs under a
 # time limit and all of them within SURGELLM_GPU_CHECK_SECONDS (470 s), so
@@ -128,9 +129,14 @@ run bench-goal 90 env SURGELLM_BENCH_DEVICES=cuda SURGELLM_BENCH_SHAPES=32768x76
   "$PYTHON" -m pytest benchmarks/test_fused_iwn.py -k train_fwd_bwd \
   --benchmark-only -q "${pytest_args[@]}" --results-dir "$out/bench-goal"
 
+# class-balanced BatchNorm at (64, 256, 28, 28) and (256, 64, 56, 56),
+# contiguous and channels_last, against F.batch_norm on the same tensor
+run bench-batchnorm 90 env SURGELLM_BENCH_DEVICES=cuda SURGELLM_BENCH_DTYPES=float32,bfloat16 \
+  "$PYTHON" -m pytest benchmarks/test_iwn_batchnorm.py \
+  --benchmark-only -q "${pytest_args[@]}" --results-dir "$out/bench-batchnorm"
 
 # The benchmark tables (the reports' last sections) next to the summary.
-for bench in bench-quick-half bench-goal; do
+for bench in bench-quick-half bench-goal bench-batchnorm; do
   sed -n '/benchmark report/,$p' "$out/$bench.log" >"$out/$bench-tables.txt"
 done
 

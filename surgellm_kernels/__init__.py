@@ -10,12 +10,18 @@ application's names below are imported on first use.
 
 from .nn import (
     FusedInstanceWeightedNorm,
+    FusedInstanceWeightedNorm1d,
+    FusedInstanceWeightedNorm2d,
     FusedSurgicalGate,
     InstanceWeightedNorm,
+    InstanceWeightedNorm1d,
+    InstanceWeightedNorm2d,
     PatchReport,
     SurgicalGate,
     SyncInstanceWeightedNorm,
     convert_sync_iwn,
+    convert_to_iwn,
+    iwn_labels,
     patch_model,
 )
 from .ops import backends, cpu_kernel_build, fused_iwn, fused_surgical_gate
@@ -42,6 +48,12 @@ __all__ = [
     "convert_sync_iwn",
     "patch_model",
     "PatchReport",
+    "InstanceWeightedNorm1d",
+    "InstanceWeightedNorm2d",
+    "FusedInstanceWeightedNorm1d",
+    "FusedInstanceWeightedNorm2d",
+    "convert_to_iwn",
+    "iwn_labels",
     "backends",
     "cpu_kernel_build",
     *_APPLICATION,

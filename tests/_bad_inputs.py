@@ -67,6 +67,13 @@ BAD_IWN_CALLS = {
     "num_classes float": dict(num_classes=2.5),
     "num_classes from negative labels": dict(labels=torch.full((6,), -3)),
     "eval without statistics": dict(training=False, running_mean=None, running_std=None),
+    "feature_dim out of range": dict(feature_dim=2),
+    "gate with features before positions": dict(
+        x=torch.randn(6, 4, 3), gate=torch.zeros(4), feature_dim=1
+    ),
+    "labels per position": dict(
+        x=torch.randn(6, 4, 3), labels=LABELS.view(6, 1).expand(6, 3), feature_dim=1
+    ),
 }
 
 
@@ -155,7 +162,14 @@ def iwn_call(
 
 
 def _module_calls():
-    from surgellm_kernels import FusedInstanceWeightedNorm, FusedSurgicalGate
+    from torch import nn
+
+    from surgellm_kernels import (
+        FusedInstanceWeightedNorm,
+        FusedInstanceWeightedNorm2d,
+        FusedSurgicalGate,
+        convert_to_iwn,
+    )
 
     def norm():
         return FusedInstanceWeightedNorm(4, 3, num_tasks=2)
@@ -168,6 +182,19 @@ def _module_calls():
         ),
         "InstanceWeightedNorm: task_ids missing": lambda: norm().partial_fit(X, LABELS),
         "InstanceWeightedNorm: fit without data": lambda: norm().fit(),
+        "InstanceWeightedNorm2d: channels": lambda: FusedInstanceWeightedNorm2d(4, 3)(
+            torch.randn(6, 5, 2, 2), LABELS
+        ),
+        "InstanceWeightedNorm2d: 3-D input": lambda: FusedInstanceWeightedNorm2d(4, 3)(
+            torch.randn(6, 4, 2), LABELS
+        ),
+        "InstanceWeightedNorm2d: labels per position": lambda: FusedInstanceWeightedNorm2d(4, 3)(
+            torch.randn(6, 4, 2, 2), LABELS.view(6, 1, 1).expand(6, 2, 2)
+        ),
+        "InstanceWeightedNorm2d: labels missing": lambda: FusedInstanceWeightedNorm2d(4, 3)(
+            torch.randn(6, 4, 2, 2)
+        ),
+        "convert_to_iwn: num_classes": lambda: convert_to_iwn(nn.Sequential(), 0),
         "SurgicalGate: h width": lambda: FusedSurgicalGate(8, 4)(
             torch.randn(2, 6), torch.randn(2, 4)
         ),

@@ -59,3 +59,19 @@ def test_application_names_are_importable_from_the_package():
     from surgellm_kernels.surgellm import SurgeLLMModel as same
 
     assert SurgeLLMModel is same and callable(lexical_features)
+
+
+def test_csrc_checks_build_their_messages_without_streams():
+    # TORCH_CHECK formats its arguments in a stream built in the extension; a
+    # number written there crashed a process whose extension carried its own
+    # libstdc++ locale (csrc/common/message.h), so every check goes through
+    # SURGELLM_CHECK*, which hands TORCH_CHECK a finished string
+    csrc = PACKAGE.parent / "csrc"
+    offenders = [
+        f"{path.relative_to(csrc)}:{number}"
+        for path in sorted(csrc.rglob("*"))
+        if path.suffix in {".h", ".cpp", ".cu", ".cuh"} and path.name != "message.h"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "TORCH_CHECK" in line or "c10::str(" in line or "ostringstream" in line
+    ]
+    assert not offenders, f"use SURGELLM_CHECK* from common/message.h: {offenders}"

@@ -5,24 +5,15 @@
 
 #include <ATen/ATen.h>
 
-#include <charconv>
 #include <optional>
-#include <sstream>
 #include <string>
+
+#include "common/message.h"
 
 namespace surgellm {
 
 using at::Tensor;
 using std::optional;
-
-// tuple(t.shape): (4,), (6, 4), ().
-inline std::string shape_text(c10::SymIntArrayRef shape) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << (shape.size() == 1 ? ",)" : ")");
-  return out.str();
-}
 
 // str(t.dtype): torch.float32.
 inline std::string dtype_text(const Tensor& t) {
@@ -56,13 +47,12 @@ inline std::string dtype_text(const Tensor& t) {
   }
 }
 
-// repr(float): the shortest text that reads back as v (1e-05, 1.5, -1.0).
-inline std::string number_text(double v) {
-  char buf[64];
-  const auto end = std::to_chars(buf, buf + sizeof(buf), v).ptr;
-  std::string text(buf, end);
-  if (text.find_first_of(".en") == std::string::npos) text += ".0";  // "inf", "nan" have n
-  return text;
+// eps at most float32's largest: the Triton kernels take it as float32 parts
+// that sum to it (and any larger eps normalizes everything to the bias).
+inline void check_eps_fits_float32(double eps) {
+  constexpr double kFloat32Max = 3.4028234663852886e38;
+  SURGELLM_CHECK_VALUE(eps <= kFloat32Max, "eps must be at most ", number_text(kFloat32Max),
+                       " (float32's largest), got ", number_text(eps));
 }
 
 inline bool is_float(const Tensor& t) {
@@ -72,26 +62,28 @@ inline bool is_float(const Tensor& t) {
 
 inline void check_float(const Tensor& t, const char* name) {
   // A required Tensor argument given None arrives undefined.
-  TORCH_CHECK_TYPE(t.defined(), name, " must be a tensor, got None");
-  TORCH_CHECK_TYPE(is_float(t), name,
-                   " must be a floating tensor (float16, bfloat16, float32 or float64), got "
-                   "dtype ",
-                   dtype_text(t));
+  SURGELLM_CHECK_TYPE(t.defined(), name, " must be a tensor, got None");
+  SURGELLM_CHECK_TYPE(is_float(t), name,
+                      " must be a floating tensor (float16, bfloat16, float32 or float64), got "
+                      "dtype ",
+                      dtype_text(t));
 }
 
 // `first`: the argument whose device the others must share.
 inline void check_device(const Tensor& t, const char* name, const Tensor& first_tensor,
                          const char* first) {
-  TORCH_CHECK_VALUE(t.device() == first_tensor.device(), name, " is on ", t.device(), " but ",
-                    first, " is on ", first_tensor.device(), ": all tensors must be on one device");
+  SURGELLM_CHECK_VALUE(t.device() == first_tensor.device(), name, " is on ", t.device(), " but ",
+                       first, " is on ", first_tensor.device(),
+                       ": all tensors must be on one device");
 }
 
+// `rows`: the instances' shape, x.shape[:feature_dim], named by `rows_text`.
 inline void check_index_tensor(const Tensor& t, const char* name, c10::SymIntArrayRef rows,
-                               const Tensor& x) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be an int64 tensor, got dtype ",
-                   dtype_text(t));
-  TORCH_CHECK_VALUE(t.sym_sizes() == rows, name, " must have shape ", shape_text(rows),
-                    " (x.shape[:-1]), got ", shape_text(t.sym_sizes()));
+                               const Tensor& x, const std::string& rows_text) {
+  SURGELLM_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be an int64 tensor, got dtype ",
+                      dtype_text(t));
+  SURGELLM_CHECK_VALUE(t.sym_sizes() == rows, name, " must have shape ", shape_text(rows), " (",
+                       rows_text, "), got ", shape_text(t.sym_sizes()));
   check_device(t, name, x, "x");
 }
 
@@ -102,8 +94,8 @@ inline void check_feature_param(const optional<Tensor>& p, const char* name,
   if (!p.has_value()) return;
   check_float(*p, name);
   check_device(*p, name, first_tensor, first);
-  TORCH_CHECK_VALUE(p->dim() == 1 && p->sym_size(0) == F, name, " must have shape (", F, ",), got ",
-                    shape_text(p->sym_sizes()));
+  SURGELLM_CHECK_VALUE(p->dim() == 1 && p->sym_size(0) == F, name, " must have shape (", F,
+                       ",), got ", shape_text(p->sym_sizes()));
 }
 
 }  // namespace surgellm

@@ -11,6 +11,8 @@
 #include <optional>
 #include <vector>
 
+#include "common/message.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #ifdef SURGELLM_WITH_CUDA
@@ -78,11 +80,11 @@ T* mutable_ptr_or_null(const optional<Tensor>& t) {
 // this dtype and shape, contiguous.
 inline void check_tensor(const Tensor& t, const char* name, const Tensor& x, at::IntArrayRef shape,
                          at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  SURGELLM_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
+  SURGELLM_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
+                 t.scalar_type());
+  SURGELLM_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  SURGELLM_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 inline void check_optional(const optional<Tensor>& t, const char* name, const Tensor& x,
@@ -123,10 +125,10 @@ inline void run_phase(const char* phase, const Tensor& like, const Args& args,
   const cudaError_t err = cuda_launch(scalar_kind(like.scalar_type()), args,
                                       bytes ? workspace.mutable_data_ptr() : nullptr,
                                       c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "surgellm_kernels CUDA kernels of ", phase,
-              " failed to launch: ", cudaGetErrorString(err));
+  SURGELLM_CHECK(err == cudaSuccess, "surgellm_kernels CUDA kernels of ", phase,
+                 " failed to launch: ", cudaGetErrorString(err));
 #else
-  TORCH_CHECK(false, "surgellm_kernels._C was built without CUDA kernels");
+  SURGELLM_CHECK(false, "surgellm_kernels._C was built without CUDA kernels");
 #endif
 }
 

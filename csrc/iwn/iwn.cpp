@@ -49,13 +49,15 @@ struct IWNCall {
   int64_t num_tasks, num_classes;  // num_classes: 1 when not training
   bool pooled;
   optional<RankGroup> ranks;  // training over several ranks
+  int64_t feature_dim;        // of x, in [0, x.dim())
 };
 
 // The largest value of an index tensor, read from the data (eager only: a
 // trace has no data, and the call must then say what it would have read).
 int64_t max_on_host(const Tensor& t, const char* what) {
-  TORCH_CHECK_VALUE(!at::isTensorSubclassLike(t), what,
-                    " cannot be read from the data while torch.compile traces the call: pass it");
+  SURGELLM_CHECK_VALUE(
+      !at::isTensorSubclassLike(t), what,
+      " cannot be read from the data while torch.compile traces the call: pass it");
   return min_max_on_host({t})[1];
 }
 
@@ -65,104 +67,119 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                        const optional<Tensor>& running_std, const optional<Tensor>& task_ids,
                        bool training, double momentum, double eps, c10::string_view std_mode,
                        optional<int64_t> num_classes, const optional<c10::string_view>& group_name,
-                       int64_t group_size) {
-  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be positive, got ", group_size);
-  IWNCall call{1, 1, std_mode == "pooled", std::nullopt};
+                       int64_t group_size, int64_t feature_dim) {
+  SURGELLM_CHECK_VALUE(group_size >= 1, "group_size must be positive, got ", group_size);
+  IWNCall call{1, 1, std_mode == "pooled", std::nullopt, -1};
   if (training && group_name.has_value() && group_size > 1)
     call.ranks = RankGroup{std::string(*group_name), group_size};
   const bool synced = call.ranks.has_value();
 
   check_float(x, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (..., F), got a scalar");
-  const c10::SymInt F = x.sym_size(-1);
-  TORCH_CHECK_VALUE(F != 0, "x must have at least one feature (last dimension > 0), got shape ",
-                    shape_text(x.sym_sizes()));
-  const c10::SymIntArrayRef rows = x.sym_sizes().slice(0, x.dim() - 1);
+  SURGELLM_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (..., F), got a scalar");
+  SURGELLM_CHECK_VALUE(feature_dim >= -x.dim() && feature_dim < x.dim(),
+                       "feature_dim must lie in [", -x.dim(), ", ", x.dim(), ") for x of shape ",
+                       shape_text(x.sym_sizes()), ", got ", feature_dim);
+  const int64_t fd = feature_dim < 0 ? feature_dim + x.dim() : feature_dim;
+  call.feature_dim = fd;
+  const bool last = fd == x.dim() - 1;
+  const c10::SymInt F = x.sym_size(fd);
+  SURGELLM_CHECK_VALUE(F != 0, "x must have at least one feature (",
+                       last ? std::string("last dimension") : text("x.shape[", fd, "]"),
+                       " > 0), got shape ", shape_text(x.sym_sizes()));
+  // the instances: every index before the features (each position after
+  // them belongs to its instance)
+  const c10::SymIntArrayRef rows = x.sym_sizes().slice(0, fd);
+  const std::string rows_text = last ? "x.shape[:-1]" : text("x.shape[:", fd, "]");
 
-  TORCH_CHECK_VALUE(std_mode == "class_mean" || std_mode == "pooled",
-                    "std_mode must be one of ('class_mean', 'pooled'), got '", std_mode, "'");
-  TORCH_CHECK_VALUE(!(eps < 0) && eps == eps, "eps must be a non-negative number, got ",
-                    number_text(eps));
-  TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, "momentum must be a number in [0, 1], got ",
-                    number_text(momentum));
+  SURGELLM_CHECK_VALUE(std_mode == "class_mean" || std_mode == "pooled",
+                       "std_mode must be one of ('class_mean', 'pooled'), got '", std_mode, "'");
+  SURGELLM_CHECK_VALUE(!(eps < 0) && eps == eps, "eps must be a non-negative number, got ",
+                       number_text(eps));
+  check_eps_fits_float32(eps);
+  SURGELLM_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0,
+                       "momentum must be a number in [0, 1], got ", number_text(momentum));
 
   if (gate.has_value()) {
+    SURGELLM_CHECK_VALUE(last,
+                         "a gate needs the features in the last dimension of x "
+                         "(feature_dim=-1), got feature_dim=",
+                         feature_dim);
     check_float(*gate, "gate");
     check_device(*gate, "gate", x, "x");
-    TORCH_CHECK_VALUE(
+    SURGELLM_CHECK_VALUE(
         (gate->dim() == 1 && gate->sym_size(0) == F) || gate->sym_sizes() == x.sym_sizes(),
         "gate must have shape (", F, ",) or the shape of x ", shape_text(x.sym_sizes()), ", got ",
         shape_text(gate->sym_sizes()));
-    TORCH_CHECK_TYPE(!(gate->sym_sizes() == x.sym_sizes() && gate->dim() > 1 &&
-                       gate->scalar_type() != x.scalar_type()),
-                     "a per-instance gate must have the dtype of x (", dtype_text(x), "), got ",
-                     dtype_text(*gate));
+    SURGELLM_CHECK_TYPE(!(gate->sym_sizes() == x.sym_sizes() && gate->dim() > 1 &&
+                          gate->scalar_type() != x.scalar_type()),
+                        "a per-instance gate must have the dtype of x (", dtype_text(x), "), got ",
+                        dtype_text(*gate));
   }
   check_feature_param(weight, "weight", x, "x", F);
   check_feature_param(bias, "bias", x, "x", F);
 
-  TORCH_CHECK_VALUE(running_mean.has_value() == running_std.has_value(),
-                    "running_mean and running_std must be given together, got ",
-                    running_std.has_value() ? "running_std" : "running_mean", " only");
+  SURGELLM_CHECK_VALUE(running_mean.has_value() == running_std.has_value(),
+                       "running_mean and running_std must be given together, got ",
+                       running_std.has_value() ? "running_std" : "running_mean", " only");
   if (running_mean.has_value()) {
     for (const auto& [r, name] :
          {std::pair{&running_mean, "running_mean"}, std::pair{&running_std, "running_std"}}) {
       check_float(**r, name);
       check_device(**r, name, x, "x");
-      TORCH_CHECK_VALUE(((*r)->dim() == 1 || (*r)->dim() == 2) && (*r)->sym_size(-1) == F, name,
-                        " must have shape (", F, ",) or (num_tasks, ", F, "), got ",
-                        shape_text((*r)->sym_sizes()));
+      SURGELLM_CHECK_VALUE(((*r)->dim() == 1 || (*r)->dim() == 2) && (*r)->sym_size(-1) == F, name,
+                           " must have shape (", F, ",) or (num_tasks, ", F, "), got ",
+                           shape_text((*r)->sym_sizes()));
     }
-    TORCH_CHECK_VALUE(running_mean->sym_sizes() == running_std->sym_sizes(), "running_mean ",
-                      shape_text(running_mean->sym_sizes()), " and running_std ",
-                      shape_text(running_std->sym_sizes()), " must have the same shape");
+    SURGELLM_CHECK_VALUE(running_mean->sym_sizes() == running_std->sym_sizes(), "running_mean ",
+                         shape_text(running_mean->sym_sizes()), " and running_std ",
+                         shape_text(running_std->sym_sizes()), " must have the same shape");
     call.num_tasks =
         running_mean->dim() == 2 ? running_mean->sym_size(0).guard_int(__FILE__, __LINE__) : 1;
-    TORCH_CHECK_VALUE(!(running_mean->dim() == 1 && task_ids.has_value()),
-                      "task_ids were given but running_mean has shape (F,): per-task "
-                      "statistics need (num_tasks, F) running_mean / running_std");
-    TORCH_CHECK_VALUE(!(running_mean->dim() == 2 && call.num_tasks > 1 && !task_ids.has_value()),
-                      "running statistics hold ", call.num_tasks, " tasks: task_ids (shape ",
-                      shape_text(rows), ") are required to pick each row's task");
+    SURGELLM_CHECK_VALUE(!(running_mean->dim() == 1 && task_ids.has_value()),
+                         "task_ids were given but running_mean has shape (F,): per-task "
+                         "statistics need (num_tasks, F) running_mean / running_std");
+    SURGELLM_CHECK_VALUE(!(running_mean->dim() == 2 && call.num_tasks > 1 && !task_ids.has_value()),
+                         "running statistics hold ", call.num_tasks, " tasks: task_ids (shape ",
+                         shape_text(rows), ") are required to pick each row's task");
   }
   if (task_ids.has_value()) {
-    check_index_tensor(*task_ids, "task_ids", rows, x);
+    check_index_tensor(*task_ids, "task_ids", rows, x, rows_text);
     if (!running_mean.has_value()) {  // the task count comes from the data
-      TORCH_CHECK_VALUE(!synced,
-                        "task_ids with a process_group need running_mean / running_std of "
-                        "shape (num_tasks, F): every rank must use the same task count, not "
-                        "the one its own rows show");
+      SURGELLM_CHECK_VALUE(!synced,
+                           "task_ids with a process_group need running_mean / running_std of "
+                           "shape (num_tasks, F): every rank must use the same task count, not "
+                           "the one its own rows show");
       call.num_tasks =
           task_ids->sym_numel() != 0 ? max_on_host(*task_ids, "the task count") + 1 : 1;
     }
   }
 
   if (!training) {
-    TORCH_CHECK_VALUE(running_mean.has_value(),
-                      labels.has_value()
-                          ? "labels were given but training=False: pass training=True for "
-                            "class-balanced batch statistics, or running_mean and running_std "
-                            "to normalize with (inference)"
-                          : "running_mean and running_std are required when training=False "
-                            "(there are no batch statistics to normalize with): pass them, or "
-                            "training=True with labels");
+    SURGELLM_CHECK_VALUE(running_mean.has_value(),
+                         labels.has_value()
+                             ? "labels were given but training=False: pass training=True for "
+                               "class-balanced batch statistics, or running_mean and running_std "
+                               "to normalize with (inference)"
+                             : "running_mean and running_std are required when training=False "
+                               "(there are no batch statistics to normalize with): pass them, or "
+                               "training=True with labels");
     return call;
   }
-  TORCH_CHECK_VALUE(labels.has_value(),
-                    "labels are required in training: class-balanced statistics need each "
-                    "row's class (pass labels, or training=False with running stats)");
-  check_index_tensor(*labels, "labels", rows, x);
-  TORCH_CHECK_VALUE(x.sym_numel() != 0 || synced,
-                    "x has no rows: training statistics need at least one row");
+  SURGELLM_CHECK_VALUE(labels.has_value(),
+                       "labels are required in training: class-balanced statistics need each "
+                       "row's class (pass labels, or training=False with running stats)");
+  check_index_tensor(*labels, "labels", rows, x, rows_text);
+  SURGELLM_CHECK_VALUE(x.sym_numel() != 0 || synced,
+                       "x has no rows: training statistics need at least one row");
   if (!num_classes.has_value()) {
-    TORCH_CHECK_VALUE(!synced,
-                      "num_classes is required with a process_group: every rank must group its "
-                      "rows by the same classes, not those its own labels show");
+    SURGELLM_CHECK_VALUE(!synced,
+                         "num_classes is required with a process_group: every rank must group its "
+                         "rows by the same classes, not those its own labels show");
     const int64_t hi = max_on_host(*labels, "num_classes");
-    TORCH_CHECK_VALUE(hi >= 0, "labels must be class indices (>= 0), got values up to ", hi);
+    SURGELLM_CHECK_VALUE(hi >= 0, "labels must be class indices (>= 0), got values up to ", hi);
     num_classes = hi + 1;
   }
-  TORCH_CHECK_VALUE(*num_classes >= 1, "num_classes must be a positive int, got ", *num_classes);
+  SURGELLM_CHECK_VALUE(*num_classes >= 1, "num_classes must be a positive int, got ", *num_classes);
   call.num_classes = *num_classes;
   return call;
 }
@@ -301,9 +318,9 @@ Moments moments_of_all_ranks(const Moments& local, bool failed, const RankGroup&
     std::vector<int64_t> failed_ranks;
     for (int64_t r = 0; r < g.size; ++r)
       if (flag_of[r] != 0) failed_ranks.push_back(r);
-    TORCH_CHECK_VALUE(failed_ranks.empty(), "the call failed its checks on rank(s) ",
-                      c10::IntArrayRef(failed_ranks),
-                      " of process_group (their own errors say why); nothing was updated");
+    SURGELLM_CHECK_VALUE(failed_ranks.empty(), "the call failed its checks on rank(s) ",
+                         c10::IntArrayRef(failed_ranks),
+                         " of process_group (their own errors say why); nothing was updated");
   }
   auto part = [&](int64_t which) {  // (R, G, F) of mean, m2 or residual_sum
     return per_rank.narrow_symint(1, G + 1 + which * G * F, G * F)
@@ -318,7 +335,7 @@ Moments moments_of_all_ranks(const Moments& local, bool failed, const RankGroup&
 Moments all_ranks_moments_op(const Tensor& count, const Tensor& mean, const Tensor& m2,
                              const Tensor& mean_residual, bool failed, c10::string_view group_name,
                              int64_t group_size) {
-  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be positive, got ", group_size);
+  SURGELLM_CHECK_VALUE(group_size >= 1, "group_size must be positive, got ", group_size);
   return moments_of_all_ranks({count, mean, m2, mean_residual}, failed,
                               RankGroup{std::string(group_name), group_size});
 }
@@ -333,18 +350,87 @@ optional<Tensor> flat(const optional<Tensor>& t) {
   return t.has_value() ? optional<Tensor>(t->reshape(-1)) : std::nullopt;
 }
 
-// What the phases take: contiguous (N, F) rows, a (F) gate, weight and bias
-// in the accumulation type (any stride accepted here), a per-instance gate as
+// How the phases read x. Features last: rows (N, F). Features followed by
+// positions (BatchNorm's (N, C, H, W) with feature_dim = 1): on the CPU,
+// planes (P, F, L) read in place from contiguous memory; on other devices,
+// or when the features are innermost in memory (channels_last), rows of
+// positions (P * L, F), each instance's key repeated over its L positions.
+enum class Layout : int64_t { rows = 0, planes = 1, position_rows = 2 };
+
+struct XLayout {
+  Layout kind;
+  int64_t fd;                   // feature_dim, in [0, x.dim())
+  c10::SymInt L = 1;            // positions per instance
+  bool contiguous_out = false;  // rows of positions from a copy: outputs contiguous again
+};
+
+XLayout layout_of(const Tensor& x, int64_t fd) {
+  if (fd == x.dim() - 1) return {Layout::rows, fd};
+  c10::SymInt L = 1;
+  for (int64_t d = fd + 1; d < x.dim(); ++d) L *= x.sym_size(d);
+  const bool features_innermost = x.movedim(fd, -1).is_contiguous();
+  if (x.is_cpu() && L != 1 && (x.is_contiguous() || !features_innermost))
+    return {Layout::planes, fd, L};  // in place, or from a contiguous copy
+  if (!features_innermost && L != 1)
+    TORCH_WARN_ONCE(text(
+        "fused_iwn: x with its features in dimension ", fd, " of ", x.dim(), " on ", x.device(),
+        " is copied to features-innermost order (only the CPU kernels read channels-first "
+        "memory in place); pass x in torch.channels_last memory format to avoid the copy"));
+  return {Layout::position_rows, fd, L, !features_innermost};
+}
+
+// instances (P), features (F) and positions per instance (L) of x
+std::tuple<c10::SymInt, c10::SymInt, c10::SymInt> instances_features_positions(const Tensor& x,
+                                                                               int64_t fd) {
+  c10::SymInt P = 1, L = 1;
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (d < fd) P *= x.sym_size(d);
+    if (d > fd) L *= x.sym_size(d);
+  }
+  return {P, x.sym_size(fd), L};
+}
+
+// x as the phases read it (a view where the memory allows).
+Tensor phase_x(const Tensor& x, const XLayout& layout) {
+  const auto [P, F, L] = instances_features_positions(x, layout.fd);
+  switch (layout.kind) {
+    case Layout::planes:
+      return x.contiguous().view_symint({P, F, L});
+    case Layout::position_rows:
+      return x.movedim(layout.fd, -1).reshape_symint({P * L, F}).contiguous();
+    default:
+      return x.dim() == 2 && x.is_contiguous() ? x : x.reshape_symint({-1, F}).contiguous();
+  }
+}
+
+// A phase output (y, dx) in x's shape and memory order.
+Tensor in_layout_of_x(const Tensor& out, const XLayout& layout, c10::SymIntArrayRef x_sizes) {
+  if (layout.kind != Layout::position_rows) return out.view_symint(x_sizes);
+  std::vector<c10::SymInt> moved(x_sizes.begin(), x_sizes.end());
+  std::rotate(moved.begin() + layout.fd, moved.begin() + layout.fd + 1, moved.end());
+  const Tensor y = out.view_symint(moved).movedim(-1, layout.fd);
+  return layout.contiguous_out ? y.contiguous() : y;
+}
+
+// Instance keys as the phases' rows need them: one per position in rows of positions.
+Tensor row_keys(const Tensor& keys, const XLayout& layout) {
+  if (layout.kind != Layout::position_rows) return keys;
+  return keys.unsqueeze(-1).expand_symint({keys.sym_size(0), layout.L}).reshape(-1);
+}
+
+// What the phases take: x (phase_x), a (F) gate, weight and bias in the
+// accumulation type (any stride accepted here), a per-instance gate as
 // (N, F) rows of x's type.
 struct PhaseInputs {
   Tensor x;
   optional<Tensor> gate, weight, bias;
+  XLayout layout;
 };
 
 PhaseInputs phase_inputs(const Tensor& x, const optional<Tensor>& gate,
-                         const optional<Tensor>& weight, const optional<Tensor>& bias) {
+                         const optional<Tensor>& weight, const optional<Tensor>& bias,
+                         const XLayout& layout) {
   const auto acc = accumulation_type(x);
-  const c10::SymInt F = x.sym_size(-1);
   // Tensors already in the layout asked for are passed as they are: no
   // dispatcher round trip per argument on every call.
   auto vec = [&](const optional<Tensor>& t) -> optional<Tensor> {
@@ -352,13 +438,11 @@ PhaseInputs phase_inputs(const Tensor& x, const optional<Tensor>& gate,
     if (t->scalar_type() == acc && t->is_contiguous()) return t;
     return t->to(acc).contiguous();
   };
-  auto rows = [&](const Tensor& t) {
-    if (t.dim() == 2 && t.is_contiguous()) return t;
-    return t.reshape_symint({-1, F}).contiguous();
-  };
   optional<Tensor> gate2;
-  if (gate.has_value()) gate2 = gate->dim() == 1 ? vec(gate) : rows(*gate);
-  return {rows(x), gate2, vec(weight), vec(bias)};
+  // a per-instance gate comes with features last only (check_iwn_args)
+  if (gate.has_value())
+    gate2 = gate->dim() == 1 ? vec(gate) : phase_x(*gate, {Layout::rows, gate->dim() - 1});
+  return {phase_x(x, layout), gate2, vec(weight), vec(bias), layout};
 }
 
 struct ForwardResult {
@@ -383,7 +467,8 @@ std::pair<Tensor, Moments> training_moments(const PhaseInputs& in, const optiona
                                             const optional<Tensor>& task_ids, const IWNCall& call) {
   const int64_t T = call.num_tasks, G = T * call.num_classes;
   auto of_rows = [&] {
-    const Tensor keys = group_keys(flat(labels), flat(task_ids), T, call.num_classes);
+    const Tensor keys =
+        row_keys(group_keys(flat(labels), flat(task_ids), T, call.num_classes), in.layout);
     return std::pair{keys, group_moments(in.x, keys, in.gate, G)};
   };
   if (!call.ranks.has_value()) return of_rows();
@@ -434,7 +519,8 @@ ForwardResult forward_phases(const PhaseInputs& in, const optional<Tensor>& labe
     r.sigma = sigma;
     r.key_div = call.num_classes;
   } else {
-    if (task_ids.has_value()) r.keys = group_keys(std::nullopt, flat(task_ids), T, 1);
+    if (task_ids.has_value())
+      r.keys = row_keys(group_keys(std::nullopt, flat(task_ids), T, 1), in.layout);
     const c10::SymInt F = in.x.sym_size(1);
     auto stats = [&](const Tensor& s) {
       if (!for_backward && s.scalar_type() == acc && s.is_contiguous())
@@ -455,10 +541,11 @@ Tensor forward_without_autograd(const Tensor& x, const optional<Tensor>& labels,
                                 const optional<Tensor>& running_std,
                                 const optional<Tensor>& task_ids, bool training, double momentum,
                                 double eps, const IWNCall& call) {
-  const auto r = forward_phases(phase_inputs(x, gate, weight, bias), labels, task_ids, running_mean,
-                                running_std, training, momentum, eps, call,
+  const XLayout layout = layout_of(x, call.feature_dim);
+  const auto r = forward_phases(phase_inputs(x, gate, weight, bias, layout), labels, task_ids,
+                                running_mean, running_std, training, momentum, eps, call,
                                 /*for_backward=*/false);
-  return x.dim() == 2 ? r.y : r.y.view_symint(x.sym_sizes());
+  return in_layout_of_x(r.y, layout, x.sym_sizes());
 }
 
 // The op without autograd: inference mode, and the Meta / fake path.
@@ -467,10 +554,11 @@ Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels, const opti
                      const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                      const optional<Tensor>& task_ids, bool training, double momentum, double eps,
                      c10::string_view std_mode, optional<int64_t> num_classes,
-                     optional<c10::string_view> group_name, int64_t group_size) {
+                     optional<c10::string_view> group_name, int64_t group_size,
+                     int64_t feature_dim) {
   const IWNCall call =
       check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                     momentum, eps, std_mode, num_classes, group_name, group_size);
+                     momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
   return forward_without_autograd(x, labels, gate, weight, bias, running_mean, running_std,
                                   task_ids, training, momentum, eps, call);
 }
@@ -483,10 +571,10 @@ void check_args_op(const Tensor& x, const optional<Tensor>& labels, const option
                    const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                    const optional<Tensor>& task_ids, bool training, double momentum, double eps,
                    c10::string_view std_mode, optional<int64_t> num_classes,
-                   optional<c10::string_view> group_name, int64_t group_size) {
+                   optional<c10::string_view> group_name, int64_t group_size, int64_t feature_dim) {
   const IWNCall call =
       check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                     momentum, eps, std_mode, num_classes, group_name, group_size);
+                     momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
   if (training)
     group_keys(flat(labels), flat(task_ids), call.num_tasks, call.num_classes);
   else if (task_ids.has_value())
@@ -505,11 +593,12 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
                         const optional<Tensor>& running_std, const optional<Tensor>& task_ids,
                         bool training, double momentum, double eps, int64_t num_tasks,
                         int64_t num_classes, bool pooled, optional<std::string> group_name,
-                        int64_t group_size) {
+                        int64_t group_size, int64_t feature_dim) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    IWNCall call{num_tasks, num_classes, pooled, std::nullopt};
+    IWNCall call{num_tasks, num_classes, pooled, std::nullopt, feature_dim};
     if (group_name.has_value()) call.ranks = RankGroup{*group_name, group_size};
-    const PhaseInputs in = phase_inputs(x, gate, weight, bias);
+    const XLayout layout = layout_of(x, feature_dim);
+    const PhaseInputs in = phase_inputs(x, gate, weight, bias, layout);
     const auto r = forward_phases(in, labels, task_ids, running_mean, running_std, training,
                                   momentum, eps, call, /*for_backward=*/true);
     auto or_undefined = [](const optional<Tensor>& t) { return t.value_or(Tensor()); };
@@ -526,6 +615,11 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
                             or_undefined(r.group_mean), or_undefined(r.group_std),
                             or_undefined(r.mean_residual), r.mu, r.sigma});
     ctx->saved_data["x_sizes"] = x.sym_sizes();
+    // backward re-derives the phases' x from x itself, or has that copy
+    ctx->saved_data["x_is_input"] = in.x.is_alias_of(x);
+    ctx->saved_data["layout"] = static_cast<int64_t>(layout.kind);
+    ctx->saved_data["feature_dim"] = feature_dim;
+    ctx->saved_data["contiguous_out"] = layout.contiguous_out;
     ctx->saved_data["training"] = training;
     ctx->saved_data["pooled"] = pooled;
     ctx->saved_data["eps"] = eps;
@@ -535,24 +629,36 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
       ctx->saved_data["group_name"] = call.ranks->name;
       ctx->saved_data["group_size"] = call.ranks->size;
     }
-    return x.dim() == 2 ? r.y : r.y.view_symint(x.sym_sizes());
+    return in_layout_of_x(r.y, layout, x.sym_sizes());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     // The backward phases are not differentiable: with create_graph, a
     // second derivative through them would silently be missing, so refuse.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "fused_iwn has no double backward (backward with create_graph=True)");
+    SURGELLM_CHECK(!at::GradMode::is_enabled(),
+                   "fused_iwn has no double backward (backward with create_graph=True)");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto saved = ctx->get_saved_variables();
     auto opt = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
-    const PhaseInputs in = phase_inputs(saved[0], opt(saved[2]), opt(saved[3]), std::nullopt);
+    const XLayout layout{static_cast<Layout>(ctx->saved_data["layout"].toInt()),
+                         ctx->saved_data["feature_dim"].toInt(), 1,
+                         ctx->saved_data["contiguous_out"].toBool()};
+    // a saved copy is in the phases' layout already: planes, or rows
+    const XLayout saved_layout =
+        ctx->saved_data["x_is_input"].toBool()
+            ? layout
+            : XLayout{layout.kind == Layout::planes ? Layout::planes : Layout::rows,
+                      layout.kind == Layout::planes ? 1 : saved[0].dim() - 1};
+    const PhaseInputs in =
+        phase_inputs(saved[0], opt(saved[2]), opt(saved[3]), std::nullopt, saved_layout);
     const Tensor& x = in.x;
     const optional<Tensor> keys = opt(saved[1]), gate = in.gate, weight = in.weight;
     const bool training = ctx->saved_data["training"].toBool();
     const int64_t key_div = ctx->saved_data["key_div"].toInt();
     const auto x_sizes = ctx->saved_data["x_sizes"].toSymIntVector();
-    const Tensor dy = grad_outputs[0].reshape_symint(x.sym_sizes()).contiguous();
+    const Tensor dy = layout.kind == Layout::position_rows
+                          ? phase_x(grad_outputs[0], layout)
+                          : grad_outputs[0].reshape_symint(x.sym_sizes()).contiguous();
     const Tensor& mu = saved[8];
     const Tensor& sigma = saved[9];
     const Tensor sums = task_sums(dy, x, keys, gate, mu, key_div);
@@ -570,8 +676,8 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
                                   key_div, training);
     Tensor dgate_out;
     if (gate.has_value()) dgate_out = gate->dim() == 1 ? dgate : dgate.view_symint(x_sizes);
-    variable_list grads(16);  // one per forward argument; undefined: no gradient
-    grads[0] = dx.view_symint(x_sizes);
+    variable_list grads(17);  // one per forward argument; undefined: no gradient
+    grads[0] = in_layout_of_x(dx, layout, x_sizes);
     grads[2] = dgate_out;
     if (weight.has_value()) grads[3] = dweight;
     if (ctx->saved_data["has_bias"].toBool()) grads[4] = dbias;
@@ -584,10 +690,11 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels, const optio
                     const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                     const optional<Tensor>& task_ids, bool training, double momentum, double eps,
                     c10::string_view std_mode, optional<int64_t> num_classes,
-                    optional<c10::string_view> group_name, int64_t group_size) {
+                    optional<c10::string_view> group_name, int64_t group_size,
+                    int64_t feature_dim) {
   const IWNCall call =
       check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                     momentum, eps, std_mode, num_classes, group_name, group_size);
+                     momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
   if (!autograd_records(x, gate, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_without_autograd(x, labels, gate, weight, bias, running_mean, running_std,
@@ -597,7 +704,7 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels, const optio
   if (call.ranks.has_value()) ranks_name = call.ranks->name;
   return IWNFunction::apply(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
                             training, momentum, eps, call.num_tasks, call.num_classes, call.pooled,
-                            ranks_name, call.ranks ? call.ranks->size : 1);
+                            ranks_name, call.ranks ? call.ranks->size : 1, call.feature_dim);
 }
 
 }  // namespace
@@ -610,12 +717,15 @@ TORCH_LIBRARY_FRAGMENT(surgellm, m) {
   // (num_tasks, F), updated in place in training. group_name / group_size: a
   // process group (torch.distributed's registered name) whose ranks' rows
   // share the training statistics; none, or size 1, communicates nothing.
+  // feature_dim: x's feature dimension; labels and task ids then have shape
+  // x.shape[:feature_dim], and every position after it (BatchNorm's H, W)
+  // belongs to its instance (no gate then).
   m.def(
       "iwn(Tensor x, Tensor? labels=None, Tensor? gate=None, Tensor? weight=None, "
       "Tensor? bias=None, Tensor(a!)? running_mean=None, Tensor(b!)? running_std=None, "
       "Tensor? task_ids=None, bool training=False, float momentum=0.1, float eps=1e-05, "
       "str std_mode=\"class_mean\", int? num_classes=None, str? group_name=None, "
-      "int group_size=1) -> Tensor");
+      "int group_size=1, int feature_dim=-1) -> Tensor");
   // The phases: x (N, F) contiguous, keys (N) int32, every statistic in the
   // accumulation dtype (see iwn_args.h).
   m.def(
@@ -626,7 +736,7 @@ TORCH_LIBRARY_FRAGMENT(surgellm, m) {
       "Tensor? bias=None, Tensor? running_mean=None, Tensor? running_std=None, "
       "Tensor? task_ids=None, bool training=False, float momentum=0.1, float eps=1e-05, "
       "str std_mode=\"class_mean\", int? num_classes=None, str? group_name=None, "
-      "int group_size=1) -> ()");
+      "int group_size=1, int feature_dim=-1) -> ()");
   m.def(
       "_iwn_group_moments(Tensor x, Tensor? keys, Tensor? gate, int num_groups) -> "
       "(Tensor count, Tensor mean, Tensor m2, Tensor mean_residual)");

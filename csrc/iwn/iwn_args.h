@@ -19,13 +19,20 @@ namespace surgellm {
 // is 0. On CUDA, keys are not range-checked on the host (that would be a
 // host sync): a key outside [0, num_keys) marks an invalid row, which the
 // reductions skip and whose outputs are NaN.
+//
+// Channels first (BatchNorm's (N, C, H, W) in contiguous memory): x is
+// (N, F, L), instance i's feature f a plane of L contiguous positions that
+// share the instance's key, and there is no gate. L == 1 is the rows layout.
+// Only the CPU kernels read planes (L > 1); elsewhere the op hands the
+// kernels rows (one per position, features innermost).
 template <typename acc_t>
 struct IWNRows {
-  const void* x;          // (N, F) scalar
+  const void* x;          // (N, F) or (N, F, L) scalar
   const void* gate_full;  // (N, F) scalar gate logits, or null
   const acc_t* gate_vec;  // (F) gate logits, or null
   const int32_t* keys;    // (N) or null
   int64_t N, F;
+  int64_t L;  // positions per (instance, feature): 1 for rows
 };
 
 // Per group (key): count, mean and M2 (sum of squared deviations) of u, and

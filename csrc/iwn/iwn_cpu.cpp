@@ -73,6 +73,206 @@ inline int64_t key_of(const int32_t* keys, int64_t i) { return keys ? keys[i] : 
 
 }  // namespace
 
+// -- channels first: planes of L positions (x of shape (N, F, L)) -----------------------
+// Instance i's feature f is the plane x + (i * F + f) * L. No gate. Every
+// pass reads each plane once: the reductions run in parallel over features
+// (each thread owns its features' statistics: no partial buffers) and add
+// the planes of a feature in instance order, so results are bitwise the same
+// at any thread count; the elementwise passes run in parallel over planes.
+
+// body(n, va, vb) over planes a and b of L values of scalar_t (b == nullptr:
+// vb = va), va and vb the next n values as acc (lanes past the tail are 0):
+// a vector at a time for float32 / float64; for bfloat16 / float16 one full
+// load of 2W values converted to two vectors, counted loads in the tail only.
+template <typename scalar_t, typename acc_t, typename Body>
+inline void for_each_plane_vec(const scalar_t* a, const scalar_t* b, int64_t L, const Body& body) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  int64_t l = 0;
+  if constexpr (!std::is_same<scalar_t, acc_t>::value) {
+    static_assert(Vectorized<scalar_t>::size() == 2 * W, "a reduced vector holds two acc vectors");
+    for (; l + 2 * W <= L; l += 2 * W) {
+      const auto [a0, a1] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(a + l));
+      Vec b0 = a0, b1 = a1;
+      if (b)
+        std::tie(b0, b1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(b + l));
+      body(W, a0, b0);
+      body(W, a1, b1);
+    }
+  }
+  for (; l < L; l += W) {
+    const int64_t n = std::min(W, L - l);
+    const Vec va = load_as_acc<scalar_t, acc_t>(a + l, n);
+    body(n, va, b ? load_as_acc<scalar_t, acc_t>(b + l, n) : va);
+  }
+}
+
+// out = fn(a, b) over a plane (b == nullptr: fn(a, a)), read and written as
+// scalar_t: for bfloat16 / float16 two acc vectors per full load and store.
+template <typename scalar_t, typename acc_t, typename Fn>
+inline void map_plane(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L,
+                      const Fn& fn) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  int64_t l = 0;
+  if constexpr (!std::is_same<scalar_t, acc_t>::value) {
+    for (; l + 2 * W <= L; l += 2 * W) {
+      const auto [a0, a1] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(a + l));
+      Vec b0 = a0, b1 = a1;
+      if (b)
+        std::tie(b0, b1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(b + l));
+      at::vec::convert_from_float<scalar_t>(fn(a0, b0), fn(a1, b1)).store(out + l);
+    }
+  }
+  for (; l < L; l += W) {
+    const int64_t n = std::min(W, L - l);
+    const Vec va = load_as_acc<scalar_t, acc_t>(a + l, n);
+    store_from_acc(fn(va, b ? load_as_acc<scalar_t, acc_t>(b + l, n) : va), out + l, n);
+  }
+}
+
+// Per group and feature: count, mean and M2 of the planes. Each plane's own
+// moments first -- its mean m_p, then M2_p and R_p = sum (v - m_p) about it,
+// while the plane is in L1 -- then the planes of a group merged in instance
+// order as row chunks are (merge_mean, then merge_about the merged mean).
+template <typename scalar_t>
+void planes_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = a.rows.N, F = a.rows.F, L = a.rows.L, G = a.num_groups;
+  const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
+  std::fill(a.count, a.count + G, acc_t(0));
+  for (int64_t i = 0; i < N; ++i) a.count[key_of(a.rows.keys, i)] += acc_t(L);
+  if (L == 0) {  // no positions: empty groups
+    for (acc_t* out : {a.mean, a.m2, a.mean_residual}) std::fill(out, out + G * F, acc_t(0));
+    return;
+  }
+  at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
+    std::vector<acc_t> pmean(N), pm2(N), pres(N), n(G), mean(G), m2(G), res(G);
+    for (int64_t f = f0; f < f1; ++f) {
+      for (int64_t i = 0; i < N; ++i) {
+        const scalar_t* p = x + (i * F + f) * L;
+        Vec sum(acc_t(0));
+        for_each_plane_vec<scalar_t, acc_t>(
+            p, nullptr, L, [&](int64_t, const Vec& v, const Vec&) { sum = sum + v; });
+        auto add = [](const Vec& u, const Vec& v) { return u + v; };
+        const acc_t m = at::vec::vec_reduce_all<acc_t>(add, sum) / acc_t(L);
+        const Vec mv(m), zero(acc_t(0));
+        Vec sq(acc_t(0)), rs(acc_t(0));
+        for_each_plane_vec<scalar_t, acc_t>(p, nullptr, L,
+                                            [&](int64_t n, const Vec& v, const Vec&) {
+                                              const Vec d = Vec::set(zero, v - mv, n);
+                                              sq = at::vec::fmadd(d, d, sq);
+                                              rs = rs + d;
+                                            });
+        pmean[i] = m;
+        pm2[i] = at::vec::vec_reduce_all<acc_t>(add, sq);
+        pres[i] = at::vec::vec_reduce_all<acc_t>(add, rs);
+      }
+      std::fill(n.begin(), n.end(), acc_t(0));
+      std::fill(mean.begin(), mean.end(), acc_t(0));
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t k = key_of(a.rows.keys, i);
+        merge_mean(n[k], mean[k], acc_t(L), pmean[i]);
+      }
+      std::fill(m2.begin(), m2.end(), acc_t(0));
+      std::fill(res.begin(), res.end(), acc_t(0));
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t k = key_of(a.rows.keys, i);
+        merge_about(m2[k], res[k], acc_t(L), pmean[i], pm2[i], pres[i], mean[k]);
+      }
+      for (int64_t k = 0; k < G; ++k) {
+        a.mean[k * F + f] = mean[k];
+        a.m2[k * F + f] = m2[k];
+        a.mean_residual[k * F + f] = n[k] > acc_t(0) ? res[k] / n[k] : acc_t(0);
+      }
+    }
+  });
+}
+
+// Elementwise over planes: body(i, f, plane offset), in parallel over planes.
+template <typename Body>
+inline void for_each_plane(int64_t N, int64_t F, int64_t L, const Body& body) {
+  at::parallel_for(0, N * F, std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t j = begin; j < end; ++j) body(j / F, j % F, j * L);
+                   });
+}
+
+// y = (x - mu_t) * scale_t + bias, scale_t = w / (sigma_t + eps): as the rows' apply.
+template <typename scalar_t>
+void planes_apply(const IWNApplyArgs<acc_type<scalar_t>>& a,
+                  const std::vector<acc_type<scalar_t>>& scale) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t F = a.rows.F, L = a.rows.L;
+  const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
+  scalar_t* y = static_cast<scalar_t*>(a.y);
+  for_each_plane(a.rows.N, F, L, [&](int64_t i, int64_t f, int64_t off) {
+    const int64_t t = key_of(a.rows.keys, i) / a.key_div;
+    const Vec m(a.mu[t * F + f]), s(scale[t * F + f]), b(a.bias ? a.bias[f] : acc_t(0));
+    map_plane<scalar_t, acc_t>(x + off, nullptr, y + off, L, [&](const Vec& v, const Vec&) {
+      const Vec centered = (v - m) * s;
+      return a.bias ? centered + b : centered;
+    });
+  });
+}
+
+// Per task: sums[0] = sum dy, sums[1] = sum dy (x - mu_t), in parallel over features.
+template <typename scalar_t>
+void planes_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = a.rows.N, F = a.rows.F, L = a.rows.L, T = a.num_tasks;
+  const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
+  const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
+  at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      for (int64_t t = 0; t < T; ++t) a.sums[t * F + f] = a.sums[(T + t) * F + f] = acc_t(0);
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t t = key_of(a.rows.keys, i) / a.key_div;
+        const int64_t off = (i * F + f) * L;
+        const Vec m(a.mu[t * F + f]);
+        Vec s1(acc_t(0)), s2(acc_t(0));
+        for_each_plane_vec<scalar_t, acc_t>(dy + off, x + off, L,
+                                            [&](int64_t, const Vec& g, const Vec& v) {
+                                              s1 = s1 + g;  // g is 0 past the tail
+                                              s2 = at::vec::fmadd(g, v - m, s2);
+                                            });
+        auto add = [](const Vec& p, const Vec& q) { return p + q; };
+        a.sums[t * F + f] += at::vec::vec_reduce_all<acc_t>(add, s1);
+        a.sums[(T + t) * F + f] += at::vec::vec_reduce_all<acc_t>(add, s2);
+      }
+    }
+  });
+}
+
+// du = (dy - dy_shift_k) * scale_t + dev_coef_k * (x - center_k) (eval:
+// dy * scale_t), as the rows' input gradient; dx = du (no gate).
+template <typename scalar_t>
+void planes_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t F = a.rows.F, L = a.rows.L;
+  const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
+  const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
+  scalar_t* dx = static_cast<scalar_t*>(a.dx);
+  for_each_plane(a.rows.N, F, L, [&](int64_t i, int64_t f, int64_t off) {
+    const int64_t k = key_of(a.rows.keys, i);
+    const Vec p(a.scale[(k / a.key_div) * F + f]);
+    if (!a.training) {
+      map_plane<scalar_t, acc_t>(dy + off, nullptr, dx + off, L,
+                                 [&](const Vec& g, const Vec&) { return g * p; });
+      return;
+    }
+    const Vec shift(a.dy_shift[k * F + f]), coef(a.dev_coef[k * F + f]),
+        center(a.center[k * F + f]);
+    map_plane<scalar_t, acc_t>(dy + off, x + off, dx + off, L, [&](const Vec& g, const Vec& v) {
+      return at::vec::fmadd(coef, v - center, (g - shift) * p);
+    });
+  });
+}
+
 // Per group: count, mean and M2 of u. Within a chunk, two passes: the sums
 // give each group's mean, then M2 sums squared deviations from it, so a
 // rounded mean costs M2 only a second-order error (n (mean error)^2) --
@@ -82,6 +282,7 @@ inline int64_t key_of(const int32_t* keys, int64_t i) { return keys ? keys[i] : 
 // M2 is the sum of squares about the mean returned.
 template <typename scalar_t>
 void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
+  if (a.rows.L != 1) return planes_group_moments<scalar_t>(a);
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t N = a.rows.N, F = a.rows.F, G = a.num_groups;
@@ -177,6 +378,7 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t f = 0; f < F; ++f)
       scale[t * F + f] = (a.weight ? a.weight[f] : acc_t(1)) / (a.sigma[t * F + f] + a.eps);
+  if (a.rows.L != 1) return planes_apply<scalar_t>(a, scale);
   at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
     if (!a.rows.gate_full) {  // the common case: rows read and written in place
       const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
@@ -214,6 +416,7 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
 // Per task: sums[0] = sum dy, sums[1] = sum dy (u - mu_t).
 template <typename scalar_t>
 void iwn_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
+  if (a.rows.L != 1) return planes_task_sums<scalar_t>(a);
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t N = a.rows.N, F = a.rows.F, T = a.num_tasks;
@@ -260,6 +463,7 @@ void iwn_coefficients(const IWNCoefficientsArgs<acc_t>& a) {
 // gate reduces over rows (in closed form in training, see coefficients_at).
 template <typename scalar_t>
 void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
+  if (a.rows.L != 1) return planes_input_grad<scalar_t>(a);
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t N = a.rows.N, F = a.rows.F;

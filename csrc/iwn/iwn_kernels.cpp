@@ -35,7 +35,7 @@ void check_keys_cpu(const optional<Tensor>& keys, int64_t upper) {
   const int32_t* k = keys->const_data_ptr<int32_t>();
   const auto bad =
       std::find_if(k, k + keys->numel(), [upper](int32_t v) { return v < 0 || v >= upper; });
-  TORCH_CHECK(bad == k + keys->numel(), "keys must lie in [0, ", upper, "), got ", *bad);
+  SURGELLM_CHECK(bad == k + keys->numel(), "keys must lie in [0, ", upper, "), got ", *bad);
 }
 
 // The checks of every row pass (x, keys, gate) and their kernel arguments.
@@ -48,19 +48,25 @@ IWNRows<acc_t> rows_args(const Tensor& x, const optional<Tensor>& keys,
           full_gate ? nullptr : ptr_or_null<acc_t>(gate),
           ptr_or_null<int32_t>(keys),
           x.size(0),
-          x.size(1)};
+          x.size(1),
+          x.dim() == 3 ? x.size(2) : 1};
 }
 
 at::ScalarType check_rows(const Tensor& x, const optional<Tensor>& keys,
                           const optional<Tensor>& gate, int64_t num_keys) {
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D (N, F), got ", x.dim(), " dimensions");
-  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
-  TORCH_CHECK(x.is_cpu() || x.is_cuda(), "x must be a CPU or CUDA tensor, got ", x.device());
+  SURGELLM_CHECK(x.dim() == 2 || x.dim() == 3, "x must be 2-D (N, F) or 3-D (N, F, L), got ",
+                 x.dim(), " dimensions");
+  SURGELLM_CHECK(x.is_contiguous(), "x must be contiguous");
+  SURGELLM_CHECK(x.is_cpu() || x.is_cuda(), "x must be a CPU or CUDA tensor, got ", x.device());
+  const bool planes = x.dim() == 3 && x.size(2) != 1;
+  SURGELLM_CHECK(!planes || x.is_cpu(),
+                 "x of shape (N, F, L) (channels first) is read by the CPU kernels only");
+  SURGELLM_CHECK(!planes || !gate.has_value(), "x of shape (N, F, L) takes no gate");
   const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "x must be float32, float64, float16 or bfloat16, got ", st);
+  SURGELLM_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                 "x must be float32, float64, float16 or bfloat16, got ", st);
   const int64_t N = x.size(0), F = x.size(1);
-  TORCH_CHECK(F > 0, "x must have at least one feature (F > 0)");
+  SURGELLM_CHECK(F > 0, "x must have at least one feature (F > 0)");
   const auto acc = acc_scalar_type(st);
   check_optional(keys, "keys", x, {N}, at::kInt);
   check_keys_cpu(keys, num_keys);
@@ -74,8 +80,8 @@ at::ScalarType check_rows(const Tensor& x, const optional<Tensor>& keys,
 }
 
 int64_t num_tasks_of(const Tensor& stats, const Tensor& x, const char* name) {
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) >= 1 && stats.size(1) == x.size(1), name,
-              " must have shape (num_tasks, ", x.size(1), "), got ", stats.sizes());
+  SURGELLM_CHECK(stats.dim() == 2 && stats.size(0) >= 1 && stats.size(1) == x.size(1), name,
+                 " must have shape (num_tasks, ", x.size(1), "), got ", stats.sizes());
   return stats.size(0);
 }
 
@@ -85,13 +91,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> iwn_group_moments(const Tensor& x,
                                                              const optional<Tensor>& keys,
                                                              const optional<Tensor>& gate,
                                                              int64_t num_groups) {
-  TORCH_CHECK(num_groups >= 1, "num_groups must be positive, got ", num_groups);
+  SURGELLM_CHECK(num_groups >= 1, "num_groups must be positive, got ", num_groups);
   const auto acc = check_rows(x, keys, gate, num_groups);
   const int64_t F = x.size(1);
 #ifdef SURGELLM_WITH_CUDA
-  TORCH_CHECK(!x.is_cuda() || num_groups <= cuda::kMaxGroups, "the CUDA kernels hold at most ",
-              cuda::kMaxGroups,
-              " (task, class) groups, got num_tasks * num_classes = ", num_groups);
+  SURGELLM_CHECK(!x.is_cuda() || num_groups <= cuda::kMaxGroups, "the CUDA kernels hold at most ",
+                 cuda::kMaxGroups,
+                 " (task, class) groups, got num_tasks * num_classes = ", num_groups);
 #endif
   const auto opts = x.options().dtype(acc);
   // The kernels write every element; no rows: empty groups, all zeros.
@@ -115,18 +121,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> iwn_group_moments(const Tensor& x,
 std::tuple<Tensor, Tensor, Tensor, Tensor> iwn_merge_moments(const Tensor& count,
                                                              const Tensor& mean, const Tensor& m2,
                                                              const Tensor& residual_sum) {
-  TORCH_CHECK(mean.dim() == 3 && mean.size(2) > 0, "mean must be 3-D (parts, groups, F > 0), got ",
-              mean.sizes());
+  SURGELLM_CHECK(mean.dim() == 3 && mean.size(2) > 0,
+                 "mean must be 3-D (parts, groups, F > 0), got ", mean.sizes());
   const int64_t P = mean.size(0), G = mean.size(1), F = mean.size(2);
   const auto acc = mean.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "mean must be float32 or float64");
+  SURGELLM_CHECK(acc == at::kFloat || acc == at::kDouble, "mean must be float32 or float64");
   check_tensor(mean, "mean", mean, {P, G, F}, acc);
   check_tensor(count, "count", mean, {P, G}, acc);
   check_tensor(m2, "m2", mean, {P, G, F}, acc);
   check_tensor(residual_sum, "residual_sum", mean, {P, G, F}, acc);
 #ifdef SURGELLM_WITH_CUDA
-  TORCH_CHECK(!mean.is_cuda() || G <= cuda::kMaxGroups, "the CUDA kernels hold at most ",
-              cuda::kMaxGroups, " (task, class) groups, got ", G);
+  SURGELLM_CHECK(!mean.is_cuda() || G <= cuda::kMaxGroups, "the CUDA kernels hold at most ",
+                 cuda::kMaxGroups, " (task, class) groups, got ", G);
 #endif
   const auto opts = mean.options();
   Tensor out_count = at::empty({G}, opts), out_mean = at::empty({G, F}, opts),
@@ -155,30 +161,30 @@ std::tuple<Tensor, Tensor, Tensor> iwn_combine(const Tensor& count, const Tensor
                                                int64_t num_tasks, bool pooled, double momentum,
                                                const optional<Tensor>& running_mean,
                                                const optional<Tensor>& running_std) {
-  TORCH_CHECK(mean.dim() == 2 && mean.size(1) > 0, "mean must be 2-D (groups, F > 0), got ",
-              mean.sizes());
+  SURGELLM_CHECK(mean.dim() == 2 && mean.size(1) > 0, "mean must be 2-D (groups, F > 0), got ",
+                 mean.sizes());
   const int64_t G = mean.size(0), F = mean.size(1);
-  TORCH_CHECK(num_tasks >= 1 && G % num_tasks == 0, "num_tasks (", num_tasks,
-              ") must divide the number of groups (", G, ")");
+  SURGELLM_CHECK(num_tasks >= 1 && G % num_tasks == 0, "num_tasks (", num_tasks,
+                 ") must divide the number of groups (", G, ")");
   const auto acc = mean.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "mean must be float32 or float64");
-  TORCH_CHECK(mean.is_contiguous(), "mean must be contiguous");
+  SURGELLM_CHECK(acc == at::kFloat || acc == at::kDouble, "mean must be float32 or float64");
+  SURGELLM_CHECK(mean.is_contiguous(), "mean must be contiguous");
   check_tensor(count, "count", mean, {G}, acc);
   check_tensor(m2, "m2", mean, {G, F}, acc);
   check_tensor(mean_residual, "mean_residual", mean, {G, F}, acc);
-  TORCH_CHECK(running_mean.has_value() == running_std.has_value(),
-              "running_mean and running_std must be given together");
+  SURGELLM_CHECK(running_mean.has_value() == running_std.has_value(),
+                 "running_mean and running_std must be given together");
   for (const auto* r : {&running_mean, &running_std}) {
     if (!r->has_value()) continue;
     const auto& t = **r;
-    TORCH_CHECK(t.numel() == num_tasks * F && t.size(-1) == F && t.is_contiguous() &&
-                    t.scalar_type() == acc && t.device() == mean.device(),
-                "running statistics must be contiguous ", acc, " tensors of shape (", num_tasks,
-                ", ", F, ") on ", mean.device(), ", got ", t.scalar_type(), " ", t.sizes());
+    SURGELLM_CHECK(t.numel() == num_tasks * F && t.size(-1) == F && t.is_contiguous() &&
+                       t.scalar_type() == acc && t.device() == mean.device(),
+                   "running statistics must be contiguous ", acc, " tensors of shape (", num_tasks,
+                   ", ", F, ") on ", mean.device(), ", got ", t.scalar_type(), " ", t.sizes());
   }
 #ifdef SURGELLM_WITH_CUDA
-  TORCH_CHECK(!mean.is_cuda() || num_tasks <= cuda::kMaxTasks, "the CUDA kernels hold at most ",
-              cuda::kMaxTasks, " tasks, got ", num_tasks);
+  SURGELLM_CHECK(!mean.is_cuda() || num_tasks <= cuda::kMaxTasks, "the CUDA kernels hold at most ",
+                 cuda::kMaxTasks, " tasks, got ", num_tasks);
 #endif
   const auto opts = mean.options();
   Tensor group_std = at::empty({G, F}, opts), mu = at::empty({num_tasks, F}, opts),
@@ -207,7 +213,7 @@ Tensor iwn_apply(const Tensor& x, const optional<Tensor>& keys, const optional<T
                  const optional<Tensor>& weight, const optional<Tensor>& bias, const Tensor& mu,
                  const Tensor& sigma, int64_t key_div, double eps) {
   const int64_t T = num_tasks_of(mu, x, "mu");
-  TORCH_CHECK(key_div >= 1, "key_div must be positive, got ", key_div);
+  SURGELLM_CHECK(key_div >= 1, "key_div must be positive, got ", key_div);
   const auto acc = check_rows(x, keys, gate, T * key_div);
   const int64_t F = x.size(1);
   check_tensor(mu, "mu", x, {T, F}, acc);
@@ -237,7 +243,7 @@ Tensor iwn_apply(const Tensor& x, const optional<Tensor>& keys, const optional<T
 Tensor iwn_task_sums(const Tensor& dy, const Tensor& x, const optional<Tensor>& keys,
                      const optional<Tensor>& gate, const Tensor& mu, int64_t key_div) {
   const int64_t T = num_tasks_of(mu, x, "mu");
-  TORCH_CHECK(key_div >= 1, "key_div must be positive, got ", key_div);
+  SURGELLM_CHECK(key_div >= 1, "key_div must be positive, got ", key_div);
   const auto acc = check_rows(x, keys, gate, T * key_div);
   const int64_t F = x.size(1);
   check_tensor(dy, "grad_y", x, x.sizes(), x.scalar_type());
@@ -259,23 +265,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> iwn_coefficie
     const optional<Tensor>& count, const optional<Tensor>& group_mean,
     const optional<Tensor>& group_std, const optional<Tensor>& mean_residual, const Tensor& mu,
     const Tensor& sigma, bool pooled, double eps) {
-  TORCH_CHECK(mu.dim() == 2 && mu.size(1) > 0, "mu must be 2-D (num_tasks, F > 0), got ",
-              mu.sizes());
+  SURGELLM_CHECK(mu.dim() == 2 && mu.size(1) > 0, "mu must be 2-D (num_tasks, F > 0), got ",
+                 mu.sizes());
   const int64_t T = mu.size(0), F = mu.size(1);
   const auto acc = mu.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "mu must be float32 or float64");
-  TORCH_CHECK(mu.is_contiguous(), "mu must be contiguous");
+  SURGELLM_CHECK(acc == at::kFloat || acc == at::kDouble, "mu must be float32 or float64");
+  SURGELLM_CHECK(mu.is_contiguous(), "mu must be contiguous");
   check_tensor(sums, "sums", mu, {2, T, F}, acc);
   check_optional(param_sums, "param_sums", mu, {2, T, F}, acc);
   check_tensor(sigma, "sigma", mu, {T, F}, acc);
   check_optional(weight, "weight", mu, {F}, acc);
   const bool training = count.has_value();
-  TORCH_CHECK(training == group_mean.has_value() && training == group_std.has_value() &&
-                  training == mean_residual.has_value(),
-              "count, group_mean, group_std and mean_residual must be given together (training) "
-              "or not at all");
+  SURGELLM_CHECK(training == group_mean.has_value() && training == group_std.has_value() &&
+                     training == mean_residual.has_value(),
+                 "count, group_mean, group_std and mean_residual must be given together (training) "
+                 "or not at all");
   const int64_t K = training ? count->numel() : 0;
-  TORCH_CHECK(K % T == 0, "num_tasks (", T, ") must divide the number of groups (", K, ")");
+  SURGELLM_CHECK(K % T == 0, "num_tasks (", T, ") must divide the number of groups (", K, ")");
   check_optional(count, "count", mu, {K}, acc);
   check_optional(group_mean, "group_mean", mu, {K, F}, acc);
   check_optional(group_std, "group_std", mu, {K, F}, acc);
@@ -322,7 +328,7 @@ std::tuple<Tensor, Tensor> iwn_input_grad(const Tensor& dy, const Tensor& x,
                                           const Tensor& center, const Tensor& du_dot_u,
                                           int64_t key_div, bool training) {
   const int64_t T = num_tasks_of(scale, x, "scale");
-  TORCH_CHECK(key_div >= 1, "key_div must be positive, got ", key_div);
+  SURGELLM_CHECK(key_div >= 1, "key_div must be positive, got ", key_div);
   const auto acc = check_rows(x, keys, gate, T * key_div);
   const int64_t F = x.size(1), K = training ? T * key_div : 0;
   check_tensor(dy, "grad_y", x, x.sizes(), x.scalar_type());
@@ -363,10 +369,10 @@ std::tuple<Tensor, Tensor> iwn_input_grad(const Tensor& dy, const Tensor& x,
 
 void check_index(const optional<Tensor>& t, const char* name, int64_t N) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->scalar_type() == at::kLong, name, " must be an int64 tensor, got ",
-              t->scalar_type());
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == N, name, " must have shape (", N, "), got ",
-              t->sizes());
+  SURGELLM_CHECK(t->scalar_type() == at::kLong, name, " must be an int64 tensor, got ",
+                 t->scalar_type());
+  SURGELLM_CHECK(t->dim() == 1 && t->size(0) == N, name, " must have shape (", N, "), got ",
+                 t->sizes());
 }
 
 // Row keys from int64 labels / task ids: task * C + label in training (labels
@@ -374,7 +380,7 @@ void check_index(const optional<Tensor>& t, const char* name, int64_t N) {
 // ValueError naming the argument.
 Tensor iwn_group_keys_cpu(const optional<Tensor>& labels, const optional<Tensor>& task_ids,
                           int64_t num_tasks, int64_t num_classes) {
-  TORCH_CHECK(labels.has_value() || task_ids.has_value(), "labels or task_ids are required");
+  SURGELLM_CHECK(labels.has_value() || task_ids.has_value(), "labels or task_ids are required");
   const Tensor& first = labels.has_value() ? *labels : *task_ids;
   const int64_t N = first.numel();
   check_index(labels, "labels", N);
@@ -405,10 +411,11 @@ Tensor iwn_group_keys_cpu(const optional<Tensor>& labels, const optional<Tensor>
     out[i] = static_cast<int32_t>(key);
   }
   if (N > 0) {
-    TORCH_CHECK_VALUE(!lab || (lab_lo >= 0 && lab_hi < num_classes), "labels must lie in [0, ",
-                      num_classes, "), got values in [", lab_lo, ", ", lab_hi, "]");
-    TORCH_CHECK_VALUE(!task || (task_lo >= 0 && task_hi < num_tasks), "task_ids must lie in [0, ",
-                      num_tasks, "), got values in [", task_lo, ", ", task_hi, "]");
+    SURGELLM_CHECK_VALUE(!lab || (lab_lo >= 0 && lab_hi < num_classes), "labels must lie in [0, ",
+                         num_classes, "), got values in [", lab_lo, ", ", lab_hi, "]");
+    SURGELLM_CHECK_VALUE(!task || (task_lo >= 0 && task_hi < num_tasks),
+                         "task_ids must lie in [0, ", num_tasks, "), got values in [", task_lo,
+                         ", ", task_hi, "]");
   }
   return keys;
 }
@@ -436,14 +443,14 @@ void check_ranges_on_device(const optional<Tensor>& labels, const optional<Tenso
   for (size_t i = 0; i < names.size(); ++i) {
     const auto [name, upper] = names[i];
     const int64_t lo = bounds[2 * i], hi = bounds[2 * i + 1];
-    TORCH_CHECK_VALUE(lo >= 0 && hi < upper, name, " must lie in [0, ", upper, "), got values in [",
-                      lo, ", ", hi, "]");
+    SURGELLM_CHECK_VALUE(lo >= 0 && hi < upper, name, " must lie in [0, ", upper,
+                         "), got values in [", lo, ", ", hi, "]");
   }
 }
 
 Tensor iwn_group_keys_device(const optional<Tensor>& labels, const optional<Tensor>& task_ids,
                              int64_t num_tasks, int64_t num_classes) {
-  TORCH_CHECK(labels.has_value() || task_ids.has_value(), "labels or task_ids are required");
+  SURGELLM_CHECK(labels.has_value() || task_ids.has_value(), "labels or task_ids are required");
   const int64_t N = (labels.has_value() ? *labels : *task_ids).numel();
   check_index(labels, "labels", N);
   check_index(task_ids, "task_ids", N);

@@ -23,19 +23,20 @@ void check_surgical_gate_args(const Tensor& h, const Tensor& s, const Tensor& lo
                               const optional<Tensor>& weight, const optional<Tensor>& bias,
                               double eps) {
   check_float(h, "h");
-  TORCH_CHECK_VALUE(h.dim() >= 1 && h.sym_size(-1) != 0,
-                    "h must have shape (..., d) with d > 0, got ", shape_text(h.sym_sizes()));
+  SURGELLM_CHECK_VALUE(h.dim() >= 1 && h.sym_size(-1) != 0,
+                       "h must have shape (..., d) with d > 0, got ", shape_text(h.sym_sizes()));
   for (const auto& [t, name] : {std::pair{&s, "s"}, std::pair{&logits, "gate_logits"}}) {
     check_float(*t, name);
     check_device(*t, name, h, "h");
-    TORCH_CHECK_VALUE(t->sym_sizes() == h.sym_sizes(), name, " must have the shape of h ",
-                      shape_text(h.sym_sizes()), ", got ", shape_text(t->sym_sizes()));
-    TORCH_CHECK_TYPE(t->scalar_type() == h.scalar_type(), name, " must have the dtype of h (",
-                     dtype_text(h), "), got ", dtype_text(*t));
+    SURGELLM_CHECK_VALUE(t->sym_sizes() == h.sym_sizes(), name, " must have the shape of h ",
+                         shape_text(h.sym_sizes()), ", got ", shape_text(t->sym_sizes()));
+    SURGELLM_CHECK_TYPE(t->scalar_type() == h.scalar_type(), name, " must have the dtype of h (",
+                        dtype_text(h), "), got ", dtype_text(*t));
   }
   check_feature_param(weight, "weight", h, "h", h.sym_size(-1));
   check_feature_param(bias, "bias", h, "h", h.sym_size(-1));
-  TORCH_CHECK_VALUE(eps > 0, "eps must be a positive number, got ", number_text(eps));
+  SURGELLM_CHECK_VALUE(eps > 0, "eps must be a positive number, got ", number_text(eps));
+  check_eps_fits_float32(eps);
 }
 
 // -- the op: flatten to rows, the kernels through the dispatcher, autograd -------------
@@ -122,8 +123,8 @@ class SurgicalGateFunction : public torch::autograd::Function<SurgicalGateFuncti
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     // The backward kernel is not differentiable: refuse a double backward
     // rather than silently drop its second-order terms.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "fused_surgical_gate has no double backward (backward with create_graph=True)");
+    SURGELLM_CHECK(!at::GradMode::is_enabled(),
+                   "fused_surgical_gate has no double backward (backward with create_graph=True)");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto saved = ctx->get_saved_variables();
     const optional<Tensor> weight = saved[3].defined() ? optional<Tensor>(saved[3]) : std::nullopt;

@@ -18,11 +18,11 @@ namespace {
 // h, s, logits: (N, d) contiguous, one floating dtype; weight, bias: (d) acc.
 at::ScalarType check_rows(const Tensor& h, const Tensor& s, const Tensor& logits,
                           const optional<Tensor>& weight) {
-  TORCH_CHECK(h.dim() == 2 && h.size(1) > 0, "h must be 2-D (N, d) with d > 0, got ", h.sizes());
-  TORCH_CHECK(h.is_contiguous(), "h must be contiguous");
+  SURGELLM_CHECK(h.dim() == 2 && h.size(1) > 0, "h must be 2-D (N, d) with d > 0, got ", h.sizes());
+  SURGELLM_CHECK(h.is_contiguous(), "h must be contiguous");
   const auto st = h.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "h must be float32, float64, float16 or bfloat16, got ", st);
+  SURGELLM_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                 "h must be float32, float64, float16 or bfloat16, got ", st);
   check_tensor(s, "s", h, h.sizes(), st);
   check_tensor(logits, "gate_logits", h, h.sizes(), st);
   const auto acc = acc_scalar_type(st);

@@ -2,13 +2,26 @@
 twins, the data-parallel IWN and ``patch_model``."""
 
 from .distributed import SyncInstanceWeightedNorm, convert_sync_iwn, sync_payload
-from .iwn import FusedInstanceWeightedNorm, InstanceWeightedNorm
-from .patching import PatchReport, patch_model
+from .iwn import (
+    FusedInstanceWeightedNorm,
+    FusedInstanceWeightedNorm1d,
+    FusedInstanceWeightedNorm2d,
+    InstanceWeightedNorm,
+    InstanceWeightedNorm1d,
+    InstanceWeightedNorm2d,
+)
+from .patching import PatchReport, convert_to_iwn, iwn_labels, patch_model
 from .surgical_gate import FusedSurgicalGate, SurgicalGate
 
 __all__ = [
     "InstanceWeightedNorm",
     "FusedInstanceWeightedNorm",
+    "InstanceWeightedNorm1d",
+    "InstanceWeightedNorm2d",
+    "FusedInstanceWeightedNorm1d",
+    "FusedInstanceWeightedNorm2d",
+    "convert_to_iwn",
+    "iwn_labels",
     "SurgicalGate",
     "FusedSurgicalGate",
     "SyncInstanceWeightedNorm",

@@ -5,6 +5,10 @@ statistics in training, running statistics in eval, and :meth:`fit` for the
 paper's fixed statistics of a whole training set. :class:`FusedInstanceWeightedNorm`
 has the same constructor, parameters and buffers (each loads the other's
 ``state_dict``); only the functional it calls differs.
+
+:class:`InstanceWeightedNorm1d` / :class:`InstanceWeightedNorm2d` (and their
+fused twins) are class-balanced BatchNorm: BatchNorm1d / BatchNorm2d's
+constructor, buffers and layouts, with each sample's label.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from ..ops.reference import (
     merge_moments,
 )
 
-__all__ = ["InstanceWeightedNorm", "FusedInstanceWeightedNorm"]
+__all__ = [
+    "InstanceWeightedNorm",
+    "FusedInstanceWeightedNorm",
+    "InstanceWeightedNorm1d",
+    "InstanceWeightedNorm2d",
+    "FusedInstanceWeightedNorm1d",
+    "FusedInstanceWeightedNorm2d",
+]
 
 
 class InstanceWeightedNorm(nn.Module):
@@ -269,5 +280,164 @@ class InstanceWeightedNorm(nn.Module):
 
 class FusedInstanceWeightedNorm(InstanceWeightedNorm):
     """:class:`InstanceWeightedNorm` running :func:`fused_iwn`."""
+
+    _iwn = staticmethod(fused_iwn)
+
+
+class _InstanceWeightedNormNd(nn.Module):
+    """Class-balanced BatchNorm over channels (dimension 1): per channel, the
+    statistics of every position of the samples of each class, every class
+    present counting equally (Eq.10-11 with one sample = one instance), and
+    ``y = (x - mu) / (sigma + eps) * weight + bias``. BatchNorm's
+    constructor, buffers and modes, with ``running_std`` for ``running_var``:
+    training normalizes with the batch's class-balanced statistics and updates
+    the running ones (``momentum``; ``None``: cumulative average); eval
+    normalizes with the running ones (``track_running_stats=False``: with the
+    batch's, so labels are needed in eval too). ``forward(x, labels=None,
+    task_ids=None)``: labels (and task ids) of shape (N,), one per sample.
+    With ``num_tasks`` > 1 the running statistics are (num_tasks, C) and each
+    sample's task picks its row.
+    """
+
+    # The functional this module calls; the fused twin swaps in ``fused_iwn``.
+    _iwn = staticmethod(iwn_reference)
+
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        num_tasks: int = 1,
+        std_mode: str = "class_mean",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if std_mode not in ("class_mean", "pooled"):
+            raise ValueError(f"std_mode must be 'class_mean' or 'pooled', got {std_mode!r}")
+        for name, v in (
+            ("num_features", num_features),
+            ("num_classes", num_classes),
+            ("num_tasks", num_tasks),
+        ):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features, self.num_classes, self.num_tasks = num_features, num_classes, num_tasks
+        self.eps, self.momentum, self.std_mode = eps, momentum, std_mode
+        self.affine, self.track_running_stats = affine, track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            shape = (num_features,) if num_tasks == 1 else (num_tasks, num_features)
+            self.register_buffer("running_mean", torch.zeros(shape, **factory))
+            self.register_buffer("running_std", torch.ones(shape, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_std", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_std.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_classes={self.num_classes}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, num_tasks={self.num_tasks}, "
+            f"std_mode={self.std_mode!r}"
+        )
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(
+        self, x: Tensor, labels: Optional[Tensor] = None, task_ids: Optional[Tensor] = None
+    ) -> Tensor:
+        if isinstance(x, Tensor):
+            self._check_input_dim(x)
+            if x.shape[1] != self.num_features:
+                raise ValueError(
+                    f"x must have num_features={self.num_features} channels in dimension 1, "
+                    f"got shape {tuple(x.shape)}"
+                )
+        batch_stats = self.training or self.running_mean is None
+        tracking = self.training and self.running_mean is not None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if tracking and self.momentum is None:  # BatchNorm's cumulative moving average
+            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        y = self._iwn(
+            x,
+            labels if batch_stats else None,
+            None,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_std,
+            task_ids,
+            batch_stats,
+            momentum,
+            self.eps,
+            self.std_mode,
+            self.num_classes,
+            feature_dim=1,
+        )
+        if tracking:  # after the call: a failed call changes nothing
+            self.num_batches_tracked.add_(1)
+        return y
+
+
+class InstanceWeightedNorm1d(_InstanceWeightedNormNd):
+    """Class-balanced :class:`torch.nn.BatchNorm1d`: x of shape (N, C) or
+    (N, C, L); see :class:`_InstanceWeightedNormNd`."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in (2, 3):
+            raise ValueError(
+                f"x must be 2-D (N, C) or 3-D (N, C, L), got {x.dim()}-D input of shape "
+                f"{tuple(x.shape)}"
+            )
+
+
+class InstanceWeightedNorm2d(_InstanceWeightedNormNd):
+    """Class-balanced :class:`torch.nn.BatchNorm2d`: x of shape (N, C, H, W),
+    contiguous or ``torch.channels_last``; see :class:`_InstanceWeightedNormNd`."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(
+                f"x must be 4-D (N, C, H, W), got {x.dim()}-D input of shape {tuple(x.shape)}"
+            )
+
+
+class FusedInstanceWeightedNorm1d(InstanceWeightedNorm1d):
+    """:class:`InstanceWeightedNorm1d` running :func:`fused_iwn`."""
+
+    _iwn = staticmethod(fused_iwn)
+
+
+class FusedInstanceWeightedNorm2d(InstanceWeightedNorm2d):
+    """:class:`InstanceWeightedNorm2d` running :func:`fused_iwn`."""
 
     _iwn = staticmethod(fused_iwn)

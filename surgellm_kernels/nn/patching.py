@@ -1,5 +1,7 @@
 """``patch_model``: swap the reference modules inside any ``nn.Module`` for
-their fused twins, in place.
+their fused twins, in place. ``convert_to_iwn``: swap BatchNorm1d / 2d for
+class-balanced IWN layers; ``iwn_labels``: hand labels to those layers
+without changing the model's forward.
 
 Each twin is a new module object of the fused class whose attributes are the
 original's: the same ``Parameter`` and buffer objects (so an optimizer built
@@ -17,22 +19,33 @@ own from the swap on, until :meth:`PatchReport.revert` copies them back.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..ops import _backend
-from .iwn import FusedInstanceWeightedNorm, InstanceWeightedNorm
+from .iwn import (
+    FusedInstanceWeightedNorm,
+    FusedInstanceWeightedNorm1d,
+    FusedInstanceWeightedNorm2d,
+    InstanceWeightedNorm,
+    InstanceWeightedNorm1d,
+    InstanceWeightedNorm2d,
+    _InstanceWeightedNormNd,
+)
 from .surgical_gate import FusedSurgicalGate, SurgicalGate
 
-__all__ = ["patch_model", "PatchReport"]
+__all__ = ["patch_model", "PatchReport", "convert_to_iwn", "iwn_labels"]
 
 # reference class -> (fused twin, the op the twin runs)
 FUSED_TWINS = {
     InstanceWeightedNorm: (FusedInstanceWeightedNorm, "iwn"),
+    InstanceWeightedNorm1d: (FusedInstanceWeightedNorm1d, "iwn"),
+    InstanceWeightedNorm2d: (FusedInstanceWeightedNorm2d, "iwn"),
     SurgicalGate: (FusedSurgicalGate, "surgical_gate"),
 }
 
@@ -46,6 +59,8 @@ class Swap:
     # every (parent, attribute) slot that held ``old``: a module registered
     # under two parents is swapped in both, for one twin
     slots: Tuple[Tuple[nn.Module, str], ...]
+    # revert: carry new's state back into old (default: the twin's attributes)
+    carry_back: Optional[Callable[[nn.Module, nn.Module], None]] = None
 
 
 @dataclass
@@ -60,9 +75,15 @@ class PatchReport:
     class, backend that will run) and ``skipped`` (name, class, reason).
     ``str(report)`` is a small table; :meth:`revert` puts the originals back."""
 
-    def __init__(self, swaps: List[Swap], skipped: List[Skip]):
+    def __init__(
+        self,
+        swaps: List[Swap],
+        skipped: List[Skip],
+        nothing: str = "patch_model: no InstanceWeightedNorm or SurgicalGate found",
+    ):
         self.swaps, self.skipped = swaps, skipped
         self.reverted = False
+        self._nothing = nothing  # what str() says when nothing was found
 
     @property
     def backends(self) -> Dict[str, str]:
@@ -82,7 +103,7 @@ class PatchReport:
     def __str__(self) -> str:
         rows = self.rows()
         if not rows:
-            return "patch_model: no InstanceWeightedNorm or SurgicalGate found"
+            return self._nothing
         header = ("module", "was", "now", "backend")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
@@ -113,7 +134,10 @@ class PatchReport:
                         f"replaced after patching"
                     )
         for swap in reversed(self.swaps):
-            swap.old.__dict__.update(swap.new.__dict__)
+            if swap.carry_back is not None:
+                swap.carry_back(swap.old, swap.new)
+            else:
+                swap.old.__dict__.update(swap.new.__dict__)
             for parent, attr in swap.slots:
                 parent._modules[attr] = swap.old
         self.reverted = True
@@ -233,3 +257,151 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             stacklevel=2,
         )
     return report
+
+
+# BatchNorm class -> (class-balanced reference layer, its fused twin)
+IWN_FOR_BATCHNORM = {
+    nn.BatchNorm1d: (InstanceWeightedNorm1d, FusedInstanceWeightedNorm1d),
+    nn.BatchNorm2d: (InstanceWeightedNorm2d, FusedInstanceWeightedNorm2d),
+}
+
+
+def _iwn_from_batchnorm(bn: nn.Module, cls: type, num_classes: int, std_mode: str):
+    stats = bn.running_mean if bn.running_mean is not None else bn.weight
+    layer = cls(
+        bn.num_features,
+        num_classes,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+        std_mode=std_mode,
+        device=stats.device if stats is not None else None,
+        dtype=stats.dtype if stats is not None else None,
+    )
+    if bn.affine:  # the same Parameter objects: an optimizer built before stays valid
+        layer.weight, layer.bias = bn.weight, bn.bias
+    if bn.track_running_stats:
+        with torch.no_grad():
+            layer.running_mean.copy_(bn.running_mean)
+            layer.running_std.copy_(bn.running_var.sqrt())
+            layer.num_batches_tracked.copy_(bn.num_batches_tracked)
+    layer.train(bn.training)
+    return layer
+
+
+def _batchnorm_from_iwn(bn: nn.Module, layer: nn.Module) -> None:
+    """The layer's state back into the BatchNorm, as the layer holds it now
+    (device and dtype included: the model may have moved meanwhile)."""
+    if layer.affine:
+        bn.weight, bn.bias = layer.weight, layer.bias
+    if layer.track_running_stats:
+        with torch.no_grad():
+            bn.running_mean = layer.running_mean
+            bn.running_var = layer.running_std.square()
+            bn.num_batches_tracked = layer.num_batches_tracked
+    bn.eps, bn.momentum = layer.eps, layer.momentum
+    bn.train(layer.training)
+
+
+def convert_to_iwn(
+    model: nn.Module, num_classes: int, std_mode: str = "class_mean", fused: bool = True
+) -> PatchReport:
+    """Replace every ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` inside ``model``
+    by class-balanced normalization: :class:`FusedInstanceWeightedNorm1d` /
+    ``2d`` (``fused=False``: the reference layers), in place.
+
+    Each new layer keeps the BatchNorm's settings (eps, momentum, affine,
+    track_running_stats), its weight and bias Parameter objects, and its
+    running statistics (``running_std = sqrt(running_var)``). Training then
+    needs each sample's label at every such layer: pass ``labels=`` where the
+    model calls them, or wrap the step in :func:`iwn_labels`. Subclasses of
+    BatchNorm (``SyncBatchNorm`` among them) are skipped and listed.
+
+    IWN divides by ``sigma + eps`` where BatchNorm divides by
+    ``sqrt(var + eps)``: a converted model computes what it did before only
+    after training with the new layers (channels of near-zero variance differ
+    most).
+
+    Returns a :class:`PatchReport`; :meth:`PatchReport.revert` puts the
+    BatchNorms back with the layers' parameters, running statistics
+    (``running_var = running_std ** 2``), device and dtype as they are then;
+    hooks registered on the new layers stay with them.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if std_mode not in ("class_mean", "pooled"):
+        raise ValueError(f"std_mode must be 'class_mean' or 'pooled', got {std_mode!r}")
+    names = {id(m): name for name, m in model.named_modules()}
+    swaps: Dict[int, Swap] = {}
+    skipped: Dict[int, Skip] = {}
+    for module in model.modules():
+        for attr, child in module._modules.items():
+            if child is None or id(child) in skipped:
+                continue
+            if id(child) in swaps:
+                swaps[id(child)].slots += ((module, attr),)
+                continue
+            classes = IWN_FOR_BATCHNORM.get(type(child))
+            if classes is None:
+                if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                    skipped[id(child)] = Skip(
+                        names[id(child)], type(child).__name__, "not BatchNorm1d / BatchNorm2d"
+                    )
+                continue
+            cls = classes[1] if fused else classes[0]
+            layer = _iwn_from_batchnorm(child, cls, num_classes, std_mode)
+            backend = _backend.planned_backend("iwn", _device_of(child)) if fused else "eager"
+            swaps[id(child)] = Swap(
+                names[id(child)],
+                child,
+                layer,
+                _backend_label(backend, _device_of(child)),
+                ((module, attr),),
+                _batchnorm_from_iwn,
+            )
+    if type(model) in IWN_FOR_BATCHNORM:
+        skipped[id(model)] = Skip(
+            "(root)", type(model).__name__, "the root module has no parent to swap it on"
+        )
+    for swap in swaps.values():
+        for parent, attr in swap.slots:
+            parent._modules[attr] = swap.new
+    return PatchReport(
+        list(swaps.values()),
+        list(skipped.values()),
+        "convert_to_iwn: no BatchNorm1d or BatchNorm2d found",
+    )
+
+
+@contextlib.contextmanager
+def iwn_labels(model: nn.Module, labels, task_ids=None):
+    """Within the ``with`` block, every class-balanced normalization layer of
+    ``model`` called without labels (task ids) gets these: a model whose
+    forward knows nothing of labels trains unchanged::
+
+        with iwn_labels(model, labels):
+            loss = criterion(model(images), labels)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+    def give_labels(module, args, kwargs):
+        # forward(x, labels=None, task_ids=None): fill what the call left out
+        if len(args) < 2 and kwargs.get("labels") is None:
+            kwargs["labels"] = labels
+        if task_ids is not None and len(args) < 3 and kwargs.get("task_ids") is None:
+            kwargs["task_ids"] = task_ids
+        return args, kwargs
+
+    layers = [
+        m for m in model.modules() if isinstance(m, (InstanceWeightedNorm, _InstanceWeightedNormNd))
+    ]
+    handles = [m.register_forward_pre_hook(give_labels, with_kwargs=True) for m in layers]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

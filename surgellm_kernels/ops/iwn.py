@@ -178,6 +178,7 @@ def fused_iwn(
     std_mode: str = "class_mean",
     num_classes: Optional[int] = None,
     process_group=None,
+    feature_dim: int = -1,
 ) -> Tensor:
     """Gated instance-weighted normalization.
 
@@ -188,7 +189,8 @@ def fused_iwn(
     eval (the default) normalizes with ``running_mean`` / ``running_std``.
 
     Args:
-        x: (..., F) floating tensor; every leading index is one instance.
+        x: (..., F) floating tensor; every leading index is one instance
+            (see ``feature_dim`` for BatchNorm's layouts).
         labels: int64, shape ``x.shape[:-1]``, values in [0, num_classes);
             required when ``training``.
         gate: gate logits, (F,) or the shape of x: ``u = x * sigmoid(gate)``.
@@ -214,6 +216,16 @@ def fused_iwn(
             of shape (0, F)). Eval, or a group of one rank, communicates
             nothing. Weight, bias and gate gradients stay per rank (as
             ``DistributedDataParallel`` expects).
+        feature_dim: the dimension of x that holds the features. -1 (the
+            default): x is (..., F) and every leading index is one instance.
+            Otherwise, as ``F.batch_norm`` reads (N, C, H, W) with
+            ``feature_dim=1``: labels and task_ids have shape
+            ``x.shape[:feature_dim]`` (one per sample), and the statistics
+            of each class take every position (H, W) of its samples. No
+            gate then. On the CPU, contiguous (channels-first) x is read in
+            place, and so is ``torch.channels_last`` x on every backend; on a
+            GPU, channels-first x is copied to channels-last order first
+            (with a one-time warning).
 
     Returns y with the shape and dtype of x. Statistics accumulate in float32
     (float64 for float64 x). Bad arguments raise ``ValueError`` or
@@ -231,6 +243,6 @@ def fused_iwn(
                 "fused_iwn with a process_group needs the compiled kernels (backend cpu, cuda "
                 "or triton): the eager reference computes one process's statistics only"
             )
-        return iwn_reference(*args)
+        return iwn_reference(*args, feature_dim=feature_dim)
     group = (ranks.name, ranks.size) if ranks else (None, 1)
-    return _backend.call_op("iwn", (*args, *group))
+    return _backend.call_op("iwn", (*args, *group, feature_dim))

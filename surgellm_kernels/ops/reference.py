@@ -178,12 +178,15 @@ def iwn_reference(
     eps: float = 1e-5,
     std_mode: str = "class_mean",
     num_classes: Optional[int] = None,
+    feature_dim: int = -1,
 ) -> Tensor:
     """Gated instance-weighted normalization, in eager PyTorch.
 
     ``u = x * sigmoid(gate)``; ``y = (u - mu) / (sigma + eps) * weight + bias``
     with class-balanced batch statistics in training (Eq.10-11 per batch) and
     the given statistics otherwise. This is the definition ``fused_iwn`` matches.
+    With ``feature_dim`` before the last dimension (BatchNorm's (N, C, H, W)),
+    each position of an instance is a row of that instance's class.
     """
     check_iwn_args(
         x,
@@ -199,7 +202,68 @@ def iwn_reference(
         eps,
         std_mode,
         num_classes,
+        feature_dim=feature_dim,
     )
+    fd = feature_dim % x.dim()
+    if fd != x.dim() - 1:  # each position of an instance is a row of the instance's class
+        positions = x.shape[fd + 1 :]
+
+        def per_position(index):
+            if index is None:
+                return None
+            return index.reshape(*index.shape, *(1,) * len(positions)).expand(
+                *index.shape, *positions
+            )
+
+        y = _iwn_rows(
+            x.movedim(fd, -1),
+            per_position(labels),
+            gate,
+            weight,
+            bias,
+            running_mean,
+            running_std,
+            per_position(task_ids),
+            training,
+            momentum,
+            eps,
+            std_mode,
+            num_classes,
+        )
+        return y.movedim(-1, fd)
+    return _iwn_rows(
+        x,
+        labels,
+        gate,
+        weight,
+        bias,
+        running_mean,
+        running_std,
+        task_ids,
+        training,
+        momentum,
+        eps,
+        std_mode,
+        num_classes,
+    )
+
+
+def _iwn_rows(
+    x,
+    labels,
+    gate,
+    weight,
+    bias,
+    running_mean,
+    running_std,
+    task_ids,
+    training,
+    momentum,
+    eps,
+    std_mode,
+    num_classes,
+):
+    """iwn_reference for features last, its arguments checked."""
     acc = accumulation_dtype(x.dtype)
     Fdim = x.shape[-1]
     u = x.reshape(-1, Fdim).to(acc)

@@ -52,15 +52,20 @@ correctly.
 
 Only core ``tl`` math is used (``tl.sigmoid``, ``tl.sqrt``; no libdevice), and
 every load is converted to acc before any math: both are needed by the Triton
-CPU interpreter (TRITON_INTERPRET=1). eps is a declared float64 kernel
-argument (Triton would pass a Python float as float32) and rounded to acc
-inside the kernels, so float64 data sees it unrounded. No checks here:
+CPU interpreter (TRITON_INTERPRET=1). eps reaches a kernel as three float32
+numbers whose float64 sum is exactly eps (``float32_parts``): Triton passes a
+Python float as float32 whatever the parameter's annotation says (Triton 3.6
+on an H200 did: a constant row's 1 / sqrt(eps) was off by half of float32's
+rounding of 1e-5), and float64 data must see eps unrounded. No checks here:
 the op checks its arguments (check_iwn_args) before any phase runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
+import struct
 
 import torch
 import triton
@@ -106,6 +111,18 @@ ROUND_AS_WRITTEN = {"enable_fp_fusion": False}
 def _launch(kernel, grid, *args, **meta):
     if all(g > 0 for g in grid):
         kernel[grid](*args, **meta, **ROUND_AS_WRITTEN)
+
+
+def _rows_only(x: torch.Tensor) -> None:
+    """The Triton kernels read rows (N, F). Channels-first planes (N, F, L)
+    reach them only under the CPU interpreter (on a GPU the op hands them
+    rows of positions): a clear error there."""
+    if x.dim() == 3 and x.shape[2] != 1:
+        raise NotImplementedError(
+            "the Triton kernels read features-innermost rows; x of shape (N, F, L) in "
+            "contiguous (channels-first) memory runs on the C++ CPU kernels, or pass x in "
+            "torch.channels_last memory format"
+        )
 
 
 def _chunks(n: int, scratch_per_chunk: int, itemsize: int):
@@ -314,6 +331,7 @@ def iwn_group_moments(x, keys, gate, num_groups):
     mean_residual (G, F) of u, where mean_residual = (1/n) * sum over the
     group's rows of (u - mean) against the returned (rounded) mean, in acc.
     Empty groups give 0, 0, 0, 0; rows with a key outside [0, G) are skipped."""
+    _rows_only(x)
     N, F = x.shape
     G = int(num_groups)
     acc_t, ACC = _acc_dtypes(x.dtype)
@@ -358,6 +376,38 @@ def iwn_group_moments(x, keys, gate, num_groups):
 # -- forward: apply -------------------------------------------------------------------
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+@functools.lru_cache(maxsize=64)
+def float32_parts(value: float) -> tuple[float, float, float]:
+    """value as (hi, mid, lo), each a float32, with hi + mid + lo == value
+    exactly in float64 (24 + 24 + 24 bits hold float64's 53; each remainder
+    is exact in float64) for |value| in float32's normal range; inf and nan
+    pass as themselves."""
+    if not math.isfinite(value):
+        return (value, 0.0, 0.0)
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(
+            f"eps must be at most {FLOAT32_MAX} on the Triton backend, got {value}: "
+            "use a smaller eps or another backend"
+        )
+    parts = []
+    rest = value
+    for _ in range(3):
+        part = struct.unpack("f", struct.pack("f", rest))[0]  # rest rounded to float32
+        parts.append(part)
+        rest -= part
+    return tuple(parts)
+
+
+@triton.jit
+def _join_parts(hi, mid, lo, SHAPE: tl.constexpr, ACC: tl.constexpr):
+    """float32_parts' value in acc, as a SHAPE tensor: exact in float64, to
+    float32's precision in float32."""
+    return tl.full(SHAPE, hi, ACC) + tl.full(SHAPE, mid, ACC) + tl.full(SHAPE, lo, ACC)
+
+
 @triton.jit
 def _apply(
     x_ptr,
@@ -372,7 +422,9 @@ def _apply(
     F,
     NUM_KEYS,
     KEY_DIV,
-    eps: "fp64",
+    eps_hi,
+    eps_mid,
+    eps_lo,
     GATE_MODE: tl.constexpr,
     HAS_KEYS: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -395,7 +447,8 @@ def _apply(
     stat = task[:, None] * F + cols[None, :]
     mu = tl.load(mu_ptr + stat, mask=smask, other=0.0).to(ACC)
     sigma = tl.load(sigma_ptr + stat, mask=smask, other=1.0).to(ACC)
-    y = (u - mu) / (sigma + tl.full((BLOCK_F,), eps, ACC)[None, :])
+    eps = _join_parts(eps_hi, eps_mid, eps_lo, (BLOCK_F,), ACC)
+    y = (u - mu) / (sigma + eps[None, :])
     if HAS_W:
         y = y * tl.load(w_ptr + cols, mask=fmask, other=1.0).to(ACC)[None, :]
     if HAS_B:
@@ -407,6 +460,7 @@ def _apply(
 def iwn_apply(x, keys, gate, weight, bias, mu, sigma, key_div, eps):
     """y (N, F) in x's dtype: (u - mu[t]) / (sigma[t] + eps) * weight + bias with
     t = key // key_div; rows whose key is outside [0, T * key_div) are NaN."""
+    _rows_only(x)
     N, F = x.shape
     T = mu.shape[0]
     acc_t, ACC = _acc_dtypes(x.dtype)
@@ -428,7 +482,7 @@ def iwn_apply(x, keys, gate, weight, bias, mu, sigma, key_div, eps):
             F,
             T * int(key_div),
             int(key_div),
-            float(eps),
+            *float32_parts(float(eps)),
             GATE_MODE=_gate_mode(gate),
             HAS_KEYS=keys is not None,
             HAS_W=weight is not None,
@@ -497,6 +551,7 @@ def _task_sums_partial(
 def iwn_task_sums(grad_y, x, keys, gate, mu, key_div):
     """sums (2, T, F) in acc: sums[0, t] = sum of dy and sums[1, t] = sum of
     dy * (u - mu[t]) over the rows of task t (T = mu.shape[0])."""
+    _rows_only(x)
     N, F = x.shape
     T = mu.shape[0]
     acc_t, ACC = _acc_dtypes(x.dtype)
@@ -608,6 +663,7 @@ def iwn_input_grad(
     """dx (N, F) in x's dtype and dgate: (N, F) in x's dtype for a per-instance
     gate, (F,) in acc for a (F,) gate, else an empty (0,) acc tensor. Rows whose
     key is invalid get NaN dx and are left out of the (F,) gate's sum."""
+    _rows_only(x)
     N, F = x.shape
     T = scale.shape[0]
     acc_t, ACC = _acc_dtypes(x.dtype)

@@ -49,9 +49,9 @@ N * d >= 2**31 elements are addressed correctly.
 
 Only core ``tl`` math is used (``tl.sigmoid``, ``tl.sqrt``; no libdevice),
 and every load is converted to acc before any math: both are needed by the
-Triton CPU interpreter (TRITON_INTERPRET=1). eps is a declared float64 kernel
-argument (Triton would pass a Python float as float32) rounded to acc inside
-the kernel, so float64 data sees it unrounded. Large logits saturate the
+Triton CPU interpreter (TRITON_INTERPRET=1). eps reaches the kernel as three
+float32 parts whose float64 sum is exactly eps (iwn.float32_parts: Triton
+passes a Python float as float32), so float64 data sees it unrounded. Large logits saturate the
 sigmoid without NaN: g = 1 / (1 + exp(-x)) is exactly 0 where exp(-x)
 overflows to inf and exactly 1 where it drops below half an ulp of 1.
 """
@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .iwn import ROUND_AS_WRITTEN, _acc_dtypes, _on_device
+from .iwn import ROUND_AS_WRITTEN, _acc_dtypes, _join_parts, _on_device, float32_parts
 
 __all__ = ["KERNELS", "surgical_gate_forward", "surgical_gate_backward"]
 
@@ -179,7 +179,9 @@ def _forward(
     rstd_ptr,
     N,
     D,
-    eps: "fp64",
+    eps_hi,
+    eps_mid,
+    eps_lo,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     ACC: tl.constexpr,
@@ -207,7 +209,7 @@ def _forward(
         mean += tl.sum(tl.where(mask, v - mean[:, None], 0.0), axis=1) / D
         diff = tl.where(mask, v - mean[:, None], 0.0)
         var = tl.sum(diff * diff, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + tl.full((ROWS,), eps, ACC))
+    rstd = 1.0 / tl.sqrt(var + _join_parts(eps_hi, eps_mid, eps_lo, (ROWS,), ACC))
     if CHUNKED:
         for c in range(0, D, BLOCK_D):
             cols = c + tl.arange(0, BLOCK_D)
@@ -261,7 +263,7 @@ def surgical_gate_forward(h, s, gate_logits, weight, bias, eps):
             rstd,
             n,
             d,
-            float(eps),
+            *float32_parts(float(eps)),
             HAS_W=weight is not None,
             HAS_B=bias is not None,
             ACC=ACC,

@@ -106,6 +106,26 @@ def test_triton_registers_a_kernel_for_every_kernel_op():
             assert params == [a.name for a in schema.arguments], name
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-12, 1 / 3, 3.14159e-7, 0.0, 1.0, 2.5e30])
+def test_triton_kernels_get_eps_in_float32_parts_that_sum_to_it_exactly(eps):
+    # Triton passes Python floats to kernels as float32; float64 kernels
+    # rebuild eps from three float32 parts (the interpreter would not show
+    # the rounding, a GPU did)
+    float32_parts = pytest.importorskip("surgellm_kernels.triton.iwn").float32_parts
+    parts = float32_parts(eps)
+    as_float32 = torch.tensor(parts, dtype=torch.float32)
+    assert as_float32.double().tolist() == list(parts)  # each part is a float32
+    assert as_float32.double().sum().item() == eps
+    assert float(torch.tensor(eps, dtype=torch.float32)) == parts[0]  # what float32 kernels use
+
+
+def test_triton_eps_beyond_float32_is_a_clear_error():
+    float32_parts = pytest.importorskip("surgellm_kernels.triton.iwn").float32_parts
+    with pytest.raises(ValueError, match="eps must be at most"):
+        float32_parts(1e39)
+    assert float32_parts(float("inf"))[0] == float("inf")
+
+
 def test_backends_for_a_device_and_op():
     status = backends("cpu", "surgical_gate")
     assert not status["cuda"].available and "CUDA" in status["cuda"].reason

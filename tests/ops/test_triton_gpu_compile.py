@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TARGET = ("cuda", 90, 32)  # sm_90, warp size 32
 
 # Device functions called by the kernels (inlined into them), never launched.
-HELPERS = {"_row_keys", "_load_u", "_group_tile"}
+HELPERS = {"_row_keys", "_load_u", "_group_tile", "_join_parts"}
 
 _DT = {"fp32": ("*fp32", "*fp32"), "bf16": ("*bf16", "*fp32"), "fp64": ("*fp64", "*fp64")}
 
@@ -113,7 +113,9 @@ def _cases():
             F="i32",
             NUM_KEYS="i32",
             KEY_DIV="i32",
-            eps="fp64",
+            eps_hi="fp32",
+            eps_mid="fp32",
+            eps_lo="fp32",
         )
         const = dict(
             GATE_MODE=mode,

@@ -32,7 +32,7 @@ from test_triton_gpu_compile import (  # noqa: E402
 )
 
 # Device functions called by the kernels (inlined into them), never launched.
-HELPERS = {"_blend", "_row_sum", "_store_z", "_backward_tile", "_backward_block"}
+HELPERS = {"_blend", "_row_sum", "_store_z", "_backward_tile", "_backward_block", "_join_parts"}
 
 
 def _cases():
@@ -60,7 +60,9 @@ def _cases():
             rstd_ptr=acc,
             N="i32",
             D="i32",
-            eps="fp64",
+            eps_hi="fp32",
+            eps_mid="fp32",
+            eps_lo="fp32",
         )
         cases.append(
             (
@@ -128,7 +130,9 @@ def _cases():
         rstd_ptr=acc,
         N="i32",
         D="constexpr",
-        eps="fp64",
+        eps_hi="fp32",
+        eps_mid="fp32",
+        eps_lo="fp32",
     )
     cases.append(
         (

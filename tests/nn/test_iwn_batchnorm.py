@@ -1,0 +1,381 @@
+"""Class-balanced BatchNorm: InstanceWeightedNorm1d / 2d, their fused twins,
+fused_iwn(feature_dim=1), convert_to_iwn and iwn_labels."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgellm_kernels import (
+    FusedInstanceWeightedNorm1d,
+    FusedInstanceWeightedNorm2d,
+    InstanceWeightedNorm1d,
+    InstanceWeightedNorm2d,
+    convert_to_iwn,
+    fused_iwn,
+    iwn_labels,
+    patch_model,
+)
+
+from _helpers import assert_close, cpu_backends, device_backends
+
+
+def truth(x, labels, weight, bias, eps, std_mode="class_mean"):
+    """Eq.10-11 with one sample = one instance, in float64 from the
+    definition: per channel, each class's mean and population deviation over
+    every position of its samples; classes present weigh equally."""
+    x = x.double()
+    C = x.shape[1]
+    per_channel = x.transpose(0, 1).reshape(C, x.shape[0], -1)  # (C, N, positions)
+    means, stds = [], []
+    for c in labels.unique():
+        values = per_channel[:, labels == c].reshape(C, -1)
+        means.append(values.mean(1))
+        stds.append(values.std(1, correction=0))
+    means, stds = torch.stack(means), torch.stack(stds)
+    mu = means.mean(0)
+    if std_mode == "class_mean":
+        sigma = stds.mean(0)
+    else:
+        sigma = (stds**2 + (means - mu) ** 2).mean(0).sqrt()
+    shape = (1, C) + (1,) * (x.dim() - 2)
+    y = (x - mu.view(shape)) / (sigma.view(shape) + eps)
+    return y * weight.double().view(shape) + bias.double().view(shape), mu, sigma
+
+
+LAYOUTS = [  # (shape, channels_last)
+    ((6, 3), False),
+    ((7, 1, 5), False),
+    ((5, 7, 9), False),
+    ((6, 3, 7, 7), False),
+    ((6, 3, 7, 7), True),
+    ((4, 7, 1, 1), False),
+    ((4, 7, 1, 1), True),
+    ((9, 1, 3, 5), True),
+]
+
+
+def make(shape, channels_last, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).mul(2).add(0.5).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(shape[0]) % 3
+    labels = labels[torch.randperm(shape[0], generator=g)]
+    return x, labels
+
+
+def layer_class(dim, fused):
+    if dim == 4:
+        return FusedInstanceWeightedNorm2d if fused else InstanceWeightedNorm2d
+    return FusedInstanceWeightedNorm1d if fused else InstanceWeightedNorm1d
+
+
+def runnable(backend, channels_last, shape):
+    # the Triton kernels read features-innermost rows: channels-first planes
+    # run on the C++ CPU kernels (on a GPU the op hands Triton rows)
+    positions = torch.Size(shape[2:]).numel()
+    return backend != "triton" or positions == 1 or (channels_last and shape[1] > 1)
+
+
+@pytest.mark.parametrize("std_mode", ["class_mean", "pooled"])
+@pytest.mark.parametrize("shape,channels_last", LAYOUTS)
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fused_layer_matches_the_definition_and_the_reference(
+    backend, shape, channels_last, std_mode, force_backend
+):
+    if not runnable(backend, channels_last, shape):
+        pytest.skip("Triton reads rows; channels-first planes run on the C++ CPU kernels")
+    force_backend(backend)
+    x, labels = make(shape, channels_last)
+    C = shape[1]
+    layers = [layer_class(len(shape), fused)(C, 3, std_mode=std_mode).double() for fused in (0, 1)]
+    for layer in layers:
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, C))
+            layer.bias.copy_(torch.linspace(-1, 1, C))
+    inputs = [x.clone().requires_grad_() for _ in layers]
+    outs = [layer(xi, labels) for layer, xi in zip(layers, inputs)]
+    expected, mu, sigma = truth(x, labels, layers[0].weight, layers[0].bias, 1e-5, std_mode)
+    for out in outs:
+        assert_close(out, expected)
+    if channels_last:
+        assert outs[1].is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(expected)
+    for out in outs:
+        out.backward(grad)
+    assert_close(inputs[1].grad, inputs[0].grad)
+    for name in ("weight", "bias"):
+        assert_close(getattr(layers[1], name).grad, getattr(layers[0], name).grad)
+    for layer in layers:  # the running statistics moved by momentum 0.1 from 0 and 1
+        assert_close(layer.running_mean, 0.1 * mu)
+        assert_close(layer.running_std, 0.9 + 0.1 * sigma)
+        assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_gradcheck_float64(backend, channels_last, force_backend):
+    if not runnable(backend, channels_last, (4, 3, 3, 3)):
+        pytest.skip("Triton reads rows; channels-first planes run on the C++ CPU kernels")
+    force_backend(backend)
+    x, labels = make((5, 3, 3, 3), channels_last)
+    w = torch.linspace(0.5, 1.5, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.linspace(-1, 1, 3, dtype=torch.float64, requires_grad=True)
+    x.requires_grad_()
+    for training in (True, False):
+        stats = dict(running_mean=torch.randn(3).double(), running_std=torch.rand(3).double() + 1)
+        mode = dict(labels=labels, training=True, num_classes=3) if training else dict(**stats)
+
+        def f(x, w, b, mode=mode):
+            return fused_iwn(x, weight=w, bias=b, feature_dim=1, **mode)
+
+        assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_one_class_equals_batch_norm():
+    # one class, eps = 0: sigma is the batch's population deviation, as
+    # F.batch_norm's sqrt(var + eps) with an eps below float64's resolution
+    for shape, channels_last in LAYOUTS:
+        x, _ = make(shape, channels_last)
+        layer = FusedInstanceWeightedNorm2d if x.dim() == 4 else FusedInstanceWeightedNorm1d
+        iwn = layer(shape[1], 1, eps=0.0).double()
+        bn = (nn.BatchNorm2d if x.dim() == 4 else nn.BatchNorm1d)(shape[1], eps=1e-300).double()
+        assert_close(iwn(x, torch.zeros(shape[0], dtype=torch.long)), bn(x))
+        iwn.eval()
+        bn.eval()
+        with torch.no_grad():
+            bn.running_var.copy_(iwn.running_std.square())
+        assert_close(iwn(x), F.batch_norm(x, iwn.running_mean, bn.running_var, eps=1e-300))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lower_precision(dtype, channels_last):
+    x, labels = make((8, 5, 6, 6), channels_last, dtype)
+    layer = FusedInstanceWeightedNorm2d(5, 3).to(dtype)
+    xg = x.clone().requires_grad_()
+    y = layer(xg, labels)
+    assert y.dtype == dtype
+    expected, _, _ = truth(x, labels, layer.weight, layer.bias, 1e-5)
+    assert_close(y, expected, scale=2)
+    y.float().square().sum().backward()
+    x64 = x.double().requires_grad_()
+    ref = InstanceWeightedNorm2d(5, 3).double()
+    ref(x64, labels).square().sum().backward()
+    assert_close(xg.grad, x64.grad, dtype=dtype, scale=4)
+
+
+def test_deterministic_across_thread_counts():
+    from _helpers import assert_same_bits_across_threads
+
+    x, labels = make((33, 7, 13, 11), False, torch.float32)
+
+    def run():
+        xg = x.clone().requires_grad_()
+        y = fused_iwn(xg, labels, training=True, num_classes=3, feature_dim=1)
+        y.backward(torch.ones_like(y))
+        return y, xg.grad
+
+    assert_same_bits_across_threads(run)
+
+
+def test_eval_uses_running_statistics_and_labels_are_not_needed():
+    x, labels = make((6, 3, 4, 4), False)
+    layer = FusedInstanceWeightedNorm2d(3, 3).double()
+    layer(x, labels)
+    layer.eval()
+    y = layer(x)  # no labels in eval, as BatchNorm
+    shape = (1, 3, 1, 1)
+    expected = (x - layer.running_mean.view(shape)) / (layer.running_std.view(shape) + 1e-5)
+    assert_close(y, expected)
+
+
+def test_momentum_none_is_a_cumulative_average():
+    x, labels = make((6, 3, 4, 4), False)
+    layer = FusedInstanceWeightedNorm2d(3, 3, momentum=None).double()
+    mus = []
+    for seed in range(3):
+        xs, _ = make((6, 3, 4, 4), False, seed=seed)
+        layer(xs, labels)
+        mus.append(truth(xs, labels, torch.ones(3), torch.zeros(3), 1e-5)[1])
+    assert_close(layer.running_mean, torch.stack(mus).mean(0))
+
+
+def test_without_running_statistics_eval_uses_the_batch():
+    x, labels = make((6, 3, 4, 4), False)
+    layer = FusedInstanceWeightedNorm2d(3, 3, track_running_stats=False).double().eval()
+    assert layer.running_mean is None
+    assert_close(layer(x, labels), truth(x, labels, layer.weight, layer.bias, 1e-5)[0])
+    with pytest.raises(ValueError, match="labels are required"):
+        layer(x)
+
+
+def test_tasks_pick_their_running_statistics():
+    x, labels = make((8, 3, 2, 2), False)
+    tasks = torch.tensor([0, 1] * 4)
+    layer = FusedInstanceWeightedNorm2d(3, 3, num_tasks=2).double()
+    layer(x, labels, task_ids=tasks)
+    assert layer.running_mean.shape == (2, 3)
+    for t in (0, 1):
+        mu = truth(x[tasks == t], labels[tasks == t], torch.ones(3), torch.zeros(3), 1e-5)[1]
+        assert_close(layer.running_mean[t], 0.1 * mu)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda m, x, y: m(x, y.view(6, 1, 1).expand(6, 4, 4)), ValueError, r"labels must have"),
+        (lambda m, x, y: m(x[:, :2], y), ValueError, r"num_features=3 channels"),
+        (lambda m, x, y: m(x[:, :, 0], y), ValueError, r"must be 4-D"),
+        (lambda m, x, y: m(x, y + 5), ValueError, r"labels must lie in \[0, 3\)"),
+        (lambda m, x, y: m(x), ValueError, r"labels are required"),
+        (lambda m, x, y: m(x, y.float()), TypeError, r"labels must be an int64"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_changes_nothing(call, error, match):
+    x, labels = make((6, 3, 4, 4), False)
+    layer = FusedInstanceWeightedNorm2d(3, 3).double()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(error, match=match):
+        call(layer, x, labels)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_feature_dim_errors():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match=r"feature_dim must lie in \[-3, 3\)"):
+        fused_iwn(x, torch.zeros(4, dtype=torch.long), training=True, feature_dim=3)
+    with pytest.raises(ValueError, match="a gate needs the features in the last dimension"):
+        fused_iwn(
+            x, torch.zeros(4, dtype=torch.long), gate=torch.zeros(3), training=True, feature_dim=1
+        )
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 16),
+        nn.BatchNorm1d(16),
+        nn.Linear(16, 3),
+    )
+
+
+def test_convert_to_iwn_carries_everything_over_and_reverts():
+    model = small_cnn()
+    images, labels = torch.randn(12, 3, 6, 6), torch.arange(12) % 3
+    model(images).sum().backward()  # running statistics away from 0 and 1
+    bn = model[1]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = convert_to_iwn(model, num_classes=3)
+    assert [type(model[i]).__name__ for i in (1, 6)] == [
+        "FusedInstanceWeightedNorm2d",
+        "FusedInstanceWeightedNorm1d",
+    ]
+    layer = model[1]
+    assert layer.weight is bn.weight and layer.bias is bn.bias
+    assert_close(layer.running_mean, bn.running_mean)
+    assert_close(layer.running_std, bn.running_var.sqrt())
+    assert "2 swapped" in str(report)
+    with iwn_labels(model, labels):
+        loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    optimizer.step()  # the optimizer built before converting steps the shared parameters
+    with pytest.raises(ValueError, match="labels are required"):
+        model(images)  # outside iwn_labels, training needs labels
+    report.revert()
+    assert model[1] is bn
+    assert_close(bn.running_var, layer.running_std.square())
+    assert int(bn.num_batches_tracked) == int(layer.num_batches_tracked)
+
+
+def test_iwn_labels_is_the_explicit_call():
+    model = small_cnn()
+    convert_to_iwn(model, num_classes=3, fused=False)
+    images, labels = torch.randn(12, 3, 6, 6), torch.arange(12) % 3
+    explicit = model[1](model[0](images), labels)
+    with iwn_labels(model, labels):
+        hooked = model[1](model[0](images))
+    assert_close(hooked, explicit)
+    assert not model[1]._forward_pre_hooks  # removed on leaving
+
+
+def test_patch_model_swaps_the_reference_layers():
+    model = small_cnn()
+    convert_to_iwn(model, num_classes=3, fused=False)
+    assert type(model[1]) is InstanceWeightedNorm2d
+    report = patch_model(model)
+    assert type(model[1]) is FusedInstanceWeightedNorm2d and "2 swapped" in str(report)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_strided_input_neither_layout(backend, force_backend):
+    # a slice is neither contiguous nor channels_last: read from a copy
+    force_backend(backend)
+    x, labels = make((6, 3, 8, 9), False)
+    x = x[:, :, ::2, 1:]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    if backend == "triton":
+        with pytest.raises(NotImplementedError, match="channels_last"):
+            fused_iwn(x, labels, training=True, num_classes=3, feature_dim=1)
+        return
+    xg = x.detach().requires_grad_()
+    assert not xg.is_contiguous()
+    y = fused_iwn(xg, labels, training=True, num_classes=3, feature_dim=1)
+    assert_close(y, truth(x, labels, torch.ones(3), torch.zeros(3), 1e-5)[0])
+    y.backward(torch.ones_like(y))
+    x64 = x.detach().clone().requires_grad_()
+    InstanceWeightedNorm2d(3, 3, affine=False).double()(x64, labels).backward(torch.ones_like(y))
+    assert_close(xg.grad, x64.grad)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compile_fullgraph_both_layouts(channels_last):
+    torch._dynamo.reset()
+    x, labels = make((6, 3, 4, 4), channels_last, torch.float32)
+    eager_layer, compiled_layer = (
+        FusedInstanceWeightedNorm2d(3, 3),
+        FusedInstanceWeightedNorm2d(3, 3),
+    )
+    compiled = torch.compile(compiled_layer, fullgraph=True)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = eager_layer(xe, labels), compiled(xc, labels)
+    assert_close(yc, ye)
+    ye.square().sum().backward()
+    yc.square().sum().backward()
+    assert_close(xc.grad, xe.grad)
+    assert_close(compiled_layer.running_std, eager_layer.running_std)
+
+
+GPU_PAIRS = [(b, d) for b, d in device_backends() if d == "cuda"]
+
+
+@pytest.mark.skipif(not GPU_PAIRS, reason="no CUDA backend here")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("backend", [b for b, _ in GPU_PAIRS])
+def test_on_the_gpu(backend, channels_last, dtype, force_backend):
+    # channels_last is read in place; channels-first is copied to that order
+    # (a warning) and comes back in its own memory format
+    force_backend(backend)
+    x, labels = make((6, 5, 7, 9), channels_last, dtype)
+    layer = FusedInstanceWeightedNorm2d(5, 3).to("cuda", dtype)
+    xg = x.cuda().requires_grad_()
+    y = layer(xg, labels.cuda())
+    assert y.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    expected, mu, _ = truth(x, labels, torch.ones(5), torch.zeros(5), 1e-5)
+    scale = 1 if dtype == torch.float64 else 4
+    assert_close(y.cpu(), expected, dtype=dtype, scale=scale)
+    assert_close(layer.running_mean.cpu(), 0.1 * mu, dtype=dtype, scale=scale)
+    y.float().square().sum().backward()
+    x64 = x.double().requires_grad_()
+    InstanceWeightedNorm2d(5, 3).double()(x64, labels).square().sum().backward()
+    assert_close(xg.grad.cpu(), x64.grad, dtype=dtype, scale=4 * scale)
