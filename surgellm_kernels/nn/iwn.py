@@ -38,6 +38,16 @@ __all__ = [
 ]
 
 
+def check_settings(std_mode: str, **counts: int) -> None:
+    """A module's settings, checked when it is built (before any call):
+    std_mode, and counts that must be positive ints."""
+    if std_mode not in ("class_mean", "pooled"):
+        raise ValueError(f"std_mode must be 'class_mean' or 'pooled', got {std_mode!r}")
+    for name, v in counts.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
 class InstanceWeightedNorm(nn.Module):
     """Instance-Weighted Normalization (Eq.10-11) with an optional surgical gate.
 
@@ -63,15 +73,9 @@ class InstanceWeightedNorm(nn.Module):
         std_mode: str = "class_mean",
     ):
         super().__init__()
-        if std_mode not in ("class_mean", "pooled"):
-            raise ValueError(f"std_mode must be 'class_mean' or 'pooled', got {std_mode!r}")
-        for name, v in (
-            ("num_features", num_features),
-            ("num_classes", num_classes),
-            ("num_tasks", num_tasks),
-        ):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_settings(
+            std_mode, num_features=num_features, num_classes=num_classes, num_tasks=num_tasks
+        )
         self.num_features, self.num_classes, self.num_tasks = num_features, num_classes, num_tasks
         self.eps, self.momentum, self.std_mode = eps, momentum, std_mode
         self.affine, self.gated = affine, gate
@@ -316,15 +320,9 @@ class _InstanceWeightedNormNd(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if std_mode not in ("class_mean", "pooled"):
-            raise ValueError(f"std_mode must be 'class_mean' or 'pooled', got {std_mode!r}")
-        for name, v in (
-            ("num_features", num_features),
-            ("num_classes", num_classes),
-            ("num_tasks", num_tasks),
-        ):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_settings(
+            std_mode, num_features=num_features, num_classes=num_classes, num_tasks=num_tasks
+        )
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.num_classes, self.num_tasks = num_features, num_classes, num_tasks
         self.eps, self.momentum, self.std_mode = eps, momentum, std_mode

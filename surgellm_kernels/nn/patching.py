@@ -36,6 +36,7 @@ from .iwn import (
     InstanceWeightedNorm1d,
     InstanceWeightedNorm2d,
     _InstanceWeightedNormNd,
+    check_settings,
 )
 from .surgical_gate import FusedSurgicalGate, SurgicalGate
 
@@ -168,6 +169,37 @@ def _twin(module: nn.Module, fused_cls: type) -> nn.Module:
     return twin
 
 
+def _swap_children(model: nn.Module, plan, nothing: str, root: Optional[Skip]) -> PatchReport:
+    """Swap the children of ``model`` that ``plan(name, child)`` replaces: it
+    returns a Swap (slots filled in here), a Skip, or None (left alone). A
+    module registered under several parents is planned once and swapped in
+    every slot. Nothing is swapped until every child is planned (plan may
+    raise). ``root``: the report's entry for a root module that would have
+    been swapped (it has no parent slot)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    swaps: Dict[int, Swap] = {}
+    skipped: Dict[int, Skip] = {}
+    for module in model.modules():
+        for attr, child in module._modules.items():
+            if child is None or id(child) in skipped:
+                continue
+            if id(child) in swaps:
+                swaps[id(child)].slots += ((module, attr),)
+                continue
+            outcome = plan(names[id(child)], child)
+            if isinstance(outcome, Skip):
+                skipped[id(child)] = outcome
+            elif outcome is not None:
+                outcome.slots = ((module, attr),)
+                swaps[id(child)] = outcome
+    if root is not None:
+        skipped[id(model)] = root
+    for swap in swaps.values():
+        for parent, attr in swap.slots:
+            parent._modules[attr] = swap.new
+    return PatchReport(list(swaps.values()), list(skipped.values()), nothing)
+
+
 def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
     """Replace every :class:`InstanceWeightedNorm` and :class:`SurgicalGate`
     inside ``model`` by its fused twin, sharing the same Parameter and buffer
@@ -186,11 +218,6 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
     if backend is not None and backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS} or None, got {backend!r}")
     fused_classes = {fused for fused, _ in FUSED_TWINS.values()}
-    names = {id(m): name for name, m in model.named_modules()}
-    # keyed by id(child): a module registered under several parents is
-    # swapped (one twin, every slot) or skipped once
-    swaps: Dict[int, Swap] = {}
-    skipped: Dict[int, Skip] = {}
     for module in model.modules():
         # torch.compile(module) wraps it; module.compile() compiles in place
         if (
@@ -198,58 +225,46 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             or module.__dict__.get("_compiled_call_impl") is not None
         ):
             raise ValueError("model contains a torch.compile'd module: patch before torch.compile")
-        for attr, child in module._modules.items():
-            if child is None or id(child) in skipped:
-                continue
-            if id(child) in swaps:
-                swaps[id(child)].slots += ((module, attr),)
-                continue
-            name = names[id(child)]
-            if type(child) in fused_classes:
-                skipped[id(child)] = Skip(name, type(child).__name__, "already fused")
-                continue
-            twin_and_op = FUSED_TWINS.get(type(child))
-            if twin_and_op is None:
-                base = next((c for c in FUSED_TWINS if isinstance(child, c)), None)
-                if base is not None:
-                    skipped[id(child)] = Skip(
-                        name, type(child).__name__, f"subclass of {base.__name__} with its own code"
-                    )
-                continue
-            fused_cls, op = twin_and_op
-            device = _device_of(child)
-            planned = _backend.planned_backend(op, device)
-            if backend is not None and planned != backend:
-                status = _backend.backends(device, op)[backend]
-                if status.available:
-                    remedy = f"set {_backend.ENV_VAR}={backend} before the first call to choose it"
-                else:
-                    remedy = (
-                        f"{backend!r} cannot run here: {status.reason}. Leave backend "
-                        f"unset to use {planned!r}"
-                    )
-                raise ValueError(
-                    f"backend={backend!r} was asked for, but {name} is on "
-                    f"{device.type} and would run {planned!r}; {remedy}"
+
+    def plan(name, child):
+        if type(child) in fused_classes:
+            return Skip(name, type(child).__name__, "already fused")
+        twin_and_op = FUSED_TWINS.get(type(child))
+        if twin_and_op is None:
+            base = next((c for c in FUSED_TWINS if isinstance(child, c)), None)
+            if base is not None:
+                return Skip(
+                    name, type(child).__name__, f"subclass of {base.__name__} with its own code"
                 )
-            swaps[id(child)] = Swap(
-                name,
-                child,
-                _twin(child, fused_cls),
-                _backend_label(planned, device),
-                ((module, attr),),
+            return None
+        fused_cls, op = twin_and_op
+        device = _device_of(child)
+        planned = _backend.planned_backend(op, device)
+        if backend is not None and planned != backend:
+            status = _backend.backends(device, op)[backend]
+            if status.available:
+                remedy = f"set {_backend.ENV_VAR}={backend} before the first call to choose it"
+            else:
+                remedy = (
+                    f"{backend!r} cannot run here: {status.reason}. Leave backend "
+                    f"unset to use {planned!r}"
+                )
+            raise ValueError(
+                f"backend={backend!r} was asked for, but {name} is on "
+                f"{device.type} and would run {planned!r}; {remedy}"
             )
+        return Swap(name, child, _twin(child, fused_cls), _backend_label(planned, device), ())
+
+    root = None
     if isinstance(model, tuple(FUSED_TWINS)) and type(model) not in fused_classes:
-        skipped[id(model)] = Skip(
+        root = Skip(
             "(root)",
             type(model).__name__,
             "the root module has no parent to swap it on; construct the fused class instead",
         )
-    # Everything checked: now swap.
-    for swap in swaps.values():
-        for parent, attr in swap.slots:
-            parent._modules[attr] = swap.new
-    report = PatchReport(list(swaps.values()), list(skipped.values()))
+    report = _swap_children(
+        model, plan, "patch_model: no InstanceWeightedNorm or SurgicalGate found", root
+    )
     if report.eager:
         warnings.warn(
             f"patch_model: no fused kernel here for {report.eager}; they run the eager reference",
@@ -330,50 +345,25 @@ def convert_to_iwn(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if std_mode not in ("class_mean", "pooled"):
-        raise ValueError(f"std_mode must be 'class_mean' or 'pooled', got {std_mode!r}")
-    names = {id(m): name for name, m in model.named_modules()}
-    swaps: Dict[int, Swap] = {}
-    skipped: Dict[int, Skip] = {}
-    for module in model.modules():
-        for attr, child in module._modules.items():
-            if child is None or id(child) in skipped:
-                continue
-            if id(child) in swaps:
-                swaps[id(child)].slots += ((module, attr),)
-                continue
-            classes = IWN_FOR_BATCHNORM.get(type(child))
-            if classes is None:
-                if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                    skipped[id(child)] = Skip(
-                        names[id(child)], type(child).__name__, "not BatchNorm1d / BatchNorm2d"
-                    )
-                continue
-            cls = classes[1] if fused else classes[0]
-            layer = _iwn_from_batchnorm(child, cls, num_classes, std_mode)
-            backend = _backend.planned_backend("iwn", _device_of(child)) if fused else "eager"
-            swaps[id(child)] = Swap(
-                names[id(child)],
-                child,
-                layer,
-                _backend_label(backend, _device_of(child)),
-                ((module, attr),),
-                _batchnorm_from_iwn,
-            )
-    if type(model) in IWN_FOR_BATCHNORM:
-        skipped[id(model)] = Skip(
-            "(root)", type(model).__name__, "the root module has no parent to swap it on"
+    check_settings(std_mode, num_classes=num_classes)
+
+    def plan(name, child):
+        classes = IWN_FOR_BATCHNORM.get(type(child))
+        if classes is None:
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                return Skip(name, type(child).__name__, "not BatchNorm1d / BatchNorm2d")
+            return None
+        layer = _iwn_from_batchnorm(
+            child, classes[1] if fused else classes[0], num_classes, std_mode
         )
-    for swap in swaps.values():
-        for parent, attr in swap.slots:
-            parent._modules[attr] = swap.new
-    return PatchReport(
-        list(swaps.values()),
-        list(skipped.values()),
-        "convert_to_iwn: no BatchNorm1d or BatchNorm2d found",
-    )
+        device = _device_of(child)
+        backend = _backend.planned_backend("iwn", device) if fused else "eager"
+        return Swap(name, child, layer, _backend_label(backend, device), (), _batchnorm_from_iwn)
+
+    root = None
+    if type(model) in IWN_FOR_BATCHNORM:
+        root = Skip("(root)", type(model).__name__, "the root module has no parent to swap it on")
+    return _swap_children(model, plan, "convert_to_iwn: no BatchNorm1d or BatchNorm2d found", root)
 
 
 @contextlib.contextmanager

@@ -205,7 +205,8 @@ def iwn_reference(
         feature_dim=feature_dim,
     )
     fd = feature_dim % x.dim()
-    if fd != x.dim() - 1:  # each position of an instance is a row of the instance's class
+    moved = fd != x.dim() - 1
+    if moved:  # each position of an instance is a row of the instance's class
         positions = x.shape[fd + 1 :]
 
         def per_position(index):
@@ -215,23 +216,8 @@ def iwn_reference(
                 *index.shape, *positions
             )
 
-        y = _iwn_rows(
-            x.movedim(fd, -1),
-            per_position(labels),
-            gate,
-            weight,
-            bias,
-            running_mean,
-            running_std,
-            per_position(task_ids),
-            training,
-            momentum,
-            eps,
-            std_mode,
-            num_classes,
-        )
-        return y.movedim(-1, fd)
-    return _iwn_rows(
+        x, labels, task_ids = x.movedim(fd, -1), per_position(labels), per_position(task_ids)
+    y = _iwn_rows(
         x,
         labels,
         gate,
@@ -246,6 +232,7 @@ def iwn_reference(
         std_mode,
         num_classes,
     )
+    return y.movedim(-1, fd) if moved else y
 
 
 def _iwn_rows(
