@@ -101,7 +101,7 @@ def main():
                         }
                     )
 
-                def span(num, den):
+                def span(num, den, rounds=rounds):
                     r = sorted(t[num] / t[den] for t in rounds)
                     return f"{r[0]:.2f}-{r[-1]:.2f}x"
 
