@@ -13,6 +13,7 @@ trains alongside and compares with every rank's (gathered). A plain
 are its own shard's.
 """
 
+import gc
 import os
 import warnings
 
@@ -104,13 +105,21 @@ def main():
     synced_stats = every_rank(stats(synced), world)
     synced_params = every_rank(list(synced.parameters()), world)
     unsynced_stats = every_rank(stats(unsynced), world)
+    # Done communicating: free the DDP reducers (they hold the process group)
+    # while the group is alive, then tear it down on every rank together; a
+    # rank whose group outlived its reducers could abort at exit.
+    backend = dist.get_backend()
+    del unsynced_ddp
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
     if rank == 0:
         single = fresh()
         train(single, None, world, device)
         stat_gap = max(largest_difference(s, stats(single)) for s in synced_stats)
         param_gap = max(largest_difference(p, single.parameters()) for p in synced_params)
         print(
-            f"{world} ranks ({dist.get_backend()}), {STEPS} steps, "
+            f"{world} ranks ({backend}), {STEPS} steps, "
             f"{ROWS_PER_RANK} rows per rank, skewed classes"
         )
         print(
@@ -132,7 +141,6 @@ def main():
             )
         else:
             raise SystemExit("synced run does NOT match the single-process run")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
