@@ -26,11 +26,15 @@ namespace {
 // One row of u = x * s, read a vector at a time: either x and the per-feature
 // s = sigmoid(gate) multiplied on the fly (no buffer pass), or a row already
 // materialized in a per-thread buffer (s == nullptr).
-template <typename acc_t>
+// Or, ungated reduced-precision data, the row of x itself converted in
+// registers (raw): no buffer pass.
+template <typename scalar_t, typename acc_t>
 struct RowU {
   const acc_t* x;
   const acc_t* s;
+  const scalar_t* raw = nullptr;
   Vectorized<acc_t> vec(int64_t f, int64_t n) const {
+    if (raw) return load_as_acc<scalar_t, acc_t>(raw + f, n);
     return s ? load(x + f, n) * load(s + f, n) : load(x + f, n);
   }
 };
@@ -57,7 +61,9 @@ struct GatedRows {
         logit_buf(r.gate_full ? r.F : 0) {}
 
   // u of row i; sig() is then that row's sigmoid(gate) (null when ungated).
-  RowU<acc_t> u(int64_t i) {
+  RowU<scalar_t, acc_t> u(int64_t i) {
+    if constexpr (!std::is_same<scalar_t, acc_t>::value)
+      if (!gate_full && !gate_sig) return {nullptr, nullptr, x + i * F};
     const acc_t* xa = as_acc(x + i * F, u_buf.data(), F);
     if (!gate_full) return {xa, gate_sig};
     sigmoid_row(as_acc(gate_full + i * F, logit_buf.data(), F), sig_buf.data(), F);
@@ -310,7 +316,7 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
       const int64_t r0 = ch * chunk, r1 = std::min(N, (ch + 1) * chunk);
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t k = key_of(a.rows.keys, i);
-        const RowU<acc_t> u = rows.u(i);
+        const RowU<scalar_t, acc_t> u = rows.u(i);
         cnt[k] += acc_t(1);
         acc_t* sum = mean + k * F;
         for_each_vec<acc_t>(
@@ -325,7 +331,7 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
       }
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t k = key_of(a.rows.keys, i);
-        const RowU<acc_t> u = rows.u(i);
+        const RowU<scalar_t, acc_t> u = rows.u(i);
         const acc_t* m = mean + k * F;
         acc_t* sq = m2 + k * F;
         acc_t* rs = res + k * F;
@@ -400,7 +406,7 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
     RowOut<scalar_t, acc_t> y(a.y, F);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = key_of(a.rows.keys, i) / a.key_div;
-      const RowU<acc_t> u = rows.u(i);
+      const RowU<scalar_t, acc_t> u = rows.u(i);
       const acc_t* m = a.mu + t * F;
       const acc_t* s = scale.data() + t * F;
       acc_t* out = y.row(i);
@@ -435,7 +441,7 @@ void iwn_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
       acc_t* s = one ? a.sums : partial.data() + ch * width;
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
         const int64_t t = key_of(a.rows.keys, i) / a.key_div;
-        const RowU<acc_t> u = rows.u(i);
+        const RowU<scalar_t, acc_t> u = rows.u(i);
         const acc_t* g = as_acc(dy + i * F, dy_buf.data(), F);
         const acc_t* m = a.mu + t * F;
         acc_t* s1 = s + t * F;
@@ -472,6 +478,33 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
+  if constexpr (!std::is_same<scalar_t, acc_t>::value) {
+    if (!a.rows.gate_full && !a.rows.gate_vec) {
+      // No gate, bfloat16 / float16: rows read and written in place,
+      // converted in registers (no row buffers); the same arithmetic.
+      const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
+      scalar_t* dx = static_cast<scalar_t*>(a.dx);
+      at::parallel_for(0, N, row_grain(F), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t k = key_of(a.rows.keys, i);
+          const acc_t* p = a.scale + (k / a.key_div) * F;
+          for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+            Vec du = load_as_acc<scalar_t, acc_t>(dy + i * F + f, n);
+            if (a.training) {
+              const Vec u = load_as_acc<scalar_t, acc_t>(x + i * F + f, n);
+              du = (du - load(a.dy_shift + k * F + f, n)) * load(p + f, n);
+              du = at::vec::fmadd(load(a.dev_coef + k * F + f, n),
+                                  u - load(a.center + k * F + f, n), du);
+            } else {
+              du = du * load(p + f, n);
+            }
+            store_from_acc(du, dx + i * F + f, n);
+          });
+        }
+      });
+      return;
+    }
+  }
   Scratch<acc_t> pgate(reduce_gate ? nchunks * F : 0);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
@@ -482,7 +515,7 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
       acc_t* pg = reduce_gate ? pgate.data() + ch * F : nullptr;
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
         const int64_t k = key_of(a.rows.keys, i);
-        const RowU<acc_t> u = rows.u(i);
+        const RowU<scalar_t, acc_t> u = rows.u(i);
         const acc_t* s = rows.sig();
         const acc_t* g = as_acc(dy + i * F, dy_buf.data(), F);
         const acc_t* p = a.scale + (k / a.key_div) * F;
