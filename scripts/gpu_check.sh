@@ -11,9 +11,9 @@
 # 3. runs compute-sanitizer memcheck and racecheck over
 #    scripts/call_every_kernel.py, once per backend;
 # 4. runs the op benchmarks on CUDA tensors in quick mode in float16 and
-#    bfloat16, and the paper-scale goal case (32768 x 768, float32 and
-#    bfloat16, forward + backward), each next to a device-to-device copy of
-#    its ideal bytes; and class-balanced BatchNorm (IWN2d) at the shapes of
+#    bfloat16, and the memory-wall cases (4096 and 32768 x 768, float32 and
+#    bfloat16: IWN forward + backward, the gate forward and forward +
+#    backward), each next to a device-to-device copy of its ideal bytes; and class-balanced BatchNorm (IWN2d) at the shapes of
 #    benchmarks/test_iwn_batchnorm.py against F.batch_norm;
 # and writes OUT_DIR/summary.json (each step: exit code, seconds, log file)
 # with the logs and benchmark tables next to it. Every step runs under a
@@ -124,9 +124,14 @@ fi
 run bench-quick-half 90 env SURGELLM_BENCH_DEVICES=cuda SURGELLM_BENCH_QUICK=1 SURGELLM_BENCH_DTYPES=float16,bfloat16 \
   "$PYTHON" -m pytest benchmarks/test_fused_iwn.py benchmarks/test_fused_surgical_gate.py \
   --benchmark-only -q "${pytest_args[@]}" --results-dir "$out/bench-quick-half"
-run bench-goal 90 env SURGELLM_BENCH_DEVICES=cuda SURGELLM_BENCH_SHAPES=32768x768 \
+# the memory-wall shapes of scripts/memory_wall.py (fused kernels and the
+# references that set the floor only): IWN training and the
+# gate forward and forward + backward, each with its floor (the copy of its
+# ideal bytes) and F.layer_norm beside the gate
+run bench-goal 120 env SURGELLM_BENCH_DEVICES=cuda SURGELLM_BENCH_SHAPES=4096x768,32768x768 \
   SURGELLM_BENCH_DTYPES=float32,bfloat16 \
-  "$PYTHON" -m pytest benchmarks/test_fused_iwn.py -k train_fwd_bwd \
+  "$PYTHON" -m pytest benchmarks/test_fused_iwn.py benchmarks/test_fused_surgical_gate.py \
+  -k "((fused_iwn and train_fwd_bwd) or (test_fused_surgical_gate and (eval or train_fwd_bwd))) and not compile and not eager" \
   --benchmark-only -q "${pytest_args[@]}" --results-dir "$out/bench-goal"
 
 # class-balanced BatchNorm at (64, 256, 28, 28) and (256, 64, 56, 56),

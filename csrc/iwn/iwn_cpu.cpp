@@ -355,12 +355,41 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
                                         nchunks, G, F, a.count, a.mean, a.m2, a.mean_residual});
 }
 
-// Parts' moments merged in part order, per (group, feature): merge_parts_at.
+// Parts' moments merged in part order, per group: merge_parts_at's steps
+// (merge_mean, then merge_about the merged mean) on a vector of consecutive
+// features at a time -- the same arithmetic per lane.
 template <typename acc_t>
 void iwn_merge_moments(const IWNMergeArgs<acc_t>& a) {
-  at::parallel_for(0, a.F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
-    for (int64_t k = 0; k < a.num_groups; ++k)
-      for (int64_t f = f0; f < f1; ++f) merge_parts_at(a, k, f);
+  using Vec = Vectorized<acc_t>;
+  const int64_t G = a.num_groups, F = a.F, P = a.num_parts;
+  for (int64_t k = 0; k < G; ++k) {
+    acc_t n = 0;
+    for (int64_t p = 0; p < P; ++p) n += a.count[p * G + k];
+    a.out_count[k] = n;
+  }
+  at::parallel_for(0, F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
+    for (int64_t k = 0; k < G; ++k) {
+      const int64_t at_k = k * F;
+      for_each_vec<acc_t>(f1 - f0, [&](int64_t j, int64_t w) {
+        const int64_t f = f0 + j;
+        acc_t n = 0;
+        Vec mean(acc_t(0));
+        for (int64_t p = 0; p < P; ++p)
+          merge_mean(n, mean, a.count[p * G + k], load(a.mean + (p * G + k) * F + f, w));
+        Vec m2(acc_t(0)), residual_sum(acc_t(0));
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t n_b = a.count[p * G + k];
+          const int64_t i = (p * G + k) * F + f;
+          if (n_b > acc_t(0))
+            merge_about(m2, residual_sum, n_b, load(a.mean + i, w), load(a.m2 + i, w),
+                        load(a.residual_sum + i, w), mean);
+        }
+        store(mean, a.out_mean + at_k + f, w);
+        store(m2, a.out_m2 + at_k + f, w);
+        store(n > acc_t(0) ? residual_sum / Vec(n) : Vec(acc_t(0)), a.out_mean_residual + at_k + f,
+              w);
+      });
+    }
   });
 }
 

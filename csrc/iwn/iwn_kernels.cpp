@@ -220,7 +220,7 @@ Tensor iwn_apply(const Tensor& x, const optional<Tensor>& keys, const optional<T
   check_tensor(sigma, "sigma", x, {T, F}, acc);
   check_optional(weight, "weight", x, {F}, acc);
   check_optional(bias, "bias", x, {F}, acc);
-  Tensor y = at::empty_like(x);
+  Tensor y = empty_output_like(x);
   if (x.size(0) == 0) return y;
   SURGELLM_DISPATCH_FLOATS(x, "iwn_apply", [&] {
     using acc_t = cpu::acc_type<scalar_t>;
@@ -337,7 +337,7 @@ std::tuple<Tensor, Tensor> iwn_input_grad(const Tensor& dy, const Tensor& x,
   check_tensor(dev_coef, "dev_coef", x, {K, F}, acc);
   check_tensor(center, "center", x, {K, F}, acc);
   check_tensor(du_dot_u, "du_dot_u", x, {F}, acc);
-  Tensor dx = at::empty_like(x);
+  Tensor dx = empty_output_like(x);
   Tensor dgate = gate.has_value() ? at::empty_like(*gate) : at::empty({0}, x.options().dtype(acc));
   if (x.size(0) == 0) {
     dgate.zero_();

@@ -35,19 +35,21 @@ namespace surgellm {
 // n (rounding of the mean)^2, which is the whole variance of a constant
 // feature at a large magnitude. Merging in a fixed order makes the result
 // independent of how work was scheduled.
-template <typename T>
-SURGELLM_HD void merge_mean(T& n, T& mean, T n_b, T mean_b) {
+// Counts are scalars (T); the moments (V) are scalars too, or -- on the CPU
+// -- vectors of consecutive features of one group, merged lane by lane.
+template <typename T, typename V>
+SURGELLM_HD void merge_mean(T& n, V& mean, T n_b, V mean_b) {
   if (n_b == T(0)) return;
   const T total = n + n_b;
-  mean += (mean_b - mean) * (n_b / total);
+  mean = mean + (mean_b - mean) * V(n_b / total);
   n = total;
 }
 
-template <typename T>
-SURGELLM_HD void merge_about(T& m2, T& residual_sum, T n_b, T mean_b, T m2_b, T r_b, T mean) {
-  const T d = mean_b - mean;
-  m2 += m2_b + d * (n_b * d + T(2) * r_b);
-  residual_sum += n_b * d + r_b;
+template <typename T, typename V>
+SURGELLM_HD void merge_about(V& m2, V& residual_sum, T n_b, V mean_b, V m2_b, V r_b, V mean) {
+  const V d = mean_b - mean;
+  m2 = m2 + (m2_b + d * (V(n_b) * d + V(T(2)) * r_b));
+  residual_sum = residual_sum + (V(n_b) * d + r_b);
 }
 
 // Group k, feature f of IWNMergeArgs: the parts merged in part order, first

@@ -20,34 +20,35 @@ acc_t sum_lanes(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return a + b; }, v);
 }
 
-// One row's blend v = g * h + (1 - g) * s and gate g, in per-thread buffers,
-// read from data of any floating type.
+// One row's blend v = g * h + (1 - g) * s and gate g, in per-thread buffers
+// (L1-resident), computed in one loop that reads h, s and the logits of the
+// row together -- data of any floating type converted in registers.
 template <typename scalar_t, typename acc_t>
 struct BlendRows {
   const scalar_t *h, *s, *logits;
   int64_t d;
-  std::vector<acc_t> h_buf, s_buf, l_buf, g, v;
+  std::vector<acc_t> g, v;
   BlendRows(const void* h_, const void* s_, const void* l_, int64_t d_)
       : h(static_cast<const scalar_t*>(h_)),
         s(static_cast<const scalar_t*>(s_)),
         logits(static_cast<const scalar_t*>(l_)),
         d(d_),
-        h_buf(d_),
-        s_buf(d_),
-        l_buf(d_),
         g(d_),
         v(d_) {}
-  // Fills g and v for row i; returns sum(v) and leaves h, s of the row in hr, sr.
-  acc_t blend(int64_t i, const acc_t** hr, const acc_t** sr) {
+  // Fills g and v for row i; returns sum(v).
+  acc_t blend(int64_t i) {
     using Vec = Vectorized<acc_t>;
-    *hr = as_acc(h + i * d, h_buf.data(), d);
-    *sr = as_acc(s + i * d, s_buf.data(), d);
-    sigmoid_row(as_acc(logits + i * d, l_buf.data(), d), g.data(), d);
     const Vec one(acc_t(1)), zero(acc_t(0));
+    const scalar_t *hr = h + i * d, *sr = s + i * d, *lr = logits + i * d;
     Vec sum(acc_t(0));
     for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
-      const Vec gv = load(g.data() + f, n);
-      const Vec vv = gv * load(*hr + f, n) + (one - gv) * load(*sr + f, n);
+      prefetch_ahead(hr + f);
+      prefetch_ahead(sr + f);
+      prefetch_ahead(lr + f);
+      const Vec gv = sigmoid(load_as_acc<scalar_t, acc_t>(lr + f, n));
+      const Vec vv = gv * load_as_acc<scalar_t, acc_t>(hr + f, n) +
+                     (one - gv) * load_as_acc<scalar_t, acc_t>(sr + f, n);
+      store(gv, g.data() + f, n);
       store(vv, v.data() + f, n);
       sum = sum + Vec::set(zero, vv, n);
     });
@@ -67,8 +68,7 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
     RowOut<scalar_t, acc_t> z(a.z, d);
     const Vec zero(acc_t(0));
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t *hr, *sr;
-      const acc_t mean0 = rows.blend(i, &hr, &sr) / acc_t(d);
+      const acc_t mean0 = rows.blend(i) / acc_t(d);
       const Vec vmean0(mean0);
       // Deviations from the first mean and their sum: the mean corrected by
       // it is exact for a constant row (whose z is then exactly the bias).
@@ -117,13 +117,15 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
       acc_t* pw = partial.data() + ch * 2 * d;
       acc_t* pb = pw + d;
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
-        const acc_t *hr, *sr;
-        rows.blend(i, &hr, &sr);
+        rows.blend(i);
+        const scalar_t *hr = static_cast<const scalar_t*>(a.h) + i * d,
+                       *sr = static_cast<const scalar_t*>(a.s) + i * d;
         const acc_t* g = as_acc(dz + i * d, dz_buf.data(), d);
         const Vec mean(a.mean[i]), rstd(a.rstd[i]);
         // Row sums of dxhat and dxhat * xhat (dz's unused lanes load as 0).
         Vec c1(acc_t(0)), c2(acc_t(0));
         for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
+          prefetch_ahead(dz + i * d + f);
           const Vec gz = load(g + f, n);
           const Vec xhat = (load(rows.v.data() + f, n) - mean) * rstd;
           const Vec dxhat = a.weight ? gz * load(a.weight + f, n) : gz;
@@ -142,7 +144,9 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
           const Vec gv = load(rows.g.data() + f, n);
           store(dv * gv, dhr + f, n);
           store(dv * (one - gv), dsr + f, n);
-          store(dv * (load(hr + f, n) - load(sr + f, n)) * gv * (one - gv), dlr + f, n);
+          const Vec hs =
+              load_as_acc<scalar_t, acc_t>(hr + f, n) - load_as_acc<scalar_t, acc_t>(sr + f, n);
+          store(dv * hs * gv * (one - gv), dlr + f, n);
         });
         dh.flush(i);
         ds.flush(i);

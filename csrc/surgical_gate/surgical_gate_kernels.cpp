@@ -37,7 +37,7 @@ std::tuple<Tensor, Tensor, Tensor> surgical_gate_forward(const Tensor& h, const 
   const auto acc = check_rows(h, s, logits, weight);
   const int64_t N = h.size(0), d = h.size(1);
   check_optional(bias, "bias", h, {d}, acc);
-  Tensor z = at::empty_like(h), mean = at::empty({N}, h.options().dtype(acc)),
+  Tensor z = empty_output_like(h), mean = at::empty({N}, h.options().dtype(acc)),
          rstd = at::empty({N}, h.options().dtype(acc));
   if (N == 0) return {z, mean, rstd};
   SURGELLM_DISPATCH_FLOATS(h, "surgical_gate_forward", [&] {
@@ -67,7 +67,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> surgical_gate_backward(
   check_tensor(dz, "grad_z", h, h.sizes(), h.scalar_type());
   check_tensor(mean, "mean", h, {N}, acc);
   check_tensor(rstd, "rstd", h, {N}, acc);
-  Tensor dh = at::empty_like(h), ds = at::empty_like(h), dlogits = at::empty_like(h),
+  Tensor dh = empty_output_like(h), ds = empty_output_like(h), dlogits = empty_output_like(h),
          dweight = at::empty({d}, h.options().dtype(acc)),
          dbias = at::empty({d}, h.options().dtype(acc));
   if (N == 0) return {dh, ds, dlogits, dweight.zero_(), dbias.zero_()};

@@ -1,0 +1,116 @@
+"""How far the CPU kernels are from the memory wall at large shapes.
+
+Three ratios, each against an ATen op timed in the same process, the
+implementations taking turns (A B C ... A B C ...) and each figure the median
+of the rounds:
+
+    fused_iwn training forward + backward (gate (F,), 10 classes) / addcmul
+    fused_surgical_gate forward / addcmul
+    fused_surgical_gate forward + backward / F.layer_norm forward + backward
+
+``torch.addcmul(a, b, c, out=d)`` moves four tensors of x's size and
+allocates nothing: it measures what this machine streams. The floors, from
+the bytes an ideal kernel moves (benchmarks/harness.py, TENSORS_MOVED): IWN
+training forward + backward 8 tensors = 2x addcmul, the gate forward 4
+tensors = 1x, the gate forward + backward 11 tensors where LayerNorm moves 5
+(2.2x). Each fused call also allocates its outputs (y; dx; z; dh, ds,
+dlogits), as ATen's LayerNorm does; addcmul(out=) does not.
+
+    .venv/bin/python scripts/memory_wall.py                      # float32
+    .venv/bin/python scripts/memory_wall.py --dtype bfloat16 --rounds 7
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from surgellm_kernels import fused_iwn, fused_surgical_gate
+
+FLOORS = {"iwn fwd+bwd / addcmul": 2.0, "gate fwd / addcmul": 1.0, "gate fwd+bwd / LN fwd+bwd": 2.2}
+
+
+def closures(N, d, dtype, num_classes=10):
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad)
+
+    x, gate = rand(N, d, grad=True), rand(d, grad=True)
+    labels = torch.randint(0, num_classes, (N,), generator=g)
+    h, s, logits = rand(N, d, grad=True), rand(N, d, grad=True), rand(N, d, grad=True)
+    w = torch.ones(d, dtype=dtype, requires_grad=True)
+    b = torch.zeros(d, dtype=dtype, requires_grad=True)
+    grad = rand(N, d)
+    a, b2, c, out = rand(N, d), rand(N, d), rand(N, d), rand(N, d)
+
+    def clear(*ts):
+        for t in ts:
+            t.grad = None
+
+    def iwn_fwd_bwd():
+        fused_iwn(x, labels, gate=gate, training=True, num_classes=num_classes).backward(grad)
+        clear(x, gate)
+
+    def gate_fwd():
+        with torch.no_grad():
+            fused_surgical_gate(h, s, logits, w, b)
+
+    def gate_fwd_bwd():
+        fused_surgical_gate(h, s, logits, w, b).backward(grad)
+        clear(h, s, logits, w, b)
+
+    def layer_norm_fwd_bwd():
+        F.layer_norm(h, (d,), w, b).backward(grad)
+        clear(h, w, b)
+
+    return {
+        "addcmul": lambda: torch.addcmul(a, b2, c, out=out),
+        "iwn fwd+bwd": iwn_fwd_bwd,
+        "gate fwd": gate_fwd,
+        "gate fwd+bwd": gate_fwd_bwd,
+        "LN fwd+bwd": layer_norm_fwd_bwd,
+    }
+
+
+def measure(N, d, dtype, rounds, calls):
+    fns = closures(N, d, dtype)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()  # one call to warm this implementation's memory
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls)
+    m = {name: statistics.median(t) for name, t in times.items()}
+    return m, {
+        "iwn fwd+bwd / addcmul": m["iwn fwd+bwd"] / m["addcmul"],
+        "gate fwd / addcmul": m["gate fwd"] / m["addcmul"],
+        "gate fwd+bwd / LN fwd+bwd": m["gate fwd+bwd"] / m["LN fwd+bwd"],
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="4096x768,32768x768")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=3, help="calls timed together in one round")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    print(f"{args.dtype}, {args.threads} threads, medians of {args.rounds} interleaved rounds")
+    print(f"{'shape':>11} {'addcmul ms':>10} " + " ".join(f"{k + ' (floor)':>32}" for k in FLOORS))
+    for shape in args.shapes.split(","):
+        N, d = (int(v) for v in shape.split("x"))
+        m, ratios = measure(N, d, dtype, args.rounds, args.calls)
+        cells = " ".join(f"{f'{ratios[k]:.2f} ({FLOORS[k]:.1f})':>32}" for k in FLOORS)
+        print(f"{shape:>11} {m['addcmul'] * 1e3:>10.2f} {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
