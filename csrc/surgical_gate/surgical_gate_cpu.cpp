@@ -118,8 +118,7 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
       acc_t* pb = pw + d;
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
         rows.blend(i);
-        const scalar_t *hr = static_cast<const scalar_t*>(a.h) + i * d,
-                       *sr = static_cast<const scalar_t*>(a.s) + i * d;
+        const scalar_t *hr = rows.h + i * d, *sr = rows.s + i * d;
         const acc_t* g = as_acc(dz + i * d, dz_buf.data(), d);
         const Vec mean(a.mean[i]), rstd(a.rstd[i]);
         // Row sums of dxhat and dxhat * xhat (dz's unused lanes load as 0).
