@@ -66,6 +66,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_capability", [] { return at::get_cpu_capability(); },
       "the CPU kernel build in use (DEFAULT, AVX2 or AVX512)");
+  m.def("empty_output_cache", &surgellm::empty_output_cache,
+        "gives the CPU output cache's unused blocks back to the system; returns the bytes");
+  m.def(
+      "output_cache_stats",
+      [] {
+        const surgellm::OutputCacheStats s = surgellm::output_cache_stats();
+        return std::make_pair(s.cached_bytes, s.allocated_bytes);
+      },
+      "(cached, allocated) bytes of the CPU output cache");
   m.def("iwn", &surgellm::iwn,
         "torch.ops.surgellm.iwn's typed eager entry (same arguments, in schema order)");
   m.def("surgical_gate", &surgellm::surgical_gate,

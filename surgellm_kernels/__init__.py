@@ -24,7 +24,14 @@ from .nn import (
     iwn_labels,
     patch_model,
 )
-from .ops import backends, cpu_kernel_build, fused_iwn, fused_surgical_gate
+from .ops import (
+    backends,
+    cpu_cache_stats,
+    cpu_kernel_build,
+    empty_cpu_cache,
+    fused_iwn,
+    fused_surgical_gate,
+)
 
 # The application's names, from surgellm_kernels.surgellm on first use.
 _APPLICATION = (
@@ -56,6 +63,8 @@ __all__ = [
     "iwn_labels",
     "backends",
     "cpu_kernel_build",
+    "empty_cpu_cache",
+    "cpu_cache_stats",
     *_APPLICATION,
 ]
 __version__ = "0.2.0"

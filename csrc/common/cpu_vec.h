@@ -17,6 +17,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/CPUAllocator.h>
 
+#include "common/output_cache.h"
+
 namespace surgellm {
 namespace cpu {
 namespace CPU_CAPABILITY {
@@ -130,7 +132,7 @@ struct Scratch {
   c10::DataPtr ptr;
   int64_t n;
   explicit Scratch(int64_t n_, bool zero = true)
-      : ptr(c10::GetCPUAllocator()->allocate(std::max<int64_t>(n_, 1) * sizeof(T))), n(n_) {
+      : ptr(cpu_block_cache()->allocate(std::max<int64_t>(n_, 1) * sizeof(T))), n(n_) {
     if (zero) std::fill(data(), data() + n, T(0));
   }
   T* data() const { return static_cast<T*>(ptr.get()); }

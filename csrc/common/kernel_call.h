@@ -7,16 +7,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ExpandUtils.h>
 
 #include <cstdint>
 #include <optional>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "common/message.h"
+#include "common/output_cache.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -80,29 +78,17 @@ T* mutable_ptr_or_null(const optional<Tensor>& t) {
   return t.has_value() ? t->mutable_data_ptr<T>() : nullptr;
 }
 
-// An output of x's shape, dtype and device (contiguous when x is). An output
-// of 32 MiB or more on the CPU is advised onto transparent huge pages (as
-// torch's THP_MEM_ALLOC_ENABLE does for its own allocations): glibc maps
-// every block that large afresh (32 MiB is the ceiling of its mmap
-// threshold), so the first write of each such output faults page by page,
-// and at 4 KiB pages those faults took longer than the kernel's own pass
-// (about 30 ms per 100 MB here; 5 ms on 2 MiB pages). Smaller blocks may
-// lie in the reused heap, where advice only costs: they are left alone.
+// An output of x's shape, dtype and device, with x's strides when x is dense
+// (as at::empty_like). On the CPU its storage comes from the output cache
+// (output_cache.h): for a large output, a block a freed one left, its pages
+// already mapped, instead of fresh pages that each fault on first write.
 inline Tensor empty_output_like(const Tensor& x) {
-  Tensor out = at::empty_like(x);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const size_t bytes = out.nbytes();
-  if (out.is_cpu() && bytes >= (size_t(32) << 20)) {
-    const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-    const uintptr_t last = (begin + bytes) & ~(kHugePage - 1);
-    // Advice only: where the system offers no huge pages this fails and
-    // the output keeps ordinary pages.
-    if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
+  if (!x.is_cpu()) return at::empty_like(x);
+  return empty_cpu_output(x.sizes(),
+                          x.is_non_overlapping_and_dense()
+                              ? x.strides().vec()
+                              : at::infer_dense_strides(x.sizes(), x.strides()),
+                          x.scalar_type());
 }
 
 // The phase ops' layout assertion (their callers, the ops' own C++, convert

@@ -298,14 +298,9 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
   // One chunk (small batches): its summaries are the result, written in place.
   const bool one = nchunks == 1;
-  Scratch<acc_t> pcount(one ? 0 : nchunks * G), pmean(one ? 0 : nchunks * G * F),
-      pm2(one ? 0 : nchunks * G * F), pres(one ? 0 : nchunks * G * F);
-  if (one) {
-    std::fill(a.count, a.count + G, acc_t(0));
-    std::fill(a.mean, a.mean + G * F, acc_t(0));
-    std::fill(a.m2, a.m2 + G * F, acc_t(0));
-    std::fill(a.mean_residual, a.mean_residual + G * F, acc_t(0));
-  }
+  // Zeroed chunk by chunk by the thread that fills them, while in its cache.
+  Scratch<acc_t> pcount(one ? 0 : nchunks * G, false), pmean(one ? 0 : nchunks * G * F, false),
+      pm2(one ? 0 : nchunks * G * F, false), pres(one ? 0 : nchunks * G * F, false);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     for (int64_t ch = begin; ch < end; ++ch) {
@@ -313,6 +308,8 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
       acc_t* mean = one ? a.mean : pmean.data() + ch * G * F;
       acc_t* m2 = one ? a.m2 : pm2.data() + ch * G * F;
       acc_t* res = one ? a.mean_residual : pres.data() + ch * G * F;
+      std::fill(cnt, cnt + G, acc_t(0));
+      for (acc_t* out : {mean, m2, res}) std::fill(out, out + G * F, acc_t(0));
       const int64_t r0 = ch * chunk, r1 = std::min(N, (ch + 1) * chunk);
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t k = key_of(a.rows.keys, i);
@@ -460,14 +457,14 @@ void iwn_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
   const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
-  const bool one = nchunks == 1;  // then the sums are written in place
-  Scratch<acc_t> partial(one ? 0 : nchunks * width);
-  if (one) std::fill(a.sums, a.sums + width, acc_t(0));
+  const bool one = nchunks == 1;                             // then the sums are written in place
+  Scratch<acc_t> partial(one ? 0 : nchunks * width, false);  // zeroed per chunk, as moments'
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     std::vector<acc_t> dy_buf(F);
     for (int64_t ch = begin; ch < end; ++ch) {
       acc_t* s = one ? a.sums : partial.data() + ch * width;
+      std::fill(s, s + width, acc_t(0));
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
         const int64_t t = key_of(a.rows.keys, i) / a.key_div;
         const RowU<scalar_t, acc_t> u = rows.u(i);

@@ -35,7 +35,8 @@ struct BlendRows {
         d(d_),
         g(d_),
         v(d_) {}
-  // Fills g and v for row i; returns sum(v).
+  // Fills v (and g, for the backward) for row i; returns sum(v).
+  template <bool kKeepGate>
   acc_t blend(int64_t i) {
     using Vec = Vectorized<acc_t>;
     const Vec one(acc_t(1)), zero(acc_t(0));
@@ -48,7 +49,7 @@ struct BlendRows {
       const Vec gv = sigmoid(load_as_acc<scalar_t, acc_t>(lr + f, n));
       const Vec vv = gv * load_as_acc<scalar_t, acc_t>(hr + f, n) +
                      (one - gv) * load_as_acc<scalar_t, acc_t>(sr + f, n);
-      store(gv, g.data() + f, n);
+      if constexpr (kKeepGate) store(gv, g.data() + f, n);
       store(vv, v.data() + f, n);
       sum = sum + Vec::set(zero, vv, n);
     });
@@ -68,7 +69,7 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
     RowOut<scalar_t, acc_t> z(a.z, d);
     const Vec zero(acc_t(0));
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t mean0 = rows.blend(i) / acc_t(d);
+      const acc_t mean0 = rows.template blend<false>(i) / acc_t(d);
       const Vec vmean0(mean0);
       // Deviations from the first mean and their sum: the mean corrected by
       // it is exact for a constant row (whose z is then exactly the bias).
@@ -117,7 +118,7 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
       acc_t* pw = partial.data() + ch * 2 * d;
       acc_t* pb = pw + d;
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
-        rows.blend(i);
+        rows.template blend<true>(i);
         const scalar_t *hr = rows.h + i * d, *sr = rows.s + i * d;
         const acc_t* g = as_acc(dz + i * d, dz_buf.data(), d);
         const Vec mean(a.mean[i]), rstd(a.rstd[i]);

@@ -100,6 +100,29 @@ def cpu_kernel_build() -> Optional[str]:
     return _extension.cpu_capability() if _extension is not None else None
 
 
+def empty_cpu_cache() -> int:
+    """Gives the memory of the CPU output cache back to the system; returns
+    how many bytes.
+
+    The CPU kernels keep the storage of their large outputs (1 MiB or more)
+    when the tensors are freed, so that the next call's outputs reuse pages
+    already mapped instead of faulting fresh ones in. At most
+    ``SURGELLM_CPU_OUTPUT_CACHE_MB`` megabytes (default 1024, read at the
+    first call; 0 turns the cache off) lie unused, the least recently freed
+    released first. Like ``torch.cuda.empty_cache()``, this frees only unused
+    blocks; tensors keep theirs."""
+    return _extension.empty_output_cache() if _extension is not None else 0
+
+
+def cpu_cache_stats() -> dict:
+    """Bytes of the CPU output cache: ``cached`` (unused, ready for reuse)
+    and ``allocated`` (held by live tensors). See :func:`empty_cpu_cache`."""
+    if _extension is None:
+        return {"cached": 0, "allocated": 0}
+    cached, allocated = _extension.output_cache_stats()
+    return {"cached": cached, "allocated": allocated}
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

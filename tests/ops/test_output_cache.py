@@ -1,0 +1,143 @@
+"""The CPU output cache: large outputs' storage reused after they are freed,
+bounded by SURGELLM_CPU_OUTPUT_CACHE_MB, given back by empty_cpu_cache(),
+seen by torch's profiler."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import surgellm_kernels
+from surgellm_kernels import (
+    backends,
+    cpu_cache_stats,
+    empty_cpu_cache,
+    fused_iwn,
+    fused_surgical_gate,
+)
+
+pytestmark = pytest.mark.skipif(
+    not backends(torch.device("cpu"))["cpu"].available, reason="the C++ extension is not built"
+)
+
+# 1031 x 263 float32: about 1.03 MiB, a size no other test's output has.
+ROWS, FEATURES = 1031, 263
+
+
+def _iwn(x, labels):
+    return fused_iwn(x, labels, training=True, num_classes=3)
+
+
+@pytest.fixture
+def cpu_backend(force_backend):
+    force_backend("cpu")
+    empty_cpu_cache()
+    yield
+    empty_cpu_cache()
+
+
+def test_a_freed_output_is_reused_by_the_next_call_of_its_size(cpu_backend):
+    x = torch.randn(ROWS, FEATURES)
+    labels = torch.arange(ROWS) % 3
+    first = _iwn(x, labels)
+    expected = first.clone()
+    ptr = first.data_ptr()
+    del first
+    second = _iwn(x, labels)
+    assert second.data_ptr() == ptr
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+
+
+def test_stats_count_live_and_cached_bytes_and_empty_gives_them_back(cpu_backend):
+    x = torch.randn(ROWS, FEATURES)
+    labels = torch.arange(ROWS) % 3
+    before = cpu_cache_stats()
+    y = _iwn(x, labels)
+    block = -(-y.nbytes // 4096) * 4096  # whole pages
+    assert cpu_cache_stats()["allocated"] == before["allocated"] + block
+    del y
+    after = cpu_cache_stats()
+    assert after["allocated"] == before["allocated"]
+    assert after["cached"] == before["cached"] + block
+    assert empty_cpu_cache() == after["cached"]
+    assert cpu_cache_stats()["cached"] == 0
+
+
+def test_gate_outputs_and_gradients_come_from_the_cache(cpu_backend):
+    h, s, logits = (torch.randn(ROWS, FEATURES, requires_grad=True) for _ in range(3))
+    z = fused_surgical_gate(h, s, logits)
+    assert cpu_cache_stats()["allocated"] >= z.nbytes
+    z.backward(torch.randn_like(z))
+    del z
+    for t in (h, s, logits):  # dh, ds, dlogits: cached storage, right values
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+    live = cpu_cache_stats()["allocated"]
+    h.grad = s.grad = logits.grad = None
+    assert cpu_cache_stats()["allocated"] < live
+
+
+def test_outputs_keep_the_inputs_layout_and_can_be_resized(cpu_backend):
+    x = torch.randn(8, 64, 23, 23).to(memory_format=torch.channels_last)
+    labels = torch.arange(8) % 2
+    y = surgellm_kernels.FusedInstanceWeightedNorm2d(64, num_classes=2)(x, labels)
+    assert y.stride() == x.stride()
+    flat = _iwn(torch.randn(ROWS, FEATURES), torch.arange(ROWS) % 3)
+    flat.resize_(2 * ROWS, FEATURES)  # its storage grows like any tensor's
+    flat.fill_(1.0)
+    assert flat.sum().item() == 2 * ROWS * FEATURES
+
+
+def test_profiler_sees_the_cached_outputs(cpu_backend):
+    x = torch.randn(ROWS, FEATURES)
+    labels = torch.arange(ROWS) % 3
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = _iwn(x, labels)
+        del y
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert any(s >= ROWS * FEATURES * 4 for s in sizes)  # the output, allocated
+    assert any(s <= -ROWS * FEATURES * 4 for s in sizes)  # and freed
+
+
+def _run(code, **env):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, "SURGELLM_BACKEND": "cpu", **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+CACHE_AFTER_ONE_OUTPUT = """
+    import torch
+    from surgellm_kernels import cpu_cache_stats, fused_iwn
+    x = torch.randn(1031, 263)
+    y = fused_iwn(x, torch.arange(x.shape[0]) % 3, training=True)
+    del y
+    print(cpu_cache_stats()["cached"])
+"""
+
+
+def test_a_limit_of_zero_turns_the_cache_off():
+    done = _run(CACHE_AFTER_ONE_OUTPUT, SURGELLM_CPU_OUTPUT_CACHE_MB="0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"
+
+
+def test_an_output_larger_than_the_limit_is_not_kept():
+    done = _run(
+        CACHE_AFTER_ONE_OUTPUT.replace("1031, 263", "2048, 1024"),  # 8 MiB
+        SURGELLM_CPU_OUTPUT_CACHE_MB="4",
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) < 2048 * 1024 * 4  # the kernels' scratch may stay, y did not
+
+
+def test_a_bad_limit_names_the_variable():
+    done = _run(CACHE_AFTER_ONE_OUTPUT, SURGELLM_CPU_OUTPUT_CACHE_MB="lots")
+    assert done.returncode != 0
+    assert "SURGELLM_CPU_OUTPUT_CACHE_MB must be a whole number of megabytes" in done.stderr
+    assert "ValueError" in done.stderr
