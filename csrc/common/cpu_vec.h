@@ -150,22 +150,6 @@ std::vector<acc_t> gate_sigmoid(const acc_t* logits, int64_t F) {
   return sig;
 }
 
-// A row of output in the accumulation type: written in place when the data
-// type is the accumulation type, else through a per-thread row buffer.
-template <typename scalar_t, typename acc_t>
-struct RowOut {
-  static constexpr bool direct = std::is_same<scalar_t, acc_t>::value;
-  scalar_t* base;
-  int64_t F;
-  std::vector<acc_t> buf;
-  RowOut(void* base_, int64_t F_)
-      : base(static_cast<scalar_t*>(base_)), F(F_), buf(direct ? 0 : F_) {}
-  acc_t* row(int64_t i) { return direct ? reinterpret_cast<acc_t*>(base + i * F) : buf.data(); }
-  void flush(int64_t i) {
-    if constexpr (!direct) at::vec::convert(buf.data(), base + i * F, F);
-  }
-};
-
 // Partial sums of a chunked reduction: `width` values per chunk, summed over
 // chunks in chunk order into out (parallel over values).
 template <typename acc_t>

@@ -23,26 +23,26 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// One row of u = x * s, read a vector at a time: either x and the per-feature
-// s = sigmoid(gate) multiplied on the fly (no buffer pass), or a row already
-// materialized in a per-thread buffer (s == nullptr).
-// Or, ungated reduced-precision data, the row of x itself converted in
-// registers (raw): no buffer pass.
+// One row of u = x * s, read a vector at a time: x (of any floating type,
+// converted in registers) and the per-feature s = sigmoid(gate) multiplied
+// on the fly (s == nullptr: no gate), or a row already materialized in a
+// per-thread buffer (per-instance gates: x == nullptr, s == nullptr).
 template <typename scalar_t, typename acc_t>
 struct RowU {
-  const acc_t* x;
+  const scalar_t* x;
   const acc_t* s;
-  const scalar_t* raw = nullptr;
+  const acc_t* materialized = nullptr;
   Vectorized<acc_t> vec(int64_t f, int64_t n) const {
-    if (raw) return load_as_acc<scalar_t, acc_t>(raw + f, n);
-    return s ? load(x + f, n) * load(s + f, n) : load(x + f, n);
+    if (materialized) return load(materialized + f, n);
+    const Vectorized<acc_t> v = load_as_acc<scalar_t, acc_t>(x + f, n);
+    return s ? v * load(s + f, n) : v;
   }
 };
 
 // Rows of u = x * sigmoid(gate) in the accumulation type, one per thread at
-// a time. float32/float64 data with no gate or a (F) gate is read in place;
-// reduced-precision data and per-instance gates go through per-thread row
-// buffers (never a full-size temporary).
+// a time. With no gate or a (F) gate, rows are read in place (converted in
+// registers); per-instance gates go through per-thread row buffers (never a
+// full-size temporary).
 template <typename scalar_t, typename acc_t>
 struct GatedRows {
   const scalar_t* x;
@@ -56,21 +56,19 @@ struct GatedRows {
         gate_full(static_cast<const scalar_t*>(r.gate_full)),
         gate_sig(gate_sig_),
         F(r.F),
-        u_buf(r.F),
+        u_buf(r.gate_full ? r.F : 0),
         sig_buf(r.gate_full ? r.F : 0),
         logit_buf(r.gate_full ? r.F : 0) {}
 
   // u of row i; sig() is then that row's sigmoid(gate) (null when ungated).
   RowU<scalar_t, acc_t> u(int64_t i) {
-    if constexpr (!std::is_same<scalar_t, acc_t>::value)
-      if (!gate_full && !gate_sig) return {nullptr, nullptr, x + i * F};
-    const acc_t* xa = as_acc(x + i * F, u_buf.data(), F);
-    if (!gate_full) return {xa, gate_sig};
+    if (!gate_full) return {x + i * F, gate_sig};
     sigmoid_row(as_acc(gate_full + i * F, logit_buf.data(), F), sig_buf.data(), F);
     for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
-      store(load(xa + f, n) * load(sig_buf.data() + f, n), u_buf.data() + f, n);
+      store(load_as_acc<scalar_t, acc_t>(x + i * F + f, n) * load(sig_buf.data() + f, n),
+            u_buf.data() + f, n);
     });
-    return {u_buf.data(), nullptr};
+    return {nullptr, nullptr, u_buf.data()};
   }
   const acc_t* sig() const { return gate_full ? sig_buf.data() : gate_sig; }
 };
@@ -411,36 +409,18 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
     for (int64_t f = 0; f < F; ++f)
       scale[t * F + f] = (a.weight ? a.weight[f] : acc_t(1)) / (a.sigma[t * F + f] + a.eps);
   if (a.rows.L != 1) return planes_apply<scalar_t>(a, scale);
+  scalar_t* y = static_cast<scalar_t*>(a.y);
   at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
-    if (!a.rows.gate_full) {  // the common case: rows read and written in place
-      const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
-      scalar_t* y = static_cast<scalar_t*>(a.y);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t t = key_of(a.rows.keys, i) / a.key_div;
-        const acc_t* m = a.mu + t * F;
-        const acc_t* s = scale.data() + t * F;
-        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
-          Vec u = load_as_acc<scalar_t, acc_t>(x + i * F + f, n);
-          if (gate_sig) u = u * load(gate_sig + f, n);
-          const Vec centered = (u - load(m + f, n)) * load(s + f, n);
-          store_from_acc(a.bias ? centered + load(a.bias + f, n) : centered, y + i * F + f, n);
-        });
-      }
-      return;
-    }
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
-    RowOut<scalar_t, acc_t> y(a.y, F);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = key_of(a.rows.keys, i) / a.key_div;
       const RowU<scalar_t, acc_t> u = rows.u(i);
       const acc_t* m = a.mu + t * F;
       const acc_t* s = scale.data() + t * F;
-      acc_t* out = y.row(i);
       for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
         const Vec centered = (u.vec(f, n) - load(m + f, n)) * load(s + f, n);
-        store(a.bias ? centered + load(a.bias + f, n) : centered, out + f, n);
+        store_from_acc(a.bias ? centered + load(a.bias + f, n) : centered, y + i * F + f, n);
       });
-      y.flush(i);
     }
   });
 }
@@ -461,19 +441,17 @@ void iwn_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
   Scratch<acc_t> partial(one ? 0 : nchunks * width, false);  // zeroed per chunk, as moments'
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
-    std::vector<acc_t> dy_buf(F);
     for (int64_t ch = begin; ch < end; ++ch) {
       acc_t* s = one ? a.sums : partial.data() + ch * width;
       std::fill(s, s + width, acc_t(0));
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
         const int64_t t = key_of(a.rows.keys, i) / a.key_div;
         const RowU<scalar_t, acc_t> u = rows.u(i);
-        const acc_t* g = as_acc(dy + i * F, dy_buf.data(), F);
         const acc_t* m = a.mu + t * F;
         acc_t* s1 = s + t * F;
         acc_t* s2 = s + (T + t) * F;
         for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
-          const Vec gv = load(g + f, n);
+          const Vec gv = load_as_acc<scalar_t, acc_t>(dy + i * F + f, n);
           store(load(s1 + f, n) + gv, s1 + f, n);
           store(at::vec::fmadd(gv, u.vec(f, n) - load(m + f, n), load(s2 + f, n)), s2 + f, n);
         });
@@ -504,38 +482,11 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
-  if constexpr (!std::is_same<scalar_t, acc_t>::value) {
-    if (!a.rows.gate_full && !a.rows.gate_vec) {
-      // No gate, bfloat16 / float16: rows read and written in place,
-      // converted in registers (no row buffers); the same arithmetic.
-      const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
-      scalar_t* dx = static_cast<scalar_t*>(a.dx);
-      at::parallel_for(0, N, row_grain(F), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t k = key_of(a.rows.keys, i);
-          const acc_t* p = a.scale + (k / a.key_div) * F;
-          for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
-            Vec du = load_as_acc<scalar_t, acc_t>(dy + i * F + f, n);
-            if (a.training) {
-              const Vec u = load_as_acc<scalar_t, acc_t>(x + i * F + f, n);
-              du = (du - load(a.dy_shift + k * F + f, n)) * load(p + f, n);
-              du = at::vec::fmadd(load(a.dev_coef + k * F + f, n),
-                                  u - load(a.center + k * F + f, n), du);
-            } else {
-              du = du * load(p + f, n);
-            }
-            store_from_acc(du, dx + i * F + f, n);
-          });
-        }
-      });
-      return;
-    }
-  }
   Scratch<acc_t> pgate(reduce_gate ? nchunks * F : 0);
+  scalar_t* dx = static_cast<scalar_t*>(a.dx);
+  scalar_t* dgate = static_cast<scalar_t*>(a.dgate_full);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
-    RowOut<scalar_t, acc_t> dx(a.dx, F), dgate(a.dgate_full, F);
-    std::vector<acc_t> dy_buf(F);
     const Vec one(acc_t(1));
     for (int64_t ch = begin; ch < end; ++ch) {
       acc_t* pg = reduce_gate ? pgate.data() + ch * F : nullptr;
@@ -543,15 +494,13 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
         const int64_t k = key_of(a.rows.keys, i);
         const RowU<scalar_t, acc_t> u = rows.u(i);
         const acc_t* s = rows.sig();
-        const acc_t* g = as_acc(dy + i * F, dy_buf.data(), F);
         const acc_t* p = a.scale + (k / a.key_div) * F;
         const acc_t* shift = a.training ? a.dy_shift + k * F : nullptr;
         const acc_t* coef = a.training ? a.dev_coef + k * F : nullptr;
         const acc_t* center = a.training ? a.center + k * F : nullptr;
-        acc_t* dxr = dx.row(i);
-        acc_t* dgr = a.dgate_full ? dgate.row(i) : nullptr;
+        const int64_t row = i * F;
         for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
-          Vec du = load(g + f, n);
+          Vec du = load_as_acc<scalar_t, acc_t>(dy + row + f, n);
           if (shift) {
             du = (du - load(shift + f, n)) * load(p + f, n);
             du = at::vec::fmadd(load(coef + f, n), u.vec(f, n) - load(center + f, n), du);
@@ -559,18 +508,16 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
             du = du * load(p + f, n);
           }
           if (!s) {
-            store(du, dxr + f, n);
+            store_from_acc(du, dx + row + f, n);
             return;
           }
           const Vec sv = load(s + f, n);
-          store(du * sv, dxr + f, n);
+          store_from_acc(du * sv, dx + row + f, n);
           if (pg)
             store(at::vec::fmadd(du, u.vec(f, n), load(pg + f, n)), pg + f, n);
-          else if (dgr)
-            store(du * u.vec(f, n) * (one - sv), dgr + f, n);
+          else if (dgate)
+            store_from_acc(du * u.vec(f, n) * (one - sv), dgate + row + f, n);
         });
-        dx.flush(i);
-        if (dgr) dgate.flush(i);
       }
     }
   });

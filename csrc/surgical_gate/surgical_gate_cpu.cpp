@@ -66,7 +66,7 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
   const int64_t d = a.d;
   at::parallel_for(0, a.N, row_grain(d), [&](int64_t begin, int64_t end) {
     BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
-    RowOut<scalar_t, acc_t> z(a.z, d);
+    scalar_t* z = static_cast<scalar_t*>(a.z);
     const Vec zero(acc_t(0));
     for (int64_t i = begin; i < end; ++i) {
       const acc_t mean0 = rows.template blend<false>(i) / acc_t(d);
@@ -84,14 +84,13 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
       const acc_t var = sum_lanes(sq) / acc_t(d) - shift * shift;
       const acc_t rstd = acc_t(1) / std::sqrt((var > acc_t(0) ? var : acc_t(0)) + a.eps);
       const Vec vmean(mean), vrstd(rstd);
-      acc_t* out = z.row(i);
+      scalar_t* out = z + i * d;
       for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
         Vec y = (load(rows.v.data() + f, n) - vmean) * vrstd;
         if (a.weight) y = y * load(a.weight + f, n);
         if (a.bias) y = y + load(a.bias + f, n);
-        store(y, out + f, n);
+        store_from_acc(y, out + f, n);
       });
-      z.flush(i);
       a.mean[i] = mean;
       a.rstd[i] = rstd;
     }
@@ -111,8 +110,8 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
   Scratch<acc_t> partial(nchunks * 2 * d);  // per chunk: sum dz xhat, then sum dz
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
-    RowOut<scalar_t, acc_t> dh(a.dh, d), ds(a.ds, d), dl(a.dlogits, d);
-    std::vector<acc_t> dz_buf(d);
+    scalar_t *dh = static_cast<scalar_t*>(a.dh), *ds = static_cast<scalar_t*>(a.ds),
+             *dl = static_cast<scalar_t*>(a.dlogits);
     const Vec one(acc_t(1));
     for (int64_t ch = begin; ch < end; ++ch) {
       acc_t* pw = partial.data() + ch * 2 * d;
@@ -120,13 +119,13 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
       for (int64_t i = ch * chunk; i < std::min(N, (ch + 1) * chunk); ++i) {
         rows.template blend<true>(i);
         const scalar_t *hr = rows.h + i * d, *sr = rows.s + i * d;
-        const acc_t* g = as_acc(dz + i * d, dz_buf.data(), d);
+        const scalar_t* g = dz + i * d;
         const Vec mean(a.mean[i]), rstd(a.rstd[i]);
         // Row sums of dxhat and dxhat * xhat (dz's unused lanes load as 0).
         Vec c1(acc_t(0)), c2(acc_t(0));
         for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
-          prefetch_ahead(dz + i * d + f);
-          const Vec gz = load(g + f, n);
+          prefetch_ahead(g + f);
+          const Vec gz = load_as_acc<scalar_t, acc_t>(g + f, n);
           const Vec xhat = (load(rows.v.data() + f, n) - mean) * rstd;
           const Vec dxhat = a.weight ? gz * load(a.weight + f, n) : gz;
           c1 = c1 + dxhat;
@@ -135,22 +134,19 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
           store(load(pb + f, n) + gz, pb + f, n);
         });
         const Vec m1(sum_lanes(c1) / acc_t(d)), m2(sum_lanes(c2) / acc_t(d));
-        acc_t *dhr = dh.row(i), *dsr = ds.row(i), *dlr = dl.row(i);
+        scalar_t *dhr = dh + i * d, *dsr = ds + i * d, *dlr = dl + i * d;
         for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
-          const Vec gz = load(g + f, n);
+          const Vec gz = load_as_acc<scalar_t, acc_t>(g + f, n);
           const Vec xhat = (load(rows.v.data() + f, n) - mean) * rstd;
           const Vec dxhat = a.weight ? gz * load(a.weight + f, n) : gz;
           const Vec dv = rstd * (dxhat - m1 - xhat * m2);
           const Vec gv = load(rows.g.data() + f, n);
-          store(dv * gv, dhr + f, n);
-          store(dv * (one - gv), dsr + f, n);
+          store_from_acc(dv * gv, dhr + f, n);
+          store_from_acc(dv * (one - gv), dsr + f, n);
           const Vec hs =
               load_as_acc<scalar_t, acc_t>(hr + f, n) - load_as_acc<scalar_t, acc_t>(sr + f, n);
-          store(dv * hs * gv * (one - gv), dlr + f, n);
+          store_from_acc(dv * hs * gv * (one - gv), dlr + f, n);
         });
-        dh.flush(i);
-        ds.flush(i);
-        dl.flush(i);
       }
     }
   });
