@@ -26,14 +26,16 @@ namespace {
 // One row of u = x * s, read a vector at a time: x (of any floating type,
 // converted in registers) and the per-feature s = sigmoid(gate) multiplied
 // on the fly (s == nullptr: no gate), or a row already materialized in a
-// per-thread buffer (per-instance gates: x == nullptr, s == nullptr).
+// per-thread buffer (per-instance gates): as x when x is of the accumulation
+// type, else `materialized`.
 template <typename scalar_t, typename acc_t>
 struct RowU {
   const scalar_t* x;
   const acc_t* s;
   const acc_t* materialized = nullptr;
   Vectorized<acc_t> vec(int64_t f, int64_t n) const {
-    if (materialized) return load(materialized + f, n);
+    if constexpr (!std::is_same<scalar_t, acc_t>::value)
+      if (materialized) return load(materialized + f, n);
     const Vectorized<acc_t> v = load_as_acc<scalar_t, acc_t>(x + f, n);
     return s ? v * load(s + f, n) : v;
   }
@@ -68,7 +70,10 @@ struct GatedRows {
       store(load_as_acc<scalar_t, acc_t>(x + i * F + f, n) * load(sig_buf.data() + f, n),
             u_buf.data() + f, n);
     });
-    return {nullptr, nullptr, u_buf.data()};
+    if constexpr (std::is_same<scalar_t, acc_t>::value)
+      return {u_buf.data(), nullptr};  // read as x, ungated
+    else
+      return {nullptr, nullptr, u_buf.data()};
   }
   const acc_t* sig() const { return gate_full ? sig_buf.data() : gate_sig; }
 };
