@@ -415,6 +415,7 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
       scale[t * F + f] = (a.weight ? a.weight[f] : acc_t(1)) / (a.sigma[t * F + f] + a.eps);
   if (a.rows.L != 1) return planes_apply<scalar_t>(a, scale);
   scalar_t* y = static_cast<scalar_t*>(a.y);
+  const bool stream = stream_output(a.rows.N * F * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     for (int64_t i = begin; i < end; ++i) {
@@ -424,9 +425,10 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
       const acc_t* s = scale.data() + t * F;
       for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
         const Vec centered = (u.vec(f, n) - load(m + f, n)) * load(s + f, n);
-        store_from_acc(a.bias ? centered + load(a.bias + f, n) : centered, y + i * F + f, n);
+        store_out(a.bias ? centered + load(a.bias + f, n) : centered, y + i * F + f, n, stream);
       });
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -490,6 +492,7 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   Scratch<acc_t> pgate(reduce_gate ? nchunks * F : 0);
   scalar_t* dx = static_cast<scalar_t*>(a.dx);
   scalar_t* dgate = static_cast<scalar_t*>(a.dgate_full);
+  const bool stream = stream_output(N * F * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     const Vec one(acc_t(1));
@@ -513,18 +516,19 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
             du = du * load(p + f, n);
           }
           if (!s) {
-            store_from_acc(du, dx + row + f, n);
+            store_out(du, dx + row + f, n, stream);
             return;
           }
           const Vec sv = load(s + f, n);
-          store_from_acc(du * sv, dx + row + f, n);
+          store_out(du * sv, dx + row + f, n, stream);
           if (pg)
             store(at::vec::fmadd(du, u.vec(f, n), load(pg + f, n)), pg + f, n);
           else if (dgate)
-            store_from_acc(du * u.vec(f, n) * (one - sv), dgate + row + f, n);
+            store_out(du * u.vec(f, n) * (one - sv), dgate + row + f, n, stream);
         });
       }
     }
+    if (stream) stream_fence();
   });
   if (a.rows.gate_vec) {
     if (reduce_gate) sum_chunks(pgate, nchunks, F, a.dgate_vec);

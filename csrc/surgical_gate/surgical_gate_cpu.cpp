@@ -64,6 +64,7 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t d = a.d;
+  const bool stream = stream_output(a.N * d * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, a.N, row_grain(d), [&](int64_t begin, int64_t end) {
     BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
     scalar_t* z = static_cast<scalar_t*>(a.z);
@@ -89,11 +90,12 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
         Vec y = (load(rows.v.data() + f, n) - vmean) * vrstd;
         if (a.weight) y = y * load(a.weight + f, n);
         if (a.bias) y = y + load(a.bias + f, n);
-        store_from_acc(y, out + f, n);
+        store_out(y, out + f, n, stream);
       });
       a.mean[i] = mean;
       a.rstd[i] = rstd;
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -108,6 +110,7 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
   const int64_t nchunks = ceil_div(N, chunk);
   const scalar_t* dz = static_cast<const scalar_t*>(a.dz);
   Scratch<acc_t> partial(nchunks * 2 * d);  // per chunk: sum dz xhat, then sum dz
+  const bool stream = stream_output(N * d * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
     scalar_t *dh = static_cast<scalar_t*>(a.dh), *ds = static_cast<scalar_t*>(a.ds),
@@ -141,14 +144,15 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
           const Vec dxhat = a.weight ? gz * load(a.weight + f, n) : gz;
           const Vec dv = rstd * (dxhat - m1 - xhat * m2);
           const Vec gv = load(rows.g.data() + f, n);
-          store_from_acc(dv * gv, dhr + f, n);
-          store_from_acc(dv * (one - gv), dsr + f, n);
+          store_out(dv * gv, dhr + f, n, stream);
+          store_out(dv * (one - gv), dsr + f, n, stream);
           const Vec hs =
               load_as_acc<scalar_t, acc_t>(hr + f, n) - load_as_acc<scalar_t, acc_t>(sr + f, n);
-          store_from_acc(dv * hs * gv * (one - gv), dlr + f, n);
+          store_out(dv * hs * gv * (one - gv), dlr + f, n, stream);
         });
       }
     }
+    if (stream) stream_fence();
   });
   Scratch<acc_t> total(2 * d, false);
   sum_chunks(partial, nchunks, 2 * d, total.data());

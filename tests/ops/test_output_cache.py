@@ -19,6 +19,9 @@ from surgellm_kernels import (
     fused_iwn,
     fused_surgical_gate,
 )
+from surgellm_kernels.ops.reference import iwn_reference, surgical_gate_reference
+
+from _helpers import assert_close
 
 pytestmark = pytest.mark.skipif(
     not backends(torch.device("cpu"))["cpu"].available, reason="the C++ extension is not built"
@@ -141,3 +144,38 @@ def test_a_bad_limit_names_the_variable():
     assert done.returncode != 0
     assert "SURGELLM_CPU_OUTPUT_CACHE_MB must be a whole number of megabytes" in done.stderr
     assert "ValueError" in done.stderr
+
+
+# Outputs of 32 MiB or more are written with non-temporal stores (float32 /
+# float64, whole aligned vectors; the rest of a row with ordinary stores).
+@pytest.mark.parametrize("features", [1024, 1031])  # rows aligned, and not
+def test_outputs_written_with_streaming_stores_match_float64_truth(cpu_backend, features):
+    rows = (32 << 20) // (4 * features) + 5
+    g = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(rows, features, generator=g) for _ in range(2))
+    gate = torch.randn(features, generator=g)
+    labels = torch.randint(0, 5, (rows,), generator=g)
+    args = dict(training=True, num_classes=5)
+
+    def iwn_and_grads(fn, dtype):
+        xg, gg = (t.to(dtype, copy=True).requires_grad_() for t in (x, gate))
+        y = fn(xg, labels, gate=gg, **args)
+        y.backward(dy.to(dtype))
+        return y, xg.grad, gg.grad
+
+    truth = iwn_and_grads(iwn_reference, torch.float64)
+    for got, want, name in zip(
+        iwn_and_grads(fused_iwn, torch.float32), truth, ("y", "dx", "dgate")
+    ):
+        assert_close(got, want, dtype=torch.float32, scale=10, name=name)
+
+    def gate_and_grads(fn, dtype):
+        h, s, logits = (t.to(dtype, copy=True).requires_grad_() for t in (x, dy, x.flip(0)))
+        z = fn(h, s, logits)
+        z.backward(dy.to(dtype))
+        return z, h.grad, s.grad, logits.grad
+
+    truth = gate_and_grads(surgical_gate_reference, torch.float64)
+    got = gate_and_grads(fused_surgical_gate, torch.float32)
+    for g32, want, name in zip(got, truth, ("z", "dh", "ds", "dlogits")):
+        assert_close(g32, want, dtype=torch.float32, scale=10, name=name)
