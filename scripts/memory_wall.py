@@ -110,6 +110,10 @@ def main():
         m, ratios = measure(N, d, dtype, args.rounds, args.calls)
         cells = " ".join(f"{f'{ratios[k]:.2f} ({FLOORS[k]:.1f})':>32}" for k in FLOORS)
         print(f"{shape:>11} {m['addcmul'] * 1e3:>10.2f} {cells}", flush=True)
+        # The times themselves: addcmul's speed shifts with the machine's
+        # memory traffic more than the fused ops' do, which moves the ratios.
+        times = ", ".join(f"{name} {t * 1e3:.2f}" for name, t in m.items())
+        print(f"{'':>11} ms: {times}", flush=True)
 
 
 if __name__ == "__main__":
