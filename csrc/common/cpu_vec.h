@@ -165,7 +165,7 @@ inline const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t F) {
   }
 }
 
-// Kernel scratch from c10's CPU allocator (not std::vector), so that memory
+// Kernel scratch from the CPU output cache (not std::vector), so that memory
 // profilers -- and the benchmarks' peak-memory column -- see it.
 template <typename T>
 struct Scratch {

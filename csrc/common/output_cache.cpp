@@ -6,8 +6,10 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <iterator>
 #include <list>
 #include <mutex>
 #include <string>
@@ -57,6 +59,10 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 #endif
 }
 
+// Every block it handed out is a node of one of two lists -- held by a
+// tensor, or unused (most recently freed first) -- found by its address. A
+// freed block's node moves between the lists (std::list::splice), so the
+// deleter, which must not throw, allocates nothing.
 class OutputCache final : public c10::Allocator {
  public:
   static OutputCache& get() {
@@ -70,14 +76,7 @@ class OutputCache final : public c10::Allocator {
     if (limit_ == 0 || n < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(n);
     const size_t bytes = (n + kPage - 1) / kPage * kPage;
     void* ptr = take(bytes);
-    if (ptr == nullptr) {
-      ptr = c10::alloc_cpu(bytes);
-      advise_huge_pages(ptr, bytes);
-    }
-    std::unique_lock<std::mutex> lock(mutex_);
-    size_of_[ptr] = bytes;
-    allocated_ += bytes;
-    report(ptr, static_cast<int64_t>(bytes));
+    if (ptr == nullptr) ptr = fresh(bytes);
     return {ptr, ptr, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -91,71 +90,114 @@ class OutputCache final : public c10::Allocator {
   }
 
   int64_t empty() {
-    std::vector<void*> blocks;
+    std::list<Block> blocks;
     size_t freed = 0;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      for (const auto& [bytes, ptr] : free_) blocks.push_back(ptr);
-      free_.clear();
+      for (const Block& b : unused_) where_.erase(b.ptr);
+      blocks.splice(blocks.end(), unused_);
       freed = cached_;
       cached_ = 0;
     }
-    for (void* ptr : blocks) c10::free_cpu(ptr);
+    for (const Block& b : blocks) c10::free_cpu(b.ptr);
     return static_cast<int64_t>(freed);
   }
 
  private:
+  struct Block {
+    void* ptr;
+    size_t bytes;
+  };
+
   explicit OutputCache(size_t limit) : limit_(limit) {}
 
-  // The most recently freed block of exactly `bytes`, or null.
+  // The most recently freed block of exactly `bytes`, now held; or null.
   void* take(size_t bytes) {
     std::unique_lock<std::mutex> lock(mutex_);
-    for (auto it = free_.begin(); it != free_.end(); ++it) {
-      if (it->first != bytes) continue;
-      void* ptr = it->second;
-      free_.erase(it);
+    for (auto it = unused_.begin(); it != unused_.end(); ++it) {
+      if (it->bytes != bytes) continue;
+      held_.splice(held_.begin(), unused_, it);
       cached_ -= bytes;
-      return ptr;
+      allocated_ += bytes;
+      report(it->ptr, static_cast<int64_t>(bytes));
+      return it->ptr;
     }
     return nullptr;
+  }
+
+  // A new block from the system, now held. If the system has no memory,
+  // the unused blocks go back to it first and the allocation is tried again.
+  void* fresh(size_t bytes) {
+    void* ptr = nullptr;
+    try {
+      ptr = c10::alloc_cpu(bytes);
+    } catch (const c10::Error&) {
+      if (empty() == 0) throw;
+      ptr = c10::alloc_cpu(bytes);
+    }
+    advise_huge_pages(ptr, bytes);
+    try {
+      std::unique_lock<std::mutex> lock(mutex_);
+      held_.push_front({ptr, bytes});
+      try {
+        where_.emplace(ptr, held_.begin());
+      } catch (...) {
+        held_.pop_front();
+        throw;
+      }
+      allocated_ += bytes;
+      report(ptr, static_cast<int64_t>(bytes));
+    } catch (...) {
+      c10::free_cpu(ptr);
+      throw;
+    }
+    return ptr;
   }
 
   static void release(void* ptr) { get().give_back(ptr); }
 
   void give_back(void* ptr) {
-    std::vector<void*> to_free;
+    std::list<Block> to_free;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      const auto it = size_of_.find(ptr);
-      const size_t bytes = it->second;
-      size_of_.erase(it);
+      const auto found = where_.find(ptr);
+      TORCH_INTERNAL_ASSERT(found != where_.end(), "a block the CPU output cache did not give");
+      const auto it = found->second;
+      const size_t bytes = it->bytes;
       allocated_ -= bytes;
       report(ptr, -static_cast<int64_t>(bytes));
       if (bytes > limit_) {  // larger than the whole cache: the others stay
-        to_free.push_back(ptr);
+        where_.erase(found);
+        to_free.splice(to_free.end(), held_, it);
       } else {
-        free_.emplace_front(bytes, ptr);
+        unused_.splice(unused_.begin(), held_, it);
         cached_ += bytes;
       }
       while (cached_ > limit_) {  // the least recently freed go first
-        cached_ -= free_.back().first;
-        to_free.push_back(free_.back().second);
-        free_.pop_back();
+        const auto oldest = std::prev(unused_.end());
+        cached_ -= oldest->bytes;
+        where_.erase(oldest->ptr);
+        to_free.splice(to_free.end(), unused_, oldest);
       }
     }
-    for (void* block : to_free) c10::free_cpu(block);
+    for (const Block& b : to_free) c10::free_cpu(b.ptr);
   }
 
-  void report(void* ptr, int64_t delta) const {
-    if (c10::memoryProfilingEnabled())
-      c10::reportMemoryUsageToProfiler(ptr, delta, allocated_, allocated_ + cached_,
-                                       c10::Device(c10::DeviceType::CPU));
+  // To torch's profiler, as c10's CPU allocator reports its own (a failure
+  // to report must not fail a free).
+  void report(void* ptr, int64_t delta) const noexcept {
+    try {
+      if (c10::memoryProfilingEnabled())
+        c10::reportMemoryUsageToProfiler(ptr, delta, allocated_, allocated_ + cached_,
+                                         c10::Device(c10::DeviceType::CPU));
+    } catch (...) {
+    }
   }
 
   const size_t limit_;
   std::mutex mutex_;
-  std::list<std::pair<size_t, void*>> free_;  // most recently freed first
-  std::unordered_map<void*, size_t> size_of_;
+  std::list<Block> held_, unused_;
+  std::unordered_map<void*, std::list<Block>::iterator> where_;
   size_t cached_ = 0, allocated_ = 0;
 };
 

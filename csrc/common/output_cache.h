@@ -8,10 +8,11 @@
 // varied from process to process. A training loop frees an output and asks
 // for one of the same size a step later: a cached block is already mapped.
 //
-// Blocks of at least 1 MiB are cached, keyed by their size; at most
+// Blocks of at least 128 KiB are cached, keyed by their size; at most
 // SURGELLM_CPU_OUTPUT_CACHE_MB megabytes (default 1024; 0 turns the cache
 // off) lie unused in it, the least recently freed going back to the system
-// first. surgellm_kernels.empty_cpu_cache() gives every unused block back.
+// first; when the system has no memory for a new block, every unused one
+// goes back first. surgellm_kernels.empty_cpu_cache() gives them back.
 // Allocations and frees are reported to torch's profiler like torch's own.
 #pragma once
 

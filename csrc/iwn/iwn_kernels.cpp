@@ -338,7 +338,8 @@ std::tuple<Tensor, Tensor> iwn_input_grad(const Tensor& dy, const Tensor& x,
   check_tensor(center, "center", x, {K, F}, acc);
   check_tensor(du_dot_u, "du_dot_u", x, {F}, acc);
   Tensor dx = empty_output_like(x);
-  Tensor dgate = gate.has_value() ? at::empty_like(*gate) : at::empty({0}, x.options().dtype(acc));
+  Tensor dgate =
+      gate.has_value() ? empty_output_like(*gate) : at::empty({0}, x.options().dtype(acc));
   if (x.size(0) == 0) {
     dgate.zero_();
     return {dx, dgate};

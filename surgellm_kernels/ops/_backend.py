@@ -104,7 +104,7 @@ def empty_cpu_cache() -> int:
     """Gives the memory of the CPU output cache back to the system; returns
     how many bytes.
 
-    The CPU kernels keep the storage of their large outputs (1 MiB or more)
+    The CPU kernels keep the storage of their large outputs (128 KiB or more)
     when the tensors are freed, so that the next call's outputs reuse pages
     already mapped instead of faulting fresh ones in. At most
     ``SURGELLM_CPU_OUTPUT_CACHE_MB`` megabytes (default 1024, read at the
