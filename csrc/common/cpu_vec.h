@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <c10/core/CPUAllocator.h>
 
 #include "common/output_cache.h"
 

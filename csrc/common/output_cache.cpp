@@ -12,10 +12,7 @@
 #include <iterator>
 #include <list>
 #include <mutex>
-#include <string>
 #include <unordered_map>
-#include <utility>
-#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -73,8 +70,13 @@ class OutputCache final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t n) override {
-    if (limit_ == 0 || n < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(n);
+    if (n < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(n);
     const size_t bytes = (n + kPage - 1) / kPage * kPage;
+    if (bytes > limit_) {  // never kept (a limit of 0: the cache is off)
+      c10::DataPtr block = retrying([&] { return c10::GetCPUAllocator()->allocate(n); });
+      advise_huge_pages(block.get(), n);
+      return block;
+    }
     void* ptr = take(bytes);
     if (ptr == nullptr) ptr = fresh(bytes);
     return {ptr, ptr, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
@@ -125,16 +127,21 @@ class OutputCache final : public c10::Allocator {
     return nullptr;
   }
 
-  // A new block from the system, now held. If the system has no memory,
-  // the unused blocks go back to it first and the allocation is tried again.
-  void* fresh(size_t bytes) {
-    void* ptr = nullptr;
+  // alloc() from the system; if it has no memory, the unused blocks go
+  // back to it first and alloc() is tried again.
+  template <typename Alloc>
+  auto retrying(const Alloc& alloc) -> decltype(alloc()) {
     try {
-      ptr = c10::alloc_cpu(bytes);
+      return alloc();
     } catch (const c10::Error&) {
       if (empty() == 0) throw;
-      ptr = c10::alloc_cpu(bytes);
+      return alloc();
     }
+  }
+
+  // A new block from the system, now held.
+  void* fresh(size_t bytes) {
+    void* ptr = retrying([&] { return c10::alloc_cpu(bytes); });
     advise_huge_pages(ptr, bytes);
     try {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -166,13 +173,8 @@ class OutputCache final : public c10::Allocator {
       const size_t bytes = it->bytes;
       allocated_ -= bytes;
       report(ptr, -static_cast<int64_t>(bytes));
-      if (bytes > limit_) {  // larger than the whole cache: the others stay
-        where_.erase(found);
-        to_free.splice(to_free.end(), held_, it);
-      } else {
-        unused_.splice(unused_.begin(), held_, it);
-        cached_ += bytes;
-      }
+      unused_.splice(unused_.begin(), held_, it);
+      cached_ += bytes;
       while (cached_ > limit_) {  // the least recently freed go first
         const auto oldest = std::prev(unused_.end());
         cached_ -= oldest->bytes;

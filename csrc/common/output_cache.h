@@ -11,8 +11,10 @@
 // Blocks of at least 128 KiB are cached, keyed by their size; at most
 // SURGELLM_CPU_OUTPUT_CACHE_MB megabytes (default 1024; 0 turns the cache
 // off) lie unused in it, the least recently freed going back to the system
-// first; when the system has no memory for a new block, every unused one
-// goes back first. surgellm_kernels.empty_cpu_cache() gives them back.
+// first; a block larger than that comes from c10's CPU allocator and goes
+// back to it. When the system has no memory for a new block, every unused
+// one goes back first. surgellm_kernels.empty_cpu_cache() gives them back.
+// Blocks of 32 MiB or more are advised onto transparent huge pages.
 // Allocations and frees are reported to torch's profiler like torch's own.
 #pragma once
 

@@ -56,6 +56,8 @@ def test_a_freed_output_is_reused_by_the_next_call_of_its_size(cpu_backend):
     assert cpu_cache_stats()["cached"] == cached  # and taken again
     assert second.data_ptr() == ptr
     torch.testing.assert_close(second, expected, rtol=0, atol=0)
+    truth = iwn_reference(x.double(), labels, training=True, num_classes=3)
+    assert_close(second, truth, dtype=torch.float32, name="y in a reused block")
 
 
 def test_stats_count_live_and_cached_bytes_and_empty_gives_them_back(cpu_backend):
