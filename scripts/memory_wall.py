@@ -16,8 +16,14 @@ tensors = 1x, the gate forward + backward 11 tensors where LayerNorm moves 5
 (2.2x). Each fused call also allocates its outputs (y; dx; z; dh, ds,
 dlogits), as ATen's LayerNorm does; addcmul(out=) does not.
 
+With ``--phases``, each op's phases (the dispatcher ops one call runs) are
+then profiled with torch.profiler: time per call, the tensors of x's size
+an ideal phase moves, and the GB/s that makes against addcmul's in the same
+run -- what bounds each phase, and where the time above the floor goes.
+
     .venv/bin/python scripts/memory_wall.py                      # float32
     .venv/bin/python scripts/memory_wall.py --dtype bfloat16 --rounds 7
+    .venv/bin/python scripts/memory_wall.py --phases --shapes 4096x768
 """
 
 import argparse
@@ -30,6 +36,19 @@ import torch.nn.functional as F
 from surgellm_kernels import fused_iwn, fused_surgical_gate
 
 FLOORS = {"iwn fwd+bwd / addcmul": 2.0, "gate fwd / addcmul": 1.0, "gate fwd+bwd / LN fwd+bwd": 2.2}
+# Tensors of x's size each phase of an ideal kernel moves (the per-class
+# tables, 0 here, move a few rows of F values).
+PHASE_TENSORS = {
+    "surgellm::_iwn_group_keys": 0,
+    "surgellm::_iwn_group_moments": 1,  # read x
+    "surgellm::_iwn_combine": 0,
+    "surgellm::_iwn_apply": 2,  # read x, write y
+    "surgellm::_iwn_task_sums": 2,  # read dy, x
+    "surgellm::_iwn_coefficients": 0,
+    "surgellm::_iwn_input_grad": 3,  # read dy, x, write dx
+    "surgellm::_surgical_gate_forward": 4,  # read h, s, logits, write z
+    "surgellm::_surgical_gate_backward": 7,  # read dz, h, s, logits, write dh, ds, dlogits
+}
 
 
 def closures(N, d, dtype, num_classes=10):
@@ -93,6 +112,47 @@ def measure(N, d, dtype, rounds, calls):
     }
 
 
+def phases(N, d, dtype, calls):
+    """Each phase's time per call and GB/s (ideal bytes) against addcmul's:
+    printed, and returned as {phase op: {"ms", "tensors", "gb_per_s"}} with
+    addcmul's GB/s."""
+    from torch.profiler import profile
+
+    fns = closures(N, d, dtype)
+    tensor_bytes = N * d * torch.empty((), dtype=dtype).element_size()
+    for fn in fns.values():
+        fn()
+    addcmul_s = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fns["addcmul"]()
+        addcmul_s.append(time.perf_counter() - start)
+    addcmul_gbs = 4 * tensor_bytes / statistics.median(addcmul_s) / 1e9
+    print(
+        f"phases at {N}x{d} {str(dtype)[6:]}: torch.profiler, {calls} calls of each op; "
+        f"addcmul {addcmul_gbs:.1f} GB/s in this run"
+    )
+    print(f"  {'phase':<34} {'ms/call':>8} {'tensors':>8} {'GB/s':>7} {'/ addcmul':>10}")
+    table = {}
+    for op in ("iwn fwd+bwd", "gate fwd+bwd"):
+        with profile() as prof:
+            for _ in range(calls):
+                fns[op]()
+        total = 0.0
+        for event in prof.key_averages():
+            if event.key not in PHASE_TENSORS:
+                continue
+            ms = event.self_cpu_time_total / 1e3 / calls
+            total += ms
+            tensors = PHASE_TENSORS[event.key]
+            gbs = tensors * tensor_bytes / (ms / 1e3) / 1e9 if tensors else 0.0
+            ratio = f"{gbs / addcmul_gbs:.2f}" if tensors else "-"
+            print(f"  {event.key[10:]:<34} {ms:>8.3f} {tensors:>8} {gbs:>7.1f} {ratio:>10}")
+            table[event.key] = {"ms": ms, "tensors": tensors, "gb_per_s": gbs}
+        print(f"  {op + ' phases, total':<34} {total:>8.3f}")
+    return table, addcmul_gbs
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="4096x768,32768x768")
@@ -100,6 +160,7 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=3, help="calls timed together in one round")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--phases", action="store_true", help="then profile each op's phases")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -114,6 +175,10 @@ def main():
         # memory traffic more than the fused ops' do, which moves the ratios.
         times = ", ".join(f"{name} {t * 1e3:.2f}" for name, t in m.items())
         print(f"{'':>11} ms: {times}", flush=True)
+    if args.phases:
+        for shape in args.shapes.split(","):
+            N, d = (int(v) for v in shape.split("x"))
+            phases(N, d, dtype, calls=10)
 
 
 if __name__ == "__main__":

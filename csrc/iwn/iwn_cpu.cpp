@@ -80,6 +80,36 @@ struct GatedRows {
 
 inline int64_t key_of(const int32_t* keys, int64_t i) { return keys ? keys[i] : 0; }
 
+// Rows of one group a few at a time. The group moments' second pass reads
+// a chunk's rows again from cache, and there loading and storing the sums
+// for every row, not the data, bounded the time; per block of rows they are
+// loaded and stored once, and each sum still adds its rows one by one in row
+// order (the same result as row by row). Passes that read their rows from
+// memory keep row order: rows interleaved there read slower.
+constexpr int64_t kRowBlock = 4;
+
+// visit(r0, r1, G, block, group_of, body): the rows [r0, r1) group by group
+// (group_of(i) in [0, G)), each group's rows in their order, calling
+// body(g, rows, n) with up to `block` (<= kRowBlock) row indices at a time.
+// Keeps its index buffers from call to call (one per thread).
+struct RowsByGroup {
+  std::vector<int64_t> start, next, order;
+
+  template <typename GroupOf, typename Body>
+  void visit(int64_t r0, int64_t r1, int64_t G, int64_t block, const GroupOf& group_of,
+             const Body& body) {
+    start.assign(G + 1, 0);
+    for (int64_t i = r0; i < r1; ++i) ++start[group_of(i) + 1];
+    for (int64_t g = 0; g < G; ++g) start[g + 1] += start[g];
+    next.assign(start.begin(), start.end() - 1);
+    order.resize(r1 - r0);
+    for (int64_t i = r0; i < r1; ++i) order[next[group_of(i)]++] = i;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = start[g]; j < start[g + 1]; j += block)
+        body(g, order.data() + j, std::min(block, start[g + 1] - j));
+  }
+};
+
 }  // namespace
 
 // -- channels first: planes of L positions (x of shape (N, F, L)) -----------------------
@@ -306,6 +336,7 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
       pm2(one ? 0 : nchunks * G * F, false), pres(one ? 0 : nchunks * G * F, false);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
+    RowsByGroup by_group;
     for (int64_t ch = begin; ch < end; ++ch) {
       acc_t* cnt = one ? a.count : pcount.data() + ch * G;
       acc_t* mean = one ? a.mean : pmean.data() + ch * G * F;
@@ -329,18 +360,30 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
         for_each_vec<acc_t>(F,
                             [&](int64_t f, int64_t n) { store(load(m + f, n) * inv, m + f, n); });
       }
-      for (int64_t i = r0; i < r1; ++i) {
-        const int64_t k = key_of(a.rows.keys, i);
-        const RowU<scalar_t, acc_t> u = rows.u(i);
-        const acc_t* m = mean + k * F;
-        acc_t* sq = m2 + k * F;
-        acc_t* rs = res + k * F;
-        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
-          const Vec d = u.vec(f, n) - load(m + f, n);
-          store(at::vec::fmadd(d, d, load(sq + f, n)), sq + f, n);
-          store(load(rs + f, n) + d, rs + f, n);
-        });
-      }
+      // Then squared deviations from the group's mean, and the deviations,
+      // a block of the group's rows at a time (per-instance gates
+      // materialize each row in one per-thread buffer: one at a time).
+      by_group.visit(
+          r0, r1, G, a.rows.gate_full ? 1 : kRowBlock,
+          [&](int64_t i) { return key_of(a.rows.keys, i); },
+          [&](int64_t k, const int64_t* block, int64_t nr) {
+            RowU<scalar_t, acc_t> u[kRowBlock];
+            for (int64_t r = 0; r < nr; ++r) u[r] = rows.u(block[r]);
+            const acc_t* m = mean + k * F;
+            acc_t* sq = m2 + k * F;
+            acc_t* rs = res + k * F;
+            for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+              const Vec mv = load(m + f, n);
+              Vec q = load(sq + f, n), e = load(rs + f, n);
+              for (int64_t r = 0; r < nr; ++r) {
+                const Vec d = u[r].vec(f, n) - mv;
+                q = at::vec::fmadd(d, d, q);
+                e = e + d;
+              }
+              store(q, sq + f, n);
+              store(e, rs + f, n);
+            });
+          });
     }
   });
   if (one) {  // the residual sums over the group's count

@@ -46,7 +46,7 @@ struct BlendRows {
       prefetch_ahead(hr + f);
       prefetch_ahead(sr + f);
       prefetch_ahead(lr + f);
-      const Vec gv = sigmoid(load_as_acc<scalar_t, acc_t>(lr + f, n));
+      const Vec gv = sigmoid_of<scalar_t>(load_as_acc<scalar_t, acc_t>(lr + f, n));
       const Vec vv = gv * load_as_acc<scalar_t, acc_t>(hr + f, n) +
                      (one - gv) * load_as_acc<scalar_t, acc_t>(sr + f, n);
       if constexpr (kKeepGate) store(gv, g.data() + f, n);

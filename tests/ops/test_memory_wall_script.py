@@ -1,0 +1,28 @@
+"""scripts/memory_wall.py --phases: every phase of one IWN and one gate
+training step is found in the profile, timed and given its ideal bytes."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "memory_wall.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("memory_wall", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_phases_profile_every_phase(capsys):
+    memory_wall = load_script()
+    table, addcmul_gbs = memory_wall.phases(64, 48, torch.float32, calls=2)
+    assert set(table) == set(memory_wall.PHASE_TENSORS)
+    assert addcmul_gbs > 0
+    for phase, row in table.items():
+        assert row["ms"] > 0, phase
+        assert (row["gb_per_s"] > 0) == (row["tensors"] > 0), phase
+    out = capsys.readouterr().out
+    assert "_iwn_group_moments" in out and "_surgical_gate_backward" in out
