@@ -75,13 +75,28 @@ inline void store(const Vectorized<acc_t>& v, acc_t* p, int64_t n) {
 
 // A vector of acc_t read from (written to) data of scalar_t in place:
 // float32 / float64 rows directly, bfloat16 / float16 rows converted lane by
-// lane in registers (no row buffer).
+// lane in registers (no row buffer). With AVX512, one float vector's 16
+// reduced values are loaded (stored) as 256 bits and converted by at::vec's
+// own routines -- not a whole 512-bit reduced vector converted to two float
+// vectors of which one is used: the conversions bounded bfloat16 passes.
 template <typename scalar_t, typename acc_t>
 inline Vectorized<acc_t> load_as_acc(const scalar_t* p, int64_t n) {
   if constexpr (std::is_same<scalar_t, acc_t>::value) {
     return load(p, n);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    static_assert(Vectorized<acc_t>::size() == 16, "16 float lanes");
+    const __m256i raw = n == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                : _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p);
+    __m512 out;
+    if constexpr (std::is_same<scalar_t, c10::BFloat16>::value)
+      at::vec::cvtbf16_fp32(raw, out);
+    else
+      at::vec::cvtfp16_fp32(raw, out);
+    return out;
+#else
     return std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n)));
+#endif
   }
 }
 
@@ -90,7 +105,16 @@ inline void store_from_acc(const Vectorized<acc_t>& v, scalar_t* p, int64_t n) {
   if constexpr (std::is_same<scalar_t, acc_t>::value) {
     store(v, p, n);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i raw = std::is_same<scalar_t, c10::BFloat16>::value ? at::vec::cvtfp32_bf16(v)
+                                                                     : at::vec::cvtfp32_fp16(v);
+    if (n == 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), raw);
+    else
+      _mm256_mask_storeu_epi16(p, __mmask16((1u << n) - 1), raw);
+#else
     at::vec::convert_from_float<scalar_t>(v, v).store(p, static_cast<int>(n));
+#endif
   }
 }
 
