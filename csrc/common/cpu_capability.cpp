@@ -1,6 +1,7 @@
 // The CPU kernel build for this processor (see cpu_dispatch.h).
 #include <ATen/Version.h>
 
+#include <fstream>
 #include <string>
 
 #include "common/cpu_dispatch.h"
@@ -15,6 +16,26 @@ Capability capability() {
     return Capability::DEFAULT;
   }();
   return cap;
+}
+
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int level = 0;
+    int64_t size = 0;
+    for (int index = 0; index < 16; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+      std::ifstream level_file(dir + "/level"), size_file(dir + "/size");
+      int this_level = 0;
+      int64_t value = 0;
+      std::string unit;
+      if (!(level_file >> this_level) || !(size_file >> value)) break;
+      size_file >> unit;  // "32768K": the number, then K or M
+      const int64_t scale = unit == "M" ? (int64_t(1) << 20) : unit == "K" ? 1024 : 1;
+      if (this_level > level) level = this_level, size = value * scale;
+    }
+    return size > 0 ? size : int64_t(32) << 20;
+  }();
+  return bytes;
 }
 }  // namespace cpu
 }  // namespace surgellm

@@ -26,6 +26,13 @@ enum class Capability { DEFAULT, AVX2, AVX512 };
 // ATEN_CPU_CAPABILITY), read once.
 Capability capability();
 
+// The size of the cache level farthest from the cores that one core sees
+// (Linux: /sys/devices/system/cpu/cpu0/cache; 32 MiB where unknown), read
+// once. Not sysconf(_SC_LEVEL3_CACHE_SIZE): glibc reports there what the
+// whole package holds (on this project's AMD machine ten times what a core
+// shares).
+int64_t last_level_cache_bytes();
+
 // Calls KERNEL<T>(ARGS) from the build matching this processor.
 #ifdef SURGELLM_CPU_HAS_AVX
 #define SURGELLM_CPU_KERNEL(KERNEL, T, ARGS)       \

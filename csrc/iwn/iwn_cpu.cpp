@@ -147,9 +147,10 @@ inline void for_each_plane_vec(const scalar_t* a, const scalar_t* b, int64_t L, 
 }
 
 // out = fn(a, b) over a plane (b == nullptr: fn(a, a)), read and written as
-// scalar_t: for bfloat16 / float16 two acc vectors per full load and store.
+// scalar_t: for bfloat16 / float16 two acc vectors per full load; written
+// with non-temporal stores when `stream` (store_out).
 template <typename scalar_t, typename acc_t, typename Fn>
-inline void map_plane(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L,
+inline void map_plane(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, bool stream,
                       const Fn& fn) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
@@ -160,13 +161,14 @@ inline void map_plane(const scalar_t* a, const scalar_t* b, scalar_t* out, int64
       Vec b0 = a0, b1 = a1;
       if (b)
         std::tie(b0, b1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(b + l));
-      at::vec::convert_from_float<scalar_t>(fn(a0, b0), fn(a1, b1)).store(out + l);
+      store_out(fn(a0, b0), out + l, W, stream);
+      store_out(fn(a1, b1), out + l + W, W, stream);
     }
   }
   for (; l < L; l += W) {
     const int64_t n = std::min(W, L - l);
     const Vec va = load_as_acc<scalar_t, acc_t>(a + l, n);
-    store_from_acc(fn(va, b ? load_as_acc<scalar_t, acc_t>(b + l, n) : va), out + l, n);
+    store_out(fn(va, b ? load_as_acc<scalar_t, acc_t>(b + l, n) : va), out + l, n, stream);
   }
 }
 
@@ -229,12 +231,14 @@ void planes_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   });
 }
 
-// Elementwise over planes: body(i, f, plane offset), in parallel over planes.
+// Elementwise over planes: body(i, f, plane offset), in parallel over planes;
+// a task that streamed its stores ends with stream_fence().
 template <typename Body>
-inline void for_each_plane(int64_t N, int64_t F, int64_t L, const Body& body) {
+inline void for_each_plane(int64_t N, int64_t F, int64_t L, bool stream, const Body& body) {
   at::parallel_for(0, N * F, std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t j = begin; j < end; ++j) body(j / F, j % F, j * L);
+                     if (stream) stream_fence();
                    });
 }
 
@@ -247,10 +251,11 @@ void planes_apply(const IWNApplyArgs<acc_type<scalar_t>>& a,
   const int64_t F = a.rows.F, L = a.rows.L;
   const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
   scalar_t* y = static_cast<scalar_t*>(a.y);
-  for_each_plane(a.rows.N, F, L, [&](int64_t i, int64_t f, int64_t off) {
+  const bool stream = stream_output(2, a.rows.N * F * L * int64_t(sizeof(scalar_t)));  // x, y
+  for_each_plane(a.rows.N, F, L, stream, [&](int64_t i, int64_t f, int64_t off) {
     const int64_t t = key_of(a.rows.keys, i) / a.key_div;
     const Vec m(a.mu[t * F + f]), s(scale[t * F + f]), b(a.bias ? a.bias[f] : acc_t(0));
-    map_plane<scalar_t, acc_t>(x + off, nullptr, y + off, L, [&](const Vec& v, const Vec&) {
+    map_plane<scalar_t, acc_t>(x + off, nullptr, y + off, L, stream, [&](const Vec& v, const Vec&) {
       const Vec centered = (v - m) * s;
       return a.bias ? centered + b : centered;
     });
@@ -296,19 +301,23 @@ void planes_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
   scalar_t* dx = static_cast<scalar_t*>(a.dx);
-  for_each_plane(a.rows.N, F, L, [&](int64_t i, int64_t f, int64_t off) {
+  // dy, x (in training), dx
+  const bool stream =
+      stream_output(a.training ? 3 : 2, a.rows.N * F * L * int64_t(sizeof(scalar_t)));
+  for_each_plane(a.rows.N, F, L, stream, [&](int64_t i, int64_t f, int64_t off) {
     const int64_t k = key_of(a.rows.keys, i);
     const Vec p(a.scale[(k / a.key_div) * F + f]);
     if (!a.training) {
-      map_plane<scalar_t, acc_t>(dy + off, nullptr, dx + off, L,
+      map_plane<scalar_t, acc_t>(dy + off, nullptr, dx + off, L, stream,
                                  [&](const Vec& g, const Vec&) { return g * p; });
       return;
     }
     const Vec shift(a.dy_shift[k * F + f]), coef(a.dev_coef[k * F + f]),
         center(a.center[k * F + f]);
-    map_plane<scalar_t, acc_t>(dy + off, x + off, dx + off, L, [&](const Vec& g, const Vec& v) {
-      return at::vec::fmadd(coef, v - center, (g - shift) * p);
-    });
+    map_plane<scalar_t, acc_t>(dy + off, x + off, dx + off, L, stream,
+                               [&](const Vec& g, const Vec& v) {
+                                 return at::vec::fmadd(coef, v - center, (g - shift) * p);
+                               });
   });
 }
 
@@ -458,7 +467,7 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
       scale[t * F + f] = (a.weight ? a.weight[f] : acc_t(1)) / (a.sigma[t * F + f] + a.eps);
   if (a.rows.L != 1) return planes_apply<scalar_t>(a, scale);
   scalar_t* y = static_cast<scalar_t*>(a.y);
-  const bool stream = stream_output(a.rows.N * F * int64_t(sizeof(scalar_t)));
+  const bool stream = stream_output(2, a.rows.N * F * int64_t(sizeof(scalar_t)));  // x, y
   at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     for (int64_t i = begin; i < end; ++i) {
@@ -535,7 +544,8 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   Scratch<acc_t> pgate(reduce_gate ? nchunks * F : 0);
   scalar_t* dx = static_cast<scalar_t*>(a.dx);
   scalar_t* dgate = static_cast<scalar_t*>(a.dgate_full);
-  const bool stream = stream_output(N * F * int64_t(sizeof(scalar_t)));
+  // dy, x, dx (and dgate)
+  const bool stream = stream_output(dgate ? 4 : 3, N * F * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     const Vec one(acc_t(1));

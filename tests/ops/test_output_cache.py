@@ -21,7 +21,7 @@ from surgellm_kernels import (
 )
 from surgellm_kernels.ops.reference import iwn_reference, surgical_gate_reference
 
-from _helpers import assert_close
+from _helpers import assert_as_accurate_as_reference, assert_close
 
 pytestmark = pytest.mark.skipif(
     not backends(torch.device("cpu"))["cpu"].available, reason="the C++ extension is not built"
@@ -164,36 +164,51 @@ def test_a_bad_limit_names_the_variable():
     assert "ValueError" in done.stderr
 
 
-# Outputs of 32 MiB or more are written with non-temporal stores (float32 /
-# float64, whole aligned vectors; the rest of a row with ordinary stores).
-@pytest.mark.parametrize("features", [1024, 1031])  # rows aligned, and not
-def test_outputs_written_with_streaming_stores_match_float64_truth(cpu_backend, features):
-    rows = (32 << 20) // (4 * features) + 5
+# A pass whose tensors together exceed the last-level cache (32 MiB or less
+# on the machines this runs on) writes its outputs with non-temporal stores:
+# whole aligned vectors, the rest of a row with ordinary stores. Rows of
+# 1024 and 1031 features (aligned and not), bfloat16 rows, and channels-first
+# planes (BatchNorm's layout, fused_iwn's feature_dim=1).
+STREAMED = [
+    (torch.float32, (((32 << 20) // (4 * 1024)) + 5, 1024)),
+    (torch.float32, (((32 << 20) // (4 * 1031)) + 5, 1031)),
+    (torch.bfloat16, (((32 << 20) // (4 * 1031)) + 5, 1031)),
+    (torch.float32, (64, 64, 32, 33)),
+    (torch.bfloat16, (64, 64, 64, 33)),
+]
+
+
+@pytest.mark.parametrize("dtype, shape", STREAMED, ids=lambda v: str(v).replace("torch.", ""))
+def test_outputs_written_with_streaming_stores_match_float64_truth(cpu_backend, dtype, shape):
     g = torch.Generator().manual_seed(0)
-    x, dy = (torch.randn(rows, features, generator=g) for _ in range(2))
-    gate = torch.randn(features, generator=g)
-    labels = torch.randint(0, 5, (rows,), generator=g)
-    args = dict(training=True, num_classes=5)
+    x, dy = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
+    planes = len(shape) == 4
+    features = shape[1] if planes else shape[-1]
+    gate = None if planes else torch.randn(features, generator=g)
+    labels = torch.randint(0, 5, (shape[0],), generator=g)
+    args = dict(training=True, num_classes=5, feature_dim=1 if planes else -1)
 
-    def iwn_and_grads(fn, dtype):
-        xg, gg = (t.to(dtype, copy=True).requires_grad_() for t in (x, gate))
+    def iwn_and_grads(fn, as_dtype):
+        xg = x.to(as_dtype, copy=True).requires_grad_()
+        gg = None if gate is None else gate.to(as_dtype, copy=True).requires_grad_()
         y = fn(xg, labels, gate=gg, **args)
-        y.backward(dy.to(dtype))
-        return y, xg.grad, gg.grad
+        y.backward(dy.to(as_dtype))
+        return (y, xg.grad) + (() if gg is None else (gg.grad,))
 
-    truth = iwn_and_grads(iwn_reference, torch.float64)
-    for got, want, name in zip(
-        iwn_and_grads(fused_iwn, torch.float32), truth, ("y", "dx", "dgate")
-    ):
-        assert_close(got, want, dtype=torch.float32, scale=10, name=name)
-
-    def gate_and_grads(fn, dtype):
-        h, s, logits = (t.to(dtype, copy=True).requires_grad_() for t in (x, dy, x.flip(0)))
+    def gate_and_grads(fn, as_dtype):
+        h, s, logits = (t.to(as_dtype, copy=True).requires_grad_() for t in (x, dy, x.flip(0)))
         z = fn(h, s, logits)
-        z.backward(dy.to(dtype))
+        z.backward(dy.to(as_dtype))
         return z, h.grad, s.grad, logits.grad
 
-    truth = gate_and_grads(surgical_gate_reference, torch.float64)
-    got = gate_and_grads(fused_surgical_gate, torch.float32)
-    for g32, want, name in zip(got, truth, ("z", "dh", "ds", "dlogits")):
-        assert_close(g32, want, dtype=torch.float32, scale=10, name=name)
+    cases = [(iwn_and_grads, fused_iwn, iwn_reference)]
+    if not planes:
+        cases.append((gate_and_grads, fused_surgical_gate, surgical_gate_reference))
+    for run, fused, reference in cases:
+        truth = run(reference, torch.float64)
+        got = run(fused, dtype)
+        if dtype == torch.float32:
+            for i, (a, t) in enumerate(zip(got, truth)):
+                assert_close(a, t, dtype=dtype, scale=10, name=f"{fused.__name__} output {i}")
+        else:
+            assert_as_accurate_as_reference(got, run(reference, dtype), truth, dtype)
