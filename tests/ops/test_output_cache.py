@@ -165,10 +165,11 @@ def test_a_bad_limit_names_the_variable():
 
 
 # A pass whose tensors together exceed the last-level cache (32 MiB or less
-# on the machines this runs on) writes its outputs with non-temporal stores:
-# whole aligned vectors, the rest of a row with ordinary stores. Rows of
-# 1024 and 1031 features (aligned and not), bfloat16 rows, and channels-first
-# planes (BatchNorm's layout, fused_iwn's feature_dim=1).
+# on the machines this runs on) writes float32 outputs with non-temporal
+# stores: whole aligned vectors, the rest of a row with ordinary stores. Rows
+# of 1024 and 1031 features (aligned and not), channels-first planes
+# (BatchNorm's layout, fused_iwn's feature_dim=1), and bfloat16 through the
+# same passes (ordinary stores).
 STREAMED = [
     (torch.float32, (((32 << 20) // (4 * 1024)) + 5, 1024)),
     (torch.float32, (((32 << 20) // (4 * 1031)) + 5, 1031)),
