@@ -147,8 +147,8 @@ inline void for_each_plane_vec(const scalar_t* a, const scalar_t* b, int64_t L, 
 }
 
 // out = fn(a, b) over a plane (b == nullptr: fn(a, a)), read and written as
-// scalar_t: for bfloat16 / float16 two acc vectors per full load; written
-// with non-temporal stores when `stream` (store_out).
+// scalar_t: for bfloat16 / float16 two acc vectors per full load and store;
+// float32 / float64 with non-temporal stores when `stream` (store_out).
 template <typename scalar_t, typename acc_t, typename Fn>
 inline void map_plane(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, bool stream,
                       const Fn& fn) {
@@ -161,8 +161,7 @@ inline void map_plane(const scalar_t* a, const scalar_t* b, scalar_t* out, int64
       Vec b0 = a0, b1 = a1;
       if (b)
         std::tie(b0, b1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(b + l));
-      store_out(fn(a0, b0), out + l, W, stream);
-      store_out(fn(a1, b1), out + l + W, W, stream);
+      at::vec::convert_from_float<scalar_t>(fn(a0, b0), fn(a1, b1)).store(out + l);
     }
   }
   for (; l < L; l += W) {
@@ -544,8 +543,10 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   Scratch<acc_t> pgate(reduce_gate ? nchunks * F : 0);
   scalar_t* dx = static_cast<scalar_t*>(a.dx);
   scalar_t* dgate = static_cast<scalar_t*>(a.dgate_full);
-  // dy, x, dx (and dgate)
-  const bool stream = stream_output(dgate ? 4 : 3, N * F * int64_t(sizeof(scalar_t)));
+  // dy, dx; x where u is read; dgate
+  const bool reads_x = a.training || a.rows.gate_vec || dgate;
+  const bool stream =
+      stream_output(2 + reads_x + (dgate != nullptr), N * F * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     const Vec one(acc_t(1));

@@ -4,7 +4,14 @@ training step is found in the profile, timed and given its ideal bytes."""
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
+
+from surgellm_kernels import backends
+
+pytestmark = pytest.mark.skipif(
+    not backends(torch.device("cpu"))["cpu"].available, reason="the C++ extension is not built"
+)
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "memory_wall.py"
 

@@ -18,7 +18,7 @@ from surgellm_kernels import (
     lexical_features,
 )
 
-from _helpers import device_backends
+from _helpers import assert_close, device_backends
 
 CPU_PAIRS = [(b, d) for b, d in device_backends() if d == "cpu"]
 
@@ -144,16 +144,25 @@ def test_non_finite_input_poisons_its_feature_only(backend, device, std_mode, fo
 
 
 @pytest.mark.parametrize("backend,device", device_backends())
-def test_non_finite_row_of_the_gate_stays_in_its_row(backend, device, force_backend):
-    """As F.layer_norm: a NaN in h, s or the logits makes its row non-finite only."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_non_finite_row_of_the_gate_stays_in_its_row(backend, device, dtype, force_backend):
+    """As F.layer_norm: a NaN in h, s or the logits makes its row non-finite
+    only (in a row's full vectors and its tail); infinite logits select h or s."""
     force_backend(backend)
-    torch.manual_seed(0)
-    h, s, logits = (torch.randn(4, 7, device=device) for _ in range(3))
+    g = torch.Generator().manual_seed(0)
+    h, s, logits = (torch.randn(6, 37, generator=g).to(dtype).to(device) for _ in range(3))
     clean = fused_surgical_gate(h, s, logits)
-    h[1, 2], s[2, 0], logits[3, 6] = float("nan"), float("inf"), float("nan")
+    h[1, 2], s[2, 0], logits[3, 20], logits[0, 36] = (float("nan"), float("inf")) + (
+        float("nan"),
+    ) * 2
+    logits[4], logits[5] = float("inf"), -float("inf")
     z = fused_surgical_gate(h, s, logits)
-    assert not torch.isfinite(z[1:]).all(dim=1).any()
-    assert torch.equal(z[0], clean[0])
+    assert not torch.isfinite(z[:4]).all(dim=1).any()
+    for row, chosen in ((4, h), (5, s)):
+        want = torch.nn.functional.layer_norm(chosen[row].double(), (37,))
+        assert_close(z[row], want, dtype=dtype, name=f"row {row}")
+    assert torch.equal(z[4:], fused_surgical_gate(h[4:], s[4:], logits[4:]))
+    assert torch.isfinite(clean).all()
 
 
 # Not the interpreted Triton kernels: Triton's interpreter keeps its grid in
