@@ -44,6 +44,21 @@ TENSORS_MOVED = {
     "SurgicalGate module": {"eval": 4, "train_fwd": 4, "train_fwd_bwd": 11},
     "InstanceWeightedNorm2d": {"eval": 2, "train_fwd": 3, "train_fwd_bwd": 8},
 }
+# Tensors of x's size each phase (dispatcher op) of an ideal kernel moves;
+# the per-class tables (0) move a few rows of F values. The report prints,
+# for the fused CPU kernels in training, each phase's time and GB/s against
+# the proxy's in the same run (scripts/memory_wall.py --phases too).
+PHASE_TENSORS = {
+    "surgellm::_iwn_group_keys": 0,
+    "surgellm::_iwn_group_moments": 1,  # read x
+    "surgellm::_iwn_combine": 0,
+    "surgellm::_iwn_apply": 2,  # read x, write y
+    "surgellm::_iwn_task_sums": 2,  # read dy, x
+    "surgellm::_iwn_coefficients": 0,
+    "surgellm::_iwn_input_grad": 3,  # read dy, x, write dx
+    "surgellm::_surgical_gate_forward": 4,  # read h, s, logits, write z
+    "surgellm::_surgical_gate_backward": 7,  # read dz, h, s, logits, write dh, ds, dlogits
+}
 PROXY = "addcmul proxy"
 COPY = "D2D copy of ideal bytes"  # CUDA roofline: copy_ moving the ideal bytes
 PROXY_TENSORS = 4  # torch.addcmul(a, b, c, out=o): three reads, one write
@@ -148,6 +163,21 @@ class Row:
     median_ms: Optional[float] = None
     peak_mb: Optional[float] = None
     note: str = ""
+    phase_ms: Optional[Dict[str, float]] = None  # per call, fused CPU kernels in training
+
+
+def phase_times(fn: Callable, calls: int = 3) -> Dict[str, float]:
+    """Each phase's self CPU time per call of fn (torch.profiler), in ms."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(calls):
+            fn()
+    return {
+        e.key: e.self_cpu_time_total / 1e3 / calls
+        for e in prof.key_averages()
+        if e.key in PHASE_TENSORS
+    }
 
 
 def _copy_of_ideal_bytes(case: Case):
@@ -318,7 +348,43 @@ class Report:
                         f"{fmt(r['roofline'], '>8.2f')} {fmt(r['peak_mb'], '>8.1f')}"
                         + (f" {fmt(r.get('vs_copy'), '>7.2f')}" if with_copy else "")
                     )
+                lines += self._phase_lines(sel, rows)
         return "\n".join(lines)
+
+    @staticmethod
+    def _phase_lines(sel, rows) -> List[str]:
+        """Per phase of the rows that have them: ms per call, GB/s of the ideal
+        bytes, and that GB/s over the proxy's in the same run."""
+        lines = []
+        for r in sel:
+            if not r.get("phase_ms"):
+                continue
+            proxy = next(
+                (
+                    p
+                    for p in rows
+                    if p["impl"] == PROXY
+                    and p["median_ms"]
+                    and all(p[k] == r[k] for k in ("op", "mode", "shape", "dtype", "device"))
+                ),
+                None,
+            )
+            tensor_bytes = r["gb_per_s"] * r["median_ms"] * 1e6 / TENSORS_MOVED[r["op"]][r["mode"]]
+            proxy_gbs = proxy["gb_per_s"] if proxy else None
+            lines.append(
+                f"  phases of {r['impl']} at {r['shape']} {r['dtype'].split('.')[-1]}: "
+                "ms per call, ideal tensors, GB/s"
+                + (f", GB/s / {PROXY} ({proxy_gbs:.1f} GB/s)" if proxy_gbs else "")
+            )
+            for phase, ms in r["phase_ms"].items():
+                tensors = PHASE_TENSORS[phase]
+                gbs = tensors * tensor_bytes / (ms * 1e-3) / 1e9 if tensors and ms > 0 else None
+                lines.append(
+                    f"    {phase.split('::')[-1]:<26} {ms:>8.3f} {tensors:>3}"
+                    + (f" {gbs:>7.1f}" if gbs else f" {'-':>7}")
+                    + (f" {gbs / proxy_gbs:>6.2f}" if gbs and proxy_gbs else "")
+                )
+        return lines
 
     def save(self, folder: str) -> List[str]:
         os.makedirs(folder, exist_ok=True)
@@ -472,5 +538,7 @@ def run_case(benchmark, report: Report, case: Case, impl: Implementation) -> Non
         row.peak_mb = peak_bytes(fn, case.device) / 2**20
         benchmark.extra_info.update({"op": case.op, "mode": case.mode, "impl": impl.name})
         benchmark.pedantic(timed, rounds=rounds_for(per_call), iterations=1, warmup_rounds=1)
+        if impl.backend == "cpu" and case.device == "cpu" and case.mode == "train_fwd_bwd":
+            row.phase_ms = phase_times(fn)
     row.median_ms = benchmark.stats.stats.median * 1e3
     report.add(row)

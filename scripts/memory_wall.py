@@ -28,27 +28,19 @@ run -- what bounds each phase, and where the time above the floor goes.
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from surgellm_kernels import fused_iwn, fused_surgical_gate
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness import PHASE_TENSORS, phase_times  # noqa: E402  (the benchmark suite's)
+
 FLOORS = {"iwn fwd+bwd / addcmul": 2.0, "gate fwd / addcmul": 1.0, "gate fwd+bwd / LN fwd+bwd": 2.2}
-# Tensors of x's size each phase of an ideal kernel moves (the per-class
-# tables, 0 here, move a few rows of F values).
-PHASE_TENSORS = {
-    "surgellm::_iwn_group_keys": 0,
-    "surgellm::_iwn_group_moments": 1,  # read x
-    "surgellm::_iwn_combine": 0,
-    "surgellm::_iwn_apply": 2,  # read x, write y
-    "surgellm::_iwn_task_sums": 2,  # read dy, x
-    "surgellm::_iwn_coefficients": 0,
-    "surgellm::_iwn_input_grad": 3,  # read dy, x, write dx
-    "surgellm::_surgical_gate_forward": 4,  # read h, s, logits, write z
-    "surgellm::_surgical_gate_backward": 7,  # read dz, h, s, logits, write dh, ds, dlogits
-}
 
 
 def closures(N, d, dtype, num_classes=10):
@@ -116,8 +108,6 @@ def phases(N, d, dtype, calls):
     """Each phase's time per call and GB/s (ideal bytes) against addcmul's:
     printed, and returned as {phase op: {"ms", "tensors", "gb_per_s"}} with
     addcmul's GB/s."""
-    from torch.profiler import profile
-
     fns = closures(N, d, dtype)
     tensor_bytes = N * d * torch.empty((), dtype=dtype).element_size()
     for fn in fns.values():
@@ -135,21 +125,14 @@ def phases(N, d, dtype, calls):
     print(f"  {'phase':<34} {'ms/call':>8} {'tensors':>8} {'GB/s':>7} {'/ addcmul':>10}")
     table = {}
     for op in ("iwn fwd+bwd", "gate fwd+bwd"):
-        with profile() as prof:
-            for _ in range(calls):
-                fns[op]()
-        total = 0.0
-        for event in prof.key_averages():
-            if event.key not in PHASE_TENSORS:
-                continue
-            ms = event.self_cpu_time_total / 1e3 / calls
-            total += ms
-            tensors = PHASE_TENSORS[event.key]
+        times = phase_times(fns[op], calls)
+        for phase, ms in times.items():
+            tensors = PHASE_TENSORS[phase]
             gbs = tensors * tensor_bytes / (ms / 1e3) / 1e9 if tensors else 0.0
             ratio = f"{gbs / addcmul_gbs:.2f}" if tensors else "-"
-            print(f"  {event.key[10:]:<34} {ms:>8.3f} {tensors:>8} {gbs:>7.1f} {ratio:>10}")
-            table[event.key] = {"ms": ms, "tensors": tensors, "gb_per_s": gbs}
-        print(f"  {op + ' phases, total':<34} {total:>8.3f}")
+            print(f"  {phase[10:]:<34} {ms:>8.3f} {tensors:>8} {gbs:>7.1f} {ratio:>10}")
+            table[phase] = {"ms": ms, "tensors": tensors, "gb_per_s": gbs}
+        print(f"  {op + ' phases, total':<34} {sum(times.values()):>8.3f}")
     return table, addcmul_gbs
 
 
