@@ -30,8 +30,8 @@ int64_t last_level_cache_bytes() {
       std::string unit;
       if (!(level_file >> this_level) || !(size_file >> value)) break;
       size_file >> unit;  // "32768K": the number, then K or M
-      const int64_t scale = unit == "M" ? (int64_t(1) << 20) : unit == "K" ? 1024 : 1;
-      if (this_level > level) level = this_level, size = value * scale;
+      const int64_t scale = unit == "M" ? (int64_t(1) << 20) : unit == "K" ? 1024 : 0;
+      if (this_level > level) level = this_level, size = value * scale;  // unknown unit: 0
     }
     return size > 0 ? size : int64_t(32) << 20;
   }();

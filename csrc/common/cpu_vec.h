@@ -107,6 +107,7 @@ inline void store_from_acc(const Vectorized<acc_t>& v, scalar_t* p, int64_t n) {
     store(v, p, n);
   } else {
 #if defined(CPU_CAPABILITY_AVX512)
+    static_assert(Vectorized<acc_t>::size() == 16, "16 float lanes");
     const __m256i raw = std::is_same<scalar_t, c10::BFloat16>::value ? at::vec::cvtfp32_bf16(v)
                                                                      : at::vec::cvtfp32_fp16(v);
     if (n == 16)

@@ -375,7 +375,7 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
           r0, r1, G, a.rows.gate_full ? 1 : kRowBlock,
           [&](int64_t i) { return key_of(a.rows.keys, i); },
           [&](int64_t k, const int64_t* block, int64_t nr) {
-            RowU<scalar_t, acc_t> u[kRowBlock];
+            RowU<scalar_t, acc_t> u[kRowBlock]{};
             for (int64_t r = 0; r < nr; ++r) u[r] = rows.u(block[r]);
             const acc_t* m = mean + k * F;
             acc_t* sq = m2 + k * F;
