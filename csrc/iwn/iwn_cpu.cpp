@@ -250,7 +250,7 @@ void planes_apply(const IWNApplyArgs<acc_type<scalar_t>>& a,
   const int64_t F = a.rows.F, L = a.rows.L;
   const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
   scalar_t* y = static_cast<scalar_t*>(a.y);
-  const bool stream = stream_output(2, a.rows.N * F * L * int64_t(sizeof(scalar_t)));  // x, y
+  const bool stream = stream_output<scalar_t>(2, a.rows.N * F * L);  // x, y
   for_each_plane(a.rows.N, F, L, stream, [&](int64_t i, int64_t f, int64_t off) {
     const int64_t t = key_of(a.rows.keys, i) / a.key_div;
     const Vec m(a.mu[t * F + f]), s(scale[t * F + f]), b(a.bias ? a.bias[f] : acc_t(0));
@@ -301,8 +301,7 @@ void planes_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
   scalar_t* dx = static_cast<scalar_t*>(a.dx);
   // dy, x (in training), dx
-  const bool stream =
-      stream_output(a.training ? 3 : 2, a.rows.N * F * L * int64_t(sizeof(scalar_t)));
+  const bool stream = stream_output<scalar_t>(a.training ? 3 : 2, a.rows.N * F * L);
   for_each_plane(a.rows.N, F, L, stream, [&](int64_t i, int64_t f, int64_t off) {
     const int64_t k = key_of(a.rows.keys, i);
     const Vec p(a.scale[(k / a.key_div) * F + f]);
@@ -466,7 +465,7 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
       scale[t * F + f] = (a.weight ? a.weight[f] : acc_t(1)) / (a.sigma[t * F + f] + a.eps);
   if (a.rows.L != 1) return planes_apply<scalar_t>(a, scale);
   scalar_t* y = static_cast<scalar_t*>(a.y);
-  const bool stream = stream_output(2, a.rows.N * F * int64_t(sizeof(scalar_t)));  // x, y
+  const bool stream = stream_output<scalar_t>(2, a.rows.N * F);  // x, y
   at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     for (int64_t i = begin; i < end; ++i) {
@@ -545,8 +544,7 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   scalar_t* dgate = static_cast<scalar_t*>(a.dgate_full);
   // dy, dx; x where u is read; dgate
   const bool reads_x = a.training || a.rows.gate_vec || dgate;
-  const bool stream =
-      stream_output(2 + reads_x + (dgate != nullptr), N * F * int64_t(sizeof(scalar_t)));
+  const bool stream = stream_output<scalar_t>(2 + reads_x + (dgate != nullptr), N * F);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     const Vec one(acc_t(1));
