@@ -7,7 +7,8 @@ Trains, with the training command's defaults (the paper's recipe) and the
 options given, the full model, the model without each part (--no-prefix,
 --no-gate, --no-iwn), the model with all three off, and a plain fine-tune of
 the same encoder (first token -> one linear layer per task, AdamW with the
-same learning rate, warm-up and linear decay, the same epochs and batches),
+same learning rates, warm-up and linear decay, the same epochs and batches,
+the best epoch on --eval kept, as for the other variants),
 once per seed; prints a markdown table of the mean macro-F1 over tasks (and
 per task) on --eval, each cell the mean over seeds with the range.
 """
@@ -51,12 +52,8 @@ def plain_fine_tune(encoder, train, eval_path, output, seed, extra):
             output,
             "--seed",
             str(seed),
-            "--save-strategy",
-            "no",
-            "--eval-strategy",
-            "no",
-            "--load-best-model-at-end",
-            "false",
+            "--save-total-limit",
+            "1",
             "--disable-tqdm",
             "true",
             *extra,
@@ -108,6 +105,7 @@ def plain_fine_tune(encoder, train, eval_path, output, seed, extra):
         model=Plain(),
         args=args,
         train_dataset=data,
+        eval_dataset=eval_data,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics_for(tasks),
     )

@@ -387,3 +387,51 @@ def test_constant_feature_is_scaled_by_one(tokenizer_dir):
     model.eval()
     odd = processor(["what ? ! 7"], ["sentiment"])
     assert iwn(odd["features"], task_ids=odd["task_ids"]).abs().max() < 100
+
+
+@pytest.mark.parametrize("head_learning_rate", [5e-3, None])
+def test_optimizer_groups_encoder_and_fresh_parameters(tokenizer_dir, tmp_path, head_learning_rate):
+    from surgellm_kernels.surgellm.trainer import SurgeLLMTrainer, SurgeLLMTrainingArguments
+
+    model, _ = make_model(tokenizer_dir)
+    args = SurgeLLMTrainingArguments(
+        output_dir=str(tmp_path),
+        learning_rate=1e-4,
+        head_learning_rate=head_learning_rate,
+        warmup_steps=2,
+        eval_strategy="no",
+        load_best_model_at_end=False,
+        use_cpu=True,
+    )
+    trainer = SurgeLLMTrainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = []
+    for group in trainer.optimizer.param_groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        seen += group_names
+        if head_learning_rate is None:  # Trainer's groups, one rate
+            assert group["initial_lr"] == 1e-4
+        else:  # no group mixes the two kinds
+            in_encoder = {n.startswith("surgellm.encoder.") for n in group_names}
+            assert len(in_encoder) == 1, group_names
+            assert group["initial_lr"] == (1e-4 if in_encoder.pop() else head_learning_rate)
+        # decay except biases and norm weights, as Trainer groups them
+        no_decay = {n.endswith("bias") or "norm" in n.lower() for n in group_names}
+        assert no_decay == {group["weight_decay"] == 0.0}, group_names
+    assert sorted(seen) == sorted(names.values())  # every parameter, once
+    if head_learning_rate is not None:
+        fresh = [n for n in seen if not n.startswith("surgellm.encoder.")]
+        assert any(n.startswith("heads.") for n in fresh)
+        assert any(n.startswith("surgellm.fusion.gate") for n in fresh)
+        # the schedule scales both: half-way through the warm-up, half of each
+        trainer.lr_scheduler.step()
+        for group in trainer.optimizer.param_groups:
+            assert group["lr"] == pytest.approx(group["initial_lr"] / 2)
+        # an optimizer given to Trainer is left as it is
+        given = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = SurgeLLMTrainer(model=model, args=args, optimizers=(given, None))
+        trainer.create_optimizer_and_scheduler(num_training_steps=10)
+        assert trainer.optimizer is given and len(given.param_groups) == 1
+    else:
+        assert SurgeLLMTrainingArguments(output_dir=str(tmp_path)).head_learning_rate == 3e-3
