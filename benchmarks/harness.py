@@ -14,7 +14,7 @@ import json
 import os
 import platform
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -79,11 +79,19 @@ class Case:
 
     @property
     def bytes_moved(self) -> int:
-        numel = 1
-        for s in self.shape:
-            numel *= s
-        elsize = torch.empty((), dtype=self.dtype).element_size()
-        return TENSORS_MOVED[self.op][self.mode] * numel * elsize
+        return TENSORS_MOVED[self.op][self.mode] * tensor_bytes(self.shape, self.dtype)
+
+
+def tensor_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """The bytes of one tensor of this shape and dtype."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def gb_per_s(nbytes: float, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
 
 
 def shapes(default: List[Tuple[int, ...]]) -> List[Tuple[int, ...]]:
@@ -177,6 +185,22 @@ def phase_times(fn: Callable, calls: int = 3) -> Dict[str, float]:
         e.key: e.self_cpu_time_total / 1e3 / calls
         for e in prof.key_averages()
         if e.key in PHASE_TENSORS
+    }
+
+
+def phase_rates(phase_ms: Dict[str, float], one_tensor: int) -> Dict[str, tuple]:
+    """{phase: (ms, ideal tensors, GB/s)} of phase_times' result for tensors
+    of one_tensor bytes each; GB/s None for a phase that moves only per-class
+    tables (or took no measurable time)."""
+    return {
+        phase: (
+            ms,
+            PHASE_TENSORS[phase],
+            gb_per_s(PHASE_TENSORS[phase] * one_tensor, ms)
+            if PHASE_TENSORS[phase] and ms > 0
+            else None,
+        )
+        for phase, ms in phase_ms.items()
     }
 
 
@@ -279,16 +303,13 @@ class Report:
             copy = times.get(base + (COPY,))
             d = asdict(r)
             if r.median_ms is not None:
-                numel = 1
-                for s in r.shape.split("x"):
-                    numel *= int(s)
-                elsize = torch.empty(
-                    (), dtype=getattr(torch, r.dtype.split(".")[-1])
-                ).element_size()
-                moved = TENSORS_MOVED[r.op][r.mode] * numel * elsize
-                if r.impl == PROXY:
-                    moved = PROXY_TENSORS * numel * elsize
-                d["gb_per_s"] = moved / (r.median_ms * 1e-3) / 1e9
+                one = tensor_bytes(
+                    [int(s) for s in r.shape.split("x")], getattr(torch, r.dtype.split(".")[-1])
+                )
+                tensors = PROXY_TENSORS if r.impl == PROXY else TENSORS_MOVED[r.op][r.mode]
+                d["tensor_bytes"] = one
+                d["gb_per_s"] = gb_per_s(tensors * one, r.median_ms)
+                d["proxy_gb_per_s"] = gb_per_s(PROXY_TENSORS * one, proxy) if proxy else None
                 d["vs_eager"] = eager / r.median_ms if eager else None
                 d["vs_compile"] = compiled / r.median_ms if compiled else None
                 # the floor: the proxy's time scaled to this mode's bytes;
@@ -348,37 +369,24 @@ class Report:
                         f"{fmt(r['roofline'], '>8.2f')} {fmt(r['peak_mb'], '>8.1f')}"
                         + (f" {fmt(r.get('vs_copy'), '>7.2f')}" if with_copy else "")
                     )
-                lines += self._phase_lines(sel, rows)
+                lines += self._phase_lines(sel)
         return "\n".join(lines)
 
     @staticmethod
-    def _phase_lines(sel, rows) -> List[str]:
-        """Per phase of the rows that have them: ms per call, GB/s of the ideal
-        bytes, and that GB/s over the proxy's in the same run."""
+    def _phase_lines(sel) -> List[str]:
+        """Per phase of the rows that have them: ms per call, ideal tensors,
+        GB/s of their bytes, and that GB/s over the proxy's in the same run."""
         lines = []
         for r in sel:
             if not r.get("phase_ms"):
                 continue
-            proxy = next(
-                (
-                    p
-                    for p in rows
-                    if p["impl"] == PROXY
-                    and p["median_ms"]
-                    and all(p[k] == r[k] for k in ("op", "mode", "shape", "dtype", "device"))
-                ),
-                None,
-            )
-            tensor_bytes = r["gb_per_s"] * r["median_ms"] * 1e6 / TENSORS_MOVED[r["op"]][r["mode"]]
-            proxy_gbs = proxy["gb_per_s"] if proxy else None
+            proxy_gbs = r["proxy_gb_per_s"]
             lines.append(
                 f"  phases of {r['impl']} at {r['shape']} {r['dtype'].split('.')[-1]}: "
                 "ms per call, ideal tensors, GB/s"
                 + (f", GB/s / {PROXY} ({proxy_gbs:.1f} GB/s)" if proxy_gbs else "")
             )
-            for phase, ms in r["phase_ms"].items():
-                tensors = PHASE_TENSORS[phase]
-                gbs = tensors * tensor_bytes / (ms * 1e-3) / 1e9 if tensors and ms > 0 else None
+            for phase, (ms, tensors, gbs) in phase_rates(r["phase_ms"], r["tensor_bytes"]).items():
                 lines.append(
                     f"    {phase.split('::')[-1]:<26} {ms:>8.3f} {tensors:>3}"
                     + (f" {gbs:>7.1f}" if gbs else f" {'-':>7}")

@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from surgellm_kernels import fused_iwn, fused_surgical_gate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from harness import PHASE_TENSORS, phase_times  # noqa: E402  (the benchmark suite's)
+from harness import (  # noqa: E402  (the benchmark suite's)
+    PHASE_TENSORS,  # noqa: F401  (the table of phases this script reports)
+    PROXY_TENSORS,
+    gb_per_s,
+    phase_rates,
+    phase_times,
+    tensor_bytes,
+)
 
 FLOORS = {"iwn fwd+bwd / addcmul": 2.0, "gate fwd / addcmul": 1.0, "gate fwd+bwd / LN fwd+bwd": 2.2}
 
@@ -109,7 +116,7 @@ def phases(N, d, dtype, calls):
     printed, and returned as {phase op: {"ms", "tensors", "gb_per_s"}} with
     addcmul's GB/s."""
     fns = closures(N, d, dtype)
-    tensor_bytes = N * d * torch.empty((), dtype=dtype).element_size()
+    one = tensor_bytes((N, d), dtype)
     for fn in fns.values():
         fn()
     addcmul_s = []
@@ -117,7 +124,7 @@ def phases(N, d, dtype, calls):
         start = time.perf_counter()
         fns["addcmul"]()
         addcmul_s.append(time.perf_counter() - start)
-    addcmul_gbs = 4 * tensor_bytes / statistics.median(addcmul_s) / 1e9
+    addcmul_gbs = gb_per_s(PROXY_TENSORS * one, statistics.median(addcmul_s) * 1e3)
     print(
         f"phases at {N}x{d} {str(dtype)[6:]}: torch.profiler, {calls} calls of each op; "
         f"addcmul {addcmul_gbs:.1f} GB/s in this run"
@@ -126,9 +133,8 @@ def phases(N, d, dtype, calls):
     table = {}
     for op in ("iwn fwd+bwd", "gate fwd+bwd"):
         times = phase_times(fns[op], calls)
-        for phase, ms in times.items():
-            tensors = PHASE_TENSORS[phase]
-            gbs = tensors * tensor_bytes / (ms / 1e3) / 1e9 if tensors else 0.0
+        for phase, (ms, tensors, gbs) in phase_rates(times, one).items():
+            gbs = gbs or 0.0
             ratio = f"{gbs / addcmul_gbs:.2f}" if tensors else "-"
             print(f"  {phase[10:]:<34} {ms:>8.3f} {tensors:>8} {gbs:>7.1f} {ratio:>10}")
             table[phase] = {"ms": ms, "tensors": tensors, "gb_per_s": gbs}
