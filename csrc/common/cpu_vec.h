@@ -80,6 +80,9 @@ inline void store(const Vectorized<acc_t>& v, acc_t* p, int64_t n) {
 // reduced values are loaded (stored) as 256 bits and converted by at::vec's
 // own routines -- not a whole 512-bit reduced vector converted to two float
 // vectors of which one is used: the conversions bounded bfloat16 passes.
+// With AVX2, a whole vector's 8 values likewise as 128 bits: at::vec's
+// counted load and store copy through a stack buffer, which every vector
+// paid for; counted loads and stores in the tail only.
 template <typename scalar_t, typename acc_t>
 inline Vectorized<acc_t> load_as_acc(const scalar_t* p, int64_t n) {
   if constexpr (std::is_same<scalar_t, acc_t>::value) {
@@ -96,6 +99,18 @@ inline Vectorized<acc_t> load_as_acc(const scalar_t* p, int64_t n) {
       at::vec::cvtfp16_fp32(raw, out);
     return out;
 #else
+#if defined(CPU_CAPABILITY_AVX2)
+    static_assert(Vectorized<acc_t>::size() == 8, "8 float lanes");
+    if (n == 8) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      __m256 out;
+      if constexpr (std::is_same<scalar_t, c10::BFloat16>::value)
+        at::vec::cvtbf16_fp32(raw, out);
+      else
+        at::vec::cvtfp16_fp32(raw, out);
+      return out;
+    }
+#endif
     return std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n)));
 #endif
   }
@@ -115,9 +130,96 @@ inline void store_from_acc(const Vectorized<acc_t>& v, scalar_t* p, int64_t n) {
     else
       _mm256_mask_storeu_epi16(p, __mmask16((1u << n) - 1), raw);
 #else
+#if defined(CPU_CAPABILITY_AVX2)
+    static_assert(Vectorized<acc_t>::size() == 8, "8 float lanes");
+    if (n == 8) {
+      const __m128i raw = std::is_same<scalar_t, c10::BFloat16>::value ? at::vec::cvtfp32_bf16(v)
+                                                                       : at::vec::cvtfp32_fp16(v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), raw);
+      return;
+    }
+#endif
     at::vec::convert_from_float<scalar_t>(v, v).store(p, static_cast<int>(n));
 #endif
   }
+}
+
+// 2W bfloat16 / float16 values as two float vectors and back, the lanes in
+// an order of their own (the store puts them back), for maps that give every
+// lane the same coefficients (a plane of one feature) or per-lane ones
+// arranged to match (arrange_lanes).
+// With AVX2, bfloat16 is unpacked and packed within 128-bit lanes -- one
+// instruction per vector each way and no cross-lane shuffle, where the
+// ordered conversions take three and a permute; bfloat16 planes were bound
+// by these instructions, not by memory. Rounding to nearest even and NaN as
+// at::vec's conversions. Other types and capabilities: at::vec's.
+template <typename scalar_t>
+constexpr bool lanes_reordered() {
+#if defined(CPU_CAPABILITY_AVX2)
+  return std::is_same<scalar_t, c10::BFloat16>::value;
+#else
+  return false;
+#endif
+}
+
+// Which of a block's 2W values lane k of the pair holds (k < W: the first
+// vector): AVX2 bfloat16 unpacks 4 values of each 128-bit half per vector.
+template <typename scalar_t>
+constexpr int64_t lane_source(int64_t k) {
+  if constexpr (!lanes_reordered<scalar_t>()) return k;
+  return (k % 8) / 4 * 8 + k / 8 * 4 + k % 4;
+}
+
+// Per-feature coefficients (rows of F) arranged as a row's values arrive in
+// load_lanes_any_order's lanes: each whole block of 2W permuted, the tail
+// (read lane by lane) in order. Empty when the lanes come in order.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> arrange_lanes(const acc_t* in, int64_t rows, int64_t F) {
+  std::vector<acc_t> out;
+  if constexpr (lanes_reordered<scalar_t>()) {
+    constexpr int64_t B = 2 * Vectorized<acc_t>::size();
+    out.assign(in, in + rows * F);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t f = 0; f + B <= F; f += B)
+        for (int64_t k = 0; k < B; ++k)
+          out[r * F + f + k] = in[r * F + f + lane_source<scalar_t>(k)];
+  }
+  return out;
+}
+
+template <typename scalar_t>
+inline std::pair<Vectorized<float>, Vectorized<float>> load_lanes_any_order(const scalar_t* p) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (lanes_reordered<scalar_t>()) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i zero = _mm256_setzero_si256();
+    return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw))};
+  }
+#endif
+  const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+  return {lo, hi};
+}
+
+template <typename scalar_t>
+inline void store_lanes_any_order(const Vectorized<float>& lo, const Vectorized<float>& hi,
+                                  scalar_t* p) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (lanes_reordered<scalar_t>()) {
+    // The upper 16 bits rounded to nearest even; NaN stays a quiet NaN (0xffff).
+    auto round = [](const __m256& v) {
+      const __m256i bits = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+      const __m256i rounded = _mm256_srli_epi32(
+          _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+      const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q));
+      return _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), rounded, ordered);
+    };
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(round(lo), round(hi)));
+    return;
+  }
+#endif
+  at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
 }
 
 // Whether a pass that reads and writes `tensors` tensors of `numel` values

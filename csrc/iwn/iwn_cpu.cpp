@@ -80,6 +80,27 @@ struct GatedRows {
 
 inline int64_t key_of(const int32_t* keys, int64_t i) { return keys ? keys[i] : 0; }
 
+// The apply's per task and feature coefficients: y = (x - mu) * scale + bias,
+// scale = w / (sigma + eps). x - mu stays as it is, not folded into a shift
+// bias - mu * scale as BatchNorm's one fmadd: with a (nearly) constant
+// feature scale is about 1 / eps, and the shift's rounding (an ulp of
+// mu / eps) would come out in y, where x - mu is exactly 0.
+template <typename acc_t>
+struct ApplyCoefficients {
+  std::vector<acc_t> scale, zeros;  // scale (T, F); zeros (F) stand in for no bias
+  const acc_t *mu, *bias;
+
+  explicit ApplyCoefficients(const IWNApplyArgs<acc_t>& a)
+      : scale(a.num_tasks * a.rows.F),
+        zeros(a.bias ? 0 : a.rows.F, acc_t(0)),
+        mu(a.mu),
+        bias(a.bias ? a.bias : zeros.data()) {
+    for (int64_t j = 0; j < int64_t(scale.size()); ++j)
+      scale[j] = (a.weight ? a.weight[j % a.rows.F] : acc_t(1)) / (a.sigma[j] + a.eps);
+  }
+  ApplyCoefficients(const ApplyCoefficients&) = delete;  // bias may point into zeros
+};
+
 // Rows of one group a few at a time. The group moments' second pass reads
 // a chunk's rows again from cache, and there loading and storing the sums
 // for every row, not the data, bounded the time; per block of rows they are
@@ -146,29 +167,42 @@ inline void for_each_plane_vec(const scalar_t* a, const scalar_t* b, int64_t L, 
   }
 }
 
-// out = fn(a, b) over a plane (b == nullptr: fn(a, a)), read and written as
-// scalar_t: for bfloat16 / float16 two acc vectors per full load and store;
-// float32 / float64 with non-temporal stores when `stream` (store_out).
+// out = fn(a, b, l, n) over a plane or a row of L values (b == nullptr:
+// fn(a, a, l, n)), a and b vectors of n values as acc, read and written as
+// scalar_t: for bfloat16 / float16 two vectors per full load and store,
+// their lanes as load_lanes_any_order gives them -- per-lane coefficients
+// read at l must be arranged so (arrange_lanes) -- then the tail in order (n
+// < vector size in the last call only); float32 / float64 with non-temporal
+// stores when `stream` (store_out).
 template <typename scalar_t, typename acc_t, typename Fn>
-inline void map_plane(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, bool stream,
-                      const Fn& fn) {
+inline void map_values(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, bool stream,
+                       const Fn& fn) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   int64_t l = 0;
   if constexpr (!std::is_same<scalar_t, acc_t>::value) {
     for (; l + 2 * W <= L; l += 2 * W) {
-      const auto [a0, a1] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(a + l));
+      const auto [a0, a1] = load_lanes_any_order(a + l);
       Vec b0 = a0, b1 = a1;
-      if (b)
-        std::tie(b0, b1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(b + l));
-      at::vec::convert_from_float<scalar_t>(fn(a0, b0), fn(a1, b1)).store(out + l);
+      if (b) std::tie(b0, b1) = load_lanes_any_order(b + l);
+      store_lanes_any_order(fn(a0, b0, l, W), fn(a1, b1, l + W, W), out + l);
     }
   }
   for (; l < L; l += W) {
     const int64_t n = std::min(W, L - l);
     const Vec va = load_as_acc<scalar_t, acc_t>(a + l, n);
-    store_out(fn(va, b ? load_as_acc<scalar_t, acc_t>(b + l, n) : va), out + l, n, stream);
+    store_out(fn(va, b ? load_as_acc<scalar_t, acc_t>(b + l, n) : va, l, n), out + l, n, stream);
   }
+}
+
+// map_values over a plane of one feature: fn(a, b), the same for every lane.
+template <typename scalar_t, typename acc_t, typename Fn>
+inline void map_plane(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, bool stream,
+                      const Fn& fn) {
+  using Vec = Vectorized<acc_t>;
+  map_values<scalar_t, acc_t>(
+      a, b, out, L, stream,
+      [&](const Vec& va, const Vec& vb, int64_t, int64_t) { return fn(va, vb); });
 }
 
 // Per group and feature: count, mean and M2 of the planes. Each plane's own
@@ -241,10 +275,10 @@ inline void for_each_plane(int64_t N, int64_t F, int64_t L, bool stream, const B
                    });
 }
 
-// y = (x - mu_t) * scale_t + bias, scale_t = w / (sigma_t + eps): as the rows' apply.
+// y = (x - mu_t) * scale_t + bias (ApplyCoefficients), over planes.
 template <typename scalar_t>
 void planes_apply(const IWNApplyArgs<acc_type<scalar_t>>& a,
-                  const std::vector<acc_type<scalar_t>>& scale) {
+                  const ApplyCoefficients<acc_type<scalar_t>>& c) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t F = a.rows.F, L = a.rows.L;
@@ -252,11 +286,10 @@ void planes_apply(const IWNApplyArgs<acc_type<scalar_t>>& a,
   scalar_t* y = static_cast<scalar_t*>(a.y);
   const bool stream = stream_output<scalar_t>(2, a.rows.N * F * L);  // x, y
   for_each_plane(a.rows.N, F, L, stream, [&](int64_t i, int64_t f, int64_t off) {
-    const int64_t t = key_of(a.rows.keys, i) / a.key_div;
-    const Vec m(a.mu[t * F + f]), s(scale[t * F + f]), b(a.bias ? a.bias[f] : acc_t(0));
+    const int64_t j = key_of(a.rows.keys, i) / a.key_div * F + f;
+    const Vec m(c.mu[j]), s(c.scale[j]), b(c.bias[f]);
     map_plane<scalar_t, acc_t>(x + off, nullptr, y + off, L, stream, [&](const Vec& v, const Vec&) {
-      const Vec centered = (v - m) * s;
-      return a.bias ? centered + b : centered;
+      return at::vec::fmadd(v - m, s, b);
     });
   });
 }
@@ -451,34 +484,59 @@ void iwn_combine(const IWNCombineArgs<acc_t>& a) {
   });
 }
 
-// y = (u - mu_t) * scale_t + bias, with scale_t = w / (sigma_t + eps).
+// y = (u - mu_t) * scale_t + bias (ApplyCoefficients).
 template <typename scalar_t>
 void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
-  const int64_t F = a.rows.F, T = a.num_tasks;
+  const int64_t F = a.rows.F;
   const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
-  std::vector<acc_t> scale(T * F);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t f = 0; f < F; ++f)
-      scale[t * F + f] = (a.weight ? a.weight[f] : acc_t(1)) / (a.sigma[t * F + f] + a.eps);
-  if (a.rows.L != 1) return planes_apply<scalar_t>(a, scale);
-  scalar_t* y = static_cast<scalar_t*>(a.y);
+  const ApplyCoefficients<acc_t> c(a);
+  if (a.rows.L != 1) return planes_apply<scalar_t>(a, c);
+  // mu, scale, bias, sigmoid(gate): rows read in place (map_values) take
+  // them arranged as their lanes arrive; rows of per-instance gates in order.
+  const acc_t* coef[4] = {c.mu, c.scale.data(), c.bias, gate_sig};
+  std::vector<acc_t> arranged[4];
+  if (!a.rows.gate_full)
+    for (int k = 0; k < 4; ++k) {
+      if (coef[k]) arranged[k] = arrange_lanes<scalar_t>(coef[k], k < 2 ? a.num_tasks : 1, F);
+      if (!arranged[k].empty()) coef[k] = arranged[k].data();
+    }
   const bool stream = stream_output<scalar_t>(2, a.rows.N * F);  // x, y
   at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
+    // Locals of the task, not reads through the captures: those are loaded
+    // again after every store of a reduced type (which may alias them).
+    const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
+    scalar_t* y = static_cast<scalar_t*>(a.y);
+    const acc_t *mu = coef[0], *scale = coef[1], *bias = coef[2], *s = coef[3];
+    const int32_t* keys = a.rows.keys;
+    const int64_t key_div = a.key_div;
+    const bool streamed = stream;
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = key_of(a.rows.keys, i) / a.key_div;
-      const RowU<scalar_t, acc_t> u = rows.u(i);
-      const acc_t* m = a.mu + t * F;
-      const acc_t* s = scale.data() + t * F;
-      for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
-        const Vec centered = (u.vec(f, n) - load(m + f, n)) * load(s + f, n);
-        store_out(a.bias ? centered + load(a.bias + f, n) : centered, y + i * F + f, n, stream);
-      });
+      const int64_t t = key_of(keys, i) / key_div;
+      const acc_t *m = mu + t * F, *sc = scale + t * F;
+      auto affine = [&](const Vec& u, int64_t f, int64_t n) {
+        return at::vec::fmadd(u - load(m + f, n), load(sc + f, n), load(bias + f, n));
+      };
+      if (a.rows.gate_full) {  // u through the per-thread row buffer
+        const RowU<scalar_t, acc_t> u = rows.u(i);
+        for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+          store_out(affine(u.vec(f, n), f, n), y + i * F + f, n, streamed);
+        });
+      } else if (s) {  // u = x * s, x read in place
+        map_values<scalar_t, acc_t>(x + i * F, nullptr, y + i * F, F, streamed,
+                                    [&](const Vec& v, const Vec&, int64_t f, int64_t n) {
+                                      return affine(v * load(s + f, n), f, n);
+                                    });
+      } else {
+        map_values<scalar_t, acc_t>(
+            x + i * F, nullptr, y + i * F, F, streamed,
+            [&](const Vec& v, const Vec&, int64_t f, int64_t n) { return affine(v, f, n); });
+      }
     }
-    if (stream) stream_fence();
+    if (streamed) stream_fence();
   });
 }
 

@@ -229,6 +229,47 @@ def test_per_task_statistics(backend, device, training, force_backend):
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["rows", "rows gated", "planes"])
+@pytest.mark.parametrize("training", [True, False])
+def test_half_precision_per_feature_and_task(
+    backend, device, dtype, layout, training, force_backend
+):
+    """Reduced types with every coefficient different per feature and task.
+    37 features (rows) or positions (planes): two whole blocks of two vectors
+    and a tail, the blocks read by the CPU kernels with their lanes in an
+    order of their own (bfloat16 with AVX2), which must come back in order.
+    In eval, a NaN and an inf in x stay in their own outputs."""
+    N, F, T = 24, 37, 2
+    planes = layout == "planes"
+    if planes and backend == "triton" and device == "cpu":
+        pytest.skip("Triton on the CPU reads rows only; channels-first planes run on C++ kernels")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((N, F, 37) if planes else (N, F), generator=g, dtype=torch.float64)
+    kwargs = dict(
+        task_ids=torch.arange(N) % T,
+        training=training,
+        num_classes=3,
+        running_mean=torch.randn(T, F, generator=g, dtype=torch.float64).to(dtype),
+        running_std=(torch.rand(T, F, generator=g, dtype=torch.float64) + 0.5).to(dtype),
+        feature_dim=1 if planes else -1,
+    )
+    if training:
+        kwargs["labels"] = torch.randint(0, 3, (N,), generator=g)
+    params = _params(F, dtype, "vec" if layout == "rows gated" else None)
+    _compare(backend, device, force_backend, x.to(dtype), params, **kwargs)
+    if training:
+        return
+    bad = x.to(dtype)
+    bad[2, 20], bad[5, 36] = float("nan"), float("inf")
+    stats = {k: kwargs[k] for k in ("running_mean", "running_std", "task_ids", "feature_dim")}
+    x_dev, params, stats = on_device(device, bad, params, stats)
+    y = fused_iwn(x_dev, **params, **stats).cpu()
+    assert torch.isnan(y[2, 20]).all() and torch.isinf(y[5, 36]).all()
+    assert torch.isfinite(y).sum() == y.numel() - (2 if not planes else 2 * 37)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("num_classes", [2, 4])
 def test_imbalance_singleton_and_constant_feature(backend, device, num_classes, force_backend):
     N, F = 52, 4
