@@ -222,17 +222,20 @@ inline void store_lanes_any_order(const Vectorized<float>& lo, const Vectorized<
   at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
 }
 
-// Whether a pass that reads and writes `tensors` tensors of `numel` values
-// of scalar_t writes its outputs with non-temporal stores (store_out): when
-// what it moves exceeds the last-level cache, its output is evicted by its
-// own reads before anything could read it from the cache, and an ordinary
-// store first reads every line it writes. At 4096x768 float32 this made
-// IWN's forward + backward and the gate's forward 12-17% faster. Never for
-// bfloat16 / float16 outputs (see store_out).
+// Whether a pass that reads `inputs` and writes `outputs` tensors of `numel`
+// values of scalar_t writes its output with non-temporal stores (store_out):
+// when what it moves exceeds the last-level cache, its output is evicted by
+// its own reads before anything could read it from the cache, and an
+// ordinary store first reads every line it writes. At 4096x768 float32 this
+// made IWN's forward + backward and the gate's forward 12-17% faster. One
+// output only: on another host of the same kind (2-core AMD EPYC), streamed
+// stores to the gate backward's three outputs made it 3-4 times slower,
+// where one output still gained. Never for bfloat16 / float16 outputs (see
+// store_out).
 template <typename scalar_t>
-inline bool stream_output(int64_t tensors, int64_t numel) {
-  return std::is_same<scalar_t, acc_type<scalar_t>>::value &&
-         tensors * numel * int64_t(sizeof(scalar_t)) > last_level_cache_bytes();
+inline bool stream_output(int64_t inputs, int64_t outputs, int64_t numel) {
+  return std::is_same<scalar_t, acc_type<scalar_t>>::value && outputs == 1 &&
+         (inputs + outputs) * numel * int64_t(sizeof(scalar_t)) > last_level_cache_bytes();
 }
 
 // store_from_acc, bypassing the caches when `stream` and the vector is of

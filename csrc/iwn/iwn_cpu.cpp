@@ -284,7 +284,7 @@ void planes_apply(const IWNApplyArgs<acc_type<scalar_t>>& a,
   const int64_t F = a.rows.F, L = a.rows.L;
   const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
   scalar_t* y = static_cast<scalar_t*>(a.y);
-  const bool stream = stream_output<scalar_t>(2, a.rows.N * F * L);  // x, y
+  const bool stream = stream_output<scalar_t>(1, 1, a.rows.N * F * L);  // x; y
   for_each_plane(a.rows.N, F, L, stream, [&](int64_t i, int64_t f, int64_t off) {
     const int64_t j = key_of(a.rows.keys, i) / a.key_div * F + f;
     const Vec m(c.mu[j]), s(c.scale[j]), b(c.bias[f]);
@@ -334,7 +334,7 @@ void planes_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
   scalar_t* dx = static_cast<scalar_t*>(a.dx);
   // dy, x (in training), dx
-  const bool stream = stream_output<scalar_t>(a.training ? 3 : 2, a.rows.N * F * L);
+  const bool stream = stream_output<scalar_t>(a.training ? 2 : 1, 1, a.rows.N * F * L);
   for_each_plane(a.rows.N, F, L, stream, [&](int64_t i, int64_t f, int64_t off) {
     const int64_t k = key_of(a.rows.keys, i);
     const Vec p(a.scale[(k / a.key_div) * F + f]);
@@ -503,7 +503,7 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
       if (coef[k]) arranged[k] = arrange_lanes<scalar_t>(coef[k], k < 2 ? a.num_tasks : 1, F);
       if (!arranged[k].empty()) coef[k] = arranged[k].data();
     }
-  const bool stream = stream_output<scalar_t>(2, a.rows.N * F);  // x, y
+  const bool stream = stream_output<scalar_t>(1, 1, a.rows.N * F);  // x; y
   at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
     // Locals of the task, not reads through the captures: those are loaded
     // again after every store of a reduced type (which may alias them).
@@ -586,6 +586,71 @@ void iwn_coefficients(const IWNCoefficientsArgs<acc_t>& a) {
 // du = (dy - dy_shift_k) * scale_t + dev_coef_k * (u - center_k) (eval: dy * scale_t);
 // dx = du * sigmoid(gate); dgate = du * u * (1 - sigmoid(gate)), which a (F)
 // gate reduces over rows (in closed form in training, see coefficients_at).
+// dx of rows read in place (map_values), when dx is all there is to write:
+// training (ungated or a (F) gate, whose gradient task sums gave) and
+// ungated eval. The per-feature coefficients arranged as map_values' lanes
+// arrive; the same arithmetic as the general loop below.
+template <typename scalar_t>
+void rows_input_grad_in_place(const IWNInputGradArgs<acc_type<scalar_t>>& a,
+                              const acc_type<scalar_t>* gate_sig) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = a.rows.N, F = a.rows.F, keys_rows = a.num_tasks * a.key_div;
+  // scale (T, F); dy_shift, dev_coef, center (T * C, F) in training; sigmoid(gate) (F)
+  const acc_t* coef[5] = {a.scale, a.dy_shift, a.dev_coef, a.center, gate_sig};
+  const int64_t coef_rows[5] = {a.num_tasks, keys_rows, keys_rows, keys_rows, 1};
+  std::vector<acc_t> arranged[5];
+  for (int k = 0; k < 5; ++k) {
+    if (coef[k] && (k == 0 || k == 4 || a.training))
+      arranged[k] = arrange_lanes<scalar_t>(coef[k], coef_rows[k], F);
+    if (!arranged[k].empty()) coef[k] = arranged[k].data();
+  }
+  const bool stream = stream_output<scalar_t>(a.training ? 2 : 1, 1, N * F);  // dy, x; dx
+  at::parallel_for(0, N, row_grain(F), [&](int64_t begin, int64_t end) {
+    // Locals of the task (see iwn_apply).
+    const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
+    const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
+    scalar_t* dx = static_cast<scalar_t*>(a.dx);
+    const acc_t *scale = coef[0], *dy_shift = coef[1], *dev_coef = coef[2], *center = coef[3];
+    const int32_t* keys = a.rows.keys;
+    const int64_t key_div = a.key_div;
+    const bool streamed = stream;
+    auto rows = [&](auto gated) {
+      constexpr bool kGated = decltype(gated)::value;
+      const acc_t* s = coef[4];
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t k = key_of(keys, i), row = i * F;
+        const acc_t* p = scale + (k / key_div) * F;
+        if (!a.training) {
+          map_values<scalar_t, acc_t>(
+              dy + row, nullptr, dx + row, F, streamed,
+              [&](const Vec& g, const Vec&, int64_t f, int64_t n) { return g * load(p + f, n); });
+          continue;
+        }
+        const acc_t *sh = dy_shift + k * F, *co = dev_coef + k * F, *ce = center + k * F;
+        map_values<scalar_t, acc_t>(
+            dy + row, x + row, dx + row, F, streamed,
+            [&](const Vec& g, const Vec& v, int64_t f, int64_t n) {
+              const Vec du = (g - load(sh + f, n)) * load(p + f, n);
+              if constexpr (kGated) {
+                const Vec sv = load(s + f, n);
+                return at::vec::fmadd(load(co + f, n), v * sv - load(ce + f, n), du) * sv;
+              } else {
+                return at::vec::fmadd(load(co + f, n), v - load(ce + f, n), du);
+              }
+            });
+      }
+    };
+    if (coef[4])
+      rows(std::true_type{});
+    else
+      rows(std::false_type{});
+    if (streamed) stream_fence();
+  });
+  if (gate_sig)
+    for (int64_t f = 0; f < F; ++f) a.dgate_vec[f] = a.du_dot_u[f] * (acc_t(1) - gate_sig[f]);
+}
+
 template <typename scalar_t>
 void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   if (a.rows.L != 1) return planes_input_grad<scalar_t>(a);
@@ -596,13 +661,14 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   const int64_t chunk = rows_per_chunk(N, F, F, sizeof(acc_t)), nchunks = ceil_div(N, chunk);
   const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
+  if (!a.rows.gate_full && !reduce_gate) return rows_input_grad_in_place<scalar_t>(a, gate_sig);
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
   Scratch<acc_t> pgate(reduce_gate ? nchunks * F : 0);
   scalar_t* dx = static_cast<scalar_t*>(a.dx);
   scalar_t* dgate = static_cast<scalar_t*>(a.dgate_full);
-  // dy, dx; x where u is read; dgate
+  // dy, and x where u is read; dx, and dgate
   const bool reads_x = a.training || a.rows.gate_vec || dgate;
-  const bool stream = stream_output<scalar_t>(2 + reads_x + (dgate != nullptr), N * F);
+  const bool stream = stream_output<scalar_t>(1 + reads_x, 1 + (dgate != nullptr), N * F);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     const Vec one(acc_t(1));

@@ -64,7 +64,7 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t d = a.d;
-  const bool stream = stream_output<scalar_t>(4, a.N * d);  // h, s, logits, z
+  const bool stream = stream_output<scalar_t>(3, 1, a.N * d);  // h, s, logits; z
   at::parallel_for(0, a.N, row_grain(d), [&](int64_t begin, int64_t end) {
     BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
     scalar_t* z = static_cast<scalar_t*>(a.z);
@@ -110,8 +110,8 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
   const int64_t nchunks = ceil_div(N, chunk);
   const scalar_t* dz = static_cast<const scalar_t*>(a.dz);
   Scratch<acc_t> partial(nchunks * 2 * d);  // per chunk: sum dz xhat, then sum dz
-  // dz, h, s, logits, dh, ds, dlogits
-  const bool stream = stream_output<scalar_t>(7, N * d);
+  // dz, h, s, logits; dh, ds, dlogits (three outputs: never streamed)
+  const bool stream = stream_output<scalar_t>(4, 3, N * d);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
     scalar_t *dh = static_cast<scalar_t*>(a.dh), *ds = static_cast<scalar_t*>(a.ds),
