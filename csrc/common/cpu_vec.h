@@ -148,11 +148,12 @@ inline void store_from_acc(const Vectorized<acc_t>& v, scalar_t* p, int64_t n) {
 // an order of their own (the store puts them back), for maps that give every
 // lane the same coefficients (a plane of one feature) or per-lane ones
 // arranged to match (arrange_lanes).
-// With AVX2, bfloat16 is unpacked and packed within 128-bit lanes -- one
-// instruction per vector each way and no cross-lane shuffle, where the
-// ordered conversions take three and a permute; bfloat16 planes were bound
-// by these instructions, not by memory. Rounding to nearest even and NaN as
-// at::vec's conversions. Other types and capabilities: at::vec's.
+// With AVX2, bfloat16 is unpacked and packed within 128-bit lanes: one
+// unpack per vector on load where the ordered conversion takes three
+// (extract, widen, shift), and no cross-lane permute on store; bfloat16
+// planes were bound by these instructions, not by memory. Rounding to
+// nearest even and NaN as at::vec's conversions. Other types and
+// capabilities: at::vec's, in order.
 template <typename scalar_t>
 constexpr bool lanes_reordered() {
 #if defined(CPU_CAPABILITY_AVX2)
@@ -166,23 +167,36 @@ constexpr bool lanes_reordered() {
 // vector): AVX2 bfloat16 unpacks 4 values of each 128-bit half per vector.
 template <typename scalar_t>
 constexpr int64_t lane_source(int64_t k) {
-  if constexpr (!lanes_reordered<scalar_t>()) return k;
-  return (k % 8) / 4 * 8 + k / 8 * 4 + k % 4;
+  if constexpr (!lanes_reordered<scalar_t>()) {
+    return k;
+  } else {
+    static_assert(Vectorized<scalar_t>::size() == 16, "two 128-bit halves of 8 values");
+    return (k % 8) / 4 * 8 + k / 8 * 4 + k % 4;
+  }
 }
 
 // Per-feature coefficients (rows of F) arranged as a row's values arrive in
 // load_lanes_any_order's lanes: each whole block of 2W permuted, the tail
-// (read lane by lane) in order. Empty when the lanes come in order.
+// (read in order by counted loads) as it is. Empty when the lanes come in
+// order or a row holds no whole block. In parallel over rows: with many
+// classes there are many (class, task) rows.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> arrange_lanes(const acc_t* in, int64_t rows, int64_t F) {
   std::vector<acc_t> out;
+  constexpr int64_t B = 2 * Vectorized<acc_t>::size();
   if constexpr (lanes_reordered<scalar_t>()) {
-    constexpr int64_t B = 2 * Vectorized<acc_t>::size();
-    out.assign(in, in + rows * F);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t f = 0; f + B <= F; f += B)
-        for (int64_t k = 0; k < B; ++k)
-          out[r * F + f + k] = in[r * F + f + lane_source<scalar_t>(k)];
+    if (F < B) return out;
+    out.resize(rows * F);
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / F), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc_t* src = in + r * F;
+        acc_t* dst = out.data() + r * F;
+        int64_t f = 0;
+        for (; f + B <= F; f += B)
+          for (int64_t k = 0; k < B; ++k) dst[f + k] = src[f + lane_source<scalar_t>(k)];
+        std::copy(src + f, src + F, dst + f);
+      }
+    });
   }
   return out;
 }

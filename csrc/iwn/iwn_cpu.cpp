@@ -505,8 +505,9 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
     }
   const bool stream = stream_output<scalar_t>(1, 1, a.rows.N * F);  // x; y
   at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
-    // Locals of the task, not reads through the captures: those are loaded
-    // again after every store of a reduced type (which may alias them).
+    // Locals of the task for what the inner loops read, not reads through
+    // the captures: those are loaded again after every store of a reduced
+    // type (which may alias them).
     const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
     scalar_t* y = static_cast<scalar_t*>(a.y);
     const acc_t *mu = coef[0], *scale = coef[1], *bias = coef[2], *s = coef[3];

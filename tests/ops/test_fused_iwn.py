@@ -236,10 +236,10 @@ def test_half_precision_per_feature_and_task(
     backend, device, dtype, layout, training, force_backend
 ):
     """Reduced types with every coefficient different per feature and task.
-    37 features (rows) or positions (planes): two whole blocks of two vectors
-    and a tail, the blocks read by the CPU kernels with their lanes in an
-    order of their own (bfloat16 with AVX2), which must come back in order.
-    In eval, a NaN and an inf in x stay in their own outputs."""
+    37 features (rows) or positions (planes): with AVX2, two whole blocks of
+    two vectors (read by the CPU kernels with their lanes in an order of
+    their own for bfloat16, which must come back in order) and a tail. In
+    eval, a NaN and an inf in x stay in their own outputs."""
     N, F, T = 24, 37, 2
     planes = layout == "planes"
     if planes and backend == "triton" and device == "cpu":
@@ -261,12 +261,13 @@ def test_half_precision_per_feature_and_task(
     if training:
         return
     bad = x.to(dtype)
-    bad[2, 20], bad[5, 36] = float("nan"), float("inf")
+    bad[2, 20], bad[5, 36], bad[7, 3] = float("nan"), float("inf"), float("-inf")
     stats = {k: kwargs[k] for k in ("running_mean", "running_std", "task_ids", "feature_dim")}
     x_dev, params, stats = on_device(device, bad, params, stats)
     y = fused_iwn(x_dev, **params, **stats).cpu()
     assert torch.isnan(y[2, 20]).all() and torch.isinf(y[5, 36]).all()
-    assert torch.isfinite(y).sum() == y.numel() - (2 if not planes else 2 * 37)
+    assert torch.isinf(y[7, 3]).all()
+    assert torch.isfinite(y).sum() == y.numel() - (3 if not planes else 3 * 37)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
