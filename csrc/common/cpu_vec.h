@@ -60,6 +60,19 @@ inline void for_each_vec(int64_t F, const Body& body) {
   if (f < F) body(f, F - f);
 }
 
+// for_each_vec carrying a state from vector to vector: state = body(f, n,
+// state). Accumulators kept this way, by value, stay in registers; captured
+// by reference they live in memory, reloaded after every store (a vector
+// type may alias any float), and their sum became a chain through memory.
+template <typename acc_t, typename State, typename Body>
+inline State fold_vecs(int64_t F, State state, const Body& body) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  int64_t f = 0;
+  for (; f + W <= F; f += W) state = body(f, W, state);
+  if (f < F) state = body(f, F - f, state);
+  return state;
+}
+
 template <typename acc_t>
 inline Vectorized<acc_t> load(const acc_t* p, int64_t n) {
   return n == Vectorized<acc_t>::size() ? Vectorized<acc_t>::loadu(p)
@@ -201,6 +214,18 @@ std::vector<acc_t> arrange_lanes(const acc_t* in, int64_t rows, int64_t F) {
   return out;
 }
 
+// arrange_lanes for each of K coefficient arrays (coef[k] of rows[k] rows of
+// F, or null): each pointer switched to its arranged copy, which `arranged`
+// keeps, where one is made.
+template <typename scalar_t, typename acc_t, size_t K>
+void arrange_each(const acc_t* (&coef)[K], const int64_t (&rows)[K], int64_t F,
+                  std::vector<acc_t> (&arranged)[K]) {
+  for (size_t k = 0; k < K; ++k) {
+    if (coef[k]) arranged[k] = arrange_lanes<scalar_t>(coef[k], rows[k], F);
+    if (!arranged[k].empty()) coef[k] = arranged[k].data();
+  }
+}
+
 template <typename scalar_t>
 inline std::pair<Vectorized<float>, Vectorized<float>> load_lanes_any_order(const scalar_t* p) {
 #if defined(CPU_CAPABILITY_AVX2)
@@ -296,32 +321,97 @@ inline void prefetch_ahead(const scalar_t* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + 2048);
 }
 
+// exp(t) of float lanes with |t| <= 80 (no overflow, no denormal), inline:
+// t = n ln2 + r with |r| <= ln2 / 2 (ln2 split so that n * kLn2Hi is exact
+// even without a fused multiply-add), exp(r) by its Taylor series to r^7
+// (remainder below 2^-27 relative), 2^n written into the exponent bits.
+inline Vectorized<float> exp_moderate(const Vectorized<float>& t) {
+  using Vec = Vectorized<float>;
+  constexpr float kLn2Hi = 0.693359375f;              // 355 / 512
+  constexpr float kLn2Lo = -2.12194440054690583e-4f;  // ln 2 - kLn2Hi
+  const Vec n = (t * Vec(1.44269504088896341f)).round();
+  const Vec r = at::vec::fmadd(n, Vec(-kLn2Lo), at::vec::fmadd(n, Vec(-kLn2Hi), t));
+  Vec p(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+    p = at::vec::fmadd(p, r, Vec(c));
+  const Vectorized<int32_t> bits =
+      (at::vec::convert_to_int_of_same_size(n) + Vectorized<int32_t>(127))
+      << Vectorized<int32_t>(23);
+  return p * at::vec::cast<float>(bits);
+}
+
+// 1 / d for float lanes with 1 <= d < 2^120: the hardware estimate refined
+// by Newton steps (AVX512's 14 bits once, AVX2's 12 bits twice) to within
+// the division's rounding, at a fraction of a vector division's throughput.
+inline Vectorized<float> reciprocal_moderate(const Vectorized<float>& d) {
+  using Vec = Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  Vec r = _mm512_rcp14_ps(d);
+  constexpr int kSteps = 1;
+#else
+  Vec r = _mm256_rcp_ps(d);
+  constexpr int kSteps = 2;
+#endif
+  for (int step = 0; step < kSteps; ++step)
+    r = at::vec::fmadd(r, at::vec::fmadd(d.neg(), r, Vec(1.f)), r);
+  return r;
+#else
+  return Vec(1.f) / d;
+#endif
+}
+
 template <typename acc_t>
 inline Vectorized<acc_t> sigmoid(const Vectorized<acc_t>& logits) {
   const Vectorized<acc_t> one(acc_t(1));
   return one / (one + logits.neg().exp());
 }
 
-// sigmoid of logits read from data of scalar_t. For bfloat16 / float16 data
-// with inline exp_u20 (within 20 float ulps, 1e-6 relative: far below the
-// 4e-3 a bfloat16 result keeps) instead of the exact exp, a call that
-// clobbers every vector register -- the sigmoid, not memory, bounded the
-// gate on such data. A NaN logit still gives NaN.
-template <typename scalar_t, typename acc_t>
-inline Vectorized<acc_t> sigmoid_of(const Vectorized<acc_t>& logits) {
-  if constexpr (std::is_same<scalar_t, acc_t>::value) {
-    return sigmoid(logits);
+// sigmoid in two tiers. sigmoid_inline: float lanes take the inline exp and
+// reciprocal above, exact to the same ulps as sigmoid() where |x| <= 80
+// (inline_exact_lanes) and computed on x clamped there, so that any lane is
+// safe; a row that held a value outside (a saturated or NaN logit) is then
+// computed again with sigmoid(). The exact exp is a call that clobbers
+// every vector register and the division has a fraction of an FMA's
+// throughput: in the gate's loops they, not memory, were the bound.
+// Double lanes: sigmoid() throughout.
+template <typename acc_t>
+inline Vectorized<acc_t> sigmoid_inline(const Vectorized<acc_t>& x) {
+  if constexpr (std::is_same<acc_t, float>::value) {
+    const Vectorized<float> bound(80.f);
+    const Vectorized<float> t = at::vec::clamp(x.neg(), bound.neg(), bound);
+    return reciprocal_moderate(Vectorized<float>(1.f) + exp_moderate(t));
   } else {
-    const Vectorized<acc_t> one(acc_t(1));
-    const Vectorized<acc_t> g = one / (one + logits.neg().exp_u20());
-    return Vectorized<acc_t>::blendv(g, logits, logits != logits);
+    return sigmoid(x);
   }
+}
+
+// All-ones in the lanes where sigmoid_inline(x) is exact (never for NaN).
+template <typename acc_t>
+inline Vectorized<acc_t> inline_exact_lanes(const Vectorized<acc_t>& x) {
+  if constexpr (std::is_same<acc_t, float>::value)
+    return x.abs() <= Vectorized<float>(80.f);
+  else
+    return Vectorized<acc_t>(acc_t(0)) == Vectorized<acc_t>(acc_t(0));
+}
+
+template <typename acc_t>
+inline bool all_lanes(const Vectorized<acc_t>& mask) {
+  return mask.zero_mask() == 0;
 }
 
 template <typename acc_t>
 void sigmoid_row(const acc_t* logits, acc_t* out, int64_t F) {
-  for_each_vec<acc_t>(
-      F, [&](int64_t f, int64_t n) { store(sigmoid(load(logits + f, n)), out + f, n); });
+  using Vec = Vectorized<acc_t>;
+  const Vec exact =
+      fold_vecs<acc_t>(F, inline_exact_lanes(Vec(acc_t(0))), [&](int64_t f, int64_t n, Vec ok) {
+        const Vec x = load(logits + f, n);
+        store(sigmoid_inline(x), out + f, n);
+        return ok & inline_exact_lanes(x);
+      });
+  if (!all_lanes(exact))
+    for_each_vec<acc_t>(
+        F, [&](int64_t f, int64_t n) { store(sigmoid(load(logits + f, n)), out + f, n); });
 }
 
 template <typename scalar_t, typename acc_t>

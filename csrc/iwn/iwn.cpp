@@ -371,11 +371,12 @@ XLayout layout_of(const Tensor& x, int64_t fd) {
   const bool features_innermost = x.movedim(fd, -1).is_contiguous();
   if (x.is_cpu() && L != 1 && (x.is_contiguous() || !features_innermost))
     return {Layout::planes, fd, L};  // in place, or from a contiguous copy
-  if (!features_innermost && L != 1)
+  if (!features_innermost && L != 1) {
     TORCH_WARN_ONCE(text(
         "fused_iwn: x with its features in dimension ", fd, " of ", x.dim(), " on ", x.device(),
         " is copied to features-innermost order (only the CPU kernels read channels-first "
         "memory in place); pass x in torch.channels_last memory format to avoid the copy"));
+  }
   return {Layout::position_rows, fd, L, !features_innermost};
 }
 

@@ -497,12 +497,9 @@ void iwn_apply(const IWNApplyArgs<acc_type<scalar_t>>& a) {
   // mu, scale, bias, sigmoid(gate): rows read in place (map_values) take
   // them arranged as their lanes arrive; rows of per-instance gates in order.
   const acc_t* coef[4] = {c.mu, c.scale.data(), c.bias, gate_sig};
+  const int64_t coef_rows[4] = {a.num_tasks, a.num_tasks, 1, 1};
   std::vector<acc_t> arranged[4];
-  if (!a.rows.gate_full)
-    for (int k = 0; k < 4; ++k) {
-      if (coef[k]) arranged[k] = arrange_lanes<scalar_t>(coef[k], k < 2 ? a.num_tasks : 1, F);
-      if (!arranged[k].empty()) coef[k] = arranged[k].data();
-    }
+  if (!a.rows.gate_full) arrange_each<scalar_t>(coef, coef_rows, F, arranged);
   const bool stream = stream_output<scalar_t>(1, 1, a.rows.N * F);  // x; y
   at::parallel_for(0, a.rows.N, row_grain(F), [&](int64_t begin, int64_t end) {
     // Locals of the task for what the inner loops read, not reads through
@@ -598,14 +595,12 @@ void rows_input_grad_in_place(const IWNInputGradArgs<acc_type<scalar_t>>& a,
   using Vec = Vectorized<acc_t>;
   const int64_t N = a.rows.N, F = a.rows.F, keys_rows = a.num_tasks * a.key_div;
   // scale (T, F); dy_shift, dev_coef, center (T * C, F) in training; sigmoid(gate) (F)
-  const acc_t* coef[5] = {a.scale, a.dy_shift, a.dev_coef, a.center, gate_sig};
+  const bool t = a.training;
+  const acc_t* coef[5] = {a.scale, t ? a.dy_shift : nullptr, t ? a.dev_coef : nullptr,
+                          t ? a.center : nullptr, gate_sig};
   const int64_t coef_rows[5] = {a.num_tasks, keys_rows, keys_rows, keys_rows, 1};
   std::vector<acc_t> arranged[5];
-  for (int k = 0; k < 5; ++k) {
-    if (coef[k] && (k == 0 || k == 4 || a.training))
-      arranged[k] = arrange_lanes<scalar_t>(coef[k], coef_rows[k], F);
-    if (!arranged[k].empty()) coef[k] = arranged[k].data();
-  }
+  arrange_each<scalar_t>(coef, coef_rows, F, arranged);
   const bool stream = stream_output<scalar_t>(a.training ? 2 : 1, 1, N * F);  // dy, x; dx
   at::parallel_for(0, N, row_grain(F), [&](int64_t begin, int64_t end) {
     // Locals of the task (see iwn_apply).

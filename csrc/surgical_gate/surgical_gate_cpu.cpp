@@ -8,6 +8,8 @@
 // result is bitwise the same for any thread count.
 #include "surgical_gate/surgical_gate_cpu.h"
 
+#include <utility>
+
 #include "common/cpu_vec.h"
 
 namespace surgellm {
@@ -20,7 +22,7 @@ acc_t sum_lanes(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return a + b; }, v);
 }
 
-// One row's blend v = g * h + (1 - g) * s and gate g, in per-thread buffers
+// One row's blend v = g * h + (1 - g) * s = s + g * (h - s) and gate g, in per-thread buffers
 // (L1-resident), computed in one loop that reads h, s and the logits of the
 // row together -- data of any floating type converted in registers.
 template <typename scalar_t, typename acc_t>
@@ -35,25 +37,39 @@ struct BlendRows {
         d(d_),
         g(d_),
         v(d_) {}
-  // Fills v (and g, for the backward) for row i; returns sum(v).
-  template <bool kKeepGate>
+  // Fills v (and g, for the backward) for row i; returns sum(v). A row
+  // with a logit outside the inline sigmoid's range is blended again with
+  // the exact one.
+  template <bool kKeepGate, bool kExactSigmoid = false>
   acc_t blend(int64_t i) {
     using Vec = Vectorized<acc_t>;
-    const Vec one(acc_t(1)), zero(acc_t(0));
+    struct State {
+      Vec sum, exact;  // sum of v; lanes where the sigmoid so far was exact
+    };
+    const Vec zero(acc_t(0));
     const scalar_t *hr = h + i * d, *sr = s + i * d, *lr = logits + i * d;
-    Vec sum(acc_t(0));
-    for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
-      prefetch_ahead(hr + f);
-      prefetch_ahead(sr + f);
-      prefetch_ahead(lr + f);
-      const Vec gv = sigmoid_of<scalar_t>(load_as_acc<scalar_t, acc_t>(lr + f, n));
-      const Vec vv = gv * load_as_acc<scalar_t, acc_t>(hr + f, n) +
-                     (one - gv) * load_as_acc<scalar_t, acc_t>(sr + f, n);
-      if constexpr (kKeepGate) store(gv, g.data() + f, n);
-      store(vv, v.data() + f, n);
-      sum = sum + Vec::set(zero, vv, n);
-    });
-    return sum_lanes(sum);
+    const State out = fold_vecs<acc_t>(
+        d, State{zero, inline_exact_lanes(zero)}, [&](int64_t f, int64_t n, State st) {
+          prefetch_ahead(hr + f);
+          prefetch_ahead(sr + f);
+          prefetch_ahead(lr + f);
+          const Vec lv = load_as_acc<scalar_t, acc_t>(lr + f, n);
+          Vec gv;
+          if constexpr (kExactSigmoid) {
+            gv = sigmoid(lv);
+          } else {
+            gv = sigmoid_inline(lv);
+            st.exact = st.exact & inline_exact_lanes(lv);
+          }
+          const Vec sv = load_as_acc<scalar_t, acc_t>(sr + f, n);
+          const Vec vv = at::vec::fmadd(gv, load_as_acc<scalar_t, acc_t>(hr + f, n) - sv, sv);
+          if constexpr (kKeepGate) store(gv, g.data() + f, n);
+          store(vv, v.data() + f, n);
+          st.sum = st.sum + Vec::set(zero, vv, n);
+          return st;
+        });
+    if (!kExactSigmoid && !all_lanes(out.exact)) return blend<kKeepGate, true>(i);
+    return sum_lanes(out.sum);
   }
 };
 
@@ -65,6 +81,7 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
   using Vec = Vectorized<acc_t>;
   const int64_t d = a.d;
   const bool stream = stream_output<scalar_t>(3, 1, a.N * d);  // h, s, logits; z
+  const acc_t *weight = a.weight, *bias = a.bias;
   at::parallel_for(0, a.N, row_grain(d), [&](int64_t begin, int64_t end) {
     BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
     scalar_t* z = static_cast<scalar_t*>(a.z);
@@ -74,22 +91,24 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
       const Vec vmean0(mean0);
       // Deviations from the first mean and their sum: the mean corrected by
       // it is exact for a constant row (whose z is then exactly the bias).
-      Vec sq(acc_t(0)), sd(acc_t(0));
-      for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
-        const Vec dv = load(rows.v.data() + f, n) - vmean0;
-        sq = Vec::set(sq, at::vec::fmadd(dv, dv, sq), n);
-        sd = Vec::set(sd, sd + dv, n);
-      });
-      const acc_t shift = sum_lanes(sd) / acc_t(d);
+      using Sums = std::pair<Vec, Vec>;  // of squared deviations, of deviations
+      const Sums dev =
+          fold_vecs<acc_t>(d, Sums(zero, zero), [&](int64_t f, int64_t n, const Sums& acc) {
+            const Vec dv = load(rows.v.data() + f, n) - vmean0;
+            return Sums(Vec::set(acc.first, at::vec::fmadd(dv, dv, acc.first), n),
+                        Vec::set(acc.second, acc.second + dv, n));
+          });
+      const acc_t shift = sum_lanes(dev.second) / acc_t(d);
       const acc_t mean = mean0 + shift;
-      const acc_t var = sum_lanes(sq) / acc_t(d) - shift * shift;
+      const acc_t var = sum_lanes(dev.first) / acc_t(d) - shift * shift;
       const acc_t rstd = acc_t(1) / std::sqrt((var > acc_t(0) ? var : acc_t(0)) + a.eps);
       const Vec vmean(mean), vrstd(rstd);
       scalar_t* out = z + i * d;
-      for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
+      // weight, bias and stream by value: loop constants, not reloads.
+      for_each_vec<acc_t>(d, [&, weight, bias, stream](int64_t f, int64_t n) {
         Vec y = (load(rows.v.data() + f, n) - vmean) * vrstd;
-        if (a.weight) y = y * load(a.weight + f, n);
-        if (a.bias) y = y + load(a.bias + f, n);
+        if (weight) y = y * load(weight + f, n);
+        if (bias) y = y + load(bias + f, n);
         store_out(y, out + f, n, stream);
       });
       a.mean[i] = mean;
@@ -112,6 +131,7 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
   Scratch<acc_t> partial(nchunks * 2 * d);  // per chunk: sum dz xhat, then sum dz
   // dz, h, s, logits; dh, ds, dlogits (three outputs: never streamed)
   const bool stream = stream_output<scalar_t>(4, 3, N * d);
+  const acc_t* weight = a.weight;
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
     scalar_t *dh = static_cast<scalar_t*>(a.dh), *ds = static_cast<scalar_t*>(a.ds),
@@ -126,23 +146,24 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
         const scalar_t* g = dz + i * d;
         const Vec mean(a.mean[i]), rstd(a.rstd[i]);
         // Row sums of dxhat and dxhat * xhat (dz's unused lanes load as 0).
-        Vec c1(acc_t(0)), c2(acc_t(0));
-        for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
-          prefetch_ahead(g + f);
-          const Vec gz = load_as_acc<scalar_t, acc_t>(g + f, n);
-          const Vec xhat = (load(rows.v.data() + f, n) - mean) * rstd;
-          const Vec dxhat = a.weight ? gz * load(a.weight + f, n) : gz;
-          c1 = c1 + dxhat;
-          c2 = at::vec::fmadd(dxhat, xhat, c2);
-          store(at::vec::fmadd(gz, xhat, load(pw + f, n)), pw + f, n);
-          store(load(pb + f, n) + gz, pb + f, n);
-        });
-        const Vec m1(sum_lanes(c1) / acc_t(d)), m2(sum_lanes(c2) / acc_t(d));
+        using Sums = std::pair<Vec, Vec>;
+        const Sums c = fold_vecs<acc_t>(
+            d, Sums(Vec(acc_t(0)), Vec(acc_t(0))),
+            [&, weight](int64_t f, int64_t n, const Sums& acc) {
+              prefetch_ahead(g + f);
+              const Vec gz = load_as_acc<scalar_t, acc_t>(g + f, n);
+              const Vec xhat = (load(rows.v.data() + f, n) - mean) * rstd;
+              const Vec dxhat = weight ? gz * load(weight + f, n) : gz;
+              store(at::vec::fmadd(gz, xhat, load(pw + f, n)), pw + f, n);
+              store(load(pb + f, n) + gz, pb + f, n);
+              return Sums(acc.first + dxhat, at::vec::fmadd(dxhat, xhat, acc.second));
+            });
+        const Vec m1(sum_lanes(c.first) / acc_t(d)), m2(sum_lanes(c.second) / acc_t(d));
         scalar_t *dhr = dh + i * d, *dsr = ds + i * d, *dlr = dl + i * d;
-        for_each_vec<acc_t>(d, [&](int64_t f, int64_t n) {
+        for_each_vec<acc_t>(d, [&, weight, stream](int64_t f, int64_t n) {
           const Vec gz = load_as_acc<scalar_t, acc_t>(g + f, n);
           const Vec xhat = (load(rows.v.data() + f, n) - mean) * rstd;
-          const Vec dxhat = a.weight ? gz * load(a.weight + f, n) : gz;
+          const Vec dxhat = weight ? gz * load(weight + f, n) : gz;
           const Vec dv = rstd * (dxhat - m1 - xhat * m2);
           const Vec gv = load(rows.g.data() + f, n);
           store_out(dv * gv, dhr + f, n, stream);

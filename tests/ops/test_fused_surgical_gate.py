@@ -136,6 +136,36 @@ def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backen
     _compare(backend, device, force_backend, [h, s, logits], params, dz)
 
 
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_beyond_the_inline_sigmoid(backend, device, dtype, force_backend):
+    """Rows holding a logit the CPU kernels' inline sigmoid does not cover
+    (|logit| > 80, inf, NaN) take the exact one: g of -85 (1e-37) reaches
+    dlogits as the reference's does, not the inline form's 2e-35; a NaN
+    logit makes its own row NaN and no other."""
+    tensors, params, dz = _inputs((5, 40), dtype)
+    h, s, logits = tensors
+    inf = float("inf")
+    logits[0, 3], logits[1, 7], logits[1, 9], logits[2, 0] = -85.0, 100.0, -inf, inf
+    _compare(backend, device, force_backend, [h, s, logits], params, dz)
+    if dtype == torch.float32:
+        on = on_device(device, [h, s, logits], params, dz)
+        force_backend(backend)
+        fused = _run(fused_surgical_gate, *on)[3]
+        ref = _run(surgical_gate_reference, *on)[3]
+        assert ref[0, 3] != 0
+        torch.testing.assert_close(fused[0, 3], ref[0, 3], rtol=1e-3, atol=0)
+    logits[3, 11] = float("nan")
+    (h, s, logits), params = on_device(device, [h, s, logits], params)
+    force_backend(backend)
+    z = fused_surgical_gate(h, s, logits, **params)
+    assert z[3].isnan().all()
+    rows = [0, 1, 2, 4]
+    torch.testing.assert_close(
+        z[rows], fused_surgical_gate(h[rows], s[rows], logits[rows], **params)
+    )
+
+
 @pytest.mark.skipif(("cpu", "cpu") not in KERNEL_PAIRS, reason="the C++ extension is not built")
 def test_one_call_is_one_op(force_backend):
     """A call crosses into C++ once: a TorchFunctionMode sees the one
