@@ -22,7 +22,7 @@ acc_t sum_lanes(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return a + b; }, v);
 }
 
-// One row's blend v = g * h + (1 - g) * s = s + g * (h - s) and gate g, in per-thread buffers
+// One row's blend v = g * h + (1 - g) * s and gate g, in per-thread buffers
 // (L1-resident), computed in one loop that reads h, s and the logits of the
 // row together -- data of any floating type converted in registers.
 template <typename scalar_t, typename acc_t>
@@ -44,12 +44,12 @@ struct BlendRows {
   acc_t blend(int64_t i) {
     using Vec = Vectorized<acc_t>;
     struct State {
-      Vec sum, exact;  // sum of v; lanes where the sigmoid so far was exact
+      Vec sum, inline_ok;  // sum of v; lanes whose logits so far were in range
     };
-    const Vec zero(acc_t(0));
+    const Vec zero(acc_t(0)), one(acc_t(1));
     const scalar_t *hr = h + i * d, *sr = s + i * d, *lr = logits + i * d;
     const State out = fold_vecs<acc_t>(
-        d, State{zero, inline_exact_lanes(zero)}, [&](int64_t f, int64_t n, State st) {
+        d, State{zero, inline_range_lanes(zero)}, [&](int64_t f, int64_t n, State st) {
           prefetch_ahead(hr + f);
           prefetch_ahead(sr + f);
           prefetch_ahead(lr + f);
@@ -59,16 +59,18 @@ struct BlendRows {
             gv = sigmoid(lv);
           } else {
             gv = sigmoid_inline(lv);
-            st.exact = st.exact & inline_exact_lanes(lv);
+            st.inline_ok = st.inline_ok & inline_range_lanes(lv);
           }
-          const Vec sv = load_as_acc<scalar_t, acc_t>(sr + f, n);
-          const Vec vv = at::vec::fmadd(gv, load_as_acc<scalar_t, acc_t>(hr + f, n) - sv, sv);
+          // g * h + (1 - g) * s: exactly h where g is 1 and s where g is 0
+          // (s + g * (h - s) is not, nor finite for huge h - s).
+          const Vec vv = at::vec::fmadd(gv, load_as_acc<scalar_t, acc_t>(hr + f, n),
+                                        (one - gv) * load_as_acc<scalar_t, acc_t>(sr + f, n));
           if constexpr (kKeepGate) store(gv, g.data() + f, n);
           store(vv, v.data() + f, n);
           st.sum = st.sum + Vec::set(zero, vv, n);
           return st;
         });
-    if (!kExactSigmoid && !all_lanes(out.exact)) return blend<kKeepGate, true>(i);
+    if (!kExactSigmoid && !all_lanes(out.inline_ok)) return blend<kKeepGate, true>(i);
     return sum_lanes(out.sum);
   }
 };

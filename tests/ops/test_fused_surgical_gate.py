@@ -125,6 +125,7 @@ def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backen
     h, s, logits = tensors
     logits[:3] = 80.0
     logits[3:] = -80.0
+    s[0] = 1e6  # g = 1: v is h exactly, however large s (no h - s rounding)
     h[1], s[1] = 0.1, 0.1  # constant blend, g = 1
     s[4] = -0.3  # constant blend, g = 0
     (h, s, logits), params, dz = on_device(device, [h, s, logits], params, dz)
