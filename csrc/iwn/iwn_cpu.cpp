@@ -172,8 +172,8 @@ inline void for_each_plane_vec(const scalar_t* a, const scalar_t* b, int64_t L, 
 // scalar_t: for bfloat16 / float16 two vectors per full load and store,
 // their lanes as load_lanes_any_order gives them -- per-lane coefficients
 // read at l must be arranged so (arrange_lanes) -- then the tail in order (n
-// < vector size in the last call only); float32 / float64 with non-temporal
-// stores when `stream` (store_out).
+// < vector size in the last call only); with non-temporal stores when
+// `stream` (store_out; AVX2 bfloat16 pairs, store_lanes_any_order).
 template <typename scalar_t, typename acc_t, typename Fn>
 inline void map_values(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, bool stream,
                        const Fn& fn) {
@@ -185,7 +185,7 @@ inline void map_values(const scalar_t* a, const scalar_t* b, scalar_t* out, int6
       const auto [a0, a1] = load_lanes_any_order(a + l);
       Vec b0 = a0, b1 = a1;
       if (b) std::tie(b0, b1) = load_lanes_any_order(b + l);
-      store_lanes_any_order(fn(a0, b0, l, W), fn(a1, b1, l + W, W), out + l);
+      store_lanes_any_order(fn(a0, b0, l, W), fn(a1, b1, l + W, W), out + l, stream);
     }
   }
   for (; l < L; l += W) {

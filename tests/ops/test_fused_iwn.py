@@ -228,6 +228,34 @@ def test_per_task_statistics(backend, device, training, force_backend):
     _compare(backend, device, force_backend, x, _params(F, torch.float64), **kwargs)
 
 
+@pytest.mark.skipif(("cpu", "cpu") not in PAIRS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_planes_past_the_last_level_cache_give_the_same_bits(dtype, force_backend):
+    """Channels-first planes moving more than the last-level cache (32 MiB on
+    the CI host) are written with non-temporal stores, bfloat16 two vectors at
+    a time with AVX2: y and dx in eval are, bit for bit, those of the same
+    planes computed one sample at a time (too small to be streamed)."""
+    force_backend("cpu")
+    g = torch.Generator().manual_seed(0)
+    C = 64
+    x = torch.randn(24, C, 96, 96, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    kwargs = dict(
+        weight=torch.rand(C, generator=g) + 0.5,
+        bias=torch.randn(C, generator=g),
+        running_mean=torch.randn(C, generator=g),
+        running_std=torch.rand(C, generator=g) + 0.5,
+        feature_dim=1,
+    )
+    y = fused_iwn(x, **kwargs)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    for i in range(0, x.shape[0], 5):
+        xi = x[i : i + 1].detach().requires_grad_()
+        yi = fused_iwn(xi, **kwargs)
+        (dxi,) = torch.autograd.grad(yi, xi, dy[i : i + 1])
+        assert torch.equal(yi, y[i : i + 1]) and torch.equal(dxi, dx[i : i + 1])
+
+
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["rows", "rows gated", "planes"])
