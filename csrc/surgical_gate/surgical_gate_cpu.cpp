@@ -58,7 +58,7 @@ struct BlendRows {
           if constexpr (kExactSigmoid) {
             gv = sigmoid(lv);
           } else {
-            gv = sigmoid_inline(lv);
+            gv = sigmoid_inline<acc_t, !std::is_same<scalar_t, acc_t>::value>(lv);
             st.inline_ok = st.inline_ok & inline_range_lanes(lv);
           }
           // g * h + (1 - g) * s: exactly h where g is 1 and s where g is 0
