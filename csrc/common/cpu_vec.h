@@ -334,18 +334,15 @@ inline void prefetch_ahead(const scalar_t* p) {
 // exp(t) of float lanes with |t| <= 80 (no overflow, no denormal), inline:
 // t = n ln2 + r with |r| <= ln2 / 2 (ln2 split so that n * kLn2Hi is exact
 // even without a fused multiply-add), exp(r) by its Taylor series to r^7
-// (remainder below 2^-27 relative; kCoarse: to r^6, below 2^-23),
-// 2^n written into the exponent bits.
-template <bool kCoarse = false>
+// (remainder below 2^-27 relative), 2^n written into the exponent bits.
 inline Vectorized<float> exp_moderate(const Vectorized<float>& t) {
   using Vec = Vectorized<float>;
   constexpr float kLn2Hi = 0.693359375f;              // 355 / 512
   constexpr float kLn2Lo = -2.12194440054690583e-4f;  // ln 2 - kLn2Hi
   const Vec n = (t * Vec(1.44269504088896341f)).round();
   const Vec r = at::vec::fmadd(n, Vec(-kLn2Lo), at::vec::fmadd(n, Vec(-kLn2Hi), t));
-  Vec p(kCoarse ? 1.f / 720.f : 1.f / 5040.f);
-  if constexpr (!kCoarse) p = at::vec::fmadd(p, r, Vec(1.f / 720.f));
-  for (const float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+  Vec p(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
     p = at::vec::fmadd(p, r, Vec(c));
   const Vectorized<int32_t> bits =
       (at::vec::convert_to_int_of_same_size(n) + Vectorized<int32_t>(127))
@@ -356,8 +353,7 @@ inline Vectorized<float> exp_moderate(const Vectorized<float>& t) {
 // 1 / d for float lanes with 1 <= d < 2^120: the hardware estimate refined
 // by Newton steps (AVX512's 14 bits once, AVX2's 12 bits twice) to about the
 // division's rounding (at most a last bit apart), at a fraction of a vector
-// division's throughput. kCoarse: AVX2's one step (within 2^-22).
-template <bool kCoarse = false>
+// division's throughput.
 inline Vectorized<float> reciprocal_moderate(const Vectorized<float>& d) {
   using Vec = Vectorized<float>;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -366,7 +362,7 @@ inline Vectorized<float> reciprocal_moderate(const Vectorized<float>& d) {
   constexpr int kSteps = 1;
 #else
   Vec r = _mm256_rcp_ps(d);
-  constexpr int kSteps = kCoarse ? 1 : 2;
+  constexpr int kSteps = 2;
 #endif
   for (int step = 0; step < kSteps; ++step)
     r = at::vec::fmadd(r, at::vec::fmadd(d.neg(), r, Vec(1.f)), r);
@@ -402,17 +398,23 @@ inline Vectorized<acc_t> inline_range_lanes(const Vectorized<acc_t>& x) {
 // safe. The exact exp is a call that clobbers every vector register and the
 // division has a fraction of an FMA's throughput: in the gate's loops they,
 // not memory, were the bound. Double lanes: sigmoid() throughout.
-// kCoarse, for results rounded to bfloat16 / float16 (2^-8 / 2^-11): a
-// polynomial degree and a Newton step fewer: at most 3.51 float ulps, 0.42
-// on average, in the same sweep (ATen's exp_u20, used before, allows 20).
-template <typename acc_t, bool kCoarse = false>
+template <typename acc_t>
 inline Vectorized<acc_t> sigmoid_inline(const Vectorized<acc_t>& x) {
   if constexpr (std::is_same<acc_t, float>::value) {
     const Vectorized<float> t = x.neg() & inline_range_lanes(x);
-    return reciprocal_moderate<kCoarse>(Vectorized<float>(1.f) + exp_moderate<kCoarse>(t));
+    return reciprocal_moderate(Vectorized<float>(1.f) + exp_moderate(t));
   } else {
     return sigmoid(x);
   }
+}
+
+// sigmoid of float lanes for results rounded to bfloat16 / float16 (2^-8 /
+// 2^-11): ATen's inline exp_u20 (within 20 float ulps) and a division,
+// which ran the bfloat16 gate a few percent faster than sigmoid_inline; any
+// logit, NaN giving NaN.
+inline Vectorized<float> sigmoid_for_reduced(const Vectorized<float>& x) {
+  const Vectorized<float> one(1.f);
+  return Vectorized<float>::blendv(one / (one + x.neg().exp_u20()), x, x != x);
 }
 
 template <typename acc_t>

@@ -37,9 +37,9 @@ struct BlendRows {
         d(d_),
         g(d_),
         v(d_) {}
-  // Fills v (and g, for the backward) for row i; returns sum(v). A row
-  // with a logit outside the inline sigmoid's range is blended again with
-  // the exact one.
+  // Fills v (and g, for the backward) for row i; returns sum(v). A float
+  // row with a logit outside the inline sigmoid's range is blended again
+  // with the exact one; rows of bfloat16 / float16 take sigmoid_for_reduced.
   template <bool kKeepGate, bool kExactSigmoid = false>
   acc_t blend(int64_t i) {
     using Vec = Vectorized<acc_t>;
@@ -57,8 +57,10 @@ struct BlendRows {
           Vec gv;
           if constexpr (kExactSigmoid) {
             gv = sigmoid(lv);
+          } else if constexpr (!std::is_same<scalar_t, acc_t>::value) {
+            gv = sigmoid_for_reduced(lv);
           } else {
-            gv = sigmoid_inline<acc_t, !std::is_same<scalar_t, acc_t>::value>(lv);
+            gv = sigmoid_inline(lv);
             st.inline_ok = st.inline_ok & inline_range_lanes(lv);
           }
           // g * h + (1 - g) * s: exactly h where g is 1 and s where g is 0
