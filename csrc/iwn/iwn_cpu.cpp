@@ -139,6 +139,10 @@ struct RowsByGroup {
 // (each thread owns its features' statistics: no partial buffers) and add
 // the planes of a feature in instance order, so results are bitwise the same
 // at any thread count; the elementwise passes run in parallel over planes.
+// A reduction's thread reads, per instance, the planes of all its features
+// (for_each_instance_planes): one run of memory, where a feature's planes
+// alone are runs of L values a whole sample apart, each a new stream for
+// the hardware prefetcher (moments and task sums read 2-4x fewer GB/s so).
 
 // body(n, va, vb) over planes a and b of L values of scalar_t (b == nullptr:
 // vb = va), va and vb the next n values as acc (lanes past the tail are 0):
@@ -165,6 +169,18 @@ inline void for_each_plane_vec(const scalar_t* a, const scalar_t* b, int64_t L, 
     const Vec va = load_as_acc<scalar_t, acc_t>(a + l, n);
     body(n, va, b ? load_as_acc<scalar_t, acc_t>(b + l, n) : va);
   }
+}
+
+// A reduction thread's per-plane statistics: within L2.
+constexpr int64_t kPlaneStatsBytes = int64_t(1) << 18;
+
+// body(i, f) for the planes of features [f0, f1) of instances [0, N): each
+// instance's planes in memory order, instances in order (so each feature
+// still sees its planes in instance order).
+template <typename Body>
+inline void for_each_instance_planes(int64_t N, int64_t f0, int64_t f1, const Body& body) {
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t f = f0; f < f1; ++f) body(i, f);
 }
 
 // out = fn(a, b, l, n) over a plane or a row of L values (b == nullptr:
@@ -221,10 +237,17 @@ void planes_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
     for (acc_t* out : {a.mean, a.m2, a.mean_residual}) std::fill(out, out + G * F, acc_t(0));
     return;
   }
+  // Per-plane moments of a block of features at a time (at most
+  // kPlaneStatsBytes of them per thread), then merged feature by feature.
+  const int64_t block =
+      std::max<int64_t>(1, kPlaneStatsBytes / std::max<int64_t>(1, 3 * N * sizeof(acc_t)));
   at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
-    std::vector<acc_t> pmean(N), pm2(N), pres(N), n(G), mean(G), m2(G), res(G);
-    for (int64_t f = f0; f < f1; ++f) {
-      for (int64_t i = 0; i < N; ++i) {
+    const int64_t width = std::min(block, f1 - f0);
+    std::vector<acc_t> pmean(width * N), pm2(width * N), pres(width * N), n(G), mean(G), m2(G),
+        res(G);
+    for (int64_t fb = f0; fb < f1; fb += width) {
+      const int64_t fe = std::min(f1, fb + width);
+      for_each_instance_planes(N, fb, fe, [&](int64_t i, int64_t f) {
         const scalar_t* p = x + (i * F + f) * L;
         Vec sum(acc_t(0));
         for_each_plane_vec<scalar_t, acc_t>(
@@ -239,26 +262,31 @@ void planes_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
                                               sq = at::vec::fmadd(d, d, sq);
                                               rs = rs + d;
                                             });
-        pmean[i] = m;
-        pm2[i] = at::vec::vec_reduce_all<acc_t>(add, sq);
-        pres[i] = at::vec::vec_reduce_all<acc_t>(add, rs);
-      }
-      std::fill(n.begin(), n.end(), acc_t(0));
-      std::fill(mean.begin(), mean.end(), acc_t(0));
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t k = key_of(a.rows.keys, i);
-        merge_mean(n[k], mean[k], acc_t(L), pmean[i]);
-      }
-      std::fill(m2.begin(), m2.end(), acc_t(0));
-      std::fill(res.begin(), res.end(), acc_t(0));
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t k = key_of(a.rows.keys, i);
-        merge_about(m2[k], res[k], acc_t(L), pmean[i], pm2[i], pres[i], mean[k]);
-      }
-      for (int64_t k = 0; k < G; ++k) {
-        a.mean[k * F + f] = mean[k];
-        a.m2[k * F + f] = m2[k];
-        a.mean_residual[k * F + f] = n[k] > acc_t(0) ? res[k] / n[k] : acc_t(0);
+        const int64_t at = (f - fb) * N + i;
+        pmean[at] = m;
+        pm2[at] = at::vec::vec_reduce_all<acc_t>(add, sq);
+        pres[at] = at::vec::vec_reduce_all<acc_t>(add, rs);
+      });
+      for (int64_t f = fb; f < fe; ++f) {
+        const acc_t *fmean = pmean.data() + (f - fb) * N, *fm2 = pm2.data() + (f - fb) * N,
+                    *fres = pres.data() + (f - fb) * N;
+        std::fill(n.begin(), n.end(), acc_t(0));
+        std::fill(mean.begin(), mean.end(), acc_t(0));
+        for (int64_t i = 0; i < N; ++i) {
+          const int64_t k = key_of(a.rows.keys, i);
+          merge_mean(n[k], mean[k], acc_t(L), fmean[i]);
+        }
+        std::fill(m2.begin(), m2.end(), acc_t(0));
+        std::fill(res.begin(), res.end(), acc_t(0));
+        for (int64_t i = 0; i < N; ++i) {
+          const int64_t k = key_of(a.rows.keys, i);
+          merge_about(m2[k], res[k], acc_t(L), fmean[i], fm2[i], fres[i], mean[k]);
+        }
+        for (int64_t k = 0; k < G; ++k) {
+          a.mean[k * F + f] = mean[k];
+          a.m2[k * F + f] = m2[k];
+          a.mean_residual[k * F + f] = n[k] > acc_t(0) ? res[k] / n[k] : acc_t(0);
+        }
       }
     }
   });
@@ -303,23 +331,22 @@ void planes_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
   const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
   at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
-    for (int64_t f = f0; f < f1; ++f) {
+    for (int64_t f = f0; f < f1; ++f)
       for (int64_t t = 0; t < T; ++t) a.sums[t * F + f] = a.sums[(T + t) * F + f] = acc_t(0);
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t t = key_of(a.rows.keys, i) / a.key_div;
-        const int64_t off = (i * F + f) * L;
-        const Vec m(a.mu[t * F + f]);
-        Vec s1(acc_t(0)), s2(acc_t(0));
-        for_each_plane_vec<scalar_t, acc_t>(dy + off, x + off, L,
-                                            [&](int64_t, const Vec& g, const Vec& v) {
-                                              s1 = s1 + g;  // g is 0 past the tail
-                                              s2 = at::vec::fmadd(g, v - m, s2);
-                                            });
-        auto add = [](const Vec& p, const Vec& q) { return p + q; };
-        a.sums[t * F + f] += at::vec::vec_reduce_all<acc_t>(add, s1);
-        a.sums[(T + t) * F + f] += at::vec::vec_reduce_all<acc_t>(add, s2);
-      }
-    }
+    for_each_instance_planes(N, f0, f1, [&](int64_t i, int64_t f) {
+      const int64_t t = key_of(a.rows.keys, i) / a.key_div;
+      const int64_t off = (i * F + f) * L;
+      const Vec m(a.mu[t * F + f]);
+      Vec s1(acc_t(0)), s2(acc_t(0));
+      for_each_plane_vec<scalar_t, acc_t>(dy + off, x + off, L,
+                                          [&](int64_t, const Vec& g, const Vec& v) {
+                                            s1 = s1 + g;  // g is 0 past the tail
+                                            s2 = at::vec::fmadd(g, v - m, s2);
+                                          });
+      auto add = [](const Vec& p, const Vec& q) { return p + q; };
+      a.sums[t * F + f] += at::vec::vec_reduce_all<acc_t>(add, s1);
+      a.sums[(T + t) * F + f] += at::vec::vec_reduce_all<acc_t>(add, s2);
+    });
   });
 }
 

@@ -180,6 +180,30 @@ def test_deterministic_across_thread_counts():
     assert_same_bits_across_threads(run)
 
 
+def test_many_samples_reduce_their_channels_a_block_at_a_time():
+    # 6000 samples: each CPU thread reduces its channels a few at a time
+    # (the per-sample statistics of a block stay within L2), and a block's
+    # samples are read sample by sample across its channels
+    from _helpers import assert_same_bits_across_threads
+
+    x, labels = make((6000, 7, 2), False, torch.float32)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        xg = x.clone().requires_grad_()
+        y = fused_iwn(xg, labels, training=True, num_classes=3, feature_dim=1)
+        y.backward(dy)
+        return y, xg.grad
+
+    y, dx = run()
+    expected, _, _ = truth(x, labels, torch.ones(7), torch.zeros(7), 1e-5)
+    assert_close(y, expected, dtype=torch.float32, scale=4)
+    x64 = x.double().requires_grad_()
+    InstanceWeightedNorm1d(7, 3).double()(x64, labels).backward(dy.double())
+    assert_close(dx, x64.grad, dtype=torch.float32, scale=4)
+    assert_same_bits_across_threads(run)
+
+
 def test_eval_uses_running_statistics_and_labels_are_not_needed():
     x, labels = make((6, 3, 4, 4), False)
     layer = FusedInstanceWeightedNorm2d(3, 3).double()
