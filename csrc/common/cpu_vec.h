@@ -394,9 +394,10 @@ inline Vectorized<acc_t> inline_range_lanes(const Vectorized<acc_t>& x) {
 // instructions at most 2.37 against sigmoid()'s 2.41), though not always
 // the same bits; a row that held a value outside (a saturated or NaN logit)
 // is then computed again with sigmoid(). Lanes outside are computed from 0,
-// so that any lane is safe. The exact exp is a call that clobbers every vector register and the
-// division has a fraction of an FMA's throughput: in the gate's loops they,
-// not memory, were the bound. Double lanes: sigmoid() throughout.
+// so that any lane is safe. The exact exp is a call that clobbers every
+// vector register and the division has a fraction of an FMA's throughput: in
+// the gate's loops they, not memory, were the bound. Double lanes: sigmoid()
+// throughout.
 template <typename acc_t>
 inline Vectorized<acc_t> sigmoid_inline(const Vectorized<acc_t>& x) {
   if constexpr (std::is_same<acc_t, float>::value) {
