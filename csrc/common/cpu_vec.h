@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -71,6 +73,41 @@ inline State fold_vecs(int64_t F, State state, const Body& body) {
   for (; f + W <= F; f += W) state = body(f, W, state);
   if (f < F) state = body(f, F - f, state);
   return state;
+}
+
+template <typename acc_t>
+inline acc_t sum_lanes(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return a + b; }, v);
+}
+
+// Merge of two states of paired sums (fold_vecs_chained).
+template <typename Vec>
+inline std::pair<Vec, Vec> add_pairs(const std::pair<Vec, Vec>& a, const std::pair<Vec, Vec>& b) {
+  return {a.first + b.first, a.second + b.second};
+}
+
+// fold_vecs for sums, with four states, each `init` (the sums' zero): vector
+// j of each group of four goes to state j, the rest (fewer than four vectors)
+// to state 0, and the states merge as (s0 + s2) + (s1 + s3). The order is
+// fixed by F alone. body must leave a state unchanged by the lanes past n of
+// the last, counted vector. One state would make each add wait for the
+// previous add's result; four keep the adds apart.
+template <typename acc_t, typename State, typename Body, typename Merge>
+inline State fold_vecs_chained(int64_t F, const State& init, const Body& body, const Merge& merge) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  // Named states, not an array, which the compiler keeps in memory.
+  State s0 = init, s1 = init, s2 = init, s3 = init;
+  int64_t f = 0;
+  for (; f + 4 * W <= F; f += 4 * W) {
+    s0 = body(f, W, s0);
+    s1 = body(f + W, W, s1);
+    s2 = body(f + 2 * W, W, s2);
+    s3 = body(f + 3 * W, W, s3);
+  }
+  // The rest, fewer than four vectors, into s0 alone: a body called (not
+  // inlined) with the other states would keep them in memory.
+  for (; f < F; f += W) s0 = body(f, std::min(W, F - f), s0);
+  return merge(merge(s0, s2), merge(s1, s3));
 }
 
 template <typename acc_t>

@@ -145,33 +145,6 @@ struct RowsByGroup {
 // for the hardware prefetcher (at 64x256x28x28 bfloat16 the moments read
 // 9.5 GB/s so, where the apply moved 37 GB/s).
 
-// body(n, va, vb) over planes a and b of L values of scalar_t (b == nullptr:
-// vb = va), va and vb the next n values as acc (lanes past the tail are 0):
-// a vector at a time for float32 / float64; for bfloat16 / float16 one full
-// load of 2W values converted to two vectors, counted loads in the tail only.
-template <typename scalar_t, typename acc_t, typename Body>
-inline void for_each_plane_vec(const scalar_t* a, const scalar_t* b, int64_t L, const Body& body) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  int64_t l = 0;
-  if constexpr (!std::is_same<scalar_t, acc_t>::value) {
-    static_assert(Vectorized<scalar_t>::size() == 2 * W, "a reduced vector holds two acc vectors");
-    for (; l + 2 * W <= L; l += 2 * W) {
-      const auto [a0, a1] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(a + l));
-      Vec b0 = a0, b1 = a1;
-      if (b)
-        std::tie(b0, b1) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(b + l));
-      body(W, a0, b0);
-      body(W, a1, b1);
-    }
-  }
-  for (; l < L; l += W) {
-    const int64_t n = std::min(W, L - l);
-    const Vec va = load_as_acc<scalar_t, acc_t>(a + l, n);
-    body(n, va, b ? load_as_acc<scalar_t, acc_t>(b + l, n) : va);
-  }
-}
-
 // A reduction thread's per-plane statistics: within L2 (one feature at a
 // time when its N planes' statistics need more).
 constexpr int64_t kPlaneStatsBytes = int64_t(1) << 17;
@@ -251,23 +224,27 @@ void planes_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
       const int64_t fe = std::min(f1, fb + width);
       for_each_instance_planes(N, fb, fe, [&](int64_t i, int64_t f) {
         const scalar_t* p = x + (i * F + f) * L;
-        Vec sum(acc_t(0));
-        for_each_plane_vec<scalar_t, acc_t>(
-            p, nullptr, L, [&](int64_t, const Vec& v, const Vec&) { sum = sum + v; });
-        auto add = [](const Vec& u, const Vec& v) { return u + v; };
-        const acc_t m = at::vec::vec_reduce_all<acc_t>(add, sum) / acc_t(L);
-        const Vec mv(m), zero(acc_t(0));
-        Vec sq(acc_t(0)), rs(acc_t(0));
-        for_each_plane_vec<scalar_t, acc_t>(p, nullptr, L,
-                                            [&](int64_t n, const Vec& v, const Vec&) {
-                                              const Vec d = Vec::set(zero, v - mv, n);
-                                              sq = at::vec::fmadd(d, d, sq);
-                                              rs = rs + d;
-                                            });
+        // Four sums in turn (fold_vecs_chained): one would wait on each add.
+        const Vec zero(acc_t(0));
+        const Vec sum = fold_vecs_chained<acc_t>(
+            L, zero,
+            [&](int64_t l, int64_t n, const Vec& acc) {
+              return acc + load_as_acc<scalar_t, acc_t>(p + l, n);  // 0 past the tail
+            },
+            std::plus<Vec>());
+        const acc_t m = sum_lanes(sum) / acc_t(L);
+        const Vec mv(m);
+        const auto [sq, rs] = fold_vecs_chained<acc_t>(
+            L, std::pair<Vec, Vec>(zero, zero),
+            [&](int64_t l, int64_t n, const std::pair<Vec, Vec>& acc) {
+              const Vec d = Vec::set(zero, load_as_acc<scalar_t, acc_t>(p + l, n) - mv, n);
+              return std::pair<Vec, Vec>(at::vec::fmadd(d, d, acc.first), acc.second + d);
+            },
+            add_pairs<Vec>);
         const int64_t j = (f - fb) * N + i;
         pmean[j] = m;
-        pm2[j] = at::vec::vec_reduce_all<acc_t>(add, sq);
-        pres[j] = at::vec::vec_reduce_all<acc_t>(add, rs);
+        pm2[j] = sum_lanes(sq);
+        pres[j] = sum_lanes(rs);
       });
       for (int64_t f = fb; f < fe; ++f) {
         const acc_t *fmean = pmean.data() + (f - fb) * N, *fm2 = pm2.data() + (f - fb) * N,
@@ -342,15 +319,17 @@ void planes_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
       const int64_t t = key_of(a.rows.keys, i) / a.key_div;
       const int64_t off = (i * F + f) * L;
       const Vec m(a.mu[t * F + f]);
-      Vec s1(acc_t(0)), s2(acc_t(0));
-      for_each_plane_vec<scalar_t, acc_t>(dy + off, x + off, L,
-                                          [&](int64_t, const Vec& g, const Vec& v) {
-                                            s1 = s1 + g;  // g is 0 past the tail
-                                            s2 = at::vec::fmadd(g, v - m, s2);
-                                          });
-      auto add = [](const Vec& p, const Vec& q) { return p + q; };
-      sums[t * width + f - f0] += at::vec::vec_reduce_all<acc_t>(add, s1);
-      sums[(T + t) * width + f - f0] += at::vec::vec_reduce_all<acc_t>(add, s2);
+      const Vec zero(acc_t(0));
+      const auto [s1, s2] = fold_vecs_chained<acc_t>(
+          L, std::pair<Vec, Vec>(zero, zero),
+          [&](int64_t l, int64_t n, const std::pair<Vec, Vec>& acc) {
+            const Vec g = load_as_acc<scalar_t, acc_t>(dy + off + l, n);  // 0 past the tail
+            const Vec v = load_as_acc<scalar_t, acc_t>(x + off + l, n);
+            return std::pair<Vec, Vec>(acc.first + g, at::vec::fmadd(g, v - m, acc.second));
+          },
+          add_pairs<Vec>);
+      sums[t * width + f - f0] += sum_lanes(s1);
+      sums[(T + t) * width + f - f0] += sum_lanes(s2);
     });
     for (int64_t r = 0; r < 2 * T; ++r)
       std::copy_n(sums.data() + r * width, width, a.sums + r * F + f0);

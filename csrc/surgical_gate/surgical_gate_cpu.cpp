@@ -17,11 +17,6 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-template <typename acc_t>
-acc_t sum_lanes(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return a + b; }, v);
-}
-
 // One row's blend v = g * h + (1 - g) * s and gate g, in per-thread buffers
 // (L1-resident), computed in one loop that reads h, s and the logits of the
 // row together -- data of any floating type converted in registers.
@@ -96,12 +91,14 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
       // Deviations from the first mean and their sum: the mean corrected by
       // it is exact for a constant row (whose z is then exactly the bias).
       using Sums = std::pair<Vec, Vec>;  // of squared deviations, of deviations
-      const Sums dev =
-          fold_vecs<acc_t>(d, Sums(zero, zero), [&](int64_t f, int64_t n, const Sums& acc) {
+      const Sums dev = fold_vecs_chained<acc_t>(
+          d, Sums(zero, zero),
+          [&](int64_t f, int64_t n, const Sums& acc) {
             const Vec dv = load(rows.v.data() + f, n) - vmean0;
             return Sums(Vec::set(acc.first, at::vec::fmadd(dv, dv, acc.first), n),
                         Vec::set(acc.second, acc.second + dv, n));
-          });
+          },
+          add_pairs<Vec>);
       const acc_t shift = sum_lanes(dev.second) / acc_t(d);
       const acc_t mean = mean0 + shift;
       const acc_t var = sum_lanes(dev.first) / acc_t(d) - shift * shift;
@@ -151,7 +148,7 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
         const Vec mean(a.mean[i]), rstd(a.rstd[i]);
         // Row sums of dxhat and dxhat * xhat (dz's unused lanes load as 0).
         using Sums = std::pair<Vec, Vec>;
-        const Sums c = fold_vecs<acc_t>(
+        const Sums c = fold_vecs_chained<acc_t>(
             d, Sums(Vec(acc_t(0)), Vec(acc_t(0))),
             [&, weight](int64_t f, int64_t n, const Sums& acc) {
               prefetch_ahead(g + f);
@@ -161,7 +158,8 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
               store(at::vec::fmadd(gz, xhat, load(pw + f, n)), pw + f, n);
               store(load(pb + f, n) + gz, pb + f, n);
               return Sums(acc.first + dxhat, at::vec::fmadd(dxhat, xhat, acc.second));
-            });
+            },
+            add_pairs<Vec>);
         const Vec m1(sum_lanes(c.first) / acc_t(d)), m2(sum_lanes(c.second) / acc_t(d));
         scalar_t *dhr = dh + i * d, *dsr = ds + i * d, *dlr = dl + i * d;
         for_each_vec<acc_t>(d, [&, weight, stream](int64_t f, int64_t n) {

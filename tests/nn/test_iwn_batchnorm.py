@@ -52,6 +52,7 @@ LAYOUTS = [  # (shape, channels_last)
     ((4, 7, 1, 1), False),
     ((4, 7, 1, 1), True),
     ((9, 1, 3, 5), True),
+    ((5, 3, 13, 11), False),  # planes of 143: groups of four vectors, then a tail
 ]
 
 
@@ -149,10 +150,13 @@ def test_one_class_equals_batch_norm():
         assert_close(iwn(x), F.batch_norm(x, iwn.running_mean, bn.running_var, eps=1e-300))
 
 
+# planes of 36 values, and of 143: groups of four vectors then a tail (the
+# planes' sums keep four accumulators)
+@pytest.mark.parametrize("spatial", [(6, 6), (13, 11)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_lower_precision(dtype, channels_last):
-    x, labels = make((8, 5, 6, 6), channels_last, dtype)
+def test_lower_precision(dtype, channels_last, spatial):
+    x, labels = make((8, 5) + spatial, channels_last, dtype)
     layer = FusedInstanceWeightedNorm2d(5, 3).to(dtype)
     xg = x.clone().requires_grad_()
     y = layer(xg, labels)
