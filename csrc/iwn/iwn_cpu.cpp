@@ -365,13 +365,69 @@ void planes_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   });
 }
 
-// Per group: count, mean and M2 of u. Within a chunk, two passes: the sums
-// give each group's mean, then M2 sums squared deviations from it, so a
-// rounded mean costs M2 only a second-order error (n (mean error)^2) --
-// whatever the data's offset, its first row, or how close its values are.
-// Chunks then merge in chunk order (iwn_merge_moments): the mean, then M2
-// and the residual about that merged (rounded) mean, cross terms included:
-// M2 is the sum of squares about the mean returned.
+// Adds rows of one group to a group's sums about `center`: sq += (u - c)^2,
+// dev += u - c, the rows one by one in their order, the sums loaded and
+// stored once per block of rows (per row, those loads and stores, not the
+// data, would bound it). The rows of a block read x in place and share
+// their gate: RowU::vec's arithmetic, its tests taken once per block.
+// kAhead: the rows follow each other in memory (a run), so software
+// prefetch 2 KiB ahead of each row asks for the run's next rows, which the
+// hardware prefetcher left bfloat16 runs waiting on.
+template <bool kAhead, typename scalar_t, typename acc_t>
+inline void add_deviations(const RowU<scalar_t, acc_t>* u, int64_t nr, const acc_t* center,
+                           acc_t* sq, acc_t* dev, int64_t F) {
+  using Vec = Vectorized<acc_t>;
+  auto sums = [&](auto row_vec) {
+    for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
+      const Vec c = load(center + f, n);
+      Vec q = load(sq + f, n), e = load(dev + f, n);
+      for (int64_t r = 0; r < nr; ++r) {
+        const Vec d = row_vec(r, f, n) - c;
+        q = at::vec::fmadd(d, d, q);
+        e = e + d;
+      }
+      store(q, sq + f, n);
+      store(e, dev + f, n);
+    });
+  };
+  if (nr == 1) return sums([&](int64_t, int64_t f, int64_t n) { return u[0].vec(f, n); });
+  const scalar_t* x[kRowBlock];
+  for (int64_t r = 0; r < nr; ++r) x[r] = u[r].x;
+  if (const acc_t* s = u[0].s)
+    return sums([&, s](int64_t r, int64_t f, int64_t n) {
+      if (kAhead) prefetch_ahead(x[r] + f);
+      return load_as_acc<scalar_t, acc_t>(x[r] + f, n) * load(s + f, n);
+    });
+  sums([&](int64_t r, int64_t f, int64_t n) {
+    if (kAhead) prefetch_ahead(x[r] + f);
+    return load_as_acc<scalar_t, acc_t>(x[r] + f, n);
+  });
+}
+
+// A chunk's group moments, two ways. Where its rows come in runs of one
+// group (channels_last: a sample's positions), one pass in row order about a
+// shift per group and feature, K = the mean of the group's first kShiftRows
+// rows in the chunk: S1 = sum (u - K), S2 = sum (u - K)^2, then
+// mean = K + S1 / n, d = mean - K, the residual R = sum (u - mean) = S1 - n d
+// and M2 = sum (u - mean)^2 = S2 - d (S1 + R) (about K + d, which is the
+// mean up to the rounding of d). The subtraction costs M2 the bits of
+// S2 / M2 = 1 + n d^2 / M2: at most 1 + n / 8, as the 8 rows alone put
+// 8 d^2 into M2, and for independent rows d^2 is about var / 8 (a sixth of
+// a bit). A group with a lane where S2 > kMaxShiftLoss M2 (K far from the
+// mean: outlying first rows; a constant feature whose 8-row mean rounds;
+// inf, NaN) takes the two passes below for that chunk instead. Where groups'
+// rows are scattered, two passes: the sums give each group's mean, then M2
+// sums squared deviations from it, group by group (one pass in row order
+// would keep every group's three sums in use at once, 90 KiB for 10 groups
+// of 768 floats, past the L1 cache). Either way a rounded mean costs M2 only
+// a second-order error (n (mean error)^2), whatever the data's offset.
+constexpr int64_t kShiftRows = 8;
+constexpr double kMaxShiftLoss = 4;
+
+// Per group: count, mean and M2 of u, chunk by chunk as above. Chunks then
+// merge in chunk order (iwn_merge_moments): the mean, then M2 and the
+// residual about that merged (rounded) mean, cross terms included: M2 is the
+// sum of squares about the mean returned.
 template <typename scalar_t>
 void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   if (a.rows.L != 1) return planes_group_moments<scalar_t>(a);
@@ -382,6 +438,9 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   const int64_t nchunks = ceil_div(N, chunk);
   const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
+  // Per-instance gates materialize each row in one per-thread buffer: one
+  // row at a time.
+  const int64_t block = a.rows.gate_full ? 1 : kRowBlock;
   // One chunk (small batches): its summaries are the result, written in place.
   const bool one = nchunks == 1;
   // Zeroed chunk by chunk by the thread that fills them, while in its cache.
@@ -390,53 +449,113 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     RowsByGroup by_group;
+    std::vector<int64_t> first_rows(G * kShiftRows);
+    std::vector<char> again(G);
     for (int64_t ch = begin; ch < end; ++ch) {
       acc_t* cnt = one ? a.count : pcount.data() + ch * G;
-      acc_t* mean = one ? a.mean : pmean.data() + ch * G * F;
-      acc_t* m2 = one ? a.m2 : pm2.data() + ch * G * F;
-      acc_t* res = one ? a.mean_residual : pres.data() + ch * G * F;
+      acc_t* mean = one ? a.mean : pmean.data() + ch * G * F;         // K, then the mean
+      acc_t* m2 = one ? a.m2 : pm2.data() + ch * G * F;               // S2, then M2
+      acc_t* res = one ? a.mean_residual : pres.data() + ch * G * F;  // S1, then R
       std::fill(cnt, cnt + G, acc_t(0));
       for (acc_t* out : {mean, m2, res}) std::fill(out, out + G * F, acc_t(0));
       const int64_t r0 = ch * chunk, r1 = std::min(N, (ch + 1) * chunk);
-      for (int64_t i = r0; i < r1; ++i) {
-        const int64_t k = key_of(a.rows.keys, i);
-        const RowU<scalar_t, acc_t> u = rows.u(i);
-        cnt[k] += acc_t(1);
-        acc_t* sum = mean + k * F;
-        for_each_vec<acc_t>(
-            F, [&](int64_t f, int64_t n) { store(load(sum + f, n) + u.vec(f, n), sum + f, n); });
-      }
-      for (int64_t k = 0; k < G; ++k) {
-        if (cnt[k] == acc_t(0)) continue;
-        const Vec inv(acc_t(1) / cnt[k]);
-        acc_t* m = mean + k * F;
-        for_each_vec<acc_t>(F,
-                            [&](int64_t f, int64_t n) { store(load(m + f, n) * inv, m + f, n); });
-      }
-      // Then squared deviations from the group's mean, and the deviations,
-      // a block of the group's rows at a time (per-instance gates
-      // materialize each row in one per-thread buffer: one at a time).
-      by_group.visit(
-          r0, r1, G, a.rows.gate_full ? 1 : kRowBlock,
-          [&](int64_t i) { return key_of(a.rows.keys, i); },
-          [&](int64_t k, const int64_t* block, int64_t nr) {
-            RowU<scalar_t, acc_t> u[kRowBlock]{};
-            for (int64_t r = 0; r < nr; ++r) u[r] = rows.u(block[r]);
-            const acc_t* m = mean + k * F;
-            acc_t* sq = m2 + k * F;
-            acc_t* rs = res + k * F;
+      int64_t runs = 1;  // of consecutive rows of one group
+      for (int64_t i = r0 + 1; i < r1; ++i)
+        runs += key_of(a.rows.keys, i) != key_of(a.rows.keys, i - 1);
+      // Groups (again[k]) that take the two passes in this chunk: their means
+      // from their sums (rows in row order: read out of order from memory,
+      // rows read slower), then their rows again, from cache, about them.
+      bool any_again = false;
+      if (r1 - r0 >= kRowBlock * runs) {
+        // Runs of rows of one group (channels_last: a sample's positions):
+        // one pass about the shifts, a block of a run's rows at a time.
+        for (int64_t i = r0; i < r1; ++i) {  // (cnt counts the shifts' rows for now)
+          const int64_t k = key_of(a.rows.keys, i);
+          if (cnt[k] < acc_t(kShiftRows)) first_rows[k * kShiftRows + int64_t(cnt[k]++)] = i;
+        }
+        for (int64_t k = 0; k < G; ++k) {
+          if (cnt[k] == acc_t(0)) continue;
+          acc_t* shift = mean + k * F;
+          for (int64_t r = 0; r < int64_t(cnt[k]); ++r) {
+            const RowU<scalar_t, acc_t> u = rows.u(first_rows[k * kShiftRows + r]);
             for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
-              const Vec mv = load(m + f, n);
-              Vec q = load(sq + f, n), e = load(rs + f, n);
-              for (int64_t r = 0; r < nr; ++r) {
-                const Vec d = u[r].vec(f, n) - mv;
-                q = at::vec::fmadd(d, d, q);
-                e = e + d;
-              }
-              store(q, sq + f, n);
-              store(e, rs + f, n);
+              store(load(shift + f, n) + u.vec(f, n), shift + f, n);
             });
-          });
+          }
+          const Vec inv(acc_t(1) / cnt[k]);
+          for_each_vec<acc_t>(
+              F, [&](int64_t f, int64_t n) { store(load(shift + f, n) * inv, shift + f, n); });
+          cnt[k] = acc_t(0);
+        }
+        for (int64_t i = r0; i < r1;) {
+          const int64_t k = key_of(a.rows.keys, i);
+          int64_t nr = 1;
+          while (nr < block && i + nr < r1 && key_of(a.rows.keys, i + nr) == k) ++nr;
+          RowU<scalar_t, acc_t> u[kRowBlock];  // [0, nr) set
+          for (int64_t r = 0; r < nr; ++r) u[r] = rows.u(i + r);
+          add_deviations<true>(u, nr, mean + k * F, m2 + k * F, res + k * F, F);
+          cnt[k] += acc_t(nr);
+          i += nr;
+        }
+        for (int64_t k = 0; k < G; ++k) {
+          again[k] = 0;
+          if (cnt[k] == acc_t(0)) continue;
+          const Vec inv(acc_t(1) / cnt[k]), n(cnt[k]), loss(static_cast<acc_t>(kMaxShiftLoss));
+          acc_t *mk = mean + k * F, *qk = m2 + k * F, *rk = res + k * F;
+          const Vec all(acc_t(0)),
+              kept = fold_vecs<acc_t>(F, all == all, [&](int64_t f, int64_t w, Vec ok) {
+                const Vec shift = load(mk + f, w), s1 = load(rk + f, w), s2 = load(qk + f, w);
+                const Vec m = shift + s1 * inv;
+                const Vec d = m - shift;
+                const Vec r = s1 - n * d;
+                const Vec q = s2 - d * (s1 + r);
+                store(m, mk + f, w);
+                store(q, qk + f, w);
+                store(r, rk + f, w);
+                // NaN compares false: its group takes the two passes.
+                return Vec::set(ok, ok & (q * loss >= s2), w);
+              });
+          if (!all_lanes(kept)) {
+            again[k] = 1;
+            any_again = true;
+            std::fill(qk, qk + F, acc_t(0));
+            std::fill(rk, rk + F, acc_t(0));
+          }
+        }
+      } else {
+        for (int64_t i = r0; i < r1; ++i) cnt[key_of(a.rows.keys, i)] += acc_t(1);
+        for (int64_t k = 0; k < G; ++k) {
+          again[k] = cnt[k] > acc_t(0);
+          any_again = any_again || again[k];
+        }
+      }
+      if (any_again) {
+        for (int64_t k = 0; k < G; ++k)
+          if (again[k]) std::fill(mean + k * F, mean + (k + 1) * F, acc_t(0));
+        for (int64_t i = r0; i < r1; ++i) {
+          const int64_t k = key_of(a.rows.keys, i);
+          if (!again[k]) continue;
+          const RowU<scalar_t, acc_t> u = rows.u(i);
+          acc_t* sum = mean + k * F;
+          for_each_vec<acc_t>(
+              F, [&](int64_t f, int64_t n) { store(load(sum + f, n) + u.vec(f, n), sum + f, n); });
+        }
+        for (int64_t k = 0; k < G; ++k) {
+          if (!again[k]) continue;
+          const Vec inv(acc_t(1) / cnt[k]);
+          acc_t* m = mean + k * F;
+          for_each_vec<acc_t>(F,
+                              [&](int64_t f, int64_t n) { store(load(m + f, n) * inv, m + f, n); });
+        }
+        by_group.visit(
+            r0, r1, G, block, [&](int64_t i) { return key_of(a.rows.keys, i); },
+            [&](int64_t k, const int64_t* rows_k, int64_t nr) {
+              if (!again[k]) return;
+              RowU<scalar_t, acc_t> u[kRowBlock];
+              for (int64_t r = 0; r < nr; ++r) u[r] = rows.u(rows_k[r]);
+              add_deviations<false>(u, nr, mean + k * F, m2 + k * F, res + k * F, F);
+            });
+      }
     }
   });
   if (one) {  // the residual sums over the group's count
@@ -452,8 +571,10 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
 }
 
 // Parts' moments merged in part order, per group: merge_parts_at's steps
-// (merge_mean, then merge_about the merged mean) on a vector of consecutive
-// features at a time -- the same arithmetic per lane.
+// (merge_mean, then merge_about the merged mean), lane by lane the same
+// arithmetic. A part at a time over a block of features, the merged moments
+// held in the outputs (in cache): one lane's merge is a chain of dependent
+// steps through all parts, which one vector at a time would wait on.
 template <typename acc_t>
 void iwn_merge_moments(const IWNMergeArgs<acc_t>& a) {
   using Vec = Vectorized<acc_t>;
@@ -465,25 +586,36 @@ void iwn_merge_moments(const IWNMergeArgs<acc_t>& a) {
   }
   at::parallel_for(0, F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
     for (int64_t k = 0; k < G; ++k) {
-      const int64_t at_k = k * F;
+      acc_t *mean = a.out_mean + k * F + f0, *m2 = a.out_m2 + k * F + f0,
+            *residual = a.out_mean_residual + k * F + f0;
+      for (acc_t* out : {mean, m2, residual}) std::fill(out, out + (f1 - f0), acc_t(0));
+      acc_t n = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        const acc_t n_b = a.count[p * G + k];
+        if (n_b == acc_t(0)) continue;
+        const acc_t* mean_b = a.mean + (p * G + k) * F + f0;
+        for_each_vec<acc_t>(f1 - f0, [&, n, n_b](int64_t j, int64_t w) {
+          acc_t n_lane = n;
+          Vec m = load(mean + j, w);
+          merge_mean(n_lane, m, n_b, load(mean_b + j, w));
+          store(m, mean + j, w);
+        });
+        n += n_b;
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        const acc_t n_b = a.count[p * G + k];
+        if (!(n_b > acc_t(0))) continue;
+        const int64_t part = (p * G + k) * F + f0;
+        for_each_vec<acc_t>(f1 - f0, [&, n_b, part](int64_t j, int64_t w) {
+          Vec q = load(m2 + j, w), r = load(residual + j, w);
+          merge_about(q, r, n_b, load(a.mean + part + j, w), load(a.m2 + part + j, w),
+                      load(a.residual_sum + part + j, w), load(mean + j, w));
+          store(q, m2 + j, w);
+          store(r, residual + j, w);
+        });
+      }
       for_each_vec<acc_t>(f1 - f0, [&](int64_t j, int64_t w) {
-        const int64_t f = f0 + j;
-        acc_t n = 0;
-        Vec mean(acc_t(0));
-        for (int64_t p = 0; p < P; ++p)
-          merge_mean(n, mean, a.count[p * G + k], load(a.mean + (p * G + k) * F + f, w));
-        Vec m2(acc_t(0)), residual_sum(acc_t(0));
-        for (int64_t p = 0; p < P; ++p) {
-          const acc_t n_b = a.count[p * G + k];
-          const int64_t i = (p * G + k) * F + f;
-          if (n_b > acc_t(0))
-            merge_about(m2, residual_sum, n_b, load(a.mean + i, w), load(a.m2 + i, w),
-                        load(a.residual_sum + i, w), mean);
-        }
-        store(mean, a.out_mean + at_k + f, w);
-        store(m2, a.out_m2 + at_k + f, w);
-        store(n > acc_t(0) ? residual_sum / Vec(n) : Vec(acc_t(0)), a.out_mean_residual + at_k + f,
-              w);
+        store(n > acc_t(0) ? load(residual + j, w) / Vec(n) : Vec(acc_t(0)), residual + j, w);
       });
     }
   });

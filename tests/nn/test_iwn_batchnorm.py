@@ -170,10 +170,13 @@ def test_lower_precision(dtype, channels_last, spatial):
     assert_close(xg.grad, x64.grad, dtype=dtype, scale=4)
 
 
-def test_deterministic_across_thread_counts():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_deterministic_across_thread_counts(channels_last):
+    # channels_last: rows of positions whose labels come in runs (each
+    # sample's 143), the CPU moments' one pass, over 37 row chunks
     from _helpers import assert_same_bits_across_threads
 
-    x, labels = make((33, 7, 13, 11), False, torch.float32)
+    x, labels = make((33, 7, 13, 11), channels_last, torch.float32)
 
     def run():
         xg = x.clone().requires_grad_()

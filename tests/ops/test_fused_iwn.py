@@ -373,7 +373,10 @@ MANY_ROWS = 1000
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
 @pytest.mark.parametrize("std_mode", ["class_mean", "pooled"])
-def test_large_constant_feature_over_many_chunks(backend, device, std_mode, force_backend):
+@pytest.mark.parametrize("rows_of_a_class", ["scattered", "in runs"])
+def test_large_constant_feature_over_many_chunks(
+    backend, device, std_mode, rows_of_a_class, force_backend
+):
     """float32 constant features at large non-dyadic values, 1000 rows in 3
     classes: the rows' sums round, so every chunk's mean m_ch differs from
     the value, and from the merged mean M. Merged without the cross term
@@ -390,7 +393,8 @@ def test_large_constant_feature_over_many_chunks(backend, device, std_mode, forc
     g = torch.Generator().manual_seed(0)
     values = torch.tensor([1234.567, -9876.543, 6543.21])
     x = torch.cat([values.expand(N, K), torch.randn(N, 1, generator=g)], 1)
-    labels = torch.arange(N) % C
+    row = torch.arange(N)
+    labels = row % C if rows_of_a_class == "scattered" else (row // 50) % C
     weight, bias = torch.tensor([1.5, -0.5, 2.0, 1.0]), torch.tensor([0.25, -3.0, 0.1, 0.0])
     dy = torch.randn(N, K + 1, generator=g)
     x, labels, weight, bias, dy = on_device(device, x, labels, weight, bias, dy)
@@ -423,35 +427,68 @@ def test_large_constant_feature_over_many_chunks(backend, device, std_mode, forc
     )
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
-def test_merged_m2_is_the_sum_of_squares_about_the_merged_mean(backend, device, force_backend):
-    """iwn_group_moments over many row chunks: M2 is sum (u - M)^2 about the
-    mean M it returns and the residual is mean(u - M), so the class
-    deviation sqrt(M2 / n - residual^2) is that about the exact mean. float32
-    rows 1e4 + N(0, 0.01^2): a chunk's mean rounds by up to 5e-4 (half an
-    ulp of 1e4, a twentieth of the deviation); without the cross term the
-    deviations were 0.6-0.9% off (CPU and Triton kernels)."""
-    force_backend(backend)
-    select_backend("iwn", torch.device(device))  # the phase ops run that backend's kernels
-    N, F, G = 3000, 5, 3
-    g = torch.Generator().manual_seed(1)
-    u = 1e4 + 0.01 * torch.randn(N, F, generator=g, dtype=torch.float64)
-    x = u.float().to(device)
-    keys = (torch.arange(N) % G).to(torch.int32).to(device)
+def group_moments_truth_check(x, keys, G, m2_rtol=1e-5, residual_atol=1e-8):
+    """_iwn_group_moments of float32 rows x against float64 sums over the
+    same float32 values: M2 is sum (u - M)^2 about the mean M it returns,
+    the residual is mean(u - M), and the class deviation sqrt(M2 / n -
+    residual^2) is that about the exact mean."""
     count, mean, m2, residual = torch.ops.surgellm._iwn_group_moments(x, keys, None, G)
     group_std, _mu, _sigma = torch.ops.surgellm._iwn_combine(
         count, mean, m2, residual, 1, False, 0.1, None, None
     )
-    u = u.float().double()  # the float32 values, exactly
+    u, keys = x.double().cpu(), keys.cpu()
     for k in range(G):
-        rows = u[k::G]
+        rows = u[keys == k]
         dev = rows - mean[k].double().cpu()
         assert count[k].item() == rows.shape[0]
-        torch.testing.assert_close(m2[k].double().cpu(), (dev * dev).sum(0), rtol=1e-5, atol=0)
-        torch.testing.assert_close(residual[k].double().cpu(), dev.mean(0), rtol=0, atol=1e-8)
+        torch.testing.assert_close(m2[k].double().cpu(), (dev * dev).sum(0), rtol=m2_rtol, atol=0)
+        torch.testing.assert_close(
+            residual[k].double().cpu(), dev.mean(0), rtol=0, atol=residual_atol
+        )
         torch.testing.assert_close(
             group_std[k].double().cpu(), rows.std(0, correction=0), rtol=1e-5, atol=0
         )
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+@pytest.mark.parametrize("rows_of_a_class", ["scattered", "in runs"])
+def test_merged_m2_is_the_sum_of_squares_about_the_merged_mean(
+    backend, device, rows_of_a_class, force_backend
+):
+    """iwn_group_moments over many row chunks, float32 rows 1e4 + N(0,
+    0.01^2): a chunk's mean rounds by up to 5e-4 (half an ulp of 1e4, a
+    twentieth of the deviation); without the cross term the deviations were
+    0.6-0.9% off (CPU and Triton kernels). Rows of a class in runs take the
+    CPU kernels' one pass about a shift, scattered ones two passes."""
+    force_backend(backend)
+    select_backend("iwn", torch.device(device))  # the phase ops run that backend's kernels
+    N, F, G = 3000, 5, 3
+    g = torch.Generator().manual_seed(1)
+    x = (1e4 + 0.01 * torch.randn(N, F, generator=g, dtype=torch.float64)).float().to(device)
+    row = torch.arange(N)
+    keys = row % G if rows_of_a_class == "scattered" else (row // 16) % G
+    group_moments_truth_check(x, keys.to(torch.int32).to(device), G)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+def test_moments_of_runs_whose_first_rows_are_outliers(backend, device, force_backend):
+    """The CPU kernels' one pass over rows in runs takes each class's shift
+    from its first 8 rows in a row chunk (256 rows here: N / 64). Here those
+    rows are far from the rest in one feature (1e3 + i, the rest N(0, 1)), a
+    lane inside a middle vector of 35 features: about such a shift, M2 =
+    S2 - d (S1 + R) cancels, so the class takes the two passes instead, M2
+    within 2.5e-7 (relative) and the residual 1.4e-7 of float64 sums. Without
+    that, M2 was 2.8e-6 off and the residual 3.5e-5."""
+    force_backend(backend)
+    select_backend("iwn", torch.device(device))
+    N, F, G = 16384, 35, 2
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, F, generator=g)
+    keys = (torch.arange(N) // 2048) % G
+    for start in range(0, N, 256):
+        x[start : start + 8, 20] = 1e3 + torch.arange(8.0)
+    x, keys = x.to(device), keys.to(torch.int32).to(device)
+    group_moments_truth_check(x, keys, G, m2_rtol=1e-6, residual_atol=1e-6)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
