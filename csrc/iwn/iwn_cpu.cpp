@@ -449,8 +449,18 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     RowsByGroup by_group;
-    std::vector<int64_t> first_rows(G * kShiftRows);
+    std::vector<int64_t> first_rows(G * kShiftRows), shift_rows(G);
     std::vector<char> again(G);
+    // sum += u; then a sum over `count` rows becomes their mean.
+    auto add_row = [F](acc_t* sum, const RowU<scalar_t, acc_t>& u) {
+      for_each_vec<acc_t>(
+          F, [&](int64_t f, int64_t n) { store(load(sum + f, n) + u.vec(f, n), sum + f, n); });
+    };
+    auto to_mean = [F](acc_t* sum, acc_t count) {
+      const Vec inv(acc_t(1) / count);
+      for_each_vec<acc_t>(F,
+                          [&](int64_t f, int64_t n) { store(load(sum + f, n) * inv, sum + f, n); });
+    };
     for (int64_t ch = begin; ch < end; ++ch) {
       acc_t* cnt = one ? a.count : pcount.data() + ch * G;
       acc_t* mean = one ? a.mean : pmean.data() + ch * G * F;         // K, then the mean
@@ -460,8 +470,11 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
       for (acc_t* out : {mean, m2, res}) std::fill(out, out + G * F, acc_t(0));
       const int64_t r0 = ch * chunk, r1 = std::min(N, (ch + 1) * chunk);
       int64_t runs = 1;  // of consecutive rows of one group
-      for (int64_t i = r0 + 1; i < r1; ++i)
-        runs += key_of(a.rows.keys, i) != key_of(a.rows.keys, i - 1);
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t k = key_of(a.rows.keys, i);
+        cnt[k] += acc_t(1);
+        if (i > r0) runs += k != key_of(a.rows.keys, i - 1);
+      }
       // Groups (again[k]) that take the two passes in this chunk: their means
       // from their sums (rows in row order: read out of order from memory,
       // rows read slower), then their rows again, from cache, about them.
@@ -469,23 +482,16 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
       if (r1 - r0 >= kRowBlock * runs) {
         // Runs of rows of one group (channels_last: a sample's positions):
         // one pass about the shifts, a block of a run's rows at a time.
-        for (int64_t i = r0; i < r1; ++i) {  // (cnt counts the shifts' rows for now)
+        std::fill(shift_rows.begin(), shift_rows.end(), 0);
+        for (int64_t i = r0; i < r1; ++i) {
           const int64_t k = key_of(a.rows.keys, i);
-          if (cnt[k] < acc_t(kShiftRows)) first_rows[k * kShiftRows + int64_t(cnt[k]++)] = i;
+          if (shift_rows[k] < kShiftRows) first_rows[k * kShiftRows + shift_rows[k]++] = i;
         }
         for (int64_t k = 0; k < G; ++k) {
-          if (cnt[k] == acc_t(0)) continue;
-          acc_t* shift = mean + k * F;
-          for (int64_t r = 0; r < int64_t(cnt[k]); ++r) {
-            const RowU<scalar_t, acc_t> u = rows.u(first_rows[k * kShiftRows + r]);
-            for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
-              store(load(shift + f, n) + u.vec(f, n), shift + f, n);
-            });
-          }
-          const Vec inv(acc_t(1) / cnt[k]);
-          for_each_vec<acc_t>(
-              F, [&](int64_t f, int64_t n) { store(load(shift + f, n) * inv, shift + f, n); });
-          cnt[k] = acc_t(0);
+          if (shift_rows[k] == 0) continue;
+          for (int64_t r = 0; r < shift_rows[k]; ++r)
+            add_row(mean + k * F, rows.u(first_rows[k * kShiftRows + r]));
+          to_mean(mean + k * F, acc_t(shift_rows[k]));
         }
         for (int64_t i = r0; i < r1;) {
           const int64_t k = key_of(a.rows.keys, i);
@@ -494,7 +500,6 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
           RowU<scalar_t, acc_t> u[kRowBlock];  // [0, nr) set
           for (int64_t r = 0; r < nr; ++r) u[r] = rows.u(i + r);
           add_deviations<true>(u, nr, mean + k * F, m2 + k * F, res + k * F, F);
-          cnt[k] += acc_t(nr);
           i += nr;
         }
         for (int64_t k = 0; k < G; ++k) {
@@ -523,7 +528,6 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
           }
         }
       } else {
-        for (int64_t i = r0; i < r1; ++i) cnt[key_of(a.rows.keys, i)] += acc_t(1);
         for (int64_t k = 0; k < G; ++k) {
           again[k] = cnt[k] > acc_t(0);
           any_again = any_again || again[k];
@@ -534,19 +538,10 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
           if (again[k]) std::fill(mean + k * F, mean + (k + 1) * F, acc_t(0));
         for (int64_t i = r0; i < r1; ++i) {
           const int64_t k = key_of(a.rows.keys, i);
-          if (!again[k]) continue;
-          const RowU<scalar_t, acc_t> u = rows.u(i);
-          acc_t* sum = mean + k * F;
-          for_each_vec<acc_t>(
-              F, [&](int64_t f, int64_t n) { store(load(sum + f, n) + u.vec(f, n), sum + f, n); });
+          if (again[k]) add_row(mean + k * F, rows.u(i));
         }
-        for (int64_t k = 0; k < G; ++k) {
-          if (!again[k]) continue;
-          const Vec inv(acc_t(1) / cnt[k]);
-          acc_t* m = mean + k * F;
-          for_each_vec<acc_t>(F,
-                              [&](int64_t f, int64_t n) { store(load(m + f, n) * inv, m + f, n); });
-        }
+        for (int64_t k = 0; k < G; ++k)
+          if (again[k]) to_mean(mean + k * F, cnt[k]);
         by_group.visit(
             r0, r1, G, block, [&](int64_t i) { return key_of(a.rows.keys, i); },
             [&](int64_t k, const int64_t* rows_k, int64_t nr) {
