@@ -34,20 +34,35 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // many groups, fewer (longer) chunks instead of chunks x groups x F memory.
 constexpr int64_t kPartialBudgetBytes = int64_t(64) << 20;
 
-// Rows per reduction chunk, for rows of F features and `width` partial
-// values per chunk: about N / 64 rows so that threads have chunks to share,
-// at least 128 to amortize the merge, at most ~1 MiB of data so that a
-// second pass over a chunk (group moments) finds it in L2 -- unless the
-// partials need fewer, longer chunks to fit their budget. A function of the
+// Rows per reduction chunk, for rows of `row_bytes` of data and chunks of
+// `partial_bytes` of partials each. Each chunk's partials are zeroed,
+// filled and merged: enough rows that a chunk's data is kDataPerPartial
+// times its partials (128 rows of 768 floats against 10 classes' moments
+// spent a fifth of the moments' time on them), at least 128 rows, about
+// N / 64 so that threads have chunks to share, at most about kChunkBytes of
+// data so that the group moments' second pass over a chunk finds it in
+// cache. Then the count is rounded to a multiple of 8 (of 4 or 2 when
+// fewer), so that 2, 4 or 8 threads share the chunks evenly, and lowered
+// where the partials would pass their budget. A function of the
 // shapes only, never of the thread count: that is what makes the chunked
 // reductions deterministic.
-inline int64_t rows_per_chunk(int64_t N, int64_t F, int64_t width, int64_t bytes_per_value) {
-  const int64_t cache_rows = std::max<int64_t>(128, (int64_t(1) << 18) / F);
-  const int64_t rows = std::min(cache_rows, std::max<int64_t>(128, ceil_div(N, 64)));
-  const int64_t max_chunks =
-      std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, width * bytes_per_value));
-  return std::max(rows, ceil_div(N, max_chunks));
+constexpr int64_t kDataPerPartial = 16;
+constexpr int64_t kChunkBytes = int64_t(2) << 20;
+
+inline int64_t rows_per_chunk(int64_t N, int64_t row_bytes, int64_t partial_bytes) {
+  row_bytes = std::max<int64_t>(1, row_bytes);
+  const int64_t rows = std::min(std::max({int64_t(128), ceil_div(N, 64),
+                                          ceil_div(kDataPerPartial * partial_bytes, row_bytes)}),
+                                std::max<int64_t>(128, kChunkBytes / row_bytes));
+  int64_t chunks = ceil_div(N, rows);
+  int64_t step = 1;  // the largest power of two <= min(chunks, 8)
+  while (step < 8 && 2 * step <= chunks) step *= 2;
+  chunks = std::max<int64_t>(1, (chunks + step / 2) / step) * step;
+  chunks = std::min(
+      chunks, std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, partial_bytes)));
+  return std::max<int64_t>(1, ceil_div(N, chunks));
 }
+
 // Grain of row-parallel elementwise passes: about 16K elements per task.
 inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, 16384 / F); }
 constexpr int64_t kFeatureGrain = 256;

@@ -434,7 +434,7 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t N = a.rows.N, F = a.rows.F, G = a.num_groups;
-  const int64_t chunk = rows_per_chunk(N, F, G * F, 3 * sizeof(acc_t));
+  const int64_t chunk = rows_per_chunk(N, F * sizeof(scalar_t), 3 * G * F * sizeof(acc_t));
   const int64_t nchunks = ceil_div(N, chunk);
   const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
@@ -686,7 +686,8 @@ void iwn_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
   using Vec = Vectorized<acc_t>;
   const int64_t N = a.rows.N, F = a.rows.F, T = a.num_tasks;
   const int64_t width = 2 * T * F;
-  const int64_t chunk = rows_per_chunk(N, F, width, sizeof(acc_t)), nchunks = ceil_div(N, chunk);
+  const int64_t chunk = rows_per_chunk(N, F * sizeof(scalar_t), width * sizeof(acc_t));
+  const int64_t nchunks = ceil_div(N, chunk);
   const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
   const scalar_t* dy = static_cast<const scalar_t*>(a.dy);
@@ -794,7 +795,8 @@ void iwn_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
   using Vec = Vectorized<acc_t>;
   const int64_t N = a.rows.N, F = a.rows.F;
   const bool reduce_gate = a.rows.gate_vec && !a.training;
-  const int64_t chunk = rows_per_chunk(N, F, F, sizeof(acc_t)), nchunks = ceil_div(N, chunk);
+  const int64_t chunk = rows_per_chunk(N, F * sizeof(scalar_t), F * sizeof(acc_t));
+  const int64_t nchunks = ceil_div(N, chunk);
   const std::vector<acc_t> sig = gate_sigmoid(a.rows.gate_vec, F);
   const acc_t* gate_sig = sig.empty() ? nullptr : sig.data();
   if (!a.rows.gate_full && !reduce_gate) return rows_input_grad_in_place<scalar_t>(a, gate_sig);

@@ -126,7 +126,7 @@ void surgical_gate_backward(const SurgicalGateBackwardArgs<acc_type<scalar_t>>& 
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t N = a.N, d = a.d;
-  const int64_t chunk = rows_per_chunk(N, d, 2 * d, sizeof(acc_t));
+  const int64_t chunk = rows_per_chunk(N, d * sizeof(scalar_t), 2 * d * sizeof(acc_t));
   const int64_t nchunks = ceil_div(N, chunk);
   const scalar_t* dz = static_cast<const scalar_t*>(a.dz);
   Scratch<acc_t> partial(nchunks * 2 * d);  // per chunk: sum dz xhat, then sum dz

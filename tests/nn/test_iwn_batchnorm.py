@@ -173,7 +173,7 @@ def test_lower_precision(dtype, channels_last, spatial):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_deterministic_across_thread_counts(channels_last):
     # channels_last: rows of positions whose labels come in runs (each
-    # sample's 143), the CPU moments' one pass, over 37 row chunks
+    # sample's 143), the CPU moments' one pass, over 32 row chunks
     from _helpers import assert_same_bits_across_threads
 
     x, labels = make((33, 7, 13, 11), channels_last, torch.float32)

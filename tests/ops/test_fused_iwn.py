@@ -366,8 +366,8 @@ def test_constant_feature_gives_the_bias_exactly(
 
 
 # Enough rows for many row chunks on every kernel backend: the CPU kernels
-# chunk by 128 rows or more, the Triton kernels into up to 128 chunks (of 8
-# rows here), the CUDA kernels by 32 rows or more.
+# into 8 chunks here (of about 128 rows), the Triton kernels into up to 128
+# chunks (of 8 rows here), the CUDA kernels by 32 rows or more.
 MANY_ROWS = 1000
 
 
