@@ -36,16 +36,17 @@ constexpr int64_t kPartialBudgetBytes = int64_t(64) << 20;
 
 // Rows per reduction chunk, for rows of `row_bytes` of data and chunks of
 // `partial_bytes` of partials each. Each chunk's partials are zeroed,
-// filled and merged: enough rows that a chunk's data is kDataPerPartial
-// times its partials (128 rows of 768 floats against 10 classes' moments
-// spent a fifth of the moments' time on them), at least 128 rows, about
-// N / 64 so that threads have chunks to share, at most about kChunkBytes of
-// data so that the group moments' second pass over a chunk finds it in
-// cache. Then the count is rounded to a multiple of 8 (of 4 or 2 when
-// fewer), so that 2, 4 or 8 threads share the chunks evenly, and lowered
-// where the partials would pass their budget. A function of the
-// shapes only, never of the thread count: that is what makes the chunked
-// reductions deterministic.
+// filled and merged, so a chunk holds at least kDataPerPartial times their
+// bytes of data (128-row chunks of 768 floats against 10 classes' moments
+// spent a fifth of the phase on them), at least 128 rows, and about N / 64
+// rows so that threads have chunks to share, but not more than kChunkBytes
+// of data where those allow, so that the group moments' second pass over a
+// chunk finds it in cache. The count of such chunks that fit in N is then
+// rounded down to a multiple of 8 (to 4, 2 or 1 when fewer), so that 2, 4
+// or 8 threads share them evenly (which can make a chunk up to twice
+// kChunkBytes), and lowered where the partials would pass their budget. A
+// function of the shapes only, never of the thread count: that is what
+// makes the chunked reductions deterministic.
 constexpr int64_t kDataPerPartial = 16;
 constexpr int64_t kChunkBytes = int64_t(2) << 20;
 
@@ -54,10 +55,10 @@ inline int64_t rows_per_chunk(int64_t N, int64_t row_bytes, int64_t partial_byte
   const int64_t rows = std::min(std::max({int64_t(128), ceil_div(N, 64),
                                           ceil_div(kDataPerPartial * partial_bytes, row_bytes)}),
                                 std::max<int64_t>(128, kChunkBytes / row_bytes));
-  int64_t chunks = ceil_div(N, rows);
+  int64_t chunks = std::max<int64_t>(1, N / rows);
   int64_t step = 1;  // the largest power of two <= min(chunks, 8)
   while (step < 8 && 2 * step <= chunks) step *= 2;
-  chunks = std::max<int64_t>(1, (chunks + step / 2) / step) * step;
+  chunks = chunks / step * step;
   chunks = std::min(
       chunks, std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, partial_bytes)));
   return std::max<int64_t>(1, ceil_div(N, chunks));

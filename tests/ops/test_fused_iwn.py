@@ -365,9 +365,9 @@ def test_constant_feature_gives_the_bias_exactly(
     assert torch.equal(dgate, torch.zeros_like(dgate))
 
 
-# Enough rows for many row chunks on every kernel backend: the CPU kernels
-# into 8 chunks here (of about 128 rows), the Triton kernels into up to 128
-# chunks (of 8 rows here), the CUDA kernels by 32 rows or more.
+# Enough rows for several row chunks on every kernel backend: the CPU
+# kernels into 4 chunks here (of 250 rows), the Triton kernels into up to
+# 128 chunks (of 8 rows here), the CUDA kernels by 32 rows or more.
 MANY_ROWS = 1000
 
 
