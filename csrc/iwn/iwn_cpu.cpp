@@ -377,11 +377,11 @@ template <bool kAhead, typename scalar_t, typename acc_t>
 inline void add_deviations(const RowU<scalar_t, acc_t>* u, int64_t nr, const acc_t* center,
                            acc_t* sq, acc_t* dev, int64_t F) {
   using Vec = Vectorized<acc_t>;
-  auto sums = [&](auto row_vec) {
+  auto sums_of = [&](auto rows, auto row_vec) {
     for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
       const Vec c = load(center + f, n);
       Vec q = load(sq + f, n), e = load(dev + f, n);
-      for (int64_t r = 0; r < nr; ++r) {
+      for (int64_t r = 0; r < rows(); ++r) {
         const Vec d = row_vec(r, f, n) - c;
         q = at::vec::fmadd(d, d, q);
         e = e + d;
@@ -389,6 +389,14 @@ inline void add_deviations(const RowU<scalar_t, acc_t>* u, int64_t nr, const acc
       store(q, sq + f, n);
       store(e, dev + f, n);
     });
+  };
+  // A whole block's row count known to the compiler: its row loop unrolled,
+  // 1-4% off the moments (same arithmetic, same bits).
+  auto sums = [&](auto row_vec) {
+    if (nr == kRowBlock)
+      sums_of([] { return kRowBlock; }, row_vec);
+    else
+      sums_of([nr] { return nr; }, row_vec);
   };
   if (nr == 1) return sums([&](int64_t, int64_t f, int64_t n) { return u[0].vec(f, n); });
   const scalar_t* x[kRowBlock];
