@@ -384,23 +384,47 @@ inline void prefetch_ahead(const scalar_t* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + 2048);
 }
 
-// exp(t) of float lanes with |t| <= 80 (no overflow, no denormal), inline:
-// t = n ln2 + r with |r| <= ln2 / 2 (ln2 split so that n * kLn2Hi is exact
-// even without a fused multiply-add), exp(r) by its Taylor series to r^7
-// (remainder below 2^-27 relative), 2^n written into the exponent bits.
-inline Vectorized<float> exp_moderate(const Vectorized<float>& t) {
+// Whether sigmoid_inline computes every float lane inline. With AVX512,
+// vscalefps applies 2^n exactly and saturates to 0 and inf, so exp_inline
+// takes any t (clamped); without it, 2^n is built in the exponent bits and
+// only |t| <= 80 (no overflow, no denormal) is inline (inline_range_lanes).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kSigmoidInlineEverywhere = true;
+#else
+constexpr bool kSigmoidInlineEverywhere = false;
+#endif
+
+// exp(t) of float lanes, inline: t = n ln2 + r with |r| <= ln2 / 2 (ln2
+// split so that n * kLn2Hi is exact even without a fused multiply-add),
+// exp(r) by its Taylor series to r^kDegree (remainder below 2^-27 relative
+// at 7, 2^-18 at 5), times 2^n. With AVX512, t is first clamped to [-104, 89]
+// (exp of either end rounds to 0 or inf; NaN passes through: the clamps
+// return their second operand where one is NaN). Else |t| <= 80.
+template <int kDegree = 7>
+inline Vectorized<float> exp_inline(const Vectorized<float>& t_in) {
   using Vec = Vectorized<float>;
+  static_assert(kDegree == 5 || kDegree == 7, "the Taylor coefficients below");
   constexpr float kLn2Hi = 0.693359375f;              // 355 / 512
   constexpr float kLn2Lo = -2.12194440054690583e-4f;  // ln 2 - kLn2Hi
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec t = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), t_in));
+#else
+  const Vec& t = t_in;
+#endif
   const Vec n = (t * Vec(1.44269504088896341f)).round();
   const Vec r = at::vec::fmadd(n, Vec(-kLn2Lo), at::vec::fmadd(n, Vec(-kLn2Hi), t));
-  Vec p(1.f / 5040.f);
-  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
-    p = at::vec::fmadd(p, r, Vec(c));
+  Vec p(kDegree == 7 ? 1.f / 5040.f : 1.f / 120.f);
+  if constexpr (kDegree == 7)
+    p = at::vec::fmadd(at::vec::fmadd(p, r, Vec(1.f / 720.f)), r, Vec(1.f / 120.f));
+  for (const float c : {1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = at::vec::fmadd(p, r, Vec(c));
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(p, n);
+#else
   const Vectorized<int32_t> bits =
       (at::vec::convert_to_int_of_same_size(n) + Vectorized<int32_t>(127))
       << Vectorized<int32_t>(23);
   return p * at::vec::cast<float>(bits);
+#endif
 }
 
 template <typename acc_t>
@@ -412,42 +436,47 @@ inline Vectorized<acc_t> sigmoid(const Vectorized<acc_t>& logits) {
 // All-ones in the lanes sigmoid_inline(x) computes inline (never NaN).
 template <typename acc_t>
 inline Vectorized<acc_t> inline_range_lanes(const Vectorized<acc_t>& x) {
-  if constexpr (std::is_same<acc_t, float>::value)
+  if constexpr (std::is_same<acc_t, float>::value && !kSigmoidInlineEverywhere)
     return x.abs() <= Vectorized<float>(80.f);
   else
     return Vectorized<acc_t>(acc_t(0)) == Vectorized<acc_t>(acc_t(0));
 }
 
-// sigmoid in two tiers. sigmoid_inline: float lanes with |x| <= 80
-// (inline_range_lanes) take the inline exp above and a division, as close to
-// the true sigmoid as sigmoid() is (8 million logits uniform on [-80, 80]
-// against float64: with AVX2 at most 2.44 ulps and 0.24 on average, without
-// vector instructions 2.44 and 0.25; torch.sigmoid 2.44 and 0.24), though
-// not always the same bits; a row that held a value outside (a saturated or
-// NaN logit) is then computed again with sigmoid(). Lanes outside are
-// computed from 0, so that any lane is safe. The exact exp is a call that
-// clobbers every vector register: in the gate's loops it, not memory, was
-// the bound. The division is not the bound (with AVX2, the hardware
-// reciprocal estimate refined by Newton steps gave the same bits over those
-// logits, and the gate's forward took 11-25% longer). Double lanes:
-// sigmoid() throughout.
+// sigmoid in two tiers. sigmoid_inline: float lanes (all of them with
+// AVX512, else those of inline_range_lanes) take exp_inline and a division,
+// as close to the true sigmoid as sigmoid() is (8 million logits uniform on
+// [-80, 80] against float64: with AVX2 and AVX512 at most 2.44 ulps and 0.24
+// on average, without vector instructions 2.44 and 0.25; torch.sigmoid 2.44
+// and 0.24), though not always the same bits; without AVX512, a row that
+// held a value outside (a saturated or NaN logit) is then computed again
+// with sigmoid(). Lanes outside are computed from 0, so that any lane is
+// safe. The exact exp is a call that clobbers every vector register: in the
+// gate's loops it, not memory, was the bound. The division is not the bound
+// (with AVX2, the hardware reciprocal estimate refined by Newton steps gave
+// the same bits over those logits, and the gate's forward took 11-25%
+// longer). Double lanes: sigmoid() throughout.
 template <typename acc_t>
 inline Vectorized<acc_t> sigmoid_inline(const Vectorized<acc_t>& x) {
   if constexpr (std::is_same<acc_t, float>::value) {
     const Vectorized<float> t = x.neg() & inline_range_lanes(x);
-    return Vectorized<float>(1.f) / (Vectorized<float>(1.f) + exp_moderate(t));
+    return Vectorized<float>(1.f) / (Vectorized<float>(1.f) + exp_inline(t));
   } else {
     return sigmoid(x);
   }
 }
 
 // sigmoid of float lanes for results rounded to bfloat16 / float16 (2^-8 /
-// 2^-11): ATen's inline exp_u20 (within 20 float ulps) and a division; any
-// logit, NaN giving NaN. The bfloat16 gate's forward ran 2-6% faster with it
-// than with sigmoid_inline in cache (256x768), 5-30% at 4096x768.
+// 2^-11); any logit, NaN giving NaN. With AVX512, exp_inline to r^5 (the
+// bfloat16 gate's forward 5-8% faster than with r^7); else ATen's inline
+// exp_u20 (within 20 float ulps), which ran the bfloat16 gate's forward 2-6%
+// faster than sigmoid_inline in cache (256x768), 5-30% at 4096x768.
 inline Vectorized<float> sigmoid_for_reduced(const Vectorized<float>& x) {
   const Vectorized<float> one(1.f);
+#if defined(CPU_CAPABILITY_AVX512)
+  return one / (one + exp_inline<5>(x.neg()));
+#else
   return Vectorized<float>::blendv(one / (one + x.neg().exp_u20()), x, x != x);
+#endif
 }
 
 template <typename acc_t>

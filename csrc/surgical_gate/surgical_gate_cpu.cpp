@@ -56,7 +56,8 @@ struct BlendRows {
             gv = sigmoid_for_reduced(lv);
           } else {
             gv = sigmoid_inline(lv);
-            st.inline_ok = st.inline_ok & inline_range_lanes(lv);
+            if constexpr (!kSigmoidInlineEverywhere)
+              st.inline_ok = st.inline_ok & inline_range_lanes(lv);
           }
           // g * h + (1 - g) * s: exactly h where g is 1 and s where g is 0
           // (s + g * (h - s) is not, nor finite for huge h - s).
@@ -67,7 +68,8 @@ struct BlendRows {
           st.sum = st.sum + Vec::set(zero, vv, n);
           return st;
         });
-    if (!kExactSigmoid && !all_lanes(out.inline_ok)) return blend<kKeepGate, true>(i);
+    if constexpr (!kExactSigmoid && !kSigmoidInlineEverywhere)
+      if (!all_lanes(out.inline_ok)) return blend<kKeepGate, true>(i);
     return sum_lanes(out.sum);
   }
 };
@@ -107,9 +109,11 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
       scalar_t* out = z + i * d;
       // weight, bias and stream by value: loop constants, not reloads.
       for_each_vec<acc_t>(d, [&, weight, bias, stream](int64_t f, int64_t n) {
-        Vec y = (load(rows.v.data() + f, n) - vmean) * vrstd;
-        if (weight) y = y * load(weight + f, n);
-        if (bias) y = y + load(bias + f, n);
+        const Vec xhat = (load(rows.v.data() + f, n) - vmean) * vrstd;
+        const Vec y = weight && bias ? at::vec::fmadd(xhat, load(weight + f, n), load(bias + f, n))
+                      : weight       ? xhat * load(weight + f, n)
+                      : bias         ? xhat + load(bias + f, n)
+                                     : xhat;
         store_out(y, out + f, n, stream);
       });
       a.mean[i] = mean;

@@ -140,10 +140,11 @@ def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backen
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_beyond_the_inline_sigmoid(backend, device, dtype, force_backend):
-    """Rows holding a logit the CPU kernels' inline sigmoid does not cover
-    (|logit| > 80, inf, NaN) take the exact one: g of -85 (1e-37) reaches
-    dlogits as the reference's does, not the inline form's 2e-35; a NaN
-    logit makes its own row NaN and no other."""
+    """Logits beyond +-80, inf and NaN (without AVX512 the CPU kernels'
+    inline sigmoid does not cover them and the row takes the exact one; with
+    AVX512 it does): g of -85 (1e-37) reaches dlogits as the reference's
+    does, not the 2e-35 of an exp clamped at 80; a NaN logit makes its own
+    row NaN and no other."""
     tensors, params, dz = _inputs((5, 40), dtype)
     h, s, logits = tensors
     inf = float("inf")
