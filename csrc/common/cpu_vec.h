@@ -214,15 +214,15 @@ inline void store_from_acc(const Vectorized<acc_t>& v, scalar_t* p, int64_t n) {
 // an order of their own (the store puts them back), for maps that give every
 // lane the same coefficients (a plane of one feature) or per-lane ones
 // arranged to match (arrange_lanes).
-// With AVX2, bfloat16 is unpacked and packed within 128-bit lanes: one
-// unpack per vector on load where the ordered conversion takes three
-// (extract, widen, shift), and no cross-lane permute on store; bfloat16
-// planes were bound by these instructions, not by memory. Rounding to
-// nearest even and NaN as at::vec's conversions. Other types and
-// capabilities: at::vec's, in order.
+// With AVX2 and AVX512, bfloat16 is unpacked and packed within 128-bit
+// lanes: one unpack per vector on load where the ordered conversion takes
+// two or three (widen, shift; AVX2 also an extract), and no cross-lane
+// permute on store; bfloat16 passes were bound by these instructions, not
+// by memory. Rounding to nearest even and NaN as at::vec's conversions.
+// Other types and capabilities: at::vec's, in order.
 template <typename scalar_t>
 constexpr bool lanes_reordered() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   return std::is_same<scalar_t, c10::BFloat16>::value;
 #else
   return false;
@@ -230,14 +230,16 @@ constexpr bool lanes_reordered() {
 }
 
 // Which of a block's 2W values lane k of the pair holds (k < W: the first
-// vector): AVX2 bfloat16 unpacks 4 values of each 128-bit half per vector.
+// vector): an unpack takes 4 values of each 128-bit lane (of 8 values) per
+// vector, the first vector the low 4, the second the high 4.
 template <typename scalar_t>
 constexpr int64_t lane_source(int64_t k) {
   if constexpr (!lanes_reordered<scalar_t>()) {
     return k;
   } else {
-    static_assert(Vectorized<scalar_t>::size() == 16, "two 128-bit halves of 8 values");
-    return (k % 8) / 4 * 8 + k / 8 * 4 + k % 4;
+    constexpr int64_t W = Vectorized<float>::size();
+    static_assert(Vectorized<scalar_t>::size() == 2 * W, "128-bit lanes of 8 values");
+    return (k % W) / 4 * 8 + k / W * 4 + k % 4;
   }
 }
 
@@ -281,28 +283,48 @@ void arrange_each(const acc_t* (&coef)[K], const int64_t (&rows)[K], int64_t F,
 
 template <typename scalar_t>
 inline std::pair<Vectorized<float>, Vectorized<float>> load_lanes_any_order(const scalar_t* p) {
-#if defined(CPU_CAPABILITY_AVX2)
   if constexpr (lanes_reordered<scalar_t>()) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i raw = _mm512_loadu_si512(p);
+    const __m512i zero = _mm512_setzero_si512();
+    return {_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw)),
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw))};
+#elif defined(CPU_CAPABILITY_AVX2)
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i zero = _mm256_setzero_si256();
     return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)),
             _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw))};
-  }
 #endif
+  }
   const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
   return {lo, hi};
 }
 
-// With `stream` (stream_output) and p 32-byte aligned, AVX2 bfloat16 is
-// written with a non-temporal store: channels-first bfloat16 planes at
-// (256, 64, 56, 56) took 6.2 ms in eval with it against 8.2-8.6 ms without,
-// (64, 256, 28, 28) 1.6-1.8 ms against 1.8-2.0 ms.
+// With `stream` (stream_output) and p aligned to the store's width, bfloat16
+// pairs are written with a non-temporal store: with AVX2, channels-first
+// bfloat16 planes at (256, 64, 56, 56) took 6.2 ms in eval with it against
+// 8.2-8.6 ms without, (64, 256, 28, 28) 1.6-1.8 ms against 1.8-2.0 ms.
 template <typename scalar_t>
 inline void store_lanes_any_order(const Vectorized<float>& lo, const Vectorized<float>& hi,
                                   scalar_t* p, bool stream) {
-#if defined(CPU_CAPABILITY_AVX2)
   if constexpr (lanes_reordered<scalar_t>()) {
     // The upper 16 bits rounded to nearest even; NaN stays a quiet NaN (0xffff).
+#if defined(CPU_CAPABILITY_AVX512)
+    auto round = [](const __m512& v) {
+      const __m512i bits = _mm512_castps_si512(v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      const __m512i rounded = _mm512_srli_epi32(
+          _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+      return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q),
+                                     _mm512_set1_epi32(0xffff), rounded);
+    };
+    const __m512i packed = _mm512_packus_epi32(round(lo), round(hi));
+    if (stream && reinterpret_cast<uintptr_t>(p) % 64 == 0)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), packed);
+    else
+      _mm512_storeu_si512(p, packed);
+    return;
+#elif defined(CPU_CAPABILITY_AVX2)
     auto round = [](const __m256& v) {
       const __m256i bits = _mm256_castps_si256(v);
       const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
@@ -317,8 +339,9 @@ inline void store_lanes_any_order(const Vectorized<float>& lo, const Vectorized<
     else
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
     return;
-  }
 #endif
+  }
+  (void)stream;
   at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
 }
 
@@ -342,8 +365,8 @@ inline bool stream_output(int64_t inputs, int64_t outputs, int64_t numel) {
 // store_from_acc, bypassing the caches when `stream` and the vector is of
 // float32 / float64, whole and aligned. (bfloat16 / float16 vectors keep
 // ordinary stores: streamed a vector at a time they measured no faster, and
-// up to 10% slower; store_lanes_any_order streams two, 32 bytes at once,
-// which gained.) Call stream_fence() at the end of a parallel task that
+// up to 10% slower; store_lanes_any_order streams a pair in one whole
+// store, which gained.) Call stream_fence() at the end of a parallel task that
 // streamed (the stores are weakly ordered).
 template <typename scalar_t, typename acc_t>
 inline void store_out(const Vectorized<acc_t>& v, scalar_t* p, int64_t n, bool stream) {

@@ -164,7 +164,7 @@ inline void for_each_instance_planes(int64_t N, int64_t f0, int64_t f1, const Bo
 // their lanes as load_lanes_any_order gives them -- per-lane coefficients
 // read at l must be arranged so (arrange_lanes) -- then the tail in order (n
 // < vector size in the last call only); with non-temporal stores when
-// `stream` (store_out; AVX2 bfloat16 pairs, store_lanes_any_order).
+// `stream` (store_out; bfloat16 pairs, store_lanes_any_order).
 template <typename scalar_t, typename acc_t, typename Fn>
 inline void map_values(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, bool stream,
                        const Fn& fn) {

@@ -32,45 +32,84 @@ struct BlendRows {
         d(d_),
         g(d_),
         v(d_) {}
-  // Fills v (and g, for the backward) for row i; returns sum(v). A float
-  // row with a logit outside the inline sigmoid's range is blended again
-  // with the exact one; rows of bfloat16 / float16 take sigmoid_for_reduced.
+  using Vec = Vectorized<acc_t>;
+
+  // g of a vector of logits: rows of bfloat16 / float16 take
+  // sigmoid_for_reduced, float rows sigmoid_inline (or the exact sigmoid).
+  template <bool kExactSigmoid>
+  static Vec gate_of(const Vec& logit) {
+    if constexpr (kExactSigmoid)
+      return sigmoid(logit);
+    else if constexpr (!std::is_same<scalar_t, acc_t>::value)
+      return sigmoid_for_reduced(logit);
+    else
+      return sigmoid_inline(logit);
+  }
+
+  // g * h + (1 - g) * s: exactly h where g is 1 and s where g is 0 (s + g *
+  // (h - s) is not, nor finite for huge h - s).
+  static Vec mix(const Vec& g, const Vec& hv, const Vec& sv) {
+    return at::vec::fmadd(g, hv, (Vec(acc_t(1)) - g) * sv);
+  }
+
+  // Fills v[f0:] (and g, for the backward) for row i; returns its sum. A
+  // float row with a logit outside the inline sigmoid's range is blended
+  // again with the exact one.
   template <bool kKeepGate, bool kExactSigmoid = false>
-  acc_t blend(int64_t i) {
-    using Vec = Vectorized<acc_t>;
+  acc_t blend(int64_t i, int64_t f0 = 0) {
     struct State {
       Vec sum, inline_ok;  // sum of v; lanes whose logits so far were in range
     };
-    const Vec zero(acc_t(0)), one(acc_t(1));
-    const scalar_t *hr = h + i * d, *sr = s + i * d, *lr = logits + i * d;
+    const Vec zero(acc_t(0));
+    const scalar_t *hr = h + i * d + f0, *sr = s + i * d + f0, *lr = logits + i * d + f0;
+    acc_t *gr = g.data() + f0, *vr = v.data() + f0;
     const State out = fold_vecs<acc_t>(
-        d, State{zero, inline_range_lanes(zero)}, [&](int64_t f, int64_t n, State st) {
+        d - f0, State{zero, inline_range_lanes(zero)}, [&](int64_t f, int64_t n, State st) {
           prefetch_ahead(hr + f);
           prefetch_ahead(sr + f);
           prefetch_ahead(lr + f);
           const Vec lv = load_as_acc<scalar_t, acc_t>(lr + f, n);
-          Vec gv;
-          if constexpr (kExactSigmoid) {
-            gv = sigmoid(lv);
-          } else if constexpr (!std::is_same<scalar_t, acc_t>::value) {
-            gv = sigmoid_for_reduced(lv);
-          } else {
-            gv = sigmoid_inline(lv);
-            if constexpr (!kSigmoidInlineEverywhere)
-              st.inline_ok = st.inline_ok & inline_range_lanes(lv);
-          }
-          // g * h + (1 - g) * s: exactly h where g is 1 and s where g is 0
-          // (s + g * (h - s) is not, nor finite for huge h - s).
-          const Vec vv = at::vec::fmadd(gv, load_as_acc<scalar_t, acc_t>(hr + f, n),
-                                        (one - gv) * load_as_acc<scalar_t, acc_t>(sr + f, n));
-          if constexpr (kKeepGate) store(gv, g.data() + f, n);
-          store(vv, v.data() + f, n);
+          const Vec gv = gate_of<kExactSigmoid>(lv);
+          if constexpr (!kExactSigmoid && !kSigmoidInlineEverywhere &&
+                        std::is_same<scalar_t, acc_t>::value)
+            st.inline_ok = st.inline_ok & inline_range_lanes(lv);
+          const Vec vv = mix(gv, load_as_acc<scalar_t, acc_t>(hr + f, n),
+                             load_as_acc<scalar_t, acc_t>(sr + f, n));
+          if constexpr (kKeepGate) store(gv, gr + f, n);
+          store(vv, vr + f, n);
           st.sum = st.sum + Vec::set(zero, vv, n);
           return st;
         });
     if constexpr (!kExactSigmoid && !kSigmoidInlineEverywhere)
-      if (!all_lanes(out.inline_ok)) return blend<kKeepGate, true>(i);
+      if (!all_lanes(out.inline_ok)) return blend<kKeepGate, true>(i, f0);
     return sum_lanes(out.sum);
+  }
+
+  // blend<false> of a row whose values load two vectors at a time in lanes
+  // of their own order (lanes_reordered: bfloat16): v holds each whole block
+  // of 2W values in those lanes, for an output loop that reads it so (its
+  // per-feature coefficients arranged to match) and stores the pair back in
+  // order; the tail in order. One unpack per vector in place of a widen and
+  // a shift.
+  acc_t blend_any_order(int64_t i) {
+    constexpr int64_t W = Vec::size();
+    const scalar_t *hr = h + i * d, *sr = s + i * d, *lr = logits + i * d;
+    Vec sum0(acc_t(0)), sum1(acc_t(0));
+    int64_t f = 0;
+    for (; f + 2 * W <= d; f += 2 * W) {
+      prefetch_ahead(hr + f);
+      prefetch_ahead(sr + f);
+      prefetch_ahead(lr + f);
+      const auto [l0, l1] = load_lanes_any_order(lr + f);
+      const auto [h0, h1] = load_lanes_any_order(hr + f);
+      const auto [s0, s1] = load_lanes_any_order(sr + f);
+      const Vec v0 = mix(gate_of<false>(l0), h0, s0), v1 = mix(gate_of<false>(l1), h1, s1);
+      v0.store(v.data() + f);
+      v1.store(v.data() + f + W);
+      sum0 = sum0 + v0;
+      sum1 = sum1 + v1;
+    }
+    return sum_lanes(sum0 + sum1) + (f < d ? blend<false>(i, f) : acc_t(0));
   }
 };
 
@@ -81,14 +120,26 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t d = a.d;
+  constexpr int64_t W = Vec::size();
+  constexpr bool kPairs = lanes_reordered<scalar_t>();         // blend_any_order
   const bool stream = stream_output<scalar_t>(3, 1, a.N * d);  // h, s, logits; z
-  const acc_t *weight = a.weight, *bias = a.bias;
+  // weight and bias arranged as blend_any_order leaves v (where it does).
+  const acc_t* coef[2] = {a.weight, a.bias};
+  const int64_t coef_rows[2] = {1, 1};
+  std::vector<acc_t> arranged[2];
+  arrange_each<scalar_t>(coef, coef_rows, d, arranged);
+  const acc_t *weight = coef[0], *bias = coef[1];
   at::parallel_for(0, a.N, row_grain(d), [&](int64_t begin, int64_t end) {
     BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
     scalar_t* z = static_cast<scalar_t*>(a.z);
     const Vec zero(acc_t(0));
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t mean0 = rows.template blend<false>(i) / acc_t(d);
+      acc_t sum;
+      if constexpr (kPairs)
+        sum = rows.blend_any_order(i);
+      else
+        sum = rows.template blend<false>(i);
+      const acc_t mean0 = sum / acc_t(d);
       const Vec vmean0(mean0);
       // Deviations from the first mean and their sum: the mean corrected by
       // it is exact for a constant row (whose z is then exactly the bias).
@@ -107,14 +158,20 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
       const acc_t rstd = acc_t(1) / std::sqrt((var > acc_t(0) ? var : acc_t(0)) + a.eps);
       const Vec vmean(mean), vrstd(rstd);
       scalar_t* out = z + i * d;
-      // weight, bias and stream by value: loop constants, not reloads.
-      for_each_vec<acc_t>(d, [&, weight, bias, stream](int64_t f, int64_t n) {
+      // weight and bias by value: loop constants, not reloads.
+      auto z_of = [&, weight, bias](int64_t f, int64_t n) {
         const Vec xhat = (load(rows.v.data() + f, n) - vmean) * vrstd;
-        const Vec y = weight && bias ? at::vec::fmadd(xhat, load(weight + f, n), load(bias + f, n))
-                      : weight       ? xhat * load(weight + f, n)
-                      : bias         ? xhat + load(bias + f, n)
-                                     : xhat;
-        store_out(y, out + f, n, stream);
+        return weight && bias ? at::vec::fmadd(xhat, load(weight + f, n), load(bias + f, n))
+               : weight       ? xhat * load(weight + f, n)
+               : bias         ? xhat + load(bias + f, n)
+                              : xhat;
+      };
+      int64_t f = 0;
+      if constexpr (kPairs)
+        for (; f + 2 * W <= d; f += 2 * W)
+          store_lanes_any_order(z_of(f, W), z_of(f + W, W), out + f, stream);
+      for_each_vec<acc_t>(d - f, [&, f, stream](int64_t k, int64_t n) {
+        store_out(z_of(f + k, n), out + f + k, n, stream);
       });
       a.mean[i] = mean;
       a.rstd[i] = rstd;
