@@ -503,21 +503,19 @@ inline Vectorized<acc_t> sigmoid_inline(const Vectorized<acc_t>& x) {
 // sigmoid of float lanes for results rounded to bfloat16 / float16 (2^-8 /
 // 2^-11); any logit, NaN giving NaN. With AVX512 and AVX2, exp(-x) = 2^y,
 // y = -x log2(e) rounded to float: n = round(y), f = y - n (exact), 2^f by
-// its Taylor series to f^5, times 2^n. y's rounding bounds the error: within
-// 2^-17 relative of the sigmoid over [-88, 88] (4 million logits against
-// float64). With AVX512, vrndscaleps and vreduceps give n and f, vscalefps
-// applies 2^n, and no clamp is needed (an infinite y gives f = 0 and 2^n =
-// inf or 0); with AVX2, y is clamped to [-126, 128] first (below, exp(-x)
-// added to 1 rounds to 1; from y = 127.5 up, 2^n is inf and the sigmoid 0
-// in place of at most 4e-39). NaN passes through (the clamps
-// return their second operand where one is NaN). Bfloat16 gate forward at
-// 4096x768 on an Intel Xeon (builds in alternating processes, three
-// pairs): with AVX512, 0.76-0.77 ms against 0.84-0.93 with exp_neg_inline
-// to r^5, three instructions more; with AVX2 (the same Xeon running the AVX2
-// build), 2.33-2.53 times addcmul's time against 2.66-2.86 at 4096x768, and
-// 1.22-1.27 against 1.45-1.51 at 32768x768, with ATen's inline exp_u20
-// (within 20 float ulps, and a select to keep NaN).
-// Other capabilities: exp_u20.
+// its Taylor series to f^5, times 2^n. y's rounding and the truncation at
+// f^5 bound the error: within 2^-17 relative of the sigmoid over [-88, 88]
+// (4 million logits against float64). With AVX512, vrndscaleps and vreduceps give n and f,
+// vscalefps applies 2^n, and no clamp is needed (an infinite y gives f = 0 and 2^n = inf or 0);
+// with AVX2, y is clamped to [-126, 128] first (below, exp(-x) added to 1 rounds to 1; from y =
+// 127.5 up, 2^n is inf and the sigmoid 0 in place of at most 4.2e-39). NaN passes through (the
+// clamps return their second operand where one is NaN). Bfloat16 gate forward at 4096x768 on an
+// Intel Xeon (builds in alternating processes, three pairs): with AVX512, 0.76-0.77 ms against
+// 0.84-0.93 with exp_neg_inline's form cut to r^5 (four instructions more: a negation, two clamps,
+// a second reduction step); with AVX2 (the same Xeon running the AVX2 build), 2.33-2.53 times
+// addcmul's time against 2.66-2.86 at 4096x768, and 1.22-1.27 against 1.45-1.51 at 32768x768, with
+// ATen's inline exp_u20 (within 20 float ulps, and a select to keep NaN). Other capabilities:
+// exp_u20.
 inline Vectorized<float> sigmoid_for_reduced(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
   const Vec one(1.f);

@@ -2,10 +2,19 @@
 reference, forward and every gradient; the fused module against the
 reference module; bad input."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from surgellm_kernels import FusedSurgicalGate, SurgicalGate, fused_surgical_gate
+from surgellm_kernels import (
+    FusedSurgicalGate,
+    SurgicalGate,
+    cpu_kernel_build,
+    fused_surgical_gate,
+)
 from surgellm_kernels.ops.reference import surgical_gate_reference
 
 from _helpers import (
@@ -138,17 +147,20 @@ def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backen
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_logits_beyond_the_inline_sigmoid(backend, device, dtype, force_backend):
     """Logits beyond +-80, inf and NaN (without AVX512 the CPU kernels'
     inline sigmoid does not cover them and the row takes the exact one; with
-    AVX512 it does): g of -85 (1e-37) reaches dlogits as the reference's
-    does, not the 2e-35 of an exp clamped at 80; a NaN logit makes its own
-    row NaN and no other."""
+    AVX512 it does), near the ends of the bfloat16 / float16 sigmoid's 2^n
+    (+-88.4, +-89.5), -0 and a denormal: g of -85 (1e-37) reaches dlogits as
+    the reference's does, not the 2e-35 of an exp clamped at 80; a NaN logit
+    makes its own row NaN and no other."""
     tensors, params, dz = _inputs((5, 40), dtype)
     h, s, logits = tensors
     inf = float("inf")
     logits[0, 3], logits[1, 7], logits[1, 9], logits[2, 0] = -85.0, 100.0, -inf, inf
+    logits[0, 20:24] = torch.tensor([-88.4, 88.4, -89.5, 89.5])
+    logits[2, 30:32] = torch.tensor([-0.0, 1e-40])
     _compare(backend, device, force_backend, [h, s, logits], params, dz)
     if dtype == torch.float32:
         on = on_device(device, [h, s, logits], params, dz)
@@ -166,6 +178,30 @@ def test_logits_beyond_the_inline_sigmoid(backend, device, dtype, force_backend)
     torch.testing.assert_close(
         z[rows], fused_surgical_gate(h[rows], s[rows], logits[rows], **params)
     )
+
+
+@pytest.mark.skipif(("cpu", "cpu") not in KERNEL_PAIRS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_cpu_kernels_of_another_build(capability):
+    """The CPU kernel build is chosen once per process, so the builds below
+    this processor's run nowhere else in the suite: this file's CPU kernel
+    tests again, in a process that ATEN_CPU_CAPABILITY points at one."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    which = "import surgellm_kernels as s; print(s.cpu_kernel_build())"
+    build = subprocess.run(
+        [sys.executable, "-c", which], env=env, capture_output=True, text=True
+    ).stdout.strip()
+    if build != capability.upper() or build == cpu_kernel_build():
+        pytest.skip(f"this processor runs {cpu_kernel_build()}; {capability} gives {build}")
+    selection = "cpu-cpu and not compile and not another_build"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
 
 
 @pytest.mark.skipif(("cpu", "cpu") not in KERNEL_PAIRS, reason="the C++ extension is not built")
