@@ -417,6 +417,8 @@ constexpr bool kSigmoidInlineEverywhere = true;
 constexpr bool kSigmoidInlineEverywhere = false;
 #endif
 
+constexpr float kLog2e = 1.44269504088896341f;  // log2(e), float-rounded
+
 // p * 2^n for integral float lanes n: with AVX512 vscalefps (exact, and
 // saturating to 0 and inf); else 2^n built in the exponent bits, for
 // -126 <= n <= 127 (128 gives inf).
@@ -441,7 +443,6 @@ inline Vectorized<float> times_pow2(const Vectorized<float>& p, const Vectorized
 // instruction fewer. Else |x| <= 80.
 inline Vectorized<float> exp_neg_inline(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
-  constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;              // 355 / 512
   constexpr float kLn2Lo = -2.12194440054690583e-4f;  // ln 2 - kLn2Hi
 #if defined(CPU_CAPABILITY_AVX512)
@@ -505,22 +506,26 @@ inline Vectorized<acc_t> sigmoid_inline(const Vectorized<acc_t>& x) {
 // y = -x log2(e) rounded to float: n = round(y), f = y - n (exact), 2^f by
 // its Taylor series to f^5, times 2^n. y's rounding and the truncation at
 // f^5 bound the error: within 2^-17 relative of the sigmoid over [-88, 88]
-// (4 million logits against float64). With AVX512, vrndscaleps and vreduceps give n and f,
-// vscalefps applies 2^n, and no clamp is needed (an infinite y gives f = 0 and 2^n = inf or 0);
-// with AVX2, y is clamped to [-126, 128] first (below, exp(-x) added to 1 rounds to 1; from y =
-// 127.5 up, 2^n is inf and the sigmoid 0 in place of at most 4.2e-39). NaN passes through (the
-// clamps return their second operand where one is NaN). Bfloat16 gate forward at 4096x768 on an
-// Intel Xeon (builds in alternating processes, three pairs): with AVX512, 0.76-0.77 ms against
-// 0.84-0.93 with exp_neg_inline's form cut to r^5 (four instructions more: a negation, two clamps,
-// a second reduction step); with AVX2 (the same Xeon running the AVX2 build), 2.33-2.53 times
-// addcmul's time against 2.66-2.86 at 4096x768, and 1.22-1.27 against 1.45-1.51 at 32768x768, with
-// ATen's inline exp_u20 (within 20 float ulps, and a select to keep NaN). Other capabilities:
-// exp_u20.
+// (4 million logits against float64).
+// With AVX512, vrndscaleps and vreduceps give n and f, vscalefps applies
+// 2^n, and no clamp is needed (an infinite y gives f = 0 and 2^n = inf or
+// 0). With AVX2, y is clamped to [-126, 128] first (below, exp(-x) added to
+// 1 rounds to 1; from y = 127.5 up, 2^n is inf and the sigmoid 0 in place
+// of at most 4.2e-39). NaN passes through (the clamps return their second
+// operand where one is NaN).
+// Bfloat16 gate forward on an Intel Xeon (builds in alternating processes,
+// three pairs): with AVX512, 0.76-0.77 ms at 4096x768 against 0.84-0.93
+// with exp_neg_inline's form cut to r^5 (four instructions more: a
+// negation, two clamps, a second reduction step); with AVX2 (the same Xeon
+// running the AVX2 build), 2.33-2.53 times addcmul's time against 2.66-2.86
+// at 4096x768, and 1.22-1.27 against 1.45-1.51 at 32768x768, with ATen's
+// inline exp_u20 (within 20 float ulps, and a select to keep NaN).
+// Other capabilities: exp_u20.
 inline Vectorized<float> sigmoid_for_reduced(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
   const Vec one(1.f);
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  const Vec y = x * Vec(-1.44269504088896341f);
+  const Vec y = x * Vec(-kLog2e);
 #if defined(CPU_CAPABILITY_AVX512)
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   const Vec n = _mm512_roundscale_ps(y, kNearest);
