@@ -101,33 +101,36 @@ struct ApplyCoefficients {
   ApplyCoefficients(const ApplyCoefficients&) = delete;  // bias may point into zeros
 };
 
-// Rows of one group a few at a time. The group moments' second pass reads
-// a chunk's rows again from cache, and there loading and storing the sums
-// for every row, not the data, bounded the time; per block of rows they are
-// loaded and stored once, and each sum still adds its rows one by one in row
-// order (the same result as row by row). Passes that read their rows from
-// memory keep row order: rows interleaved there read slower.
+// Rows of one group a few at a time. The group moments read a chunk's rows
+// group by group: per block of rows the group's sums are loaded and stored
+// once (per row, those loads and stores, not the data, would bound it), and
+// each sum still adds its rows one by one in row order (the same result as
+// row by row).
 constexpr int64_t kRowBlock = 4;
 
-// visit(r0, r1, G, block, group_of, body): the rows [r0, r1) group by group
-// (group_of(i) in [0, G)), each group's rows in their order, calling
-// body(g, rows, n) with up to `block` (<= kRowBlock) row indices at a time.
-// Keeps its index buffers from call to call (one per thread).
+// A chunk's rows [r0, r1) sorted by group (group_of(i) in [0, G)), stably:
+// group g's rows are order[start[g], start[g + 1]). Keeps its index buffers
+// from call to call (one per thread).
 struct RowsByGroup {
   std::vector<int64_t> start, next, order;
 
-  template <typename GroupOf, typename Body>
-  void visit(int64_t r0, int64_t r1, int64_t G, int64_t block, const GroupOf& group_of,
-             const Body& body) {
+  template <typename GroupOf>
+  void sort(int64_t r0, int64_t r1, int64_t G, const GroupOf& group_of) {
     start.assign(G + 1, 0);
     for (int64_t i = r0; i < r1; ++i) ++start[group_of(i) + 1];
     for (int64_t g = 0; g < G; ++g) start[g + 1] += start[g];
     next.assign(start.begin(), start.end() - 1);
     order.resize(r1 - r0);
     for (int64_t i = r0; i < r1; ++i) order[next[group_of(i)]++] = i;
-    for (int64_t g = 0; g < G; ++g)
+  }
+
+  // body(g, rows, n): the sorted rows, up to `block` (<= kRowBlock) of one
+  // group at a time; rows points into `order`.
+  template <typename Body>
+  void visit(int64_t block, const Body& body) const {
+    for (size_t g = 0; g + 1 < start.size(); ++g)
       for (int64_t j = start[g]; j < start[g + 1]; j += block)
-        body(g, order.data() + j, std::min(block, start[g + 1] - j));
+        body(static_cast<int64_t>(g), order.data() + j, std::min(block, start[g + 1] - j));
   }
 };
 
@@ -367,15 +370,15 @@ void planes_input_grad(const IWNInputGradArgs<acc_type<scalar_t>>& a) {
 
 // Adds rows of one group to a group's sums about `center`: sq += (u - c)^2,
 // dev += u - c, the rows one by one in their order, the sums loaded and
-// stored once per block of rows (per row, those loads and stores, not the
-// data, would bound it). The rows of a block read x in place and share
-// their gate: RowU::vec's arithmetic, its tests taken once per block.
-// kAhead: the rows follow each other in memory (a run), so software
-// prefetch 2 KiB ahead of each row asks for the run's next rows, which the
-// hardware prefetcher left bfloat16 runs waiting on.
-template <bool kAhead, typename scalar_t, typename acc_t>
-inline void add_deviations(const RowU<scalar_t, acc_t>* u, int64_t nr, const acc_t* center,
-                           acc_t* sq, acc_t* dev, int64_t F) {
+// stored once per block of rows. The rows of a block read x in place and
+// share their gate: RowU::vec's arithmetic, its tests taken once per block.
+// ahead[r]: a row visited later, asked for (software prefetch) at the same
+// offset as row r: rows visited group by group jump through memory, where
+// the hardware prefetcher, which follows runs of addresses, starts each row
+// late.
+template <typename scalar_t, typename acc_t>
+inline void add_deviations(const RowU<scalar_t, acc_t>* u, const scalar_t* const* ahead, int64_t nr,
+                           const acc_t* center, acc_t* sq, acc_t* dev, int64_t F) {
   using Vec = Vectorized<acc_t>;
   auto sums_of = [&](auto rows, auto row_vec) {
     for_each_vec<acc_t>(F, [&](int64_t f, int64_t n) {
@@ -403,34 +406,37 @@ inline void add_deviations(const RowU<scalar_t, acc_t>* u, int64_t nr, const acc
   for (int64_t r = 0; r < nr; ++r) x[r] = u[r].x;
   if (const acc_t* s = u[0].s)
     return sums([&, s](int64_t r, int64_t f, int64_t n) {
-      if (kAhead) prefetch_ahead(x[r] + f);
+      __builtin_prefetch(ahead[r] + f);
       return load_as_acc<scalar_t, acc_t>(x[r] + f, n) * load(s + f, n);
     });
   sums([&](int64_t r, int64_t f, int64_t n) {
-    if (kAhead) prefetch_ahead(x[r] + f);
+    __builtin_prefetch(ahead[r] + f);
     return load_as_acc<scalar_t, acc_t>(x[r] + f, n);
   });
 }
 
-// A chunk's group moments, two ways. Where its rows come in runs of one
-// group (channels_last: a sample's positions), one pass in row order about a
-// shift per group and feature, K = the mean of the group's first kShiftRows
-// rows in the chunk: S1 = sum (u - K), S2 = sum (u - K)^2, then
-// mean = K + S1 / n, d = mean - K, the residual R = sum (u - mean) = S1 - n d
-// and M2 = sum (u - mean)^2 = S2 - d (S1 + R) (about K + d, which is the
-// mean up to the rounding of d). The subtraction costs M2 the bits of
+// A chunk's group moments in one pass, group by group (its rows sorted by
+// group: one group's three sums in use at a time, in the L1 cache, where row
+// order would keep every group's in use, 90 KiB for 10 groups of 768
+// floats), about a shift per group and feature, K = the mean of the group's
+// first kShiftRows rows in the chunk: S1 = sum (u - K), S2 = sum (u - K)^2,
+// then mean = K + S1 / n, d = mean - K, the residual R = sum (u - mean) =
+// S1 - n d and M2 = sum (u - mean)^2 = S2 - d (S1 + R) (about K + d, which
+// is the mean up to the rounding of d). The subtraction costs M2 the bits of
 // S2 / M2 = 1 + n d^2 / M2: at most 1 + n / 8, as the 8 rows alone put
 // 8 d^2 into M2, and for independent rows d^2 is about var / 8 (a sixth of
 // a bit). A group with a lane where S2 > kMaxShiftLoss M2 (K far from the
-// mean: outlying first rows; a constant feature whose 8-row mean rounds;
-// inf, NaN) takes the two passes below for that chunk instead. Where groups'
-// rows are scattered, two passes: the sums give each group's mean, then M2
-// sums squared deviations from it, group by group (one pass in row order
-// would keep every group's three sums in use at once, 90 KiB for 10 groups
-// of 768 floats, past the L1 cache). Either way a rounded mean costs M2 only
-// a second-order error (n (mean error)^2), whatever the data's offset.
+// mean: outlying first rows, as a run of one sample's positions can be; a
+// constant feature whose 8-row mean rounds; inf, NaN) takes two passes over
+// the chunk's rows instead, from cache: its sum gives its mean, then M2 sums
+// squared deviations from it. Either way a rounded mean costs M2 only a
+// second-order error (n (mean error)^2), whatever the data's offset.
 constexpr int64_t kShiftRows = 8;
 constexpr double kMaxShiftLoss = 4;
+// How far ahead the group moments ask for rows: the next block, and at
+// least 4 KiB: rows of 64 floats asked for four rows ahead arrived late, and
+// rows of 768 asked for sixteen rows ahead were no faster than four.
+constexpr int64_t kAheadBytes = 4096;
 
 // Per group: count, mean and M2 of u, chunk by chunk as above. Chunks then
 // merge in chunk order (iwn_merge_moments): the mean, then M2 and the
@@ -451,13 +457,15 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   const int64_t block = a.rows.gate_full ? 1 : kRowBlock;
   // One chunk (small batches): its summaries are the result, written in place.
   const bool one = nchunks == 1;
+  const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
+  const int64_t ahead_rows =
+      std::max(kRowBlock, ceil_div(kAheadBytes, F * static_cast<int64_t>(sizeof(scalar_t))));
   // Zeroed chunk by chunk by the thread that fills them, while in its cache.
   Scratch<acc_t> pcount(one ? 0 : nchunks * G, false), pmean(one ? 0 : nchunks * G * F, false),
       pm2(one ? 0 : nchunks * G * F, false), pres(one ? 0 : nchunks * G * F, false);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     RowsByGroup by_group;
-    std::vector<int64_t> first_rows(G * kShiftRows), shift_rows(G);
     std::vector<char> again(G);
     // sum += u; then a sum over `count` rows becomes their mean.
     auto add_row = [F](acc_t* sum, const RowU<scalar_t, acc_t>& u) {
@@ -474,91 +482,61 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
       acc_t* mean = one ? a.mean : pmean.data() + ch * G * F;         // K, then the mean
       acc_t* m2 = one ? a.m2 : pm2.data() + ch * G * F;               // S2, then M2
       acc_t* res = one ? a.mean_residual : pres.data() + ch * G * F;  // S1, then R
-      std::fill(cnt, cnt + G, acc_t(0));
       for (acc_t* out : {mean, m2, res}) std::fill(out, out + G * F, acc_t(0));
       const int64_t r0 = ch * chunk, r1 = std::min(N, (ch + 1) * chunk);
-      int64_t runs = 1;  // of consecutive rows of one group
-      for (int64_t i = r0; i < r1; ++i) {
-        const int64_t k = key_of(a.rows.keys, i);
-        cnt[k] += acc_t(1);
-        if (i > r0) runs += k != key_of(a.rows.keys, i - 1);
+      by_group.sort(r0, r1, G, [&](int64_t i) { return key_of(a.rows.keys, i); });
+      const int64_t* order = by_group.order.data();
+      const std::vector<int64_t>& start = by_group.start;
+      // Adds a block of group k's rows to its sums about mean + k F, asking
+      // for the row ahead_rows places later in the sorted order with each.
+      auto add_block = [&](int64_t k, const int64_t* rows_k, int64_t nr) {
+        RowU<scalar_t, acc_t> u[kRowBlock];
+        const scalar_t* ahead[kRowBlock];
+        for (int64_t r = 0; r < nr; ++r) {
+          u[r] = rows.u(rows_k[r]);
+          const int64_t later = rows_k - order + r + ahead_rows;
+          ahead[r] = x + (later < r1 - r0 ? order[later] : rows_k[r]) * F;
+        }
+        add_deviations(u, ahead, nr, mean + k * F, m2 + k * F, res + k * F, F);
+      };
+      for (int64_t k = 0; k < G; ++k) {
+        const int64_t n = start[k + 1] - start[k], shift_rows = std::min(n, kShiftRows);
+        cnt[k] = static_cast<acc_t>(n);
+        for (int64_t r = 0; r < shift_rows; ++r) add_row(mean + k * F, rows.u(order[start[k] + r]));
+        if (n > 0) to_mean(mean + k * F, static_cast<acc_t>(shift_rows));
       }
-      // Groups (again[k]) that take the two passes in this chunk: their means
-      // from their sums (rows in row order: read out of order from memory,
-      // rows read slower), then their rows again, from cache, about them.
+      by_group.visit(block, add_block);
       bool any_again = false;
-      if (r1 - r0 >= kRowBlock * runs) {
-        // Runs of rows of one group (channels_last: a sample's positions):
-        // one pass about the shifts, a block of a run's rows at a time.
-        std::fill(shift_rows.begin(), shift_rows.end(), 0);
-        for (int64_t i = r0; i < r1; ++i) {
-          const int64_t k = key_of(a.rows.keys, i);
-          if (shift_rows[k] < kShiftRows) first_rows[k * kShiftRows + shift_rows[k]++] = i;
-        }
-        for (int64_t k = 0; k < G; ++k) {
-          if (shift_rows[k] == 0) continue;
-          for (int64_t r = 0; r < shift_rows[k]; ++r)
-            add_row(mean + k * F, rows.u(first_rows[k * kShiftRows + r]));
-          to_mean(mean + k * F, acc_t(shift_rows[k]));
-        }
-        for (int64_t i = r0; i < r1;) {
-          const int64_t k = key_of(a.rows.keys, i);
-          int64_t nr = 1;
-          while (nr < block && i + nr < r1 && key_of(a.rows.keys, i + nr) == k) ++nr;
-          RowU<scalar_t, acc_t> u[kRowBlock];  // [0, nr) set
-          for (int64_t r = 0; r < nr; ++r) u[r] = rows.u(i + r);
-          add_deviations<true>(u, nr, mean + k * F, m2 + k * F, res + k * F, F);
-          i += nr;
-        }
-        for (int64_t k = 0; k < G; ++k) {
-          again[k] = 0;
-          if (cnt[k] == acc_t(0)) continue;
-          const Vec inv(acc_t(1) / cnt[k]), n(cnt[k]), loss(static_cast<acc_t>(kMaxShiftLoss));
-          acc_t *mk = mean + k * F, *qk = m2 + k * F, *rk = res + k * F;
-          const Vec all(acc_t(0)),
-              kept = fold_vecs<acc_t>(F, all == all, [&](int64_t f, int64_t w, Vec ok) {
-                const Vec shift = load(mk + f, w), s1 = load(rk + f, w), s2 = load(qk + f, w);
-                const Vec m = shift + s1 * inv;
-                const Vec d = m - shift;
-                const Vec r = s1 - n * d;
-                const Vec q = s2 - d * (s1 + r);
-                store(m, mk + f, w);
-                store(q, qk + f, w);
-                store(r, rk + f, w);
-                // NaN compares false: its group takes the two passes.
-                return Vec::set(ok, ok & (q * loss >= s2), w);
-              });
-          if (!all_lanes(kept)) {
-            again[k] = 1;
-            any_again = true;
-            std::fill(qk, qk + F, acc_t(0));
-            std::fill(rk, rk + F, acc_t(0));
-          }
-        }
-      } else {
-        for (int64_t k = 0; k < G; ++k) {
-          again[k] = cnt[k] > acc_t(0);
-          any_again = any_again || again[k];
-        }
-      }
-      if (any_again) {
-        for (int64_t k = 0; k < G; ++k)
-          if (again[k]) std::fill(mean + k * F, mean + (k + 1) * F, acc_t(0));
-        for (int64_t i = r0; i < r1; ++i) {
-          const int64_t k = key_of(a.rows.keys, i);
-          if (again[k]) add_row(mean + k * F, rows.u(i));
-        }
-        for (int64_t k = 0; k < G; ++k)
-          if (again[k]) to_mean(mean + k * F, cnt[k]);
-        by_group.visit(
-            r0, r1, G, block, [&](int64_t i) { return key_of(a.rows.keys, i); },
-            [&](int64_t k, const int64_t* rows_k, int64_t nr) {
-              if (!again[k]) return;
-              RowU<scalar_t, acc_t> u[kRowBlock];
-              for (int64_t r = 0; r < nr; ++r) u[r] = rows.u(rows_k[r]);
-              add_deviations<false>(u, nr, mean + k * F, m2 + k * F, res + k * F, F);
+      for (int64_t k = 0; k < G; ++k) {
+        again[k] = 0;
+        if (cnt[k] == acc_t(0)) continue;
+        const Vec inv(acc_t(1) / cnt[k]), n(cnt[k]), loss(static_cast<acc_t>(kMaxShiftLoss));
+        acc_t *mk = mean + k * F, *qk = m2 + k * F, *rk = res + k * F;
+        const Vec all(acc_t(0)),
+            kept = fold_vecs<acc_t>(F, all == all, [&](int64_t f, int64_t w, Vec ok) {
+              const Vec shift = load(mk + f, w), s1 = load(rk + f, w), s2 = load(qk + f, w);
+              const Vec m = shift + s1 * inv;
+              const Vec d = m - shift;
+              const Vec r = s1 - n * d;
+              const Vec q = s2 - d * (s1 + r);
+              store(m, mk + f, w);
+              store(q, qk + f, w);
+              store(r, rk + f, w);
+              // NaN compares false: its group takes the two passes.
+              return Vec::set(ok, ok & (q * loss >= s2), w);
             });
+        if (!all_lanes(kept)) {
+          again[k] = 1;
+          any_again = true;
+          for (acc_t* out : {mk, qk, rk}) std::fill(out, out + F, acc_t(0));
+          for (int64_t j = start[k]; j < start[k + 1]; ++j) add_row(mk, rows.u(order[j]));
+          to_mean(mk, cnt[k]);
+        }
       }
+      if (any_again)
+        by_group.visit(block, [&](int64_t k, const int64_t* rows_k, int64_t nr) {
+          if (again[k]) add_block(k, rows_k, nr);
+        });
     }
   });
   if (one) {  // the residual sums over the group's count

@@ -458,8 +458,9 @@ def test_merged_m2_is_the_sum_of_squares_about_the_merged_mean(
     """iwn_group_moments over many row chunks, float32 rows 1e4 + N(0,
     0.01^2): a chunk's mean rounds by up to 5e-4 (half an ulp of 1e4, a
     twentieth of the deviation); without the cross term the deviations were
-    0.6-0.9% off (CPU and Triton kernels). Rows of a class in runs take the
-    CPU kernels' one pass about a shift, scattered ones two passes."""
+    0.6-0.9% off (CPU and Triton kernels). The CPU kernels take one pass
+    about a shift, the rows sorted by class: in runs they stay in memory
+    order, scattered they jump."""
     force_backend(backend)
     select_backend("iwn", torch.device(device))  # the phase ops run that backend's kernels
     N, F, G = 3000, 5, 3
@@ -471,20 +472,23 @@ def test_merged_m2_is_the_sum_of_squares_about_the_merged_mean(
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
-def test_moments_of_runs_whose_first_rows_are_outliers(backend, device, force_backend):
-    """The CPU kernels' one pass over rows in runs takes each class's shift
-    from its first 8 rows in a row chunk (256 rows here: N / 64). Here those
-    rows are far from the rest in one feature (1e3 + i, the rest N(0, 1)), a
-    lane inside a middle vector of 35 features: about such a shift, M2 =
-    S2 - d (S1 + R) cancels, so the class takes the two passes instead, M2
-    within 2.5e-7 (relative) and the residual 1.4e-7 of float64 sums. Without
-    that, M2 was 2.8e-6 off and the residual 3.5e-5."""
+@pytest.mark.parametrize("rows_of_a_class", ["scattered", "in runs"])
+def test_moments_whose_first_rows_are_outliers(backend, device, rows_of_a_class, force_backend):
+    """The CPU kernels' one pass takes each class's shift from its first 8
+    rows in a row chunk (256 rows here: N / 64). Here the chunk's first 8
+    rows (in runs: 8 of one class; scattered: 4 of each) are far from the
+    rest in one feature (1e3 + i, the rest N(0, 1)), a lane inside a middle
+    vector of 35 features: about such a shift, M2 = S2 - d (S1 + R) cancels,
+    so the class takes the two passes instead, M2 within 2.5e-7 (relative)
+    and the residual 1.4e-7 of float64 sums. Without that, M2 was 2.8e-6 off
+    and the residual 3.5e-5 (in runs)."""
     force_backend(backend)
     select_backend("iwn", torch.device(device))
     N, F, G = 16384, 35, 2
     g = torch.Generator().manual_seed(2)
     x = torch.randn(N, F, generator=g)
-    keys = (torch.arange(N) // 2048) % G
+    row = torch.arange(N)
+    keys = row % G if rows_of_a_class == "scattered" else (row // 2048) % G
     for start in range(0, N, 256):
         x[start : start + 8, 20] = 1e3 + torch.arange(8.0)
     x, keys = x.to(device), keys.to(torch.int32).to(device)
