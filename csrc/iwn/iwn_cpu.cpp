@@ -602,11 +602,38 @@ void iwn_merge_moments(const IWNMergeArgs<acc_t>& a) {
   });
 }
 
+// iwn_math.h's per-feature steps a vector of n consecutive features at a
+// time: the same arithmetic lane by lane, the same bits. One feature at a
+// time, their divisions bound them: the backward's coefficients for ten
+// classes of 768 features took 29-32 us so, 15-16 us by vectors.
+template <typename acc_t>
+struct FeatureLanes {
+  using V = Vectorized<acc_t>;
+  int64_t n;
+  V load(const acc_t* p) const { return CPU_CAPABILITY::load(p, n); }
+  void store(acc_t* p, const V& v) const { CPU_CAPABILITY::store(v, p, n); }
+  static V safe_sqrt(const V& v) {
+    const V zero(acc_t(0));
+    return V::blendv(V::blendv(v, zero, v == v), v.sqrt(), v > zero);
+  }
+  static V if_positive(const V& v, const V& yes, const V& no) {
+    return V::blendv(no, yes, v > V(acc_t(0)));
+  }
+};
+
+// body(f, lanes) over the features, in parallel, a vector at a time.
+template <typename acc_t, typename Body>
+void for_each_feature_vec(int64_t F, const Body& body) {
+  at::parallel_for(0, F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
+    for_each_vec<acc_t>(f1 - f0,
+                        [&](int64_t j, int64_t n) { body(f0 + j, FeatureLanes<acc_t>{n}); });
+  });
+}
+
 template <typename acc_t>
 void iwn_combine(const IWNCombineArgs<acc_t>& a) {
-  at::parallel_for(0, a.F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
-    for (int64_t t = 0; t < a.num_tasks; ++t)
-      for (int64_t f = f0; f < f1; ++f) combine_at(a, t, f);
+  for_each_feature_vec<acc_t>(a.F, [&](int64_t f, const FeatureLanes<acc_t>& lanes) {
+    for (int64_t t = 0; t < a.num_tasks; ++t) combine_at(a, t, f, lanes);
   });
 }
 
@@ -703,9 +730,8 @@ void iwn_task_sums(const IWNTaskSumsArgs<acc_type<scalar_t>>& a) {
 
 template <typename acc_t>
 void iwn_coefficients(const IWNCoefficientsArgs<acc_t>& a) {
-  at::parallel_for(0, a.F, kFeatureGrain, [&](int64_t f0, int64_t f1) {
-    for (int64_t f = f0; f < f1; ++f) coefficients_at(a, f);
-  });
+  for_each_feature_vec<acc_t>(
+      a.F, [&](int64_t f, const FeatureLanes<acc_t>& lanes) { coefficients_at(a, f, lanes); });
 }
 
 // du = (dy - dy_shift_k) * scale_t + dev_coef_k * (u - center_k) (eval: dy * scale_t);

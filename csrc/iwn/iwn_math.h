@@ -73,12 +73,21 @@ SURGELLM_HD void merge_parts_at(const IWNMergeArgs<T>& a, int64_t k, int64_t f) 
   if (f == 0) a.out_count[k] = n;
 }
 
+// The per-(task, class, feature) steps below take one feature at a time
+// (OneFeature: a CUDA thread's) or, on the CPU, a vector of consecutive
+// features, lane by lane the same arithmetic (iwn_cpu.cpp). Lanes gives the
+// value type V, loads and stores of a table's entries at feature f, and the
+// two choices these steps make per value.
 template <typename T>
-SURGELLM_HD T safe_sqrt(T v) {
+struct OneFeature {
+  using V = T;
+  SURGELLM_HD T load(const T* p) const { return *p; }
+  SURGELLM_HD void store(T* p, T v) const { *p = v; }
   // Rounding can leave v slightly negative: 0. NaN stays NaN (a non-finite
   // input poisons its feature's statistics, as in BatchNorm, never silently).
-  return v > T(0) ? std::sqrt(v) : (v == v ? T(0) : v);
-}
+  SURGELLM_HD static T safe_sqrt(T v) { return v > T(0) ? std::sqrt(v) : (v == v ? T(0) : v); }
+  SURGELLM_HD static T if_positive(T v, T yes, T no) { return v > T(0) ? yes : no; }
+};
 
 // Eq.10-11 for task t and feature f: mu = mean_c m_c, and
 // sigma = mean_c s_c ("class_mean", the paper) or
@@ -95,59 +104,63 @@ SURGELLM_HD T safe_sqrt(T v) {
 // mu is summed as the first present class's mean plus the mean of the
 // differences from it: equal class means give mu equal to them, exactly
 // (their plain sum would round, and C' u / C' need not be u).
-template <typename T>
-SURGELLM_HD T exact_class_mean(const IWNCombineArgs<T>& a, int64_t i) {
-  return a.mean[i] + a.mean_residual[i];
+template <typename T, typename Lanes>
+SURGELLM_HD typename Lanes::V exact_class_mean(const IWNCombineArgs<T>& a, int64_t i,
+                                               const Lanes& l) {
+  return l.load(a.mean + i) + l.load(a.mean_residual + i);
 }
 
-template <typename T>
-SURGELLM_HD T exact_class_std(const IWNCombineArgs<T>& a, T n, int64_t i) {
-  const T rho = a.mean_residual[i];
-  return safe_sqrt(a.m2[i] / n - rho * rho);
+template <typename T, typename Lanes>
+SURGELLM_HD typename Lanes::V exact_class_std(const IWNCombineArgs<T>& a, T n, int64_t i,
+                                              const Lanes& l) {
+  using V = typename Lanes::V;
+  const V rho = l.load(a.mean_residual + i);
+  return l.safe_sqrt(l.load(a.m2 + i) / V(n) - rho * rho);
 }
 
-template <typename T>
-SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f) {
+template <typename T, typename Lanes = OneFeature<T>>
+SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f,
+                            const Lanes& l = Lanes()) {
+  using V = typename Lanes::V;
   const int64_t C = a.num_classes, F = a.F;
   const T* count = a.count + t * C;
   const int64_t base = t * C * F + f;
   int64_t present = 0;
-  T first_mean = 0, sum_mean = 0, sum_std = 0;  // sum_mean: of m_c - first_mean
+  V first_mean(T(0)), sum_mean(T(0)), sum_std(T(0));  // sum_mean: of m_c - first_mean
   for (int64_t c = 0; c < C; ++c) {
-    T sd = 0;
+    V sd(T(0));
     if (count[c] > T(0)) {
-      sd = exact_class_std(a, count[c], base + c * F);
-      const T m = exact_class_mean(a, base + c * F);
+      sd = exact_class_std(a, count[c], base + c * F, l);
+      const V m = exact_class_mean(a, base + c * F, l);
       if (present == 0) first_mean = m;
-      sum_mean += m - first_mean;
-      sum_std += sd;
+      sum_mean = sum_mean + (m - first_mean);
+      sum_std = sum_std + sd;
       ++present;
     }
-    a.group_std[base + c * F] = sd;
+    l.store(a.group_std + base + c * F, sd);
   }
-  T mu = 0, sigma = 0;
+  V mu(T(0)), sigma(T(0));
   if (present > 0) {
-    mu = first_mean + sum_mean / T(present);
-    sigma = sum_std / T(present);
+    mu = first_mean + sum_mean / V(T(present));
+    sigma = sum_std / V(T(present));
     if (a.pooled) {
-      T spread = 0;
+      V spread(T(0));
       for (int64_t c = 0; c < C; ++c) {
         if (count[c] > T(0)) {
-          const T d = exact_class_mean(a, base + c * F) - mu;
-          const T sd = a.group_std[base + c * F];
-          spread += sd * sd + d * d;
+          const V d = exact_class_mean(a, base + c * F, l) - mu;
+          const V sd = l.load(a.group_std + base + c * F);
+          spread = spread + (sd * sd + d * d);
         }
       }
-      sigma = safe_sqrt(spread / T(present));
+      sigma = l.safe_sqrt(spread / V(T(present)));
     }
   }
-  a.mu[t * F + f] = mu;
-  a.sigma[t * F + f] = sigma;
+  l.store(a.mu + t * F + f, mu);
+  l.store(a.sigma + t * F + f, sigma);
   if (a.running_mean && present > 0) {
-    T& rm = a.running_mean[t * F + f];
-    T& rs = a.running_std[t * F + f];
-    rm += a.momentum * (mu - rm);
-    rs += a.momentum * (sigma - rs);
+    const V rm = l.load(a.running_mean + t * F + f), rs = l.load(a.running_std + t * F + f);
+    l.store(a.running_mean + t * F + f, rm + V(a.momentum) * (mu - rm));
+    l.store(a.running_std + t * F + f, rs + V(a.momentum) * (sigma - rs));
   }
 }
 
@@ -175,61 +188,64 @@ SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f) {
 // it) except through eps, so in training that sum is eps r^2 w s2 -- exact,
 // where summing dL/du_i u_i over rows would cancel large terms. A (F) gate's
 // gradient is (1 - sigmoid(gate)) times it.
-template <typename T>
-SURGELLM_HD void coefficients_at(const IWNCoefficientsArgs<T>& a, int64_t f) {
+template <typename T, typename Lanes = OneFeature<T>>
+SURGELLM_HD void coefficients_at(const IWNCoefficientsArgs<T>& a, int64_t f,
+                                 const Lanes& l = Lanes()) {
+  using V = typename Lanes::V;
   const int64_t F = a.F, TT = a.num_tasks, C = a.num_classes;
-  const T w = a.weight ? a.weight[f] : T(1);
-  T dweight = 0, dbias = 0, du_dot_u = 0;
+  const V w = a.weight ? l.load(a.weight + f) : V(T(1));
+  V dweight(T(0)), dbias(T(0)), du_dot_u(T(0));
   for (int64_t t = 0; t < TT; ++t) {
-    const T s1 = a.sums[t * F + f];
-    const T mu = a.mu[t * F + f];
-    const T r = T(1) / (a.sigma[t * F + f] + a.eps);
+    const V s1 = l.load(a.sums + t * F + f);
+    const V mu = l.load(a.mu + t * F + f);
+    const V r = V(T(1)) / (l.load(a.sigma + t * F + f) + V(a.eps));
     const T* count = a.training ? a.count + t * C : nullptr;
     const int64_t base = t * C * F + f;
     int64_t present = 0;
-    T mu_residual = 0;  // the exact mean of the exact class means, minus mu
+    V mu_residual(T(0));  // the exact mean of the exact class means, minus mu
     if (a.training) {
       for (int64_t c = 0; c < C; ++c) {
         if (count[c] > T(0)) {
-          mu_residual += (a.group_mean[base + c * F] - mu) + a.mean_residual[base + c * F];
+          mu_residual = mu_residual + ((l.load(a.group_mean + base + c * F) - mu) +
+                                       l.load(a.mean_residual + base + c * F));
           ++present;
         }
       }
-      if (present > 0) mu_residual /= T(present);
+      if (present > 0) mu_residual = mu_residual / V(T(present));
     }
     // s2 was summed around the rounded mu; sum dy (u - exact mu) is s2 less
     // mu_residual * s1 (which matters where sigma is tiny: a constant
     // feature, whose closed-form gate gradient is then 0 as it should be).
-    const T s2 = a.sums[(TT + t) * F + f] - mu_residual * s1;
-    const T dy_yhat = r * s2;
-    a.scale[t * F + f] = w * r;
+    const V s2 = l.load(a.sums + (TT + t) * F + f) - mu_residual * s1;
+    const V dy_yhat = r * s2;
+    l.store(a.scale + t * F + f, w * r);
     // The parameters' gradients, from this rank's own sums (the same sums
     // unless data-parallel).
-    const T p1 = a.param_sums[t * F + f];
-    const T p_dy_yhat = r * (a.param_sums[(TT + t) * F + f] - mu_residual * p1);
-    dweight += p_dy_yhat;
-    dbias += p1;
-    du_dot_u += a.eps * r * w * p_dy_yhat;
+    const V p1 = l.load(a.param_sums + t * F + f);
+    const V p_dy_yhat = r * (l.load(a.param_sums + (TT + t) * F + f) - mu_residual * p1);
+    dweight = dweight + p_dy_yhat;
+    dbias = dbias + p1;
+    du_dot_u = du_dot_u + V(a.eps) * r * w * p_dy_yhat;
     if (!a.training) continue;
-    const T d_sigma = -r * w * dy_yhat;
+    const V d_sigma = -r * w * dy_yhat;
     for (int64_t c = 0; c < C; ++c) {
-      T shift = 0, coef = 0, center = 0;
+      V shift(T(0)), coef(T(0)), center(T(0));
       if (count[c] > T(0)) {
-        const T inv = T(1) / (T(present) * count[c]);
-        const T dev = a.pooled ? a.sigma[t * F + f] : a.group_std[base + c * F];
-        const T rho = a.pooled ? mu_residual : a.mean_residual[base + c * F];
-        shift = dev > T(0) ? inv * (s1 - dy_yhat * rho / dev) : s1 * inv;
-        coef = dev > T(0) ? d_sigma * inv / dev : T(0);
-        center = a.pooled ? mu : a.group_mean[base + c * F];
+        const V inv(T(1) / (T(present) * count[c]));
+        const V dev = l.load(a.pooled ? a.sigma + t * F + f : a.group_std + base + c * F);
+        const V rho = a.pooled ? mu_residual : l.load(a.mean_residual + base + c * F);
+        shift = l.if_positive(dev, inv * (s1 - dy_yhat * rho / dev), s1 * inv);
+        coef = l.if_positive(dev, d_sigma * inv / dev, V(T(0)));
+        center = a.pooled ? mu : l.load(a.group_mean + base + c * F);
       }
-      a.dy_shift[base + c * F] = shift;
-      a.dev_coef[base + c * F] = coef;
-      a.center[base + c * F] = center;
+      l.store(a.dy_shift + base + c * F, shift);
+      l.store(a.dev_coef + base + c * F, coef);
+      l.store(a.center + base + c * F, center);
     }
   }
-  a.dweight[f] = dweight;
-  a.dbias[f] = dbias;
-  a.du_dot_u[f] = du_dot_u;
+  l.store(a.dweight + f, dweight);
+  l.store(a.dbias + f, dbias);
+  l.store(a.du_dot_u + f, du_dot_u);
 }
 
 }  // namespace surgellm
