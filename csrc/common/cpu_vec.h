@@ -40,8 +40,9 @@ constexpr int64_t kPartialBudgetBytes = int64_t(64) << 20;
 // bytes of data (128-row chunks of 768 floats against 10 classes' moments
 // spent a fifth of the phase on them), at least 128 rows, and about N / 64
 // rows so that threads have chunks to share, but not more than kChunkBytes
-// of data where those allow, so that the group moments' second pass over a
-// chunk finds it in cache. The count of such chunks that fit in N is then
+// of data where those allow, so that a pass that reads a chunk's rows again
+// (the group moments' fallback, a class's shift rows) finds them in cache.
+// The count of such chunks that fit in N is then
 // rounded down to a multiple of 8 (to 4, 2 or 1 when fewer), so that 2, 4
 // or 8 threads share them evenly (which can make a chunk up to twice
 // kChunkBytes), and lowered where the partials would pass their budget. A

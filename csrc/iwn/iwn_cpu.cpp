@@ -427,9 +427,9 @@ inline void add_deviations(const RowU<scalar_t, acc_t>* u, const scalar_t* const
 // 8 d^2 into M2, and for independent rows d^2 is about var / 8 (a sixth of
 // a bit). A group with a lane where S2 > kMaxShiftLoss M2 (K far from the
 // mean: outlying first rows, as a run of one sample's positions can be; a
-// constant feature whose 8-row mean rounds; inf, NaN) takes two passes over
-// the chunk's rows instead, from cache: its sum gives its mean, then M2 sums
-// squared deviations from it. Either way a rounded mean costs M2 only a
+// constant feature whose 8-row mean rounds; inf, NaN) reads its rows in the
+// chunk again, from cache, in two passes: their sum gives its mean, then M2
+// sums squared deviations from it. Either way a rounded mean costs M2 only a
 // second-order error (n (mean error)^2), whatever the data's offset.
 constexpr int64_t kShiftRows = 8;
 constexpr double kMaxShiftLoss = 4;

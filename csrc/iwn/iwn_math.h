@@ -1,8 +1,10 @@
 // Arithmetic of fused_iwn shared by the CPU (C++) and CUDA kernels.
 //
-// Everything here works on one feature column at a time and is host/device
-// inline, so both backends compute the small per-(task, feature) steps with
-// the same code. Notation: per (task t, class c): n_c rows, rounded mean
+// Everything here is host/device inline and works on one feature column at
+// a time, or on the CPU on a vector of consecutive features lane by lane
+// (merge_mean, merge_about; the Lanes of combine_at and coefficients_at), so
+// both backends compute the small per-(task, feature) steps with the same
+// code. Notation: per (task t, class c): n_c rows, rounded mean
 // m_c and its rounding residual rho_c = mean of (u - m_c) (the exact mean
 // is m_c + rho_c), M2_c = sum of squared deviations from m_c, and the
 // population deviation about the exact mean s_c = sqrt(M2_c / n_c - rho_c^2);

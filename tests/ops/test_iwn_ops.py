@@ -390,3 +390,73 @@ def test_kernels_run_on_the_inputs_device(backend, force_backend):
         torch.testing.assert_close(
             a.cpu(), b, rtol=TOLERANCES[torch.float64], atol=TOLERANCES[torch.float64]
         )
+
+
+def _combine_feature_by_feature(count, mean, m2, residual, T, pooled, momentum, rm, rs):
+    """combine_at (csrc/iwn/iwn_math.h) in its own order of float32
+    operations, feature-wise in torch (every division by a tensor of the same
+    shape: a scalar divisor can become a multiplication by its reciprocal)."""
+    C, F = count.numel() // T, mean.shape[1]
+    mean, m2, residual = (t.view(T, C, F) for t in (mean, m2, residual))
+    count = count.view(T, C)
+
+    def full(v):
+        return torch.full((F,), float(v), dtype=torch.float32)
+
+    def safe_sqrt(v):
+        return torch.where(v > 0, v.sqrt(), torch.where(v == v, full(0), v))
+
+    group_std = torch.zeros(T, C, F)
+    mu, sigma = torch.zeros(T, F), torch.zeros(T, F)
+    for t in range(T):
+        present, first, sum_mean, sum_std = 0, full(0), full(0), full(0)
+        for c in range(C):
+            if count[t, c] > 0:
+                rho = residual[t, c]
+                group_std[t, c] = safe_sqrt(m2[t, c] / full(count[t, c]) - rho * rho)
+                m = mean[t, c] + residual[t, c]
+                first = m if present == 0 else first
+                sum_mean = sum_mean + (m - first)
+                sum_std = sum_std + group_std[t, c]
+                present += 1
+        if present:
+            mu[t] = first + sum_mean / full(present)
+            sigma[t] = sum_std / full(present)
+            if pooled:
+                spread = full(0)
+                for c in range(C):
+                    if count[t, c] > 0:
+                        d = (mean[t, c] + residual[t, c]) - mu[t]
+                        sd = group_std[t, c]
+                        spread = spread + (sd * sd + d * d)
+                sigma[t] = safe_sqrt(spread / full(present))
+            rm[t] = rm[t] + full(momentum) * (mu[t] - rm[t])
+            rs[t] = rs[t] + full(momentum) * (sigma[t] - rs[t])
+    return group_std.view(T * C, F), mu, sigma
+
+
+@needs_extension
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("pooled", [False, True])
+def test_combine_has_the_bits_of_one_feature_at_a_time(device, pooled):
+    """The CPU kernels combine class moments a vector of features at a time
+    and a CUDA thread one feature: both the same float32 operations in the
+    same order, so the same bits (37 features: a partial vector; an absent
+    class; rounding that leaves a variance below 0; NaN and infinite
+    moments; -0)."""
+    T, C, F = 2, 4, 37
+    g = torch.Generator().manual_seed(7)
+    count = torch.tensor([3.0, 0.0, 5.0, 1.0, 2.0, 7.0, 0.0, 4.0])
+    mean = torch.randn(T * C, F, generator=g) * 3
+    m2 = torch.rand(T * C, F, generator=g) * count.view(-1, 1)
+    residual = torch.randn(T * C, F, generator=g) * 1e-7
+    m2[0, 3], residual[0, 3] = 0.0, 1e-3  # M2 / n - rho^2 < 0: s_c = 0
+    m2[2, 5], mean[3, 6], m2[4, 7] = float("nan"), float("inf"), float("inf")
+    mean[5, 8], residual[5, 8] = -0.0, -0.0
+    rm, rs = torch.randn(T, F, generator=g), torch.rand(T, F, generator=g)
+    got_rm, got_rs = rm.clone().to(device), rs.clone().to(device)
+    on = [t.to(device) for t in (count, mean, m2, residual)]
+    got = torch.ops.surgellm._iwn_combine(*on, T, pooled, 0.1, got_rm, got_rs)
+    want = _combine_feature_by_feature(count, mean, m2, residual, T, pooled, 0.1, rm, rs)
+    for a, b in zip((*got, got_rm, got_rs), (*want, rm, rs)):
+        assert torch.equal(a.cpu().view(torch.int32), b.view(torch.int32))
