@@ -124,13 +124,12 @@ struct RowsByGroup {
     for (int64_t i = r0; i < r1; ++i) order[next[group_of(i)]++] = i;
   }
 
-  // body(g, rows, n): the sorted rows, up to `block` (<= kRowBlock) of one
-  // group at a time; rows points into `order`.
+  // body(g, rows, n): group g's sorted rows, up to `block` (<= kRowBlock)
+  // at a time; rows points into `order`.
   template <typename Body>
-  void visit(int64_t block, const Body& body) const {
-    for (size_t g = 0; g + 1 < start.size(); ++g)
-      for (int64_t j = start[g]; j < start[g + 1]; j += block)
-        body(static_cast<int64_t>(g), order.data() + j, std::min(block, start[g + 1] - j));
+  void visit_group(int64_t g, int64_t block, const Body& body) const {
+    for (int64_t j = start[g]; j < start[g + 1]; j += block)
+      body(g, order.data() + j, std::min(block, start[g + 1] - j));
   }
 };
 
@@ -457,7 +456,6 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   const int64_t block = a.rows.gate_full ? 1 : kRowBlock;
   // One chunk (small batches): its summaries are the result, written in place.
   const bool one = nchunks == 1;
-  const scalar_t* x = static_cast<const scalar_t*>(a.rows.x);
   const int64_t ahead_rows =
       std::max(kRowBlock, ceil_div(kAheadBytes, F * static_cast<int64_t>(sizeof(scalar_t))));
   // Zeroed chunk by chunk by the thread that fills them, while in its cache.
@@ -466,7 +464,6 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     GatedRows<scalar_t, acc_t> rows(a.rows, gate_sig);
     RowsByGroup by_group;
-    std::vector<char> again(G);
     // sum += u; then a sum over `count` rows becomes their mean.
     auto add_row = [F](acc_t* sum, const RowU<scalar_t, acc_t>& u) {
       for_each_vec<acc_t>(
@@ -495,21 +492,17 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
         for (int64_t r = 0; r < nr; ++r) {
           u[r] = rows.u(rows_k[r]);
           const int64_t later = rows_k - order + r + ahead_rows;
-          ahead[r] = x + (later < r1 - r0 ? order[later] : rows_k[r]) * F;
+          ahead[r] = rows.x + (later < r1 - r0 ? order[later] : rows_k[r]) * F;
         }
         add_deviations(u, ahead, nr, mean + k * F, m2 + k * F, res + k * F, F);
       };
       for (int64_t k = 0; k < G; ++k) {
-        const int64_t n = start[k + 1] - start[k], shift_rows = std::min(n, kShiftRows);
-        cnt[k] = static_cast<acc_t>(n);
+        const int64_t rows_k = start[k + 1] - start[k], shift_rows = std::min(rows_k, kShiftRows);
+        cnt[k] = static_cast<acc_t>(rows_k);
+        if (rows_k == 0) continue;
         for (int64_t r = 0; r < shift_rows; ++r) add_row(mean + k * F, rows.u(order[start[k] + r]));
-        if (n > 0) to_mean(mean + k * F, static_cast<acc_t>(shift_rows));
-      }
-      by_group.visit(block, add_block);
-      bool any_again = false;
-      for (int64_t k = 0; k < G; ++k) {
-        again[k] = 0;
-        if (cnt[k] == acc_t(0)) continue;
+        to_mean(mean + k * F, static_cast<acc_t>(shift_rows));
+        by_group.visit_group(k, block, add_block);
         const Vec inv(acc_t(1) / cnt[k]), n(cnt[k]), loss(static_cast<acc_t>(kMaxShiftLoss));
         acc_t *mk = mean + k * F, *qk = m2 + k * F, *rk = res + k * F;
         const Vec all(acc_t(0)),
@@ -525,18 +518,13 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
               // NaN compares false: its group takes the two passes.
               return Vec::set(ok, ok & (q * loss >= s2), w);
             });
-        if (!all_lanes(kept)) {
-          again[k] = 1;
-          any_again = true;
+        if (!all_lanes(kept)) {  // the two passes, from cache
           for (acc_t* out : {mk, qk, rk}) std::fill(out, out + F, acc_t(0));
           for (int64_t j = start[k]; j < start[k + 1]; ++j) add_row(mk, rows.u(order[j]));
           to_mean(mk, cnt[k]);
+          by_group.visit_group(k, block, add_block);
         }
       }
-      if (any_again)
-        by_group.visit(block, [&](int64_t k, const int64_t* rows_k, int64_t nr) {
-          if (again[k]) add_block(k, rows_k, nr);
-        });
     }
   });
   if (one) {  // the residual sums over the group's count
