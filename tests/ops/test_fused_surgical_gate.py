@@ -2,19 +2,10 @@
 reference, forward and every gradient; the fused module against the
 reference module; bad input."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from surgellm_kernels import (
-    FusedSurgicalGate,
-    SurgicalGate,
-    cpu_kernel_build,
-    fused_surgical_gate,
-)
+from surgellm_kernels import FusedSurgicalGate, SurgicalGate, fused_surgical_gate
 from surgellm_kernels.ops.reference import surgical_gate_reference
 
 from _helpers import (
@@ -178,30 +169,6 @@ def test_logits_beyond_the_inline_sigmoid(backend, device, dtype, force_backend)
     torch.testing.assert_close(
         z[rows], fused_surgical_gate(h[rows], s[rows], logits[rows], **params)
     )
-
-
-@pytest.mark.skipif(("cpu", "cpu") not in KERNEL_PAIRS, reason="the C++ extension is not built")
-@pytest.mark.parametrize("capability", ["avx2", "default"])
-def test_cpu_kernels_of_another_build(capability):
-    """The CPU kernel build is chosen once per process, so the builds below
-    this processor's run nowhere else in the suite: this file's CPU kernel
-    tests again, in a process that ATEN_CPU_CAPABILITY points at one."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    which = "import surgellm_kernels as s; print(s.cpu_kernel_build())"
-    build = subprocess.run(
-        [sys.executable, "-c", which], env=env, capture_output=True, text=True
-    ).stdout.strip()
-    if build != capability.upper() or build == cpu_kernel_build():
-        pytest.skip(f"this processor runs {cpu_kernel_build()}; {capability} gives {build}")
-    selection = "cpu-cpu and not compile and not another_build"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
 
 
 @pytest.mark.skipif(("cpu", "cpu") not in KERNEL_PAIRS, reason="the C++ extension is not built")
