@@ -78,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
 
     from .processing_surgellm import SurgeLLMProcessor
-    from .trainer import task_metrics
+    from .trainer import accelerator_present, task_metrics
 
     try:
         processor = SurgeLLMProcessor.from_pretrained(args.model)
@@ -105,6 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 report_to="none",
                 per_device_eval_batch_size=args.batch_size,
                 label_names=["labels", "task_ids"],
+                dataloader_pin_memory=accelerator_present(),
             ),
         )
         prediction = trainer.predict(data)

@@ -37,6 +37,13 @@ __all__ = [
 ]
 
 
+def accelerator_present() -> bool:
+    """Whether torch sees an accelerator: batches are pinned in host memory
+    for it (without one, torch's DataLoader warns that pinning is ignored)."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 @dataclasses.dataclass
 class SurgeLLMTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with the paper's recipe as defaults (see the
@@ -76,6 +83,7 @@ class SurgeLLMTrainingArguments(TrainingArguments):
             "(the --learning-rate value: one rate for all)"
         },
     )
+    dataloader_pin_memory: bool = dataclasses.field(default_factory=accelerator_present)
     # task ids are gathered with the labels, for the per-task metrics
     label_names: Optional[List[str]] = dataclasses.field(
         default_factory=lambda: ["labels", "task_ids"]
