@@ -146,6 +146,25 @@ class Implementation:
     backend: Optional[str] = None
 
 
+def kernel_implementation(
+    name: str, op: str, backend: str, make: Callable[[Case], Callable]
+) -> Implementation:
+    """surgellm_kernels' ``backend`` for ``op`` (forced with SURGELLM_BACKEND):
+    ``make(case)`` gives the timed fn; a case that backend cannot run is
+    left out with the reason (Triton interpreted on CPU tensors too: a test
+    vehicle, not timed)."""
+    from surgellm_kernels import backends
+
+    def build(case):
+        status = backends(torch.device(case.device), op)[backend]
+        why = None if status.available else status.reason
+        if why is None and backend == "triton" and case.device != "cuda":
+            why = "the Triton interpreter on CPU is a test vehicle, not timed"
+        return (None, why) if why is not None else (make(case), None)
+
+    return Implementation(name, build, env={"SURGELLM_BACKEND": backend}, backend=backend)
+
+
 def runnable(implementations: List[Implementation], op: str) -> List[Implementation]:
     """The implementations that can run on a device present here."""
     from surgellm_kernels import backends

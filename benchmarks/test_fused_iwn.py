@@ -9,10 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surgellm_kernels import backends, fused_iwn
+from surgellm_kernels import fused_iwn
 from surgellm_kernels.ops.reference import iwn_reference
 
-from harness import COPY_ROOFLINE, PROXY, Implementation, case_id, cases, run_case, runnable, sized
+from harness import (
+    COPY_ROOFLINE,
+    PROXY,
+    Implementation,
+    case_id,
+    cases,
+    kernel_implementation,
+    run_case,
+    runnable,
+    sized,
+)
 
 NUM_CLASSES = 10
 # the paper's lexical features and pooled states, token level, large
@@ -64,18 +74,8 @@ def _call(fn, case):
 
 
 def _fused(backend):
-    def build(case):
-        device = torch.device(case.device)
-        status = backends(device, "iwn")[backend]
-        why = None if status.available else status.reason
-        if why is None and backend == "triton" and device.type != "cuda":
-            why = "the Triton interpreter on CPU is a test vehicle, not timed"
-        if why is not None:
-            return None, why
-        return _call(fused_iwn, case), None
-
-    return Implementation(
-        f"fused_iwn[{backend}]", build, env={"SURGELLM_BACKEND": backend}, backend=backend
+    return kernel_implementation(
+        f"fused_iwn[{backend}]", "iwn", backend, lambda case: _call(fused_iwn, case)
     )
 
 

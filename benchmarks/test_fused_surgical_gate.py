@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surgellm_kernels import FusedSurgicalGate, SurgicalGate, backends, fused_surgical_gate
+from surgellm_kernels import FusedSurgicalGate, SurgicalGate, fused_surgical_gate
 from surgellm_kernels.ops.reference import surgical_gate_reference
 
 from harness import (
@@ -21,6 +21,7 @@ from harness import (
     Implementation,
     case_id,
     cases,
+    kernel_implementation,
     run_case,
     runnable,
     sized,
@@ -76,17 +77,8 @@ def _call(fn, case):
 
 
 def _fused(backend):
-    def build(case):
-        status = backends(case.device, "surgical_gate")[backend]
-        why = None if status.available else status.reason
-        if why is None and backend == "triton" and case.device != "cuda":
-            why = "the Triton interpreter on CPU is a test vehicle, not timed"
-        if why is not None:
-            return None, why
-        return _call(fused_surgical_gate, case), None
-
-    return Implementation(
-        f"{OP}[{backend}]", build, env={"SURGELLM_BACKEND": backend}, backend=backend
+    return kernel_implementation(
+        f"{OP}[{backend}]", "surgical_gate", backend, lambda case: _call(fused_surgical_gate, case)
     )
 
 

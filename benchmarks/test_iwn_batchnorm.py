@@ -9,10 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surgellm_kernels import backends, fused_iwn
+from surgellm_kernels import fused_iwn
 from surgellm_kernels.ops.reference import iwn_reference
 
-from harness import PROXY, Implementation, case_id, cases, run_case, runnable, sized
+from harness import (
+    PROXY,
+    Implementation,
+    case_id,
+    cases,
+    kernel_implementation,
+    run_case,
+    runnable,
+    sized,
+)
 
 OP = "InstanceWeightedNorm2d"
 NUM_CLASSES = 10
@@ -75,17 +84,10 @@ def _batch_norm(x, labels, weight, bias, running_mean, running_var, training):
 
 
 def _fused(backend, channels_last):
-    def build(case):
-        status = backends(torch.device(case.device), "iwn")[backend]
-        why = None if status.available else status.reason
-        if why is None and backend == "triton" and case.device != "cuda":
-            why = "the Triton interpreter on CPU is a test vehicle, not timed"
-        if why is not None:
-            return None, why
-        return _call(_iwn(fused_iwn), case, channels_last), None
-
     name = f"fused[{backend}]{' ' + LAST if channels_last else ''}"
-    return Implementation(name, build, env={"SURGELLM_BACKEND": backend}, backend=backend)
+    return kernel_implementation(
+        name, "iwn", backend, lambda case: _call(_iwn(fused_iwn), case, channels_last)
+    )
 
 
 def _proxy(case):
