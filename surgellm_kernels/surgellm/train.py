@@ -125,10 +125,13 @@ def parse(argv: Optional[Sequence[str]] = None):
     import torch
 
     from ._cli import UsageError
+    from .trainer import accelerator_present
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         argv = ["--use_cpu", "true", *argv]  # torchrun on CPUs: data-parallel over gloo
+    if not accelerator_present():  # the user's own flag, later, still wins
+        argv = ["--dataloader_pin_memory", "false", *argv]
     options, training_args = parser().parse_args_into_dataclasses(args=argv)
     if training_args.output_dir is None:
         raise UsageError("the following arguments are required: --output")

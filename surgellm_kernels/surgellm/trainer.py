@@ -83,7 +83,6 @@ class SurgeLLMTrainingArguments(TrainingArguments):
             "(the --learning-rate value: one rate for all)"
         },
     )
-    dataloader_pin_memory: bool = dataclasses.field(default_factory=accelerator_present)
     # task ids are gathered with the labels, for the per-task metrics
     label_names: Optional[List[str]] = dataclasses.field(
         default_factory=lambda: ["labels", "task_ids"]

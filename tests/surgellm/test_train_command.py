@@ -362,6 +362,20 @@ def test_load_examples_and_label_space(tmp_path):
         load_examples(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_pinned_memory_only_with_an_accelerator(monkeypatch, accelerator):
+    """Batches are pinned where torch sees an accelerator (transformers'
+    default) and not on a CPU-only host; the user's own flags still win."""
+    from surgellm_kernels.surgellm import trainer as trainer_module
+    from surgellm_kernels.surgellm.train import parse
+
+    monkeypatch.setattr(trainer_module, "accelerator_present", lambda: accelerator)
+    base = ["--encoder", "e", "--train", "t.jsonl", "--output", "out"]
+    assert parse(base)[1].dataloader_pin_memory is accelerator
+    assert parse([*base, "--dataloader_pin_memory", "true"])[1].dataloader_pin_memory is True
+    assert parse([*base, "--no_dataloader_pin_memory"])[1].dataloader_pin_memory is False
+
+
 def test_bad_arguments(tmp_path, capsys):
     assert (
         train.main(
