@@ -49,17 +49,25 @@ def build(kernels: str):
     )
     model = SurgeLLMForSequenceClassification(config)
     g = torch.Generator().manual_seed(1)
-    task_ids = torch.randint(0, len(TASKS), (BATCH,), generator=g)
-    limits = torch.tensor(list(TASKS.values()))[task_ids]
+
+    def rows(n):
+        task_ids = torch.randint(0, len(TASKS), (n,), generator=g)
+        limits = torch.tensor(list(TASKS.values()))[task_ids]
+        return {
+            # lexical-feature-like values: counts and lengths
+            "features": torch.randint(0, 40, (n, 16), generator=g).float(),
+            "task_ids": task_ids,
+            "labels": (torch.rand(n, generator=g) * limits).long(),
+        }
+
     batch = {
         "input_ids": torch.randint(1000, MINILM["vocab_size"], (BATCH, SEQUENCE), generator=g),
         "attention_mask": torch.ones(BATCH, SEQUENCE, dtype=torch.long),
-        # lexical-feature-like values: counts and lengths
-        "features": torch.randint(0, 40, (BATCH, 16), generator=g).float(),
-        "task_ids": task_ids,
-        "labels": (torch.rand(BATCH, generator=g) * limits).long(),
+        **rows(BATCH),
     }
-    model.fit_statistics([batch])  # the paper's fixed statistics
+    # the paper's fixed statistics, from a training split's worth of rows
+    # (a batch of 8 leaves classes of one row, without spread)
+    model.fit_statistics([rows(256)])
     report = patch_model(model) if kernels == "patched" else None
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
