@@ -46,10 +46,11 @@ struct BlendRows {
       return sigmoid_inline(logit);
   }
 
-  // g * h + (1 - g) * s: exactly h where g is 1 and s where g is 0 (s + g *
-  // (h - s) is not, nor finite for huge h - s).
+  // g * h + (1 - g) * s, with (1 - g) * s as s - g * s rounded once (one
+  // instruction fewer, and no rounding of 1 - g): exactly h where g is 1 and
+  // s where g is 0 (s + g * (h - s) is not, nor finite for huge h - s).
   static Vec mix(const Vec& g, const Vec& hv, const Vec& sv) {
-    return at::vec::fmadd(g, hv, (Vec(acc_t(1)) - g) * sv);
+    return at::vec::fmadd(g, hv, at::vec::fnmadd(g, sv, sv));
   }
 
   // Fills v[f0:] (and g, for the backward) for row i; returns its sum. A
@@ -85,31 +86,65 @@ struct BlendRows {
     return sum_lanes(out.sum);
   }
 
-  // blend<false> of a row whose values load two vectors at a time in lanes
-  // of their own order (lanes_reordered: bfloat16): v holds each whole block
-  // of 2W values in those lanes, for an output loop that reads it so (its
-  // per-feature coefficients arranged to match) and stores the pair back in
-  // order; the tail in order. One unpack per vector in place of a widen and
-  // a shift.
-  acc_t blend_any_order(int64_t i) {
+  // v of row i's value f alone, the same bits as the row's passes give it.
+  acc_t blend_one(int64_t i, int64_t f) const {
+    const int64_t k = i * d + f;
+    const Vec vv =
+        mix(gate_of<false>(load_as_acc<scalar_t, acc_t>(logits + k, 1)),
+            load_as_acc<scalar_t, acc_t>(h + k, 1), load_as_acc<scalar_t, acc_t>(s + k, 1));
+    acc_t lanes[Vec::size()];
+    vv.store(lanes);
+    return lanes[0];
+  }
+
+  // Sums of a row's values less a shift c, and of their squares (lanes past
+  // n unchanged).
+  struct Moments {
+    Vec sum, sumsq;
+  };
+  static Moments add_deviations(const Moments& m, const Vec& vv, const Vec& c, int64_t n) {
+    const Vec dv = vv - c;
+    return {Vec::set(m.sum, m.sum + dv, n), Vec::set(m.sumsq, at::vec::fmadd(dv, dv, m.sumsq), n)};
+  }
+
+  // blend<false> of a row of reduced values that returns, in place of v's
+  // sum, the sums of v - c and of (v - c)^2. Values that load two vectors at
+  // a time in lanes of their own order (lanes_reordered: bfloat16) do so, v
+  // holding each whole block of 2W values in those lanes, for an output loop
+  // that reads it so (its per-feature coefficients arranged to match) and
+  // stores the pair back in order; the tail in order. One unpack per vector
+  // in place of a widen and a shift.
+  std::pair<acc_t, acc_t> blend_moments(int64_t i, acc_t c) {
     constexpr int64_t W = Vec::size();
     const scalar_t *hr = h + i * d, *sr = s + i * d, *lr = logits + i * d;
-    Vec sum0(acc_t(0)), sum1(acc_t(0));
+    const Vec vc(c), zero(acc_t(0));
+    Moments m0{zero, zero}, m1{zero, zero};
     int64_t f = 0;
-    for (; f + 2 * W <= d; f += 2 * W) {
-      prefetch_ahead(hr + f);
-      prefetch_ahead(sr + f);
-      prefetch_ahead(lr + f);
-      const auto [l0, l1] = load_lanes_any_order(lr + f);
-      const auto [h0, h1] = load_lanes_any_order(hr + f);
-      const auto [s0, s1] = load_lanes_any_order(sr + f);
-      const Vec v0 = mix(gate_of<false>(l0), h0, s0), v1 = mix(gate_of<false>(l1), h1, s1);
-      v0.store(v.data() + f);
-      v1.store(v.data() + f + W);
-      sum0 = sum0 + v0;
-      sum1 = sum1 + v1;
-    }
-    return sum_lanes(sum0 + sum1) + (f < d ? blend<false>(i, f) : acc_t(0));
+    if constexpr (lanes_reordered<scalar_t>())
+      for (; f + 2 * W <= d; f += 2 * W) {
+        prefetch_ahead(hr + f);
+        prefetch_ahead(sr + f);
+        prefetch_ahead(lr + f);
+        const auto [l0, l1] = load_lanes_any_order(lr + f);
+        const auto [h0, h1] = load_lanes_any_order(hr + f);
+        const auto [s0, s1] = load_lanes_any_order(sr + f);
+        const Vec v0 = mix(gate_of<false>(l0), h0, s0), v1 = mix(gate_of<false>(l1), h1, s1);
+        v0.store(v.data() + f);
+        v1.store(v.data() + f + W);
+        m0 = add_deviations(m0, v0, vc, W);
+        m1 = add_deviations(m1, v1, vc, W);
+      }
+    const Moments rest = fold_vecs<acc_t>(d - f, m0, [&](int64_t k, int64_t n, const Moments& m) {
+      prefetch_ahead(hr + f + k);
+      prefetch_ahead(sr + f + k);
+      prefetch_ahead(lr + f + k);
+      const Vec vv = mix(gate_of<false>(load_as_acc<scalar_t, acc_t>(lr + f + k, n)),
+                         load_as_acc<scalar_t, acc_t>(hr + f + k, n),
+                         load_as_acc<scalar_t, acc_t>(sr + f + k, n));
+      store(vv, v.data() + f + k, n);
+      return add_deviations(m, vv, vc, n);
+    });
+    return {sum_lanes(rest.sum + m1.sum), sum_lanes(rest.sumsq + m1.sumsq)};
   }
 };
 
@@ -121,9 +156,10 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
   using Vec = Vectorized<acc_t>;
   const int64_t d = a.d;
   constexpr int64_t W = Vec::size();
-  constexpr bool kPairs = lanes_reordered<scalar_t>();         // blend_any_order
+  constexpr bool kPairs = lanes_reordered<scalar_t>();  // blend_moments' pairs
+  constexpr bool kReduced = !std::is_same<scalar_t, acc_t>::value;
   const bool stream = stream_output<scalar_t>(3, 1, a.N * d);  // h, s, logits; z
-  // weight and bias arranged as blend_any_order leaves v (where it does).
+  // weight and bias arranged as blend_moments leaves v (where it does).
   const acc_t* coef[2] = {a.weight, a.bias};
   const int64_t coef_rows[2] = {1, 1};
   std::vector<acc_t> arranged[2];
@@ -134,27 +170,39 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
     scalar_t* z = static_cast<scalar_t*>(a.z);
     const Vec zero(acc_t(0));
     for (int64_t i = begin; i < end; ++i) {
-      acc_t sum;
-      if constexpr (kPairs)
-        sum = rows.blend_any_order(i);
-      else
-        sum = rows.template blend<false>(i);
-      const acc_t mean0 = sum / acc_t(d);
-      const Vec vmean0(mean0);
-      // Deviations from the first mean and their sum: the mean corrected by
-      // it is exact for a constant row (whose z is then exactly the bias).
-      using Sums = std::pair<Vec, Vec>;  // of squared deviations, of deviations
-      const Sums dev = fold_vecs_chained<acc_t>(
-          d, Sums(zero, zero),
-          [&](int64_t f, int64_t n, const Sums& acc) {
-            const Vec dv = load(rows.v.data() + f, n) - vmean0;
-            return Sums(Vec::set(acc.first, at::vec::fmadd(dv, dv, acc.first), n),
-                        Vec::set(acc.second, acc.second + dv, n));
-          },
-          add_pairs<Vec>);
-      const acc_t shift = sum_lanes(dev.second) / acc_t(d);
-      const acc_t mean = mean0 + shift;
-      const acc_t var = sum_lanes(dev.first) / acc_t(d) - shift * shift;
+      acc_t mean, var;
+      if constexpr (kReduced) {
+        // Mean and variance in the pass that blends, about the row's first
+        // value c: a constant row's deviations are exactly 0 (z is exactly
+        // the bias), and as (c - mean)^2 <= (d - 1) var, the subtraction
+        // loses at most log2(d) of float's 24 bits (where c is the row's
+        // outlier; typically about one), against the 8 or 11 the output
+        // keeps. Float rows keep the second pass over v below, which took
+        // 14% of the bfloat16 forward's time at 4096x768.
+        const acc_t c = rows.blend_one(i, 0);
+        const auto [sum, sumsq] = rows.blend_moments(i, c);
+        const acc_t shift = sum / acc_t(d);
+        mean = c + shift;
+        var = sumsq / acc_t(d) - shift * shift;
+      } else {
+        const acc_t mean0 = rows.template blend<false>(i) / acc_t(d);
+        const Vec vmean0(mean0);
+        // Deviations from the first mean and their sum: the mean corrected
+        // by it is exact for a constant row (whose z is then exactly the
+        // bias).
+        using Sums = std::pair<Vec, Vec>;  // of squared deviations, of deviations
+        const Sums dev = fold_vecs_chained<acc_t>(
+            d, Sums(zero, zero),
+            [&](int64_t f, int64_t n, const Sums& acc) {
+              const Vec dv = load(rows.v.data() + f, n) - vmean0;
+              return Sums(Vec::set(acc.first, at::vec::fmadd(dv, dv, acc.first), n),
+                          Vec::set(acc.second, acc.second + dv, n));
+            },
+            add_pairs<Vec>);
+        const acc_t shift = sum_lanes(dev.second) / acc_t(d);
+        mean = mean0 + shift;
+        var = sum_lanes(dev.first) / acc_t(d) - shift * shift;
+      }
       const acc_t rstd = acc_t(1) / std::sqrt((var > acc_t(0) ? var : acc_t(0)) + a.eps);
       const Vec vmean(mean), vrstd(rstd);
       scalar_t* out = z + i * d;

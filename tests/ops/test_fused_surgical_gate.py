@@ -115,7 +115,7 @@ def test_three_d_and_non_contiguous_inputs(backend, device, force_backend):
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backend):
     """Logits of +80 give g exactly 1 and -80 a g (~1e-35) that vanishes in the
     blend, nothing NaN; a row whose blend is constant (variance 0, its values
@@ -125,7 +125,7 @@ def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backen
     h, s, logits = tensors
     logits[:3] = 80.0
     logits[3:] = -80.0
-    s[0] = 1e6  # g = 1: v is h exactly, however large s (no h - s rounding)
+    s[0] = 6e4 if dtype == torch.float16 else 1e6  # g = 1: v is h exactly, however large s
     h[1], s[1] = 0.1, 0.1  # constant blend, g = 1
     s[4] = -0.3  # constant blend, g = 0
     (h, s, logits), params, dz = on_device(device, [h, s, logits], params, dz)
@@ -135,6 +135,29 @@ def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backen
     torch.testing.assert_close(z[4], params["bias"], rtol=0, atol=0)
     torch.testing.assert_close(z[:3], surgical_gate_reference(h, h, logits, **params)[:3])
     _compare(backend, device, force_backend, [h, s, logits], params, dz)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [77, 768])
+def test_half_precision_row_statistics(dtype, d, force_backend):
+    """The C++ CPU kernel takes a bfloat16 / float16 row's mean and variance
+    in one pass, about the row's first value. Rows far from zero and rows led
+    by an outlier: z within the dtype's rounding of the float64 truth on the
+    same inputs, plus float32's error on values near 1000 (about zero, the
+    offset rows' variance would lose most of its bits)."""
+    device = "cpu"
+    force_backend("cpu")
+    (h, s, logits), _, _ = _inputs((4, d), torch.float64, seed=d)
+    h[1], s[1] = h[1] + 1000, s[1] + 1000  # mean 1000, spread about 1
+    h[2, 0], s[2, 0] = 1000, 1000  # the first value an outlier
+    h[3], s[3] = h[3] - 3000, s[3] - 3000
+    h[3, 0], s[3, 0] = 0, 0  # an outlier first value in a row far from zero
+    tensors = [t.to(dtype) for t in (h, s, logits)]
+    (h, s, logits), _, _ = on_device(device, tensors, {}, None)
+    z = fused_surgical_gate(h, s, logits).double()
+    truth = surgical_gate_reference(*(t.double() for t in (h, s, logits)))
+    unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    torch.testing.assert_close(z, truth, rtol=unit, atol=unit / 4)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
