@@ -137,16 +137,16 @@ def test_saturated_logits_and_constant_rows(backend, device, dtype, force_backen
     _compare(backend, device, force_backend, [h, s, logits], params, dz)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_PAIRS if p == ("cpu", "cpu")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [77, 768])
-def test_half_precision_row_statistics(dtype, d, force_backend):
+def test_half_precision_row_statistics(backend, device, dtype, d, force_backend):
     """The C++ CPU kernel takes a bfloat16 / float16 row's mean and variance
     in one pass, about the row's first value. Rows far from zero and rows led
-    by an outlier: z within the dtype's rounding of the float64 truth on the
-    same inputs, plus float32's error on values near 1000 (about zero, the
-    offset rows' variance would lose most of its bits)."""
-    device = "cpu"
-    force_backend("cpu")
+    by an outlier: z within the dtype's unit of the float64 truth on the same
+    inputs (about zero, the offset rows' variance would lose most of its
+    bits)."""
+    force_backend(backend)
     (h, s, logits), _, _ = _inputs((4, d), torch.float64, seed=d)
     h[1], s[1] = h[1] + 1000, s[1] + 1000  # mean 1000, spread about 1
     h[2, 0], s[2, 0] = 1000, 1000  # the first value an outlier
