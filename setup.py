@@ -60,13 +60,27 @@ if os.environ.get("SURGELLM_SANITIZE", "0") == "1":
     CXX_FLAGS = ["-O1", *CXX_FLAGS[1:], *SANITIZE]
     LINK_FLAGS = [*LINK_FLAGS, *SANITIZE]
 
-# The flags ATen compiles its AVX2 / AVX512 kernels with.
+
+def compiler_accepts(flag: str) -> bool:
+    """Whether the C++ compiler takes `flag`."""
+    cxx = os.environ.get("CXX", "c++")
+    probe = subprocess.run([cxx, flag, "-x", "c++", "-E", "-"], input=b"", capture_output=True)
+    return probe.returncode == 0
+
+
+# The flags ATen compiles its AVX2 / AVX512 kernels with; AVX512 also with
+# avx512_bf16's instructions where the compiler knows them (GCC 10, clang 9),
+# run only where the processor has them (kAvx512Bf16Rounding, cpu_dispatch.h).
 if platform.machine().lower() in ("x86_64", "amd64"):
+    AVX512_BF16 = ["-mavx512bf16"] if compiler_accepts("-mavx512bf16") else []
     CAPABILITIES = {
         "DEFAULT": [],
         "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-        "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+        "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+        + AVX512_BF16,
     }
+    if AVX512_BF16:
+        CXX_FLAGS.append("-DSURGELLM_AVX512_BF16")
 else:
     CAPABILITIES = {"DEFAULT": []}
 

@@ -14,6 +14,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "common/cpu_dispatch.h"
 #include "common/kernel_call.h"
 
 TORCH_LIBRARY(surgellm, m) {
@@ -66,6 +67,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_capability", [] { return at::get_cpu_capability(); },
       "the CPU kernel build in use (DEFAULT, AVX2 or AVX512)");
+  m.def(
+      "cpu_avx512_bf16_rounding", [] { return surgellm::cpu::kAvx512Bf16Rounding; },
+      "whether the AVX512 build rounds to bfloat16 with avx512_bf16's instruction");
   m.def("empty_output_cache", &surgellm::empty_output_cache,
         "gives the CPU output cache's unused blocks back to the system; returns the bytes");
   m.def(

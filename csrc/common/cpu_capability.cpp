@@ -1,6 +1,7 @@
 // The CPU kernel build for this processor (see cpu_dispatch.h).
 #include <ATen/Version.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <string>
 
@@ -17,6 +18,16 @@ Capability capability() {
   }();
   return cap;
 }
+
+const bool kAvx512Bf16Rounding = [] {
+#if defined(SURGELLM_CPU_HAS_AVX) && defined(SURGELLM_AVX512_BF16)
+  __builtin_cpu_init();  // this runs among the library's constructors
+  const char* off = std::getenv("SURGELLM_CPU_NO_AVX512_BF16");
+  return __builtin_cpu_supports("avx512bf16") && !(off && std::string(off) == "1");
+#else
+  return false;
+#endif
+}();
 
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {

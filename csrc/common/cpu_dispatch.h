@@ -26,6 +26,13 @@ enum class Capability { DEFAULT, AVX2, AVX512 };
 // ATEN_CPU_CAPABILITY), read once.
 Capability capability();
 
+// Whether the AVX512 build rounds float to bfloat16 with the processor's own
+// instruction (avx512_bf16's vcvtne2ps2bf16): where the compiler knew it
+// (SURGELLM_AVX512_BF16, set by the build) and the processor has it, unless
+// SURGELLM_CPU_NO_AVX512_BF16=1. Set once, as the extension loads: a
+// constant the store loops test, not a call.
+extern const bool kAvx512Bf16Rounding;
+
 // The size of the cache level farthest from the cores that one core sees
 // (Linux: /sys/devices/system/cpu/cpu0/cache; 32 MiB where unknown), read
 // once. Not sysconf(_SC_LEVEL3_CACHE_SIZE): glibc reports there what the
