@@ -20,6 +20,7 @@ CMakeLists.txt globs the same folders for the standalone build.
 import glob
 import os
 import platform
+import shlex
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -61,23 +62,41 @@ if os.environ.get("SURGELLM_SANITIZE", "0") == "1":
     LINK_FLAGS = [*LINK_FLAGS, *SANITIZE]
 
 
-def compiler_accepts(flag: str) -> bool:
-    """Whether the C++ compiler takes `flag`."""
-    cxx = os.environ.get("CXX", "c++")
-    probe = subprocess.run([cxx, flag, "-x", "c++", "-E", "-"], input=b"", capture_output=True)
+# What the AVX512 build's bfloat16 rounding needs of the compiler (see
+# cpu_capability.cpp and cpu_vec.h; CMakeLists.txt compiles the same).
+AVX512_BF16_PROBE = b"""
+#include <immintrin.h>
+bool processor_has_it() { return __builtin_cpu_supports("avx512bf16"); }
+__m512bh round_pair(__m512 hi, __m512 lo) { return _mm512_cvtne2ps_pbh(hi, lo); }
+"""
+
+
+def compiler_compiles(source: bytes, flags: list) -> bool:
+    """Whether the C++ compiler takes `source` with `flags`."""
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    try:
+        probe = subprocess.run(
+            [*cxx, *flags, "-c", "-o", os.devnull, "-x", "c++", "-"],
+            input=source,
+            capture_output=True,
+        )
+    except OSError:
+        return False
     return probe.returncode == 0
 
 
 # The flags ATen compiles its AVX2 / AVX512 kernels with; AVX512 also with
-# avx512_bf16's instructions where the compiler knows them (GCC 10, clang 9),
-# run only where the processor has them (kAvx512Bf16Rounding, cpu_dispatch.h).
+# avx512_bf16's instructions where the compiler takes them, run only where the
+# processor has them (kAvx512Bf16Rounding, cpu_dispatch.h).
 if platform.machine().lower() in ("x86_64", "amd64"):
-    AVX512_BF16 = ["-mavx512bf16"] if compiler_accepts("-mavx512bf16") else []
+    AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+    AVX512_BF16 = ["-mavx512bf16"]
+    if not compiler_compiles(AVX512_BF16_PROBE, AVX512_FLAGS + AVX512_BF16):
+        AVX512_BF16 = []
     CAPABILITIES = {
         "DEFAULT": [],
         "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-        "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-        + AVX512_BF16,
+        "AVX512": AVX512_FLAGS + AVX512_BF16,
     }
     if AVX512_BF16:
         CXX_FLAGS.append("-DSURGELLM_AVX512_BF16")
