@@ -62,24 +62,11 @@ if os.environ.get("SURGELLM_SANITIZE", "0") == "1":
     LINK_FLAGS = [*LINK_FLAGS, *SANITIZE]
 
 
-# What the AVX512 build's bfloat16 rounding needs of the compiler (see
-# cpu_capability.cpp and cpu_vec.h; CMakeLists.txt compiles the same).
-AVX512_BF16_PROBE = b"""
-#include <immintrin.h>
-bool processor_has_it() { return __builtin_cpu_supports("avx512bf16"); }
-__m512bh round_pair(__m512 hi, __m512 lo) { return _mm512_cvtne2ps_pbh(hi, lo); }
-"""
-
-
-def compiler_compiles(source: bytes, flags: list) -> bool:
-    """Whether the C++ compiler takes `source` with `flags`."""
+def compiler_compiles(source: str, flags: list) -> bool:
+    """Whether the C++ compiler compiles the file `source` with `flags`."""
     cxx = shlex.split(os.environ.get("CXX", "c++"))
     try:
-        probe = subprocess.run(
-            [*cxx, *flags, "-c", "-o", os.devnull, "-x", "c++", "-"],
-            input=source,
-            capture_output=True,
-        )
+        probe = subprocess.run([*cxx, *flags, "-c", "-o", os.devnull, source], capture_output=True)
     except OSError:
         return False
     return probe.returncode == 0
@@ -91,7 +78,8 @@ def compiler_compiles(source: bytes, flags: list) -> bool:
 if platform.machine().lower() in ("x86_64", "amd64"):
     AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
     AVX512_BF16 = ["-mavx512bf16"]
-    if not compiler_compiles(AVX512_BF16_PROBE, AVX512_FLAGS + AVX512_BF16):
+    probe = os.path.join(CSRC, "common", "avx512_bf16_probe.cc")
+    if not compiler_compiles(probe, AVX512_FLAGS + AVX512_BF16):
         AVX512_BF16 = []
     CAPABILITIES = {
         "DEFAULT": [],

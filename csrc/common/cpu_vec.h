@@ -318,28 +318,26 @@ inline void store_lanes_any_order(const Vectorized<float>& lo, const Vectorized<
     // the pair's 32 values back in memory order. With it the bfloat16 gate
     // forward at 4096x768 took 0.83-1.09 of the time with the rounding below
     // (median 0.93, eight pairs of processes).
+    auto pack = [&]() -> __m512i {
 #if defined(SURGELLM_AVX512_BF16)
-    if (kAvx512Bf16Rounding) {
-      const __m512i order =
-          _mm512_set_epi16(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8, 23, 22, 21,
-                           20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
-      const __m512i packed = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      if (stream && reinterpret_cast<uintptr_t>(p) % 64 == 0)
-        _mm512_stream_si512(reinterpret_cast<__m512i*>(p), packed);
-      else
-        _mm512_storeu_si512(p, packed);
-      return;
-    }
+      if (kAvx512Bf16Rounding) {
+        const __m512i order =
+            _mm512_set_epi16(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8, 23, 22,
+                             21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+        return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
 #endif
-    auto round = [](const __m512& v) {
-      const __m512i bits = _mm512_castps_si512(v);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-      // The shift writes the ordered lanes; NaN lanes keep 0xffff.
-      return _mm512_mask_srli_epi32(
-          _mm512_set1_epi32(0xffff), _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q),
-          _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+      auto round = [](const __m512& v) {
+        const __m512i bits = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        // The shift writes the ordered lanes; NaN lanes keep 0xffff.
+        return _mm512_mask_srli_epi32(
+            _mm512_set1_epi32(0xffff), _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q),
+            _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+      };
+      return _mm512_packus_epi32(round(lo), round(hi));
     };
-    const __m512i packed = _mm512_packus_epi32(round(lo), round(hi));
+    const __m512i packed = pack();
     if (stream && reinterpret_cast<uintptr_t>(p) % 64 == 0)
       _mm512_stream_si512(reinterpret_cast<__m512i*>(p), packed);
     else

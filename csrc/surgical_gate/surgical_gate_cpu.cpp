@@ -169,7 +169,6 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
   at::parallel_for(0, a.N, row_grain(d), [&](int64_t begin, int64_t end) {
     BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
     scalar_t* z = static_cast<scalar_t*>(a.z);
-    const Vec zero(acc_t(0));
     for (int64_t i = begin; i < end; ++i) {
       acc_t mean, var;
       if constexpr (kReduced) {
@@ -193,6 +192,7 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
         // by it is exact for a constant row (whose z is then exactly the
         // bias).
         using Sums = std::pair<Vec, Vec>;  // of squared deviations, of deviations
+        const Vec zero(acc_t(0));
         const Sums dev = fold_vecs_chained<acc_t>(
             d, Sums(zero, zero),
             [&](int64_t f, int64_t n, const Sums& acc) {
