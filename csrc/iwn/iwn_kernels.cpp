@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "common/kernel_call.h"
 #include "iwn/iwn_cpu.h"
@@ -33,9 +34,17 @@ using std::optional;
 void check_keys_cpu(const optional<Tensor>& keys, int64_t upper) {
   if (!keys.has_value() || !keys->is_cpu()) return;
   const int32_t* k = keys->const_data_ptr<int32_t>();
-  const auto bad =
-      std::find_if(k, k + keys->numel(), [upper](int32_t v) { return v < 0 || v >= upper; });
-  SURGELLM_CHECK(bad == k + keys->numel(), "keys must lie in [0, ", upper, "), got ", *bad);
+  const int64_t n = keys->numel();
+  // One unsigned comparison per key, no early exit: a loop the compiler
+  // vectorizes (every phase checks the keys again), the offender looked for
+  // only when there is one.
+  const int32_t last =
+      static_cast<int32_t>(std::min<int64_t>(upper - 1, std::numeric_limits<int32_t>::max()));
+  int32_t out = 0;
+  for (int64_t i = 0; i < n; ++i) out |= (k[i] < 0) | (k[i] > last);
+  if (!out) return;
+  const auto bad = std::find_if(k, k + n, [upper](int32_t v) { return v < 0 || v >= upper; });
+  SURGELLM_CHECK(false, "keys must lie in [0, ", upper, "), got ", *bad);
 }
 
 // The checks of every row pass (x, keys, gate) and their kernel arguments.

@@ -164,6 +164,14 @@ def test_direct_call_with_bad_keys_raises_on_cpu(force_backend):
     bad = torch.tensor([0, 1, 7, 0], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"keys must lie in \[0, 2\), got 7"):
         torch.ops.surgellm._iwn_group_moments(x, bad, None, 2)
+    negative = torch.tensor([0, -3, 1, 0], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"keys must lie in \[0, 2\), got -3"):
+        torch.ops.surgellm._iwn_group_moments(x, negative, None, 2)
+    # the one bad key last, past the vector width of the scan
+    last = torch.zeros(37, dtype=torch.int32)
+    last[-1] = 2
+    with pytest.raises(RuntimeError, match=r"keys must lie in \[0, 2\), got 2"):
+        torch.ops.surgellm._iwn_group_moments(torch.randn(37, 3), last, None, 2)
     mu, sigma = torch.zeros(1, 3), torch.ones(1, 3)
     with pytest.raises(RuntimeError, match=r"keys must lie in \[0, 1\)"):
         torch.ops.surgellm._iwn_apply(x, bad, None, None, None, mu, sigma, 1, 1e-5)
