@@ -244,13 +244,14 @@ constexpr int64_t lane_source(int64_t k) {
   }
 }
 
-// One block of 2W floats in lane_source order: a permute per vector (the
-// scalar gather it replaces made the arrangement of 10 classes' tables the
-// largest serial step of a bfloat16 IWN backward).
+// One block of 2W floats in lane_source order, a permute per vector: with
+// few classes the tables have fewer rows than a grain, and one thread
+// arranges them while the other waits.
 template <typename scalar_t, typename acc_t>
 inline void arrange_block(const acc_t* src, acc_t* dst) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same<acc_t, float>::value) {
+    static_assert(Vectorized<float>::size() == 16, "16 float lanes");
     // lane k takes lane_source(k) of the pair (a, b): bit 4 picks b
     const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
     const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(4));
@@ -261,6 +262,7 @@ inline void arrange_block(const acc_t* src, acc_t* dst) {
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same<acc_t, float>::value) {
+    static_assert(Vectorized<float>::size() == 8, "8 float lanes");
     // the low 128-bit lanes of a and b, then the high ones
     const __m256 a = _mm256_loadu_ps(src), b = _mm256_loadu_ps(src + 8);
     _mm256_storeu_ps(dst, _mm256_permute2f128_ps(a, b, 0x20));

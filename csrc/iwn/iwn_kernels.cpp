@@ -35,11 +35,11 @@ void check_keys_cpu(const optional<Tensor>& keys, int64_t upper) {
   if (!keys.has_value() || !keys->is_cpu()) return;
   const int32_t* k = keys->const_data_ptr<int32_t>();
   const int64_t n = keys->numel();
-  // One unsigned comparison per key, no early exit: a loop the compiler
-  // vectorizes (every phase checks the keys again), the offender looked for
-  // only when there is one.
-  const int32_t last =
-      static_cast<int32_t>(std::min<int64_t>(upper - 1, std::numeric_limits<int32_t>::max()));
+  // Two comparisons per key, no early exit: a loop the compiler vectorizes
+  // (every phase checks the keys again), the offender looked for only when
+  // there is one. last = upper - 1 within [-1, INT32_MAX].
+  const int32_t last = static_cast<int32_t>(
+      std::clamp<int64_t>(upper, 0, int64_t(std::numeric_limits<int32_t>::max()) + 1) - 1);
   int32_t out = 0;
   for (int64_t i = 0; i < n; ++i) out |= (k[i] < 0) | (k[i] > last);
   if (!out) return;

@@ -167,7 +167,7 @@ def test_direct_call_with_bad_keys_raises_on_cpu(force_backend):
     negative = torch.tensor([0, -3, 1, 0], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"keys must lie in \[0, 2\), got -3"):
         torch.ops.surgellm._iwn_group_moments(x, negative, None, 2)
-    # the one bad key last, past the vector width of the scan
+    # the one bad key last, in the scan's scalar tail
     last = torch.zeros(37, dtype=torch.int32)
     last[-1] = 2
     with pytest.raises(RuntimeError, match=r"keys must lie in \[0, 2\), got 2"):
