@@ -246,32 +246,29 @@ constexpr int64_t lane_source(int64_t k) {
 
 // One block of 2W floats in lane_source order, a permute per vector: with
 // few classes the tables have fewer rows than a grain, and one thread
-// arranges them while the other waits.
+// arranges them while the other waits. Instantiated only where
+// lanes_reordered (the AVX2 and AVX512 builds, float lanes).
 template <typename scalar_t, typename acc_t>
 inline void arrange_block(const acc_t* src, acc_t* dst) {
+  static_assert(std::is_same<acc_t, float>::value, "bfloat16 lanes are float lanes");
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same<acc_t, float>::value) {
-    static_assert(Vectorized<float>::size() == 16, "16 float lanes");
-    // lane k takes lane_source(k) of the pair (a, b): bit 4 picks b
-    const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
-    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(4));
-    const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
-    _mm512_storeu_ps(dst, _mm512_permutex2var_ps(a, lo, b));
-    _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(a, hi, b));
-    return;
-  }
+  static_assert(Vectorized<float>::size() == 16, "16 float lanes");
+  // lane k takes lane_source(k) of the pair (a, b): bit 4 picks b
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(4));
+  const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
+  _mm512_storeu_ps(dst, _mm512_permutex2var_ps(a, lo, b));
+  _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(a, hi, b));
 #elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same<acc_t, float>::value) {
-    static_assert(Vectorized<float>::size() == 8, "8 float lanes");
-    // the low 128-bit lanes of a and b, then the high ones
-    const __m256 a = _mm256_loadu_ps(src), b = _mm256_loadu_ps(src + 8);
-    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(a, b, 0x20));
-    _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(a, b, 0x31));
-    return;
-  }
-#endif
+  static_assert(Vectorized<float>::size() == 8, "8 float lanes");
+  // the low 128-bit lanes of a and b, then the high ones
+  const __m256 a = _mm256_loadu_ps(src), b = _mm256_loadu_ps(src + 8);
+  _mm256_storeu_ps(dst, _mm256_permute2f128_ps(a, b, 0x20));
+  _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(a, b, 0x31));
+#else
   constexpr int64_t B = 2 * Vectorized<acc_t>::size();
   for (int64_t k = 0; k < B; ++k) dst[k] = src[lane_source<scalar_t>(k)];
+#endif
 }
 
 // Per-feature coefficients (rows of F) arranged as a row's values arrive in

@@ -40,11 +40,12 @@ void check_keys_cpu(const optional<Tensor>& keys, int64_t upper) {
   // there is one. last = upper - 1 within [-1, INT32_MAX].
   const int32_t last = static_cast<int32_t>(
       std::clamp<int64_t>(upper, 0, int64_t(std::numeric_limits<int32_t>::max()) + 1) - 1);
-  int32_t out = 0;
-  for (int64_t i = 0; i < n; ++i) out |= (k[i] < 0) | (k[i] > last);
-  if (!out) return;
-  const auto bad = std::find_if(k, k + n, [upper](int32_t v) { return v < 0 || v >= upper; });
-  SURGELLM_CHECK(false, "keys must lie in [0, ", upper, "), got ", *bad);
+  const auto outside = [last](int32_t v) { return int32_t(v < 0) | int32_t(v > last); };
+  int32_t any = 0;
+  for (int64_t i = 0; i < n; ++i) any |= outside(k[i]);
+  if (!any) return;
+  SURGELLM_CHECK(false, "keys must lie in [0, ", upper, "), got ",
+                 *std::find_if(k, k + n, outside));
 }
 
 // The checks of every row pass (x, keys, gate) and their kernel arguments.
