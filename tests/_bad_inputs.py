@@ -66,6 +66,13 @@ BAD_IWN_CALLS = {
     "num_classes zero": dict(num_classes=0),
     "num_classes float": dict(num_classes=2.5),
     "num_classes from negative labels": dict(labels=torch.full((6,), -3)),
+    "num_classes past 32-bit keys": dict(num_classes=2**31),
+    "num_classes times tasks past 32-bit keys": dict(
+        num_classes=2**30,
+        task_ids=torch.tensor([0, 1, 2, 3, 0, 1]),
+        running_mean=torch.zeros(4, 4),
+        running_std=torch.ones(4, 4),
+    ),
     "eval without statistics": dict(training=False, running_mean=None, running_std=None),
     "feature_dim out of range": dict(feature_dim=2),
     "gate with features before positions": dict(

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <exception>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -180,6 +181,11 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
     num_classes = hi + 1;
   }
   SURGELLM_CHECK_VALUE(*num_classes >= 1, "num_classes must be a positive int, got ", *num_classes);
+  // The kernels key each row's (task, class) group by an int32.
+  constexpr int64_t kMaxKeys = std::numeric_limits<int32_t>::max();
+  SURGELLM_CHECK_VALUE(*num_classes <= kMaxKeys / call.num_tasks, "num_classes (", *num_classes,
+                       ") times the task count (", call.num_tasks, ") must be at most ", kMaxKeys,
+                       ": each row's (task, class) group is a 32-bit key");
   call.num_classes = *num_classes;
   return call;
 }
