@@ -40,6 +40,7 @@ BAD_IWN_CALLS = {
     "running_std dtype": dict(running_std=torch.ones(4, dtype=torch.int32)),
     "running shapes differ": dict(running_std=torch.ones(1, 4)),
     "running 3-d": dict(running_mean=torch.zeros(1, 1, 4), running_std=torch.ones(1, 1, 4)),
+    "running_mean of no tasks": dict(running_mean=torch.zeros(0, 4), running_std=torch.ones(0, 4)),
     "task_ids with (F,) statistics": dict(task_ids=torch.zeros(6, dtype=torch.long)),
     "task_ids missing": dict(running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
     "task_ids int32": dict(
@@ -66,7 +67,7 @@ BAD_IWN_CALLS = {
     "num_classes zero": dict(num_classes=0),
     "num_classes float": dict(num_classes=2.5),
     "num_classes from negative labels": dict(labels=torch.full((6,), -3)),
-    "num_classes past 32-bit keys": dict(num_classes=2**31),
+    "num_classes past 32-bit keys": dict(num_classes=2**31 + 1),
     "num_classes times tasks past 32-bit keys": dict(
         num_classes=2**30,
         task_ids=torch.tensor([0, 1, 2, 3, 0, 1]),
@@ -130,6 +131,10 @@ DATA_BAD_IWN_CALLS = {
         running_mean=torch.zeros(2, 4),
         running_std=torch.ones(2, 4),
     ),
+    # the task count from the data: no running statistics
+    "task_ids negative": dict(task_ids=torch.full((6,), -2), running_mean=None, running_std=None),
+    # num_classes from the data: one more than the largest label
+    "labels past 32-bit keys": dict(labels=torch.tensor([0, 1, 0, 1, 2, 2**31])),
 }
 
 

@@ -20,7 +20,6 @@
 #include <torch/library.h>
 
 #include <exception>
-#include <limits>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -44,6 +43,9 @@ struct RankGroup {
   std::string name;
   int64_t size;
 };
+
+// Each row's (task, class) group is an int32 key in [0, num_tasks * num_classes).
+constexpr int64_t kMaxKeys = int64_t(1) << 31;
 
 // What a valid call computes with.
 struct IWNCall {
@@ -74,6 +76,7 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
   if (training && group_name.has_value() && group_size > 1)
     call.ranks = RankGroup{std::string(*group_name), group_size};
   const bool synced = call.ranks.has_value();
+  const char* task_count_source = "";  // for the message of the key bound
 
   check_float(x, "x");
   SURGELLM_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (..., F), got a scalar");
@@ -136,6 +139,10 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                          shape_text(running_std->sym_sizes()), " must have the same shape");
     call.num_tasks =
         running_mean->dim() == 2 ? running_mean->sym_size(0).guard_int(__FILE__, __LINE__) : 1;
+    SURGELLM_CHECK_VALUE(call.num_tasks >= 1, "running_mean of shape (num_tasks, ", F,
+                         ") must hold at least one task, got ",
+                         shape_text(running_mean->sym_sizes()));
+    if (running_mean->dim() == 2) task_count_source = ", the rows of running_mean";
     SURGELLM_CHECK_VALUE(!(running_mean->dim() == 1 && task_ids.has_value()),
                          "task_ids were given but running_mean has shape (F,): per-task "
                          "statistics need (num_tasks, F) running_mean / running_std");
@@ -150,8 +157,13 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                            "task_ids with a process_group need running_mean / running_std of "
                            "shape (num_tasks, F): every rank must use the same task count, not "
                            "the one its own rows show");
-      call.num_tasks =
-          task_ids->sym_numel() != 0 ? max_on_host(*task_ids, "the task count") + 1 : 1;
+      if (task_ids->sym_numel() != 0) {
+        const int64_t hi = max_on_host(*task_ids, "the task count");
+        SURGELLM_CHECK_VALUE(hi >= 0 && hi < kMaxKeys, "task_ids must be task indices in [0, ",
+                             kMaxKeys, "), got values up to ", hi);
+        call.num_tasks = hi + 1;
+        task_count_source = ", one more than the largest task id";
+      }
     }
   }
 
@@ -172,20 +184,22 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
   check_index_tensor(*labels, "labels", rows, x, rows_text);
   SURGELLM_CHECK_VALUE(x.sym_numel() != 0 || synced,
                        "x has no rows: training statistics need at least one row");
-  if (!num_classes.has_value()) {
+  const bool given_classes = num_classes.has_value();
+  if (!given_classes) {
     SURGELLM_CHECK_VALUE(!synced,
                          "num_classes is required with a process_group: every rank must group its "
                          "rows by the same classes, not those its own labels show");
     const int64_t hi = max_on_host(*labels, "num_classes");
-    SURGELLM_CHECK_VALUE(hi >= 0, "labels must be class indices (>= 0), got values up to ", hi);
+    SURGELLM_CHECK_VALUE(hi >= 0 && hi < kMaxKeys, "labels must be class indices in [0, ", kMaxKeys,
+                         "), got values up to ", hi);
     num_classes = hi + 1;
   }
   SURGELLM_CHECK_VALUE(*num_classes >= 1, "num_classes must be a positive int, got ", *num_classes);
-  // The kernels key each row's (task, class) group by an int32.
-  constexpr int64_t kMaxKeys = std::numeric_limits<int32_t>::max();
-  SURGELLM_CHECK_VALUE(*num_classes <= kMaxKeys / call.num_tasks, "num_classes (", *num_classes,
-                       ") times the task count (", call.num_tasks, ") must be at most ", kMaxKeys,
-                       ": each row's (task, class) group is a 32-bit key");
+  SURGELLM_CHECK_VALUE(
+      *num_classes <= kMaxKeys / call.num_tasks, "num_classes (", *num_classes,
+      given_classes ? "" : ", one more than the largest label", ") times the task count (",
+      call.num_tasks, task_count_source, ") must be at most ", kMaxKeys,
+      ": each row's (task, class) group is a 32-bit key; use fewer classes or tasks");
   call.num_classes = *num_classes;
   return call;
 }

@@ -11,6 +11,7 @@ from surgellm_kernels.ops.reference import iwn_reference
 from _bad_inputs import (
     BAD_IWN_CALLS,
     BAD_SURGICAL_GATE_CALLS,
+    DATA_BAD_IWN_CALLS,
     LABELS,
     RM,
     RS,
@@ -201,6 +202,14 @@ def test_each_bad_iwn_call_names_its_argument(case):
     else:
         error = _raised(lambda: fused_iwn(**iwn_call(**BAD_IWN_CALLS[case])))
     _assert_names_the_argument(case, error)
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("case", DATA_BAD_IWN_CALLS)
+def test_each_bad_value_in_the_data_names_its_argument(case):
+    error = _raised(lambda: fused_iwn(**iwn_call(**DATA_BAD_IWN_CALLS[case])))
+    assert type(error) is ValueError, repr(error)
+    assert case.split()[0] in str(error), str(error)
 
 
 @pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
