@@ -131,10 +131,14 @@ DATA_BAD_IWN_CALLS = {
         running_mean=torch.zeros(2, 4),
         running_std=torch.ones(2, 4),
     ),
-    # the task count from the data: no running statistics
-    "task_ids negative": dict(task_ids=torch.full((6,), -2), running_mean=None, running_std=None),
-    # num_classes from the data: one more than the largest label
+    # the task count from the data (no running statistics), num_classes from
+    # the labels: one more than the largest value
+    "task_ids negative": dict(task_ids=torch.full((6,), -1), running_mean=None, running_std=None),
+    "task_ids past 32-bit keys": dict(
+        task_ids=torch.full((6,), 2**63 - 1), running_mean=None, running_std=None
+    ),
     "labels past 32-bit keys": dict(labels=torch.tensor([0, 1, 0, 1, 2, 2**31])),
+    "labels at int64's largest": dict(labels=torch.tensor([0, 1, 0, 1, 2, 2**63 - 1])),
 }
 
 

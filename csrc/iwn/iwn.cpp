@@ -76,7 +76,7 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
   if (training && group_name.has_value() && group_size > 1)
     call.ranks = RankGroup{std::string(*group_name), group_size};
   const bool synced = call.ranks.has_value();
-  const char* task_count_source = "";  // for the message of the key bound
+  const char* task_count_source = "";  // where num_tasks came from, for the key bound's message
 
   check_float(x, "x");
   SURGELLM_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (..., F), got a scalar");
@@ -139,10 +139,13 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                          shape_text(running_std->sym_sizes()), " must have the same shape");
     call.num_tasks =
         running_mean->dim() == 2 ? running_mean->sym_size(0).guard_int(__FILE__, __LINE__) : 1;
-    SURGELLM_CHECK_VALUE(call.num_tasks >= 1, "running_mean of shape (num_tasks, ", F,
-                         ") must hold at least one task, got ",
-                         shape_text(running_mean->sym_sizes()));
-    if (running_mean->dim() == 2) task_count_source = ", the rows of running_mean";
+    if (running_mean->dim() == 2) {
+      SURGELLM_CHECK_VALUE(call.num_tasks >= 1,
+                           "running_mean / running_std must hold at least one task (shape "
+                           "(num_tasks >= 1, ",
+                           F, ")), got shape ", shape_text(running_mean->sym_sizes()));
+      task_count_source = ", the rows of running_mean";
+    }
     SURGELLM_CHECK_VALUE(!(running_mean->dim() == 1 && task_ids.has_value()),
                          "task_ids were given but running_mean has shape (F,): per-task "
                          "statistics need (num_tasks, F) running_mean / running_std");
@@ -152,7 +155,7 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
   }
   if (task_ids.has_value()) {
     check_index_tensor(*task_ids, "task_ids", rows, x, rows_text);
-    if (!running_mean.has_value()) {  // the task count comes from the data
+    if (!running_mean.has_value() && training) {  // the task count comes from the data
       SURGELLM_CHECK_VALUE(!synced,
                            "task_ids with a process_group need running_mean / running_std of "
                            "shape (num_tasks, F): every rank must use the same task count, not "
