@@ -131,6 +131,12 @@ DATA_BAD_IWN_CALLS = {
         running_mean=torch.zeros(2, 4),
         running_std=torch.ones(2, 4),
     ),
+    # a key past int64 if formed in signed arithmetic (the sanitizer run's check)
+    "task_ids far out of range": dict(
+        task_ids=torch.tensor([0, 1, 0, 1, 0, 2**62]),
+        running_mean=torch.zeros(2, 4),
+        running_std=torch.ones(2, 4),
+    ),
     # the task count from the data (no running statistics), num_classes from
     # the labels: one more than the largest value
     "task_ids negative": dict(task_ids=torch.full((6,), -1), running_mean=None, running_std=None),

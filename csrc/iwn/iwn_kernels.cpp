@@ -407,19 +407,22 @@ Tensor iwn_group_keys_cpu(const optional<Tensor>& labels, const optional<Tensor>
     if (lab) lab_lo = lab_hi = lab[0];
     if (task) task_lo = task_hi = task[0];
   }
+  // Keys are formed before the ranges are known: in unsigned arithmetic, so
+  // that an out-of-range value (refused below) wraps rather than overflows.
+  const uint64_t task_stride = static_cast<uint64_t>(lab ? num_classes : 1);
   for (int64_t i = 0; i < N; ++i) {
-    int64_t key = 0;
+    uint64_t key = 0;
     if (lab) {
       lab_lo = std::min(lab_lo, lab[i]);
       lab_hi = std::max(lab_hi, lab[i]);
-      key = lab[i];
+      key = static_cast<uint64_t>(lab[i]);
     }
     if (task) {
       task_lo = std::min(task_lo, task[i]);
       task_hi = std::max(task_hi, task[i]);
-      key += task[i] * (lab ? num_classes : 1);
+      key += static_cast<uint64_t>(task[i]) * task_stride;
     }
-    out[i] = static_cast<int32_t>(key);
+    out[i] = static_cast<int32_t>(static_cast<uint32_t>(key));
   }
   if (N > 0) {
     SURGELLM_CHECK_VALUE(!lab || (lab_lo >= 0 && lab_hi < num_classes), "labels must lie in [0, ",
