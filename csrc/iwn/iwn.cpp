@@ -64,6 +64,15 @@ int64_t max_on_host(const Tensor& t, const char* what) {
   return min_max_on_host({t})[1];
 }
 
+// A count read from the data: one more than the largest value of the index
+// tensor t (argument `name`, of `kind` indices), which must be a valid key part.
+int64_t count_from_data(const Tensor& t, const char* name, const char* kind, const char* what) {
+  const int64_t hi = max_on_host(t, what);
+  SURGELLM_CHECK_VALUE(hi >= 0 && hi < kMaxKeys, name, " must be ", kind, " indices in [0, ",
+                       kMaxKeys, "), got values up to ", hi);
+  return hi + 1;
+}
+
 IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                        const optional<Tensor>& gate, const optional<Tensor>& weight,
                        const optional<Tensor>& bias, const optional<Tensor>& running_mean,
@@ -161,10 +170,7 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                            "shape (num_tasks, F): every rank must use the same task count, not "
                            "the one its own rows show");
       if (task_ids->sym_numel() != 0) {
-        const int64_t hi = max_on_host(*task_ids, "the task count");
-        SURGELLM_CHECK_VALUE(hi >= 0 && hi < kMaxKeys, "task_ids must be task indices in [0, ",
-                             kMaxKeys, "), got values up to ", hi);
-        call.num_tasks = hi + 1;
+        call.num_tasks = count_from_data(*task_ids, "task_ids", "task", "the task count");
         task_count_source = ", one more than the largest task id";
       }
     }
@@ -192,10 +198,7 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
     SURGELLM_CHECK_VALUE(!synced,
                          "num_classes is required with a process_group: every rank must group its "
                          "rows by the same classes, not those its own labels show");
-    const int64_t hi = max_on_host(*labels, "num_classes");
-    SURGELLM_CHECK_VALUE(hi >= 0 && hi < kMaxKeys, "labels must be class indices in [0, ", kMaxKeys,
-                         "), got values up to ", hi);
-    num_classes = hi + 1;
+    num_classes = count_from_data(*labels, "labels", "class", "num_classes");
   }
   SURGELLM_CHECK_VALUE(*num_classes >= 1, "num_classes must be a positive int, got ", *num_classes);
   SURGELLM_CHECK_VALUE(
