@@ -55,19 +55,15 @@ struct IWNCall {
   int64_t feature_dim;        // of x, in [0, x.dim())
 };
 
-// The largest value of an index tensor, read from the data (eager only: a
-// trace has no data, and the call must then say what it would have read).
-int64_t max_on_host(const Tensor& t, const char* what) {
+// `what` (a count) read from the data: one more than the largest value of
+// the index tensor t (argument `name`, of `kind` indices), which must be a
+// valid key part. Eager only: a trace has no data, and the call must then
+// say what it would have read.
+int64_t count_from_data(const Tensor& t, const char* name, const char* kind, const char* what) {
   SURGELLM_CHECK_VALUE(
       !at::isTensorSubclassLike(t), what,
       " cannot be read from the data while torch.compile traces the call: pass it");
-  return min_max_on_host({t})[1];
-}
-
-// A count read from the data: one more than the largest value of the index
-// tensor t (argument `name`, of `kind` indices), which must be a valid key part.
-int64_t count_from_data(const Tensor& t, const char* name, const char* kind, const char* what) {
-  const int64_t hi = max_on_host(t, what);
+  const int64_t hi = min_max_on_host({t})[1];
   SURGELLM_CHECK_VALUE(hi >= 0 && hi < kMaxKeys, name, " must be ", kind, " indices in [0, ",
                        kMaxKeys, "), got values up to ", hi);
   return hi + 1;
@@ -146,9 +142,8 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
     SURGELLM_CHECK_VALUE(running_mean->sym_sizes() == running_std->sym_sizes(), "running_mean ",
                          shape_text(running_mean->sym_sizes()), " and running_std ",
                          shape_text(running_std->sym_sizes()), " must have the same shape");
-    call.num_tasks =
-        running_mean->dim() == 2 ? running_mean->sym_size(0).guard_int(__FILE__, __LINE__) : 1;
     if (running_mean->dim() == 2) {
+      call.num_tasks = running_mean->sym_size(0).guard_int(__FILE__, __LINE__);
       SURGELLM_CHECK_VALUE(call.num_tasks >= 1,
                            "running_mean / running_std must hold at least one task (shape "
                            "(num_tasks >= 1, ",
