@@ -216,6 +216,11 @@ def _module_calls():
         "InstanceWeightedNorm2d: labels missing": lambda: FusedInstanceWeightedNorm2d(4, 3)(
             torch.randn(6, 4, 2, 2)
         ),
+        "InstanceWeightedNorm2d: labels missing, no running statistics, eval": lambda: (
+            FusedInstanceWeightedNorm2d(4, 3, track_running_stats=False).eval()(
+                torch.randn(6, 4, 2, 2)
+            )
+        ),
         "convert_to_iwn: num_classes": lambda: convert_to_iwn(nn.Sequential(), 0),
         "SurgicalGate: h width": lambda: FusedSurgicalGate(8, 4)(
             torch.randn(2, 6), torch.randn(2, 4)

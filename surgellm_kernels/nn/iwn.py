@@ -381,6 +381,14 @@ class _InstanceWeightedNormNd(nn.Module):
                     f"got shape {tuple(x.shape)}"
                 )
         batch_stats = self.training or self.running_mean is None
+        if batch_stats and not self.training and labels is None:
+            # The op would say "in training"; the reason here is the layer's state.
+            raise ValueError(
+                "labels are required in eval too: this layer tracks no running statistics "
+                "(track_running_stats=False), so it normalizes with the batch's class-balanced "
+                "statistics, as BatchNorm does; pass labels, or build it with "
+                "track_running_stats=True"
+            )
         tracking = self.training and self.running_mean is not None
         momentum = 0.0 if self.momentum is None else self.momentum
         if tracking and self.momentum is None:  # BatchNorm's cumulative moving average

@@ -233,12 +233,15 @@ def test_momentum_none_is_a_cumulative_average():
     assert_close(layer.running_mean, torch.stack(mus).mean(0))
 
 
-def test_without_running_statistics_eval_uses_the_batch():
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_without_running_statistics_eval_uses_the_batch(fused):
     x, labels = make((6, 3, 4, 4), False)
-    layer = FusedInstanceWeightedNorm2d(3, 3, track_running_stats=False).double().eval()
+    cls = FusedInstanceWeightedNorm2d if fused else InstanceWeightedNorm2d
+    layer = cls(3, 3, track_running_stats=False).double().eval()
     assert layer.running_mean is None
     assert_close(layer(x, labels), truth(x, labels, layer.weight, layer.bias, 1e-5)[0])
-    with pytest.raises(ValueError, match="labels are required"):
+    # The message names the layer's state, not "training": the layer is in eval.
+    with pytest.raises(ValueError, match=r"required in eval too.*track_running_stats=False"):
         layer(x)
 
 
