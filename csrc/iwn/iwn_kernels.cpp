@@ -105,9 +105,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> iwn_group_moments(const Tensor& x,
   const auto acc = check_rows(x, keys, gate, num_groups);
   const int64_t F = x.size(1);
 #ifdef SURGELLM_WITH_CUDA
-  SURGELLM_CHECK(!x.is_cuda() || num_groups <= cuda::kMaxGroups, "the CUDA kernels hold at most ",
-                 cuda::kMaxGroups,
-                 " (task, class) groups, got num_tasks * num_classes = ", num_groups);
+  // Before any kernel or running-statistics update: a failed call changes nothing.
+  SURGELLM_CHECK_VALUE(!x.is_cuda() || num_groups <= cuda::kMaxGroups,
+                       "num_classes: the CUDA C++ kernels hold at most ", cuda::kMaxGroups,
+                       " (task, class) groups, got num_tasks * num_classes = ", num_groups,
+                       "; use fewer classes or tasks, or the Triton backend "
+                       "(SURGELLM_BACKEND=triton), which has no such limit");
 #endif
   const auto opts = x.options().dtype(acc);
   // The kernels write every element; no rows: empty groups, all zeros.

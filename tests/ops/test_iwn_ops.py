@@ -373,10 +373,17 @@ def test_cuda_too_many_groups_is_a_clear_error(force_backend):
         pytest.skip("no CUDA C++ kernels")
     force_backend("cuda")
     x = torch.randn(4, 2, device="cuda")
-    with pytest.raises(RuntimeError, match="at most 12288 .task, class. groups"):
+    rm, rs = torch.zeros(2, device="cuda"), torch.ones(2, device="cuda")
+    with pytest.raises(ValueError, match=r"num_classes: .*at most 12288 .task, class. groups"):
         fused_iwn(
-            x, torch.zeros(4, dtype=torch.long, device="cuda"), training=True, num_classes=20000
+            x,
+            torch.zeros(4, dtype=torch.long, device="cuda"),
+            running_mean=rm,
+            running_std=rs,
+            training=True,
+            num_classes=20000,
         )
+    assert (rm == 0).all() and (rs == 1).all()  # a failed call changes nothing
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
