@@ -252,6 +252,14 @@ def every_bad_call():
         calls[f"fused_surgical_gate: {name}"] = (lambda kw: lambda: fused_surgical_gate(**kw))(
             given
         )
+    # Forward-mode AD: the ops define no forward derivative (a dual input's
+    # tangent would otherwise be dropped, the output's read as zero).
+    calls["fused_iwn: forward-mode AD"] = lambda: torch.func.jvp(
+        lambda x: fused_iwn(x, running_mean=RM, running_std=RS), (X,), (torch.ones_like(X),)
+    )
+    calls["fused_surgical_gate: forward-mode AD"] = lambda: torch.func.jvp(
+        lambda h: fused_surgical_gate(h, H, H), (H,), (torch.ones_like(H),)
+    )
     calls.update(_module_calls())
     return calls
 

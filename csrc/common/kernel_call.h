@@ -158,6 +158,20 @@ bool autograd_records(const Ts&... inputs) {
   return at::GradMode::is_enabled() && (requires_grad(inputs) || ...);
 }
 
+// Forward-mode AD (torch.func.jvp, jacfwd, forward_ad dual tensors): the ops
+// define no forward derivative, and a tangent would otherwise be dropped --
+// the output read as constant, its tangent zero. Refused, naming the op.
+inline bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(0).defined(); }
+inline bool has_tangent(const optional<Tensor>& t) { return t.has_value() && has_tangent(*t); }
+template <typename... Ts>
+void refuse_forward_ad(const char* op, const Ts&... inputs) {
+  SURGELLM_CHECK_NOT_IMPLEMENTED(!(has_tangent(inputs) || ...), op,
+                                 ": forward-mode AD (torch.func.jvp, jacfwd, dual tensors) is not "
+                                 "supported, an input carries a tangent; use reverse mode "
+                                 "(backward, torch.autograd.grad) or the reference functions of "
+                                 "surgellm_kernels.ops.reference");
+}
+
 #define SURGELLM_DISPATCH_FLOATS(x, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), NAME, __VA_ARGS__)
 

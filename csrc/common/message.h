@@ -79,8 +79,11 @@ std::string text(const Pieces&... pieces) {
 
 }  // namespace surgellm
 
-// TORCH_CHECK (RuntimeError), _VALUE (ValueError), _TYPE (TypeError) with the
-// message built by surgellm::text.
+// TORCH_CHECK (RuntimeError), _VALUE (ValueError), _TYPE (TypeError),
+// _NOT_IMPLEMENTED (NotImplementedError) with the message built by
+// surgellm::text.
 #define SURGELLM_CHECK(cond, ...) TORCH_CHECK(cond, ::surgellm::text(__VA_ARGS__))
 #define SURGELLM_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::surgellm::text(__VA_ARGS__))
 #define SURGELLM_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::surgellm::text(__VA_ARGS__))
+#define SURGELLM_CHECK_NOT_IMPLEMENTED(cond, ...) \
+  TORCH_CHECK_NOT_IMPLEMENTED(cond, ::surgellm::text(__VA_ARGS__))

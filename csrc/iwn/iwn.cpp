@@ -717,6 +717,7 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels, const optio
   const IWNCall call =
       check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
                      momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
+  refuse_forward_ad("fused_iwn", x, gate, weight, bias, running_mean, running_std);
   if (!autograd_records(x, gate, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_without_autograd(x, labels, gate, weight, bias, running_mean, running_std,

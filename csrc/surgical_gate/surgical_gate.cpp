@@ -150,6 +150,7 @@ Tensor surgical_gate_autograd(const Tensor& h, const Tensor& s, const Tensor& lo
                               const optional<Tensor>& weight, const optional<Tensor>& bias,
                               double eps) {
   check_surgical_gate_args(h, s, logits, weight, bias, eps);
+  refuse_forward_ad("fused_surgical_gate", h, s, logits, weight, bias);
   if (!autograd_records(h, s, logits, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_without_autograd(h, s, logits, weight, bias, eps);

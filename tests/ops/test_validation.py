@@ -267,6 +267,58 @@ def test_tracing_without_num_classes_says_to_pass_it():
         torch.ops.surgellm.iwn(**call)
 
 
+def _forward_ad_calls():
+    """(name, call) for each way a tangent reaches each op: torch.func.jvp
+    and jacfwd, and forward_ad's dual tensors, through every tensor input
+    the output depends on."""
+    import torch.autograd.forward_ad as fwAD
+
+    labels = LABELS
+    iwn_eval = dict(running_mean=RM, running_std=RS)
+
+    def dual(t):
+        return fwAD.make_dual(t, torch.ones_like(t))
+
+    def in_dual_level(f):
+        def call():
+            with fwAD.dual_level():
+                return f()
+
+        return call
+
+    return [
+        ("iwn jvp eval", lambda: torch.func.jvp(lambda a: fused_iwn(a, **iwn_eval), (X,), (X,))),
+        (
+            "iwn jvp train",
+            lambda: torch.func.jvp(
+                lambda a: fused_iwn(a, labels, training=True, num_classes=3), (X,), (X,)
+            ),
+        ),
+        ("iwn jacfwd", lambda: torch.func.jacfwd(lambda a: fused_iwn(a, **iwn_eval))(X[0])),
+        ("iwn dual x", in_dual_level(lambda: fused_iwn(dual(X), **iwn_eval))),
+        (
+            "iwn dual gate",
+            in_dual_level(lambda: fused_iwn(X, gate=dual(torch.zeros(X.shape[1])), **iwn_eval)),
+        ),
+        (
+            "iwn dual running_mean",
+            in_dual_level(lambda: fused_iwn(X, running_mean=dual(RM.clone()), running_std=RS)),
+        ),
+        ("gate jvp", lambda: torch.func.jvp(lambda a: fused_surgical_gate(a, H, H), (H,), (H,))),
+        ("gate dual logits", in_dual_level(lambda: fused_surgical_gate(H, H, dual(H)))),
+    ]
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("case", _forward_ad_calls(), ids=lambda c: c[0])
+def test_forward_mode_ad_is_refused_not_silently_zero(case, force_backend):
+    """Without the refusal each call returned a zero (or no) tangent: the
+    op's output read as a constant."""
+    force_backend("cpu")
+    with pytest.raises(NotImplementedError, match=r"fused_\w+: forward-mode AD .* not supported"):
+        case[1]()
+
+
 def test_readme_lists_every_bad_input_as_raised_today():
     """docs/reliability.md shows what the calls raise now (regenerate it with
     `.venv/bin/python tests/_bad_inputs.py`)."""
