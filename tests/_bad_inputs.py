@@ -15,6 +15,7 @@ LABELS = torch.tensor([0, 1, 0, 1, 2, 2])
 RM, RS = torch.zeros(4), torch.ones(4)
 
 META = torch.zeros(4, device="meta")
+_SHARED = torch.ones(4)  # passed as both running statistics
 BAD_IWN_CALLS = {
     "x not a tensor": dict(x=[[1.0]]),
     "x integer": dict(x=torch.ones(6, 4, dtype=torch.int64)),
@@ -40,6 +41,8 @@ BAD_IWN_CALLS = {
     "running_std dtype": dict(running_std=torch.ones(4, dtype=torch.int32)),
     "running shapes differ": dict(running_std=torch.ones(1, 4)),
     "running 3-d": dict(running_mean=torch.zeros(1, 1, 4), running_std=torch.ones(1, 1, 4)),
+    "running_std expanded": dict(running_std=torch.ones(1).expand(4)),
+    "running statistics one tensor": dict(running_mean=_SHARED, running_std=_SHARED),
     "running_mean of no tasks": dict(running_mean=torch.zeros(0, 4), running_std=torch.ones(0, 4)),
     "task_ids with (F,) statistics": dict(task_ids=torch.zeros(6, dtype=torch.long)),
     "task_ids missing": dict(running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),

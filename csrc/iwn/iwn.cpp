@@ -15,6 +15,7 @@
 // autograd kernel serves eager mode and torch.compile alike (AOTAutograd
 // traces through it).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -142,6 +143,22 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
     SURGELLM_CHECK_VALUE(running_mean->sym_sizes() == running_std->sym_sizes(), "running_mean ",
                          shape_text(running_mean->sym_sizes()), " and running_std ",
                          shape_text(running_std->sym_sizes()), " must have the same shape");
+    // Training updates both in place: each element needs memory of its own.
+    // (Skipped while tracing with symbolic shapes; the call that runs checks.)
+    if (training && !running_mean->unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+        !running_std->unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+      for (const auto& [r, name] :
+           {std::pair{&running_mean, "running_mean"}, std::pair{&running_std, "running_std"}})
+        SURGELLM_CHECK_VALUE(at::has_internal_overlap(**r) != at::MemOverlap::Yes, name,
+                             " has elements that share memory (an expanded or stride-0 tensor), "
+                             "and training updates it in place: pass a tensor of its own (e.g. ",
+                             name, ".clone())");
+      const at::MemOverlapStatus both = at::get_overlap_status(*running_mean, *running_std);
+      SURGELLM_CHECK_VALUE(
+          both != at::MemOverlapStatus::Full && both != at::MemOverlapStatus::Partial,
+          "running_mean and running_std share memory, and training updates "
+          "both in place: pass two separate tensors");
+    }
     if (running_mean->dim() == 2) {
       call.num_tasks = running_mean->sym_size(0).guard_int(__FILE__, __LINE__);
       SURGELLM_CHECK_VALUE(call.num_tasks >= 1,

@@ -267,6 +267,19 @@ def test_tracing_without_num_classes_says_to_pass_it():
         torch.ops.surgellm.iwn(**call)
 
 
+@pytest.mark.parametrize("expanded", ["running_mean", "running_std"])
+def test_running_statistics_sharing_memory_are_refused_before_any_update(iwn, expanded):
+    """Before the check, the other statistic was updated in place and then
+    the in-place update of the expanded one failed, naming no argument."""
+    stats = {"running_mean": torch.zeros(4), "running_std": torch.ones(4)}
+    stats[expanded] = torch.full((1,), 0.5).expand(4)
+    before = {k: v.clone() for k, v in stats.items()}
+    with pytest.raises(ValueError, match=f"{expanded} has elements that share memory"):
+        iwn(X, LABELS, **stats, training=True)
+    for k, v in stats.items():
+        assert torch.equal(v, before[k]), k
+
+
 def _forward_ad_calls():
     """(name, call) for each way a tangent reaches each op: torch.func.jvp
     and jacfwd, and forward_ad's dual tensors, through every tensor input
