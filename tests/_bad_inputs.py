@@ -207,6 +207,9 @@ def _module_calls():
         ),
         "InstanceWeightedNorm: task_ids missing": lambda: norm().partial_fit(X, LABELS),
         "InstanceWeightedNorm: fit without data": lambda: norm().fit(),
+        "InstanceWeightedNorm: fit on no rows": lambda: norm().fit(
+            torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        ),
         "InstanceWeightedNorm2d: channels": lambda: FusedInstanceWeightedNorm2d(4, 3)(
             torch.randn(6, 5, 2, 2), LABELS
         ),

@@ -225,7 +225,7 @@ class InstanceWeightedNorm(nn.Module):
                 if labels is None:
                     raise ValueError("labels are required to fit statistics on x")
                 self.partial_fit(x, labels, task_ids)
-            except (ValueError, TypeError) as error:
+            except Exception as error:
                 self._fit_state = previous  # a failed call changes nothing
                 if ranks is None:
                     raise
@@ -240,6 +240,12 @@ class InstanceWeightedNorm(nn.Module):
                     raise failure from None
                 raise
         if state is None:
+            self._fit_state = previous  # what partial_fit had accumulated stays
+            if x is not None:
+                raise ValueError(
+                    "x has no rows: there is nothing to fit (pass the data set, or call fit() "
+                    "without arguments to finalize partial_fit)"
+                )
             raise RuntimeError("nothing to fit: call fit(x, labels) or partial_fit(...) first")
         n, mean, m2 = state
         T, C, Fdim = self.num_tasks, self.num_classes, self.num_features

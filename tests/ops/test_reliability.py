@@ -71,6 +71,7 @@ FAILING_CALLS = {  # (what, call(norm)) -- every one raises
     "no task ids for 2 tasks": lambda m: m(X, LABELS),
     "fit: labels out of range": lambda m: m.fit(X, LABELS + 1, TASKS),
     "fit: no labels": lambda m: m.fit(X, None, TASKS),
+    "fit: x of no rows": lambda m: m.fit(X[:0], LABELS[:0], TASKS[:0]),
     "partial_fit: task id out of range": lambda m: m.partial_fit(X, LABELS, TASKS - 1),
     "partial_fit: x of the wrong width": lambda m: m.partial_fit(X[:, :4], LABELS, TASKS),
 }
