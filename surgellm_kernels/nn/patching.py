@@ -389,7 +389,10 @@ def iwn_labels(model: nn.Module, labels, task_ids=None):
     layers = [
         m for m in model.modules() if isinstance(m, (InstanceWeightedNorm, _InstanceWeightedNormNd))
     ]
-    handles = [m.register_forward_pre_hook(give_labels, with_kwargs=True) for m in layers]
+    # Prepended: in nested blocks the innermost block's labels win.
+    handles = [
+        m.register_forward_pre_hook(give_labels, with_kwargs=True, prepend=True) for m in layers
+    ]
     try:
         yield model
     finally:

@@ -329,6 +329,18 @@ def test_convert_to_iwn_carries_everything_over_and_reverts():
     assert int(bn.num_batches_tracked) == int(layer.num_batches_tracked)
 
 
+def test_nested_iwn_labels_the_innermost_block_wins():
+    layer = FusedInstanceWeightedNorm1d(3, 2, affine=False).double()
+    model, x = nn.Sequential(layer), torch.randn(6, 3, dtype=torch.float64)
+    outer, inner = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 1, 0, 1, 0, 1])
+    with iwn_labels(model, outer):
+        with iwn_labels(model, inner):
+            y = model(x)
+        y_outer = model(x)  # the inner block has ended
+    assert_close(y, truth(x, inner, torch.ones(3), torch.zeros(3), 1e-5)[0])
+    assert_close(y_outer, truth(x, outer, torch.ones(3), torch.zeros(3), 1e-5)[0])
+
+
 def test_iwn_labels_is_the_explicit_call():
     model = small_cnn()
     convert_to_iwn(model, num_classes=3, fused=False)
