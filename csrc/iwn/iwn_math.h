@@ -14,13 +14,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/host_device.h"
 #include "iwn/iwn_args.h"
-
-#if defined(__CUDACC__)
-#define SURGELLM_HD __host__ __device__ __forceinline__
-#else
-#define SURGELLM_HD inline
-#endif
 
 namespace surgellm {
 

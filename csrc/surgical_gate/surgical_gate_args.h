@@ -9,9 +9,22 @@
 // (float, or double for double data), "scalar" the data type of h, s, logits.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
+#include "common/host_device.h"
+
 namespace surgellm {
+
+// A row's variance as rstd takes it: a rounding below 0 read as 0, and one
+// past the accumulation type's range (a row of values whose squares
+// overflow) NaN, as F.layer_norm and the reference give -- not rstd = 0,
+// which would turn the row silently into the bias. NaN stays NaN.
+template <typename acc_t>
+SURGELLM_HD acc_t row_variance(acc_t var) {
+  if (var < acc_t(0)) return acc_t(0);
+  return var == acc_t(INFINITY) ? acc_t(NAN) : var;
+}
 
 template <typename acc_t>
 struct SurgicalGateForwardArgs {

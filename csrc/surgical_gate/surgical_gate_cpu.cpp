@@ -205,7 +205,7 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
         mean = mean0 + shift;
         var = sum_lanes(dev.first) / acc_t(d) - shift * shift;
       }
-      const acc_t rstd = acc_t(1) / std::sqrt((var > acc_t(0) ? var : acc_t(0)) + a.eps);
+      const acc_t rstd = acc_t(1) / std::sqrt(row_variance(var) + a.eps);
       const Vec vmean(mean), vrstd(rstd);
       scalar_t* out = z + i * d;
       // weight and bias by value: loop constants, not reloads.

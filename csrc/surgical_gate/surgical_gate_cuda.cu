@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kWarpRows ? kWarpRowThreads : kMaxThreads,
     const acc_t shift = sq[1] / acc_t(d);
     const acc_t mean = mean0 + shift;
     const acc_t var = sq[0] / acc_t(d) - shift * shift;
-    const acc_t rstd = acc_t(1) / sqrt((var > acc_t(0) ? var : acc_t(0)) + a.eps);
+    const acc_t rstd = acc_t(1) / sqrt(row_variance(var) + a.eps);
     for (int64_t j = team.lane; j < d; j += team.size) {
       const acc_t v = cache ? vc[j] : blend_at<acc_t>(hr, sr, lr, j).v;
       acc_t y = (v - mean) * rstd;

@@ -209,6 +209,10 @@ def _forward(
         mean += tl.sum(tl.where(mask, v - mean[:, None], 0.0), axis=1) / D
         diff = tl.where(mask, v - mean[:, None], 0.0)
         var = tl.sum(diff * diff, axis=1) / D
+    # A variance past the accumulation type's range (squares that overflow)
+    # becomes NaN, as F.layer_norm and the reference give, not rstd = 0 (z =
+    # bias): var - var is 0 for a finite var and NaN for inf.
+    var += var - var
     rstd = 1.0 / tl.sqrt(var + _join_parts(eps_hi, eps_mid, eps_lo, (ROWS,), ACC))
     if CHUNKED:
         for c in range(0, D, BLOCK_D):

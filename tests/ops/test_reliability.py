@@ -165,6 +165,28 @@ def test_non_finite_row_of_the_gate_stays_in_its_row(backend, device, dtype, for
     assert torch.isfinite(clean).all()
 
 
+@pytest.mark.parametrize("backend,device", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_whose_variance_overflows_is_nan_not_the_bias(backend, device, dtype, force_backend):
+    """Finite values whose squares pass float32's range: the row is NaN, a
+    visible failure. A NaN variance was read as 0 (finite numbers far from
+    the truth), an infinite one gave rstd = 0 (the row silently the bias).
+    F.layer_norm gives NaN or zeros here depending on the row's length (37:
+    zeros; 4, 64, 768 at 1e30: NaN). The other rows keep their values."""
+    force_backend(backend)
+    g = torch.Generator().manual_seed(0)
+    h, s = (torch.randn(5, 37, generator=g) for _ in range(2))
+    logits = torch.full((5, 37), 20.0)  # g = 1: the blend is h
+    h[1] *= 1e20  # squares overflow: an infinite variance
+    h[2] *= 1e30  # the sums overflow too: inf - inf
+    h[3] *= 1e18  # squares within range: finite output
+    h, s, logits = (t.to(dtype).to(device) for t in (h, s, logits))
+    z = fused_surgical_gate(h, s, logits)
+    assert torch.isnan(z[1:3]).all()
+    want = torch.nn.functional.layer_norm(h[[0, 3, 4]].double(), (37,))
+    assert_close(z[[0, 3, 4]], want, dtype=dtype)
+
+
 # Not the interpreted Triton kernels: Triton's interpreter keeps its grid in
 # a global and is not thread-safe (compiled Triton runs this on a GPU).
 @pytest.mark.parametrize(
