@@ -98,6 +98,20 @@ class SurgeLLMConfig(PretrainedConfig):
             or max_seq_length < 2
         ):
             raise ValueError(f"max_seq_length must be an int >= 2, got {max_seq_length!r}")
+        for name, value, ok, what in (
+            ("alpha", alpha, lambda v: v == v, "a number"),
+            ("eps", eps, lambda v: v > 0, "a positive number"),
+            ("head_dropout", head_dropout, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            (
+                "head_hidden_dropout",
+                head_hidden_dropout,
+                lambda v: 0 <= v < 1,
+                "a number in [0, 1)",
+            ),
+            ("initializer_range", initializer_range, lambda v: v >= 0, "a number >= 0"),
+        ):  # checked here, not when a module first uses them
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"{name} must be {what}, got {value!r}")
         if isinstance(lexicon, LexicalFeaturizer):
             lexicon = lexicon.to_dict()
         if isinstance(lexicon, Mapping) and isinstance(lexicon.get("groups"), list):

@@ -63,6 +63,16 @@ def _row_problem(record) -> Optional[str]:
         return f"task name {task!r} may not contain white space, '|', '[' or ']'"
     if isinstance(label, bool) or not isinstance(label, (int, str)):
         return f'field "label" must be an int or a string, got {_type_name(label)}'
+    for field in FIELDS:  # an escaped lone surrogate (\ud800) is no text UTF-8 can hold
+        value = record[field]
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return (
+                    f'field "{field}" holds {value[exc.start]!r} at character {exc.start}, '
+                    "a lone surrogate: not text"
+                )
     return None
 
 
@@ -76,12 +86,16 @@ def _parse(path: str):
             if not raw.strip():
                 continue
             line = index + 1
+            if index == 0:
+                raw = raw.removeprefix("\ufeff")  # a byte-order mark (UTF-8 with BOM)
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{_where(path, line)}: invalid JSON: {exc.msg} (column {exc.colno})"
                 ) from None
+            except RecursionError:
+                raise DataError(f"{_where(path, line)}: invalid JSON: nested too deeply") from None
             problem = _row_problem(record)
             if problem:
                 raise DataError(f"{_where(path, line)}: {problem}")

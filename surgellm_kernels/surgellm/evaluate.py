@@ -92,9 +92,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail(str(exc))
     try:
         model = AutoModelForSequenceClassification.from_pretrained(args.model)
-    except (OSError, ValueError, RuntimeError) as exc:
-        return fail(f"cannot load the model from {args.model}: {exc}")
-    data = processor.map(rows, labels)
+    except Exception as exc:  # OSError, ValueError, safetensors' error for a damaged file, ...
+        return fail(f"cannot load the model from {args.model}: {type(exc).__name__}: {exc}")
+    try:
+        data = processor.map(rows, labels)
+    except ValueError as exc:  # e.g. a prefix longer than the model's max_seq_length
+        return fail(f"{args.data}: {exc}")
     patch_for_kernels(model, args.kernels)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(

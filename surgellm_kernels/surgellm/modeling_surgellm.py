@@ -252,7 +252,12 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
-        if labels is not None and labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        if (
+            labels is not None
+            and task_ids is not None  # else the model below says it is required
+            and labels.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+        ):
             self.config.check_labels(labels, task_ids)
         z = self.surgellm(
             input_ids, attention_mask, task_ids, features, token_type_ids, labels=labels, **kwargs
@@ -396,13 +401,38 @@ def check_encoder_path(name: str) -> None:
 @torch.no_grad()
 def _add_prefix_tokens(encoder: PreTrainedModel, tokenizer, tokens: list) -> None:
     """Add ``tokens`` to ``tokenizer`` and grow the encoder's embeddings; a
-    new token's row is the mean of the rows of the pieces its text was split
-    into before (tokens already there keep their rows)."""
-    new = [t for t in tokens if t.content not in tokenizer.get_vocab()]
-    pieces = [tokenizer(t.content, add_special_tokens=False)["input_ids"] for t in new]
+    token's new row is the mean of the rows of the pieces its text is split
+    into without the added tokens (rows the encoder already has stay)."""
     tokenizer.add_tokens(tokens)
-    if len(tokenizer) > encoder.get_input_embeddings().num_embeddings:
+    rows = encoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
         encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = {t.content: tokenizer.convert_tokens_to_ids(t.content) for t in tokens}
+    fresh = [content for content, i in ids.items() if i >= rows]
     weight = encoder.get_input_embeddings().weight
-    for token, ids in zip(new, pieces):
-        weight[tokenizer.convert_tokens_to_ids(token.content)] = weight[ids].mean(0)
+    for content, pieces in zip(fresh, _pieces_without(tokenizer, fresh)):
+        weight[ids[content]] = weight[pieces].mean(0)
+
+
+def _pieces_without(tokenizer, contents: list) -> list:
+    """The ids each of ``contents`` is split into by ``tokenizer`` without
+    those added tokens: a tokenizer another model's ``from_encoder`` already
+    grew holds them, and would give each its own (new) id."""
+    vocab = tokenizer.get_added_vocab()
+    if not any(c in vocab for c in contents):
+        return [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contents]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(
+            "tokenizer already holds the prefix tokens (from_encoder grew it for another "
+            "model) and is not a fast tokenizer, whose pieces could be read without them: "
+            "pass a tokenizer fresh from AutoTokenizer.from_pretrained"
+        )
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in contents]
+    base = Tokenizer.from_str(json.dumps(spec))
+    return [base.encode(c, add_special_tokens=False).ids for c in contents]

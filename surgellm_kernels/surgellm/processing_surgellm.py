@@ -32,6 +32,19 @@ class SurgeLLMProcessor:
         # the first token is the pooled one, and truncation must cut the text's
         # end, never the prefix in front
         tokenizer.padding_side = tokenizer.truncation_side = "right"
+        if config.prefix:
+            from .modeling_surgellm import prefix_tokens
+
+            vocab = tokenizer.get_vocab()
+            missing = [t.content for t in prefix_tokens(config) if t.content not in vocab]
+            if missing:  # it would cut each marker into pieces the model never saw
+                raise ValueError(
+                    f"tokenizer lacks {len(missing)} of the model's prefix tokens (e.g. "
+                    f"{missing[0]!r}): give SurgeLLMForSequenceClassification.from_encoder "
+                    "the tokenizer (tokenizer=...), which it adds them to, and build the "
+                    "processor with that one; or use SurgeLLMProcessor.from_pretrained"
+                    "(<the model's directory>)"
+                )
         self.tokenizer, self.config = tokenizer, config
         self.featurizer = config.featurizer()
 

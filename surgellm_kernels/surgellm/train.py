@@ -100,22 +100,45 @@ def parser():
     )
 
 
+# The SurgeLLMConfig fields --config-overrides may set; the command sets the
+# others from its own options and the data. A value must have the type of
+# the field's default (an int is taken where a float is expected).
+OVERRIDABLE = ("alpha", "eps", "head_dropout", "head_hidden_dropout", "initializer_range")
+
+
 def overrides(options: SurgeLLMArguments) -> dict:
     """``--config-overrides`` as keyword arguments: ``name=value`` pairs, the
     values Python literals (numbers, True / False, strings)."""
     import ast
+    import inspect
 
     from ._cli import UsageError
+    from .configuration_surgellm import SurgeLLMConfig
 
     result = {}
     for pair in filter(None, (options.config_overrides or "").split(",")):
         name, equals, text = pair.partition("=")
-        if not equals or not name.strip().isidentifier():
+        name = name.strip()
+        if not equals or not name.isidentifier():
             raise UsageError(f"argument --config-overrides: expected name=value, got {pair!r}")
+        if name not in OVERRIDABLE:
+            raise UsageError(
+                f"argument --config-overrides: {name!r} is not a field it sets; it takes "
+                + ", ".join(sorted(OVERRIDABLE))
+            )
         try:
-            result[name.strip()] = ast.literal_eval(text.strip())
+            value = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):
-            result[name.strip()] = text.strip()
+            value = text.strip()
+        default = inspect.signature(SurgeLLMConfig).parameters[name].default
+        if isinstance(default, float) and type(value) is int:
+            value = float(value)
+        if type(value) is not type(default):
+            raise UsageError(
+                f"argument --config-overrides: {name} must be a {type(default).__name__}, "
+                f"got {text.strip()!r}"
+            )
+        result[name] = value
     return result
 
 
@@ -133,8 +156,6 @@ def parse(argv: Optional[Sequence[str]] = None):
     if not accelerator_present():  # the user's own flag, later, still wins
         argv = ["--dataloader_pin_memory", "false", *argv]
     options, training_args = parser().parse_args_into_dataclasses(args=argv)
-    if training_args.output_dir is None:
-        raise UsageError("the following arguments are required: --output")
     overrides(options)  # checked here, applied when the model is built
     for name, value, least in (
         ("--batch-size", training_args.per_device_train_batch_size, 1),
@@ -142,9 +163,55 @@ def parse(argv: Optional[Sequence[str]] = None):
     ):
         if value < least:
             raise UsageError(f"argument {name}: must be >= {least}, got {value}")
-    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
-        raise UsageError(f"argument --output: {training_args.output_dir} is not a directory")
+    for name, value in (
+        ("--learning-rate", training_args.learning_rate),
+        ("--head-learning-rate", training_args.head_learning_rate),
+    ):
+        if value is not None and not value >= 0:
+            raise UsageError(f"argument {name}: must be >= 0, got {value}")
+    output = training_args.output_dir
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UsageError(f"argument --output: {output} is not a directory")
+    if not options.resume and os.path.isdir(output) and os.listdir(output):
+        # Trainer would mix this run's checkpoints with those there (and keep,
+        # or later resume from, the other run's)
+        raise UsageError(
+            f"argument --output: {output} is not empty: pass --resume to continue the run "
+            "saved there, or an empty or new directory"
+        )
     return options, training_args
+
+
+# What a checkpoint's model must share with the one this run builds for
+# --resume to continue it: the task order (task ids, heads, prefix tokens),
+# the classes, the parts, the inputs and the encoder.
+RESUME_FIELDS = ("tasks", "class_names", "iwn", "gate", "prefix", "max_seq_length", "lexicon")
+RESUME_FIELDS += ("alpha", "eps", "head_dropout", "head_hidden_dropout", "encoder_config")
+
+
+def resume_mismatch(checkpoint: str, config) -> Optional[str]:
+    """How the model saved in ``checkpoint`` differs from the one ``config``
+    describes, in words (None when it does not)."""
+    from .configuration_surgellm import SurgeLLMConfig
+
+    def fields(c):
+        values = c.to_dict()
+        encoder = dict(values.get("encoder_config") or {})
+        for name in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+            encoder.pop(name, None)  # where it was loaded from, not what it is
+        return {**{k: values.get(k) for k in RESUME_FIELDS}, "encoder_config": encoder}
+
+    saved, built = fields(SurgeLLMConfig.from_pretrained(checkpoint)), fields(config)
+    differ = [k for k in RESUME_FIELDS if saved[k] != built[k]]
+    if not differ:
+        return None
+    shown = []
+    for k in differ:
+        if k in ("lexicon", "encoder_config"):
+            shown.append(f"{k} differs")
+        else:
+            shown.append(f"{k} {saved[k]!r} there, {built[k]!r} here")
+    return "; ".join(shown)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -251,6 +318,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
         if resume is None:
             return fail(f"--resume: no checkpoint in {args.output_dir}")
+        try:
+            mismatch = resume_mismatch(resume, config)
+        except (OSError, ValueError) as exc:
+            return fail(f"--resume: cannot read {resume}: {exc}")
+        if mismatch:  # its weights would load into the wrong heads, or not at all
+            return fail(
+                f"--resume: {resume} holds a model of other data or options ({mismatch}): "
+                "pass the data and options of its run, or a new --output"
+            )
     result = trainer.train(resume_from_checkpoint=resume)
 
     # -- evaluation and saving ----------------------------------------------------------------

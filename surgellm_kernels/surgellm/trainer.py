@@ -54,6 +54,7 @@ class SurgeLLMTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "aliases": ["--output"],
+            "required": True,  # on the command line (TrainingArguments would pick one)
             "help": "directory for checkpoints, the model and metrics.json",
         },
     )
@@ -94,7 +95,9 @@ class TaskHomogeneousSampler(Sampler):
     (the paper's task-homogeneous batches): each task's rows shuffled and
     cut into batches, a task's last batch filled up with its own rows drawn
     again, and the batches shuffled across tasks. Each pass over it is a new
-    permutation, the same on every rank (seeded by ``seed`` and the pass)."""
+    permutation, the same on every rank (seeded by ``seed`` and the pass);
+    ``set_epoch`` (which ``Trainer`` calls each epoch) sets the pass, so a
+    run resumed from a checkpoint takes the batches the whole run would."""
 
     def __init__(self, task_ids: Sequence[int], batch_size: int, seed: int = 0):
         self.batch_size, self.seed, self.passes = batch_size, seed, 0
@@ -111,6 +114,9 @@ class TaskHomogeneousSampler(Sampler):
                 order = np.concatenate([order, rows[refill]])
             batches += np.split(order, len(order) // self.batch_size)
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.passes = int(epoch)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.passes)

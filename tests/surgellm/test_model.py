@@ -193,11 +193,12 @@ def test_from_encoder_loads_a_local_path(tmp_path):
     encoder_dir = tmp_path / "encoder"
     tokenizer = write_tokenizer(str(encoder_dir))
     tiny_bert(len(tokenizer)).save_pretrained(str(encoder_dir))
-    model = SurgeLLMForSequenceClassification.from_encoder(str(encoder_dir), {"a": 2, "b": 3})
-    assert model.config.tasks == {"a": 2, "b": 3} and model.config.class_names is None
-    processor = SurgeLLMProcessor(
-        transformers.AutoTokenizer.from_pretrained(encoder_dir), model.config
+    tokenizer = transformers.AutoTokenizer.from_pretrained(encoder_dir)
+    model = SurgeLLMForSequenceClassification.from_encoder(
+        str(encoder_dir), {"a": 2, "b": 3}, tokenizer=tokenizer
     )
+    assert model.config.tasks == {"a": 2, "b": 3} and model.config.class_names is None
+    processor = SurgeLLMProcessor(tokenizer, model.config)
     out = model(**processor(["great film", "maybe"], ["a", "b"], labels=[1, 2]))
     assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
     with pytest.raises(FileNotFoundError, match="no such directory"):
@@ -217,6 +218,30 @@ def test_prefix_tokens_start_from_their_pieces(tokenizer_dir):
     new = tokenizer.convert_tokens_to_ids("[TASK:sentiment")
     assert new >= len(before) and len(pieces) > 1
     assert_close(after[new], before[pieces].mean(0))
+
+
+def test_a_reused_tokenizer_gives_a_fresh_encoder_the_same_prefix_rows(tokenizer_dir):
+    """The tokenizer already holds the prefix tokens (grown for another
+    model): the new encoder's rows still start from the pieces' mean (they
+    were left at their random initialization)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    SurgeLLMForSequenceClassification.from_encoder(
+        tiny_bert(len(tokenizer)), TASKS, tokenizer=tokenizer
+    )
+    fresh_tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    pieces = fresh_tokenizer("[TASK:sentiment", add_special_tokens=False)["input_ids"]
+    encoder = tiny_bert(len(fresh_tokenizer), seed=3)
+    before = encoder.get_input_embeddings().weight.detach().clone()
+    model = SurgeLLMForSequenceClassification.from_encoder(encoder, TASKS, tokenizer=tokenizer)
+    new = tokenizer.convert_tokens_to_ids("[TASK:sentiment")
+    assert_close(model.get_input_embeddings().weight[new], before[pieces].mean(0))
+
+
+def test_a_tokenizer_without_the_prefix_tokens_is_refused(tokenizer_dir):
+    model, _ = make_model(tokenizer_dir)
+    fresh = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    with pytest.raises(ValueError, match=r"tokenizer lacks \d+ of the model's prefix tokens"):
+        SurgeLLMProcessor(fresh, model.config)
 
 
 # -- torch.compile, autocast ------------------------------------------------------------
@@ -341,6 +366,9 @@ def test_input_errors(tokenizer_dir):
     batch["labels"] = torch.tensor([0, 5])
     with pytest.raises(ValueError, match=r"labels\[1\]=5"):
         model(**batch)
+    batch["labels"] = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="task_ids and features are required"):
+        model(**{k: v for k, v in batch.items() if k != "task_ids"})
     encoder, tokenizer = model.surgellm.encoder, processor.tokenizer
     with pytest.raises(ValueError, match="number of classes >= 2"):
         SurgeLLMForSequenceClassification.from_encoder(encoder, {"x": 1}, tokenizer=tokenizer)

@@ -322,6 +322,8 @@ def test_train_command_data_errors(tmp_path, capsys, train_lines, eval_lines, wh
         ('{"text": "x", "task": "a", "label": 1.0}', "got a float"),
         ('{"text": "x", "task": "a", "label": null}', "got null"),
         ('{"text": "x", "label": 1}', 'missing field "task"'),
+        ('{"text": "a\\ud800b", "task": "a", "label": 1}', "a lone surrogate: not text"),
+        ("[" * 100_000, "invalid JSON: nested too deeply"),
     ],
 )
 def test_load_examples_errors(tmp_path, line, message):
@@ -329,6 +331,12 @@ def test_load_examples_errors(tmp_path, line, message):
     with pytest.raises(DataError) as info:
         load_examples(path)
     assert str(info.value).startswith(f"{path}:3: ") and message in str(info.value)
+
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode() * 2)
+    assert list(load_examples(path)["text"]) == [GOOD["text"]] * 2
 
 
 def test_load_examples_and_label_space(tmp_path):
@@ -413,6 +421,25 @@ def test_bad_arguments(tmp_path, capsys):
     assert "--no-such-option" in capsys.readouterr().err
     assert evaluate.main(["--model", str(tmp_path / "nothing"), "--data", "x.jsonl"]) == 2
     assert "error: x.jsonl: cannot read the file" in capsys.readouterr().err
+    base = ["--encoder", "x", "--train", "t.jsonl"]
+    assert train.main(base) == 2  # TrainingArguments alone would pick ./trainer_output
+    assert "error: the following arguments are required: --output" in capsys.readouterr().err
+    for flag, value, message in (
+        ("--lr", "-1", "argument --learning-rate: must be >= 0, got -1.0"),
+        ("--head-learning-rate", "-1", "argument --head-learning-rate: must be >= 0"),
+        ("--config-overrides", "head_droput=0", "'head_droput' is not a field it sets"),
+        ("--config-overrides", "iwn=False", "'iwn' is not a field it sets"),
+        ("--config-overrides", "alpha=abc", "alpha must be a float, got 'abc'"),
+    ):
+        assert train.main([*base, "--output", str(tmp_path / "new"), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {message}" in err or message in err, (flag, value, err)
+        assert "Traceback" not in err
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "checkpoint-8").mkdir()  # another run's
+    assert train.main([*base, "--output", str(tmp_path / "used")]) == 2
+    assert "is not empty: pass --resume" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_train_command_with_extracted_word_lists(files, tmp_path):
@@ -477,6 +504,9 @@ def test_train_command_model_errors(files, tmp_path, capsys):
     args = ["--train", files["train"], "--output", str(tmp_path / "out")]
     assert train.main(args + ["--encoder", files["encoder"], "--max-length", "20"]) == 2
     assert "error: max_seq_length=20 cannot hold the task prefix" in capsys.readouterr().err
+    bad_eps = ["--encoder", files["encoder"], "--config-overrides", "eps=0"]
+    assert train.main(args + bad_eps) == 2  # the config's check, before any step
+    assert "error: eps must be a positive number, got 0.0" in capsys.readouterr().err
     missing = str(tmp_path / "no-encoder")
     assert train.main(args + ["--encoder", missing]) == 2
     err = capsys.readouterr().err
@@ -495,6 +525,54 @@ def test_evaluate_command_label_errors(files, trained, tmp_path, capsys):
     data = write_jsonl(tmp_path / "e.jsonl", [record(task="other")])
     assert evaluate.main(["--model", str(out), "--data", data]) == 2
     assert capsys.readouterr().err.startswith(f"error: {data}:1: unknown task 'other'")
+
+
+def test_evaluate_command_damaged_weights(files, trained, tmp_path, capsys):
+    out, result = trained
+    assert result.returncode == 0, result.stderr
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in os.listdir(out):
+        if os.path.isfile(out / name):
+            (damaged / name).write_bytes((out / name).read_bytes())
+    (damaged / "model.safetensors").write_bytes(b"\x01\x02")  # truncated
+    assert evaluate.main(["--model", str(damaged), "--data", files["eval"]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot load the model from {damaged}") and "Traceback" not in err
+
+
+def test_resume_takes_the_steps_of_the_whole_run(files, tmp_path, capsys):
+    """A run resumed from its first epoch's checkpoint takes the batches (so
+    the losses) of the uninterrupted run (the sampler's pass is the epoch);
+    a checkpoint of other data (tasks in another order) is refused."""
+    args = ["--encoder", files["encoder"], "--train", files["train"], "--epochs", "2"]
+    args += ["--batch-size", "16", "--max-length", "64", "--logging-steps", "1"]
+    args += ["--save-total-limit", "3", "--load-best-model-at-end", "false"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train.main([*args, "--output", str(whole)]) == 0
+    saved = [p for p in os.listdir(whole) if p.startswith("checkpoint-")]
+    first = min(saved, key=lambda p: int(p.split("-")[1]))  # the first epoch's
+    resumed.mkdir()
+    os.rename(whole / first, resumed / first)
+    assert train.main([*args, "--output", str(resumed), "--resume"]) == 0
+
+    def losses(run):
+        with open(run / "trainer_state.json") as f:
+            return {h["step"]: h["loss"] for h in json.load(f)["log_history"] if "loss" in h}
+
+    step = int(first.split("-")[1])
+    after = {k: v for k, v in losses(whole).items() if k > step}
+    assert after and {k: losses(resumed)[k] for k in after} == pytest.approx(after, rel=1e-5)
+
+    with open(files["train"]) as f:  # the same rows, the tasks first seen in another order
+        rows = f.read().splitlines()
+    last_task = list(files["train_counts"])[-1]  # tasks in order of first appearance
+    rows.sort(key=lambda r: json.loads(r)["task"] != last_task)
+    reordered = write_jsonl(tmp_path / "reordered.jsonl", rows)
+    again = [a if a != files["train"] else reordered for a in args]
+    capsys.readouterr()
+    assert train.main([*again, "--output", str(resumed), "--resume"]) == 2
+    assert "holds a model of other data or options (tasks" in capsys.readouterr().err
 
 
 # -- metrics --------------------------------------------------------------------------------
