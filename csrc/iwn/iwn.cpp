@@ -144,7 +144,12 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                          shape_text(running_mean->sym_sizes()), " and running_std ",
                          shape_text(running_std->sym_sizes()), " must have the same shape");
     // Training updates both in place: each element needs memory of its own.
-    // (Skipped while tracing with symbolic shapes; the call that runs checks.)
+    // With symbolic shapes (torch.compile's dynamic traces) only the same
+    // tensor given twice is caught: the overlap tests read concrete strides.
+    const char* shared =
+        "running_mean and running_std share memory, and training updates both in place: pass "
+        "two separate tensors";
+    SURGELLM_CHECK_VALUE(!(training && running_mean->is_same(*running_std)), shared);
     if (training && !running_mean->unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
         !running_std->unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
       for (const auto& [r, name] :
@@ -155,9 +160,7 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                              name, ".clone())");
       const at::MemOverlapStatus both = at::get_overlap_status(*running_mean, *running_std);
       SURGELLM_CHECK_VALUE(
-          both != at::MemOverlapStatus::Full && both != at::MemOverlapStatus::Partial,
-          "running_mean and running_std share memory, and training updates "
-          "both in place: pass two separate tensors");
+          both != at::MemOverlapStatus::Full && both != at::MemOverlapStatus::Partial, shared);
     }
     if (running_mean->dim() == 2) {
       call.num_tasks = running_mean->sym_size(0).guard_int(__FILE__, __LINE__);

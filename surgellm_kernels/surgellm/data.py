@@ -83,11 +83,11 @@ def _parse(path: str):
     def parse(batch, indices):
         out = {"text": [], "task": [], "label": [], "label_is_int": [], "line": []}
         for raw, index in zip(batch["text"], indices):
+            if index == 0:
+                raw = raw.removeprefix("\ufeff")  # a byte-order mark (UTF-8 with BOM)
             if not raw.strip():
                 continue
             line = index + 1
-            if index == 0:
-                raw = raw.removeprefix("\ufeff")  # a byte-order mark (UTF-8 with BOM)
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as exc:

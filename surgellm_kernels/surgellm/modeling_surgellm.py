@@ -400,15 +400,20 @@ def check_encoder_path(name: str) -> None:
 
 @torch.no_grad()
 def _add_prefix_tokens(encoder: PreTrainedModel, tokenizer, tokens: list) -> None:
-    """Add ``tokens`` to ``tokenizer`` and grow the encoder's embeddings; a
-    token's new row is the mean of the rows of the pieces its text is split
-    into without the added tokens (rows the encoder already has stay)."""
+    """Add ``tokens`` to ``tokenizer`` and grow the encoder's embeddings. The
+    row of each token new to the tokenizer, or new to this encoder (a
+    tokenizer another model's ``from_encoder`` grew), is set to the mean of
+    the rows of the pieces its text is split into without the added tokens;
+    the rows of tokens both already had stay."""
+    known = tokenizer.get_vocab()
     tokenizer.add_tokens(tokens)
     rows = encoder.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     ids = {t.content: tokenizer.convert_tokens_to_ids(t.content) for t in tokens}
-    fresh = [content for content, i in ids.items() if i >= rows]
+    # new ids may fall in spare rows an encoder keeps past its vocabulary (as
+    # OPT and Qwen2 do): new to the tokenizer counts as new to the encoder
+    fresh = [c for c, i in ids.items() if c not in known or i >= rows]
     weight = encoder.get_input_embeddings().weight
     for content, pieces in zip(fresh, _pieces_without(tokenizer, fresh)):
         weight[ids[content]] = weight[pieces].mean(0)

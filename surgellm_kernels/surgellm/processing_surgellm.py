@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -28,7 +29,7 @@ class SurgeLLMProcessor:
     error.
     """
 
-    def __init__(self, tokenizer, config: SurgeLLMConfig):
+    def __init__(self, tokenizer, config: SurgeLLMConfig, _saved: bool = False):
         # the first token is the pooled one, and truncation must cut the text's
         # end, never the prefix in front
         tokenizer.padding_side = tokenizer.truncation_side = "right"
@@ -37,13 +38,20 @@ class SurgeLLMProcessor:
 
             vocab = tokenizer.get_vocab()
             missing = [t.content for t in prefix_tokens(config) if t.content not in vocab]
-            if missing:  # it would cut each marker into pieces the model never saw
+            if missing and _saved:  # trained so: its markers were pieces then too
+                warnings.warn(
+                    f"this model's tokenizer lacks {len(missing)} of its prefix tokens (e.g. "
+                    f"{missing[0]!r}): it was trained with each marker cut into pieces, and "
+                    "is read so",
+                    stacklevel=3,
+                )
+            elif missing:  # it would cut each marker into pieces the model never saw
                 raise ValueError(
                     f"tokenizer lacks {len(missing)} of the model's prefix tokens (e.g. "
                     f"{missing[0]!r}): give SurgeLLMForSequenceClassification.from_encoder "
                     "the tokenizer (tokenizer=...), which it adds them to, and build the "
-                    "processor with that one; or use SurgeLLMProcessor.from_pretrained"
-                    "(<the model's directory>)"
+                    "processor with that one; for a saved model, use "
+                    "SurgeLLMProcessor.from_pretrained(<the model's directory>)"
                 )
         self.tokenizer, self.config = tokenizer, config
         self.featurizer = config.featurizer()
@@ -55,7 +63,7 @@ class SurgeLLMProcessor:
         config = AutoConfig.from_pretrained(directory)
         if not isinstance(config, SurgeLLMConfig):
             raise ValueError(f"{directory} holds a {type(config).__name__}, not a SURGELLM model")
-        return cls(AutoTokenizer.from_pretrained(directory), config)
+        return cls(AutoTokenizer.from_pretrained(directory), config, _saved=True)
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
         self.tokenizer.save_pretrained(directory)

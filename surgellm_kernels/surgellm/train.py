@@ -172,14 +172,30 @@ def parse(argv: Optional[Sequence[str]] = None):
     output = training_args.output_dir
     if os.path.exists(output) and not os.path.isdir(output):
         raise UsageError(f"argument --output: {output} is not a directory")
-    if not options.resume and os.path.isdir(output) and os.listdir(output):
+    if options.resume and training_args.resume_from_checkpoint:
+        raise UsageError(
+            "--resume (the last checkpoint in --output) and --resume-from-checkpoint: give one"
+        )
+    resuming = options.resume or training_args.resume_from_checkpoint
+    if not resuming and holds_a_run(output):
         # Trainer would mix this run's checkpoints with those there (and keep,
         # or later resume from, the other run's)
         raise UsageError(
-            f"argument --output: {output} is not empty: pass --resume to continue the run "
-            "saved there, or an empty or new directory"
+            f"argument --output: {output} holds another run's checkpoints or model: pass "
+            "--resume to continue that run, or a directory without them"
         )
     return options, training_args
+
+
+def holds_a_run(directory: str) -> bool:
+    """Whether ``directory`` holds what a training run writes (checkpoints,
+    its state, a model); other files (a log, a .gitkeep) do not count."""
+    if not os.path.isdir(directory):
+        return False
+    run_files = {"trainer_state.json", "config.json", "model.safetensors", "metrics.json"}
+    return any(
+        name in run_files or name.startswith("checkpoint-") for name in os.listdir(directory)
+    )
 
 
 # What a checkpoint's model must share with the one this run builds for
@@ -207,8 +223,12 @@ def resume_mismatch(checkpoint: str, config) -> Optional[str]:
         return None
     shown = []
     for k in differ:
-        if k in ("lexicon", "encoder_config"):
-            shown.append(f"{k} differs")
+        if k == "encoder_config":
+            a, b = saved[k], built[k]
+            fields = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
+            shown.append(f"the encoder's {', '.join(fields[:4])} differ")
+        elif k == "lexicon":
+            shown.append("the word lists differ")
         else:
             shown.append(f"{k} {saved[k]!r} there, {built[k]!r} here")
     return "; ".join(shown)
@@ -313,18 +333,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         compute_metrics=compute_metrics_for(config.task_names),
         callbacks=callbacks,
     )
-    resume = args.resume_from_checkpoint
+    resume, flag = args.resume_from_checkpoint, "--resume-from-checkpoint"
     if options.resume:
+        flag = "--resume"
         resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
         if resume is None:
             return fail(f"--resume: no checkpoint in {args.output_dir}")
+    if resume:
         try:
             mismatch = resume_mismatch(resume, config)
         except (OSError, ValueError) as exc:
-            return fail(f"--resume: cannot read {resume}: {exc}")
+            return fail(f"{flag}: cannot read {resume}: {exc}")
         if mismatch:  # its weights would load into the wrong heads, or not at all
             return fail(
-                f"--resume: {resume} holds a model of other data or options ({mismatch}): "
+                f"{flag}: {resume} holds a model of other data or options ({mismatch}): "
                 "pass the data and options of its run, or a new --output"
             )
     result = trainer.train(resume_from_checkpoint=resume)

@@ -19,6 +19,7 @@ model then predicts the class priors); ``head_learning_rate=None`` (or the
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Dict, List, Optional, Sequence
 
@@ -136,10 +137,18 @@ class SurgeLLMTrainer(Trainer):
     (each rank takes its consecutive part of the runs the sampler makes), so
     that N ranks of batch B take the steps one process of batch N x B takes."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task_sampler: Optional[TaskHomogeneousSampler] = None
+        self.add_callback(_SamplerEpoch(self))
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         global_batch = self.args.per_device_train_batch_size * self.args.world_size
-        return TaskHomogeneousSampler(dataset["task_ids"], global_batch, self.args.seed)
+        self.task_sampler = TaskHomogeneousSampler(
+            dataset["task_ids"], global_batch, self.args.seed
+        )
+        return self.task_sampler
 
     def create_optimizer(self, model=None):
         """``Trainer``'s AdamW groups (weight decay except biases and norms),
@@ -179,6 +188,20 @@ class SurgeLLMTrainer(Trainer):
                 if params:
                     optimizer.add_param_group({**options, "params": params, "lr": lr})
         return optimizer
+
+
+class _SamplerEpoch(TrainerCallback):
+    """Sets the task sampler's pass to the epoch as each begins: data-parallel,
+    accelerate wraps the sampler in batch samplers that ``Trainer``'s
+    ``set_epoch`` does not reach, and a run resumed within an epoch would
+    take the first epoch's order there."""
+
+    def __init__(self, trainer: "SurgeLLMTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer.task_sampler is not None:  # state.epoch: 1.5 when resumed mid-epoch
+            self.trainer.task_sampler.set_epoch(math.floor((state.epoch or 0) + 1e-6))
 
 
 class FitIWNStatistics(TrainerCallback):

@@ -205,18 +205,22 @@ def test_from_encoder_loads_a_local_path(tmp_path):
         SurgeLLMForSequenceClassification.from_encoder(str(tmp_path / "typo"), {"a": 2})
 
 
-def test_prefix_tokens_start_from_their_pieces(tokenizer_dir):
+@pytest.mark.parametrize("spare_rows", [0, 64])
+def test_prefix_tokens_start_from_their_pieces(tokenizer_dir, spare_rows):
     """Each added token's embedding is the mean of the encoder's embeddings
-    of the pieces its text splits into; no other row changes."""
+    of the pieces its text splits into; no other row changes. With spare
+    rows past the vocabulary (as OPT and Qwen2 keep) the new ids fall in
+    them, and are set all the same."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    encoder = tiny_bert(len(tokenizer))
+    vocab = len(tokenizer)
+    encoder = tiny_bert(vocab + spare_rows)
     before = encoder.get_input_embeddings().weight.detach().clone()
     pieces = tokenizer("[TASK:sentiment", add_special_tokens=False)["input_ids"]
     model = SurgeLLMForSequenceClassification.from_encoder(encoder, TASKS, tokenizer=tokenizer)
     after = model.get_input_embeddings().weight.detach()
-    assert torch.equal(after[: len(before)], before)
+    assert torch.equal(after[:vocab], before[:vocab])
     new = tokenizer.convert_tokens_to_ids("[TASK:sentiment")
-    assert new >= len(before) and len(pieces) > 1
+    assert new >= vocab and len(pieces) > 1
     assert_close(after[new], before[pieces].mean(0))
 
 
@@ -237,11 +241,16 @@ def test_a_reused_tokenizer_gives_a_fresh_encoder_the_same_prefix_rows(tokenizer
     assert_close(model.get_input_embeddings().weight[new], before[pieces].mean(0))
 
 
-def test_a_tokenizer_without_the_prefix_tokens_is_refused(tokenizer_dir):
+def test_a_tokenizer_without_the_prefix_tokens_is_refused(tokenizer_dir, tmp_path):
     model, _ = make_model(tokenizer_dir)
     fresh = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     with pytest.raises(ValueError, match=r"tokenizer lacks \d+ of the model's prefix tokens"):
         SurgeLLMProcessor(fresh, model.config)
+    # a model saved with such a tokenizer was trained on the pieces: read so, with a warning
+    model.save_pretrained(tmp_path)
+    fresh.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="trained with each marker cut into pieces"):
+        SurgeLLMProcessor.from_pretrained(tmp_path)
 
 
 # -- torch.compile, autocast ------------------------------------------------------------

@@ -333,9 +333,10 @@ def test_load_examples_errors(tmp_path, line, message):
     assert str(info.value).startswith(f"{path}:3: ") and message in str(info.value)
 
 
-def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
+@pytest.mark.parametrize("first", [b"", b"\n"], ids=["a line", "an empty line"])
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path, first):
     path = tmp_path / "d.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode() * 2)
+    path.write_bytes(b"\xef\xbb\xbf" + first + (json.dumps(GOOD) + "\n").encode() * 2)
     assert list(load_examples(path)["text"]) == [GOOD["text"]] * 2
 
 
@@ -438,8 +439,16 @@ def test_bad_arguments(tmp_path, capsys):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "checkpoint-8").mkdir()  # another run's
     assert train.main([*base, "--output", str(tmp_path / "used")]) == 2
-    assert "is not empty: pass --resume" in capsys.readouterr().err
+    assert "holds another run's checkpoints or model: pass --resume" in capsys.readouterr().err
+    both = ["--output", str(tmp_path / "used"), "--resume", "--resume-from-checkpoint", "c"]
+    assert train.main([*base, *both]) == 2
+    assert "give one" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    from surgellm_kernels.surgellm.train import parse
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "train.log").write_text("")  # not a run: accepted
+    assert parse([*base, "--output", str(tmp_path / "logs")])[1].output_dir.endswith("logs")
 
 
 def test_train_command_with_extracted_word_lists(files, tmp_path):
@@ -573,6 +582,28 @@ def test_resume_takes_the_steps_of_the_whole_run(files, tmp_path, capsys):
     capsys.readouterr()
     assert train.main([*again, "--output", str(resumed), "--resume"]) == 2
     assert "holds a model of other data or options (tasks" in capsys.readouterr().err
+
+
+def test_the_sampler_pass_is_the_epoch():
+    """set_epoch(e) gives the order of the (e + 1)-th pass; the trainer's
+    callback sets it from the state's epoch (data-parallel, accelerate's
+    wrappers keep Trainer's own set_epoch from the sampler)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerState
+
+    from surgellm_kernels.surgellm.trainer import TaskHomogeneousSampler, _SamplerEpoch
+
+    tasks = [0] * 10 + [1] * 7
+    whole = TaskHomogeneousSampler(tasks, 4, seed=3)  # its passes in turn
+    orders = [list(whole) for _ in range(3)]
+    assert orders[0] != orders[1] != orders[2]
+    for epoch, state_epoch in ((2, 2.0), (1, 1.5), (0, 0.0)):
+        sampler = TaskHomogeneousSampler(tasks, 4, seed=3)
+        _SamplerEpoch(SimpleNamespace(task_sampler=sampler)).on_epoch_begin(
+            None, TrainerState(epoch=state_epoch), None
+        )
+        assert list(sampler) == orders[epoch], (epoch, state_epoch)
 
 
 # -- metrics --------------------------------------------------------------------------------
