@@ -237,6 +237,15 @@ def _module_calls():
         "SurgicalGate: task_ids missing": lambda: FusedSurgicalGate(8, 4, num_tasks=2)(
             torch.randn(2, 8), torch.randn(2, 4)
         ),
+        "SurgicalGate: h scalar": lambda: FusedSurgicalGate(8, 4)(
+            torch.tensor(1.0), torch.randn(2, 4)
+        ),
+        "SurgicalGate: task_ids out of range": lambda: FusedSurgicalGate(8, 4, num_tasks=2)(
+            torch.randn(2, 8), torch.randn(2, 4), torch.tensor([0, 2])
+        ),
+        "SurgicalGate: task_ids float": lambda: FusedSurgicalGate(8, 4, num_tasks=2)(
+            torch.randn(2, 8), torch.randn(2, 4), torch.tensor([0.0, 1.0])
+        ),
     }
 
 

@@ -50,9 +50,28 @@ class SurgicalGate(nn.Module):
         self.gate = nn.Linear(2 * d_model, d_model)  # W_g, b_g, Eq.6
         self.norm = nn.LayerNorm(d_model, eps=eps)  # Eq.7
 
+    def _check_task_ids(self, task_ids: Tensor, h: Tensor) -> None:
+        if not isinstance(task_ids, Tensor) or task_ids.shape != h.shape[:-1]:
+            got = tuple(task_ids.shape) if isinstance(task_ids, Tensor) else type(task_ids)
+            raise ValueError(f"task_ids must have shape {tuple(h.shape[:-1])}, got {got}")
+        if task_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"task_ids must be an int64 (or int32) tensor, got {task_ids.dtype}")
+        # An id past the task embedding is an IndexError naming nothing on the
+        # CPU and a device-side assert on CUDA (one host sync here, as
+        # fused_iwn's range check; not while compiling or capturing a graph).
+        capturing = task_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        if task_ids.numel() and not torch.compiler.is_compiling() and not capturing:
+            lo, hi = torch.aminmax(task_ids)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= self.num_tasks:
+                raise ValueError(
+                    f"task_ids must lie in [0, {self.num_tasks}), got values in [{lo}, {hi}]"
+                )
+
     def forward(self, h: Tensor, s: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
-        if h.shape[-1] != self.d_model:
-            raise ValueError(f"h must have shape (..., {self.d_model}), got {tuple(h.shape)}")
+        if not isinstance(h, Tensor) or h.dim() == 0 or h.shape[-1] != self.d_model:
+            got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+            raise ValueError(f"h must have shape (..., {self.d_model}), got {got}")
         if s.shape[:-1] != h.shape[:-1] or s.shape[-1] != self.num_features:
             expected = (*h.shape[:-1], self.num_features)
             raise ValueError(f"s must have shape {expected}, got {tuple(s.shape)}")
@@ -60,10 +79,8 @@ class SurgicalGate(nn.Module):
             if self.num_tasks > 1:
                 raise ValueError(f"this module holds {self.num_tasks} tasks: task_ids are required")
             task_ids = torch.zeros(h.shape[:-1], dtype=torch.long, device=h.device)
-        elif task_ids.shape != h.shape[:-1]:
-            raise ValueError(
-                f"task_ids must have shape {tuple(h.shape[:-1])}, got {tuple(task_ids.shape)}"
-            )
+        else:
+            self._check_task_ids(task_ids, h)
         h_task = h + self.alpha * self.task_embedding(task_ids)
         s_proj = F.relu(self.feature_projection(s))
         w_h, w_s = self.gate.weight.split(self.d_model, dim=1)
