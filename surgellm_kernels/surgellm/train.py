@@ -225,8 +225,8 @@ def resume_mismatch(checkpoint: str, config) -> Optional[str]:
     for k in differ:
         if k == "encoder_config":
             a, b = saved[k], built[k]
-            fields = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
-            shown.append(f"the encoder's {', '.join(fields[:4])} differ")
+            names = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
+            shown.append(f"the encoder's {', '.join(names[:4])} differ")
         elif k == "lexicon":
             shown.append("the word lists differ")
         else:
