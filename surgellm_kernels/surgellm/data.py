@@ -133,6 +133,14 @@ def load_examples(path: Union[str, os.PathLike]):
             )
         except Exception as exc:  # unreadable, or not UTF-8
             cause = exc.__cause__ or exc
+            line, column = (
+                _first_undecodable(path) if isinstance(cause, UnicodeDecodeError) else (None, 0)
+            )
+            if line is not None:  # name the line, as for bad JSON
+                raise DataError(
+                    f"{_where(path, line)}: not UTF-8 text: byte {column} of the line "
+                    f"cannot be decoded ({cause.reason}); save the file as UTF-8"
+                ) from None
             raise DataError(f"{path}: cannot read the file: {cause}") from None
         data = lines.map(
             _parse(path),
@@ -147,6 +155,18 @@ def load_examples(path: Union[str, os.PathLike]):
     if len(data) == 0:
         raise DataError(f"{path}: no examples (the file is empty)")
     return data
+
+
+def _first_undecodable(path: str):
+    """(line, byte within it, from 1) of the first bytes of ``path`` that are
+    not UTF-8; (None, None) if there are none."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return number, exc.start + 1
+    return None, None
 
 
 def _shown(label: str, is_int: bool) -> str:
