@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 
 __all__ = ["main", "SurgeLLMArguments"]
 
+METRICS_FILE = "metrics.json"  # the run's per-task metrics, in --output
+
 
 @dataclasses.dataclass
 class SurgeLLMArguments:
@@ -190,11 +192,16 @@ def parse(argv: Optional[Sequence[str]] = None):
 def holds_a_run(directory: str) -> bool:
     """Whether ``directory`` holds what a training run writes (checkpoints,
     its state, a model); other files (a log, a .gitkeep) do not count."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
+
     if not os.path.isdir(directory):
         return False
-    run_files = {"trainer_state.json", "config.json", "model.safetensors", "metrics.json"}
+    run_files = {TRAINER_STATE_NAME, CONFIG_NAME, SAFE_WEIGHTS_NAME, METRICS_FILE}
     return any(
-        name in run_files or name.startswith("checkpoint-") for name in os.listdir(directory)
+        name in run_files or name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+        for name in os.listdir(directory)
     )
 
 
@@ -359,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trainer.save_model(args.output_dir)
         trainer.save_state()  # trainer_state.json: the log and the best checkpoint
         processor.save_pretrained(args.output_dir)
-        write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+        write_json(os.path.join(args.output_dir, METRICS_FILE), metrics)
         say(f"trained {result.global_step} steps in {result.metrics['train_runtime']:.1f}s")
         say(f"metrics on {options.eval or options.train}:")
         from .evaluate import format_metrics
