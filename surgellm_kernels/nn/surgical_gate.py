@@ -15,7 +15,25 @@ from torch import Tensor, nn
 from ..ops.reference import surgical_gate_reference
 from ..ops.surgical_gate import fused_surgical_gate
 
-__all__ = ["SurgicalGate", "FusedSurgicalGate"]
+__all__ = ["SurgicalGate", "FusedSurgicalGate", "check_task_ids"]
+
+
+def check_task_ids(task_ids: Tensor, shape: torch.Size, num_tasks: int) -> None:
+    """``task_ids`` of ``shape``, integer ids in [0, num_tasks), ahead of a
+    task embedding: an id past it is an IndexError naming nothing on the
+    CPU and a device-side assert on CUDA. The range check costs one host sync
+    (as fused_iwn's; skipped while compiling or capturing a graph)."""
+    if not isinstance(task_ids, Tensor) or task_ids.shape != shape:
+        got = tuple(task_ids.shape) if isinstance(task_ids, Tensor) else type(task_ids)
+        raise ValueError(f"task_ids must have shape {tuple(shape)}, got {got}")
+    if task_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"task_ids must be an int64 (or int32) tensor, got {task_ids.dtype}")
+    capturing = task_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+    if task_ids.numel() and not torch.compiler.is_compiling() and not capturing:
+        lo, hi = torch.aminmax(task_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= num_tasks:
+            raise ValueError(f"task_ids must lie in [0, {num_tasks}), got values in [{lo}, {hi}]")
 
 
 class SurgicalGate(nn.Module):
@@ -50,24 +68,6 @@ class SurgicalGate(nn.Module):
         self.gate = nn.Linear(2 * d_model, d_model)  # W_g, b_g, Eq.6
         self.norm = nn.LayerNorm(d_model, eps=eps)  # Eq.7
 
-    def _check_task_ids(self, task_ids: Tensor, h: Tensor) -> None:
-        if not isinstance(task_ids, Tensor) or task_ids.shape != h.shape[:-1]:
-            got = tuple(task_ids.shape) if isinstance(task_ids, Tensor) else type(task_ids)
-            raise ValueError(f"task_ids must have shape {tuple(h.shape[:-1])}, got {got}")
-        if task_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"task_ids must be an int64 (or int32) tensor, got {task_ids.dtype}")
-        # An id past the task embedding is an IndexError naming nothing on the
-        # CPU and a device-side assert on CUDA (one host sync here, as
-        # fused_iwn's range check; not while compiling or capturing a graph).
-        capturing = task_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        if task_ids.numel() and not torch.compiler.is_compiling() and not capturing:
-            lo, hi = torch.aminmax(task_ids)
-            lo, hi = int(lo), int(hi)
-            if lo < 0 or hi >= self.num_tasks:
-                raise ValueError(
-                    f"task_ids must lie in [0, {self.num_tasks}), got values in [{lo}, {hi}]"
-                )
-
     def forward(self, h: Tensor, s: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
         if not isinstance(h, Tensor) or h.dim() == 0 or h.shape[-1] != self.d_model:
             got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
@@ -80,7 +80,7 @@ class SurgicalGate(nn.Module):
                 raise ValueError(f"this module holds {self.num_tasks} tasks: task_ids are required")
             task_ids = torch.zeros(h.shape[:-1], dtype=torch.long, device=h.device)
         else:
-            self._check_task_ids(task_ids, h)
+            check_task_ids(task_ids, h.shape[:-1], self.num_tasks)
         h_task = h + self.alpha * self.task_embedding(task_ids)
         s_proj = F.relu(self.feature_projection(s))
         w_h, w_s = self.gate.weight.split(self.d_model, dim=1)

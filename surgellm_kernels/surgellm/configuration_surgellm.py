@@ -160,10 +160,15 @@ class SurgeLLMConfig(PretrainedConfig):
         """Each label a class of its row's task (tensors of one shape)."""
         import torch
 
+        from ..nn.surgical_gate import check_task_ids
+
         if labels.shape != task_ids.shape:
             raise ValueError(
                 f"labels must have shape {tuple(task_ids.shape)}, got {tuple(labels.shape)}"
             )
+        # Each label is checked against its own task's class count: the task
+        # ids must index the task list first.
+        check_task_ids(task_ids, labels.shape, len(self.tasks))
         counts = torch.tensor(list(self.tasks.values()))[task_ids.cpu()]
         bad = ((labels.cpu() < 0) | (labels.cpu() >= counts)).nonzero()
         if bad.numel():

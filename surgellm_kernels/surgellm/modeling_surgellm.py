@@ -41,6 +41,7 @@ from transformers import AddedToken, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
 from ..nn import InstanceWeightedNorm, SurgicalGate
+from ..nn.surgical_gate import check_task_ids
 from .configuration_surgellm import SurgeLLMConfig
 
 try:  # transformers >= 5: init functions that leave loaded weights alone
@@ -87,6 +88,7 @@ class UngatedFusion(nn.Module):
         self.norm = nn.LayerNorm(d_model, eps=eps)
 
     def forward(self, h: Tensor, s: Tensor, task_ids: Tensor) -> Tensor:
+        check_task_ids(task_ids, h.shape[:-1], self.task_embedding.num_embeddings)
         h_task = h + self.alpha * self.task_embedding(task_ids)
         return self.norm(h_task + F.relu(self.feature_projection(s)))
 
