@@ -369,21 +369,27 @@ def convert_to_iwn(
 @contextlib.contextmanager
 def iwn_labels(model: nn.Module, labels, task_ids=None):
     """Within the ``with`` block, every class-balanced normalization layer of
-    ``model`` called without labels (task ids) gets these: a model whose
-    forward knows nothing of labels trains unchanged::
+    ``model`` called without labels gets these labels (and these task ids,
+    where the call has none): a model whose forward knows nothing of labels
+    trains unchanged::
 
         with iwn_labels(model, labels):
             loss = criterion(model(images), labels)
+
+    In nested blocks the innermost one gives both; a call that passes its own
+    labels gets nothing from any block.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
     def give_labels(module, args, kwargs):
-        # forward(x, labels=None, task_ids=None): fill what the call left out
+        # forward(x, labels=None, task_ids=None). Labels and task ids go
+        # together: an outer block must not add its task ids to an inner
+        # block's labels.
         if len(args) < 2 and kwargs.get("labels") is None:
             kwargs["labels"] = labels
-        if task_ids is not None and len(args) < 3 and kwargs.get("task_ids") is None:
-            kwargs["task_ids"] = task_ids
+            if task_ids is not None and len(args) < 3 and kwargs.get("task_ids") is None:
+                kwargs["task_ids"] = task_ids
         return args, kwargs
 
     layers = [

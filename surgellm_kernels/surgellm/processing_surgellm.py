@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Union
@@ -77,8 +78,8 @@ class SurgeLLMProcessor:
                 if t not in self.config.tasks:
                     raise ValueError(f"tasks[{i}]: unknown task {t!r}; this model has {names}")
                 ids.append(names.index(t))
-            elif isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(names):
-                ids.append(t)
+            elif (index := _integer(t)) is not None and 0 <= index < len(names):
+                ids.append(index)
             else:
                 raise ValueError(
                     f"tasks[{i}] must be a task name or an id in [0, {len(names)}), got {t!r}"
@@ -123,7 +124,13 @@ class SurgeLLMProcessor:
         )
         batch.update(features=features, task_ids=task_ids)
         if labels is not None:
-            batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
+            batch["labels"] = torch.as_tensor(labels)
+            if batch["labels"].numel() and not _is_integer_dtype(batch["labels"].dtype):
+                # (as_tensor(dtype=long) would truncate 0.7 to class 0)
+                raise TypeError(
+                    f"labels must be integer class ids, got {batch['labels'].dtype} values"
+                )
+            batch["labels"] = batch["labels"].long()
             self.config.check_labels(batch["labels"], task_ids)
         if return_tensors is None:
             batch = {k: v.tolist() if isinstance(v, Tensor) else v for k, v in batch.items()}
@@ -167,3 +174,18 @@ class SurgeLLMProcessor:
             return predictions
         tasks = self.config.task_names
         return [names[tasks[t]][p] for t, p in zip(task_ids.tolist(), predictions)]
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _integer(value) -> Optional[int]:
+    """``value`` as an int if it is one (an int, a numpy integer, a 0-d
+    integer tensor), else None; a bool is not a task id."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None

@@ -75,6 +75,10 @@ def _check_arguments(texts, labels, top_k, min_count, ngram_range, prior, binary
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be a string, got {type(t).__name__}")
+    _check_options(top_k, min_count, ngram_range, prior, binary)
+
+
+def _check_options(top_k, min_count, ngram_range, prior, binary):
     for name, value, low in (("top_k", top_k, 1), ("min_count", min_count, 1)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -310,9 +314,24 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ._cli import fail
     from .data import DataError, load_examples
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The options are checked before the data is read: a bad value is the
+    # command line's fault, not the data's.
+    flags = {
+        "top_k": ("--top-k", args.top_k),
+        "min_count": ("--min-count", args.min_count),
+        "ngram_range": ("--max-words", args.max_words),
+        "prior": ("--prior", args.prior),
+    }
+    try:
+        _check_options(args.top_k, args.min_count, (1, args.max_words), args.prior, args.binary)
+    except ValueError as e:
+        flag, value = flags[str(e).split(" ", 1)[0]]
+        return fail(f"argument {flag}: invalid value {value!r}: {e}", parser)
     try:
         examples = load_examples(args.data)
         by_task: Dict[str, Tuple[list, list]] = {}

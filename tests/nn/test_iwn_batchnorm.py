@@ -341,6 +341,25 @@ def test_nested_iwn_labels_the_innermost_block_wins():
     assert_close(y_outer, truth(x, outer, torch.ones(3), torch.zeros(3), 1e-5)[0])
 
 
+def test_nested_iwn_labels_give_labels_and_task_ids_together():
+    layer = FusedInstanceWeightedNorm1d(3, 2, num_tasks=2, affine=False).double()
+    model, x = nn.Sequential(layer), torch.randn(6, 3, dtype=torch.float64)
+    labels, task_ids = torch.tensor([0, 1, 0, 1, 0, 1]), torch.tensor([0, 0, 0, 1, 1, 1])
+    with iwn_labels(model, labels.flip(0), task_ids.flip(0)):
+        # the inner block's labels come without task ids: the outer block's
+        # must not be paired with them
+        with iwn_labels(model, labels):
+            with pytest.raises(ValueError, match="task_ids .* are required"):
+                model(x)
+        with iwn_labels(model, labels, task_ids):
+            y = model(x)
+        # the call's own labels take nothing from a block
+        with pytest.raises(ValueError, match="task_ids .* are required"):
+            model[0](x, labels)
+    reference = InstanceWeightedNorm1d(3, 2, num_tasks=2, affine=False).double()
+    assert_close(y, reference(x, labels, task_ids))
+
+
 def test_iwn_labels_is_the_explicit_call():
     model = small_cnn()
     convert_to_iwn(model, num_classes=3, fused=False)

@@ -4,6 +4,7 @@ ablations, the prefix and its embeddings, input errors."""
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -371,11 +372,35 @@ def test_input_errors(tokenizer_dir):
         processor(["a", "b"], ["sentiment", "authorship"], labels=[0, 2])
     with pytest.raises(ValueError, match="texts and tasks must be sequences of one length"):
         processor(["a", "b"], ["sentiment"])
+    # task ids as a tensor or numpy integers, as names; never a bool or a float
+    assert processor.task_ids(torch.tensor([2, 0])).tolist() == [2, 0]
+    assert processor.task_ids(np.array([1])).tolist() == [1]
+    for bad in (torch.tensor([True]), [1.0], torch.tensor([3])):
+        with pytest.raises(ValueError, match=r"tasks\[0\] must be a task name or an id"):
+            processor.task_ids(bad)
+    with pytest.raises(TypeError, match="labels must be integer class ids, got torch.float32"):
+        processor(["a", "b"], ["sentiment", "authorship"], labels=[0.7, 1.2])
+    with pytest.raises(TypeError, match="labels must be integer class ids, got torch.bool"):
+        processor(["a", "b"], ["sentiment", "authorship"], labels=[True, False])
     batch = processor(["a", "b"], ["sentiment", "authorship"], labels=[0, 1])
     batch["labels"] = torch.tensor([0, 5])
     with pytest.raises(ValueError, match=r"labels\[1\]=5"):
         model(**batch)
-    batch["labels"] = torch.tensor([0, 1])
+    # a task id past the task list, with labels (checked per task) and without
+    # (the gate's embedding), and with the gate ablated
+    batch["labels"], batch["task_ids"] = torch.tensor([0, 1]), torch.tensor([0, 3])
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 3\), got values in \[0, 3\]"):
+        model(**batch)
+    batch["task_ids"] = torch.tensor([0.0, 1.0])
+    with pytest.raises(TypeError, match="task_ids must be an int64"):
+        model(**batch)
+    ungated, _ = make_model(tokenizer_dir, gate=False)
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    for m in (model, ungated):
+        unlabelled["task_ids"] = torch.tensor([-1, 1])
+        with pytest.raises(ValueError, match=r"lie in \[0, 3\), got values in \[-1, 1\]"):
+            m.eval()(**unlabelled)
+    batch["task_ids"] = torch.tensor([0, 1])
     with pytest.raises(ValueError, match="task_ids and features are required"):
         model(**{k: v for k, v in batch.items() if k != "task_ids"})
     encoder, tokenizer = model.surgellm.encoder, processor.tokenizer

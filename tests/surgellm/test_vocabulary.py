@@ -309,8 +309,16 @@ def test_vocabulary_command_errors(tmp_path, capsys):
         main(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "v.json")]) == 2
     )
     assert not (tmp_path / "v.json").exists()
-    assert main(["--data", str(data), "--output", str(tmp_path / "v.json"), "--top-k", "0"]) == 2
-    assert "top_k must be an int >= 1, got 0" in capsys.readouterr().err
+    capsys.readouterr()
+    # a bad option is named as one, before the data is read
+    for option, value in (("--top-k", "0"), ("--min-count", "0"), ("--max-words", "0")):
+        args = ["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "v.json")]
+        assert main([*args, option, value]) == 2
+        err = capsys.readouterr().err
+        assert f"error: argument {option}: invalid value 0" in err and "missing" not in err
+    assert main(["--data", str(data), "--output", str(tmp_path / "v.json"), "--prior", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --prior: invalid value -1.0" in err and "task" not in err
     good = tmp_path / "good.jsonl"
     _write_corpus(good, n=60)
     assert (
