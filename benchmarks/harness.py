@@ -302,6 +302,13 @@ class Report:
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
+        # SURGELLM_BENCH_ROWS=FILE: each row appended as it is measured, so
+        # that a run stopped at a time limit leaves its figures behind
+        # (scripts/gpu_check.sh).
+        path = os.environ.get("SURGELLM_BENCH_ROWS")
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(asdict(row)) + "\n")
 
     def _times(self):
         return {

@@ -36,12 +36,13 @@ CASES = cases("fused_iwn", SHAPES)
 
 
 def _inputs(case):
-    g = torch.Generator().manual_seed(0)
+    # on the case's device: large inputs are not drawn on the host and copied
+    g = torch.Generator(case.device).manual_seed(0)
     N, Fd = case.shape
-    x = torch.randn(N, Fd, generator=g).to(case.dtype).to(case.device)
+    x = torch.randn(N, Fd, generator=g, device=case.device).to(case.dtype)
     params = dict(
-        labels=torch.randint(0, NUM_CLASSES, (N,), generator=g).to(case.device),
-        gate=torch.randn(Fd, generator=g).to(case.device),
+        labels=torch.randint(0, NUM_CLASSES, (N,), generator=g, device=case.device),
+        gate=torch.randn(Fd, generator=g, device=case.device),
         weight=torch.ones(Fd, device=case.device),
         bias=torch.zeros(Fd, device=case.device),
         running_mean=torch.zeros(Fd, device=case.device),
@@ -105,7 +106,7 @@ def _batch_norm(case):
 
 def _proxy(case):
     """torch.addcmul(a, b, c, out=o): a single op moving 4 tensors of x's size."""
-    a, b, c = (torch.randn(case.shape).to(case.dtype).to(case.device) for _ in range(3))
+    a, b, c = (torch.randn(case.shape, device=case.device).to(case.dtype) for _ in range(3))
     out = torch.empty_like(a)
     return (lambda: torch.addcmul(a, b, c, out=out)), None
 

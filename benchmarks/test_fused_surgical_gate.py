@@ -49,9 +49,10 @@ MODULE_CASES = [
 
 def _call(fn, case):
     """A closure running fn(h, s, gate_logits, weight, bias) in the case's mode."""
-    g = torch.Generator().manual_seed(0)
+    # on the case's device: large inputs are not drawn on the host and copied
+    g = torch.Generator(case.device).manual_seed(0)
     h, s, logits = (
-        torch.randn(case.shape, generator=g).to(case.dtype).to(case.device) for _ in range(3)
+        torch.randn(case.shape, generator=g, device=case.device).to(case.dtype) for _ in range(3)
     )
     d = case.shape[-1]
     weight, bias = torch.ones(d, device=case.device), torch.zeros(d, device=case.device)
@@ -95,7 +96,7 @@ def _layer_norm(case):
 
 def _proxy(case):
     """torch.addcmul(a, b, c, out=o): a single op moving 4 tensors of h's size."""
-    a, b, c = (torch.randn(case.shape).to(case.dtype).to(case.device) for _ in range(3))
+    a, b, c = (torch.randn(case.shape, device=case.device).to(case.dtype) for _ in range(3))
     out = torch.empty_like(a)
     return (lambda: torch.addcmul(a, b, c, out=out)), None
 

@@ -37,12 +37,13 @@ LAST = "channels_last"
 def _call(fn, case, channels_last=False):
     """fn(x, labels, weight, bias, running_mean, running_std, training) in the
     case's mode, on x in the memory format asked for."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(case.shape, generator=g).to(case.dtype).to(case.device)
+    # on the case's device: large inputs are not drawn on the host and copied
+    g = torch.Generator(case.device).manual_seed(0)
+    x = torch.randn(case.shape, generator=g, device=case.device).to(case.dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     C = case.shape[1]
-    labels = torch.randint(0, NUM_CLASSES, (case.shape[0],), generator=g).to(case.device)
+    labels = torch.randint(0, NUM_CLASSES, (case.shape[0],), generator=g, device=case.device)
     weight = torch.ones(C, dtype=case.dtype, device=case.device)
     bias = torch.zeros(C, dtype=case.dtype, device=case.device)
     stats = [torch.zeros(C, dtype=case.dtype, device=case.device), torch.ones_like(weight)]
@@ -91,7 +92,7 @@ def _fused(backend, channels_last):
 
 
 def _proxy(case):
-    a, b, c = (torch.randn(case.shape).to(case.dtype).to(case.device) for _ in range(3))
+    a, b, c = (torch.randn(case.shape, device=case.device).to(case.dtype) for _ in range(3))
     out = torch.empty_like(a)
     return (lambda: torch.addcmul(a, b, c, out=out)), None
 
