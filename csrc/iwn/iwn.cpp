@@ -457,7 +457,8 @@ Tensor in_layout_of_x(const Tensor& out, const XLayout& layout, c10::SymIntArray
 // Instance keys as the phases' rows need them: one per position in rows of positions.
 Tensor row_keys(const Tensor& keys, const XLayout& layout) {
   if (layout.kind != Layout::position_rows) return keys;
-  return keys.unsqueeze(-1).expand_symint({keys.sym_size(0), layout.L}).reshape(-1);
+  // (contiguous: for one sample the reshape is a view of stride 0)
+  return keys.unsqueeze(-1).expand_symint({keys.sym_size(0), layout.L}).reshape(-1).contiguous();
 }
 
 // What the phases take: x (phase_x), a (F) gate, weight and bias in the

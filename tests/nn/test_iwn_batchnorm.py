@@ -53,6 +53,8 @@ LAYOUTS = [  # (shape, channels_last)
     ((4, 7, 1, 1), True),
     ((9, 1, 3, 5), True),
     ((5, 3, 13, 11), False),  # planes of 143: groups of four vectors, then a tail
+    ((1, 3, 4, 5), True),  # one sample: its positions' keys, one per position
+    ((1, 3, 4, 5), False),
 ]
 
 
