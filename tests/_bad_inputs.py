@@ -202,6 +202,9 @@ def _module_calls():
     return {
         "InstanceWeightedNorm: num_classes zero": lambda: FusedInstanceWeightedNorm(4, 0),
         "InstanceWeightedNorm: std_mode": lambda: FusedInstanceWeightedNorm(4, 3, std_mode="x"),
+        "InstanceWeightedNorm: momentum None": lambda: FusedInstanceWeightedNorm(
+            4, 3, momentum=None
+        ),
         "InstanceWeightedNorm: x width": lambda: norm().train()(
             torch.randn(6, 5), LABELS, LABELS % 2
         ),
@@ -227,12 +230,20 @@ def _module_calls():
                 torch.randn(6, 4, 2, 2)
             )
         ),
+        "InstanceWeightedNorm2d: num_classes a bool": lambda: FusedInstanceWeightedNorm2d(4, True),
+        "InstanceWeightedNorm2d: momentum None with tasks": lambda: FusedInstanceWeightedNorm2d(
+            4, 3, num_tasks=2, momentum=None
+        ),
         "convert_to_iwn: num_classes": lambda: convert_to_iwn(nn.Sequential(), 0),
         "SurgicalGate: h width": lambda: FusedSurgicalGate(8, 4)(
             torch.randn(2, 6), torch.randn(2, 4)
         ),
         "SurgicalGate: s shape": lambda: FusedSurgicalGate(8, 4)(
             torch.randn(2, 8), torch.randn(2, 5)
+        ),
+        "SurgicalGate: s missing": lambda: FusedSurgicalGate(8, 4)(torch.randn(2, 8), None),
+        "SurgicalGate: s integer": lambda: FusedSurgicalGate(8, 4)(
+            torch.randn(2, 8), torch.ones(2, 4, dtype=torch.long)
         ),
         "SurgicalGate: task_ids missing": lambda: FusedSurgicalGate(8, 4, num_tasks=2)(
             torch.randn(2, 8), torch.randn(2, 4)

@@ -38,14 +38,30 @@ __all__ = [
 ]
 
 
-def check_settings(std_mode: str, **counts: int) -> None:
+def check_settings(
+    std_mode: str, momentum: Optional[float] = 0.1, cumulative: bool = False, **counts: int
+) -> None:
     """A module's settings, checked when it is built (before any call):
-    std_mode, and counts that must be positive ints."""
+    std_mode, counts that must be positive ints, and a momentum of None (a
+    cumulative average) only where the module takes it (``cumulative``),
+    with one task. (A momentum's range is the op's check, at each call.)"""
     if std_mode not in ("class_mean", "pooled"):
         raise ValueError(f"std_mode must be 'class_mean' or 'pooled', got {std_mode!r}")
     for name, v in counts.items():
-        if not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if momentum is None and not cumulative:
+        raise ValueError(
+            "momentum must be a number in [0, 1], got None (the cumulative average of "
+            "BatchNorm's momentum=None is InstanceWeightedNorm1d / 2d's)"
+        )
+    if momentum is None and counts.get("num_tasks", 1) > 1:
+        # One batch count for all tasks would average a task absent from
+        # some batches as if it had been present.
+        raise ValueError(
+            f"momentum=None (a cumulative average) needs num_tasks=1, got "
+            f"num_tasks={counts['num_tasks']}: pass a momentum"
+        )
 
 
 class InstanceWeightedNorm(nn.Module):
@@ -74,7 +90,11 @@ class InstanceWeightedNorm(nn.Module):
     ):
         super().__init__()
         check_settings(
-            std_mode, num_features=num_features, num_classes=num_classes, num_tasks=num_tasks
+            std_mode,
+            momentum,
+            num_features=num_features,
+            num_classes=num_classes,
+            num_tasks=num_tasks,
         )
         self.num_features, self.num_classes, self.num_tasks = num_features, num_classes, num_tasks
         self.eps, self.momentum, self.std_mode = eps, momentum, std_mode
@@ -327,7 +347,12 @@ class _InstanceWeightedNormNd(nn.Module):
     ):
         super().__init__()
         check_settings(
-            std_mode, num_features=num_features, num_classes=num_classes, num_tasks=num_tasks
+            std_mode,
+            momentum,
+            cumulative=True,
+            num_features=num_features,
+            num_classes=num_classes,
+            num_tasks=num_tasks,
         )
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.num_classes, self.num_tasks = num_features, num_classes, num_tasks

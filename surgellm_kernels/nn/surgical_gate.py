@@ -72,9 +72,17 @@ class SurgicalGate(nn.Module):
         if not isinstance(h, Tensor) or h.dim() == 0 or h.shape[-1] != self.d_model:
             got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
             raise ValueError(f"h must have shape (..., {self.d_model}), got {got}")
-        if s.shape[:-1] != h.shape[:-1] or s.shape[-1] != self.num_features:
+        if (
+            not isinstance(s, Tensor)
+            or s.dim() == 0
+            or s.shape[:-1] != h.shape[:-1]
+            or (s.shape[-1] != self.num_features)
+        ):
             expected = (*h.shape[:-1], self.num_features)
-            raise ValueError(f"s must have shape {expected}, got {tuple(s.shape)}")
+            got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise ValueError(f"s must have shape {expected}, got {got}")
+        if not s.is_floating_point():
+            raise TypeError(f"s must be a floating tensor (the features), got {s.dtype}")
         if task_ids is None:
             if self.num_tasks > 1:
                 raise ValueError(f"this module holds {self.num_tasks} tasks: task_ids are required")

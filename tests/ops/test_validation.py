@@ -5,7 +5,12 @@ are the op's, in C++), direct torch.ops calls and torch.compile's trace."""
 import pytest
 import torch
 
-from surgellm_kernels import InstanceWeightedNorm, fused_iwn, fused_surgical_gate
+from surgellm_kernels import (
+    InstanceWeightedNorm,
+    InstanceWeightedNorm2d,
+    fused_iwn,
+    fused_surgical_gate,
+)
 from surgellm_kernels.ops.reference import iwn_reference
 
 from _bad_inputs import (
@@ -128,6 +133,16 @@ def test_module_errors():
         InstanceWeightedNorm(4, num_classes=0)
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 4\)"):
         norm.partial_fit(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+    # BatchNorm's momentum=None (a cumulative average over batches) is the
+    # channels-first layers', with one task: one batch count for several
+    # tasks would average a task missing from a batch as if it were there
+    with pytest.raises(ValueError, match="momentum must be a number in"):
+        InstanceWeightedNorm(4, num_classes=3, momentum=None)
+    with pytest.raises(ValueError, match="momentum=None .* needs num_tasks=1"):
+        InstanceWeightedNorm2d(4, num_classes=3, num_tasks=2, momentum=None)
+    assert InstanceWeightedNorm2d(4, num_classes=3, momentum=None).momentum is None
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got True"):
+        InstanceWeightedNorm2d(4, num_classes=True)
 
 
 def test_surgical_gate_errors():
