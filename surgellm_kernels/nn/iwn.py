@@ -281,6 +281,24 @@ class InstanceWeightedNorm(nn.Module):
         self._fit_state = None
         return self
 
+    @torch.no_grad()
+    def fit_batches(self, batches) -> "InstanceWeightedNorm":
+        """:meth:`fit` on a data set streamed once: ``batches`` yields
+        ``(x, labels, task_ids)`` (task_ids None with one task), each
+        :meth:`partial_fit`, then :meth:`fit`. A call that raises leaves what
+        :meth:`partial_fit` had accumulated before it as it was."""
+        previous = self._fit_state
+        self.reset_fit()
+        try:
+            for x, labels, task_ids in batches:
+                self.partial_fit(x, labels, task_ids)
+            if self._fit_state is None:
+                raise ValueError("batches hold no rows: there is nothing to fit")
+            return self.fit()
+        except BaseException:
+            self._fit_state = previous
+            raise
+
     def _moments_of_all_ranks(self, ranks, failed: bool):
         """Every rank's fit state merged in rank order (None when no rank has
         any row): the op the synchronized forward merges with. Raises on

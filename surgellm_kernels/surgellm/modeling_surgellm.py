@@ -297,15 +297,30 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         iwn = self.surgellm.iwn
         if iwn is None:
             raise RuntimeError("this model has no IWN (iwn=False): nothing to fit")
-        iwn.reset_fit()
         device = iwn.running_mean.device
-        for batch in batches:  # partial_fit accumulates in float64 itself
-            iwn.partial_fit(
-                batch["features"].to(device),
-                batch["labels"].to(device),
-                batch["task_ids"].to(device),
+        rows_per_task = torch.zeros(len(self.config.tasks), dtype=torch.long)
+
+        def rows():  # partial_fit accumulates in float64 itself
+            for i, batch in enumerate(batches):
+                missing = [k for k in ("features", "labels", "task_ids") if k not in batch]
+                if missing:
+                    raise ValueError(
+                        f"batches[{i}] has no {', '.join(missing)}: each batch needs "
+                        f"features, labels and task_ids (SurgeLLMProcessor with labels)"
+                    )
+                task_ids = batch["task_ids"].to(device)
+                yield batch["features"].to(device), batch["labels"].to(device), task_ids
+                rows_per_task.add_(torch.bincount(task_ids.cpu(), minlength=len(rows_per_task)))
+
+        iwn.fit_batches(rows())
+        absent = [t for t, n in zip(self.config.task_names, rows_per_task.tolist()) if n == 0]
+        if absent:
+            warnings.warn(
+                f"fit_statistics: no rows of task(s) {', '.join(absent)}: their IWN "
+                f"statistics stay as they were (mean 0, deviation 1 unless fitted before)",
+                RuntimeWarning,
+                stacklevel=3,
             )
-        iwn.fit()
         # A feature constant within every class of a task's training split has
         # sigma 0, and Eq.11 would divide any other value of it by eps alone
         # (a 1e5 gain) at inference. Such a feature is scaled by 1 instead,

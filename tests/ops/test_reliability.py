@@ -74,6 +74,10 @@ FAILING_CALLS = {  # (what, call(norm)) -- every one raises
     "fit: x of no rows": lambda m: m.fit(X[:0], LABELS[:0], TASKS[:0]),
     "partial_fit: task id out of range": lambda m: m.partial_fit(X, LABELS, TASKS - 1),
     "partial_fit: x of the wrong width": lambda m: m.partial_fit(X[:, :4], LABELS, TASKS),
+    "fit_batches: a bad second batch": lambda m: m.fit_batches(
+        [(X, LABELS, TASKS), (X, LABELS[:5], TASKS)]
+    ),
+    "fit_batches: no batches": lambda m: m.fit_batches([]),
 }
 
 

@@ -305,6 +305,28 @@ def test_autocast_cuda(tokenizer_dir, dtype):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_fit_statistics_names_what_is_missing(tokenizer_dir):
+    model, processor = make_model(tokenizer_dir)
+    texts, tasks, labels = synthetic_examples(48)
+    sentiment = [i for i, t in enumerate(tasks) if t == "sentiment"]
+    batch = processor(*([v[i] for i in sentiment] for v in (texts, tasks, labels)))
+    with pytest.warns(RuntimeWarning, match="no rows of task.* authorship, reasoning"):
+        model.fit_statistics([batch])
+    iwn = model.surgellm.iwn
+    assert torch.equal(iwn.running_std[1], torch.ones_like(iwn.running_std[1]))
+    with pytest.raises(ValueError, match="batches hold no rows"):
+        model.fit_statistics([])
+    with pytest.raises(ValueError, match=r"batches\[0\] has no labels"):
+        model.fit_statistics([processor(texts[:4], tasks[:4])])
+    # a failed call leaves the module's fit state as it was
+    bad = dict(batch, labels=batch["labels"][:2])
+    iwn.partial_fit(batch["features"], batch["labels"], batch["task_ids"])
+    before = [t.clone() for t in iwn._fit_state]
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model.fit_statistics([batch, bad])
+    assert all(torch.equal(a, b) for a, b in zip(iwn._fit_state, before))
+
+
 # -- ablations --------------------------------------------------------------------------
 @pytest.mark.parametrize("component", ["iwn", "gate", "prefix"])
 def test_ablations(tokenizer_dir, component):
