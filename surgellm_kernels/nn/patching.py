@@ -283,25 +283,34 @@ IWN_FOR_BATCHNORM = {
 
 def _iwn_from_batchnorm(bn: nn.Module, cls: type, num_classes: int, std_mode: str):
     stats = bn.running_mean if bn.running_mean is not None else bn.weight
+    # Running buffers set to None: BatchNorm then uses batch statistics in
+    # eval too, as with track_running_stats=False.
+    tracking = bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
     layer = cls(
         bn.num_features,
         num_classes,
         eps=bn.eps,
         momentum=bn.momentum,
         affine=bn.affine,
-        track_running_stats=bn.track_running_stats,
+        track_running_stats=tracking,
         std_mode=std_mode,
         device=stats.device if stats is not None else None,
         dtype=stats.dtype if stats is not None else None,
     )
     if bn.affine:  # the same Parameter objects: an optimizer built before stays valid
         layer.weight, layer.bias = bn.weight, bn.bias
-    if bn.track_running_stats:
+    if tracking:
         with torch.no_grad():
             layer.running_mean.copy_(bn.running_mean)
             layer.running_std.copy_(bn.running_var.sqrt())
             layer.num_batches_tracked.copy_(bn.num_batches_tracked)
     layer.train(bn.training)
+    # The BatchNorm's forward and backward hooks, the dicts themselves (as a
+    # patched twin shares them): a hook added or removed on either is on
+    # both, through revert too. (Its state_dict hooks would expect running_var.)
+    for name, value in vars(bn).items():
+        if "hook" in name and "state_dict" not in name:
+            layer.__dict__[name] = value
     return layer
 
 
@@ -340,8 +349,9 @@ def convert_to_iwn(
 
     Returns a :class:`PatchReport`; :meth:`PatchReport.revert` puts the
     BatchNorms back with the layers' parameters, running statistics
-    (``running_var = running_std ** 2``), device and dtype as they are then;
-    hooks registered on the new layers stay with them.
+    (``running_var = running_std ** 2``), device and dtype as they are then.
+    A new layer shares its BatchNorm's forward and backward hooks (the same
+    hook dicts: a hook added or removed on either is on both).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

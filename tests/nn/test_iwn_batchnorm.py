@@ -331,6 +331,39 @@ def test_convert_to_iwn_carries_everything_over_and_reverts():
     assert int(bn.num_batches_tracked) == int(layer.num_batches_tracked)
 
 
+def test_convert_to_iwn_keeps_the_batchnorms_hooks():
+    model = small_cnn()
+    seen = []
+    model[1].register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    handle = model[1].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    images, labels = torch.randn(12, 3, 6, 6), torch.arange(12) % 3
+    report = convert_to_iwn(model, num_classes=3)
+    with iwn_labels(model, labels):
+        model(images)
+    assert seen == ["pre", (12, 8, 6, 6)]
+    handle.remove()  # removed through the BatchNorm's handle: gone from the layer too
+    with iwn_labels(model, labels):
+        model(images)
+    assert seen == ["pre", (12, 8, 6, 6), "pre"]
+    report.revert()
+    model(images)
+    assert seen[-1] == "pre" and len(seen) == 4
+
+
+def test_convert_to_iwn_a_batchnorm_without_running_buffers():
+    # BatchNorm's buffers set to None: batch statistics in eval too, as
+    # track_running_stats=False gives
+    bn = nn.BatchNorm1d(3)
+    bn.running_mean = bn.running_var = None
+    model = nn.Sequential(bn)
+    report = convert_to_iwn(model, num_classes=2)
+    assert not model[0].track_running_stats and model[0].running_mean is None
+    x, labels = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
+    assert_close(model.eval()[0](x, labels), truth(x, labels, bn.weight, bn.bias, bn.eps)[0])
+    report.revert()
+    assert model[0] is bn and bn.running_mean is None and bn.running_var is None
+
+
 def test_nested_iwn_labels_the_innermost_block_wins():
     layer = FusedInstanceWeightedNorm1d(3, 2, affine=False).double()
     model, x = nn.Sequential(layer), torch.randn(6, 3, dtype=torch.float64)
