@@ -121,7 +121,8 @@ def load_examples(path: Union[str, os.PathLike]):
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DataError(f"{path}: cannot read the file: no such file")
+        why = "it is a directory" if os.path.isdir(path) else "no such file"
+        raise DataError(f"{path}: cannot read the file: {why}")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: no examples (the file is empty)")
     progress = datasets.is_progress_bar_enabled()

@@ -376,8 +376,10 @@ def test_load_examples_and_label_space(tmp_path):
     assert space.classes == {"b": [2, 7, 10], "a": ["X", "y"]}
     assert space.class_names() == {"b": ["2", "7", "10"], "a": ["X", "y"]}
     assert space.encode(examples, path) == [2, 1, 0, 0, 1, 1]
-    with pytest.raises(DataError, match="cannot read the file"):
+    with pytest.raises(DataError, match="cannot read the file: no such file"):
         load_examples(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="cannot read the file: it is a directory"):
+        load_examples(tmp_path)
 
 
 @pytest.mark.parametrize("accelerator", [False, True])
