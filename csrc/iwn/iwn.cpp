@@ -63,7 +63,8 @@ struct IWNCall {
 int64_t count_from_data(const Tensor& t, const char* name, const char* kind, const char* what) {
   SURGELLM_CHECK_VALUE(
       !at::isTensorSubclassLike(t), what,
-      " cannot be read from the data while torch.compile traces the call: pass it");
+      " cannot be read from the data while torch.compile or a torch.func transform traces "
+      "the call: pass it");
   const int64_t hi = min_max_on_host({t})[1];
   SURGELLM_CHECK_VALUE(hi >= 0 && hi < kMaxKeys, name, " must be ", kind, " indices in [0, ",
                        kMaxKeys, "), got values up to ", hi);

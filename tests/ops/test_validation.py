@@ -275,11 +275,15 @@ def test_tracing_without_num_classes_says_to_pass_it():
         mode,
         pytest.raises(
             ValueError,
-            match="num_classes cannot be read from the data while "
-            "torch.compile traces the call: pass it",
+            match="num_classes cannot be read from the data while torch.compile or a "
+            "torch.func transform traces the call: pass it",
         ),
     ):
         torch.ops.surgellm.iwn(**call)
+    # torch.func's transforms (which the forward-mode AD error points to, with
+    # the reference) trace too
+    with pytest.raises(ValueError, match="or a torch.func transform traces the call"):
+        torch.func.jacrev(lambda x: iwn_reference(x, LABELS, training=True))(X)
 
 
 @pytest.mark.parametrize("expanded", ["running_mean", "running_std"])
