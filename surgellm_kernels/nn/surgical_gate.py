@@ -76,7 +76,7 @@ class SurgicalGate(nn.Module):
             not isinstance(s, Tensor)
             or s.dim() == 0
             or s.shape[:-1] != h.shape[:-1]
-            or (s.shape[-1] != self.num_features)
+            or s.shape[-1] != self.num_features
         ):
             expected = (*h.shape[:-1], self.num_features)
             got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
