@@ -166,14 +166,25 @@ class SurgeLLMProcessor:
             keep_in_memory=True,
         )
 
-    def decode(self, logits: Tensor, task_ids: Tensor) -> List:
-        """Each row's predicted class: its name when the config names them."""
+    def decode(self, logits: Tensor, task_ids) -> List:
+        """Each row's predicted class: its name when the config names them.
+        ``logits``: the model's (B, max classes); ``task_ids``: one task (id
+        or name) per row."""
+        width = self.config.max_classes
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] != width:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"logits must be the model's, of shape (batch, {width}), got {got}")
+        ids = self.task_ids(task_ids)
+        if len(ids) != len(logits):
+            raise ValueError(
+                f"task_ids must hold one task per row of logits ({len(logits)}), got {len(ids)}"
+            )
         predictions = logits.argmax(-1).tolist()
         names = self.config.class_names
         if names is None:
             return predictions
         tasks = self.config.task_names
-        return [names[tasks[t]][p] for t, p in zip(task_ids.tolist(), predictions)]
+        return [names[tasks[t]][p] for t, p in zip(ids.tolist(), predictions)]
 
 
 def _is_integer_dtype(dtype: torch.dtype) -> bool:

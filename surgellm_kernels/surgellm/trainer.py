@@ -231,6 +231,16 @@ def task_metrics(
     from sklearn.metrics import accuracy_score, f1_score
 
     predictions, labels, task_ids = map(np.asarray, (predictions, labels, task_ids))
+    if not len(predictions) == len(labels) == len(task_ids):
+        raise ValueError(
+            f"predictions, labels and task_ids must have one length, got "
+            f"{len(predictions)}, {len(labels)} and {len(task_ids)}"
+        )
+    T = len(task_names)
+    if task_ids.size and (
+        not np.issubdtype(task_ids.dtype, np.integer) or task_ids.min() < 0 or task_ids.max() >= T
+    ):  # a row of no task would be left out of every task's figures
+        raise ValueError(f"task_ids must be task indices in [0, {T}), got {task_ids.tolist()[:8]}")
     results = {}
     for t, name in enumerate(task_names):
         rows = task_ids == t

@@ -441,8 +441,16 @@ def test_input_errors(tokenizer_dir):
 def test_decode_names_classes(tokenizer_dir):
     model, processor = make_model(tokenizer_dir)
     batch = processor(["great film", "maybe i think"], ["sentiment", "authorship"])
-    predictions = processor.decode(model.eval()(**batch).logits, batch["task_ids"])
+    logits = model.eval()(**batch).logits
+    predictions = processor.decode(logits, batch["task_ids"])
     assert predictions[0] in TASKS["sentiment"] and predictions[1] in TASKS["authorship"]
+    assert processor.decode(logits, ["sentiment", "authorship"]) == predictions
+    with pytest.raises(ValueError, match=r"one task per row of logits \(2\), got 1"):
+        processor.decode(logits, batch["task_ids"][:1])
+    with pytest.raises(ValueError, match=r"tasks\[1\] must be a task name or an id in \[0, 3\)"):
+        processor.decode(logits, torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match=r"logits must be the model's, of shape \(batch, 3\)"):
+        processor.decode(logits[0], batch["task_ids"][0])
 
 
 def test_task_names_that_are_not_attribute_names(tokenizer_dir):
