@@ -171,6 +171,8 @@ def parse(argv: Optional[Sequence[str]] = None):
     ):
         if value is not None and not value >= 0:
             raise UsageError(f"argument {name}: must be >= 0, got {value}")
+    if not 0 <= training_args.seed < 2**32:  # numpy's seeds
+        raise UsageError(f"argument --seed: must be in [0, 2**32), got {training_args.seed}")
     output = training_args.output_dir
     if os.path.exists(output) and not os.path.isdir(output):
         raise UsageError(f"argument --output: {output} is not a directory")

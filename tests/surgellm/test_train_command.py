@@ -439,6 +439,8 @@ def test_bad_arguments(tmp_path, capsys):
     for flag, value, message in (
         ("--lr", "-1", "argument --learning-rate: must be >= 0, got -1.0"),
         ("--head-learning-rate", "-1", "argument --head-learning-rate: must be >= 0"),
+        ("--seed", "-1", "argument --seed: must be in [0, 2**32), got -1"),
+        ("--seed", str(2**32), "argument --seed: must be in [0, 2**32)"),
         ("--config-overrides", "head_droput=0", "'head_droput' is not a field it sets"),
         ("--config-overrides", "iwn=False", "'iwn' is not a field it sets"),
         ("--config-overrides", "alpha=abc", "alpha must be a float, got 'abc'"),
