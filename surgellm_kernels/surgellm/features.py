@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -249,7 +250,11 @@ class LexicalFeaturizer:
     def with_groups(self, groups: Mapping[str, Sequence[str]]) -> "LexicalFeaturizer":
         """A featurizer with ``groups`` replacing the groups of the same name
         (in place) and the others added after the existing ones."""
-        return LexicalFeaturizer({**self._groups, **dict(groups)}, numeric=self.numeric)
+        if not isinstance(groups, Mapping):
+            raise TypeError(
+                f"groups must map a group name to its entries, got {type(groups).__name__}"
+            )
+        return LexicalFeaturizer({**self._groups, **groups}, numeric=self.numeric)
 
     def features_of(self, text: str) -> List[float]:
         if not isinstance(text, str):
@@ -281,6 +286,18 @@ class LexicalFeaturizer:
             raise ValueError(
                 "a featurizer's JSON must be an object with 'groups' (and optionally 'numeric')"
             )
+        # (a vocabulary file adds what it was extracted from)
+        unknown = set(data) - {"groups", "numeric", "format", "extraction", "vocabularies"}
+        if unknown:
+            raise ValueError(
+                f"a featurizer's JSON has unknown keys {sorted(unknown)}: it takes 'groups' "
+                f"and 'numeric'"
+            )
+        if not isinstance(data["groups"], Mapping):  # None would mean the paper's groups
+            raise ValueError(
+                f"'groups' must be an object mapping each group name to its entries, got "
+                f"{json.dumps(data['groups'])[:40]}"
+            )
         return cls(data["groups"], numeric=data.get("numeric", True))
 
     def to_json(self) -> str:
@@ -290,7 +307,7 @@ class LexicalFeaturizer:
     def from_json(cls, text: str) -> "LexicalFeaturizer":
         """From :meth:`to_json`'s text, or from a vocabulary file written by
         ``python -m surgellm_kernels.vocabulary`` (its ``groups``)."""
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(json.loads(text, object_pairs_hook=_without_repeated_keys))
 
     def __eq__(self, other) -> bool:
         # the groups' order is the features' order
@@ -305,6 +322,17 @@ class LexicalFeaturizer:
             f"LexicalFeaturizer({len(self._groups)} groups, numeric={self.numeric}, "
             f"{self.num_features} features)"
         )
+
+
+def _without_repeated_keys(pairs) -> dict:
+    """A JSON object's pairs as a dict; a key given twice is an error (JSON
+    readers keep the last, and a group written twice would lose one)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the JSON gives {key!r} twice in one object")
+        out[key] = value
+    return out
 
 
 DEFAULT_FEATURIZER = LexicalFeaturizer()
@@ -328,8 +356,13 @@ def task_prefix(
     features of one example (a row of :func:`lexical_features`, 16 numbers;
     with another :class:`LexicalFeaturizer`, pass its ``num_features``).
     """
-    values = features.tolist() if isinstance(features, torch.Tensor) else list(features)
-    if len(values) != num_features:
-        raise ValueError(f"features must hold {num_features} numbers, got {len(values)}")
+    values = features.tolist() if hasattr(features, "tolist") else features  # tensor, array
+    values = list(values) if isinstance(values, Iterable) else [values]
+    if len(values) != num_features or not all(isinstance(v, numbers.Real) for v in values):
+        raise ValueError(
+            f"features must be one row of {num_features} numbers, got {str(values)[:60]}"
+        )
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"features must be finite (counts), got {values}")
     parts = [f"F{j}:{math.floor(v)}" for j, v in enumerate(values, start=1)]
     return f"[TASK:{task}|" + "|".join(parts) + "]"

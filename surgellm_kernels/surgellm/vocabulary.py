@@ -361,7 +361,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             }
             for label, entries in extracted.items():
                 if entries:
-                    groups[f"{task}:{label}"] = [e.entry for e in entries]
+                    name = f"{task}:{label}"
+                    if name in groups:  # task "a" class "b:c" and task "a:b" class "c"
+                        raise DataError(
+                            f"{args.data}: two classes would both be the group {name!r} "
+                            f"(task {task!r}, class {label!r}, and another): rename a task "
+                            f"or class so that no ':' makes them alike"
+                        )
+                    groups[name] = [e.entry for e in entries]
         base = LexicalFeaturizer({} if args.only_extracted else None)
         featurizer = base.with_groups(groups)
         document = {

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -251,10 +252,36 @@ def test_featurizer_bad_groups(groups, numeric, message):
         LexicalFeaturizer.from_json('{"numeric": true}')
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [  # each read as something else before: the paper's groups, 7 features, one group
+        ('{"groups": null, "numeric": false}', "'groups' must be an object"),
+        ('{"groups": {"a": ["x"]}, "numerc": false}', r"unknown keys \['numerc'\]"),
+        ('{"groups": {"a": ["x"], "a": ["y"]}}', "gives 'a' twice in one object"),
+    ],
+)
+def test_featurizer_json_read_strictly(text, message):
+    with pytest.raises(ValueError, match=message):
+        LexicalFeaturizer.from_json(text)
+
+
+def test_with_groups_takes_a_mapping():
+    for bad in ("abc", None, [1, 2]):
+        with pytest.raises(TypeError, match="groups must map a group name to its entries"):
+            LexicalFeaturizer().with_groups(bad)
+
+
 def test_task_prefix_of_another_width():
     assert task_prefix("t", [1.5, 2.0], num_features=2) == "[TASK:t|F1:1|F2:2]"
-    with pytest.raises(ValueError, match="features must hold 16 numbers, got 2"):
-        task_prefix("t", [1.5, 2.0])
+    assert task_prefix("t", np.array([1.5, 2.0]), num_features=2) == "[TASK:t|F1:1|F2:2]"
+    for bad, message in (
+        ([1.5, 2.0], "one row of 16 numbers, got"),
+        (3.0, "one row of 16 numbers, got"),
+        (torch.zeros(16, 1), "one row of 16 numbers, got"),
+        ([float("nan")] * 16, "must be finite"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            task_prefix("t", bad)
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -297,6 +324,18 @@ def test_vocabulary_command(tmp_path, capsys):
         main(["--data", str(data), "--top-k", "4", "--output", str(only), "--only-extracted"]) == 0
     )
     assert LexicalFeaturizer.from_json(only.read_text()).num_features == 4 + 6
+
+
+def test_vocabulary_command_refuses_groups_of_one_name(tmp_path, capsys):
+    # task "a" class "b:c" and task "a:b" class "c" are both the group "a:b:c"
+    rows = [("apple pie", "a", "b:c"), ("pear tart", "a", "d")] * 6
+    rows += [("red car", "a:b", "c"), ("blue bus", "a:b", "e")] * 6
+    data = tmp_path / "collide.jsonl"
+    data.write_text("".join(json.dumps(dict(text=t, task=k, label=c)) + "\n" for t, k, c in rows))
+    args = ["--data", str(data), "--output", str(tmp_path / "v.json"), "--min-count", "1"]
+    assert main(args) == 2
+    assert "would both be the group 'a:b:c'" in capsys.readouterr().err
+    assert not (tmp_path / "v.json").exists()
 
 
 def test_vocabulary_command_errors(tmp_path, capsys):
