@@ -8,6 +8,11 @@ entries match with any run of white space between their words. Entries that
 begin or end with punctuation, like "(1)", match as plain substrings at that
 edge. Each entry counts once however often it occurs (a presence indicator).
 
+Text and entries are read in one Unicode form: composed (NFC, so "é"
+matches however the text spells it), without the invisible characters that
+would split a word (soft hyphen, zero-width space, word joiner, BOM), and with
+typographic apostrophes as "'" ("don’t" reads as "don't").
+
 Words (s11, s12) are runs of word characters, apostrophes inside allowed
 ("don't" is one word of five characters). Sentences (s13) are the non-blank
 pieces left after splitting on '.', '!' and '?'.
@@ -19,6 +24,7 @@ import json
 import math
 import numbers
 import re
+import unicodedata
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -144,11 +150,21 @@ _TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]+")
 _SENTENCE_SPLIT = re.compile(r"[.!?]")
 
 
+_INVISIBLE_AND_APOSTROPHES = str.maketrans(
+    {"\u00ad": None, "\u200b": None, "\u2060": None, "\ufeff": None, "\u2019": "'", "\u02bc": "'"}
+)
+
+
+def canonical(text: str) -> str:
+    """``text`` in the form features read it (module docstring)."""
+    return unicodedata.normalize("NFC", text).translate(_INVISIBLE_AND_APOSTROPHES)
+
+
 def tokens(text: str) -> list:
     """The lower-cased words of ``text`` and the runs of punctuation between
     them, in order: the tokens :mod:`surgellm_kernels.vocabulary` counts
     (its entries are runs of adjacent words, so they match as entries here)."""
-    return _TOKEN.findall(text.lower())
+    return _TOKEN.findall(canonical(text).lower())
 
 
 def is_word(token: str) -> bool:
@@ -219,7 +235,7 @@ class LexicalFeaturizer:
                         f"groups[{name!r}]: entries must be non-empty strings, got {entry!r}"
                     )
                 # matched lower-case, any run of white space between words
-                entry = " ".join(entry.lower().split())
+                entry = " ".join(canonical(entry).lower().split())
                 if entry in normalized:
                     raise ValueError(
                         f"groups[{name!r}] lists {entry!r} twice (entries are "
@@ -259,6 +275,7 @@ class LexicalFeaturizer:
     def features_of(self, text: str) -> List[float]:
         if not isinstance(text, str):
             raise TypeError(f"texts must hold strings, got {type(text).__name__}")
+        text = canonical(text)
         lower = text.lower()
         values = [float(sum(1 for p in patterns if p.search(lower))) for patterns in self._patterns]
         if self.numeric:

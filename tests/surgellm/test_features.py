@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from surgellm_kernels import lexical_features, task_prefix
+from surgellm_kernels import LexicalFeaturizer, lexical_features, task_prefix
 from surgellm_kernels.surgellm.features import FEATURE_NAMES
 
 
@@ -72,3 +72,23 @@ def test_task_prefix_prints_floor_as_integers():
 def test_non_string_text_raises():
     with pytest.raises(TypeError, match="strings"):
         lexical_features([1, 2])
+
+
+def test_one_unicode_form():
+    """The same text, however its characters are encoded, has the same
+    features: composed or decomposed accents, invisible characters inside a
+    word, typographic apostrophes."""
+    import unicodedata
+
+    text = "A naïve, café-style résumé: I don't think it's wonderful."
+    variants = [
+        unicodedata.normalize("NFD", text),
+        text.replace("won", "won\u00ad").replace("think", "th\u200bink"),
+        text.replace("'", "\u2019"),
+    ]
+    expected = lexical_features(text)
+    assert expected[0, 10] == 10  # words: "don't" and "it's" one each
+    for variant in variants:
+        assert torch.equal(lexical_features(variant), expected), variant
+    cafe = LexicalFeaturizer({"fr": [unicodedata.normalize("NFD", "café")]}, numeric=False)
+    assert cafe("un café")[0, 0] == 1 and cafe(unicodedata.normalize("NFD", "un café"))[0, 0] == 1
