@@ -108,6 +108,8 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
+    if args.steps < 1 or args.batch < 1:
+        parser.error("--steps and --batch must be >= 1")
     print(f"{'seed':>4}  {'model':<28} {'macro-F1':>8} {'ms/step':>8}")
     for seed in args.seeds:
         x, y, x_test, y_test = data(seed)

@@ -122,13 +122,26 @@ def main():
     parser.add_argument("--eval", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "ablations"))
-    parser.add_argument("--only", nargs="+", help="variants to run (default: all, and plain)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[*VARIANTS, "plain fine-tune"],
+        help="variants to run (default: all, and plain)",
+    )
     args, extra = parser.parse_known_args()
     results = {}
     names = args.only or [*VARIANTS, "plain fine-tune"]
+    outputs = {
+        (name, seed): os.path.join(args.out, name.replace(" ", "-"), f"seed{seed}")
+        for name in names
+        for seed in args.seeds
+    }
+    used = [path for path in outputs.values() if os.path.isdir(path) and os.listdir(path)]
+    if used:  # the training command refuses to train into another run
+        parser.error(f"--out holds runs already ({used[0]}, ...): give a new --out")
     for name in names:
         for seed in args.seeds:
-            output = os.path.join(args.out, name.replace(" ", "-"), f"seed{seed}")
+            output = outputs[name, seed]
             if name == "plain fine-tune":
                 metrics = plain_fine_tune(args.encoder, args.train, args.eval, output, seed, extra)
             else:

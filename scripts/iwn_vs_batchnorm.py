@@ -83,6 +83,8 @@ def main():
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     args = parser.parse_args()
+    if args.rounds < 1 or args.reps < 1:
+        parser.error("--rounds and --reps must be >= 1")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
         f"{'shape':>16} {'dtype':>9} {'layout':>13}  {'train: bn/fused':>15}  "

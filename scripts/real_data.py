@@ -65,6 +65,8 @@ def main():
     parser.add_argument("--eval", type=int, default=300, help="evaluation texts per task")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.train < 1 or args.eval < 1:
+        parser.error("--train and --eval must be >= 1")
     rng = random.Random(args.seed)
     os.makedirs(args.out, exist_ok=True)
     splits = {"train": [], "eval": []}
@@ -74,6 +76,10 @@ def main():
     ):
         rows = sorted(set(rows))
         rng.shuffle(rows)
+        if len(rows) < args.train + args.eval:
+            parser.error(
+                f"{task}: {len(rows)} texts, fewer than --train {args.train} + --eval {args.eval}"
+            )
         chosen = rows[: args.train + args.eval]
         splits["train"] += [(t, task, y) for t, y in chosen[: args.train]]
         splits["eval"] += [(t, task, y) for t, y in chosen[args.train :]]
