@@ -54,7 +54,9 @@ complete=true
 # The three files of OUT_DIR, from what the steps have left in $work so far.
 publish() {
   {
-    echo "{\"environment\": $(cat "$work/environment.json" 2>/dev/null || echo null),"
+    local environment=null
+    [ -s "$work/environment.json" ] && environment="$(cat "$work/environment.json")"
+    echo "{\"environment\": $environment,"
     echo " \"seconds\": $SECONDS, \"passed\": $([ $failed -eq 0 ] && echo true || echo false),"
     echo " \"complete\": $complete, \"steps\": ["
     (IFS=,; echo "${steps[*]}")
@@ -105,7 +107,8 @@ run() {
   local rc=$?
   local took=$((SECONDS - start)) state=passed
   [ $rc -ne 0 ] && state=failed
-  [ $took -ge "$limit" ] && state="timed out"
+  # timeout's own codes (SIGINT, then SIGKILL after --kill-after)
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then state="timed out"; fi
   grep -E "error|Error|FAILED|passed|failed" "$work/$name.log" | tail -n 8
   echo "-> $state (rc $rc) in ${took}s"
   record "$name" "$state" $rc $took
@@ -127,9 +130,10 @@ print(json.dumps({"python": platform.python_version(), "torch": torch.__version_
                   "triton": version("triton"), "transformers": version("transformers")}))
 EOF
 cat "$work/environment.json"
-cc="$("$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["capability"] or "")' <"$work/environment.json")"
+cc="$("$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["capability"] or "")' \
+  <"$work/environment.json" 2>/dev/null)"
 if [ -z "$cc" ]; then
-  echo "no CUDA device visible to torch"
+  echo "no CUDA device visible to torch (or torch does not import)"
   record environment failed 1 0
   exit 1
 fi

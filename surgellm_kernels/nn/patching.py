@@ -326,6 +326,8 @@ def _batchnorm_from_iwn(bn: nn.Module, layer: nn.Module) -> None:
             bn.num_batches_tracked = layer.num_batches_tracked
     bn.eps, bn.momentum = layer.eps, layer.momentum
     bn.train(layer.training)
+    # the hook dicts are shared; whether its backward hooks are full ones is a flag
+    bn._is_full_backward_hook = layer._is_full_backward_hook
 
 
 def convert_to_iwn(
@@ -351,7 +353,9 @@ def convert_to_iwn(
     BatchNorms back with the layers' parameters, running statistics
     (``running_var = running_std ** 2``), device and dtype as they are then.
     A new layer shares its BatchNorm's forward and backward hooks (the same
-    hook dicts: a hook added or removed on either is on both).
+    hook dicts: a hook added or removed on either is on both; register
+    backward hooks on the new layer while converted). Revert outside
+    :func:`iwn_labels` blocks: their hooks would pass labels to BatchNorm.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -379,38 +383,45 @@ def convert_to_iwn(
 @contextlib.contextmanager
 def iwn_labels(model: nn.Module, labels, task_ids=None):
     """Within the ``with`` block, every class-balanced normalization layer of
-    ``model`` called without labels gets these labels (and these task ids,
-    where the call has none): a model whose forward knows nothing of labels
-    trains unchanged::
+    ``model`` called without labels (task ids) gets these: a model whose
+    forward knows nothing of labels trains unchanged::
 
         with iwn_labels(model, labels):
             loss = criterion(model(images), labels)
 
-    In nested blocks the innermost one gives both; a call that passes its own
-    labels gets nothing from any block.
+    In nested blocks the innermost one gives both, never one of each block.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-
-    def give_labels(module, args, kwargs):
-        # forward(x, labels=None, task_ids=None). Labels and task ids go
-        # together: an outer block must not add its task ids to an inner
-        # block's labels.
-        if len(args) < 2 and kwargs.get("labels") is None:
-            kwargs["labels"] = labels
-            if task_ids is not None and len(args) < 3 and kwargs.get("task_ids") is None:
-                kwargs["task_ids"] = task_ids
-        return args, kwargs
-
     layers = [
         m for m in model.modules() if isinstance(m, (InstanceWeightedNorm, _InstanceWeightedNormNd))
     ]
-    # Prepended: in nested blocks the innermost block's labels win.
-    handles = [
-        m.register_forward_pre_hook(give_labels, with_kwargs=True, prepend=True) for m in layers
-    ]
+    block = (labels, task_ids)
+    for layer in layers:
+        # One hook per layer, reading the innermost open block: an inner
+        # block's labels are never paired with an outer block's task ids.
+        blocks = layer.__dict__.setdefault("_iwn_label_blocks", [])
+        if not blocks:
+            layer.__dict__["_iwn_label_hook"] = layer.register_forward_pre_hook(
+                _give_labels, with_kwargs=True, prepend=True
+            )
+        blocks.append(block)
     try:
         yield model
     finally:
-        for handle in handles:
-            handle.remove()
+        for layer in layers:
+            blocks = layer.__dict__["_iwn_label_blocks"]
+            del blocks[max(i for i, b in enumerate(blocks) if b is block)]
+            if not blocks:
+                layer.__dict__.pop("_iwn_label_hook").remove()
+                del layer.__dict__["_iwn_label_blocks"]
+
+
+def _give_labels(module, args, kwargs):
+    # forward(x, labels=None, task_ids=None): fill what the call left out
+    labels, task_ids = module._iwn_label_blocks[-1]
+    if len(args) < 2 and kwargs.get("labels") is None:
+        kwargs["labels"] = labels
+    if task_ids is not None and len(args) < 3 and kwargs.get("task_ids") is None:
+        kwargs["task_ids"] = task_ids
+    return args, kwargs

@@ -10,8 +10,9 @@ edge. Each entry counts once however often it occurs (a presence indicator).
 
 Text and entries are read in one Unicode form: composed (NFC, so "é"
 matches however the text spells it), without the invisible characters that
-would split a word (soft hyphen, zero-width space, word joiner, BOM), and with
-typographic apostrophes as "'" ("don’t" reads as "don't").
+would split a word (soft hyphen, word joiner, BOM; a zero-width space, a
+break between words, reads as a space), and with typographic apostrophes as
+"'" ("don’t" reads as "don't").
 
 Words (s11, s12) are runs of word characters, apostrophes inside allowed
 ("don't" is one word of five characters). Sentences (s13) are the non-blank
@@ -150,14 +151,17 @@ _TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]+")
 _SENTENCE_SPLIT = re.compile(r"[.!?]")
 
 
+# A zero-width space marks a break between words (Thai, Khmer and Lao write
+# no others): a space. The others join or hyphenate inside a word: dropped.
 _INVISIBLE_AND_APOSTROPHES = str.maketrans(
-    {"\u00ad": None, "\u200b": None, "\u2060": None, "\ufeff": None, "\u2019": "'", "\u02bc": "'"}
+    {"\u200b": " ", "\u00ad": None, "\u2060": None, "\ufeff": None, "\u2019": "'", "\u02bc": "'"}
 )
 
 
 def canonical(text: str) -> str:
-    """``text`` in the form features read it (module docstring)."""
-    return unicodedata.normalize("NFC", text).translate(_INVISIBLE_AND_APOSTROPHES)
+    """``text`` in the form features read it (module docstring); composed
+    last, so that a dropped character leaves no decomposed letter."""
+    return unicodedata.normalize("NFC", text.translate(_INVISIBLE_AND_APOSTROPHES))
 
 
 def tokens(text: str) -> list:
@@ -239,7 +243,7 @@ class LexicalFeaturizer:
                 if entry in normalized:
                     raise ValueError(
                         f"groups[{name!r}] lists {entry!r} twice (entries are "
-                        f"matched in lower case)"
+                        f"matched in lower case and one Unicode form)"
                     )
                 normalized.append(entry)
             checked[name] = tuple(normalized)
@@ -313,7 +317,7 @@ class LexicalFeaturizer:
         if not isinstance(data["groups"], Mapping):  # None would mean the paper's groups
             raise ValueError(
                 f"'groups' must be an object mapping each group name to its entries, got "
-                f"{json.dumps(data['groups'])[:40]}"
+                f"{data['groups']!r:.40}"
             )
         return cls(data["groups"], numeric=data.get("numeric", True))
 

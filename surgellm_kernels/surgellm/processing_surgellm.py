@@ -7,6 +7,7 @@ import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer
@@ -171,9 +172,14 @@ class SurgeLLMProcessor:
         ``logits``: the model's (B, max classes); ``task_ids``: one task (id
         or name) per row."""
         width = self.config.max_classes
-        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] != width:
-            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(f"logits must be the model's, of shape (batch, {width}), got {got}")
+        if isinstance(logits, np.ndarray):  # Trainer.predict's predictions
+            logits = torch.from_numpy(logits)
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
+        if logits.dim() != 2 or logits.shape[1] != width:
+            raise ValueError(
+                f"logits must be the model's, of shape (batch, {width}), got {tuple(logits.shape)}"
+            )
         ids = self.task_ids(task_ids)
         if len(ids) != len(logits):
             raise ValueError(

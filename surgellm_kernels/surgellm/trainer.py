@@ -237,10 +237,14 @@ def task_metrics(
             f"{len(predictions)}, {len(labels)} and {len(task_ids)}"
         )
     T = len(task_names)
-    if task_ids.size and (
-        not np.issubdtype(task_ids.dtype, np.integer) or task_ids.min() < 0 or task_ids.max() >= T
-    ):  # a row of no task would be left out of every task's figures
-        raise ValueError(f"task_ids must be task indices in [0, {T}), got {task_ids.tolist()[:8]}")
+    # a row of no task would be left out of every task's figures
+    if task_ids.size and not np.issubdtype(task_ids.dtype, np.integer):
+        raise ValueError(f"task_ids must be task indices in [0, {T}), got {task_ids.dtype} values")
+    bad = np.flatnonzero((task_ids < 0) | (task_ids >= T))
+    if bad.size:
+        raise ValueError(
+            f"task_ids must be task indices in [0, {T}), got task_ids[{bad[0]}]={task_ids[bad[0]]}"
+        )
     results = {}
     for t, name in enumerate(task_names):
         rows = task_ids == t

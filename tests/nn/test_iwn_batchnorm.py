@@ -345,9 +345,10 @@ def test_convert_to_iwn_keeps_the_batchnorms_hooks():
     with iwn_labels(model, labels):
         model(images)
     assert seen == ["pre", (12, 8, 6, 6), "pre"]
+    model[1].register_full_backward_hook(lambda m, gin, gout: seen.append("backward"))
     report.revert()
-    model(images)
-    assert seen[-1] == "pre" and len(seen) == 4
+    model(images).sum().backward()
+    assert seen[3:] == ["pre", "backward"]  # the full backward hook, on the BatchNorm now
 
 
 def test_convert_to_iwn_a_batchnorm_without_running_buffers():
@@ -388,11 +389,12 @@ def test_nested_iwn_labels_give_labels_and_task_ids_together():
                 model(x)
         with iwn_labels(model, labels, task_ids):
             y = model(x)
-        # the call's own labels take nothing from a block
-        with pytest.raises(ValueError, match="task_ids .* are required"):
-            model[0](x, labels)
+        # a call with its own labels takes the innermost block's task ids
+        y_own = model[0](x, labels)
+    assert not layer._forward_pre_hooks  # removed on leaving the last block
     reference = InstanceWeightedNorm1d(3, 2, num_tasks=2, affine=False).double()
     assert_close(y, reference(x, labels, task_ids))
+    assert_close(y_own, reference(x, labels, task_ids.flip(0)))
 
 
 def test_iwn_labels_is_the_explicit_call():
@@ -459,12 +461,13 @@ GPU_PAIRS = [(b, d) for b, d in device_backends() if d == "cuda"]
 @pytest.mark.skipif(not GPU_PAIRS, reason="no CUDA backend here")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("samples", [6, 1])  # one sample: its positions' keys
 @pytest.mark.parametrize("backend", [b for b, _ in GPU_PAIRS])
-def test_on_the_gpu(backend, channels_last, dtype, force_backend):
+def test_on_the_gpu(backend, samples, channels_last, dtype, force_backend):
     # channels_last is read in place; channels-first is copied to that order
     # (a warning) and comes back in its own memory format
     force_backend(backend)
-    x, labels = make((6, 5, 7, 9), channels_last, dtype)
+    x, labels = make((samples, 5, 7, 9), channels_last, dtype)
     layer = FusedInstanceWeightedNorm2d(5, 3).to("cuda", dtype)
     xg = x.cuda().requires_grad_()
     y = layer(xg, labels.cuda())

@@ -83,8 +83,9 @@ def test_one_unicode_form():
     text = "A naïve, café-style résumé: I don't think it's wonderful."
     variants = [
         unicodedata.normalize("NFD", text),
-        text.replace("won", "won\u00ad").replace("think", "th\u200bink"),
+        text.replace("won", "won\u00ad").replace("think", "th\u2060ink"),
         text.replace("'", "\u2019"),
+        text.replace("é", "e\u00ad\u0301"),  # composed once the soft hyphen is out
     ]
     expected = lexical_features(text)
     assert expected[0, 10] == 10  # words: "don't" and "it's" one each
@@ -92,3 +93,5 @@ def test_one_unicode_form():
         assert torch.equal(lexical_features(variant), expected), variant
     cafe = LexicalFeaturizer({"fr": [unicodedata.normalize("NFD", "café")]}, numeric=False)
     assert cafe("un café")[0, 0] == 1 and cafe(unicodedata.normalize("NFD", "un café"))[0, 0] == 1
+    # a zero-width space is a break between words (Thai writes no other)
+    assert torch.equal(lexical_features("won\u200bderful"), lexical_features("won derful"))

@@ -320,8 +320,8 @@ def test_fit_statistics_names_what_is_missing(tokenizer_dir):
         model.fit_statistics([processor(texts[:4], tasks[:4])])
     # a failed call leaves the module's fit state as it was
     bad = dict(batch, labels=batch["labels"][:2])
-    iwn.partial_fit(batch["features"], batch["labels"], batch["task_ids"])
-    before = [t.clone() for t in iwn._fit_state]
+    iwn.partial_fit(batch["features"][:3], batch["labels"][:3], batch["task_ids"][:3])
+    before = [t.clone() for t in iwn._fit_state]  # not what fit_statistics starts with
     with pytest.raises(ValueError, match="labels must have shape"):
         model.fit_statistics([batch, bad])
     assert all(torch.equal(a, b) for a, b in zip(iwn._fit_state, before))
@@ -445,6 +445,7 @@ def test_decode_names_classes(tokenizer_dir):
     predictions = processor.decode(logits, batch["task_ids"])
     assert predictions[0] in TASKS["sentiment"] and predictions[1] in TASKS["authorship"]
     assert processor.decode(logits, ["sentiment", "authorship"]) == predictions
+    assert processor.decode(logits.detach().numpy(), batch["task_ids"]) == predictions
     with pytest.raises(ValueError, match=r"one task per row of logits \(2\), got 1"):
         processor.decode(logits, batch["task_ids"][:1])
     with pytest.raises(ValueError, match=r"tasks\[1\] must be a task name or an id in \[0, 3\)"):

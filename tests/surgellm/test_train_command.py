@@ -639,8 +639,10 @@ def test_task_metrics_per_task_hand_computed():
     with pytest.raises(ValueError, match="no examples"):
         task_metrics([], [], [], ["a"])
     # a row of no task would be left out of every task's figures
-    for bad in ([0, 3], [0, -1], [0.0, 0.7]):
-        with pytest.raises(ValueError, match=r"task_ids must be task indices in \[0, 3\)"):
+    for bad, shown in (([0, 3], "task_ids.1.=3"), ([0, -1], "task_ids.1.=-1"), ([0, 0.7], "float")):
+        with pytest.raises(ValueError, match=r"task_ids must be task indices in \[0, 3\), got "):
+            task_metrics([0, 1], [0, 1], bad, ["a", "b", "c"])
+        with pytest.raises(ValueError, match=shown):
             task_metrics([0, 1], [0, 1], bad, ["a", "b", "c"])
     with pytest.raises(ValueError, match="must have one length, got 3, 2 and 2"):
         task_metrics([0, 1, 1], [0, 1], [0, 0], ["a", "b", "c"])
