@@ -24,7 +24,7 @@ def check_task_ids(task_ids: Tensor, shape: torch.Size, num_tasks: int) -> None:
     CPU and a device-side assert on CUDA. The range check costs one host sync
     (as fused_iwn's; skipped while compiling or capturing a graph)."""
     if not isinstance(task_ids, Tensor) or task_ids.shape != shape:
-        got = tuple(task_ids.shape) if isinstance(task_ids, Tensor) else type(task_ids)
+        got = tuple(task_ids.shape) if isinstance(task_ids, Tensor) else type(task_ids).__name__
         raise ValueError(f"task_ids must have shape {tuple(shape)}, got {got}")
     if task_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"task_ids must be an int64 (or int32) tensor, got {task_ids.dtype}")

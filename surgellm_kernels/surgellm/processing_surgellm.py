@@ -125,13 +125,11 @@ class SurgeLLMProcessor:
         )
         batch.update(features=features, task_ids=task_ids)
         if labels is not None:
-            batch["labels"] = torch.as_tensor(labels)
-            if batch["labels"].numel() and not _is_integer_dtype(batch["labels"].dtype):
+            labels = torch.as_tensor(labels)
+            if labels.numel() and not _is_integer_dtype(labels.dtype):
                 # (as_tensor(dtype=long) would truncate 0.7 to class 0)
-                raise TypeError(
-                    f"labels must be integer class ids, got {batch['labels'].dtype} values"
-                )
-            batch["labels"] = batch["labels"].long()
+                raise TypeError(f"labels must be integer class ids, got {labels.dtype} values")
+            batch["labels"] = labels.long()
             self.config.check_labels(batch["labels"], task_ids)
         if return_tensors is None:
             batch = {k: v.tolist() if isinstance(v, Tensor) else v for k, v in batch.items()}

@@ -78,18 +78,27 @@ def _check_arguments(texts, labels, top_k, min_count, ngram_range, prior, binary
     _check_options(top_k, min_count, ngram_range, prior, binary)
 
 
+class OptionError(ValueError):
+    """A bad extraction option; ``name`` is its parameter's (the command names
+    its flag from it)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name} {message}")
+        self.name = name
+
+
 def _check_options(top_k, min_count, ngram_range, prior, binary):
     for name, value, low in (("top_k", top_k, 1), ("min_count", min_count, 1)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            raise OptionError(name, f"must be an int >= {low}, got {value!r}")
     if (
         not isinstance(ngram_range, (tuple, list))
         or len(ngram_range) != 2
         or not all(isinstance(n, int) and not isinstance(n, bool) for n in ngram_range)
         or not 1 <= ngram_range[0] <= ngram_range[1]
     ):
-        raise ValueError(
-            f"ngram_range must be (min_n, max_n) with 1 <= min_n <= max_n, got {ngram_range!r}"
+        raise OptionError(
+            "ngram_range", f"must be (min_n, max_n) with 1 <= min_n <= max_n, got {ngram_range!r}"
         )
     # Far outside this range the z-scores lose all precision (1/a_w overflows,
     # or the prior drowns every count).
@@ -98,7 +107,9 @@ def _check_options(top_k, min_count, ngram_range, prior, binary):
         or not isinstance(prior, numbers.Real)
         or not (MIN_PRIOR <= prior <= MAX_PRIOR)
     ):
-        raise ValueError(f"prior must be a number in [{MIN_PRIOR:g}, {MAX_PRIOR:g}], got {prior!r}")
+        raise OptionError(
+            "prior", f"must be a number in [{MIN_PRIOR:g}, {MAX_PRIOR:g}], got {prior!r}"
+        )
     if not isinstance(binary, bool):
         raise TypeError(f"binary must be a bool, got {binary!r}")
 
@@ -329,8 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     try:
         _check_options(args.top_k, args.min_count, (1, args.max_words), args.prior, args.binary)
-    except ValueError as e:
-        flag, value = flags[str(e).split(" ", 1)[0]]
+    except OptionError as e:
+        flag, value = flags[e.name]
         return fail(f"argument {flag}: invalid value {value!r}: {e}", parser)
     try:
         examples = load_examples(args.data)
