@@ -13,6 +13,7 @@ constructor, buffers and layouts, with each sample's label.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -238,35 +239,33 @@ class InstanceWeightedNorm(nn.Module):
         every rank raises after the all-gather (none is left waiting).
         """
         ranks = rank_group(process_group, self.running_mean)
-        failure, previous = None, self._fit_state
-        if x is not None:
-            self.reset_fit()
-            try:
-                if labels is None:
-                    raise ValueError("labels are required to fit statistics on x")
-                self.partial_fit(x, labels, task_ids)
-            except Exception as error:
-                self._fit_state = previous  # a failed call changes nothing
-                if ranks is None:
-                    raise
-                failure = error
-        state = self._fit_state
-        if ranks is not None:
-            try:
-                state = self._moments_of_all_ranks(ranks, failure is not None)
-            except ValueError:
-                self._fit_state = previous
-                if failure is not None:
-                    raise failure from None
-                raise
-        if state is None:
-            self._fit_state = previous  # what partial_fit had accumulated stays
+        with self._fit_state_kept_on_error():
+            failure = None
             if x is not None:
-                raise ValueError(
-                    "x has no rows: there is nothing to fit (pass the data set, or call fit() "
-                    "without arguments to finalize partial_fit)"
-                )
-            raise RuntimeError("nothing to fit: call fit(x, labels) or partial_fit(...) first")
+                self.reset_fit()
+                try:
+                    if labels is None:
+                        raise ValueError("labels are required to fit statistics on x")
+                    self.partial_fit(x, labels, task_ids)
+                except Exception as error:
+                    if ranks is None:
+                        raise
+                    failure = error  # raised after the all-gather: no rank is left waiting
+            state = self._fit_state
+            if ranks is not None:
+                try:
+                    state = self._moments_of_all_ranks(ranks, failure is not None)
+                except ValueError:
+                    if failure is not None:
+                        raise failure from None
+                    raise
+            if state is None:
+                if x is not None:
+                    raise ValueError(
+                        "x has no rows: there is nothing to fit (pass the data set, or call "
+                        "fit() without arguments to finalize partial_fit)"
+                    )
+                raise RuntimeError("nothing to fit: call fit(x, labels) or partial_fit(...) first")
         n, mean, m2 = state
         T, C, Fdim = self.num_tasks, self.num_classes, self.num_features
         var = m2 / n.clamp_min(1).unsqueeze(1)
@@ -287,14 +286,21 @@ class InstanceWeightedNorm(nn.Module):
         ``(x, labels, task_ids)`` (task_ids None with one task), each
         :meth:`partial_fit`, then :meth:`fit`. A call that raises leaves what
         :meth:`partial_fit` had accumulated before it as it was."""
-        previous = self._fit_state
-        self.reset_fit()
-        try:
+        with self._fit_state_kept_on_error():
+            self.reset_fit()
             for x, labels, task_ids in batches:
                 self.partial_fit(x, labels, task_ids)
             if self._fit_state is None:
                 raise ValueError("batches hold no rows: there is nothing to fit")
             return self.fit()
+
+    @contextlib.contextmanager
+    def _fit_state_kept_on_error(self):
+        """A call that raises inside leaves what :meth:`partial_fit` had
+        accumulated before it as it was."""
+        previous = self._fit_state
+        try:
+            yield
         except BaseException:
             self._fit_state = previous
             raise
