@@ -286,6 +286,13 @@ def every_bad_call():
     calls["fused_surgical_gate: forward-mode AD"] = lambda: torch.func.jvp(
         lambda h: fused_surgical_gate(h, H, H), (H,), (torch.ones_like(H),)
     )
+    # torch.func's gradient transforms cannot run the ops' C++ autograd.
+    calls["fused_iwn: torch.func.grad"] = lambda: torch.func.grad(
+        lambda x: fused_iwn(x, LABELS, training=True, num_classes=3).sum()
+    )(X)
+    calls["fused_surgical_gate: torch.func.grad"] = lambda: torch.func.grad(
+        lambda h: fused_surgical_gate(h, H, H).sum()
+    )(H)
     calls.update(_module_calls())
     return calls
 

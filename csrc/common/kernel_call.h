@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ExpandUtils.h>
+#include <ATen/FuncTorchTLS.h>
 
 #include <cstdint>
 #include <optional>
@@ -170,6 +171,23 @@ void refuse_forward_ad(const char* op, const Ts&... inputs) {
                                  "supported, an input carries a tangent; use reverse mode "
                                  "(backward, torch.autograd.grad) or the reference functions of "
                                  "surgellm_kernels.ops.reference");
+}
+
+// torch.func's transforms of a gradient (grad, vjp, jacrev, and vmap of
+// them) cannot run a C++ autograd::Function (autograd's own check, which
+// names no op and no way out): refused so, naming the op and what does run.
+inline void refuse_functorch_autograd(const char* op) {
+  const auto& functorch = at::functorch::functorchTLSAccessor();
+  if (!functorch) return;
+  try {
+    functorch->checkSupportsCppAutogradFunction();
+  } catch (const c10::Error&) {
+    SURGELLM_CHECK_NOT_IMPLEMENTED(false, op,
+                                   ": torch.func transforms of its gradient (grad, vjp, jacrev, "
+                                   "vmap of them) are not supported; use backward() or "
+                                   "torch.autograd.grad, or the reference functions of "
+                                   "surgellm_kernels.ops.reference");
+  }
 }
 
 #define SURGELLM_DISPATCH_FLOATS(x, NAME, ...) \

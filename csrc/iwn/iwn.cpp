@@ -745,6 +745,7 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels, const optio
     return forward_without_autograd(x, labels, gate, weight, bias, running_mean, running_std,
                                     task_ids, training, momentum, eps, call);
   }
+  refuse_functorch_autograd("fused_iwn");
   optional<std::string> ranks_name;
   if (call.ranks.has_value()) ranks_name = call.ranks->name;
   return IWNFunction::apply(x, labels, gate, weight, bias, running_mean, running_std, task_ids,

@@ -155,6 +155,7 @@ Tensor surgical_gate_autograd(const Tensor& h, const Tensor& s, const Tensor& lo
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_without_autograd(h, s, logits, weight, bias, eps);
   }
+  refuse_functorch_autograd("fused_surgical_gate");
   return SurgicalGateFunction::apply(h, s, logits, weight, bias, eps);
 }
 

@@ -94,6 +94,42 @@ def call_op(name: str, args: tuple):
     return _overloads[name](*args)
 
 
+def register_vmap_by_samples(name: str, refuse=None) -> None:
+    """``torch.func.vmap`` of ``surgellm::<name>``: the op once per sample (the
+    sample's slice of each batched argument, the others as given), outputs
+    stacked along dimension 0: what a Python loop over the samples returns.
+    A sample is a batch of its own, as for BatchNorm under vmap: IWN's class
+    statistics are each sample's. ``refuse(args, in_dims)``, both by argument
+    name (defaults filled in), returns why a call cannot be vmapped so
+    (raised as ValueError), or None."""
+
+    op = getattr(torch.ops.surgellm, name).default
+    arguments = op._schema.arguments
+
+    def by_samples(info, in_dims, *args):
+        # The dispatcher leaves out trailing arguments at their defaults.
+        named = {a.name: v for a, v in zip(arguments, args)}
+        named.update({a.name: a.default_value for a in arguments[len(args) :]})
+        dims = {a.name: d for a, d in zip(arguments, in_dims)}
+        why = refuse(named, dims) if refuse is not None else None
+        if why is not None:
+            raise ValueError(f"torch.func.vmap of surgellm::{name}: {why}")
+        if info.batch_size == 0:  # no samples: nothing to run; the output is x's (h's) shape
+            if not op._schema.returns:
+                return None, None
+            sample_shape = list(args[0].shape)
+            if in_dims[0] is not None:
+                del sample_shape[in_dims[0]]
+            return args[0].new_empty((0, *sample_shape)), 0
+        outs = [
+            op(*(a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)))
+            for b in range(info.batch_size)
+        ]
+        return (None, None) if outs[0] is None else (torch.stack(outs), 0)
+
+    torch.library.register_vmap(f"surgellm::{name}", by_samples)
+
+
 def cpu_kernel_build() -> Optional[str]:
     """The CPU kernel build in use (DEFAULT, AVX2 or AVX512), or None when the
     extension is not built."""

@@ -117,8 +117,24 @@ def _register_fake_kernels() -> None:
         return torch.empty_like(x), dgate
 
 
+def _running_statistics_shared(args: dict, in_dims: dict) -> Optional[str]:
+    """Why vmap cannot run fused_iwn: training would update running
+    statistics that every sample shares (not batched, as
+    torch.func.stack_module_state batches an ensemble's), once per sample."""
+    running = ("running_mean", "running_std")
+    if args["training"] and any(args[r] is not None and in_dims.get(r) is None for r in running):
+        return (
+            "training updates running_mean / running_std in place, once per sample, and "
+            "they are not batched; batch them too (torch.func.stack_module_state), or "
+            "call without running statistics (track_running_stats=False) or in eval"
+        )
+    return None
+
+
 if _backend.extension() is not None:
     _register_fake_kernels()
+    _backend.register_vmap_by_samples("_iwn_check_args")
+    _backend.register_vmap_by_samples("iwn", refuse=_running_statistics_shared)
 
 
 class RankGroup(NamedTuple):

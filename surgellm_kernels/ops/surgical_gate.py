@@ -43,6 +43,8 @@ def _register_fake_kernels() -> None:
 
 if _backend.extension() is not None:
     _register_fake_kernels()
+    _backend.register_vmap_by_samples("_surgical_gate_check_args")
+    _backend.register_vmap_by_samples("surgical_gate")
 
 
 def fused_surgical_gate(
