@@ -44,6 +44,10 @@ BAD_IWN_CALLS = {
     "running_std expanded": dict(running_std=torch.ones(1).expand(4)),
     "running statistics one tensor": dict(running_mean=_SHARED, running_std=_SHARED),
     "running_mean of no tasks": dict(running_mean=torch.zeros(0, 4), running_std=torch.ones(0, 4)),
+    # in eval the kernels give the running statistics no gradient (a silent None)
+    "running_std requiring grad": dict(
+        running_std=torch.ones(4, requires_grad=True), training=False, labels=None
+    ),
     "task_ids with (F,) statistics": dict(task_ids=torch.zeros(6, dtype=torch.long)),
     "task_ids missing": dict(running_mean=torch.zeros(2, 4), running_std=torch.ones(2, 4)),
     "task_ids int32": dict(

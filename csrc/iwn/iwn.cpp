@@ -137,6 +137,12 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
          {std::pair{&running_mean, "running_mean"}, std::pair{&running_std, "running_std"}}) {
       check_float(**r, name);
       check_device(**r, name, x, "x");
+      // Buffers, as F.batch_norm's: the kernels give them no gradient,
+      // which would otherwise be a silent None.
+      SURGELLM_CHECK_VALUE(!(at::GradMode::is_enabled() && (*r)->requires_grad()), name,
+                           " requires grad, but the running statistics are not differentiated "
+                           "through (as in F.batch_norm): pass ",
+                           name, ".detach()");
       SURGELLM_CHECK_VALUE(((*r)->dim() == 1 || (*r)->dim() == 2) && (*r)->sym_size(-1) == F, name,
                            " must have shape (", F, ",) or (num_tasks, ", F, "), got ",
                            shape_text((*r)->sym_sizes()));
