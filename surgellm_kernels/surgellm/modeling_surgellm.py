@@ -118,6 +118,15 @@ def _without_pooler(encoder: nn.Module) -> nn.Module:
     return encoder
 
 
+# cross_entropy's ignore_index that no label takes.
+_NO_IGNORE_INDEX = -(2**62)
+
+
+def _returns_dict(config, return_dict: Optional[bool]) -> bool:
+    """``return_dict`` of the call, else the config's, as transformers' models read it."""
+    return return_dict if return_dict is not None else getattr(config, "return_dict", True)
+
+
 class SurgeLLMPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading shared by the SURGELLM models."""
 
@@ -150,6 +159,15 @@ class SurgeLLMPreTrainedModel(PreTrainedModel):
             ):
                 if p is not None:
                     fill(p)
+
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        """transformers' resize, whose new size also reaches the encoder's
+        config: a saved model's encoder is built from ``encoder_config``."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        encoder = self.base_model.encoder
+        for config in (self.config.encoder_config, encoder.config):
+            config.vocab_size = embeddings.num_embeddings
+        return embeddings
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -206,14 +224,19 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
         encoder_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             encoder_inputs["token_type_ids"] = token_type_ids
-        hidden = self.encoder(**encoder_inputs, **kwargs).last_hidden_state
+        encoded = self.encoder(**encoder_inputs, **kwargs, return_dict=True)
+        hidden = encoded.last_hidden_state
         s = features.to(self.fusion.feature_projection.weight.dtype)
         if self.iwn is not None:
             s = self.iwn(s, labels=labels, task_ids=task_ids)
         z = self.fusion(hidden[:, 0], s, task_ids)
-        if return_dict is False:
-            return hidden, z
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=z)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=hidden,
+            pooler_output=z,
+            hidden_states=encoded.hidden_states,  # output_hidden_states / attentions,
+            attentions=encoded.attentions,  # from the call or the encoder's config
+        )
+        return output if _returns_dict(self.config, return_dict) else output.to_tuple()
 
 
 class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
@@ -261,9 +284,17 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
             and not torch.compiler.is_compiling()
         ):
             self.config.check_labels(labels, task_ids)
-        z = self.surgellm(
-            input_ids, attention_mask, task_ids, features, token_type_ids, labels=labels, **kwargs
-        ).pooler_output
+        base = self.surgellm(
+            input_ids,
+            attention_mask,
+            task_ids,
+            features,
+            token_type_ids,
+            labels=labels,
+            return_dict=True,
+            **kwargs,
+        )
+        z = base.pooler_output
         # Every head on every row, then each row's own: static shapes (no
         # per-task boolean indexing), so torch.compile sees one graph. The
         # heads are small next to the encoder.
@@ -277,13 +308,19 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         )
         logits = per_task[task_ids, torch.arange(z.shape[0], device=z.device)]
         loss = None if labels is None else self.loss(logits, labels, task_ids)
-        if return_dict is False:
-            return (logits,) if loss is None else (loss, logits)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+        )
+        return output if _returns_dict(self.config, return_dict) else output.to_tuple()
 
     def loss(self, logits: Tensor, labels: Tensor, task_ids: Tensor) -> Tensor:
         """Sum over tasks of each task's mean cross-entropy (every task weight 1)."""
-        per_row = F.cross_entropy(logits.float(), labels, reduction="none")
+        # No ignore index: a label of -100 (which the label check refuses
+        # where it runs) must not drop its row silently where it does not
+        # (torch.compile, GPU labels): cross_entropy rejects it there.
+        per_row = F.cross_entropy(
+            logits.float(), labels, reduction="none", ignore_index=_NO_IGNORE_INDEX
+        )
         rows_per_task = F.one_hot(task_ids, len(self.config.tasks)).sum(0)
         return (per_row / rows_per_task[task_ids]).sum()
 
@@ -402,7 +439,9 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         config.encoder_config = encoder.config  # with the vocabulary grown
         model = cls(config)
         model.surgellm.encoder = _without_pooler(encoder)
-        return model.to(encoder.dtype)
+        # In eval mode, as from_pretrained returns a model (and returned the
+        # encoder): not half of it in training mode.
+        return model.to(encoder.dtype).eval()
 
 
 def check_encoder_path(name: str) -> None:

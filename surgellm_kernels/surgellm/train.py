@@ -41,7 +41,7 @@ class SurgeLLMArguments:
     )
     train: str = dataclasses.field(metadata={"help": "JSON-lines file: text, task, label"})
     eval: Optional[str] = dataclasses.field(
-        default=None, metadata={"help": "JSON-lines file to evaluate on (default: --train)"}
+        default=None, metadata={"help": "JSON-lines file to evaluate on; none: --train's"}
     )
     no_iwn: bool = dataclasses.field(default=False, metadata={"help": "ablation: no IWN"})
     no_gate: bool = dataclasses.field(
@@ -150,7 +150,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     import torch
 
     from ._cli import UsageError
-    from .trainer import accelerator_present
+    from .trainer import accelerator_present, check_training_arguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
@@ -173,6 +173,7 @@ def parse(argv: Optional[Sequence[str]] = None):
             raise UsageError(f"argument {name}: must be >= 0, got {value}")
     if not 0 <= training_args.seed < 2**32:  # numpy's seeds
         raise UsageError(f"argument --seed: must be in [0, 2**32), got {training_args.seed}")
+    check_training_arguments(training_args)  # before the encoder is loaded
     output = training_args.output_dir
     if os.path.exists(output) and not os.path.isdir(output):
         raise UsageError(f"argument --output: {output} is not a directory")

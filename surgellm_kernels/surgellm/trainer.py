@@ -59,24 +59,50 @@ class SurgeLLMTrainingArguments(TrainingArguments):
             "help": "directory for checkpoints, the model and metrics.json",
         },
     )
-    learning_rate: float = dataclasses.field(default=2e-5, metadata={"aliases": ["--lr"]})
-    weight_decay: float = 0.01
+    # The recipe's fields, each with a help text: the command's --help shows
+    # their defaults.
+    learning_rate: float = dataclasses.field(
+        default=2e-5,
+        metadata={"aliases": ["--lr"], "help": "AdamW learning rate of the pretrained encoder"},
+    )
+    weight_decay: float = dataclasses.field(
+        default=0.01, metadata={"help": "AdamW weight decay, except biases and norm weights"}
+    )
     warmup_steps: float = dataclasses.field(
         default=0.06, metadata={"help": "linear warm-up: steps, or a ratio of them in [0, 1)"}
     )
-    num_train_epochs: float = dataclasses.field(default=3.0, metadata={"aliases": ["--epochs"]})
-    per_device_train_batch_size: int = dataclasses.field(
-        default=16, metadata={"aliases": ["--batch-size"]}
+    num_train_epochs: float = dataclasses.field(
+        default=3.0, metadata={"aliases": ["--epochs"], "help": "epochs over --train"}
     )
-    eval_strategy: str = "epoch"
-    save_strategy: str = "epoch"
-    save_total_limit: Optional[int] = 2
-    load_best_model_at_end: bool = True
-    metric_for_best_model: Optional[str] = "macro_f1"
-    greater_is_better: Optional[bool] = True
-    logging_steps: float = 10
-    report_to: Optional[str] = "none"
-    seed: int = 0
+    per_device_train_batch_size: int = dataclasses.field(
+        default=16,
+        metadata={"aliases": ["--batch-size"], "help": "rows per batch, one task each, per device"},
+    )
+    eval_strategy: str = dataclasses.field(
+        default="epoch", metadata={"help": "when to evaluate on --eval: epoch, steps or no"}
+    )
+    save_strategy: str = dataclasses.field(
+        default="epoch", metadata={"help": "when to save a checkpoint: epoch, steps, best or no"}
+    )
+    save_total_limit: Optional[int] = dataclasses.field(
+        default=2, metadata={"help": "checkpoints kept (the best one among them)"}
+    )
+    load_best_model_at_end: bool = dataclasses.field(
+        default=True, metadata={"help": "end with the best checkpoint's weights"}
+    )
+    metric_for_best_model: Optional[str] = dataclasses.field(
+        default="macro_f1", metadata={"help": "what the best checkpoint is chosen by"}
+    )
+    greater_is_better: Optional[bool] = dataclasses.field(
+        default=True, metadata={"help": "whether a higher --metric-for-best-model is better"}
+    )
+    logging_steps: float = dataclasses.field(
+        default=10, metadata={"help": "log the training loss every this many steps"}
+    )
+    report_to: Optional[str] = dataclasses.field(
+        default="none", metadata={"help": "none, or logging integrations (tensorboard, ...)"}
+    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "random seed, in [0, 2**32)"})
     head_learning_rate: Optional[float] = dataclasses.field(
         default=3e-3,
         metadata={
@@ -131,6 +157,19 @@ class TaskHomogeneousSampler(Sampler):
         )
 
 
+def check_training_arguments(args) -> None:
+    """``ValueError`` for the ``Trainer`` options the model cannot train with."""
+    smoothing = getattr(args, "label_smoothing_factor", 0)
+    if smoothing:
+        # Trainer's smoother would take the labels from the model and average
+        # log-probabilities over every column of the logits, -inf past each
+        # task's classes: an infinite loss, logged as 0.
+        raise ValueError(
+            f"label_smoothing_factor={smoothing} is not supported: the logits hold every "
+            "task's classes, padded with -inf; leave it at 0"
+        )
+
+
 class SurgeLLMTrainer(Trainer):
     """``Trainer`` with task-homogeneous training batches: data-parallel,
     every rank's share of a step comes from one global batch of one task
@@ -138,6 +177,7 @@ class SurgeLLMTrainer(Trainer):
     that N ranks of batch B take the steps one process of batch N x B takes."""
 
     def __init__(self, *args, **kwargs):
+        check_training_arguments(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         self.task_sampler: Optional[TaskHomogeneousSampler] = None
         self.add_callback(_SamplerEpoch(self))
@@ -266,7 +306,14 @@ def compute_metrics_for(task_names: Sequence[str]):
     the best checkpoint is chosen by) and each task's macro-F1 and accuracy."""
 
     def compute_metrics(eval_prediction) -> Dict[str, float]:
-        labels, task_ids = eval_prediction.label_ids
+        label_ids = eval_prediction.label_ids
+        if not isinstance(label_ids, (tuple, list)) or len(label_ids) != 2:
+            raise ValueError(
+                "compute_metrics_for needs each row's labels and task ids: give Trainer "
+                'TrainingArguments(label_names=["labels", "task_ids"]) (SurgeLLMTrainingArguments '
+                "sets it)"
+            )
+        labels, task_ids = label_ids
         metrics = task_metrics(
             np.argmax(eval_prediction.predictions, -1), labels, task_ids, task_names
         )

@@ -533,3 +533,92 @@ def test_optimizer_groups_encoder_and_fresh_parameters(tokenizer_dir, tmp_path, 
         assert trainer.optimizer is given and len(given.param_groups) == 1
     else:
         assert SurgeLLMTrainingArguments(output_dir=str(tmp_path)).head_learning_rate == 3e-3
+
+
+# -- what a transformers user expects of a sequence classifier -------------------------
+
+
+def test_hidden_states_and_attentions_reach_the_output_as_in_bert(tokenizer_dir):
+    """They were computed by the encoder and dropped: None where BERT's
+    classifier returns them, from the call's flags or the config's."""
+    model, processor = make_model(tokenizer_dir)
+    model.config._attn_implementation = "eager"
+    model.surgellm.encoder.config._attn_implementation = "eager"
+    batch = make_batches(processor, 1)[0]
+    model.fit_statistics([batch])
+    model.eval()
+    out = model(**batch, output_hidden_states=True, output_attentions=True)
+    layers = model.config.encoder_config.num_hidden_layers
+    assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
+    encoder_out = model.surgellm.encoder(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+    )
+    torch.testing.assert_close(out.hidden_states[-1], encoder_out.last_hidden_state)
+    plain = model(**batch)
+    assert plain.hidden_states is None and plain.attentions is None
+    model.config.return_dict = False  # the config's choice, as transformers' models read it
+    as_tuple = model(**batch)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[1], plain.logits)
+
+
+def test_resized_embeddings_save_and_load(tokenizer_dir, tmp_path):
+    """The encoder is built from encoder_config on loading: a resize that
+    left its vocab_size behind made the saved model unloadable."""
+    model, processor = make_model(tokenizer_dir)
+    model.fit_statistics(make_batches(processor, 1))
+    rows = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(rows + 8)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert loaded.get_input_embeddings().num_embeddings == rows + 8
+    torch.testing.assert_close(
+        loaded.get_input_embeddings().weight, model.get_input_embeddings().weight
+    )
+
+
+def test_from_encoder_returns_the_model_in_eval_mode(tokenizer_dir):
+    """As from_pretrained does: the encoder came back in eval mode (dropout
+    off) inside a model in training mode."""
+    model, _ = make_model(tokenizer_dir)
+    assert not any(m.training for m in model.modules())
+
+
+def test_a_label_the_check_does_not_see_is_not_ignored(tokenizer_dir):
+    """Under torch.compile (and for GPU labels) the label check does not
+    run; a -100 label was then dropped from the loss while its row still
+    counted in its task's mean."""
+    model, processor = make_model(tokenizer_dir)
+    batch = make_batches(processor, 1)[0]
+    model.fit_statistics([batch])
+    labels = batch["labels"].clone()
+    labels[1] = -100
+    logits = model(**batch).logits
+    with pytest.raises(IndexError, match="out of bounds"):
+        model.loss(logits, labels, batch["task_ids"])
+
+
+def test_label_smoothing_is_refused(tokenizer_dir, tmp_path):
+    """Trainer's smoother averages over the -inf padding: an infinite loss,
+    logged as 0."""
+    from surgellm_kernels.surgellm.trainer import SurgeLLMTrainer, SurgeLLMTrainingArguments
+
+    model, _ = make_model(tokenizer_dir)
+    args = SurgeLLMTrainingArguments(
+        output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to="none"
+    )
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 is not supported"):
+        SurgeLLMTrainer(model=model, args=args)
+
+
+def test_compute_metrics_without_task_ids_says_what_to_set():
+    from transformers import EvalPrediction
+
+    from surgellm_kernels.surgellm.trainer import compute_metrics_for
+
+    metrics = compute_metrics_for(["a", "b"])
+    prediction = EvalPrediction(predictions=np.zeros((2, 2)), label_ids=np.array([0, 1]))
+    with pytest.raises(ValueError, match='label_names=\\["labels", "task_ids"\\]'):
+        metrics(prediction)

@@ -444,6 +444,7 @@ def test_bad_arguments(tmp_path, capsys):
         ("--config-overrides", "head_droput=0", "'head_droput' is not a field it sets"),
         ("--config-overrides", "iwn=False", "'iwn' is not a field it sets"),
         ("--config-overrides", "alpha=abc", "alpha must be a float, got 'abc'"),
+        ("--label-smoothing-factor", "0.1", "label_smoothing_factor=0.1 is not supported"),
     ):
         assert train.main([*base, "--output", str(tmp_path / "new"), flag, value]) == 2
         err = capsys.readouterr().err
