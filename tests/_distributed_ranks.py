@@ -209,12 +209,12 @@ class Batch:
         y = fused_iwn(
             x,
             self.labels[rows],
-            gate,
-            weight,
-            bias,
-            rm,
-            rs,
-            None if self.task_ids is None else self.task_ids[rows],
+            gate=gate,
+            weight=weight,
+            bias=bias,
+            running_mean=rm,
+            running_std=rs,
+            task_ids=None if self.task_ids is None else self.task_ids[rows],
             training=training,
             std_mode=std_mode,
             num_classes=self.C,
@@ -377,11 +377,11 @@ def collective_count(rank, world, groups):
         return fused_iwn(
             inputs,
             batch.labels[rows],
-            batch.gate,
-            batch.weight,
-            batch.bias,
-            rm,
-            rs,
+            gate=batch.gate,
+            weight=batch.weight,
+            bias=batch.bias,
+            running_mean=rm,
+            running_std=rs,
             training=training,
             num_classes=batch.C,
             process_group=process_group,
@@ -514,6 +514,53 @@ def distributed_fit(rank, world, groups):
         assert_close(norm.running_std, whole.running_std, torch.float64, "fit std")
 
 
+@case
+def class_balanced_batchnorm(rank, world, groups):
+    """A CNN's BatchNorm2d made class-balanced (convert_to_iwn), then synced
+    (convert_sync_iwn): each rank's samples against one process on all of
+    them -- outputs, input and affine gradients, running statistics."""
+    from surgellm_kernels import FusedInstanceWeightedNorm2d, convert_to_iwn
+    from surgellm_kernels.nn.distributed import SyncInstanceWeightedNorm2d
+
+    sizes = _sizes(world, [5, 3], [4, 0, 3])
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(sum(sizes), 4, 3, 5, generator=g, dtype=torch.float64) * 2 + 1
+    labels = torch.tensor(_labels_by_shard(sizes, lambda r, n: [(r + i) % 3 for i in range(n)]))
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    affine = torch.rand(2, 4, generator=g, dtype=torch.float64)
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+
+    def model():
+        m = nn.Sequential(nn.BatchNorm2d(4)).double()
+        with torch.no_grad():
+            m[0].weight.copy_(affine[0] + 0.5)
+            m[0].bias.copy_(affine[1])
+        convert_to_iwn(m, num_classes=3)
+        assert type(m[0]) is FusedInstanceWeightedNorm2d
+        return m
+
+    whole, synced = model(), convert_sync_iwn(model(), groups["world"])
+    assert type(synced[0]) is SyncInstanceWeightedNorm2d
+    outputs = []
+    for m, inputs, grad in ((whole, x, dy), (synced, x[rows], dy[rows])):
+        inputs = inputs.clone().requires_grad_()
+        y = m[0](inputs, labels if m is whole else labels[rows])
+        y.backward(grad)
+        outputs.append((y, inputs.grad))
+    (y_all, dx_all), (y, dx) = outputs
+    assert_close(y, y_all[rows], torch.float64, "y")
+    assert_close(dx, dx_all[rows], torch.float64, "dx")
+    for name in ("weight", "bias"):
+        got = summed(getattr(synced[0], name).grad, groups["world"])
+        assert_close(got, getattr(whole[0], name).grad, torch.float64, f"{name} grad")
+    for name in ("running_mean", "running_std"):
+        assert_close(getattr(synced[0], name), getattr(whole[0], name), torch.float64, name)
+    synced.eval()  # eval reads the running statistics: nothing to share, no rank waits
+    if rank == 0:
+        assert_close(synced[0](x[:2]), whole.eval()[0](x[:2]), torch.float64, "eval")
+
+
 class TinyClassifier(nn.Module):
     def __init__(self, F=8, C=3):
         super().__init__()
@@ -579,11 +626,10 @@ def compiled(rank, world, groups):
         return fused_iwn(
             x,
             labels,
-            None,
-            weight,
-            bias,
-            rm,
-            rs,
+            weight=weight,
+            bias=bias,
+            running_mean=rm,
+            running_std=rs,
             training=True,
             num_classes=batch.C,
             process_group=group,
@@ -618,7 +664,7 @@ def bad_labels_on_one_rank(rank, world, groups):
         lambda: fused_iwn(
             batch.x[rows],
             labels,
-            batch.gate,
+            gate=batch.gate,
             running_mean=rm,
             running_std=rs,
             training=True,

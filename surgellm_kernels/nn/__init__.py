@@ -1,7 +1,13 @@
 """Modules: the paper's reference modules (Eq.3-7, Eq.10-11), their fused
 twins, the data-parallel IWN and ``patch_model``."""
 
-from .distributed import SyncInstanceWeightedNorm, convert_sync_iwn, sync_payload
+from .distributed import (
+    SyncInstanceWeightedNorm,
+    SyncInstanceWeightedNorm1d,
+    SyncInstanceWeightedNorm2d,
+    convert_sync_iwn,
+    sync_payload,
+)
 from .iwn import (
     FusedInstanceWeightedNorm,
     FusedInstanceWeightedNorm1d,
@@ -25,6 +31,8 @@ __all__ = [
     "SurgicalGate",
     "FusedSurgicalGate",
     "SyncInstanceWeightedNorm",
+    "SyncInstanceWeightedNorm1d",
+    "SyncInstanceWeightedNorm2d",
     "convert_sync_iwn",
     "sync_payload",
     "patch_model",

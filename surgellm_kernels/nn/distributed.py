@@ -20,10 +20,24 @@ from torch import Tensor, nn
 
 from ..ops import fused_iwn
 from ..ops.reference import accumulation_dtype
-from .iwn import FusedInstanceWeightedNorm, InstanceWeightedNorm
+from .iwn import (
+    FusedInstanceWeightedNorm,
+    FusedInstanceWeightedNorm1d,
+    FusedInstanceWeightedNorm2d,
+    InstanceWeightedNorm,
+    InstanceWeightedNorm1d,
+    InstanceWeightedNorm2d,
+)
 from .patching import _twin
 
-__all__ = ["SyncInstanceWeightedNorm", "convert_sync_iwn", "SyncPayload", "sync_payload"]
+__all__ = [
+    "SyncInstanceWeightedNorm",
+    "SyncInstanceWeightedNorm1d",
+    "SyncInstanceWeightedNorm2d",
+    "convert_sync_iwn",
+    "SyncPayload",
+    "sync_payload",
+]
 
 
 class SyncPayload(NamedTuple):
@@ -58,7 +72,23 @@ def _default_group():
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
 
-class SyncInstanceWeightedNorm(FusedInstanceWeightedNorm):
+class _SyncedNorm:
+    """What the synced layers add to their fused twins: the functional call
+    carries the process group in training (in eval, as SyncBatchNorm, no
+    rank waits on another: an evaluation loop may run on one rank only)."""
+
+    process_group = None
+
+    def _group(self):
+        return self.process_group if self.process_group is not None else _default_group()
+
+    # Called by the layer's forward in place of the static functional.
+    def _iwn(self, *args, **kwargs) -> Tensor:
+        group = self._group() if self.training else None
+        return fused_iwn(*args, **kwargs, process_group=group)
+
+
+class SyncInstanceWeightedNorm(_SyncedNorm, FusedInstanceWeightedNorm):
     """:class:`InstanceWeightedNorm` whose training statistics are those of
     every rank's rows together.
 
@@ -89,18 +119,47 @@ class SyncInstanceWeightedNorm(FusedInstanceWeightedNorm):
         )
         self.process_group = process_group
 
-    def _group(self):
-        return self.process_group if self.process_group is not None else _default_group()
 
-    # Called by InstanceWeightedNorm.forward in place of the static functional.
-    def _iwn(self, *args) -> Tensor:
-        return fused_iwn(*args, process_group=self._group())
+class SyncInstanceWeightedNorm1d(_SyncedNorm, FusedInstanceWeightedNorm1d):
+    """:class:`FusedInstanceWeightedNorm1d` whose training statistics are
+    those of every rank's samples together (see
+    :class:`SyncInstanceWeightedNorm`); ``process_group`` after its
+    constructor's arguments."""
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+
+class SyncInstanceWeightedNorm2d(_SyncedNorm, FusedInstanceWeightedNorm2d):
+    """:class:`FusedInstanceWeightedNorm2d` whose training statistics are
+    those of every rank's samples together (see
+    :class:`SyncInstanceWeightedNorm`); ``process_group`` after its
+    constructor's arguments."""
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+
+# Each layer, reference or fused, and its synced form.
+_SYNCED = {
+    InstanceWeightedNorm: SyncInstanceWeightedNorm,
+    FusedInstanceWeightedNorm: SyncInstanceWeightedNorm,
+    InstanceWeightedNorm1d: SyncInstanceWeightedNorm1d,
+    FusedInstanceWeightedNorm1d: SyncInstanceWeightedNorm1d,
+    InstanceWeightedNorm2d: SyncInstanceWeightedNorm2d,
+    FusedInstanceWeightedNorm2d: SyncInstanceWeightedNorm2d,
+}
 
 
 def convert_sync_iwn(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every :class:`InstanceWeightedNorm` and
     :class:`FusedInstanceWeightedNorm` in ``module`` by a
-    :class:`SyncInstanceWeightedNorm` holding the same Parameter and buffer
+    :class:`SyncInstanceWeightedNorm`, and every class-balanced BatchNorm
+    layer (``InstanceWeightedNorm1d/2d``, fused or not, as
+    :func:`convert_to_iwn` makes them) by ``SyncInstanceWeightedNorm1d/2d``,
+    each holding the same Parameter and buffer
     objects (so an optimizer built before keeps training them), hooks and
     attributes, like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. A
     norm registered under several parents becomes one synced module. Returns
@@ -111,9 +170,9 @@ def convert_sync_iwn(module: nn.Module, process_group=None) -> nn.Module:
 
 
 def _convert(module: nn.Module, process_group, converted: dict) -> nn.Module:
-    if type(module) in (InstanceWeightedNorm, FusedInstanceWeightedNorm):
+    if type(module) in _SYNCED:
         if id(module) not in converted:
-            synced = _twin(module, SyncInstanceWeightedNorm)  # shares the module's dicts
+            synced = _twin(module, _SYNCED[type(module)])  # shares the module's dicts
             synced.process_group = process_group
             converted[id(module)] = synced
         return converted[id(module)]

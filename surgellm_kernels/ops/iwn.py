@@ -182,6 +182,7 @@ def rank_group(process_group, like: Tensor) -> Optional[RankGroup]:
 def fused_iwn(
     x: Tensor,
     labels: Optional[Tensor] = None,
+    *,
     gate: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
@@ -199,10 +200,11 @@ def fused_iwn(
     """Gated instance-weighted normalization.
 
     The counterpart of ``F.batch_norm(input, running_mean, running_var, weight,
-    bias, training, momentum, eps)`` with the class labels second: pass the
-    others by keyword. Training (``training=True``, labels required) uses
-    class-balanced batch statistics and updates the running ones in place;
-    eval (the default) normalizes with ``running_mean`` / ``running_std``.
+    bias, training, momentum, eps)`` with the class labels second; the others
+    are keyword-only (their order is not batch_norm's). Training
+    (``training=True``, labels required) uses class-balanced batch statistics
+    and updates the running ones in place; eval (the default) normalizes with
+    ``running_mean`` / ``running_std``.
 
     Args:
         x: (..., F) floating tensor; every leading index is one instance
@@ -259,6 +261,21 @@ def fused_iwn(
                 "fused_iwn with a process_group needs the compiled kernels (backend cpu, cuda "
                 "or triton): the eager reference computes one process's statistics only"
             )
-        return iwn_reference(*args, feature_dim=feature_dim)
+        return iwn_reference(
+            x,
+            labels,
+            gate=gate,
+            weight=weight,
+            bias=bias,
+            running_mean=running_mean,
+            running_std=running_std,
+            task_ids=task_ids,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            std_mode=std_mode,
+            num_classes=num_classes,
+            feature_dim=feature_dim,
+        )
     group = (ranks.name, ranks.size) if ranks else (None, 1)
     return _backend.call_op("iwn", (*args, *group, feature_dim))

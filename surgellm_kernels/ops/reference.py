@@ -167,6 +167,7 @@ def update_running_statistics(
 def iwn_reference(
     x: Tensor,
     labels: Optional[Tensor] = None,
+    *,
     gate: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 ROOT = Path(__file__).resolve().parents[2]
 OTHERS = (
+    "class_balanced_batchnorm",
     "collective_count",
     "subgroup",
     "bad_input",
@@ -38,6 +39,7 @@ KERNEL_CASES = ["equal_shards", "empty_shard_pooled_tasks", "per_instance_gate",
 RUNS = {  # (world size, backend, device): cases
     (2, "cpu", "cpu"): [
         *MATRIX,
+        "class_balanced_batchnorm",
         "collective_count",
         "bad_input",
         "bad_labels_on_one_rank",
@@ -47,6 +49,7 @@ RUNS = {  # (world size, backend, device): cases
     ],
     (3, "cpu", "cpu"): [
         *MATRIX,
+        "class_balanced_batchnorm",
         "collective_count",
         "subgroup",
         "bad_labels_on_one_rank",
@@ -102,7 +105,9 @@ def test_without_an_initialized_group_nothing_is_synced():
     x, labels = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     norm = SyncInstanceWeightedNorm(4, 3, affine=True).double().train()
     assert norm._group() is None
-    expected = fused_iwn(x, labels, None, norm.weight, norm.bias, training=True, num_classes=3)
+    expected = fused_iwn(
+        x, labels, weight=norm.weight, bias=norm.bias, training=True, num_classes=3
+    )
     torch.testing.assert_close(norm(x, labels), expected, rtol=0, atol=0)
 
 

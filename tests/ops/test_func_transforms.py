@@ -40,7 +40,7 @@ def backend(request, force_backend):
 def test_vmap_of_fused_iwn_is_the_loop_over_samples(backend, in_dim):
     x, labels, gate = _data()
     expected = torch.stack(
-        [iwn_reference(x[b], labels[b], gate, training=True, num_classes=C) for b in range(B)]
+        [iwn_reference(x[b], labels[b], gate=gate, training=True, num_classes=C) for b in range(B)]
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback's performance warning
@@ -54,9 +54,11 @@ def test_vmap_of_fused_iwn_is_the_loop_over_samples(backend, in_dim):
 def test_vmap_of_the_reference_and_its_module_is_the_loop_over_samples():
     """The reference runs the op's checks (a C++ op): vmap needs their rule."""
     x, labels, gate = _data(1)
-    got = vmap(lambda xb, lb: iwn_reference(xb, lb, gate, training=True, num_classes=C))(x, labels)
+    got = vmap(lambda xb, lb: iwn_reference(xb, lb, gate=gate, training=True, num_classes=C))(
+        x, labels
+    )
     expected = torch.stack(
-        [iwn_reference(x[b], labels[b], gate, training=True, num_classes=C) for b in range(B)]
+        [iwn_reference(x[b], labels[b], gate=gate, training=True, num_classes=C) for b in range(B)]
     )
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     norm = InstanceWeightedNorm(F, num_classes=C).double().eval()
@@ -154,7 +156,7 @@ def test_backward_through_vmap_of_fused_iwn(backend):
     (y * weight).sum().backward()
     y = torch.stack(
         [
-            iwn_reference(xs[1][b], labels[b], gates[1], training=True, num_classes=C)
+            iwn_reference(xs[1][b], labels[b], gate=gates[1], training=True, num_classes=C)
             for b in range(B)
         ]
     )
@@ -200,7 +202,7 @@ def test_the_reference_takes_gradient_transforms():
     x, labels, gate = _data(10)
 
     def loss(a):
-        return iwn_reference(a, labels[0], gate, training=True, num_classes=C).pow(3).sum()
+        return iwn_reference(a, labels[0], gate=gate, training=True, num_classes=C).pow(3).sum()
 
     a = x[0].clone().requires_grad_()
     loss(a).backward()

@@ -352,9 +352,9 @@ def test_constant_feature_gives_the_bias_exactly(
     y = fused_iwn(
         x,
         labels,
-        gate,
-        torch.ones(1, dtype=dtype, device=device),
-        bias,
+        gate=gate,
+        weight=torch.ones(1, dtype=dtype, device=device),
+        bias=bias,
         training=True,
         num_classes=1,
         std_mode=std_mode,
@@ -404,11 +404,10 @@ def test_large_constant_feature_over_many_chunks(
     y = fused_iwn(
         x,
         labels,
-        None,
-        weight,
-        bias,
-        running_mean,
-        running_std,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_std=running_std,
         training=True,
         momentum=1.0,
         num_classes=C,
@@ -537,7 +536,7 @@ def test_bitwise_deterministic_across_runs_and_threads(backend, device, force_ba
     dy = torch.randn(N, F, device=device)
 
     def run():
-        y = fused_iwn(x, labels, gate, training=True, num_classes=10)
+        y = fused_iwn(x, labels, gate=gate, training=True, num_classes=10)
         return (y, *torch.autograd.grad(y, (x, gate), dy))
 
     assert_same_bits_across_threads(run)

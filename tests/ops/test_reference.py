@@ -82,14 +82,19 @@ def test_singleton_and_absent_classes_give_no_nan(std_mode):
     x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 0, 0, 0, 2, 2, 2, 2, 3])  # class 1 absent, class 3 singleton
     gate = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    y = iwn_reference(x, labels, gate, training=True, num_classes=5, std_mode=std_mode)
+    y = iwn_reference(x, labels, gate=gate, training=True, num_classes=5, std_mode=std_mode)
     y.pow(2).sum().backward()
     for t in (y, x.grad, gate.grad):
         assert torch.isfinite(t).all()
     # absent classes are skipped: same as the batch relabelled without them
     relabelled = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])
     y2 = iwn_reference(
-        x.detach(), relabelled, gate.detach(), training=True, num_classes=3, std_mode=std_mode
+        x.detach(),
+        relabelled,
+        gate=gate.detach(),
+        training=True,
+        num_classes=3,
+        std_mode=std_mode,
     )
     torch.testing.assert_close(y.detach(), y2)
 
@@ -262,7 +267,9 @@ def test_reference_gradients_against_finite_differences(std_mode):
         torch.randn(3, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(3)
     )
     torch.autograd.gradcheck(
-        lambda *a: iwn_reference(a[0], labels, *a[1:], training=True, std_mode=std_mode),
+        lambda x, gate, weight, bias: iwn_reference(
+            x, labels, gate=gate, weight=weight, bias=bias, training=True, std_mode=std_mode
+        ),
         (x, gate, weight, bias),
     )
 

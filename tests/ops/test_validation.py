@@ -362,3 +362,13 @@ def test_readme_lists_every_bad_input_as_raised_today():
     shown = readme.split("<!-- bad-inputs -->\n")[1].split("\n<!-- /bad-inputs -->")[0]
     assert shown == _bad_inputs.table()
     assert shown.count("\n") - 1 >= 20
+
+
+@pytest.mark.parametrize("iwn", [fused_iwn, iwn_reference], ids=["fused", "reference"])
+def test_arguments_after_labels_are_keyword_only(iwn):
+    """In F.batch_norm's order the running statistics were taken for the gate
+    and the weight, and never updated: a silent wrong answer."""
+    mean, std = RM.clone(), RS.clone()
+    with pytest.raises(TypeError, match="positional argument"):
+        iwn(X, LABELS, mean, std, training=True, num_classes=3)
+    assert torch.equal(mean, RM) and torch.equal(std, RS)
