@@ -73,11 +73,16 @@ def _default_group():
 
 
 class _SyncedNorm:
-    """What the synced layers add to their fused twins: the functional call
-    carries the process group in training (in eval, as SyncBatchNorm, no
-    rank waits on another: an evaluation loop may run on one rank only)."""
+    """What the synced layers add to their fused twins: ``process_group``
+    after the twin's constructor arguments, and the functional call carries
+    it in training (in eval, as SyncBatchNorm, no rank waits on another: an
+    evaluation loop may run on one rank only)."""
 
     process_group = None
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
 
     def _group(self):
         return self.process_group if self.process_group is not None else _default_group()
@@ -115,9 +120,16 @@ class SyncInstanceWeightedNorm(_SyncedNorm, FusedInstanceWeightedNorm):
         process_group=None,
     ):
         super().__init__(
-            num_features, num_classes, num_tasks, eps, momentum, affine, gate, std_mode
+            num_features,
+            num_classes,
+            num_tasks,
+            eps,
+            momentum,
+            affine,
+            gate,
+            std_mode,
+            process_group=process_group,
         )
-        self.process_group = process_group
 
 
 class SyncInstanceWeightedNorm1d(_SyncedNorm, FusedInstanceWeightedNorm1d):
@@ -126,20 +138,12 @@ class SyncInstanceWeightedNorm1d(_SyncedNorm, FusedInstanceWeightedNorm1d):
     :class:`SyncInstanceWeightedNorm`); ``process_group`` after its
     constructor's arguments."""
 
-    def __init__(self, *args, process_group=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.process_group = process_group
-
 
 class SyncInstanceWeightedNorm2d(_SyncedNorm, FusedInstanceWeightedNorm2d):
     """:class:`FusedInstanceWeightedNorm2d` whose training statistics are
     those of every rank's samples together (see
     :class:`SyncInstanceWeightedNorm`); ``process_group`` after its
     constructor's arguments."""
-
-    def __init__(self, *args, process_group=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.process_group = process_group
 
 
 # Each layer, reference or fused, and its synced form.

@@ -94,16 +94,22 @@ def call_op(name: str, args: tuple):
     return _overloads[name](*args)
 
 
-def register_vmap_by_samples(name: str, refuse=None) -> None:
+def _without(shape, dim: int) -> list:
+    return [n for i, n in enumerate(shape) if i != dim]
+
+
+def register_vmap_by_samples(name: str, checks: str, refuse=None) -> None:
     """``torch.func.vmap`` of ``surgellm::<name>``: the op once per sample (the
     sample's slice of each batched argument, the others as given), outputs
     stacked along dimension 0: what a Python loop over the samples returns.
     A sample is a batch of its own, as for BatchNorm under vmap: IWN's class
-    statistics are each sample's. ``refuse(args, in_dims)``, both by argument
-    name (defaults filled in), returns why a call cannot be vmapped so
-    (raised as ValueError), or None."""
+    statistics are each sample's. ``checks``: the op that checks the
+    arguments (run on a sample of zeros when there are no samples).
+    ``refuse(args, in_dims)``, both by argument name (defaults filled in),
+    returns why a call cannot be vmapped so (raised as ValueError), or None."""
 
     op = getattr(torch.ops.surgellm, name).default
+    check_op = getattr(torch.ops.surgellm, checks).default
     arguments = op._schema.arguments
 
     def by_samples(info, in_dims, *args):
@@ -113,14 +119,20 @@ def register_vmap_by_samples(name: str, refuse=None) -> None:
         dims = {a.name: d for a, d in zip(arguments, in_dims)}
         why = refuse(named, dims) if refuse is not None else None
         if why is not None:
-            raise ValueError(f"torch.func.vmap of surgellm::{name}: {why}")
-        if info.batch_size == 0:  # no samples: nothing to run; the output is x's (h's) shape
+            raise ValueError(f"torch.func.vmap: {why}")
+        if info.batch_size == 0:
+            # No sample to run: the checks on a sample of zeros, and x's (h's)
+            # no rows, still tied to it for autograd.
+            check_op(
+                *(
+                    a.new_zeros(_without(a.shape, d)) if d is not None else a
+                    for a, d in zip(args, in_dims)
+                )
+            )
             if not op._schema.returns:
                 return None, None
-            sample_shape = list(args[0].shape)
-            if in_dims[0] is not None:
-                del sample_shape[in_dims[0]]
-            return args[0].new_empty((0, *sample_shape)), 0
+            x, d = args[0], in_dims[0]
+            return (x.movedim(d, 0) if d is not None else x.expand(0, *x.shape)) * 0, 0
         outs = [
             op(*(a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)))
             for b in range(info.batch_size)

@@ -117,24 +117,30 @@ def _register_fake_kernels() -> None:
         return torch.empty_like(x), dgate
 
 
-def _running_statistics_shared(args: dict, in_dims: dict) -> Optional[str]:
-    """Why vmap cannot run fused_iwn: training would update running
-    statistics that every sample shares (not batched, as
-    torch.func.stack_module_state batches an ensemble's), once per sample."""
+def _not_by_samples(args: dict, in_dims: dict) -> Optional[str]:
+    """Why vmap cannot run fused_iwn (or its checks) once per sample."""
+    if not args["training"]:
+        return None
     running = ("running_mean", "running_std")
-    if args["training"] and any(args[r] is not None and in_dims.get(r) is None for r in running):
+    if any(args[r] is not None and in_dims.get(r) is None for r in running):
+        # shared by every sample (not batched, as torch.func.stack_module_state
+        # batches an ensemble's), they would be updated once per sample
         return (
             "training updates running_mean / running_std in place, once per sample, and "
             "they are not batched; batch them too (torch.func.stack_module_state), or "
             "call without running statistics (track_running_stats=False) or in eval"
         )
+    if args["group_name"] is not None and args["group_size"] > 1:
+        # each sample's call would be a collective: ranks with other batch
+        # sizes would wait for each other
+        return "a process group's statistics are one batch's, not a sample's: call it unbatched"
     return None
 
 
 if _backend.extension() is not None:
     _register_fake_kernels()
-    _backend.register_vmap_by_samples("_iwn_check_args")
-    _backend.register_vmap_by_samples("iwn", refuse=_running_statistics_shared)
+    for _name in ("_iwn_check_args", "iwn"):
+        _backend.register_vmap_by_samples(_name, "_iwn_check_args", refuse=_not_by_samples)
 
 
 class RankGroup(NamedTuple):
@@ -253,29 +259,26 @@ def fused_iwn(
     if not training:  # eval normalizes with the running statistics: nothing to share
         ranks = None
     device = x.device if isinstance(x, Tensor) else torch.device("cpu")
-    args = (x, labels, gate, weight, bias, running_mean, running_std, task_ids, training)
-    args += (momentum, eps, std_mode, num_classes)
+    # In the op's order (its schema's, after x and labels).
+    options = dict(
+        gate=gate,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_std=running_std,
+        task_ids=task_ids,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        std_mode=std_mode,
+        num_classes=num_classes,
+    )
     if _backend.select_backend("iwn", device) == "eager":
         if ranks is not None:
             raise RuntimeError(
                 "fused_iwn with a process_group needs the compiled kernels (backend cpu, cuda "
                 "or triton): the eager reference computes one process's statistics only"
             )
-        return iwn_reference(
-            x,
-            labels,
-            gate=gate,
-            weight=weight,
-            bias=bias,
-            running_mean=running_mean,
-            running_std=running_std,
-            task_ids=task_ids,
-            training=training,
-            momentum=momentum,
-            eps=eps,
-            std_mode=std_mode,
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-        )
+        return iwn_reference(x, labels, **options, feature_dim=feature_dim)
     group = (ranks.name, ranks.size) if ranks else (None, 1)
-    return _backend.call_op("iwn", (*args, *group, feature_dim))
+    return _backend.call_op("iwn", (x, labels, *options.values(), *group, feature_dim))

@@ -43,8 +43,8 @@ def _register_fake_kernels() -> None:
 
 if _backend.extension() is not None:
     _register_fake_kernels()
-    _backend.register_vmap_by_samples("_surgical_gate_check_args")
-    _backend.register_vmap_by_samples("surgical_gate")
+    for _name in ("_surgical_gate_check_args", "surgical_gate"):
+        _backend.register_vmap_by_samples(_name, "_surgical_gate_check_args")
 
 
 def fused_surgical_gate(

@@ -224,6 +224,9 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
         encoder_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             encoder_inputs["token_type_ids"] = token_type_ids
+        for flag in ("output_hidden_states", "output_attentions"):  # the model's config's too
+            if getattr(self.config, flag, False):
+                kwargs.setdefault(flag, True)
         encoded = self.encoder(**encoder_inputs, **kwargs, return_dict=True)
         hidden = encoded.last_hidden_state
         s = features.to(self.fusion.feature_projection.weight.dtype)
@@ -317,7 +320,8 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         """Sum over tasks of each task's mean cross-entropy (every task weight 1)."""
         # No ignore index: a label of -100 (which the label check refuses
         # where it runs) must not drop its row silently where it does not
-        # (torch.compile, GPU labels): cross_entropy rejects it there.
+        # (torch.compile, GPU labels): cross_entropy rejects it there (on a
+        # GPU, as a device-side assert).
         per_row = F.cross_entropy(
             logits.float(), labels, reduction="none", ignore_index=_NO_IGNORE_INDEX
         )

@@ -103,6 +103,9 @@ class SurgeLLMTrainingArguments(TrainingArguments):
         default="none", metadata={"help": "none, or logging integrations (tensorboard, ...)"}
     )
     seed: int = dataclasses.field(default=0, metadata={"help": "random seed, in [0, 2**32)"})
+    label_smoothing_factor: float = dataclasses.field(
+        default=0.0, metadata={"help": "not supported: the logits are padded with -inf; keep 0"}
+    )
     head_learning_rate: Optional[float] = dataclasses.field(
         default=3e-3,
         metadata={

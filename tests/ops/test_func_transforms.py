@@ -113,14 +113,15 @@ def test_vmap_eval_reads_shared_running_statistics(backend):
     torch.testing.assert_close(got, expected)
 
 
-def test_vmap_training_with_shared_running_statistics_is_refused_unchanged(backend):
+@pytest.mark.parametrize("iwn", [fused_iwn, iwn_reference], ids=["fused", "reference"])
+def test_vmap_training_with_shared_running_statistics_is_refused_unchanged(backend, iwn):
     """Each sample would update the one buffer in turn: refused, as vmap
     refuses BatchNorm's, before any update."""
     x, labels, _ = _data(5)
     mean, std = torch.zeros(F, dtype=torch.float64), torch.ones(F, dtype=torch.float64)
     with pytest.raises(ValueError, match="running_mean / running_std .* not batched"):
         vmap(
-            lambda xb, lb: fused_iwn(
+            lambda xb, lb: iwn(
                 xb, lb, running_mean=mean, running_std=std, training=True, num_classes=C
             )
         )(x, labels)
@@ -136,11 +137,29 @@ def test_vmap_checks_each_sample(backend, iwn):
         vmap(lambda xb, lb: iwn(xb, lb, training=True, num_classes=C))(x, labels)
 
 
-def test_vmap_over_no_samples_gives_an_empty_batch(backend):
+def test_vmap_over_no_samples_gives_an_empty_batch_checked_and_differentiable(backend):
     x, labels, _ = _data(7)
-    got = vmap(lambda xb, lb: fused_iwn(xb, lb, training=True, num_classes=C))(x[:0], labels[:0])
+    x = x[:0].clone().requires_grad_()
+    got = vmap(lambda xb, lb: fused_iwn(xb, lb, training=True, num_classes=C))(x, labels[:0])
     assert got.shape == (0, N, F)
-    assert vmap(lambda h: fused_surgical_gate(h, h, h))(x[:0]).shape == (0, N, F)
+    got.sum().backward()  # as F.layer_norm's under vmap: a gradient of no rows
+    assert x.grad.shape == x.shape
+    assert vmap(lambda h: fused_surgical_gate(h, h, h))(x).shape == (0, N, F)
+    with pytest.raises(ValueError, match=r"gate must have shape \(7,\)"):
+        vmap(lambda xb: fused_iwn(xb, labels[0], gate=torch.zeros(3), training=True))(x)
+
+
+def test_vmap_with_a_process_group_is_refused():
+    """Each sample's call would be a collective: ranks vmapping other batch
+    sizes would wait on each other. Refused before any collective (no
+    process group needs to exist)."""
+    x, labels, _ = _data(11)
+    with pytest.raises(ValueError, match="process group"):
+        vmap(
+            lambda xb, lb: torch.ops.surgellm.iwn(
+                xb, lb, training=True, num_classes=C, group_name="a group", group_size=2
+            )
+        )(x, labels)
 
 
 def test_backward_through_vmap_of_fused_iwn(backend):

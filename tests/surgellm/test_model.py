@@ -558,6 +558,9 @@ def test_hidden_states_and_attentions_reach_the_output_as_in_bert(tokenizer_dir)
     torch.testing.assert_close(out.hidden_states[-1], encoder_out.last_hidden_state)
     plain = model(**batch)
     assert plain.hidden_states is None and plain.attentions is None
+    model.config.output_hidden_states = True  # the model's config, as BERT's
+    assert len(model(**batch).hidden_states) == layers + 1
+    model.config.output_hidden_states = False
     model.config.return_dict = False  # the config's choice, as transformers' models read it
     as_tuple = model(**batch)
     assert isinstance(as_tuple, tuple)
