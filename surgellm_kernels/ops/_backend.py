@@ -2,9 +2,9 @@
 
 ``SURGELLM_BACKEND`` in {triton, cuda, cpu, eager} forces one backend; when the
 forced backend cannot run a call, the call raises ``RuntimeError`` saying why.
-Without it: Triton for CUDA tensors when importable, else the CUDA C++ kernels;
-the C++ kernel for CPU tensors; the eager reference when the extension is
-missing (announced once with ``warnings.warn``).
+Without it: the CUDA C++ kernels for CUDA tensors (Triton's run when
+forced); the C++ kernel for CPU tensors; the eager reference when the
+extension is missing (announced once with ``warnings.warn``).
 
 The compiled backends are kernels of the same dispatcher ops
 (``torch.ops.surgellm.*``, declared by the extension): the extension
@@ -326,7 +326,9 @@ def _choose(op: str, device: torch.device, warn: bool = True) -> str:
                 f"{ENV_VAR}={forced} cannot run {op} on {device.type} tensors: {why}"
             )
         return forced
-    candidates = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    # On a GPU the CUDA C++ kernels: on an H200 they ran fused_iwn's forward
+    # + backward in half the Triton kernels' time (docs/benchmarks.md).
+    candidates = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     for name in candidates:
         if _why_not(name, device, op) is None:
             return name
@@ -392,12 +394,12 @@ TRITON_KERNELS = {
 }
 
 
-# On a GPU machine Triton is the default for CUDA tensors: registered now, so
-# that a process whose first call is compiled already runs it.
+# Triton chosen for a GPU: registered now, so that a process whose first call
+# is compiled already runs it.
 if (
     torch.cuda.is_available()
     and _why_not("triton", torch.device("cuda"), None) is None
-    and os.environ.get(ENV_VAR, "").strip().lower() in ("", "triton")
+    and os.environ.get(ENV_VAR, "").strip().lower() == "triton"
 ):
     _use_triton_kernels("cuda", True)
 
