@@ -466,7 +466,7 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
     RowsByGroup by_group;
     // Per feature, whether the one pass kept its bits, and (where a lane did
     // not) the one-pass mean, M2 and residual of the others.
-    std::vector<acc_t> one_pass_ok(F), one_pass(3 * F);
+    std::vector<acc_t> one_pass_ok(F), one_pass;
     // sum += u; then a sum over `count` rows becomes their mean.
     auto add_row = [F](acc_t* sum, const RowU<scalar_t, acc_t>& u) {
       for_each_vec<acc_t>(
@@ -526,19 +526,20 @@ void iwn_group_moments(const IWNMomentsArgs<acc_type<scalar_t>>& a) {
         if (!all_lanes(kept)) {  // the two passes, from cache, for the lanes that need them
           // The other lanes keep their one-pass bits: a NaN in one feature
           // leaves every other feature as it would be without it.
-          std::copy(mk, mk + F, one_pass.begin());
-          std::copy(qk, qk + F, one_pass.begin() + F);
-          std::copy(rk, rk + F, one_pass.begin() + 2 * F);
-          for (acc_t* out : {mk, qk, rk}) std::fill(out, out + F, acc_t(0));
+          acc_t* const sums[3] = {mk, qk, rk};
+          one_pass.resize(3 * F);  // taken on the first fallback only
+          for (int64_t p = 0; p < 3; ++p) {
+            std::copy(sums[p], sums[p] + F, one_pass.begin() + p * F);
+            std::fill(sums[p], sums[p] + F, acc_t(0));
+          }
           for (int64_t j = start[k]; j < start[k + 1]; ++j) add_row(mk, rows.u(order[j]));
           to_mean(mk, cnt[k]);
           by_group.visit_group(k, block, add_block);
           for_each_vec<acc_t>(F, [&](int64_t f, int64_t w) {
             const Vec ok = load(one_pass_ok.data() + f, w);
-            for (int64_t p = 0; p < 3; ++p) {
-              acc_t* out = (p == 0 ? mk : p == 1 ? qk : rk) + f;
-              store(Vec::blendv(load(out, w), load(one_pass.data() + p * F + f, w), ok), out, w);
-            }
+            for (int64_t p = 0; p < 3; ++p)
+              store(Vec::blendv(load(sums[p] + f, w), load(one_pass.data() + p * F + f, w), ok),
+                    sums[p] + f, w);
           });
         }
       }

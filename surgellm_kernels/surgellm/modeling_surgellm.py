@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AddedToken, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
+from transformers.utils import can_return_tuple
 
 from ..nn import InstanceWeightedNorm, SurgicalGate
 from ..nn.surgical_gate import check_task_ids
@@ -122,11 +123,6 @@ def _without_pooler(encoder: nn.Module) -> nn.Module:
 _NO_IGNORE_INDEX = -(2**62)
 
 
-def _returns_dict(config, return_dict: Optional[bool]) -> bool:
-    """``return_dict`` of the call, else the config's, as transformers' models read it."""
-    return return_dict if return_dict is not None else getattr(config, "return_dict", True)
-
-
 class SurgeLLMPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading shared by the SURGELLM models."""
 
@@ -206,6 +202,7 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.encoder.set_input_embeddings(value)
 
+    @can_return_tuple  # return_dict, of the call or the config, as transformers' models
     def forward(
         self,
         input_ids: Optional[Tensor] = None,
@@ -214,7 +211,6 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
         features: Optional[Tensor] = None,
         token_type_ids: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
-        return_dict: Optional[bool] = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         """``labels`` reach IWN only, which needs them in training until its
@@ -239,7 +235,7 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
             hidden_states=encoded.hidden_states,  # output_hidden_states / attentions,
             attentions=encoded.attentions,  # from the call or the encoder's config
         )
-        return output if _returns_dict(self.config, return_dict) else output.to_tuple()
+        return output
 
 
 class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
@@ -269,6 +265,7 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.surgellm.set_input_embeddings(value)
 
+    @can_return_tuple  # return_dict, of the call or the config, as transformers' models
     def forward(
         self,
         input_ids: Optional[Tensor] = None,
@@ -277,7 +274,6 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         features: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         token_type_ids: Optional[Tensor] = None,
-        return_dict: Optional[bool] = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
         if (
@@ -314,7 +310,7 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
         )
-        return output if _returns_dict(self.config, return_dict) else output.to_tuple()
+        return output
 
     def loss(self, logits: Tensor, labels: Tensor, task_ids: Tensor) -> Tensor:
         """Sum over tasks of each task's mean cross-entropy (every task weight 1)."""
