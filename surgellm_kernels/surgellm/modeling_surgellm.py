@@ -238,6 +238,19 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
         return output
 
 
+def _assert_labels_are_classes(logits: Tensor, labels: Tensor) -> None:
+    """Where the label check on the host does not run (torch.compile, labels
+    on a GPU): an assert in the graph or on the device, with no host sync. A
+    label past its task's class count names one of the ``-inf`` columns its
+    row's logits are padded with: an infinite loss."""
+    width = logits.shape[-1]
+    picked = logits.detach().gather(-1, labels.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    torch._assert_async(
+        ((labels >= 0) & (labels < width) & (picked != float("-inf"))).all(),
+        "labels: a label is not a class of its row's task (0 <= label < that task's class count)",
+    )
+
+
 class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
     """SURGELLM with one classification head per task.
 
@@ -276,12 +289,13 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         token_type_ids: Optional[Tensor] = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
-        if (
+        checked = (
             labels is not None
             and task_ids is not None  # else the model below says it is required
             and labels.device.type == "cpu"
             and not torch.compiler.is_compiling()
-        ):
+        )
+        if checked:
             self.config.check_labels(labels, task_ids)
         base = self.surgellm(
             input_ids,
@@ -306,6 +320,8 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
             ]
         )
         logits = per_task[task_ids, torch.arange(z.shape[0], device=z.device)]
+        if labels is not None and not checked:
+            _assert_labels_are_classes(logits, labels)
         loss = None if labels is None else self.loss(logits, labels, task_ids)
         output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions

@@ -603,6 +603,42 @@ def test_a_label_the_check_does_not_see_is_not_ignored(tokenizer_dir):
         model.loss(logits, labels, batch["task_ids"])
 
 
+def test_a_label_of_a_padded_column_is_refused_under_compile(tokenizer_dir):
+    """Where the label check does not run (torch.compile, GPU labels), a
+    label past its task's class count but within the widest task's named a
+    -inf column: an infinite loss. The assert in the graph refuses it (where
+    Inductor keeps asserts: torch 2.13 lowers them to a device assert)."""
+    import torch._inductor.lowering as lowering
+
+    if not hasattr(lowering, "lower_assert_async"):
+        pytest.skip("this torch's Inductor drops _assert_async")
+    model, processor = make_model(tokenizer_dir)
+    batch = make_batches(processor, 1)[0]
+    model.fit_statistics([batch])
+    model.eval()
+    counts = torch.tensor(list(model.config.tasks.values()))
+    row = int((counts[batch["task_ids"]] < counts.max()).nonzero()[0, 0])
+    compiled = torch.compile(model)
+    assert torch.isfinite(compiled(**batch).loss)
+    labels = batch["labels"].clone()
+    labels[row] = counts[batch["task_ids"][row]]  # a padded column
+    with pytest.raises(RuntimeError, match="labels: a label is not a class of its row's task"):
+        compiled(**{**batch, "labels": labels})
+
+
+def test_the_label_assert_without_the_host_check():
+    """What runs in the graph or on the device, here on CPU tensors (where
+    _assert_async raises at once)."""
+    from surgellm_kernels.surgellm.modeling_surgellm import _assert_labels_are_classes
+
+    inf = float("-inf")
+    logits = torch.tensor([[0.5, -1.0, inf], [0.1, 0.2, 0.3]])
+    _assert_labels_are_classes(logits, torch.tensor([1, 2]))
+    for labels in ([2, 0], [-1, 0], [0, 3]):  # a padded column, below 0, past the widest
+        with pytest.raises(RuntimeError, match="labels: a label is not a class"):
+            _assert_labels_are_classes(logits, torch.tensor(labels))
+
+
 def test_label_smoothing_is_refused(tokenizer_dir, tmp_path):
     """Trainer's smoother averages over the -inf padding: an infinite loss,
     logged as 0."""
