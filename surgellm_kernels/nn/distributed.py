@@ -168,12 +168,17 @@ def convert_sync_iwn(module: nn.Module, process_group=None) -> nn.Module:
     attributes, like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. A
     norm registered under several parents becomes one synced module. Returns
     ``module``, or the new module when ``module`` itself is one. Subclasses
-    with code of their own, and modules already synced, are left as they are.
+    with code of their own are left as they are; modules already synced take
+    ``process_group`` in place, as a second ``convert_sync_batchnorm`` gives
+    its (new) layers the new group.
     """
     return _convert(module, process_group, {})
 
 
 def _convert(module: nn.Module, process_group, converted: dict) -> nn.Module:
+    if type(module) in _SYNCED.values():
+        module.process_group = process_group
+        return module
     if type(module) in _SYNCED:
         if id(module) not in converted:
             synced = _twin(module, _SYNCED[type(module)])  # shares the module's dicts

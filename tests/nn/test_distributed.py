@@ -13,7 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from surgellm_kernels import FusedInstanceWeightedNorm, InstanceWeightedNorm, fused_iwn
+from surgellm_kernels import (
+    FusedInstanceWeightedNorm,
+    InstanceWeightedNorm,
+    InstanceWeightedNorm2d,
+    fused_iwn,
+)
 from surgellm_kernels.nn.distributed import SyncInstanceWeightedNorm, convert_sync_iwn
 
 import _distributed_ranks as ranks
@@ -143,6 +148,18 @@ def test_convert_sync_iwn_keeps_parameters_and_buffers():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     single = convert_sync_iwn(InstanceWeightedNorm(4, 2))
     assert type(single) is SyncInstanceWeightedNorm and single.process_group is None
+
+
+def test_convert_sync_iwn_again_takes_the_new_group():
+    """As a second convert_sync_batchnorm does: the layers sync over the group
+    of the last call, the same modules (and Parameters) kept."""
+    model = torch.nn.Sequential(InstanceWeightedNorm(4, 2), InstanceWeightedNorm2d(3, 2))
+    first, second = object(), object()
+    convert_sync_iwn(model, first)
+    norms = list(model)
+    assert convert_sync_iwn(model, second) is model
+    assert all(a is b for a, b in zip(norms, model))
+    assert all(norm.process_group is second for norm in model)
 
 
 def test_ddp_example_runs_with_torchrun():
