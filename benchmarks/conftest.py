@@ -45,7 +45,19 @@ def bench_report():
     return _REPORT
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _turns_of_the_last_case():
+    """A module's last case takes its turns before the next module runs."""
+    yield
+    _REPORT.finish_turns()
+
+
+def pytest_keyboard_interrupt(excinfo):
+    _REPORT.interrupted = True  # report what was measured, time nothing more
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    _REPORT.finish_turns()
     if not _REPORT.rows and not _REPORT.sections:
         return
     tr = terminalreporter

@@ -13,6 +13,9 @@ import datetime
 import json
 import os
 import platform
+import statistics
+import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -195,6 +198,13 @@ class Row:
     peak_mb: Optional[float] = None
     note: str = ""
     phase_ms: Optional[Dict[str, float]] = None  # per call, fused CPU kernels in training
+    # ms per call in each round of the case's implementations taking turns
+    # (Report.take_turns): the report's ratios come from these
+    turns_ms: Optional[List[float]] = None
+
+    @property
+    def case(self) -> tuple:
+        return (self.op, self.mode, self.shape, self.dtype, self.device)
 
 
 def phase_times(fn: Callable, calls: int = 3) -> Dict[str, float]:
@@ -261,10 +271,32 @@ def environment(env: Dict[str, str]):
                 os.environ[k] = v
 
 
+def forward_backward(forward: Callable, grad: torch.Tensor, leaves) -> Callable:
+    """fn() drops the leaves' gradients (as zero_grad(set_to_none=True) does),
+    runs forward().backward(grad) and returns the first leaf's gradient.
+    fn.reset drops them alone: peak_bytes calls it before measuring, so that
+    freeing the last call's gradients does not offset this call's memory."""
+    leaves = list(leaves)
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    def fn():
+        reset()
+        forward().backward(grad)
+        return leaves[0].grad
+
+    fn.reset = reset
+    return fn
+
+
 def peak_bytes(fn: Callable, device: str) -> int:
     """Peak of the memory one call holds beyond its inputs: outputs, gradients
     and temporaries (CUDA: max_memory_allocated; CPU: the profiler's record of
     the allocator, which also sees the C++ kernels' scratch)."""
+    if hasattr(fn, "reset"):
+        fn.reset()
     if device.startswith("cuda"):
         sync(device)
         torch.cuda.reset_peak_memory_stats()
@@ -288,15 +320,58 @@ def peak_bytes(fn: Callable, device: str) -> int:
     return peak
 
 
+def interleaved(
+    fns: Dict[str, Callable],
+    rounds: int,
+    calls: int = 1,
+    envs: Optional[Dict[str, Dict[str, str]]] = None,
+    warm: bool = True,
+) -> Dict[str, List[float]]:
+    """Seconds per call of each fn, the fns taking turns (A B C ... B C A ...,
+    the order turned each round so that none always runs first): in each
+    round, one untimed call (its memory warm; not with ``warm=False``), then
+    ``calls`` timed calls, in ``envs[name]``'s environment, set outside the
+    timing. Within one round the fns see the same machine, so the ratio of
+    their times is robust to the drift that moves a whole run."""
+    names = list(fns)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            with environment((envs or {}).get(name, {})):
+                if warm:
+                    fns[name]()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fns[name]()
+                times[name].append((time.perf_counter() - start) / calls)
+    return times
+
+
+def median_ratio(numerator: List[float], denominator: List[float]) -> float:
+    """The median over rounds of one round's ratio (interleaved's times)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
 def rounds_for(seconds_per_call: float) -> int:
     budget = 0.15 if QUICK else 0.8
     lo, hi = (2, 3) if QUICK else (3, 40)
     return int(min(hi, max(lo, budget / max(seconds_per_call, 1e-6))))
 
 
+def turns_for(seconds_per_round: float) -> int:
+    """Rounds in which a case's implementations take turns."""
+    budget = 0.2 if QUICK else 1.0
+    lo, hi = (3, 3) if QUICK else (5, 15)
+    return int(min(hi, max(lo, budget / max(seconds_per_round, 1e-6))))
+
+
 class Report:
     def __init__(self):
         self.rows: List[Row] = []
+        self._turns: Dict[str, tuple] = {}  # impl -> (row, fn, env) of the case in progress
+        self._turns_case: Optional[tuple] = None
+        self._finished: set = set()  # the cases whose implementations took turns
+        self.interrupted = False  # set by conftest.py: no more turns
         self.picture: Optional[str] = None
         # free-form results of benchmarks that are not op cases: title -> lines
         self.sections: Dict[str, List[str]] = {}
@@ -306,33 +381,84 @@ class Report:
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
+        self._write_rows_file(asdict(row))
+
+    @staticmethod
+    def _write_rows_file(record) -> None:
         # SURGELLM_BENCH_ROWS=FILE: each row appended as it is measured, so
         # that a run stopped at a time limit leaves its figures behind
         # (scripts/gpu_check.sh).
         path = os.environ.get("SURGELLM_BENCH_ROWS")
         if path:
             with open(path, "a") as f:
-                f.write(json.dumps(asdict(row)) + "\n")
+                f.write(json.dumps(record) + "\n")
 
-    def _times(self):
-        return {
-            (r.op, r.mode, r.shape, r.dtype, r.device, r.impl): r.median_ms
-            for r in self.rows
-            if r.median_ms is not None
-        }
+    def begin_case(self, case: tuple) -> None:
+        """Called before a case's implementation runs: a new case first
+        lets the last one's implementations take their turns."""
+        if self._turns and self._turns_case != case:
+            self.finish_turns()
+        if case in self._finished and case != self._turns_case:
+            warnings.warn(
+                f"benchmark case {case} came back after other cases ran (test order "
+                "changed?): its implementations take turns in separate groups, and "
+                "ratios between the groups are left out",
+                stacklevel=2,
+            )
+        self._turns_case = case
+
+    def take_turns(self, row: Row, fn: Callable, env: Dict[str, str]) -> None:
+        """Keeps a measured implementation's fn until its case's last one is
+        in (a case's implementations run one after another); then times them
+        taking turns, and the report's ratios come from those rounds."""
+        if hasattr(fn, "reset"):
+            fn.reset()  # its gradients are not held while the others run
+        self._turns[row.impl] = (row, fn, env)
+
+    def finish_turns(self) -> None:
+        group, self._turns = self._turns, {}
+        if not group:
+            return
+        self._finished.add(self._turns_case)
+        rows = [row for row, _, _ in group.values()]
+        if self.interrupted:
+            for row in rows:
+                row.note = "no turns: the run was interrupted"
+            return
+        if len(group) < 2:
+            rows[0].note = "timed alone: no other implementation of the case ran"
+            return
+        fns = {name: fn for name, (_, fn, _) in group.items()}
+        seconds = 2e-3 * sum(row.median_ms for row in rows)
+        times = interleaved(
+            fns, turns_for(seconds), envs={name: env for name, (_, _, env) in group.items()}
+        )
+        for name, (row, fn, _) in group.items():
+            if hasattr(fn, "reset"):
+                fn.reset()
+            row.turns_ms = [t * 1e3 for t in times[name]]
+            self._write_rows_file({"case": row.case, "impl": name, "turns_ms": row.turns_ms})
 
     def table_rows(self):
-        """Rows with the ratios of the same run: vs eager, vs compile, roofline."""
-        times = self._times()
+        """Rows with the ratios of the same run (vs eager, vs compile,
+        roofline): medians over the rounds in which the case's
+        implementations took turns of each round's ratio."""
+        turns = {r.case + (r.impl,): r.turns_ms for r in self.rows if r.turns_ms}
         out = []
         for r in self.rows:
-            base = (r.op, r.mode, r.shape, r.dtype, r.device)
-            eager = times.get(base + ("eager",))
-            compiled = times.get(base + ("torch.compile",))
-            proxy = times.get(base + (PROXY,))
-            copy = times.get(base + (COPY,))
+            eager, compiled, proxy, copy = (
+                turns.get(r.case + (name,)) for name in ("eager", "torch.compile", PROXY, COPY)
+            )
+
+            def ratio(other, scale=1.0, ours=r.turns_ms):
+                return median_ratio(other, ours) * scale if other and ours else None
+
             d = asdict(r)
             if r.median_ms is not None:
+                # the table's time: the median of the turns where there were
+                # turns, so that it agrees with the ratios beside it
+                d["benchmark_median_ms"] = r.median_ms
+                d["median_ms"] = statistics.median(r.turns_ms) if r.turns_ms else r.median_ms
                 one = tensor_bytes(
                     [int(s) for s in r.shape.split("x")], getattr(torch, r.dtype.split(".")[-1])
                 )
@@ -342,22 +468,29 @@ class Report:
                     else IMPL_TENSORS.get(r.impl, TENSORS_MOVED[r.op])[r.mode]
                 )
                 d["tensor_bytes"] = one
-                d["gb_per_s"] = gb_per_s(tensors * one, r.median_ms)
-                d["proxy_gb_per_s"] = gb_per_s(PROXY_TENSORS * one, proxy) if proxy else None
-                d["vs_eager"] = eager / r.median_ms if eager else None
-                d["vs_compile"] = compiled / r.median_ms if compiled else None
+                d["gb_per_s"] = gb_per_s(tensors * one, d["median_ms"])
+                proxy_ms = statistics.median(proxy) if proxy else None
+                d["proxy_gb_per_s"] = gb_per_s(PROXY_TENSORS * one, proxy_ms) if proxy else None
+                d["vs_eager"] = ratio(eager)
+                d["vs_compile"] = ratio(compiled)
                 # the floor: the proxy's time scaled to this mode's bytes;
                 # roofline: that floor over ours (1 = at the memory wall)
-                d["floor_ms"] = proxy * tensors / PROXY_TENSORS if proxy else None
-                d["roofline"] = d["floor_ms"] / r.median_ms if proxy else None
+                d["floor_ms"] = proxy_ms * tensors / PROXY_TENSORS if proxy else None
+                d["roofline"] = ratio(proxy, tensors / PROXY_TENSORS)
                 # CUDA: the fraction of copy bandwidth reached on the ideal bytes
-                d["vs_copy"] = copy / r.median_ms if copy and r.impl != COPY else None
+                d["vs_copy"] = ratio(copy) if r.impl != COPY else None
             out.append(d)
         return out
 
     def format_tables(self) -> str:
         rows = self.table_rows()
-        lines = []
+        lines = [
+            "After pytest-benchmark's rounds of each implementation alone (its table "
+            "above), a case's implementations take turns (A B C ... B C A ...) for "
+            f"{turns_for(1e9)}-{turns_for(0)} rounds; the tables below come from those "
+            "rounds: median ms and floor are medians of the times, each ratio (vs eager, "
+            "vs comp., roofline, vs copy) the median of the rounds' ratios."
+        ]
         for title, section in self.sections.items():
             lines += ["", title, *section]
         for op in sorted({r["op"] for r in rows}):
@@ -401,6 +534,7 @@ class Report:
                         f"{fmt(r['floor_ms'], '>9.3f')} "
                         f"{fmt(r['roofline'], '>8.2f')} {fmt(r['peak_mb'], '>8.1f')}"
                         + (f" {fmt(r.get('vs_copy'), '>7.2f')}" if with_copy else "")
+                        + (f"  ({r['note']})" if r["note"] else "")
                     )
                 lines += self._phase_lines(sel)
         return "\n".join(lines)
@@ -558,6 +692,7 @@ def run_case(benchmark, report: Report, case: Case, impl: Implementation) -> Non
     row = Row(
         case.op, case.mode, "x".join(map(str, case.shape)), str(case.dtype), case.device, impl.name
     )
+    report.begin_case(row.case)
     with environment(impl.env):
         fn, why = impl.build(case)
         if fn is None:
@@ -569,8 +704,6 @@ def run_case(benchmark, report: Report, case: Case, impl: Implementation) -> Non
             out = fn()
             sync(case.device)
             return out
-
-        import time
 
         timed()  # warm-up (compilation happens here)
         timed()
@@ -584,3 +717,4 @@ def run_case(benchmark, report: Report, case: Case, impl: Implementation) -> Non
             row.phase_ms = phase_times(fn)
     row.median_ms = benchmark.stats.stats.median * 1e3
     report.add(row)
+    report.take_turns(row, timed, impl.env)

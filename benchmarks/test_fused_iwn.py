@@ -18,6 +18,7 @@ from harness import (
     Implementation,
     case_id,
     cases,
+    forward_backward,
     kernel_implementation,
     run_case,
     runnable,
@@ -63,15 +64,8 @@ def _call(fn, case):
     leaf = x.detach().requires_grad_(True)
     for name in ("gate", "weight", "bias"):
         kwargs[name] = kwargs[name].detach().requires_grad_(True)
-    dy = torch.randn_like(leaf)
-
-    def fwd_bwd():
-        for t in (leaf, kwargs["gate"], kwargs["weight"], kwargs["bias"]):
-            t.grad = None
-        fn(leaf, **kwargs).backward(dy)
-        return leaf.grad
-
-    return fwd_bwd
+    leaves = (leaf, kwargs["gate"], kwargs["weight"], kwargs["bias"])
+    return forward_backward(lambda: fn(leaf, **kwargs), torch.randn_like(leaf), leaves)
 
 
 def _fused(backend):

@@ -21,6 +21,7 @@ from harness import (
     Implementation,
     case_id,
     cases,
+    forward_backward,
     kernel_implementation,
     run_case,
     runnable,
@@ -66,15 +67,7 @@ def _call(fn, case):
     leaves = [t.requires_grad_(True) for t in (h, s, logits, weight, bias)]
     if case.mode == "train_fwd":
         return lambda: fn(*leaves)
-    dz = torch.randn_like(h)
-
-    def fwd_bwd():
-        for t in leaves:
-            t.grad = None
-        fn(*leaves).backward(dz)
-        return h.grad
-
-    return fwd_bwd
+    return forward_backward(lambda: fn(*leaves), torch.randn_like(h), leaves)
 
 
 def _fused(backend):
@@ -133,12 +126,7 @@ def _module(cls):
         s = torch.randn(N, 16, device=case.device)
         tasks = torch.randint(0, 3, (N,), device=case.device)
         dz = torch.randn(N, d, device=case.device)
-
-        def fwd_bwd():
-            module.zero_grad(set_to_none=True)
-            module(h, s, tasks).backward(dz)
-
-        return fwd_bwd, None
+        return forward_backward(lambda: module(h, s, tasks), dz, module.parameters()), None
 
     return build
 

@@ -17,7 +17,9 @@ from harness import (
     Implementation,
     case_id,
     cases,
+    forward_backward,
     kernel_implementation,
+    median_ratio,
     run_case,
     runnable,
     sized,
@@ -52,15 +54,11 @@ def _call(fn, case, channels_last=False):
     leaf = x.detach().requires_grad_(True)
     weight.requires_grad_(True)
     bias.requires_grad_(True)
-    dy = torch.randn_like(leaf)
-
-    def fwd_bwd():
-        for t in (leaf, weight, bias):
-            t.grad = None
-        fn(leaf, labels, weight, bias, *stats, True).backward(dy)
-        return leaf.grad
-
-    return fwd_bwd
+    return forward_backward(
+        lambda: fn(leaf, labels, weight, bias, *stats, True),
+        torch.randn_like(leaf),
+        (leaf, weight, bias),
+    )
 
 
 def _iwn(fn):
@@ -113,27 +111,35 @@ IMPLEMENTATIONS = runnable(
 def against_batch_norm(bench_report):
     """After this module's cases: the ratios the drop-in is judged by,
     F.batch_norm time / fused time on the same tensor and layout (>= 1: no
-    slower than BatchNorm), and the fused speed-up over the eager reference."""
+    slower than BatchNorm), and the fused speed-up over the eager reference,
+    each the median of the rounds' ratios where the case's implementations
+    took turns."""
     yield
+    bench_report.finish_turns()  # the module's last case
     times = {
-        (r.mode, r.shape, r.dtype, r.impl): r.median_ms
+        (r.mode, r.shape, r.dtype, r.device, r.impl): r.turns_ms
         for r in bench_report.rows
-        if r.op == OP and r.median_ms is not None
+        if r.op == OP and r.turns_ms
     }
-    title = f"{OP}: F.batch_norm time / fused time, same tensor and layout (>1: fused faster)"
-    for (mode, shape, dtype, impl), ms in sorted(times.items()):
+    title = (
+        f"{OP}: F.batch_norm time / fused time, same tensor and layout (>1: fused "
+        "faster; medians of the rounds' ratios)"
+    )
+    for (mode, shape, dtype, device, impl), ms in sorted(times.items()):
         if not impl.startswith("fused"):
             continue
         layout = LAST if impl.endswith(LAST) else "contiguous"
-        bn = times.get(
-            (mode, shape, dtype, "F.batch_norm" + (f" {LAST}" if layout == LAST else ""))
-        )
-        eager = times.get((mode, shape, dtype, "eager"))
+        case = (mode, shape, dtype, device)
+        bn = times.get(case + ("F.batch_norm" + (f" {LAST}" if layout == LAST else ""),))
+        eager = times.get(case + ("eager",))
         if bn is None:
             continue
-        line = f"  {shape:>13} {dtype.split('.')[-1]:>9} {mode:<14} {layout:<13} {bn / ms:5.2f}x"
+        line = (
+            f"  {shape:>13} {dtype.split('.')[-1]:>9} {device:>4} {mode:<14} {layout:<13} "
+            f"{median_ratio(bn, ms):5.2f}x"
+        )
         if eager is not None:
-            line += f"   (vs eager {eager / ms:5.1f}x)"
+            line += f"   (vs eager {median_ratio(eager, ms):5.1f}x)"
         bench_report.add_section_line(title, line)
 
 

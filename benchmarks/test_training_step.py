@@ -83,19 +83,13 @@ def build(kernels: str):
 
 
 def interleaved_steps(patched_step, rounds: int):
-    """Median step times (ms) of a fresh reference model and ``patched_step``,
-    run alternately (reference, patched, reference, ...): a machine's drift
-    then weighs on both alike, which it does not on two runs one after the
-    other."""
+    """Step times (s) of a fresh reference model and ``patched_step``, taking
+    turns step for step: a machine's drift then weighs on both alike, which
+    it does not on two runs one after the other."""
     _, reference_step, _ = build("reference")
     reference_step()  # warm-up
-    times = {"reference": [], "patched": []}
-    for _ in range(rounds):
-        for name, run in (("reference", reference_step), ("patched", patched_step)):
-            start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times["reference"]), statistics.median(times["patched"])
+    steps = {"reference": reference_step, "patched": patched_step}
+    return harness.interleaved(steps, rounds, warm=False)
 
 
 def module_share(model, step):
@@ -166,10 +160,14 @@ def test_training_step(benchmark, bench_report, kernels):
     )
     line = f"{kernels:>9}: median {median:9.1f} ms"
     if kernels == "patched":
-        reference_ms, patched_ms = interleaved_steps(step, rounds)
+        turns = harness.turns_for(2 * median * 1e-3)
+        times = interleaved_steps(step, turns)
         line += (
-            f"; alternated with the reference, step for step: {patched_ms:.1f} vs "
-            f"{reference_ms:.1f} ms ({reference_ms / patched_ms:.3f}x the reference's speed)"
+            f"; taking turns with the reference, step for step ({turns} pairs): median "
+            f"{statistics.median(times['patched']) * 1e3:.1f} vs "
+            f"{statistics.median(times['reference']) * 1e3:.1f} ms, "
+            f"{harness.median_ratio(times['reference'], times['patched']):.3f}x the "
+            f"reference's speed (the median of the pairs' ratios)"
         )
         backends = sorted(set(report.backends.values()))
         line += f"; fused modules run {', '.join(backends)}"

@@ -1,8 +1,8 @@
 """How far the CPU kernels are from the memory wall at large shapes.
 
 Three ratios, each against an ATen op timed in the same process, the
-implementations taking turns (A B C ... A B C ...) and each figure the median
-of the rounds:
+implementations taking turns (A B C ... B C A ...) and each ratio the median
+over the rounds of that round's ratio:
 
     fused_iwn training forward + backward (gate (F,), 10 classes) / addcmul
     fused_surgical_gate forward / addcmul
@@ -41,7 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from harness import (  # noqa: E402  (the benchmark suite's)
     PHASE_TENSORS,  # noqa: F401  (the table of phases this script reports)
     PROXY_TENSORS,
+    forward_backward,
     gb_per_s,
+    interleaved,
+    median_ratio,
     phase_rates,
     phase_times,
     tensor_bytes,
@@ -64,50 +67,34 @@ def closures(N, d, dtype, num_classes=10):
     grad = rand(N, d)
     a, b2, c, out = rand(N, d), rand(N, d), rand(N, d), rand(N, d)
 
-    def clear(*ts):
-        for t in ts:
-            t.grad = None
-
-    def iwn_fwd_bwd():
-        fused_iwn(x, labels, gate=gate, training=True, num_classes=num_classes).backward(grad)
-        clear(x, gate)
+    def iwn():
+        return fused_iwn(x, labels, gate=gate, training=True, num_classes=num_classes)
 
     def gate_fwd():
         with torch.no_grad():
             fused_surgical_gate(h, s, logits, w, b)
 
-    def gate_fwd_bwd():
-        fused_surgical_gate(h, s, logits, w, b).backward(grad)
-        clear(h, s, logits, w, b)
-
-    def layer_norm_fwd_bwd():
-        F.layer_norm(h, (d,), w, b).backward(grad)
-        clear(h, w, b)
-
     return {
         "addcmul": lambda: torch.addcmul(a, b2, c, out=out),
-        "iwn fwd+bwd": iwn_fwd_bwd,
+        "iwn fwd+bwd": forward_backward(iwn, grad, (x, gate)),
         "gate fwd": gate_fwd,
-        "gate fwd+bwd": gate_fwd_bwd,
-        "LN fwd+bwd": layer_norm_fwd_bwd,
+        "gate fwd+bwd": forward_backward(
+            lambda: fused_surgical_gate(h, s, logits, w, b), grad, (h, s, logits, w, b)
+        ),
+        "LN fwd+bwd": forward_backward(lambda: F.layer_norm(h, (d,), w, b), grad, (h, w, b)),
     }
 
 
 def measure(N, d, dtype, rounds, calls):
-    fns = closures(N, d, dtype)
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            fn()  # one call to warm this implementation's memory
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - start) / calls)
+    times = interleaved(closures(N, d, dtype), rounds, calls)
     m = {name: statistics.median(t) for name, t in times.items()}
     return m, {
-        "iwn fwd+bwd / addcmul": m["iwn fwd+bwd"] / m["addcmul"],
-        "gate fwd / addcmul": m["gate fwd"] / m["addcmul"],
-        "gate fwd+bwd / LN fwd+bwd": m["gate fwd+bwd"] / m["LN fwd+bwd"],
+        key: median_ratio(times[ours], times[base])
+        for key, (ours, base) in {
+            "iwn fwd+bwd / addcmul": ("iwn fwd+bwd", "addcmul"),
+            "gate fwd / addcmul": ("gate fwd", "addcmul"),
+            "gate fwd+bwd / LN fwd+bwd": ("gate fwd+bwd", "LN fwd+bwd"),
+        }.items()
     }
 
 
