@@ -73,14 +73,17 @@ def safe_sqrt(var: Tensor) -> Tensor:
 def class_moments(u: Tensor, keys: Tensor, num_groups: int):
     """Per-group count, mean and population variance of the rows of ``u``.
 
-    ``u``: (N, F); ``keys``: (N,) group index in [0, num_groups).
+    ``u``: (N, F); ``keys``: (N,) group index in [0, num_groups), not
+    checked here (a key out of range counts in no group).
     Returns count (G,), mean (G, F), var (G, F); empty groups have count 0,
     mean 0 and var 0.
     """
     # Group sums as a one-hot matrix product: dense, static shapes, so eager
     # runs it through BLAS and torch.compile traces it without graph breaks
     # (a fair baseline for the kernels).
-    onehot = F.one_hot(keys, num_groups).to(u.dtype)  # (N, G)
+    # (a comparison, not F.one_hot, whose range check reads the keys on the
+    # host: torch.func.grad under vmap cannot)
+    onehot = (keys.unsqueeze(1) == torch.arange(num_groups, device=keys.device)).to(u.dtype)
     count = onehot.sum(0)
     mean = (onehot.T @ u) / count.clamp_min(1).unsqueeze(1)
     dev = u - mean[keys]
@@ -254,17 +257,18 @@ def _iwn_rows(
     """iwn_reference for features last, its arguments checked."""
     acc = accumulation_dtype(x.dtype)
     Fdim = x.shape[-1]
-    u = x.reshape(-1, Fdim).to(acc)
+    # the rows' count given, not inferred (-1 is ambiguous under vmap of no samples)
+    u = x.reshape(x.shape[:-1].numel(), Fdim).to(acc)
     if gate is not None:
-        u = u * torch.sigmoid(gate.reshape(-1, Fdim).to(acc))
-    tasks = None if task_ids is None else task_ids.reshape(-1)
+        u = u * torch.sigmoid(gate.reshape(gate.shape[:-1].numel(), Fdim).to(acc))
+    tasks = None if task_ids is None else task_ids.flatten()
     if running_mean is not None:
         num_tasks = running_mean.shape[0] if running_mean.dim() == 2 else 1
     else:
         num_tasks = int(tasks.max()) + 1 if tasks is not None and tasks.numel() else 1
 
     if training:
-        flat_labels = labels.reshape(-1)
+        flat_labels = labels.flatten()
         if num_classes is None:
             num_classes = int(flat_labels.max()) + 1
         mu, sigma, present = class_balanced_statistics(

@@ -226,3 +226,30 @@ def test_the_reference_takes_gradient_transforms():
     a = x[0].clone().requires_grad_()
     loss(a).backward()
     torch.testing.assert_close(grad(loss)(x[0]), a.grad)
+
+
+def test_the_references_gradient_per_sample_under_vmap():
+    """Per-sample gradients, vmap(grad(...)), of the reference: its class
+    sums read no key on the host (F.one_hot's range check did, which vmap
+    refuses); against the loop over the samples."""
+    x, labels, gate = _data(12)
+
+    def loss(a, lb):
+        return iwn_reference(a, lb, gate=gate, training=True, num_classes=C).pow(3).sum()
+
+    got = vmap(grad(loss))(x, labels)
+    torch.testing.assert_close(got, torch.stack([grad(loss)(x[b], labels[b]) for b in range(B)]))
+
+
+def test_vmap_of_the_reference_over_no_samples():
+    """Flattening the rows infers no -1 (ambiguous over zero samples)."""
+    x, labels, gate = _data(13)
+    got = vmap(lambda xb, lb: iwn_reference(xb, lb, gate=gate, training=True, num_classes=C))(
+        x[:0], labels[:0]
+    )
+    assert got.shape == (0, N, F)
+    gates = gate.expand(B, N, F)[:0]  # a gate per row, batched too
+    got = vmap(lambda xb, lb, g: iwn_reference(xb, lb, gate=g, training=True, num_classes=C))(
+        x[:0], labels[:0], gates
+    )
+    assert got.shape == (0, N, F)
