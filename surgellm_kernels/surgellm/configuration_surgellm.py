@@ -16,6 +16,25 @@ __all__ = ["SurgeLLMConfig"]
 _TASK_NAME = re.compile(r"[^\s|\[\]]+")
 
 
+def _as_id2label(value, inverse: bool = False) -> Optional[Dict[int, str]]:
+    """{int id: str name} of an id2label (or, ``inverse``, a label2id), or
+    None where it is not one."""
+    if not isinstance(value, Mapping):
+        return None
+    pairs = [(v, k) for k, v in value.items()] if inverse else list(value.items())
+    try:
+        return {int(i): str(name) for i, name in pairs}
+    except (TypeError, ValueError):
+        return None
+
+
+def _generic(id2label: Dict[int, str]) -> bool:
+    """transformers' default names: LABEL_0, LABEL_1, ..."""
+    return sorted(id2label) == list(range(len(id2label))) and all(
+        name == f"LABEL_{i}" for i, name in id2label.items()
+    )
+
+
 class SurgeLLMConfig(PretrainedConfig):
     """Everything that builds a SURGELLM model without its weights.
 
@@ -127,7 +146,11 @@ class SurgeLLMConfig(PretrainedConfig):
         self.max_seq_length = max_seq_length
         self.lexicon = lexicon
         self.initializer_range = initializer_range
-        super().__init__(**kwargs)
+        # transformers' one label space: the logits' columns (column_names)
+        maps = ("num_labels", "id2label", "label2id")
+        label_maps = {k: kwargs.pop(k) for k in maps if k in kwargs}
+        super().__init__(id2label={0: "LABEL_0"}, **kwargs)  # set by the check
+        self.check_label_maps(label_maps)
 
     def to_dict(self) -> dict:
         output = super().to_dict()
@@ -155,6 +178,61 @@ class SurgeLLMConfig(PretrainedConfig):
     @property
     def max_classes(self) -> int:
         return max(self.tasks.values())
+
+    def column_names(self) -> Dict[int, str]:
+        """Names of the logits' columns: the one task's class names, or
+        transformers' ``LABEL_0``, ``LABEL_1``, ..."""
+        if len(self.tasks) == 1 and self.class_names is not None:
+            return dict(enumerate(self.class_names[next(iter(self.tasks))]))
+        return {i: f"LABEL_{i}" for i in range(self.max_classes)}
+
+    def check_label_maps(self, given: Optional[Mapping] = None) -> None:
+        """``num_labels``, ``id2label``, ``label2id`` (``given`` to the
+        constructor, or as set on this config since) must describe the
+        logits' columns, and ``problem_type`` single-label classification:
+        SURGELLM's classes are set per task, and a model would ignore other
+        values. Given to the constructor, a map of generic names of another
+        length (an older save's default) is taken as that default."""
+        names = self.column_names()
+        wrong = {}
+        if given is not None:  # to the constructor
+            for key, value in given.items():
+                if value is None:
+                    continue
+                if key == "num_labels":
+                    ok = value == len(names)
+                else:
+                    id2label = _as_id2label(value, inverse=key == "label2id")
+                    ok = id2label is not None and (id2label == names or _generic(id2label))
+                if not ok:
+                    wrong[key] = value
+        else:  # as set since (e.g. from_pretrained(path, num_labels=7))
+            id2label = _as_id2label(self.id2label)
+            if id2label is not None and _generic(id2label) and len(id2label) != len(names):
+                wrong["num_labels"] = len(id2label)
+            elif id2label != names:
+                wrong["id2label"] = self.id2label
+            if _as_id2label(self.label2id, inverse=True) != names:
+                wrong["label2id"] = self.label2id
+        if self.problem_type not in (None, "single_label_classification"):
+            wrong["problem_type"] = self.problem_type
+        if wrong:
+            what = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+            raise ValueError(
+                f"{what}: a SURGELLM model classifies each row into its task's "
+                f"classes (tasks={self.tasks}, their names in class_names) with a "
+                f"cross-entropy; its logits have {len(names)} columns, named "
+                f"{list(names.values())}. Leave num_labels, id2label, label2id and "
+                "problem_type out (remove them from a saved config.json); for other "
+                "tasks, build a model with "
+                "SurgeLLMForSequenceClassification.from_encoder(encoder, tasks)."
+            )
+        self.id2label = names
+        self.label2id = {v: k for k, v in names.items()}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.check_label_maps()  # no config saved that would not load
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def check_labels(self, labels, task_ids) -> None:
         """Each label a class of its row's task (tensors of one shape)."""

@@ -133,6 +133,12 @@ class SurgeLLMPreTrainedModel(PreTrainedModel):
     # no num_items_in_batch (under DDP it would scale the loss by the ranks).
     accepts_loss_kwargs = False
 
+    def __init__(self, config: SurgeLLMConfig, *args, **kwargs):
+        # e.g. from_pretrained(..., id2label=...), set on the config after it
+        # was built: the heads come from config.tasks, which it would not change
+        config.check_label_maps()
+        super().__init__(config, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):

@@ -2,7 +2,9 @@
 classes, dtype, nothing at random), patching, torch.compile, autocast, the
 ablations, the prefix and its embeddings, input errors."""
 
+import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -162,6 +164,48 @@ def test_config_round_trip_keeps_task_order():
     assert again.task_names == ["zeta", "alpha"] and again.max_seq_length == 64
     assert isinstance(again.encoder_config, transformers.BertConfig)
     assert transformers.AutoConfig.for_model("surgellm").__class__ is SurgeLLMConfig
+
+
+def test_label_maps_describe_the_logits_and_others_are_refused(tokenizer_dir, tmp_path):
+    """num_labels / id2label / label2id name the logits' columns (the most
+    classes of a task); from_pretrained(num_labels=7), (id2label=...) or
+    (problem_type="regression") built the saved heads and cross-entropy and
+    ignored them, without a word."""
+    model, _ = make_model(tokenizer_dir)
+    width = max(model.config.tasks.values())
+    assert model.config.num_labels == width
+    assert model.config.id2label == {i: f"LABEL_{i}" for i in range(width)}
+    model.save_pretrained(tmp_path)
+    auto = transformers.AutoModelForSequenceClassification
+    assert auto.from_pretrained(tmp_path, num_labels=width).config.num_labels == width
+    for wrong, named in (
+        (dict(num_labels=width + 4), f"num_labels={width + 4}"),
+        (dict(id2label={i: "c" for i in range(width)}), "id2label="),
+        (dict(label2id={"x": 0}), "label2id="),
+        (dict(problem_type="regression"), "problem_type='regression'"),
+    ):
+        with pytest.raises(ValueError, match=f"{re.escape(named)}.*Leave num_labels"):
+            auto.from_pretrained(tmp_path, **wrong)
+    encoder = model.config.encoder_config
+    for bad in (dict(num_labels=2), dict(id2label={"x": "y"}), dict(label2id=["a"])):
+        with pytest.raises(ValueError, match="Leave num_labels, id2label"):
+            SurgeLLMConfig(encoder_config=encoder, tasks={"a": 3}, **bad)
+    # a generic map of another length, an older save's default, is taken so
+    legacy = {**model.config.to_dict(), "id2label": {"0": "LABEL_0", "1": "LABEL_1"}}
+    legacy.pop("label2id")
+    assert SurgeLLMConfig.from_dict(legacy).num_labels == width
+    # a config changed after it was built is not saved
+    model.config.id2label = {0: "x"}
+    with pytest.raises(ValueError, match="num_labels=1|id2label="):
+        model.save_pretrained(tmp_path / "again")
+    assert not (tmp_path / "again" / "config.json").exists()
+    # one task: the columns are its classes, by name
+    single = SurgeLLMConfig(
+        encoder_config=encoder, tasks={"mood": 2}, class_names={"mood": ["sad", "glad"]}
+    )
+    assert single.id2label == {0: "sad", 1: "glad"} and single.label2id["glad"] == 1
+    again = SurgeLLMConfig.from_dict(json.loads(single.to_json_string()))
+    assert again.id2label == single.id2label
 
 
 def test_model_with_its_own_word_lists(tokenizer_dir, tmp_path):
