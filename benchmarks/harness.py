@@ -3,7 +3,8 @@ and the end-of-run report (tables, JSON, PNG).
 
 An op plugs in by describing its cases and its implementations (see
 test_fused_iwn.py); everything else -- pytest-benchmark timing, the roofline
-proxy, peak memory, speedups taken within one run -- lives here.
+proxy, peak memory, speed-ups from rounds in which a case's implementations
+take turns -- lives here.
 """
 
 from __future__ import annotations
@@ -429,9 +430,11 @@ class Report:
             rows[0].note = "timed alone: no other implementation of the case ran"
             return
         fns = {name: fn for name, (_, fn, _) in group.items()}
-        seconds = 2e-3 * sum(row.median_ms for row in rows)
+        seconds_per_round = 2e-3 * sum(row.median_ms for row in rows)  # a warm call, a timed one
         times = interleaved(
-            fns, turns_for(seconds), envs={name: env for name, (_, _, env) in group.items()}
+            fns,
+            turns_for(seconds_per_round),
+            envs={name: env for name, (_, _, env) in group.items()},
         )
         for name, (row, fn, _) in group.items():
             if hasattr(fn, "reset"):
@@ -441,8 +444,8 @@ class Report:
 
     def table_rows(self):
         """Rows with the ratios of the same run (vs eager, vs compile,
-        roofline): medians over the rounds in which the case's
-        implementations took turns of each round's ratio."""
+        roofline, vs copy): each the median, over the rounds in which the
+        case's implementations took turns, of that round's ratio."""
         turns = {r.case + (r.impl,): r.turns_ms for r in self.rows if r.turns_ms}
         out = []
         for r in self.rows:
