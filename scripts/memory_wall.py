@@ -20,10 +20,14 @@ With ``--phases``, each op's phases (the dispatcher ops one call runs) are
 then profiled with torch.profiler: time per call, the tensors of x's size
 an ideal phase moves, and the GB/s that makes against addcmul's in the same
 run -- what bounds each phase, and where the time above the floor goes.
+With ``--sorted-labels`` as well, IWN's phases are then profiled with its
+labels in random order and sorted (each class's rows in one run), taking
+turns: what rows of alternating classes cost.
 
     .venv/bin/python scripts/memory_wall.py                      # float32
     .venv/bin/python scripts/memory_wall.py --dtype bfloat16 --rounds 7
     .venv/bin/python scripts/memory_wall.py --phases --shapes 4096x768
+    .venv/bin/python scripts/memory_wall.py --phases --sorted-labels
 """
 
 import argparse
@@ -53,14 +57,21 @@ from harness import (  # noqa: E402  (the benchmark suite's)
 FLOORS = {"iwn fwd+bwd / addcmul": 2.0, "gate fwd / addcmul": 1.0, "gate fwd+bwd / LN fwd+bwd": 2.2}
 
 
-def closures(N, d, dtype, num_classes=10):
+def class_labels(N, num_classes, generator, sorted_labels=False):
+    """IWN's labels: uniform over the classes, in random order, or the same
+    labels sorted (each class's rows in one run)."""
+    labels = torch.randint(0, num_classes, (N,), generator=generator)
+    return labels.sort().values if sorted_labels else labels
+
+
+def closures(N, d, dtype, num_classes=10, sorted_labels=False):
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, grad=False):
         return torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad)
 
     x, gate = rand(N, d, grad=True), rand(d, grad=True)
-    labels = torch.randint(0, num_classes, (N,), generator=g)
+    labels = class_labels(N, num_classes, g, sorted_labels)
     h, s, logits = rand(N, d, grad=True), rand(N, d, grad=True), rand(N, d, grad=True)
     w = torch.ones(d, dtype=dtype, requires_grad=True)
     b = torch.zeros(d, dtype=dtype, requires_grad=True)
@@ -129,6 +140,32 @@ def phases(N, d, dtype, calls):
     return table, addcmul_gbs
 
 
+def label_order(N, d, dtype, calls, rounds):
+    """IWN's phases with the labels in random order and the same labels
+    sorted, the two taking turns in this process: {phase: (random ms, sorted
+    ms)}, medians over the rounds, printed with their quotient."""
+    steps = [closures(N, d, dtype, sorted_labels=s)["iwn fwd+bwd"] for s in (False, True)]
+    for step in steps:
+        step()
+    runs = [[], []]
+    for r in range(rounds):
+        for k in (r % 2, 1 - r % 2):  # which goes first alternates
+            runs[k].append(phase_times(steps[k], calls))
+    table = {
+        phase: tuple(statistics.median(run[phase] for run in runs[k]) for k in (0, 1))
+        for phase in runs[0][0]
+    }
+    print(
+        f"IWN phases at {N}x{d} {str(dtype)[6:]}, labels in random order and sorted, taking "
+        f"turns ({rounds} rounds of {calls} calls; medians, ms per call)"
+    )
+    print(f"  {'phase':<34} {'random':>8} {'sorted':>8} {'random / sorted':>16}")
+    for phase, (shuffled, ordered) in table.items():
+        ratio = f"{shuffled / ordered:.2f}" if ordered > 0 else "-"
+        print(f"  {phase[10:]:<34} {shuffled:>8.3f} {ordered:>8.3f} {ratio:>16}")
+    return table
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="4096x768,32768x768")
@@ -137,6 +174,12 @@ def main():
     p.add_argument("--calls", type=int, default=3, help="calls timed together in one round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--phases", action="store_true", help="then profile each op's phases")
+    p.add_argument(
+        "--sorted-labels",
+        action="store_true",
+        help="with --phases, IWN's phases also with its labels sorted (each class's rows in "
+        "one run), the two taking turns: what rows of alternating classes cost",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -155,6 +198,8 @@ def main():
         for shape in args.shapes.split(","):
             N, d = (int(v) for v in shape.split("x"))
             phases(N, d, dtype, calls=10)
+            if args.sorted_labels:
+                label_order(N, d, dtype, calls=5, rounds=args.rounds)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,16 @@ def test_phases_profile_every_phase(capsys):
         assert (row["gb_per_s"] > 0) == (row["tensors"] > 0), phase
     out = capsys.readouterr().out
     assert "_iwn_group_moments" in out and "_surgical_gate_backward" in out
+
+
+def test_sorted_labels_are_the_same_labels_in_runs(capsys):
+    memory_wall = load_script()
+    shuffled = memory_wall.class_labels(500, 10, torch.Generator().manual_seed(3))
+    ordered = memory_wall.class_labels(500, 10, torch.Generator().manual_seed(3), True)
+    assert not torch.equal(shuffled, ordered)
+    assert torch.equal(ordered, shuffled.sort().values)
+    assert (ordered.diff() != 0).sum() == len(ordered.unique()) - 1  # one run per class
+    table = memory_wall.label_order(64, 48, torch.float32, calls=2, rounds=2)
+    assert {p for p in table} == {p for p in memory_wall.PHASE_TENSORS if "_iwn_" in p}
+    assert all(shuffled > 0 and ordered > 0 for shuffled, ordered in table.values())
+    assert "random / sorted" in capsys.readouterr().out
