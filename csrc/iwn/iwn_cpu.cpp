@@ -189,13 +189,27 @@ inline void map_values(const scalar_t* a, const scalar_t* b, scalar_t* out, int6
 }
 
 // map_values over a plane of one feature: fn(a, b), the same for every lane.
+// Streamed, the values before out's first 64-byte boundary go first, with
+// ordinary stores: the rest then starts a cache line, and each of its
+// non-temporal stores writes whole lines. A plane of 28 x 28 bfloat16 values
+// (1568 bytes) starts mid-line every other plane, whose stores would all be
+// ordinary ones split across two lines.
 template <typename scalar_t, typename acc_t, typename Fn>
 inline void map_plane(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, bool stream,
                       const Fn& fn) {
   using Vec = Vectorized<acc_t>;
-  map_values<scalar_t, acc_t>(
-      a, b, out, L, stream,
-      [&](const Vec& va, const Vec& vb, int64_t, int64_t) { return fn(va, vb); });
+  auto same_for_every_lane = [&](const Vec& va, const Vec& vb, int64_t, int64_t) {
+    return fn(va, vb);
+  };
+  int64_t head = 0;
+  if (stream) {
+    const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(out) % 64);
+    if (misaligned % int64_t(sizeof(scalar_t)) == 0)
+      head = std::min(L, (64 - misaligned) % 64 / int64_t(sizeof(scalar_t)));
+  }
+  if (head > 0) map_values<scalar_t, acc_t>(a, b, out, head, false, same_for_every_lane);
+  map_values<scalar_t, acc_t>(a + head, b ? b + head : nullptr, out + head, L - head, stream,
+                              same_for_every_lane);
 }
 
 // Per group and feature: count, mean and M2 of the planes. Each plane's own

@@ -230,16 +230,19 @@ def test_per_task_statistics(backend, device, training, force_backend):
 
 @pytest.mark.skipif(("cpu", "cpu") not in PAIRS, reason="the C++ extension is not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_planes_past_the_last_level_cache_give_the_same_bits(dtype, force_backend):
+@pytest.mark.parametrize("N,H,W", [(24, 96, 96), (180, 27, 29)])
+def test_planes_past_the_last_level_cache_give_the_same_bits(dtype, N, H, W, force_backend):
     """Channels-first planes moving more than the last-level cache (32 MiB on
     the CI host) are written with non-temporal stores, bfloat16 two vectors at
-    a time with AVX2: y and dx in eval are, bit for bit, those of the same
-    planes computed one sample at a time (too small to be streamed), and the
-    first sample's match the eager reference in float64."""
+    a time: y and dx in eval are, bit for bit, those of the same planes
+    computed one sample at a time (too small to be streamed), and the first
+    sample's match the eager reference in float64. Planes of 27 x 29 values
+    start at every offset within a cache line: each is written in ordinary
+    stores up to its first line boundary, streamed from there."""
     force_backend("cpu")
     g = torch.Generator().manual_seed(0)
     C = 64
-    x = torch.randn(24, C, 96, 96, generator=g).to(dtype).requires_grad_()
+    x = torch.randn(N, C, H, W, generator=g).to(dtype).requires_grad_()
     dy = torch.randn(x.shape, generator=g).to(dtype)
     kwargs = dict(
         weight=torch.rand(C, generator=g) + 0.5,
@@ -263,6 +266,34 @@ def test_planes_past_the_last_level_cache_give_the_same_bits(dtype, force_backen
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y[:1].detach().double(), y0.detach(), **tol)
     torch.testing.assert_close(dx[:1].double(), dx0, **tol)
+
+
+@pytest.mark.skipif(("cpu", "cpu") not in PAIRS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_training_planes_past_the_last_level_cache(dtype, force_backend):
+    """Training over planes of 27 x 29 values moving more than the
+    last-level cache: the input gradient streams dx from each plane's first
+    line boundary, reading dy and x at the same offset; y and dx against
+    the reference in float64."""
+    force_backend("cpu")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(180, 16, 27, 29, generator=g).to(dtype)
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    labels = torch.randint(0, 4, (180,), generator=g)
+    kwargs = dict(training=True, num_classes=4, feature_dim=1)
+    # 64 channels, so that x, dy and dx exceed 32 MiB: four copies of 16,
+    # each channel's statistics its own, the reference run on the 16.
+    xs = torch.cat([x] * 4, 1).requires_grad_()
+    y = fused_iwn(xs, labels, **kwargs)
+    (dx,) = torch.autograd.grad(y, xs, torch.cat([dy] * 4, 1))
+    x64 = x.double().requires_grad_()
+    y64 = iwn_reference(x64, labels, **kwargs)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    for c in range(4):
+        part = slice(16 * c, 16 * (c + 1))
+        torch.testing.assert_close(y[:, part].detach().double(), y64.detach(), **tol)
+        torch.testing.assert_close(dx[:, part].double(), dx64, **tol)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
