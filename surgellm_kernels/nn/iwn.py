@@ -72,7 +72,18 @@ class InstanceWeightedNorm(nn.Module):
     either running class-balanced batch statistics (updated in training with
     ``momentum``) or, after :meth:`fit`, the paper's fixed statistics of a
     whole training set. Fitting freezes them: forward then uses them in
-    training mode too; :meth:`use_batch_statistics` undoes that.
+    training mode too; :meth:`use_batch_statistics` undoes that. In eager
+    calls the ``statistics_frozen`` buffer says which, however it was
+    written (fit, ``load_state_dict``, a copy into the buffers,
+    DistributedDataParallel's buffer sync, ``torch.func.functional_call``).
+    On a GPU it is read when the buffer or its version changes (reading it
+    is a host sync; DDP's buffer sync, each step by default, changes the
+    version): write it with tensor ops (``copy_``), not as a collective's
+    in-place result (``torch.distributed.broadcast`` leaves the version as
+    it was). Under ``torch.compile`` and ``vmap``, forward branches on the
+    value last read in an eager call, ``fit`` or ``load_state_dict``: after
+    writing the buffers otherwise, load them (``load_state_dict``) or make
+    one eager call.
     """
 
     # The functional this module calls; the fused twin swaps in ``fused_iwn``.
@@ -122,9 +133,41 @@ class InstanceWeightedNorm(nn.Module):
             self.running_std.fill_(1.0)
             self.statistics_frozen.fill_(False)
         self._fit_state = None
-        # Python mirror of the buffer: forward branches on it without reading
-        # tensor data (which torch.compile would treat as a graph break).
-        self._frozen = False
+        self._set_frozen(False)
+
+    def _set_frozen(self, frozen: bool) -> None:
+        # The Python mirror of the buffer (forward branches on it: reading
+        # tensor data under torch.compile would break the graph), and the
+        # buffer (held, so that no other tensor can take its identity) and
+        # version it was read from.
+        self._frozen = frozen
+        flag = self.statistics_frozen
+        # (inference tensors keep no version: read again each time)
+        self._frozen_source = (flag, None if flag.is_inference() else flag._version)
+
+    @staticmethod
+    def _read_on_every_call(flag: Tensor) -> bool:
+        # Reading a CPU tensor costs no host sync.
+        return flag.device.type == "cpu"
+
+    def _uses_fitted_statistics(self) -> bool:
+        """Whether forward normalizes with the fitted (frozen) statistics:
+        the buffer decides, read on every call on the CPU, elsewhere when the
+        buffer or its version changed since it was last read; while
+        compiling or under vmap (a batched flag has no one value), the last
+        value read."""
+        flag = self.statistics_frozen
+        if torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(flag):
+            return self._frozen
+        source, version = getattr(self, "_frozen_source", (None, None))
+        if (
+            self._read_on_every_call(flag)
+            or source is not flag
+            or version is None
+            or version != flag._version
+        ):
+            self._set_frozen(bool(flag))
+        return self._frozen
 
     def reset_parameters(self) -> None:
         """The running statistics reset; weight 1, bias 0, gate logits 0
@@ -137,7 +180,7 @@ class InstanceWeightedNorm(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._frozen = bool(self.statistics_frozen)
+        self._set_frozen(bool(self.statistics_frozen))
 
     def extra_repr(self) -> str:
         return (
@@ -156,7 +199,7 @@ class InstanceWeightedNorm(nn.Module):
     ) -> Tensor:
         if isinstance(x, Tensor):
             self._check_width(x)
-        batch_stats = self.training and not self._frozen
+        batch_stats = self.training and not self._uses_fitted_statistics()
         return self._iwn(
             x,
             labels if batch_stats else None,
@@ -276,7 +319,7 @@ class InstanceWeightedNorm(nn.Module):
         self.running_mean.copy_(torch.where(keep, mu.to(self.running_mean), self.running_mean))
         self.running_std.copy_(torch.where(keep, sigma.to(self.running_std), self.running_std))
         self.statistics_frozen.fill_(True)
-        self._frozen = True
+        self._set_frozen(True)
         self._fit_state = None
         return self
 
@@ -328,7 +371,7 @@ class InstanceWeightedNorm(nn.Module):
     def use_batch_statistics(self) -> "InstanceWeightedNorm":
         """Undo :meth:`fit`'s freeze: training mode uses batch statistics again."""
         self.statistics_frozen.fill_(False)
-        self._frozen = False
+        self._set_frozen(False)
         return self
 
 
@@ -350,11 +393,14 @@ class _InstanceWeightedNormNd(nn.Module):
     batch's, so labels are needed in eval too). ``forward(x, labels=None,
     task_ids=None)``: labels (and task ids) of shape (N,), one per sample.
     With ``num_tasks`` > 1 the running statistics are (num_tasks, C) and each
-    sample's task picks its row.
+    sample's task picks its row. Loads a BatchNorm's ``state_dict``
+    (``running_std = sqrt(running_var)``).
     """
 
     # The functional this module calls; the fused twin swaps in ``fused_iwn``.
     _iwn = staticmethod(iwn_reference)
+    # As BatchNorm's: from version 2, num_batches_tracked is in the state_dict.
+    _version = 2
 
     def __init__(
         self,
@@ -368,6 +414,8 @@ class _InstanceWeightedNormNd(nn.Module):
         std_mode: str = "class_mean",
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ):
         super().__init__()
         check_settings(
@@ -382,12 +430,9 @@ class _InstanceWeightedNormNd(nn.Module):
         self.num_features, self.num_classes, self.num_tasks = num_features, num_classes, num_tasks
         self.eps, self.momentum, self.std_mode = eps, momentum, std_mode
         self.affine, self.track_running_stats = affine, track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        for name, present in (("weight", affine), ("bias", affine and bias)):
+            value = nn.Parameter(torch.empty(num_features, **factory)) if present else None
+            self.register_parameter(name, value)
         if track_running_stats:
             shape = (num_features,) if num_tasks == 1 else (num_tasks, num_features)
             self.register_buffer("running_mean", torch.zeros(shape, **factory))
@@ -410,16 +455,38 @@ class _InstanceWeightedNormNd(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, num_classes={self.num_classes}, eps={self.eps}, "
-            f"momentum={self.momentum}, affine={self.affine}, "
+            f"momentum={self.momentum}, affine={self.affine}, bias={self.bias is not None}, "
             f"track_running_stats={self.track_running_stats}, num_tasks={self.num_tasks}, "
             f"std_mode={self.std_mode!r}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        var, std = prefix + "running_var", prefix + "running_std"
+        if self.running_std is not None and var in state_dict and std not in state_dict:
+            state_dict[std] = state_dict.pop(var).sqrt()  # a BatchNorm's
+        count = prefix + "num_batches_tracked"
+        version = local_metadata.get("version")
+        if (
+            (version is None or version < 2)
+            and self.track_running_stats
+            and count not in state_dict
+        ):
+            # from before BatchNorm counted batches: the count stays, as BatchNorm's does
+            kept = self.num_batches_tracked
+            unknown = kept is None or kept.device.type == "meta"
+            state_dict[count] = torch.tensor(0, dtype=torch.long) if unknown else kept
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def _check_input_dim(self, x: Tensor) -> None:
@@ -436,6 +503,13 @@ class _InstanceWeightedNormNd(nn.Module):
                     f"got shape {tuple(x.shape)}"
                 )
         batch_stats = self.training or self.running_mean is None
+        if batch_stats and isinstance(x, Tensor) and x.numel() == x.shape[1] and x.numel() > 0:
+            # BatchNorm's own check: the one value of a channel is its mean,
+            # and every output would be the bias.
+            raise ValueError(
+                f"Expected more than 1 value per channel when normalizing with batch "
+                f"statistics, got input size {tuple(x.shape)}"
+            )
         if batch_stats and not self.training and labels is None:
             # The op would say "in training"; the reason here is the layer's state.
             raise ValueError(
@@ -444,7 +518,12 @@ class _InstanceWeightedNormNd(nn.Module):
                 "statistics, as BatchNorm does; pass labels, or build it with "
                 "track_running_stats=True"
             )
-        tracking = self.training and self.running_mean is not None
+        # As BatchNorm: track_running_stats read now (it may have been set
+        # since); buffers without it are used in eval and left alone in training.
+        tracking = self.training and self.track_running_stats and self.running_mean is not None
+        running = (self.running_mean, self.running_std)
+        if self.training and not tracking:
+            running = (None, None)
         momentum = 0.0 if self.momentum is None else self.momentum
         if tracking and self.momentum is None:  # BatchNorm's cumulative moving average
             momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
@@ -453,8 +532,8 @@ class _InstanceWeightedNormNd(nn.Module):
             labels if batch_stats else None,
             weight=self.weight,
             bias=self.bias,
-            running_mean=self.running_mean,
-            running_std=self.running_std,
+            running_mean=running[0],
+            running_std=running[1],
             task_ids=task_ids,
             training=batch_stats,
             momentum=momentum,

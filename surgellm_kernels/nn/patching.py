@@ -283,27 +283,31 @@ IWN_FOR_BATCHNORM = {
 
 def _iwn_from_batchnorm(bn: nn.Module, cls: type, num_classes: int, std_mode: str):
     stats = bn.running_mean if bn.running_mean is not None else bn.weight
-    # Running buffers set to None: BatchNorm then uses batch statistics in
-    # eval too, as with track_running_stats=False.
-    tracking = bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
+    # As BatchNorm decides: with running buffers, eval uses them, whatever
+    # track_running_stats says now (which decides whether training updates
+    # them); without (set to None), batch statistics in eval too.
+    buffers = bn.running_mean is not None and bn.running_var is not None
     layer = cls(
         bn.num_features,
         num_classes,
         eps=bn.eps,
         momentum=bn.momentum,
         affine=bn.affine,
-        track_running_stats=tracking,
+        track_running_stats=buffers,
         std_mode=std_mode,
         device=stats.device if stats is not None else None,
         dtype=stats.dtype if stats is not None else None,
+        bias=bn.bias is not None,
     )
+    layer.track_running_stats = bn.track_running_stats
     if bn.affine:  # the same Parameter objects: an optimizer built before stays valid
         layer.weight, layer.bias = bn.weight, bn.bias
-    if tracking:
+    if buffers:
         with torch.no_grad():
             layer.running_mean.copy_(bn.running_mean)
             layer.running_std.copy_(bn.running_var.sqrt())
-            layer.num_batches_tracked.copy_(bn.num_batches_tracked)
+            if bn.num_batches_tracked is not None:
+                layer.num_batches_tracked.copy_(bn.num_batches_tracked)
     layer.train(bn.training)
     # The BatchNorm's forward and backward hooks, the dicts themselves (as a
     # patched twin shares them): a hook added or removed on either is on
@@ -319,12 +323,14 @@ def _batchnorm_from_iwn(bn: nn.Module, layer: nn.Module) -> None:
     (device and dtype included: the model may have moved meanwhile)."""
     if layer.affine:
         bn.weight, bn.bias = layer.weight, layer.bias
-    if layer.track_running_stats:
+    if layer.running_mean is not None:
         with torch.no_grad():
             bn.running_mean = layer.running_mean
             bn.running_var = layer.running_std.square()
-            bn.num_batches_tracked = layer.num_batches_tracked
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked = layer.num_batches_tracked
     bn.eps, bn.momentum = layer.eps, layer.momentum
+    bn.track_running_stats = layer.track_running_stats
     bn.train(layer.training)
     # the hook dicts are shared; whether its backward hooks are full ones is a flag
     bn._is_full_backward_hook = layer._is_full_backward_hook

@@ -358,11 +358,109 @@ def test_convert_to_iwn_a_batchnorm_without_running_buffers():
     bn.running_mean = bn.running_var = None
     model = nn.Sequential(bn)
     report = convert_to_iwn(model, num_classes=2)
-    assert not model[0].track_running_stats and model[0].running_mean is None
+    assert model[0].running_mean is None and model[0].track_running_stats == bn.track_running_stats
     x, labels = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
     assert_close(model.eval()[0](x, labels), truth(x, labels, bn.weight, bn.bias, bn.eps)[0])
     report.revert()
     assert model[0] is bn and bn.running_mean is None and bn.running_var is None
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it(fused):
+    # Its one value is its class's mean: every output would be the bias.
+    cls = FusedInstanceWeightedNorm1d if fused else InstanceWeightedNorm1d
+    layer = cls(3, 2).double()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x, label = torch.randn(1, 3, dtype=torch.float64), torch.tensor([1])
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nn.BatchNorm1d(3)(x)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\(1, 3\)"):
+        layer(x, label)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k  # num_batches_tracked not counted
+    untracked = cls(3, 2, track_running_stats=False).double().eval()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        untracked(x, label)  # eval with the batch's statistics too
+    assert layer.eval()(x).shape == (1, 3)  # eval with running statistics: fine
+    assert layer.train()(torch.randn(1, 3, 2, dtype=torch.float64), label).shape == (1, 3, 2)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_bias_false_as_batchnorm(fused):
+    cls = FusedInstanceWeightedNorm2d if fused else InstanceWeightedNorm2d
+    layer = cls(3, 3, bias=False).double()
+    assert layer.bias is None and layer.weight is not None
+    assert "affine=True, bias=False" in repr(layer)
+    layer.reset_parameters()
+    assert set(layer.state_dict()) == set(nn.BatchNorm2d(3, bias=False).state_dict()) - {
+        "running_var"
+    } | {"running_std"}
+    x, labels = make((6, 3, 4, 4), False)
+    expected = truth(x, labels, layer.weight, torch.zeros(3), 1e-5)[0]
+    assert_close(layer(x, labels), expected)
+    model = nn.Sequential(nn.BatchNorm2d(3, bias=False))
+    report = convert_to_iwn(model, num_classes=3, fused=fused)
+    assert model[0].bias is None
+    model[0].reset_parameters()
+    assert_close(model[0].double()(x, labels), expected)
+    report.revert()
+    assert type(model[0]) is nn.BatchNorm2d and model[0].bias is None
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_track_running_stats_is_read_at_each_call_as_batchnorm_reads_it(fused):
+    # Set False after construction: training leaves the buffers alone, eval
+    # uses them (BatchNorm's behaviour), and a conversion keeps them.
+    x, labels = make((6, 3, 4, 4), False)
+    cls = FusedInstanceWeightedNorm2d if fused else InstanceWeightedNorm2d
+    layer = cls(3, 3).double()
+    bn = nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        for m in (layer, bn):
+            m.running_mean.fill_(5.0)
+            m.track_running_stats = False
+    assert_close(layer(x, labels), truth(x, labels, layer.weight, layer.bias, 1e-5)[0])
+    bn(x)
+    for m in (layer, bn):
+        assert torch.all(m.running_mean == 5.0) and int(m.num_batches_tracked) == 0
+    assert_close(layer.eval()(x), (x - 5.0) / (layer.running_std.view(1, 3, 1, 1) + 1e-5))
+    model = nn.Sequential(bn)
+    convert_to_iwn(model, num_classes=3, fused=fused)
+    converted = model[0]
+    assert not converted.track_running_stats and torch.all(converted.running_mean == 5.0)
+    assert_close(converted.eval()(x), layer(x))  # eval with the carried-over buffers
+
+
+def test_loads_a_batchnorm_state_dict():
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 9.0, 16.0]))
+        bn.num_batches_tracked.fill_(7)
+        bn.weight.fill_(2.0)
+    state = bn.state_dict()
+    layer = FusedInstanceWeightedNorm2d(3, 2)
+    layer.load_state_dict(state)  # strict
+    assert torch.equal(layer.running_std, torch.tensor([2.0, 3.0, 4.0]))
+    assert torch.equal(layer.running_mean, bn.running_mean) and int(layer.num_batches_tracked) == 7
+    assert torch.equal(layer.weight.detach(), bn.weight.detach())
+    assert set(state) >= {"running_var"}  # the caller's dict is left as it was
+    # A checkpoint from before BatchNorm counted batches (version 1): the
+    # layer's count stays, as a BatchNorm's does; from version 2 it is missing.
+    old = {k: v for k, v in state.items() if k != "num_batches_tracked"}
+    old = type(state)(old)
+    old._metadata = {"": {"version": 1}}
+    layer.load_state_dict(old)
+    bn.load_state_dict(old)
+    assert int(layer.num_batches_tracked) == int(bn.num_batches_tracked) == 7
+    old._metadata = {"": {"version": 2}}
+    for module in (layer, nn.BatchNorm2d(3)):
+        with pytest.raises(RuntimeError, match="Missing key.*num_batches_tracked"):
+            module.load_state_dict(old)
+    # A layer without running statistics names BatchNorm's key as unexpected.
+    untracked = FusedInstanceWeightedNorm2d(3, 2, track_running_stats=False)
+    with pytest.raises(RuntimeError, match="Unexpected key.*running_var"):
+        untracked.load_state_dict(state)
 
 
 def test_nested_iwn_labels_the_innermost_block_wins():

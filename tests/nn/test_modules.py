@@ -82,3 +82,87 @@ def test_surgical_gate_twin():
     z_fused.sum().backward()
     for p_ref, p_fused in zip(ref.parameters(), fused.parameters()):
         assert_close(p_fused.grad, p_ref.grad)
+
+
+@pytest.mark.parametrize("cls", [InstanceWeightedNorm, FusedInstanceWeightedNorm])
+def test_the_frozen_flag_decides_however_the_buffers_were_written(cls):
+    # fit, load_state_dict, a copy into the buffers (as DistributedDataParallel's
+    # buffer sync makes), torch.func.functional_call: the statistics_frozen
+    # buffer says whether training mode uses the fitted statistics.
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(100, 3, generator=g, dtype=torch.float64) * 4 + 10
+    fitted = cls(3, num_classes=2).double().fit(data, torch.arange(100) % 2)
+    x, labels = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1] * 3)
+    expected = (x - fitted.running_mean) / (fitted.running_std + 1e-5)
+    copied = cls(3, num_classes=2).double()
+    copied(x, labels)  # a call before the copy: batch statistics
+    with torch.no_grad():
+        for mine, theirs in zip(copied.buffers(), fitted.buffers()):
+            mine.copy_(theirs)
+    assert_close(copied(x, labels), expected)
+    fresh = cls(3, num_classes=2).double()
+    state = {k: v.clone() for k, v in fitted.state_dict().items()}
+    assert_close(torch.func.functional_call(fresh, state, (x, labels)), expected)
+    unfitted = cls(3, num_classes=2).double().state_dict()
+    batch = torch.func.functional_call(fitted, unfitted, (x, labels))
+    assert not torch.allclose(batch, expected)  # the unfitted state's flag: batch statistics
+    assert_close(fitted(x, labels), expected)  # and the module's own again
+    with torch.no_grad():
+        copied.statistics_frozen.fill_(False)
+    assert not torch.allclose(copied(x, labels), expected)
+
+
+def test_the_frozen_flag_off_the_cpu_is_read_when_it_changes(monkeypatch):
+    # As on a GPU (reading the flag is a host sync there): read again when
+    # the buffer is another tensor or its version moved, not on every call.
+    monkeypatch.setattr(InstanceWeightedNorm, "_read_on_every_call", staticmethod(lambda f: False))
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(100, 3, generator=g, dtype=torch.float64) * 4 + 10
+    fitted = InstanceWeightedNorm(3, num_classes=2).double().fit(data, torch.arange(100) % 2)
+    x, labels = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1] * 3)
+    expected = (x - fitted.running_mean) / (fitted.running_std + 1e-5)
+    module = InstanceWeightedNorm(3, num_classes=2).double()
+    module.running_mean.copy_(fitted.running_mean)
+    module.running_std.copy_(fitted.running_std)
+    module(x, labels)
+    module.statistics_frozen.data.fill_(True)  # no version change: not seen
+    assert not torch.allclose(module(x, labels), expected)
+    module.running_mean.copy_(fitted.running_mean)
+    module.running_std.copy_(fitted.running_std)
+    module.statistics_frozen.copy_(torch.tensor(True))  # a tensor op: seen
+    assert_close(module(x, labels), expected)
+    fresh = InstanceWeightedNorm(3, num_classes=2).double()
+    state = {k: v.clone() for k, v in fitted.state_dict().items()}
+    assert_close(torch.func.functional_call(fresh, state, (x, labels)), expected)
+
+
+def test_built_and_loaded_in_inference_mode():
+    with torch.inference_mode():
+        module = FusedInstanceWeightedNorm(3, num_classes=2)
+        data = torch.randn(20, 3)
+        module.load_state_dict(
+            InstanceWeightedNorm(3, 2).fit(data, torch.arange(20) % 2).state_dict()
+        )
+        x = torch.randn(4, 3)
+        assert_close(module.train()(x, torch.tensor([0, 1, 0, 1])), module.eval()(x))
+
+
+def test_vmap_over_stacked_states_uses_the_flag_last_read():
+    import copy
+
+    from torch.func import functional_call, stack_module_state
+
+    fitted = (
+        InstanceWeightedNorm(3, 2)
+        .double()
+        .fit(torch.randn(50, 3, dtype=torch.float64), torch.arange(50) % 2)
+    )
+    params, buffers = stack_module_state([copy.deepcopy(fitted) for _ in range(2)])
+    base = copy.deepcopy(fitted).to("meta")
+    x, labels = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+
+    def call(p, b, x):
+        return functional_call(base, (p, b), (x, labels))
+
+    y = torch.vmap(call, in_dims=(0, 0, None))(params, buffers, x)
+    assert_close(y[0], fitted(x, labels))
