@@ -80,6 +80,15 @@ class SurgeLLMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         **kwargs,
     ):
+        foreign = kwargs.get("model_type")
+        if (foreign is not None and foreign != self.model_type) or "hidden_size" in kwargs:
+            # from_pretrained(<an encoder>) hands its config here
+            raise ValueError(
+                f"this is the configuration of {'a ' + repr(foreign) if foreign else 'another'} "
+                f"model, not of a SURGELLM model: from_pretrained loads a saved SURGELLM "
+                f"model; build a new one from an encoder with "
+                f"SurgeLLMForSequenceClassification.from_encoder(<encoder>, tasks=...)"
+            )
         if isinstance(encoder_config, dict):
             values = dict(encoder_config)
             model_type = values.pop("model_type", None)

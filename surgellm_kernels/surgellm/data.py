@@ -18,6 +18,8 @@ import json
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
+from .features import _without_repeated_keys
+
 __all__ = ["DataError", "LabelSpace", "load_examples"]
 
 Label = Union[int, str]
@@ -89,11 +91,13 @@ def _parse(path: str):
                 continue
             line = index + 1
             try:
-                record = json.loads(raw)
+                record = json.loads(raw, object_pairs_hook=_without_repeated_keys)
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{_where(path, line)}: invalid JSON: {exc.msg} (column {exc.colno})"
                 ) from None
+            except ValueError as exc:  # a key given twice: which one would count?
+                raise DataError(f"{_where(path, line)}: {exc}") from None
             except RecursionError:
                 raise DataError(f"{_where(path, line)}: invalid JSON: nested too deeply") from None
             problem = _row_problem(record)

@@ -177,7 +177,7 @@ class SurgeLLMPreTrainedModel(PreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         for module in model.modules():  # the fitted flag, as the loaded buffer says
             if isinstance(module, InstanceWeightedNorm):
-                module._frozen = bool(module.statistics_frozen)
+                module._set_frozen(bool(module.statistics_frozen))
         return loaded
 
 
@@ -223,6 +223,8 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
         statistics are fitted (:meth:`SurgeLLMForSequenceClassification.fit_statistics`)."""
         if task_ids is None or features is None:
             raise ValueError("task_ids and features are required (SurgeLLMProcessor makes them)")
+        if attention_mask is not None and attention_mask.dim() == 2:
+            _assert_first_token_attended(attention_mask)
         encoder_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             encoder_inputs["token_type_ids"] = token_type_ids
@@ -242,6 +244,24 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
             attentions=encoded.attentions,  # from the call or the encoder's config
         )
         return output
+
+
+def _assert_first_token_attended(attention_mask: Tensor) -> None:
+    """The model reads each row's first token: where padding comes first (a
+    tokenizer that pads on the left) it would read a pad token. A clear
+    error on the CPU; on a GPU an assert on the device (no host sync); none
+    while compiling."""
+    if torch.compiler.is_compiling():
+        return
+    first = attention_mask[:, 0] != 0
+    message = (
+        "attention_mask: a row's first token is padding, and SURGELLM reads the first "
+        "token: pad on the right (tokenizer.padding_side = 'right')"
+    )
+    if first.device.type != "cpu":
+        torch._assert_async(first.all(), message)
+    elif not bool(first.all()):
+        raise ValueError(f"{message} (row {int((~first).nonzero()[0, 0])})")
 
 
 def _assert_labels_are_classes(logits: Tensor, labels: Tensor) -> None:
@@ -367,6 +387,10 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
                         f"batches[{i}] has no {', '.join(missing)}: each batch needs "
                         f"features, labels and task_ids (SurgeLLMProcessor with labels)"
                     )
+                try:  # a label past its task's classes would add a class to its statistics
+                    self.config.check_labels(batch["labels"], batch["task_ids"])
+                except ValueError as exc:
+                    raise ValueError(f"batches[{i}]: {exc}") from None
                 task_ids = batch["task_ids"].to(device)
                 yield batch["features"].to(device), batch["labels"].to(device), task_ids
                 rows_per_task.add_(torch.bincount(task_ids.cpu(), minlength=len(rows_per_task)))

@@ -22,7 +22,8 @@ class SurgeLLMProcessor:
     """The tokenizer (with the prefix tokens), the lexical featurizer and the
     task names of one SURGELLM model.
 
-    ``processor(texts, tasks, labels=None)`` returns the model's inputs:
+    ``processor(texts, tasks, labels=None)`` (labels: class ids, or class
+    names where the model has them) returns the model's inputs:
     ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the
     tokenizer makes them) of the prefixed texts, ``features`` (the lexical
     features of the full text, before truncation), ``task_ids`` and
@@ -105,6 +106,14 @@ class SurgeLLMProcessor:
             )
         if not texts:
             raise ValueError("texts is empty")
+        sides = (self.tokenizer.padding_side, self.tokenizer.truncation_side)
+        if sides != ("right", "right"):
+            # set after the processor was built (which sets both)
+            raise ValueError(
+                f"the tokenizer pads on the {sides[0]} and truncates on the {sides[1]}: "
+                f"SURGELLM reads the first token and puts the prefix in front, so both must "
+                f"be 'right' (tokenizer.padding_side = tokenizer.truncation_side = 'right')"
+            )
         task_ids = self.task_ids(tasks)
         features = self.featurizer(texts)
         if self.config.prefix:
@@ -125,7 +134,7 @@ class SurgeLLMProcessor:
         )
         batch.update(features=features, task_ids=task_ids)
         if labels is not None:
-            labels = torch.as_tensor(labels)
+            labels = torch.as_tensor(self._class_ids(labels, task_ids))
             if labels.numel() and not _is_integer_dtype(labels.dtype):
                 # (as_tensor(dtype=long) would truncate 0.7 to class 0)
                 raise TypeError(f"labels must be integer class ids, got {labels.dtype} values")
@@ -134,6 +143,34 @@ class SurgeLLMProcessor:
         if return_tensors is None:
             batch = {k: v.tolist() if isinstance(v, Tensor) else v for k, v in batch.items()}
         return batch
+
+    def _class_ids(self, labels, task_ids: Tensor):
+        """Labels as given, class names (as ``decode`` gives them) turned into
+        their task's class ids."""
+        if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+            return labels
+        if not any(isinstance(label, str) for label in labels):
+            return labels
+        if len(labels) != len(task_ids):
+            raise ValueError(f"labels must be {len(task_ids)} labels, one per text")
+        names = self.config.task_names
+        ids = []
+        for i, (label, t) in enumerate(zip(labels, task_ids.tolist())):
+            classes = (self.config.class_names or {}).get(names[t])
+            if not isinstance(label, str):
+                ids.append(label)
+            elif classes is None:
+                raise ValueError(
+                    f"labels[{i}]={label!r} is a class name, and task {names[t]!r} has none: "
+                    f"pass class ids (0 <= label < {self.config.tasks[names[t]]})"
+                )
+            elif label not in classes:
+                raise ValueError(
+                    f"labels[{i}]={label!r} is not a class of task {names[t]!r}: {classes}"
+                )
+            else:
+                ids.append(classes.index(label))
+        return ids
 
     def _check_prefix_fits(self, prefixes: List[str]) -> None:
         longest = max(

@@ -162,6 +162,9 @@ class TaskHomogeneousSampler(Sampler):
 
 def check_training_arguments(args) -> None:
     """``ValueError`` for the ``Trainer`` options the model cannot train with."""
+    data_seed = getattr(args, "data_seed", None)
+    if data_seed is not None and not 0 <= data_seed < 2**32:  # the range --seed takes
+        raise ValueError(f"data_seed must be in [0, 2**32), got {data_seed}")
     smoothing = getattr(args, "label_smoothing_factor", 0)
     if smoothing:
         # Trainer's smoother would take the labels from the model and average
@@ -188,9 +191,9 @@ class SurgeLLMTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         global_batch = self.args.per_device_train_batch_size * self.args.world_size
-        self.task_sampler = TaskHomogeneousSampler(
-            dataset["task_ids"], global_batch, self.args.seed
-        )
+        # data_seed orders the data where given, as Trainer's own sampler does
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self.task_sampler = TaskHomogeneousSampler(dataset["task_ids"], global_batch, seed)
         return self.task_sampler
 
     def create_optimizer(self, model=None):

@@ -705,3 +705,57 @@ def test_compute_metrics_without_task_ids_says_what_to_set():
     prediction = EvalPrediction(predictions=np.zeros((2, 2)), label_ids=np.array([0, 1]))
     with pytest.raises(ValueError, match='label_names=\\["labels", "task_ids"\\]'):
         metrics(prediction)
+
+
+def test_a_label_past_its_tasks_classes_is_refused_by_fit_statistics(tokenizer_dir):
+    # A third class of a two-class task would be averaged into its IWN
+    # statistics as a class of its own.
+    model, processor = make_model(tokenizer_dir)
+    batch = processor(["a", "b", "c"], ["reasoning", "sentiment", "sentiment"], labels=[2, 0, 1])
+    batch["labels"] = torch.tensor([2, 2, 1])  # reasoning has 3 classes, sentiment 2
+    before = [t.clone() for t in model.surgellm.iwn.buffers()]
+    with pytest.raises(ValueError, match=r"batches\[0\]: labels\[1\]=2 is not a class of task"):
+        model.fit_statistics([batch])
+    assert all(torch.equal(a, b) for a, b in zip(model.surgellm.iwn.buffers(), before))
+
+
+def test_the_first_token_must_not_be_padding(tokenizer_dir):
+    # SURGELLM reads each row's first token: padding there (a tokenizer
+    # padding on the left) would be read, with no error from the encoder.
+    model, processor = make_model(tokenizer_dir)
+    texts, tasks = ["a fine film", "a much longer sentence about a film"], ["sentiment"] * 2
+    processor.tokenizer.padding_side = "left"
+    with pytest.raises(ValueError, match="pads on the left and truncates on the right"):
+        processor(texts, tasks)
+    processor.tokenizer.padding_side = "right"
+    processor.tokenizer.truncation_side = "left"  # would cut the prefix off
+    with pytest.raises(ValueError, match="truncates on the left"):
+        processor(texts, tasks)
+    processor.tokenizer.truncation_side = "right"
+    batch = processor(texts, tasks)
+    model.eval()(**batch)
+    # left-padded by a collator, as transformers' pads for a left-padding tokenizer
+    shift = int((batch["attention_mask"][0] == 0).sum())
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        batch[key][0] = batch[key][0].roll(shift)
+    with pytest.raises(ValueError, match=r"first token is padding.*\(row 0\)"):
+        model(**batch)
+
+
+def test_labels_by_class_name(tokenizer_dir):
+    model, processor = make_model(tokenizer_dir)
+    names = processor(["a", "b"], ["reasoning", "sentiment"], labels=["chain", "negative"])
+    assert names["labels"].tolist() == [2, 0]
+    mixed = processor(["a", "b"], ["reasoning", "sentiment"], labels=[1, "positive"])
+    assert mixed["labels"].tolist() == [1, 1]
+    with pytest.raises(ValueError, match=r"labels\[1\]='chain' is not a class of task 'sentiment'"):
+        processor(["a", "b"], ["reasoning", "sentiment"], labels=["chain", "chain"])
+
+
+def test_from_pretrained_of_an_encoder_says_what_to_call(tmp_path):
+    tiny_bert(40, 0).save_pretrained(tmp_path)
+    for load in (SurgeLLMConfig.from_pretrained, SurgeLLMForSequenceClassification.from_pretrained):
+        with pytest.raises(
+            ValueError, match=r"a 'bert' model, not of a SURGELLM model.*from_encoder"
+        ):
+            load(str(tmp_path))

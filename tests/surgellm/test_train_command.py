@@ -324,6 +324,7 @@ def test_train_command_data_errors(tmp_path, capsys, train_lines, eval_lines, wh
         ('{"text": "x", "label": 1}', 'missing field "task"'),
         ('{"text": "a\\ud800b", "task": "a", "label": 1}', "a lone surrogate: not text"),
         ("[" * 100_000, "invalid JSON: nested too deeply"),
+        ('{"text": "x", "task": "a", "label": 0, "label": 1}', "gives 'label' twice"),
     ],
 )
 def test_load_examples_errors(tmp_path, line, message):
@@ -618,6 +619,29 @@ def test_the_sampler_pass_is_the_epoch():
             None, TrainerState(epoch=state_epoch), None
         )
         assert list(sampler) == orders[epoch], (epoch, state_epoch)
+
+
+def test_data_seed_orders_the_data_as_in_trainer():
+    from types import SimpleNamespace
+
+    from surgellm_kernels.surgellm.trainer import SurgeLLMTrainer, TaskHomogeneousSampler
+
+    tasks = [0] * 10 + [1] * 7
+
+    def order(seed, data_seed):
+        args = SimpleNamespace(
+            per_device_train_batch_size=4, world_size=1, seed=seed, data_seed=data_seed
+        )
+        fake = SimpleNamespace(args=args, train_dataset={"task_ids": tasks})
+        return list(SurgeLLMTrainer._get_train_sampler(fake))
+
+    assert order(0, None) == list(TaskHomogeneousSampler(tasks, 4, seed=0))
+    assert order(0, 5) == list(TaskHomogeneousSampler(tasks, 4, seed=5)) != order(0, None)
+    assert order(1, 5) == order(0, 5)
+    from surgellm_kernels.surgellm.trainer import check_training_arguments
+
+    with pytest.raises(ValueError, match=r"data_seed must be in \[0, 2\*\*32\), got 4294967296"):
+        check_training_arguments(SimpleNamespace(data_seed=2**32))
 
 
 # -- metrics --------------------------------------------------------------------------------
