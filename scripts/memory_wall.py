@@ -64,22 +64,31 @@ def class_labels(N, num_classes, generator, sorted_labels=False):
     return labels.sort().values if sorted_labels else labels
 
 
-def closures(N, d, dtype, num_classes=10, sorted_labels=False):
-    g = torch.Generator().manual_seed(0)
+def iwn_training_step(N, d, dtype, num_classes=10, sorted_labels=False, seed=0):
+    """fused_iwn's training forward + backward, gate (F,), as a closure."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
+    gate = torch.randn(d, generator=g).to(dtype).requires_grad_()
+    labels = class_labels(N, num_classes, g, sorted_labels)
+    grad = torch.randn(N, d, generator=g).to(dtype)
+
+    def iwn():
+        return fused_iwn(x, labels, gate=gate, training=True, num_classes=num_classes)
+
+    return forward_backward(iwn, grad, (x, gate))
+
+
+def closures(N, d, dtype):
+    g = torch.Generator().manual_seed(1)
 
     def rand(*shape, grad=False):
         return torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad)
 
-    x, gate = rand(N, d, grad=True), rand(d, grad=True)
-    labels = class_labels(N, num_classes, g, sorted_labels)
     h, s, logits = rand(N, d, grad=True), rand(N, d, grad=True), rand(N, d, grad=True)
     w = torch.ones(d, dtype=dtype, requires_grad=True)
     b = torch.zeros(d, dtype=dtype, requires_grad=True)
     grad = rand(N, d)
     a, b2, c, out = rand(N, d), rand(N, d), rand(N, d), rand(N, d)
-
-    def iwn():
-        return fused_iwn(x, labels, gate=gate, training=True, num_classes=num_classes)
 
     def gate_fwd():
         with torch.no_grad():
@@ -87,7 +96,7 @@ def closures(N, d, dtype, num_classes=10, sorted_labels=False):
 
     return {
         "addcmul": lambda: torch.addcmul(a, b2, c, out=out),
-        "iwn fwd+bwd": forward_backward(iwn, grad, (x, gate)),
+        "iwn fwd+bwd": iwn_training_step(N, d, dtype),
         "gate fwd": gate_fwd,
         "gate fwd+bwd": forward_backward(
             lambda: fused_surgical_gate(h, s, logits, w, b), grad, (h, s, logits, w, b)
@@ -144,7 +153,7 @@ def label_order(N, d, dtype, calls, rounds):
     """IWN's phases with the labels in random order and the same labels
     sorted, the two taking turns in this process: {phase: (random ms, sorted
     ms)}, medians over the rounds, printed with their quotient."""
-    steps = [closures(N, d, dtype, sorted_labels=s)["iwn fwd+bwd"] for s in (False, True)]
+    steps = [iwn_training_step(N, d, dtype, sorted_labels=s) for s in (False, True)]
     for step in steps:
         step()
     runs = [[], []]
@@ -181,6 +190,8 @@ def main():
         "one run), the two taking turns: what rows of alternating classes cost",
     )
     args = p.parse_args()
+    if args.sorted_labels and not args.phases:
+        p.error("--sorted-labels profiles phases: give --phases too")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     print(f"{args.dtype}, {args.threads} threads, medians of {args.rounds} interleaved rounds")
