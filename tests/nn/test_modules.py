@@ -84,16 +84,22 @@ def test_surgical_gate_twin():
         assert_close(p_fused.grad, p_ref.grad)
 
 
+def fitted_and_a_batch(cls):
+    """A module fitted on data far from 0 and 1, a training batch, and what
+    the fitted statistics make of it."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(100, 3, generator=g, dtype=torch.float64) * 4 + 10
+    fitted = cls(3, num_classes=2).double().fit(data, torch.arange(100) % 2)
+    x, labels = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1] * 3)
+    return fitted, x, labels, (x - fitted.running_mean) / (fitted.running_std + 1e-5)
+
+
 @pytest.mark.parametrize("cls", [InstanceWeightedNorm, FusedInstanceWeightedNorm])
 def test_the_frozen_flag_decides_however_the_buffers_were_written(cls):
     # fit, load_state_dict, a copy into the buffers (as DistributedDataParallel's
     # buffer sync makes), torch.func.functional_call: the statistics_frozen
     # buffer says whether training mode uses the fitted statistics.
-    g = torch.Generator().manual_seed(0)
-    data = torch.randn(100, 3, generator=g, dtype=torch.float64) * 4 + 10
-    fitted = cls(3, num_classes=2).double().fit(data, torch.arange(100) % 2)
-    x, labels = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1] * 3)
-    expected = (x - fitted.running_mean) / (fitted.running_std + 1e-5)
+    fitted, x, labels, expected = fitted_and_a_batch(cls)
     copied = cls(3, num_classes=2).double()
     copied(x, labels)  # a call before the copy: batch statistics
     with torch.no_grad():
@@ -116,11 +122,7 @@ def test_the_frozen_flag_off_the_cpu_is_read_when_it_changes(monkeypatch):
     # As on a GPU (reading the flag is a host sync there): read again when
     # the buffer is another tensor or its version moved, not on every call.
     monkeypatch.setattr(InstanceWeightedNorm, "_read_on_every_call", staticmethod(lambda f: False))
-    g = torch.Generator().manual_seed(0)
-    data = torch.randn(100, 3, generator=g, dtype=torch.float64) * 4 + 10
-    fitted = InstanceWeightedNorm(3, num_classes=2).double().fit(data, torch.arange(100) % 2)
-    x, labels = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1] * 3)
-    expected = (x - fitted.running_mean) / (fitted.running_std + 1e-5)
+    fitted, x, labels, expected = fitted_and_a_batch(InstanceWeightedNorm)
     module = InstanceWeightedNorm(3, num_classes=2).double()
     module.running_mean.copy_(fitted.running_mean)
     module.running_std.copy_(fitted.running_std)
