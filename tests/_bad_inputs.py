@@ -16,6 +16,8 @@ RM, RS = torch.zeros(4), torch.ones(4)
 
 META = torch.zeros(4, device="meta")
 _SHARED = torch.ones(4)  # passed as both running statistics
+_X_SHARED = torch.randn(6, 4)  # x, its first row the running mean
+_W_SHARED = torch.ones(4)  # the weight and the running deviation
 BAD_IWN_CALLS = {
     "x not a tensor": dict(x=[[1.0]]),
     "x integer": dict(x=torch.ones(6, 4, dtype=torch.int64)),
@@ -43,6 +45,8 @@ BAD_IWN_CALLS = {
     "running 3-d": dict(running_mean=torch.zeros(1, 1, 4), running_std=torch.ones(1, 1, 4)),
     "running_std expanded": dict(running_std=torch.ones(1).expand(4)),
     "running statistics one tensor": dict(running_mean=_SHARED, running_std=_SHARED),
+    "running_mean sharing x": dict(x=_X_SHARED, running_mean=_X_SHARED[0]),
+    "running_std sharing weight": dict(weight=_W_SHARED, running_std=_W_SHARED),
     "running_mean of no tasks": dict(running_mean=torch.zeros(0, 4), running_std=torch.ones(0, 4)),
     # in eval the kernels give the running statistics no gradient (a silent None)
     "running_std requiring grad": dict(
@@ -75,6 +79,7 @@ BAD_IWN_CALLS = {
     "num_classes float": dict(num_classes=2.5),
     "num_classes from negative labels": dict(labels=torch.full((6,), -3)),
     "num_classes past 32-bit keys": dict(num_classes=2**31 + 1),
+    "num_classes times features past the statistics' bound": dict(num_classes=2**25),
     "num_classes times tasks past 32-bit keys": dict(
         num_classes=2**30,
         task_ids=torch.tensor([0, 1, 2, 3, 0, 1]),
@@ -289,6 +294,16 @@ def every_bad_call():
     )
     calls["fused_surgical_gate: forward-mode AD"] = lambda: torch.func.jvp(
         lambda h: fused_surgical_gate(h, H, H), (H,), (torch.ones_like(H),)
+    )
+    # Autograd cannot save an inference tensor for backward (refused before
+    # the training call updates its running statistics).
+    with torch.inference_mode():
+        made_in_inference = torch.randn(6, 4)
+    calls["fused_iwn: x an inference tensor"] = lambda: fused_iwn(
+        **iwn_call(x=made_in_inference, weight=torch.ones(4, requires_grad=True))
+    )
+    calls["fused_surgical_gate: h an inference tensor"] = lambda: fused_surgical_gate(
+        made_in_inference, made_in_inference, made_in_inference, torch.ones(4, requires_grad=True)
     )
     # torch.func's gradient transforms cannot run the ops' C++ autograd.
     calls["fused_iwn: torch.func.grad"] = lambda: torch.func.grad(

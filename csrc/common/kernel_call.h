@@ -11,7 +11,9 @@
 #include <ATen/FuncTorchTLS.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "common/message.h"
@@ -188,6 +190,22 @@ inline void refuse_functorch_autograd(const char* op) {
                                    "torch.autograd.grad, or the reference functions of "
                                    "surgellm_kernels.ops.reference");
   }
+}
+
+// What autograd saves for backward cannot be an inference tensor (made under
+// torch.inference_mode()): autograd refuses it only once the forward has run,
+// when a training call of fused_iwn has updated its running statistics.
+// Refused before anything runs, naming the input.
+inline const Tensor* present(const Tensor& t) { return &t; }
+inline const Tensor* present(const optional<Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+inline void refuse_inference_inputs(
+    const char* op, std::initializer_list<std::pair<const char*, const Tensor*>> saved) {
+  for (const auto& [name, t] : saved)
+    SURGELLM_CHECK(!(t && t->defined() && t->is_inference()), op, ": ", name,
+                   " is an inference tensor (made under torch.inference_mode()), which autograd "
+                   "cannot save for backward: call under torch.inference_mode() or "
+                   "torch.no_grad(), or pass a tensor made outside inference mode (",
+                   name, ".clone() there)");
 }
 
 #define SURGELLM_DISPATCH_FLOATS(x, NAME, ...) \

@@ -47,6 +47,9 @@ struct RankGroup {
 
 // Each row's (task, class) group is an int32 key in [0, num_tasks * num_classes).
 constexpr int64_t kMaxKeys = int64_t(1) << 31;
+// At most this many values in each per-group statistic (groups x F): 256 MiB
+// of float32, about 87,000 classes of 768 features.
+constexpr int64_t kMaxGroupValues = int64_t(1) << 26;
 
 // What a valid call computes with.
 struct IWNCall {
@@ -168,6 +171,21 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
       const at::MemOverlapStatus both = at::get_overlap_status(*running_mean, *running_std);
       SURGELLM_CHECK_VALUE(
           both != at::MemOverlapStatus::Full && both != at::MemOverlapStatus::Partial, shared);
+      // Nor may they share memory with an input: the update would change
+      // what the rest of the call reads (x[0] as running_mean: row 0's output).
+      for (const auto& [r, name] :
+           {std::pair{&running_mean, "running_mean"}, std::pair{&running_std, "running_std"}})
+        for (const auto& [input, input_name] :
+             {std::pair{present(x), "x"}, std::pair{present(gate), "gate"},
+              std::pair{present(weight), "weight"}, std::pair{present(bias), "bias"}}) {
+          if (!input || input->unsafeGetTensorImpl()->has_symbolic_sizes_strides()) continue;
+          const at::MemOverlapStatus overlap = at::get_overlap_status(**r, *input);
+          SURGELLM_CHECK_VALUE(
+              overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+              name, " shares memory with ", input_name,
+              ", and training updates it in place: pass a tensor of its own (e.g. ", name,
+              ".clone())");
+        }
     }
     if (running_mean->dim() == 2) {
       call.num_tasks = running_mean->sym_size(0).guard_int(__FILE__, __LINE__);
@@ -228,6 +246,18 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
       given_classes ? "" : ", one more than the largest label", ") times the task count (",
       call.num_tasks, task_count_source, ") must be at most ", kMaxKeys,
       ": each row's (task, class) group is a 32-bit key; use fewer classes or tasks");
+  // Every (task, class) group's moments are held, its rows present or not:
+  // six arrays of groups x F values (forward and backward). Bounded, so that
+  // a mistaken num_classes is an error here, not an allocation that takes
+  // the machine's memory.
+  if (const auto f = F.maybe_as_int()) {
+    const int64_t groups = *num_classes * call.num_tasks;
+    SURGELLM_CHECK_VALUE(
+        groups <= kMaxGroupValues / *f, "num_classes (", *num_classes, ") times the task count (",
+        call.num_tasks, ") times the features (", *f, ") must be at most ", kMaxGroupValues,
+        ": the statistics keep that many values for each class of each task, present in the "
+        "batch or not; use fewer classes or tasks");
+  }
   call.num_classes = *num_classes;
   return call;
 }
@@ -752,6 +782,8 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels, const optio
                                     task_ids, training, momentum, eps, call);
   }
   refuse_functorch_autograd("fused_iwn");
+  refuse_inference_inputs(
+      "fused_iwn", {{"x", present(x)}, {"gate", present(gate)}, {"weight", present(weight)}});
   optional<std::string> ranks_name;
   if (call.ranks.has_value()) ranks_name = call.ranks->name;
   return IWNFunction::apply(x, labels, gate, weight, bias, running_mean, running_std, task_ids,

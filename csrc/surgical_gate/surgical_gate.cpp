@@ -156,6 +156,10 @@ Tensor surgical_gate_autograd(const Tensor& h, const Tensor& s, const Tensor& lo
     return forward_without_autograd(h, s, logits, weight, bias, eps);
   }
   refuse_functorch_autograd("fused_surgical_gate");
+  refuse_inference_inputs("fused_surgical_gate", {{"h", present(h)},
+                                                  {"s", present(s)},
+                                                  {"logits", present(logits)},
+                                                  {"weight", present(weight)}});
   return SurgicalGateFunction::apply(h, s, logits, weight, bias, eps);
 }
 

@@ -229,7 +229,9 @@ def fused_iwn(
             "pooled" (deviation of the class-balanced distribution).
         num_classes: classes per task; default ``labels.max() + 1``. Pass it
             when compiling with ``torch.compile``, and on CUDA to avoid a
-            host sync. Required with a process group.
+            host sync. Required with a process group. Training keeps
+            statistics for every class of every task, present or not:
+            ``num_classes * num_tasks * F`` may be at most 2**26.
         process_group: a ``torch.distributed`` process group (or
             ``torch.distributed.group.WORLD``) whose ranks each hold a shard of
             the batch: in training the statistics, and the running statistics

@@ -299,6 +299,41 @@ def test_running_statistics_sharing_memory_are_refused_before_any_update(iwn, ex
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("shared_with", ["x", "weight", "bias"])
+@pytest.mark.parametrize("statistic", ["running_mean", "running_std"])
+def test_running_statistics_sharing_an_input_are_refused_before_any_update(
+    iwn, statistic, shared_with
+):
+    """running_mean = x[0] changed x before the normalization read it: row 0's
+    output was wrong, silently (F.batch_norm's too)."""
+    inputs = {"x": torch.randn(6, 4), "weight": torch.rand(4) + 0.5, "bias": torch.randn(4)}
+    stats = {"running_mean": torch.zeros(4), "running_std": torch.ones(4)}
+    stats[statistic] = inputs[shared_with][0] if shared_with == "x" else inputs[shared_with]
+    before = {k: v.clone() for k, v in {**inputs, **stats}.items()}
+    with pytest.raises(ValueError, match=f"{statistic} shares memory with {shared_with}"):
+        iwn(inputs.pop("x"), LABELS, **inputs, **stats, training=True)
+    for k, v in {**inputs, **stats}.items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("made_in_inference", ["x", "weight"])
+def test_inference_tensors_are_refused_before_the_running_update(made_in_inference, force_backend):
+    """Autograd refused to save the inference tensor only after the forward
+    had run: the call raised with the running statistics already updated."""
+    force_backend("cpu")
+    with torch.inference_mode():
+        inference = {"x": torch.randn(6, 4), "weight": torch.ones(4)}[made_in_inference]
+    call = {"x": torch.randn(6, 4, requires_grad=True), "weight": torch.ones(4, requires_grad=True)}
+    call[made_in_inference] = inference
+    rm, rs = torch.zeros(4), torch.ones(4)
+    with pytest.raises(RuntimeError, match=f"{made_in_inference} is an inference tensor"):
+        fused_iwn(call.pop("x"), LABELS, **call, running_mean=rm, running_std=rs, training=True)
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rs, torch.ones(4))
+    with torch.inference_mode():  # where it was made, the call runs
+        fused_iwn(inference if made_in_inference == "x" else X, LABELS, training=True)
+
+
 def _forward_ad_calls():
     """(name, call) for each way a tangent reaches each op: torch.func.jvp
     and jacfwd, and forward_ad's dual tensors, through every tensor input
