@@ -31,6 +31,7 @@ turns: what rows of alternating classes cost.
 """
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -175,13 +176,36 @@ def label_order(N, d, dtype, calls, rounds):
     return table
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def shape_list(text):
+    """'4096x768,32768x768' -> [(4096, 768), (32768, 768)]."""
+    shapes = []
+    for part in text.split(","):
+        match = re.fullmatch(r"([0-9]+)x([0-9]+)", part.strip())
+        if not match or int(match[1]) < 1 or int(match[2]) < 1:
+            raise argparse.ArgumentTypeError(
+                f"each shape is ROWSxFEATURES, both positive, comma-separated "
+                f"(e.g. 4096x768,32768x768); got {part!r}"
+            )
+        shapes.append((int(match[1]), int(match[2])))
+    return shapes
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="4096x768,32768x768")
+    p.add_argument("--shapes", type=shape_list, default="4096x768,32768x768")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--calls", type=int, default=3, help="calls timed together in one round")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=7)
+    p.add_argument(
+        "--calls", type=positive_int, default=3, help="calls timed together in one round"
+    )
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--phases", action="store_true", help="then profile each op's phases")
     p.add_argument(
         "--sorted-labels",
@@ -196,18 +220,16 @@ def main():
     dtype = getattr(torch, args.dtype)
     print(f"{args.dtype}, {args.threads} threads, medians of {args.rounds} interleaved rounds")
     print(f"{'shape':>11} {'addcmul ms':>10} " + " ".join(f"{k + ' (floor)':>32}" for k in FLOORS))
-    for shape in args.shapes.split(","):
-        N, d = (int(v) for v in shape.split("x"))
+    for N, d in args.shapes:
         m, ratios = measure(N, d, dtype, args.rounds, args.calls)
         cells = " ".join(f"{f'{ratios[k]:.2f} ({FLOORS[k]:.1f})':>32}" for k in FLOORS)
-        print(f"{shape:>11} {m['addcmul'] * 1e3:>10.2f} {cells}", flush=True)
+        print(f"{f'{N}x{d}':>11} {m['addcmul'] * 1e3:>10.2f} {cells}", flush=True)
         # The times themselves: addcmul's speed shifts with the machine's
         # memory traffic more than the fused ops' do, which moves the ratios.
         times = ", ".join(f"{name} {t * 1e3:.2f}" for name, t in m.items())
         print(f"{'':>11} ms: {times}", flush=True)
     if args.phases:
-        for shape in args.shapes.split(","):
-            N, d = (int(v) for v in shape.split("x"))
+        for N, d in args.shapes:
             phases(N, d, dtype, calls=10)
             if args.sorted_labels:
                 label_order(N, d, dtype, calls=5, rounds=args.rounds)

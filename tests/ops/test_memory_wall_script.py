@@ -46,3 +46,30 @@ def test_sorted_labels_are_the_same_labels_in_runs(capsys):
     assert {p for p in table} == {p for p in memory_wall.PHASE_TENSORS if "_iwn_" in p}
     assert all(shuffled > 0 and ordered > 0 for shuffled, ordered in table.values())
     assert "random / sorted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,named",
+    [
+        (["--threads", "0"], "--threads"),
+        (["--rounds", "0"], "--rounds"),
+        (["--calls", "-1"], "--calls"),
+        (["--shapes", "64"], "--shapes"),
+        (["--shapes", "64x8,"], "--shapes"),
+        (["--shapes", "0x8"], "--shapes"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv, named, monkeypatch, capsys):
+    """Each was a traceback (or, for a trailing comma, a traceback after the
+    first shape's results)."""
+    memory_wall = load_script()
+    monkeypatch.setattr("sys.argv", ["memory_wall.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        memory_wall.main()
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert f"argument {named}" in captured.err and captured.out == ""
+
+
+def test_shapes_are_read_as_pairs():
+    assert load_script().shape_list("4096x768, 7x3") == [(4096, 768), (7, 3)]
