@@ -228,6 +228,32 @@ def test_per_task_statistics(backend, device, training, force_backend):
     _compare(backend, device, force_backend, x, _params(F, torch.float64), **kwargs)
 
 
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("gate", ["vec", "full"])
+def test_runs_of_one_task(backend, device, dtype, gate, force_backend):
+    """Tasks in runs of 1 to 9 consecutive rows, as task-homogeneous batches
+    put them, over several row chunks, with a feature count that leaves a
+    partial vector: forward, gradients and per-task statistics."""
+    interpreted = backend == "triton" and device == "cpu"
+    N, F = (61, 19) if interpreted else (613, 37)
+    T = 3
+    runs = [1, 2, 3, 4, 5, 7, 9]
+    tasks = torch.cat([torch.full((runs[i % 7],), i % T) for i in range(N)])[:N]
+    x = torch.randn(N, F, dtype=torch.float64).to(dtype)
+    _compare(
+        backend,
+        device,
+        force_backend,
+        x,
+        _params(F, dtype, gate=gate, n=N),
+        labels=_labels(N, seed=1),
+        task_ids=tasks,
+        training=True,
+        num_classes=10,
+    )
+
+
 @pytest.mark.skipif(("cpu", "cpu") not in PAIRS, reason="the C++ extension is not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("N,H,W", [(24, 96, 96), (180, 27, 29)])
