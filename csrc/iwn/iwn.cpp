@@ -229,7 +229,8 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
   }
   SURGELLM_CHECK_VALUE(labels.has_value(),
                        "labels are required in training: class-balanced statistics need each "
-                       "row's class (pass labels, or training=False with running stats)");
+                       "row's class (pass labels; or normalize with the running statistics: "
+                       "training=False, or .eval() on a module)");
   check_index_tensor(*labels, "labels", rows, x, rows_text);
   SURGELLM_CHECK_VALUE(x.sym_numel() != 0 || synced,
                        "x has no rows: training statistics need at least one row");

@@ -118,6 +118,9 @@ class SyncInstanceWeightedNorm(_SyncedNorm, FusedInstanceWeightedNorm):
         gate: bool = False,
         std_mode: str = "class_mean",
         process_group=None,
+        *,
+        device=None,
+        dtype=None,
     ):
         super().__init__(
             num_features,
@@ -129,6 +132,8 @@ class SyncInstanceWeightedNorm(_SyncedNorm, FusedInstanceWeightedNorm):
             gate,
             std_mode,
             process_group=process_group,
+            device=device,
+            dtype=dtype,
         )
 
 

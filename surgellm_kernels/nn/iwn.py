@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from ..ops import _backend
 from ..ops.iwn import fused_iwn, rank_group
@@ -39,6 +40,13 @@ __all__ = [
 ]
 
 
+def check_counts(**counts: int) -> None:
+    """Sizes a module is built with (num_features, num_tasks, ...): positive ints."""
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
 def check_settings(
     std_mode: str, momentum: Optional[float] = 0.1, cumulative: bool = False, **counts: int
 ) -> None:
@@ -48,9 +56,7 @@ def check_settings(
     with one task. (A momentum's range is the op's check, at each call.)"""
     if std_mode not in ("class_mean", "pooled"):
         raise ValueError(f"std_mode must be 'class_mean' or 'pooled', got {std_mode!r}")
-    for name, v in counts.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    check_counts(**counts)
     if momentum is None and not cumulative:
         raise ValueError(
             "momentum must be a number in [0, 1], got None (the cumulative average of "
@@ -99,6 +105,9 @@ class InstanceWeightedNorm(nn.Module):
         affine: bool = False,
         gate: bool = False,
         std_mode: str = "class_mean",
+        *,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         check_settings(
@@ -108,20 +117,21 @@ class InstanceWeightedNorm(nn.Module):
             num_classes=num_classes,
             num_tasks=num_tasks,
         )
+        factory = {"device": device, "dtype": dtype}
         self.num_features, self.num_classes, self.num_tasks = num_features, num_classes, num_tasks
         self.eps, self.momentum, self.std_mode = eps, momentum, std_mode
         self.affine, self.gated = affine, gate
-        self.register_buffer("running_mean", torch.empty(num_tasks, num_features))
-        self.register_buffer("running_std", torch.empty(num_tasks, num_features))
-        self.register_buffer("statistics_frozen", torch.empty((), dtype=torch.bool))
+        self.register_buffer("running_mean", torch.empty(num_tasks, num_features, **factory))
+        self.register_buffer("running_std", torch.empty(num_tasks, num_features, **factory))
+        self.register_buffer("statistics_frozen", torch.empty((), dtype=torch.bool, device=device))
         if affine:
-            self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         if gate:
-            self.gate_logits = nn.Parameter(torch.empty(num_features))
+            self.gate_logits = nn.Parameter(torch.empty(num_features, **factory))
         else:
             self.register_parameter("gate_logits", None)
         self.reset_parameters()
@@ -146,6 +156,16 @@ class InstanceWeightedNorm(nn.Module):
         self._frozen_source = (flag, None if flag.is_inference() else flag._version)
 
     @staticmethod
+    def _holds_a_value(flag: Tensor) -> bool:
+        # Meta and fake tensors (shape inference, tracing) have no data, and
+        # under a fake mode no tensor's data is read.
+        return not (
+            flag.is_meta
+            or is_fake(flag)
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+        )
+
+    @staticmethod
     def _read_on_every_call(flag: Tensor) -> bool:
         # Reading a CPU tensor costs no host sync.
         return flag.device.type == "cpu"
@@ -157,7 +177,11 @@ class InstanceWeightedNorm(nn.Module):
         compiling or under vmap (a batched flag has no one value), the last
         value read."""
         flag = self.statistics_frozen
-        if torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(flag):
+        if (
+            torch.compiler.is_compiling()
+            or torch._C._functorch.is_batchedtensor(flag)
+            or not self._holds_a_value(flag)
+        ):
             return self._frozen
         source, version = getattr(self, "_frozen_source", (None, None))
         if (
@@ -180,7 +204,13 @@ class InstanceWeightedNorm(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._set_frozen(bool(self.statistics_frozen))
+        # A module on the meta device keeps no value: the mirror takes the
+        # loaded one, where there is one.
+        flag = self.statistics_frozen
+        if not self._holds_a_value(flag):
+            flag = state_dict.get(prefix + "statistics_frozen")
+        if isinstance(flag, Tensor) and self._holds_a_value(flag):
+            self._set_frozen(bool(flag))
 
     def extra_repr(self) -> str:
         return (
@@ -255,9 +285,11 @@ class InstanceWeightedNorm(nn.Module):
         groups = self.num_tasks * self.num_classes
         n_b, mean_b, var_b = class_moments(u, keys, groups)
         batch = (n_b, mean_b, var_b * n_b.unsqueeze(1))
-        self._fit_state = (
-            batch if self._fit_state is None else merge_moments(self._fit_state, batch)
-        )
+        if self._fit_state is None:
+            self._fit_state = batch
+        else:  # on the batch's device: the module may have moved since the last batch
+            previous = tuple(t.to(u.device) for t in self._fit_state)
+            self._fit_state = merge_moments(previous, batch)
 
     @torch.no_grad()
     def fit(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -212,6 +213,10 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
 
     Returns a :class:`PatchReport`; a module whose fused op has no fast path
     here (eager reference) is swapped, listed so, and warned about.
+
+    The fused ops have no double backward: a loss differentiated through
+    them with ``create_graph=True`` (a gradient penalty) raises, where the
+    reference modules compute it; ``report.revert()`` for such training.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -227,15 +232,13 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             raise ValueError("model contains a torch.compile'd module: patch before torch.compile")
 
     def plan(name, child):
-        if type(child) in fused_classes:
+        if isinstance(child, tuple(fused_classes)):  # the twins and their subclasses (synced)
             return Skip(name, type(child).__name__, "already fused")
         twin_and_op = FUSED_TWINS.get(type(child))
         if twin_and_op is None:
             base = next((c for c in FUSED_TWINS if isinstance(child, c)), None)
             if base is not None:
-                return Skip(
-                    name, type(child).__name__, f"subclass of {base.__name__} with its own code"
-                )
+                return Skip(name, type(child).__name__, _subclass_reason(child, base))
             return None
         fused_cls, op = twin_and_op
         device = _device_of(child)
@@ -370,9 +373,24 @@ def convert_to_iwn(
     def plan(name, child):
         classes = IWN_FOR_BATCHNORM.get(type(child))
         if classes is None:
+            base = next((c for c in IWN_FOR_BATCHNORM if isinstance(child, c)), None)
+            if base is not None:
+                return Skip(name, type(child).__name__, _subclass_reason(child, base))
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
                 return Skip(name, type(child).__name__, "not BatchNorm1d / BatchNorm2d")
             return None
+        computed = [
+            n
+            for n in ("weight", "bias")
+            if getattr(child, n) is not None and not isinstance(getattr(child, n), nn.Parameter)
+        ]
+        if computed:
+            return Skip(
+                name,
+                type(child).__name__,
+                f"its {' and '.join(computed)} computed by a hook (weight_norm, spectral_norm): "
+                "no Parameter to carry over",
+            )
         layer = _iwn_from_batchnorm(
             child, classes[1] if fused else classes[0], num_classes, std_mode
         )
@@ -384,6 +402,12 @@ def convert_to_iwn(
     if type(model) in IWN_FOR_BATCHNORM:
         root = Skip("(root)", type(model).__name__, "the root module has no parent to swap it on")
     return _swap_children(model, plan, "convert_to_iwn: no BatchNorm1d or BatchNorm2d found", root)
+
+
+def _subclass_reason(child: nn.Module, base: type) -> str:
+    if nn.utils.parametrize.is_parametrized(child):
+        return f"a parametrized {base.__name__} (torch.nn.utils.parametrize)"
+    return f"subclass of {base.__name__} with its own code"
 
 
 @contextlib.contextmanager
@@ -406,26 +430,37 @@ def iwn_labels(model: nn.Module, labels, task_ids=None):
     for layer in layers:
         # One hook per layer, reading the innermost open block: an inner
         # block's labels are never paired with an outer block's task ids.
-        blocks = layer.__dict__.setdefault("_iwn_label_blocks", [])
+        blocks, hook = _OPEN_LABEL_BLOCKS.setdefault(layer, ([], []))
         if not blocks:
-            layer.__dict__["_iwn_label_hook"] = layer.register_forward_pre_hook(
-                _give_labels, with_kwargs=True, prepend=True
+            hook.append(
+                layer.register_forward_pre_hook(_give_labels, with_kwargs=True, prepend=True)
             )
         blocks.append(block)
     try:
         yield model
     finally:
         for layer in layers:
-            blocks = layer.__dict__["_iwn_label_blocks"]
+            blocks, hook = _OPEN_LABEL_BLOCKS[layer]
             del blocks[max(i for i, b in enumerate(blocks) if b is block)]
             if not blocks:
-                layer.__dict__.pop("_iwn_label_hook").remove()
-                del layer.__dict__["_iwn_label_blocks"]
+                hook.pop().remove()
+                del _OPEN_LABEL_BLOCKS[layer]
+
+
+# Each layer's open iwn_labels blocks and its hook's handle, outside the
+# layer: a copy of it (deepcopy, torch.save) taken inside a block carries the
+# hook but no blocks, so it is given no labels once the block has closed.
+_OPEN_LABEL_BLOCKS: "weakref.WeakKeyDictionary[nn.Module, tuple[list, list]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _give_labels(module, args, kwargs):
     # forward(x, labels=None, task_ids=None): fill what the call left out
-    labels, task_ids = module._iwn_label_blocks[-1]
+    blocks, _ = _OPEN_LABEL_BLOCKS.get(module, ((), ()))
+    if not blocks:  # a copy of a layer, taken inside a block
+        return None
+    labels, task_ids = blocks[-1]
     if len(args) < 2 and kwargs.get("labels") is None:
         kwargs["labels"] = labels
     if task_ids is not None and len(args) < 3 and kwargs.get("task_ids") is None:

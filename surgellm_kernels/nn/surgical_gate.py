@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..ops.reference import surgical_gate_reference
 from ..ops.surgical_gate import fused_surgical_gate
+from .iwn import check_counts
 
 __all__ = ["SurgicalGate", "FusedSurgicalGate", "check_task_ids"]
 
@@ -59,14 +60,19 @@ class SurgicalGate(nn.Module):
         num_tasks: int = 1,
         alpha: float = 0.1,
         eps: float = 1e-5,
+        *,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        check_counts(d_model=d_model, num_features=num_features, num_tasks=num_tasks)
+        factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_features, self.num_tasks = d_model, num_features, num_tasks
         self.alpha, self.eps = alpha, eps
-        self.task_embedding = nn.Embedding(num_tasks, d_model)  # E, Eq.3
-        self.feature_projection = nn.Linear(num_features, d_model)  # W_s, b_s, Eq.5
-        self.gate = nn.Linear(2 * d_model, d_model)  # W_g, b_g, Eq.6
-        self.norm = nn.LayerNorm(d_model, eps=eps)  # Eq.7
+        self.task_embedding = nn.Embedding(num_tasks, d_model, **factory)  # E, Eq.3
+        self.feature_projection = nn.Linear(num_features, d_model, **factory)  # W_s, b_s, Eq.5
+        self.gate = nn.Linear(2 * d_model, d_model, **factory)  # W_g, b_g, Eq.6
+        self.norm = nn.LayerNorm(d_model, eps=eps, **factory)  # Eq.7
 
     def forward(self, h: Tensor, s: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
         if not isinstance(h, Tensor) or h.dim() == 0 or h.shape[-1] != self.d_model:

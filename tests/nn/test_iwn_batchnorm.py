@@ -1,6 +1,9 @@
 """Class-balanced BatchNorm: InstanceWeightedNorm1d / 2d, their fused twins,
 fused_iwn(feature_dim=1), convert_to_iwn and iwn_labels."""
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -365,6 +368,38 @@ def test_convert_to_iwn_a_batchnorm_without_running_buffers():
     assert model[0] is bn and bn.running_mean is None and bn.running_var is None
 
 
+def test_convert_to_iwn_skips_what_it_cannot_carry_over_saying_why():
+    """A BatchNorm under (old-style) spectral_norm raised torch's "cannot
+    assign ... as parameter 'weight'"; a parametrized one or a subclass was
+    "not BatchNorm1d / BatchNorm2d"."""
+    from torch.nn.utils import parametrize
+
+    class Halved(nn.Module):
+        def forward(self, w):
+            return w / 2
+
+    class MyBatchNorm(nn.BatchNorm2d):
+        pass
+
+    normed = nn.utils.spectral_norm(nn.BatchNorm1d(4))
+    parametrized = nn.BatchNorm1d(4)
+    parametrize.register_parametrization(parametrized, "weight", Halved())
+    model = nn.Sequential(normed, parametrized, MyBatchNorm(4), nn.SyncBatchNorm(4))
+    report = convert_to_iwn(model, num_classes=2)
+    assert not report.swaps and [m.__class__ for m in model] == [
+        nn.BatchNorm1d,
+        type(parametrized),
+        MyBatchNorm,
+        nn.SyncBatchNorm,
+    ]
+    assert [k.reason for k in report.skipped] == [
+        "its weight computed by a hook (weight_norm, spectral_norm): no Parameter to carry over",
+        "a parametrized BatchNorm1d (torch.nn.utils.parametrize)",
+        "subclass of BatchNorm2d with its own code",
+        "not BatchNorm1d / BatchNorm2d",
+    ]
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it(fused):
     # Its one value is its class's mean: every output would be the bias.
@@ -494,6 +529,28 @@ def test_nested_iwn_labels_give_labels_and_task_ids_together():
     reference = InstanceWeightedNorm1d(3, 2, num_tasks=2, affine=False).double()
     assert_close(y, reference(x, labels, task_ids))
     assert_close(y_own, reference(x, labels, task_ids.flip(0)))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_taken_inside_iwn_labels_keeps_no_labels(how):
+    """A copy taken in the block (an EMA model, a checkpoint) carried the
+    block's labels for good: called in training without labels, it used that
+    old batch's labels, silently."""
+    model = small_cnn()
+    convert_to_iwn(model, num_classes=3)
+    images, labels = torch.randn(12, 3, 6, 6), torch.arange(12) % 3
+    with iwn_labels(model, labels):
+        if how == "deepcopy":
+            copied = copy.deepcopy(model)
+        else:
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            buffer.seek(0)
+            copied = torch.load(buffer, weights_only=False)
+    with pytest.raises(ValueError, match="labels are required in training"):
+        copied(images)
+    with iwn_labels(copied, labels.flip(0)), iwn_labels(model, labels.flip(0)):
+        assert_close(copied(images), model(images))  # its own blocks work
 
 
 def test_iwn_labels_is_the_explicit_call():

@@ -149,6 +149,46 @@ def test_built_and_loaded_in_inference_mode():
         assert_close(module.train()(x, torch.tensor([0, 1, 0, 1])), module.eval()(x))
 
 
+@pytest.mark.parametrize("cls", [InstanceWeightedNorm, SurgicalGate])
+def test_device_and_dtype_as_torch_nn_layers_take_them(cls):
+    module = cls(8, 3, dtype=torch.float64, device="meta")
+    assert {(t.dtype, t.device.type) for t in module.parameters()} | {
+        (t.dtype, t.device.type) for t in module.buffers() if t.is_floating_point()
+    } == {(torch.float64, "meta")}
+
+
+@pytest.mark.parametrize(
+    "sizes,named",
+    [((0, 4), "d_model"), ((8, 0), "num_features"), ((8, 4, 0), "num_tasks"), ((8, 2.0), "num")],
+)
+def test_surgical_gate_sizes_are_checked_when_built(sizes, named):
+    """num_tasks=0 failed at the first call, in index_select, naming nothing."""
+    with pytest.raises(ValueError, match=f"{named}.* must be a positive int"):
+        SurgicalGate(*sizes)
+
+
+@pytest.mark.parametrize("cls", [InstanceWeightedNorm, FusedInstanceWeightedNorm])
+def test_meta_and_fake_tensors_as_batchnorm_takes_them(cls):
+    """Training forward on the meta device and under FakeTensorMode, and a
+    module built on meta loading a fitted state, read the flag's data: they
+    raised (BatchNorm1d runs all three)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, labels = torch.randn(32, 8), torch.arange(32) % 3
+    assert cls(8, 3).to("meta")(x.to("meta"), labels.to("meta")).shape == (32, 8)
+    layer = cls(8, 3)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert layer(mode.from_tensor(x), mode.from_tensor(labels)).shape == (32, 8)
+    fitted = InstanceWeightedNorm(8, 3).fit(x, labels)
+    with torch.device("meta"):
+        built = cls(8, 3)
+    built.load_state_dict(fitted.state_dict())
+    built = built.to_empty(device="cpu")
+    built.load_state_dict(fitted.state_dict())
+    # fitted statistics in training too
+    assert_close(built(x, labels), fitted.eval()(x))
+
+
 def test_vmap_over_stacked_states_uses_the_flag_last_read():
     import copy
 

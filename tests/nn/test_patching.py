@@ -115,6 +115,25 @@ def test_idempotent_and_skips_with_reasons():
     assert "no InstanceWeightedNorm" in str(patch_model(nn.Linear(2, 2)))
 
 
+def test_skip_reasons_name_the_synced_and_the_parametrized():
+    """Both were called a subclass "with its own code"."""
+    from torch.nn.utils import parametrize
+
+    from surgellm_kernels.nn import SyncInstanceWeightedNorm
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrized = InstanceWeightedNorm(4, 2, affine=True)
+    parametrize.register_parametrization(parametrized, "weight", Doubled())
+    report = patch_model(nn.Sequential(SyncInstanceWeightedNorm(4, 2), parametrized))
+    assert [k.reason for k in report.skipped] == [
+        "already fused",
+        "a parametrized InstanceWeightedNorm (torch.nn.utils.parametrize)",
+    ]
+
+
 def test_revert_restores_the_originals():
     model = Toy()
     originals = (model.norm, model.blocks[1], model.more[0])

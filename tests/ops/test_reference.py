@@ -155,6 +155,20 @@ def test_fit_matches_paper_and_streamed_fit_matches_whole():
     torch.testing.assert_close(streamed.running_std, whole.running_std, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_fit_continues_after_the_module_moves():
+    """The accumulated moments stayed on the first device: the next batch on
+    the new one failed to merge with them."""
+    x, labels = torch.randn(40, 6, dtype=torch.float64), torch.arange(40) % 3
+    whole = InstanceWeightedNorm(6, num_classes=3).double().fit(x, labels)
+    moved = InstanceWeightedNorm(6, num_classes=3).double()
+    moved.partial_fit(x[:20], labels[:20])
+    moved.cuda().partial_fit(x[20:].cuda(), labels[20:].cuda())
+    moved.fit()
+    torch.testing.assert_close(moved.running_mean.cpu(), whole.running_mean)
+    torch.testing.assert_close(moved.running_std.cpu(), whole.running_std)
+
+
 def test_fit_per_task_and_freeze():
     torch.manual_seed(4)
     x = torch.randn(100, 3)
