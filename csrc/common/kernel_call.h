@@ -45,8 +45,9 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
 // sync (reading a value back) is not allowed.
 inline bool capturing_cuda_graph(const Tensor& t) {
 #ifdef SURGELLM_WITH_CUDA
-  return t.is_cuda() &&
-         c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  if (!t.is_cuda()) return false;
+  const c10::cuda::CUDAGuard on_its_device(t.device());  // its device's current stream
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 #else
   (void)t;
   return false;

@@ -278,6 +278,8 @@ struct InputGradPlan {
   }
 };
 
+// F <= kMaxFeatures (iwn_kernels.cpp's check): ceil(F / 128) blocks fit grid.y.
+static_assert(kThreads == 128, "kMaxFeatures counts blocks of 128 features");
 dim3 row_tiles(int64_t nchunks, int64_t F) { return dim3(nchunks, ceil_div(F, kThreads)); }
 
 template <typename acc_t>

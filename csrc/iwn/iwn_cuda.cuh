@@ -15,6 +15,8 @@ namespace cuda {
 constexpr int64_t kMaxGroups = 12288;
 // Tasks are a grid dimension of the per-(task, feature) kernels.
 constexpr int64_t kMaxTasks = 65535;
+// So are the row kernels' blocks of 128 features (grid.y).
+constexpr int64_t kMaxFeatures = int64_t(65535) * 128;
 
 }  // namespace cuda
 

@@ -77,6 +77,11 @@ at::ScalarType check_rows(const Tensor& x, const optional<Tensor>& keys,
                  "x must be float32, float64, float16 or bfloat16, got ", st);
   const int64_t N = x.size(0), F = x.size(1);
   SURGELLM_CHECK(F > 0, "x must have at least one feature (F > 0)");
+#ifdef SURGELLM_WITH_CUDA
+  SURGELLM_CHECK_VALUE(!x.is_cuda() || F <= cuda::kMaxFeatures,
+                       "x: the CUDA C++ kernels take at most ", cuda::kMaxFeatures,
+                       " features, got ", F, "; run this call on the CPU");
+#endif
   const auto acc = acc_scalar_type(st);
   check_optional(keys, "keys", x, {N}, at::kInt);
   check_keys_cpu(keys, num_keys);

@@ -386,6 +386,22 @@ def test_cuda_too_many_groups_is_a_clear_error(force_backend):
     assert (rm == 0).all() and (rs == 1).all()  # a failed call changes nothing
 
 
+def test_cuda_too_many_features_is_a_clear_error(force_backend):
+    """Past 65535 blocks of 128 features the row kernels' grid failed to
+    launch ("invalid configuration argument")."""
+    if not backends("cuda", "iwn")["cuda"].available:
+        pytest.skip("no CUDA C++ kernels")
+    force_backend("cuda")
+    F = 65535 * 128 + 1
+    x = torch.randn(2, F, device="cuda")
+    with pytest.raises(
+        ValueError, match=r"x: the CUDA C\+\+ kernels take at most 8388480 features"
+    ):
+        fused_iwn(
+            x, running_mean=torch.zeros(F, device="cuda"), running_std=torch.ones(F, device="cuda")
+        )
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.parametrize("backend", [b for b, d in KERNEL_PAIRS if d == "cuda"])
 def test_kernels_run_on_the_inputs_device(backend, force_backend):
