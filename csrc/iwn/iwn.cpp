@@ -178,7 +178,10 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
         for (const auto& [input, input_name] :
              {std::pair{present(x), "x"}, std::pair{present(gate), "gate"},
               std::pair{present(weight), "weight"}, std::pair{present(bias), "bias"}}) {
-          if (!input || input->unsafeGetTensorImpl()->has_symbolic_sizes_strides()) continue;
+          // (another storage: no overlap, and no cost beyond this test)
+          if (!input || !input->is_alias_of(**r) ||
+              input->unsafeGetTensorImpl()->has_symbolic_sizes_strides())
+            continue;
           const at::MemOverlapStatus overlap = at::get_overlap_status(**r, *input);
           SURGELLM_CHECK_VALUE(
               overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
