@@ -193,16 +193,21 @@ inline void refuse_functorch_autograd(const char* op) {
   }
 }
 
-// What autograd saves for backward cannot be an inference tensor (made under
-// torch.inference_mode()): autograd refuses it only once the forward has run,
-// when a training call of fused_iwn has updated its running statistics.
-// Refused before anything runs, naming the input.
-inline const Tensor* present(const Tensor& t) { return &t; }
-inline const Tensor* present(const optional<Tensor>& t) { return t.has_value() ? &*t : nullptr; }
-inline void refuse_inference_inputs(
-    const char* op, std::initializer_list<std::pair<const char*, const Tensor*>> saved) {
+// The tensor an optional holds, or null.
+inline const Tensor* pointer_or_null(const Tensor& t) { return &t; }
+inline const Tensor* pointer_or_null(const optional<Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
+}
+
+// What autograd saves for backward (`saved`: each input as saved, the input
+// itself or the copy the kernels read) cannot be an inference tensor (made
+// under torch.inference_mode()); autograd refuses it only once the forward
+// has run, when a training call of fused_iwn has updated its running
+// statistics. Refused first, naming the input.
+inline void refuse_inference_saved(const char* op,
+                                   std::initializer_list<std::pair<const char*, Tensor>> saved) {
   for (const auto& [name, t] : saved)
-    SURGELLM_CHECK(!(t && t->defined() && t->is_inference()), op, ": ", name,
+    SURGELLM_CHECK(!(t.defined() && t.is_inference()), op, ": ", name,
                    " is an inference tensor (made under torch.inference_mode()), which autograd "
                    "cannot save for backward: call under torch.inference_mode() or "
                    "torch.no_grad(), or pass a tensor made outside inference mode (",

@@ -176,18 +176,20 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
       for (const auto& [r, name] :
            {std::pair{&running_mean, "running_mean"}, std::pair{&running_std, "running_std"}})
         for (const auto& [input, input_name] :
-             {std::pair{present(x), "x"}, std::pair{present(gate), "gate"},
-              std::pair{present(weight), "weight"}, std::pair{present(bias), "bias"}}) {
+             {std::pair{pointer_or_null(x), "x"}, std::pair{pointer_or_null(gate), "gate"},
+              std::pair{pointer_or_null(weight), "weight"},
+              std::pair{pointer_or_null(bias), "bias"}}) {
           // (another storage: no overlap, and no cost beyond this test)
           if (!input || !input->is_alias_of(**r) ||
               input->unsafeGetTensorImpl()->has_symbolic_sizes_strides())
             continue;
-          const at::MemOverlapStatus overlap = at::get_overlap_status(**r, *input);
-          SURGELLM_CHECK_VALUE(
-              overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
-              name, " shares memory with ", input_name,
-              ", and training updates it in place: pass a tensor of its own (e.g. ", name,
-              ".clone())");
+          // Views of one storage whose overlap is too hard to tell (strided)
+          // are refused too.
+          SURGELLM_CHECK_VALUE(at::get_overlap_status(**r, *input) == at::MemOverlapStatus::No,
+                               name, " overlaps ", input_name,
+                               " (or may: views of one storage), and training updates it in "
+                               "place: pass a tensor of its own (e.g. ",
+                               name, ".clone())");
         }
     }
     if (running_mean->dim() == 2) {
@@ -256,11 +258,13 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
   // the machine's memory.
   if (const auto f = F.maybe_as_int()) {
     const int64_t groups = *num_classes * call.num_tasks;
-    SURGELLM_CHECK_VALUE(
-        groups <= kMaxGroupValues / *f, "num_classes (", *num_classes, ") times the task count (",
-        call.num_tasks, ") times the features (", *f, ") must be at most ", kMaxGroupValues,
-        ": the statistics keep that many values for each class of each task, present in the "
-        "batch or not; use fewer classes or tasks");
+    SURGELLM_CHECK_VALUE(groups <= kMaxGroupValues / *f, "num_classes (", *num_classes,
+                         given_classes ? "" : ", one more than the largest label",
+                         ") times the task count (", call.num_tasks, task_count_source,
+                         ") times the features (", *f, ") must be at most ", kMaxGroupValues,
+                         ": the statistics keep values for every feature of every class of "
+                         "every task, present in the batch or not; use fewer classes, tasks or "
+                         "features");
   }
   call.num_classes = *num_classes;
   return call;
@@ -683,9 +687,6 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
     if (group_name.has_value()) call.ranks = RankGroup{*group_name, group_size};
     const XLayout layout = layout_of(x, feature_dim);
     const PhaseInputs in = phase_inputs(x, gate, weight, bias, layout);
-    const auto r = forward_phases(in, labels, task_ids, running_mean, running_std, training,
-                                  momentum, eps, call, /*for_backward=*/true);
-    auto or_undefined = [](const optional<Tensor>& t) { return t.value_or(Tensor()); };
     // The inputs themselves are saved where the phases read them in place
     // (backward re-derives the same views), so that autograd's version check
     // sees an in-place change of x, the gate or the weight before backward;
@@ -694,10 +695,17 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
       if (!phase.has_value()) return Tensor();
       return phase->is_alias_of(*given) ? *given : *phase;
     };
-    ctx->save_for_backward({input(in.x, x), or_undefined(r.keys), input(in.gate, gate),
-                            input(in.weight, weight), or_undefined(r.count),
-                            or_undefined(r.group_mean), or_undefined(r.group_std),
-                            or_undefined(r.mean_residual), r.mu, r.sigma});
+    const Tensor saved_x = input(in.x, x), saved_gate = input(in.gate, gate),
+                 saved_weight = input(in.weight, weight);
+    refuse_inference_saved("fused_iwn",
+                           {{"x", saved_x}, {"gate", saved_gate}, {"weight", saved_weight}});
+    const auto r = forward_phases(in, labels, task_ids, running_mean, running_std, training,
+                                  momentum, eps, call, /*for_backward=*/true);
+    auto or_undefined = [](const optional<Tensor>& t) { return t.value_or(Tensor()); };
+    ctx->save_for_backward({saved_x, or_undefined(r.keys), saved_gate, saved_weight,
+                            or_undefined(r.count), or_undefined(r.group_mean),
+                            or_undefined(r.group_std), or_undefined(r.mean_residual), r.mu,
+                            r.sigma});
     ctx->saved_data["x_sizes"] = x.sym_sizes();
     // backward re-derives the phases' x from x itself, or has that copy
     ctx->saved_data["x_is_input"] = in.x.is_alias_of(x);
@@ -786,8 +794,6 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels, const optio
                                     task_ids, training, momentum, eps, call);
   }
   refuse_functorch_autograd("fused_iwn");
-  refuse_inference_inputs(
-      "fused_iwn", {{"x", present(x)}, {"gate", present(gate)}, {"weight", present(weight)}});
   optional<std::string> ranks_name;
   if (call.ranks.has_value()) ranks_name = call.ranks->name;
   return IWNFunction::apply(x, labels, gate, weight, bias, running_mean, running_std, task_ids,

@@ -112,9 +112,13 @@ class SurgicalGateFunction : public torch::autograd::Function<SurgicalGateFuncti
     auto input = [](const Tensor& rows, const Tensor& given) {
       return rows.is_alias_of(given) ? given : rows;
     };
-    ctx->save_for_backward({input(r.h, h), input(r.s, s), input(r.logits, logits),
-                            r.weight.has_value() ? input(*r.weight, *weight) : Tensor(), mean,
-                            rstd});
+    const Tensor saved_h = input(r.h, h), saved_s = input(r.s, s),
+                 saved_logits = input(r.logits, logits),
+                 saved_weight = r.weight.has_value() ? input(*r.weight, *weight) : Tensor();
+    refuse_inference_saved(
+        "fused_surgical_gate",
+        {{"h", saved_h}, {"s", saved_s}, {"gate_logits", saved_logits}, {"weight", saved_weight}});
+    ctx->save_for_backward({saved_h, saved_s, saved_logits, saved_weight, mean, rstd});
     ctx->saved_data["sizes"] = h.sym_sizes();
     ctx->saved_data["has_bias"] = bias.has_value();
     return z.view_symint(h.sym_sizes());
@@ -156,10 +160,6 @@ Tensor surgical_gate_autograd(const Tensor& h, const Tensor& s, const Tensor& lo
     return forward_without_autograd(h, s, logits, weight, bias, eps);
   }
   refuse_functorch_autograd("fused_surgical_gate");
-  refuse_inference_inputs("fused_surgical_gate", {{"h", present(h)},
-                                                  {"s", present(s)},
-                                                  {"logits", present(logits)},
-                                                  {"weight", present(weight)}});
   return SurgicalGateFunction::apply(h, s, logits, weight, bias, eps);
 }
 

@@ -11,7 +11,7 @@ from surgellm_kernels import (
     fused_iwn,
     fused_surgical_gate,
 )
-from surgellm_kernels.ops.reference import iwn_reference
+from surgellm_kernels.ops.reference import iwn_reference, surgical_gate_reference
 
 from _bad_inputs import (
     BAD_IWN_CALLS,
@@ -25,7 +25,7 @@ from _bad_inputs import (
     X,
     iwn_call,
 )
-from _helpers import cpu_backends
+from _helpers import assert_close, cpu_backends
 
 
 @pytest.fixture(params=cpu_backends() + ["reference"])
@@ -299,21 +299,38 @@ def test_running_statistics_sharing_memory_are_refused_before_any_update(iwn, ex
         assert torch.equal(v, before[k]), k
 
 
-@pytest.mark.parametrize("shared_with", ["x", "weight", "bias"])
+@pytest.mark.parametrize("shared_with", ["x", "x column", "weight", "bias"])
 @pytest.mark.parametrize("statistic", ["running_mean", "running_std"])
 def test_running_statistics_sharing_an_input_are_refused_before_any_update(
     iwn, statistic, shared_with
 ):
     """running_mean = x[0] changed x before the normalization read it: row 0's
-    output was wrong, silently (F.batch_norm's too)."""
-    inputs = {"x": torch.randn(6, 4), "weight": torch.rand(4) + 0.5, "bias": torch.randn(4)}
+    output was wrong, silently (F.batch_norm's too); x[:, 0] of a (4, 4) x
+    (a strided view) the same."""
+    x = torch.randn(4, 4) if shared_with == "x column" else torch.randn(6, 4)
+    inputs = {"x": x, "weight": torch.rand(4) + 0.5, "bias": torch.randn(4)}
     stats = {"running_mean": torch.zeros(4), "running_std": torch.ones(4)}
-    stats[statistic] = inputs[shared_with][0] if shared_with == "x" else inputs[shared_with]
+    stats[statistic] = {"x": x[0], "x column": x[:, 0]}.get(shared_with, inputs.get(shared_with))
     before = {k: v.clone() for k, v in {**inputs, **stats}.items()}
-    with pytest.raises(ValueError, match=f"{statistic} shares memory with {shared_with}"):
-        iwn(inputs.pop("x"), LABELS, **inputs, **stats, training=True)
+    name = shared_with.split()[0]
+    with pytest.raises(ValueError, match=f"{statistic} overlaps {name} .or may"):
+        iwn(inputs.pop("x"), LABELS[: len(x)], **inputs, **stats, training=True)
     for k, v in {**inputs, **stats}.items():
         assert torch.equal(v, before[k]), k
+
+
+def test_running_statistics_in_one_buffer_with_an_input_that_they_do_not_overlap():
+    """Disjoint views of one storage are taken: the rows of one buffer."""
+    buffer = torch.randn(8, 4)
+    x, running_mean, running_std = buffer[:6], buffer[6].zero_(), buffer[7].fill_(1.0)
+    y = fused_iwn(x, LABELS, running_mean=running_mean, running_std=running_std, training=True)
+    expected_mean, expected_std = torch.zeros(4), torch.ones(4)
+    expected = iwn_reference(
+        x.clone(), LABELS, running_mean=expected_mean, running_std=expected_std, training=True
+    )
+    assert_close(y, expected)
+    assert_close(running_mean, expected_mean)
+    assert_close(running_std, expected_std)
 
 
 @pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
@@ -332,6 +349,29 @@ def test_inference_tensors_are_refused_before_the_running_update(made_in_inferen
     assert torch.equal(rm, torch.zeros(4)) and torch.equal(rs, torch.ones(4))
     with torch.inference_mode():  # where it was made, the call runs
         fused_iwn(inference if made_in_inference == "x" else X, LABELS, training=True)
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+def test_inference_tensors_that_autograd_does_not_save_are_taken(force_backend):
+    """A transposed x is read through a copy, and the copy is saved: the call
+    runs, as it did before inference tensors were refused."""
+    force_backend("cpu")
+    with torch.inference_mode():
+        x_t = torch.randn(4, 6).t()  # (6, 4), not contiguous
+        gate_t = torch.randn(1, 4).expand(6, 4)  # per-instance, read through a copy
+    w = torch.ones(4, requires_grad=True)
+    y = fused_iwn(x_t, LABELS, gate=gate_t, weight=w, training=True)
+    (weight_grad,) = torch.autograd.grad(y.square().sum(), w)
+    expected = iwn_reference(x_t.clone(), LABELS, gate=gate_t.clone(), weight=w, training=True)
+    assert_close(y, expected)
+    assert_close(weight_grad, torch.autograd.grad(expected.square().sum(), w)[0])
+    with torch.inference_mode():
+        h_t = torch.randn(4, 2).t()
+    s = torch.randn(2, 4, requires_grad=True)
+    z, z_reference = fused_surgical_gate(h_t, s, s), surgical_gate_reference(h_t.clone(), s, s)
+    assert_close(z, z_reference)
+    grads = [torch.autograd.grad(out.square().sum(), s)[0] for out in (z, z_reference)]
+    assert_close(*grads)
 
 
 def _forward_ad_calls():
