@@ -108,7 +108,23 @@ def _on_device(t: torch.Tensor):
 ROUND_AS_WRITTEN = {"enable_fp_fusion": False}
 
 
+# A CUDA grid's second and third dimensions: blocks of BLOCK_F features, and
+# tiles of GROUP_TILE groups or tasks.
+MAX_GRID_YZ = 65535
+
+
+def check_grid(grid, on_cuda: bool) -> None:
+    """A clear error where a launch would fail ("invalid configuration")."""
+    if on_cuda and any(g > MAX_GRID_YZ for g in grid[1:]):
+        raise ValueError(
+            f"x: too many features or (task, class) groups for the Triton kernels' launch "
+            f"grid {tuple(grid)} (at most {MAX_GRID_YZ} blocks of {BLOCK_F} features, and of "
+            f"{GROUP_TILE} groups or tasks); run this call on the CUDA C++ or CPU backend"
+        )
+
+
 def _launch(kernel, grid, *args, **meta):
+    check_grid(grid, args[0].is_cuda)
     if all(g > 0 for g in grid):
         kernel[grid](*args, **meta, **ROUND_AS_WRITTEN)
 

@@ -386,6 +386,7 @@ def test_cuda_too_many_groups_is_a_clear_error(force_backend):
     assert (rm == 0).all() and (rs == 1).all()  # a failed call changes nothing
 
 
+@needs_cuda
 def test_cuda_too_many_features_is_a_clear_error(force_backend):
     """Past 65535 blocks of 128 features the row kernels' grid failed to
     launch ("invalid configuration argument")."""
@@ -394,12 +395,34 @@ def test_cuda_too_many_features_is_a_clear_error(force_backend):
     force_backend("cuda")
     F = 65535 * 128 + 1
     x = torch.randn(2, F, device="cuda")
+    rm, rs = torch.zeros(F, device="cuda"), torch.ones(F, device="cuda")
     with pytest.raises(
         ValueError, match=r"x: the CUDA C\+\+ kernels take at most 8388480 features"
     ):
+        fused_iwn(x, running_mean=rm, running_std=rs)
+    with pytest.raises(ValueError, match=r"the CUDA C\+\+ kernels take at most 8388480"):
         fused_iwn(
-            x, running_mean=torch.zeros(F, device="cuda"), running_std=torch.ones(F, device="cuda")
+            x,
+            torch.zeros(2, dtype=torch.long, device="cuda"),
+            running_mean=rm,
+            running_std=rs,
+            training=True,
+            num_classes=1,
         )
+    assert (rm == 0).all() and (rs == 1).all()  # a failed call changes nothing
+
+
+def test_triton_grid_past_cuda_limits_is_a_clear_error():
+    """F past 65535 blocks of 64 features, or groups past 65535 tiles, failed
+    to launch on a GPU ("invalid configuration argument"); the interpreter
+    has no such limit."""
+    triton_iwn = pytest.importorskip("surgellm_kernels.triton.iwn")
+    F = triton_iwn.MAX_GRID_YZ * triton_iwn.BLOCK_F
+    triton_iwn.check_grid((1, triton_iwn._fblocks(F), 65535), on_cuda=True)
+    for grid in [(1, triton_iwn._fblocks(F + 1)), (1, 1, 65536)]:
+        with pytest.raises(ValueError, match="x: too many features or .task, class. groups"):
+            triton_iwn.check_grid(grid, on_cuda=True)
+        triton_iwn.check_grid(grid, on_cuda=False)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
