@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import is_fake
 
 from ..ops import _backend
 from ..ops.iwn import fused_iwn, rank_group
@@ -29,6 +28,7 @@ from ..ops.reference import (
     iwn_reference,
     merge_moments,
 )
+from ._checks import check_counts, holds_data
 
 __all__ = [
     "InstanceWeightedNorm",
@@ -38,13 +38,6 @@ __all__ = [
     "FusedInstanceWeightedNorm1d",
     "FusedInstanceWeightedNorm2d",
 ]
-
-
-def check_counts(**counts: int) -> None:
-    """Sizes a module is built with (num_features, num_tasks, ...): positive ints."""
-    for name, v in counts.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 def check_settings(
@@ -156,16 +149,6 @@ class InstanceWeightedNorm(nn.Module):
         self._frozen_source = (flag, None if flag.is_inference() else flag._version)
 
     @staticmethod
-    def _holds_a_value(flag: Tensor) -> bool:
-        # Meta and fake tensors (shape inference, tracing) have no data, and
-        # under a fake mode no tensor's data is read.
-        return not (
-            flag.is_meta
-            or is_fake(flag)
-            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-        )
-
-    @staticmethod
     def _read_on_every_call(flag: Tensor) -> bool:
         # Reading a CPU tensor costs no host sync.
         return flag.device.type == "cpu"
@@ -180,7 +163,7 @@ class InstanceWeightedNorm(nn.Module):
         if (
             torch.compiler.is_compiling()
             or torch._C._functorch.is_batchedtensor(flag)
-            or not self._holds_a_value(flag)
+            or not holds_data(flag)
         ):
             return self._frozen
         source, version = getattr(self, "_frozen_source", (None, None))
@@ -207,9 +190,9 @@ class InstanceWeightedNorm(nn.Module):
         # A module on the meta device keeps no value: the mirror takes the
         # loaded one, where there is one.
         flag = self.statistics_frozen
-        if not self._holds_a_value(flag):
+        if not holds_data(flag):
             flag = state_dict.get(prefix + "statistics_frozen")
-        if isinstance(flag, Tensor) and self._holds_a_value(flag):
+        if isinstance(flag, Tensor) and holds_data(flag):
             self._set_frozen(bool(flag))
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -165,8 +165,11 @@ def _backend_label(name: str, device: torch.device) -> str:
 
 def _twin(module: nn.Module, fused_cls: type) -> nn.Module:
     twin = fused_cls.__new__(fused_cls)
-    # Shares the parameter, buffer, submodule and hook dicts themselves.
+    # Shares the parameter, buffer, submodule and hook dicts themselves, and
+    # the iwn_labels blocks open on the module.
     twin.__dict__.update(module.__dict__)
+    if module in _OPEN_LABEL_BLOCKS:
+        _OPEN_LABEL_BLOCKS[twin] = _OPEN_LABEL_BLOCKS[module]
     return twin
 
 
@@ -430,37 +433,45 @@ def iwn_labels(model: nn.Module, labels, task_ids=None):
     for layer in layers:
         # One hook per layer, reading the innermost open block: an inner
         # block's labels are never paired with an outer block's task ids.
-        blocks, hook = _OPEN_LABEL_BLOCKS.setdefault(layer, ([], []))
-        if not blocks:
-            hook.append(
-                layer.register_forward_pre_hook(_give_labels, with_kwargs=True, prepend=True)
+        opened = _OPEN_LABEL_BLOCKS.setdefault(layer, _OpenLabelBlocks())
+        if not opened.blocks:
+            opened.hook = layer.register_forward_pre_hook(
+                _give_labels, with_kwargs=True, prepend=True
             )
-        blocks.append(block)
+        opened.blocks.append(block)
     try:
         yield model
     finally:
         for layer in layers:
-            blocks, hook = _OPEN_LABEL_BLOCKS[layer]
-            del blocks[max(i for i, b in enumerate(blocks) if b is block)]
-            if not blocks:
-                hook.pop().remove()
+            opened = _OPEN_LABEL_BLOCKS[layer]
+            del opened.blocks[max(i for i, b in enumerate(opened.blocks) if b is block)]
+            if not opened.blocks:
+                opened.hook.remove()
                 del _OPEN_LABEL_BLOCKS[layer]
 
 
-# Each layer's open iwn_labels blocks and its hook's handle, outside the
-# layer: a copy of it (deepcopy, torch.save) taken inside a block carries the
-# hook but no blocks, so it is given no labels once the block has closed.
-_OPEN_LABEL_BLOCKS: "weakref.WeakKeyDictionary[nn.Module, tuple[list, list]]" = (
+@dataclass
+class _OpenLabelBlocks:
+    """A layer's open iwn_labels blocks, innermost last, and its hook."""
+
+    blocks: list = field(default_factory=list)
+    hook: Optional[torch.utils.hooks.RemovableHandle] = None
+
+
+# Per layer, outside it: a copy of a layer (deepcopy, torch.save) taken inside
+# a block carries the hook but no blocks, so it is given no labels once the
+# block has closed. A twin swapped in inside a block shares its layer's.
+_OPEN_LABEL_BLOCKS: "weakref.WeakKeyDictionary[nn.Module, _OpenLabelBlocks]" = (
     weakref.WeakKeyDictionary()
 )
 
 
 def _give_labels(module, args, kwargs):
     # forward(x, labels=None, task_ids=None): fill what the call left out
-    blocks, _ = _OPEN_LABEL_BLOCKS.get(module, ((), ()))
-    if not blocks:  # a copy of a layer, taken inside a block
+    opened = _OPEN_LABEL_BLOCKS.get(module)
+    if opened is None or not opened.blocks:  # a copy of a layer, taken inside a block
         return None
-    labels, task_ids = blocks[-1]
+    labels, task_ids = opened.blocks[-1]
     if len(args) < 2 and kwargs.get("labels") is None:
         kwargs["labels"] = labels
     if task_ids is not None and len(args) < 3 and kwargs.get("task_ids") is None:

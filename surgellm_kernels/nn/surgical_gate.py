@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..ops.reference import surgical_gate_reference
 from ..ops.surgical_gate import fused_surgical_gate
-from .iwn import check_counts
+from ._checks import check_counts, holds_data
 
 __all__ = ["SurgicalGate", "FusedSurgicalGate", "check_task_ids"]
 
@@ -30,7 +30,12 @@ def check_task_ids(task_ids: Tensor, shape: torch.Size, num_tasks: int) -> None:
     if task_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"task_ids must be an int64 (or int32) tensor, got {task_ids.dtype}")
     capturing = task_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-    if task_ids.numel() and not torch.compiler.is_compiling() and not capturing:
+    if (
+        task_ids.numel()
+        and holds_data(task_ids)
+        and not torch.compiler.is_compiling()
+        and not capturing
+    ):
         lo, hi = torch.aminmax(task_ids)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= num_tasks:

@@ -553,6 +553,25 @@ def test_a_copy_taken_inside_iwn_labels_keeps_no_labels(how):
         assert_close(copied(images), model(images))  # its own blocks work
 
 
+def test_layers_swapped_inside_iwn_labels_get_its_labels():
+    """patch_model (or convert_sync_iwn) inside a block: the swapped-in layer
+    shares the block, as it shares the layer's hooks."""
+    from surgellm_kernels import convert_sync_iwn
+
+    model = small_cnn()
+    convert_to_iwn(model, num_classes=3, fused=False)
+    images, labels = torch.randn(12, 3, 6, 6), torch.arange(12) % 3
+    expected = model[1](model[0](images), labels)
+    with iwn_labels(model, labels):
+        patch_model(model)
+        assert_close(model[1](model[0](images)), expected)
+        convert_sync_iwn(model)
+        assert_close(model[1](model[0](images)), expected)
+    assert not model[1]._forward_pre_hooks  # removed on leaving
+    with pytest.raises(ValueError, match="labels are required in training"):
+        model(images)
+
+
 def test_iwn_labels_is_the_explicit_call():
     model = small_cnn()
     convert_to_iwn(model, num_classes=3, fused=False)

@@ -189,6 +189,19 @@ def test_meta_and_fake_tensors_as_batchnorm_takes_them(cls):
     assert_close(built(x, labels), fitted.eval()(x))
 
 
+@pytest.mark.parametrize("cls", [SurgicalGate, FusedSurgicalGate])
+def test_surgical_gate_on_meta_and_fake_tensors(cls):
+    """The task ids' range check read their values: it raised on both."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    h, s, task_ids = torch.randn(3, 8), torch.randn(3, 4), torch.tensor([0, 1, 1])
+    meta = [t.to("meta") for t in (h, s, task_ids)]
+    assert cls(8, 4, num_tasks=2).to("meta")(*meta).shape == (3, 8)
+    gate = cls(8, 4, num_tasks=2)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert gate(*(mode.from_tensor(t) for t in (h, s, task_ids))).shape == (3, 8)
+
+
 def test_vmap_over_stacked_states_uses_the_flag_last_read():
     import copy
 
