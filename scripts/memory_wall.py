@@ -176,13 +176,6 @@ def label_order(N, d, dtype, calls, rounds):
     return table
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def shape_list(text):
     """'4096x768,32768x768' -> [(4096, 768), (32768, 768)]."""
     shapes = []
@@ -201,11 +194,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=shape_list, default="4096x768,32768x768")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
-    p.add_argument("--rounds", type=positive_int, default=7)
-    p.add_argument(
-        "--calls", type=positive_int, default=3, help="calls timed together in one round"
-    )
-    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=3, help="calls timed together in one round")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--phases", action="store_true", help="then profile each op's phases")
     p.add_argument(
         "--sorted-labels",
@@ -214,6 +205,9 @@ def main():
         "one run), the two taking turns: what rows of alternating classes cost",
     )
     args = p.parse_args()
+    for option in ("rounds", "calls", "threads"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option} must be at least 1, got {getattr(args, option)}")
     if args.sorted_labels and not args.phases:
         p.error("--sorted-labels profiles phases: give --phases too")
     torch.set_num_threads(args.threads)

@@ -68,7 +68,20 @@ def test_bad_arguments_are_usage_errors(argv, named, monkeypatch, capsys):
         memory_wall.main()
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
-    assert f"argument {named}" in captured.err and captured.out == ""
+    assert named in captured.err and captured.out == ""
+
+
+def test_iwn_vs_batchnorm_refuses_an_unknown_dtype(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "iwn_vs_batchnorm", SCRIPT.parent / "iwn_vs_batchnorm.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr("sys.argv", ["iwn_vs_batchnorm.py", "--dtypes", "foo"])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2
+    assert "argument --dtypes: invalid choice" in capsys.readouterr().err
 
 
 def test_shapes_are_read_as_pairs():
