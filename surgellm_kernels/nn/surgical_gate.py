@@ -23,7 +23,8 @@ def check_task_ids(task_ids: Tensor, shape: torch.Size, num_tasks: int) -> None:
     """``task_ids`` of ``shape``, integer ids in [0, num_tasks), ahead of a
     task embedding: an id past it is an IndexError naming nothing on the
     CPU and a device-side assert on CUDA. The range check costs one host sync
-    (as fused_iwn's; skipped while compiling or capturing a graph)."""
+    (as fused_iwn's; skipped while compiling or capturing a graph, and for meta
+    and fake tensors, which hold no values)."""
     if not isinstance(task_ids, Tensor) or task_ids.shape != shape:
         got = tuple(task_ids.shape) if isinstance(task_ids, Tensor) else type(task_ids).__name__
         raise ValueError(f"task_ids must have shape {tuple(shape)}, got {got}")
@@ -32,9 +33,9 @@ def check_task_ids(task_ids: Tensor, shape: torch.Size, num_tasks: int) -> None:
     capturing = task_ids.is_cuda and torch.cuda.is_current_stream_capturing()
     if (
         task_ids.numel()
-        and holds_data(task_ids)
-        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_compiling()  # first: tracing does not enter holds_data
         and not capturing
+        and holds_data(task_ids)
     ):
         lo, hi = torch.aminmax(task_ids)
         lo, hi = int(lo), int(hi)
