@@ -193,12 +193,6 @@ inline void refuse_functorch_autograd(const char* op) {
   }
 }
 
-// The tensor an optional holds, or null.
-inline const Tensor* pointer_or_null(const Tensor& t) { return &t; }
-inline const Tensor* pointer_or_null(const optional<Tensor>& t) {
-  return t.has_value() ? &*t : nullptr;
-}
-
 // What autograd saves for backward (`saved`: each input as saved, the input
 // itself or the copy the kernels read) cannot be an inference tensor (made
 // under torch.inference_mode()); autograd refuses it only once the forward

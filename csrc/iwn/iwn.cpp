@@ -173,12 +173,11 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
           both != at::MemOverlapStatus::Full && both != at::MemOverlapStatus::Partial, shared);
       // Nor may they share memory with an input: the update would change
       // what the rest of the call reads (x[0] as running_mean: row 0's output).
+      const std::pair<optional<Tensor>, const char*> inputs[] = {
+          {x, "x"}, {gate, "gate"}, {weight, "weight"}, {bias, "bias"}};
       for (const auto& [r, name] :
            {std::pair{&running_mean, "running_mean"}, std::pair{&running_std, "running_std"}})
-        for (const auto& [input, input_name] :
-             {std::pair{pointer_or_null(x), "x"}, std::pair{pointer_or_null(gate), "gate"},
-              std::pair{pointer_or_null(weight), "weight"},
-              std::pair{pointer_or_null(bias), "bias"}}) {
+        for (const auto& [input, input_name] : inputs) {
           // (another storage: no overlap, and no cost beyond this test)
           if (!input || !input->is_alias_of(**r) ||
               input->unsafeGetTensorImpl()->has_symbolic_sizes_strides())
