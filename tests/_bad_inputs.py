@@ -27,6 +27,7 @@ BAD_IWN_CALLS = {
     "std_mode not a str": dict(std_mode=None),
     "eps negative": dict(eps=-1.0),
     "eps a str": dict(eps="0.1"),
+    "eps below float32's normal range": dict(eps=1e-300),
     "momentum above 1": dict(momentum=1.5),
     "momentum None": dict(momentum=None),
     "gate not a tensor": dict(gate=[0.0] * 4),
@@ -130,6 +131,7 @@ BAD_SURGICAL_GATE_CALLS = {
     "bias dtype": dict(bias=torch.ones(4, dtype=torch.int64)),
     "bias not a tensor": dict(bias=0.0),
     "eps zero": dict(eps=0.0),
+    "eps below float32's normal range": dict(eps=1e-40),
     "eps a str": dict(eps="1e-5"),
 }
 

@@ -47,12 +47,16 @@ inline std::string dtype_text(const Tensor& t) {
   }
 }
 
-// eps at most float32's largest: the Triton kernels take it as float32 parts
-// that sum to it (and any larger eps normalizes everything to the bias).
-inline void check_eps_fits_float32(double eps) {
-  constexpr double kFloat32Max = 3.4028234663852886e38;
+// eps 0 or in float32's normal range: the Triton kernels take it as float32
+// parts that sum to it, which a smaller eps rounds (to 0 below 1.4e-45: 0 / 0
+// in a constant feature), and any larger eps normalizes everything to the bias.
+inline void check_eps_fits_float32(double eps, bool zero_taken) {
+  constexpr double kFloat32Max = 3.4028234663852886e38, kFloat32MinNormal = 1.1754943508222875e-38;
   SURGELLM_CHECK_VALUE(eps <= kFloat32Max, "eps must be at most ", number_text(kFloat32Max),
                        " (float32's largest), got ", number_text(eps));
+  SURGELLM_CHECK_VALUE((zero_taken && eps == 0) || eps >= kFloat32MinNormal, "eps must be ",
+                       zero_taken ? "0 or " : "", "at least ", number_text(kFloat32MinNormal),
+                       " (float32's smallest normal), got ", number_text(eps));
 }
 
 inline bool is_float(const Tensor& t) {

@@ -109,7 +109,7 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                        "std_mode must be one of ('class_mean', 'pooled'), got '", std_mode, "'");
   SURGELLM_CHECK_VALUE(!(eps < 0) && eps == eps, "eps must be a non-negative number, got ",
                        number_text(eps));
-  check_eps_fits_float32(eps);
+  check_eps_fits_float32(eps, /*zero_taken=*/true);
   SURGELLM_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0,
                        "momentum must be a number in [0, 1], got ", number_text(momentum));
 
@@ -861,11 +861,11 @@ TORCH_LIBRARY_FRAGMENT(surgellm, m) {
       "bool training) -> (Tensor dx, Tensor dgate)");
 }
 
-TORCH_LIBRARY_IMPL(surgellm, CompositeImplicitAutograd, m) {
-  m.impl("_iwn_check_args", &check_args_op);
-}
-
+// _iwn_check_args is an op of its own in a traced graph (not decomposed into
+// the group keys, whose unused result torch.compile would drop with their
+// range checks); ops/iwn.py marks it as having side effects.
 TORCH_LIBRARY_IMPL(surgellm, CompositeExplicitAutograd, m) {
+  m.impl("_iwn_check_args", &check_args_op);
   m.impl("iwn", &iwn_composite);
   m.impl("_iwn_all_ranks_moments", &all_ranks_moments_op);
 }

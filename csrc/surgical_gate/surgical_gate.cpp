@@ -36,7 +36,7 @@ void check_surgical_gate_args(const Tensor& h, const Tensor& s, const Tensor& lo
   check_feature_param(weight, "weight", h, "h", h.sym_size(-1));
   check_feature_param(bias, "bias", h, "h", h.sym_size(-1));
   SURGELLM_CHECK_VALUE(eps > 0, "eps must be a positive number, got ", number_text(eps));
-  check_eps_fits_float32(eps);
+  check_eps_fits_float32(eps, /*zero_taken=*/false);
 }
 
 // -- the op: flatten to rows, the kernels through the dispatcher, autograd -------------

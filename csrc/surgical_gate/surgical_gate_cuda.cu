@@ -113,7 +113,10 @@ __device__ __forceinline__ Blend<acc_t> blend_at(const scalar_t* __restrict__ h,
                                                  const scalar_t* __restrict__ logits, int64_t o) {
   const acc_t hv = to_acc<acc_t>(h[o]), sv = to_acc<acc_t>(s[o]);
   const acc_t g = sigmoid(to_acc<acc_t>(logits[o]));
-  return {g, hv - sv, g * hv + (acc_t(1) - g) * sv};
+  // g * h + (s - g * s) in two fused steps, as the CPU kernel: s where
+  // h == s (bar exact rounding ties), where g * h + (1 - g) * s is often an
+  // ulp off, which LayerNorm's 1 / sqrt(eps) magnifies in a constant row.
+  return {g, hv - sv, fma(g, hv, fma(-g, sv, sv))};
 }
 
 // Which threads work on which row: a warp per row (kRowWarps rows at once in

@@ -237,6 +237,21 @@ def test_triton_rows_in_blocks(backend, device, dtype, d, rows, force_backend, m
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_of_h_equal_to_s_give_the_bias(backend, device, dtype, force_backend):
+    """Where h == s the blend is s whatever the gate, so a row of h == s
+    constant gives z = bias exactly (Triton's g * h + (1 - g) * s was an ulp
+    off there, 7.5e-5 in z at h = s = 3 in float32, 1 / sqrt(eps) times that)."""
+    (h, s, logits), params, _ = _inputs((4, 37), dtype, logit_scale=4.0)
+    h[1], s[1], h[3], s[3] = 3.0, 3.0, -100.0, -100.0
+    (h, s, logits), params = on_device(device, [h, s, logits], params)
+    force_backend(backend)
+    z = fused_surgical_gate(h, s, logits, **params)
+    for row in (1, 3):
+        torch.testing.assert_close(z[row], params["bias"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
 @pytest.mark.parametrize("affine", [False, True])
 def test_gradcheck(backend, device, affine, force_backend):
     force_backend(backend)
