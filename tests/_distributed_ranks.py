@@ -561,6 +561,27 @@ def class_balanced_batchnorm(rank, world, groups):
         assert_close(synced[0](x[:2]), whole.eval()[0](x[:2]), torch.float64, "eval")
 
 
+@case
+def one_sample_on_a_rank(rank, world, groups):
+    """A rank with one sample, one value per channel there but not in the
+    global batch: the synced layer normalizes, as SyncBatchNorm does (the
+    local check had that rank raise and the others wait in the collective)."""
+    from surgellm_kernels import FusedInstanceWeightedNorm1d
+    from surgellm_kernels.nn.distributed import SyncInstanceWeightedNorm1d
+
+    sizes = _sizes(world, [1, 5], [1, 1, 4])
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(sum(sizes), 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor(_labels_by_shard(sizes, lambda r, n: [(r + i) % 2 for i in range(n)]))
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    whole = FusedInstanceWeightedNorm1d(4, 2).double()
+    synced = SyncInstanceWeightedNorm1d(4, 2, process_group=groups["world"]).double()
+    assert_close(synced(x[rows], labels[rows]), whole(x, labels)[rows], torch.float64, "y")
+    for name in ("running_mean", "running_std"):
+        assert_close(getattr(synced, name), getattr(whole, name), torch.float64, name)
+
+
 class TinyClassifier(nn.Module):
     def __init__(self, F=8, C=3):
         super().__init__()

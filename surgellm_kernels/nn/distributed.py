@@ -87,6 +87,13 @@ class _SyncedNorm:
     def _group(self):
         return self.process_group if self.process_group is not None else _default_group()
 
+    def _batch_spans_ranks(self) -> bool:
+        # As SyncBatchNorm: one sample on this rank is not one value per
+        # channel in the global batch; a rank raising alone would leave the
+        # others waiting in the collective.
+        group = self._group() if self.training else None
+        return group is not None and torch.distributed.get_world_size(group) > 1
+
     # Called by the layer's forward in place of the static functional.
     def _iwn(self, *args, **kwargs) -> Tensor:
         group = self._group() if self.training else None

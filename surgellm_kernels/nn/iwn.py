@@ -507,6 +507,10 @@ class _InstanceWeightedNormNd(nn.Module):
     def _check_input_dim(self, x: Tensor) -> None:
         raise NotImplementedError
 
+    def _batch_spans_ranks(self) -> bool:
+        """Whether the batch statistics are those of several ranks' batches."""
+        return False
+
     def forward(
         self, x: Tensor, labels: Optional[Tensor] = None, task_ids: Optional[Tensor] = None
     ) -> Tensor:
@@ -518,7 +522,13 @@ class _InstanceWeightedNormNd(nn.Module):
                     f"got shape {tuple(x.shape)}"
                 )
         batch_stats = self.training or self.running_mean is None
-        if batch_stats and isinstance(x, Tensor) and x.numel() == x.shape[1] and x.numel() > 0:
+        if (
+            batch_stats
+            and isinstance(x, Tensor)
+            and x.numel() == x.shape[1]
+            and x.numel() > 0
+            and not self._batch_spans_ranks()
+        ):
             # BatchNorm's own check: the one value of a channel is its mean,
             # and every output would be the bias.
             raise ValueError(

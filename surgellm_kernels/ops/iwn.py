@@ -139,6 +139,9 @@ def _not_by_samples(args: dict, in_dims: dict) -> Optional[str]:
 
 if _backend.extension() is not None:
     _register_fake_kernels()
+    # It returns nothing: without this a traced graph drops it, and with it
+    # the label and task-id range checks of the reference modules.
+    torch.fx.node.has_side_effect(torch.ops.surgellm._iwn_check_args.default)
     for _name in ("_iwn_check_args", "iwn"):
         _backend.register_vmap_by_samples(_name, "_iwn_check_args", refuse=_not_by_samples)
 

@@ -19,7 +19,11 @@ from surgellm_kernels import (
     InstanceWeightedNorm2d,
     fused_iwn,
 )
-from surgellm_kernels.nn.distributed import SyncInstanceWeightedNorm, convert_sync_iwn
+from surgellm_kernels.nn.distributed import (
+    SyncInstanceWeightedNorm,
+    SyncInstanceWeightedNorm1d,
+    convert_sync_iwn,
+)
 
 import _distributed_ranks as ranks
 from _helpers import device_backends
@@ -29,6 +33,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 ROOT = Path(__file__).resolve().parents[2]
 OTHERS = (
     "class_balanced_batchnorm",
+    "one_sample_on_a_rank",
     "collective_count",
     "subgroup",
     "bad_input",
@@ -45,6 +50,7 @@ RUNS = {  # (world size, backend, device): cases
     (2, "cpu", "cpu"): [
         *MATRIX,
         "class_balanced_batchnorm",
+        "one_sample_on_a_rank",
         "collective_count",
         "bad_input",
         "bad_labels_on_one_rank",
@@ -55,6 +61,7 @@ RUNS = {  # (world size, backend, device): cases
     (3, "cpu", "cpu"): [
         *MATRIX,
         "class_balanced_batchnorm",
+        "one_sample_on_a_rank",
         "collective_count",
         "subgroup",
         "bad_labels_on_one_rank",
@@ -114,6 +121,14 @@ def test_without_an_initialized_group_nothing_is_synced():
         x, labels, weight=norm.weight, bias=norm.bias, training=True, num_classes=3
     )
     torch.testing.assert_close(norm(x, labels), expected, rtol=0, atol=0)
+
+
+def test_one_sample_in_a_batch_of_one_rank_is_refused_as_batchnorm_does():
+    """No group (or a group of one): the batch is this rank's, and one value
+    per channel is refused, as SyncBatchNorm refuses it in a world of one."""
+    norm = SyncInstanceWeightedNorm1d(4, 2).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        norm(torch.randn(1, 4), torch.tensor([0]))
 
 
 def test_process_group_type_is_checked():

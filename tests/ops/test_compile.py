@@ -117,3 +117,30 @@ def test_compile_before_any_eager_call():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_reference_module_keeps_the_range_checks(compiler):
+    """The reference modules check label and task-id ranges with the op's own
+    check, an op that returns nothing, which compiled graphs dropped: a label
+    past task 0's classes then keyed task 1's class 0, silently."""
+    from surgellm_kernels import InstanceWeightedNorm
+
+    x, tasks = torch.randn(8, 4), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    bad_labels, bad_tasks = labels.clone(), tasks.clone()
+    bad_labels[0], bad_tasks[1] = 3, 2
+    cases = [((x, bad_labels, tasks), "labels must lie in"), ((x, labels, bad_tasks), "task_ids")]
+    # a graph compiled before the check was kept may sit in the disk cache
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for args, message in cases:
+            torch._dynamo.reset()
+            norm = InstanceWeightedNorm(4, 3, num_tasks=2)
+            compiled = torch.compile(norm, fullgraph=True, backend=compiler)
+            compiled(x, labels, tasks)
+            before = norm.running_mean.clone(), norm.running_std.clone()
+            with pytest.raises(ValueError, match=message):
+                compiled(*args)
+            assert torch.equal(norm.running_mean, before[0])  # a failed call changes nothing
+            assert torch.equal(norm.running_std, before[1])
