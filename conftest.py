@@ -12,7 +12,11 @@ import os
 # kernels under test: the (backend, device) parametrized tests run that
 # backend (and the eager reference) only. The variable itself is removed, as
 # forcing one backend on every call would break the tests of CPU tensors.
-os.environ["SURGELLM_TESTED_BACKEND"] = os.environ.pop("SURGELLM_BACKEND", "")
+# pytest-xdist's workers inherit the environment without it and load this
+# file again: they keep the choice the main process made.
+_forced = os.environ.pop("SURGELLM_BACKEND", None)
+if _forced is not None or "SURGELLM_TESTED_BACKEND" not in os.environ:
+    os.environ["SURGELLM_TESTED_BACKEND"] = _forced or ""
 
 try:
     import torch

@@ -1,5 +1,6 @@
 """Backend discovery, forcing, and the package without its extension."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -140,3 +141,20 @@ def test_backends_for_a_device_and_op():
     status = backends("cpu", "surgical_gate")
     assert not status["cuda"].available and "CUDA" in status["cuda"].reason
     assert backends("cpu", "iwn")["eager"].available
+
+
+def test_pytest_workers_keep_the_tested_backend(monkeypatch):
+    """pytest-xdist's workers load the root conftest.py again, in the
+    environment the main process left, SURGELLM_BACKEND removed: they keep
+    its choice (they reset it to every backend, and the GPU check's cuda and
+    triton test steps ran the same tests)."""
+    import runpy
+    from pathlib import Path
+
+    conftest = str(Path(__file__).resolve().parents[2] / "conftest.py")
+    monkeypatch.setenv("SURGELLM_BACKEND", "cuda")
+    monkeypatch.delenv("SURGELLM_TESTED_BACKEND", raising=False)
+    for process in ("main", "worker"):
+        runpy.run_path(conftest)
+        assert "SURGELLM_BACKEND" not in os.environ, process
+        assert os.environ["SURGELLM_TESTED_BACKEND"] == "cuda", process
