@@ -47,9 +47,10 @@ inline std::string dtype_text(const Tensor& t) {
   }
 }
 
-// eps 0 or in float32's normal range: the Triton kernels take it as float32
-// parts that sum to it, which a smaller eps rounds (to 0 below 1.4e-45: 0 / 0
-// in a constant feature), and any larger eps normalizes everything to the bias.
+// eps 0 or in float32's normal range: the Triton kernels take it as three
+// float32 parts that sum to it (exactly from 2^-97 up, to float32's precision
+// below), which rounded a smaller eps (to 0 below 1.4e-45: 0 / 0 in a
+// constant feature); any larger eps normalizes everything to the bias.
 inline void check_eps_fits_float32(double eps, bool zero_taken) {
   constexpr double kFloat32Max = 3.4028234663852886e38, kFloat32MinNormal = 1.1754943508222875e-38;
   SURGELLM_CHECK_VALUE(eps <= kFloat32Max, "eps must be at most ", number_text(kFloat32Max),

@@ -200,8 +200,9 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
       task_count_source = ", the rows of running_mean";
     }
     SURGELLM_CHECK_VALUE(!(running_mean->dim() == 1 && task_ids.has_value()),
-                         "task_ids were given but running_mean has shape (F,): per-task "
-                         "statistics need (num_tasks, F) running_mean / running_std");
+                         "task_ids were given but running_mean has shape (F,) (a module built "
+                         "with num_tasks=1): per-task statistics need (num_tasks, F) "
+                         "running_mean / running_std");
     SURGELLM_CHECK_VALUE(!(running_mean->dim() == 2 && call.num_tasks > 1 && !task_ids.has_value()),
                          "running statistics hold ", call.num_tasks, " tasks: task_ids (shape ",
                          shape_text(rows), ") are required to pick each row's task");
@@ -236,8 +237,9 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                        "row's class (pass labels; or normalize with the running statistics: "
                        "training=False, or .eval() on a module)");
   check_index_tensor(*labels, "labels", rows, x, rows_text);
-  SURGELLM_CHECK_VALUE(x.sym_numel() != 0 || synced,
-                       "x has no rows: training statistics need at least one row");
+  SURGELLM_CHECK_VALUE(x.sym_numel() != 0 || synced, "x is empty (shape ",
+                       shape_text(x.sym_sizes()),
+                       "): training statistics need at least one value per feature");
   const bool given_classes = num_classes.has_value();
   if (!given_classes) {
     SURGELLM_CHECK_VALUE(!synced,

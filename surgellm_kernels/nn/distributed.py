@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import fused_iwn
+from ..ops.iwn import rank_group
 from ..ops.reference import accumulation_dtype
 from .iwn import (
     FusedInstanceWeightedNorm,
@@ -87,17 +88,18 @@ class _SyncedNorm:
     def _group(self):
         return self.process_group if self.process_group is not None else _default_group()
 
-    def _batch_spans_ranks(self) -> bool:
+    def _training_group(self):
+        return self._group() if self.training else None
+
+    def _batch_spans_ranks(self, x: Tensor) -> bool:
         # As SyncBatchNorm: one sample on this rank is not one value per
         # channel in the global batch; a rank raising alone would leave the
         # others waiting in the collective.
-        group = self._group() if self.training else None
-        return group is not None and torch.distributed.get_world_size(group) > 1
+        return rank_group(self._training_group(), x) is not None
 
     # Called by the layer's forward in place of the static functional.
     def _iwn(self, *args, **kwargs) -> Tensor:
-        group = self._group() if self.training else None
-        return fused_iwn(*args, **kwargs, process_group=group)
+        return fused_iwn(*args, **kwargs, process_group=self._training_group())
 
 
 class SyncInstanceWeightedNorm(_SyncedNorm, FusedInstanceWeightedNorm):

@@ -507,8 +507,8 @@ class _InstanceWeightedNormNd(nn.Module):
     def _check_input_dim(self, x: Tensor) -> None:
         raise NotImplementedError
 
-    def _batch_spans_ranks(self) -> bool:
-        """Whether the batch statistics are those of several ranks' batches."""
+    def _batch_spans_ranks(self, x: Tensor) -> bool:
+        """Whether x's batch statistics are those of several ranks' batches."""
         return False
 
     def forward(
@@ -527,7 +527,7 @@ class _InstanceWeightedNormNd(nn.Module):
             and isinstance(x, Tensor)
             and x.numel() == x.shape[1]
             and x.numel() > 0
-            and not self._batch_spans_ranks()
+            and not self._batch_spans_ranks(x)
         ):
             # BatchNorm's own check: the one value of a channel is its mean,
             # and every output would be the bias.

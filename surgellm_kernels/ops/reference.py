@@ -221,6 +221,9 @@ def iwn_reference(
             )
 
         x, labels, task_ids = x.movedim(fd, -1), per_position(labels), per_position(task_ids)
+        # y in x's layout where its features are innermost in memory
+        # (channels_last), else contiguous: what the fused op gives
+        features_innermost = x.is_contiguous()
     y = _iwn_rows(
         x,
         labels,
@@ -236,7 +239,10 @@ def iwn_reference(
         std_mode,
         num_classes,
     )
-    return y.movedim(-1, fd) if moved else y
+    if not moved:
+        return y
+    y = y.movedim(-1, fd)
+    return y if features_innermost else y.contiguous()
 
 
 def _iwn_rows(

@@ -399,8 +399,9 @@ FLOAT32_MAX = 3.4028234663852886e38
 def float32_parts(value: float) -> tuple[float, float, float]:
     """value as (hi, mid, lo), each a float32, with hi + mid + lo == value
     exactly in float64 (24 + 24 + 24 bits hold float64's 53; each remainder
-    is exact in float64) for |value| in float32's normal range; inf and nan
-    pass as themselves."""
+    is exact in float64) for |value| >= 2**-97 (below it the parts fall under
+    float32's normal range and round; the ops refuse an eps under 2**-126);
+    inf and nan pass as themselves."""
     if not math.isfinite(value):
         return (value, 0.0, 0.0)
     if abs(value) > FLOAT32_MAX:

@@ -131,6 +131,12 @@ def test_one_sample_in_a_batch_of_one_rank_is_refused_as_batchnorm_does():
         norm(torch.randn(1, 4), torch.tensor([0]))
 
 
+def test_a_bad_group_with_one_sample_gets_the_group_error():
+    norm = SyncInstanceWeightedNorm1d(4, 2, process_group="world").train()
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
+        norm(torch.randn(1, 4), torch.tensor([0]))
+
+
 def test_process_group_type_is_checked():
     x, labels = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
     with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):

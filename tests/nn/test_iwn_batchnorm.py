@@ -106,8 +106,11 @@ def test_fused_layer_matches_the_definition_and_the_reference(
     expected, mu, sigma = truth(x, labels, layers[0].weight, layers[0].bias, 1e-5, std_mode)
     for out in outs:
         assert_close(out, expected)
-    if channels_last:
-        assert outs[1].is_contiguous(memory_format=torch.channels_last)
+    # the output keeps x's memory format, as BatchNorm's does (the reference
+    # layers gave a contiguous x's output in channels_last order)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for out in outs:
+        assert out.is_contiguous(memory_format=fmt)
     grad = torch.randn_like(expected)
     for out in outs:
         out.backward(grad)

@@ -242,13 +242,15 @@ def test_rows_of_h_equal_to_s_give_the_bias(backend, device, dtype, force_backen
     """Where h == s the blend is s whatever the gate, so a row of h == s
     constant gives z = bias exactly (Triton's g * h + (1 - g) * s was an ulp
     off there, 7.5e-5 in z at h = s = 3 in float32, 1 / sqrt(eps) times that)."""
-    (h, s, logits), params, _ = _inputs((4, 37), dtype, logit_scale=4.0)
-    h[1], s[1], h[3], s[3] = 3.0, 3.0, -100.0, -100.0
+    (h, s, logits), params, _ = _inputs((24, 37), dtype, logit_scale=4.0)
+    rows = range(0, 24, 2)
+    for row, value in zip(rows, torch.linspace(-100, 100, len(rows)).tolist()):
+        h[row], s[row] = value + 0.1, value + 0.1
     (h, s, logits), params = on_device(device, [h, s, logits], params)
     force_backend(backend)
     z = fused_surgical_gate(h, s, logits, **params)
-    for row in (1, 3):
-        torch.testing.assert_close(z[row], params["bias"], rtol=0, atol=0)
+    expected = params["bias"].expand(len(rows), -1)
+    torch.testing.assert_close(z[list(rows)], expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
