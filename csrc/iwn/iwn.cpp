@@ -670,6 +670,27 @@ void check_args_op(const Tensor& x, const optional<Tensor>& labels, const option
     group_keys(std::nullopt, flat(task_ids), call.num_tasks, 1);
 }
 
+// Its Autograd kernel: the argument checks above the fake-tensor mode, so
+// that a traced call raises their error as the fused op's (a kernel that
+// raises under that mode is logged as a failed meta kernel first), then the
+// op below autograd, an op of its own in a traced graph (its range checks).
+void check_args_autograd(const Tensor& x, const optional<Tensor>& labels,
+                         const optional<Tensor>& gate, const optional<Tensor>& weight,
+                         const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                         const optional<Tensor>& running_std, const optional<Tensor>& task_ids,
+                         bool training, double momentum, double eps, c10::string_view std_mode,
+                         optional<int64_t> num_classes, optional<c10::string_view> group_name,
+                         int64_t group_size, int64_t feature_dim) {
+  check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
+                 momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("surgellm::_iwn_check_args", "")
+                             .typed<decltype(check_args_op)>();
+  op.call(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training, momentum,
+          eps, std_mode, num_classes, group_name, group_size, feature_dim);
+}
+
 // -- autograd ---------------------------------------------------------------------------
 
 class IWNFunction : public torch::autograd::Function<IWNFunction> {
@@ -865,13 +886,17 @@ TORCH_LIBRARY_FRAGMENT(surgellm, m) {
 
 // _iwn_check_args is an op of its own in a traced graph (not decomposed into
 // the group keys, whose unused result torch.compile would drop with their
-// range checks); ops/iwn.py marks it as having side effects.
+// range checks; its Autograd kernel above); ops/iwn.py marks it as having
+// side effects.
 TORCH_LIBRARY_IMPL(surgellm, CompositeExplicitAutograd, m) {
   m.impl("_iwn_check_args", &check_args_op);
   m.impl("iwn", &iwn_composite);
   m.impl("_iwn_all_ranks_moments", &all_ranks_moments_op);
 }
 
-TORCH_LIBRARY_IMPL(surgellm, Autograd, m) { m.impl("iwn", &iwn_autograd); }
+TORCH_LIBRARY_IMPL(surgellm, Autograd, m) {
+  m.impl("iwn", &iwn_autograd);
+  m.impl("_iwn_check_args", &check_args_autograd);
+}
 
 }  // namespace surgellm

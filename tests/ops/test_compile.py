@@ -144,3 +144,21 @@ def test_compiled_reference_module_keeps_the_range_checks(compiler):
                 compiled(*args)
             assert torch.equal(norm.running_mean, before[0])  # a failed call changes nothing
             assert torch.equal(norm.running_std, before[1])
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+def test_compiled_reference_module_raises_its_argument_errors_as_the_fused_one(caplog):
+    """Argument errors are raised while tracing, with no failed-kernel error
+    logged by the fake-tensor mode first (as the fused module's)."""
+    import logging
+
+    from surgellm_kernels import InstanceWeightedNorm
+
+    x, labels = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for cls in (InstanceWeightedNorm, FusedInstanceWeightedNorm):
+        torch._dynamo.reset()
+        compiled = torch.compile(cls(4, 3, num_tasks=2), fullgraph=True, backend="aot_eager")
+        caplog.clear()
+        with caplog.at_level(logging.ERROR), pytest.raises(Exception, match="task_ids must have"):
+            compiled(x, labels, torch.zeros(5, dtype=torch.long))
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], cls.__name__
