@@ -200,8 +200,8 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
       task_count_source = ", the rows of running_mean";
     }
     SURGELLM_CHECK_VALUE(!(running_mean->dim() == 1 && task_ids.has_value()),
-                         "task_ids were given but running_mean has shape (F,) (a module built "
-                         "with num_tasks=1): per-task statistics need (num_tasks, F) "
+                         "task_ids were given but running_mean has shape (F,) (as a module "
+                         "built with num_tasks=1 has): per-task statistics need (num_tasks, F) "
                          "running_mean / running_std");
     SURGELLM_CHECK_VALUE(!(running_mean->dim() == 2 && call.num_tasks > 1 && !task_ids.has_value()),
                          "running statistics hold ", call.num_tasks, " tasks: task_ids (shape ",
@@ -670,10 +670,13 @@ void check_args_op(const Tensor& x, const optional<Tensor>& labels, const option
     group_keys(std::nullopt, flat(task_ids), call.num_tasks, 1);
 }
 
-// Its Autograd kernel: the argument checks above the fake-tensor mode, so
-// that a traced call raises their error as the fused op's (a kernel that
-// raises under that mode is logged as a failed meta kernel first), then the
-// op below autograd, an op of its own in a traced graph (its range checks).
+// Its Autograd kernel: in a trace (fake or functional tensors, which carry
+// the Python key) the argument checks run here, above the fake-tensor mode,
+// so that they raise as the fused op's do (a kernel that raises under that
+// mode is logged as a failed meta kernel first); then the op below autograd,
+// an op of its own in the graph (its range checks). Elsewhere the op's kernel
+// alone checks, once: eager calls, and torch.func's transforms, whose
+// wrappers hide the data the checks read.
 void check_args_autograd(const Tensor& x, const optional<Tensor>& labels,
                          const optional<Tensor>& gate, const optional<Tensor>& weight,
                          const optional<Tensor>& bias, const optional<Tensor>& running_mean,
@@ -681,8 +684,9 @@ void check_args_autograd(const Tensor& x, const optional<Tensor>& labels,
                          bool training, double momentum, double eps, c10::string_view std_mode,
                          optional<int64_t> num_classes, optional<c10::string_view> group_name,
                          int64_t group_size, int64_t feature_dim) {
-  check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                 momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
+  if (x.key_set().has(c10::DispatchKey::Python))
+    check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
+                   momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("surgellm::_iwn_check_args", "")

@@ -228,6 +228,32 @@ def test_the_reference_takes_gradient_transforms():
     torch.testing.assert_close(grad(loss)(x[0]), a.grad)
 
 
+def test_the_reference_takes_gradient_transforms_with_running_statistics():
+    """In training, the running statistics it updates (the checks read their
+    memory for overlaps, which torch.func's wrappers hide: checked below them)."""
+    x, labels, gate = _data(14)
+    stats = [(torch.zeros(F), torch.ones(F)) for _ in range(2)]
+
+    def loss(a, stats):
+        return (
+            iwn_reference(
+                a,
+                labels[0],
+                running_mean=stats[0],
+                running_std=stats[1],
+                training=True,
+                num_classes=C,
+            )
+            .pow(3)
+            .sum()
+        )
+
+    a = x[0].clone().requires_grad_()
+    loss(a, stats[0]).backward()
+    torch.testing.assert_close(grad(loss)(x[0], stats[1]), a.grad)
+    torch.testing.assert_close(stats[1][0], stats[0][0])  # updated once, alike
+
+
 def test_the_references_gradient_per_sample_under_vmap():
     """Per-sample gradients, vmap(grad(...)), of the reference: its class
     sums read no key on the host (F.one_hot's range check did, which vmap
