@@ -102,15 +102,16 @@ def _row_blocks(n: int, rows: int):
 @triton.jit
 def _blend(h_ptr, s_ptr, l_ptr, offs, mask, ACC: tl.constexpr):
     """h, s, g = sigmoid(logits) and v = g * h + (1 - g) * s of a tile at int64
-    ``offs``, all in acc; 0 (and g = 1/2) where ``mask`` is off. v as the
-    C++ kernels compute it, g * h + (s - g * s) in two fused steps: s where
-    h == s (bar exact rounding ties), so that a row of h == s constant stays
-    constant (z = bias); g * h + (1 - g) * s is often an ulp off there, which
-    LayerNorm's 1 / sqrt(eps) magnifies."""
+    ``offs``, all in acc; 0 (and g = 1/2) where ``mask`` is off. v is s
+    where h == s, as the C++ kernels' two fused steps g * h + (s - g * s)
+    give it, so that a row of h == s constant stays constant (z = bias):
+    g * h + (1 - g) * s is often an ulp off there, which LayerNorm's
+    1 / sqrt(eps) magnifies. (A select, not the fused steps: with those the
+    float64 backward spilled registers on sm_80.)"""
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
     s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
     g = tl.sigmoid(tl.load(l_ptr + offs, mask=mask, other=0.0).to(ACC))
-    return h, s, g, tl.fma(g, h, tl.fma(-g, s, s))
+    return h, s, g, tl.where(h == s, s, g * h + (1.0 - g) * s)
 
 
 # -- forward --------------------------------------------------------------------------
