@@ -50,9 +50,9 @@ struct BlendRows {
   // instruction where the build has them, and no rounding of 1 - g): for
   // finite h and s, exactly h where g is 1 and s where g is 0 (s + g * (h - s)
   // is not, nor finite for huge h - s), and s where h == s (bar exact
-  // rounding ties), as the GPU kernels' fma: a row of h == s constant stays
-  // constant, z = bias. The DEFAULT build has no fused instructions, and its
-  // two roundings miss s about once in a hundred values: it picks s there.
+  // rounding ties), as the GPU kernels give it: a row of h == s constant
+  // stays constant, z = bias. The DEFAULT build has no fused instructions, and
+  // its two roundings miss s about once in a hundred values: it picks s there.
   static Vec mix(const Vec& g, const Vec& hv, const Vec& sv) {
     const Vec v = at::vec::fmadd(g, hv, at::vec::fnmadd(g, sv, sv));
 #if defined(CPU_CAPABILITY_DEFAULT)
