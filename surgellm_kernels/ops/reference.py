@@ -239,8 +239,8 @@ def iwn_reference(
         std_mode,
         num_classes,
     )
-    if not moved:
-        return y
+    if not moved:  # contiguous, as the fused op gives it (and BatchNorm1d on (N, C))
+        return y.contiguous()
     y = y.movedim(-1, fd)
     return y if features_innermost else y.contiguous()
 

@@ -665,3 +665,36 @@ def test_on_the_gpu(backend, samples, channels_last, dtype, force_backend):
     x64 = x.double().requires_grad_()
     InstanceWeightedNorm2d(5, 3).double()(x64, labels).square().sum().backward()
     assert_close(xg.grad.cpu(), x64.grad, dtype=dtype, scale=4 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_convert_to_iwn_then_revert_with_no_training_gives_the_batchnorm_back_exactly(dtype):
+    """sqrt then square rounded running_var (bfloat16: up to 8e-3 relative,
+    the eval output changed with it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64)).to(dtype)
+    images = torch.randn(8, 3, 8, 8, dtype=dtype)
+    model(images)  # running statistics away from 0 and 1
+    bn = model[1]
+    buffers = [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+    values = [b.clone() for b in buffers]
+    before = model.eval()(images)
+    convert_to_iwn(model, num_classes=3).revert()
+    assert model[1] is bn
+    now = [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+    assert all(a is b and torch.equal(a, v) for a, b, v in zip(now, buffers, values))
+    assert torch.equal(model(images), before)
+
+
+def test_a_transposed_batch_gives_a_contiguous_output_from_every_layer():
+    """The reference gave (N, C) of a transposed batch in its strides (1, N),
+    where BatchNorm1d and the fused layer give a contiguous output."""
+    x, labels = torch.randn(5, 6).t(), torch.tensor([0, 1, 0, 1, 0, 1])
+    layers = [
+        nn.BatchNorm1d(5),
+        InstanceWeightedNorm1d(5, 2),
+        FusedInstanceWeightedNorm1d(5, 2),
+    ]
+    outs = [layers[0](x)] + [layer(x, labels) for layer in layers[1:]]
+    assert all(out.is_contiguous() for out in outs)
+    assert_close(outs[1], outs[2])
