@@ -161,6 +161,15 @@ class SurgeLLMConfig(PretrainedConfig):
         super().__init__(id2label={0: "LABEL_0"}, **kwargs)  # set by the check
         self.check_label_maps(label_maps)
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        result = super().from_dict(config_dict, **kwargs)
+        # from_pretrained's keyword arguments (eps=..., tasks=...) are set on
+        # the built config, past __init__'s checks: the whole config is
+        # checked again as __init__ checks it.
+        cls(**(result[0] if isinstance(result, tuple) else result).to_dict())
+        return result
+
     def to_dict(self) -> dict:
         output = super().to_dict()
         # JSON objects lose their order when saved (keys sorted): the tasks'

@@ -132,6 +132,13 @@ class SurgeLLMPreTrainedModel(PreTrainedModel):
     # The loss is a mean per task, not a sum over tokens for Trainer to divide:
     # no num_items_in_batch (under DDP it would scale the loss by the ranks).
     accepts_loss_kwargs = False
+    # Attention is the encoder's alone: an implementation asked for
+    # (attn_implementation=...) is passed on to it, which accepts or refuses
+    # it, as in transformers' composite models.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     def __init__(self, config: SurgeLLMConfig, *args, **kwargs):
         # e.g. from_pretrained(..., id2label=...), set on the config after it
@@ -437,8 +444,9 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
 
         ``encoder``: a model name or a local directory (loaded with
         ``AutoModel`` / ``AutoTokenizer``), or a loaded encoder with its
-        ``tokenizer``. ``tasks``: task name -> its number of classes or its
-        class names. ``tokenizer``: the prefix tokens are added to it (in
+        ``tokenizer`` (a model with a task head gives its base model).
+        ``tasks``: task name -> its number of classes or its class names.
+        ``tokenizer``: the prefix tokens are added to it (in
         place; pass it to :class:`SurgeLLMProcessor`). ``options``:
         :class:`SurgeLLMConfig` fields (``iwn=False``, ``gate=False``,
         ``prefix=False``, ``max_seq_length``, ``lexicon``, ...).
@@ -455,6 +463,10 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
             )
         if tokenizer is None:
             raise ValueError("tokenizer is required when encoder is a model")
+        # A model with a task head (AutoModelForMaskedLM, ...) gives its base
+        # model, as AutoModel would load it: the head is not used, and a saved
+        # model rebuilds its encoder as AutoModel.from_config does.
+        encoder = encoder.base_model
         counts, class_names = {}, {}
         for name, value in dict(tasks).items():
             if isinstance(value, int) and not isinstance(value, bool):

@@ -33,9 +33,6 @@ class SurgeLLMProcessor:
     """
 
     def __init__(self, tokenizer, config: SurgeLLMConfig, _saved: bool = False):
-        # the first token is the pooled one, and truncation must cut the text's
-        # end, never the prefix in front
-        tokenizer.padding_side = tokenizer.truncation_side = "right"
         if config.prefix:
             from .modeling_surgellm import prefix_tokens
 
@@ -56,6 +53,9 @@ class SurgeLLMProcessor:
                     "processor with that one; for a saved model, use "
                     "SurgeLLMProcessor.from_pretrained(<the model's directory>)"
                 )
+        # the first token is the pooled one, and truncation must cut the text's
+        # end, never the prefix in front (set once the tokenizer is taken)
+        tokenizer.padding_side = tokenizer.truncation_side = "right"
         self.tokenizer, self.config = tokenizer, config
         self.featurizer = config.featurizer()
 
@@ -134,7 +134,11 @@ class SurgeLLMProcessor:
         )
         batch.update(features=features, task_ids=task_ids)
         if labels is not None:
-            labels = torch.as_tensor(self._class_ids(labels, task_ids))
+            labels = self._class_ids(labels, task_ids)
+            # as_tensor makes [True, 1] int64: a bool among ints is refused too
+            if isinstance(labels, Sequence) and any(isinstance(v, bool) for v in labels):
+                raise TypeError("labels must be integer class ids, got a bool among them")
+            labels = torch.as_tensor(labels)
             if labels.numel() and not _is_integer_dtype(labels.dtype):
                 # (as_tensor(dtype=long) would truncate 0.7 to class 0)
                 raise TypeError(f"labels must be integer class ids, got {labels.dtype} values")

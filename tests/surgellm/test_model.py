@@ -447,7 +447,10 @@ def test_input_errors(tokenizer_dir):
     with pytest.raises(TypeError, match="labels must be integer class ids, got torch.float32"):
         processor(["a", "b"], ["sentiment", "authorship"], labels=[0.7, 1.2])
     with pytest.raises(TypeError, match="labels must be integer class ids, got torch.bool"):
-        processor(["a", "b"], ["sentiment", "authorship"], labels=[True, False])
+        processor(["a", "b"], ["sentiment", "authorship"], labels=torch.tensor([True, False]))
+    for bools in ([True, False], [True, 1]):  # as_tensor made [True, 1] int64: class 1
+        with pytest.raises(TypeError, match="labels must be integer class ids, got a bool"):
+            processor(["a", "b"], ["sentiment", "authorship"], labels=bools)
     batch = processor(["a", "b"], ["sentiment", "authorship"], labels=[0, 1])
     batch["labels"] = torch.tensor([0, 5])
     with pytest.raises(ValueError, match=r"labels\[1\]=5"):
@@ -759,3 +762,68 @@ def test_from_pretrained_of_an_encoder_says_what_to_call(tmp_path):
             ValueError, match=r"a 'bert' model, not of a SURGELLM model.*from_encoder"
         ):
             load(str(tmp_path))
+
+
+def test_from_encoder_takes_the_base_model_of_a_model_with_a_head(tokenizer_dir, tmp_path):
+    """A BertForMaskedLM was kept whole: the first forward raised (its
+    output has no last_hidden_state), and a saved model reloaded a random
+    encoder (every weight name missing or unexpected)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    with_head = transformers.BertForMaskedLM(tiny_bert(len(tokenizer)).config)
+    model = SurgeLLMForSequenceClassification.from_encoder(with_head, TASKS, tokenizer=tokenizer)
+    assert model.surgellm.encoder is with_head.bert
+    processor = SurgeLLMProcessor(tokenizer, model.config)
+    batch = make_batches(processor, 1)[0]
+    model.fit_statistics([batch])
+    logits = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    loaded, info = SurgeLLMForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    assert torch.equal(loaded(**batch).logits, logits)
+
+
+def test_from_pretrained_checks_the_config_values_it_is_given(tokenizer_dir, tmp_path):
+    """Keyword arguments are set on the loaded config past __init__'s
+    checks: eps=-1 loaded (failing at the first forward) and tasks=...
+    raised a bare KeyError."""
+    model, _ = make_model(tokenizer_dir)
+    model.save_pretrained(tmp_path)
+    for auto in (transformers.AutoConfig, transformers.AutoModelForSequenceClassification):
+        with pytest.raises(ValueError, match="eps must be a positive number"):
+            auto.from_pretrained(tmp_path, eps=-1.0)
+    with pytest.raises(ValueError, match="max_seq_length must be an int >= 2"):
+        SurgeLLMConfig.from_pretrained(tmp_path, max_seq_length=1)
+    with pytest.raises(ValueError, match=r"class_names\[.x.\] must list 2 distinct names"):
+        SurgeLLMConfig.from_pretrained(tmp_path, tasks={"x": 2})
+    assert SurgeLLMConfig.from_pretrained(tmp_path, eps=1e-3).eps == 1e-3
+
+
+def test_a_refused_tokenizer_is_left_as_it_was(tokenizer_dir):
+    model, _ = make_model(tokenizer_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)  # no prefix tokens
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    with pytest.raises(ValueError, match="lacks"):
+        SurgeLLMProcessor(tokenizer, model.config)
+    assert (tokenizer.padding_side, tokenizer.truncation_side) == ("left", "left")
+
+
+def test_the_attention_implementation_asked_for_reaches_the_encoder(tokenizer_dir, tmp_path):
+    """attn_implementation="sdpa" was refused (the model declared no
+    support), and the model's config said "eager" while its encoder ran sdpa."""
+    model, processor = make_model(tokenizer_dir)
+    batch = make_batches(processor, 1)[0]
+    model.fit_statistics([batch])
+    model.save_pretrained(tmp_path)
+    auto = transformers.AutoModelForSequenceClassification
+    logits = {}
+    for implementation in ("sdpa", "eager"):
+        loaded = auto.from_pretrained(tmp_path, attn_implementation=implementation)
+        encoder_config = loaded.surgellm.encoder.config
+        assert loaded.config._attn_implementation == implementation
+        assert encoder_config._attn_implementation == implementation
+        logits[implementation] = loaded(**batch).logits
+    assert_close(logits["sdpa"], logits["eager"])
+    loaded.set_attn_implementation("sdpa")
+    assert loaded.surgellm.encoder.config._attn_implementation == "sdpa"
