@@ -324,13 +324,15 @@ def _iwn_from_batchnorm(bn: nn.Module, cls: type, num_classes: int, std_mode: st
     return layer
 
 
-def _holds(old: Optional[torch.Tensor], new: torch.Tensor) -> bool:
-    """Whether ``old`` has ``new``'s values, dtype and device."""
+def _holds(old: Optional[torch.Tensor], new: torch.Tensor, of=lambda t: t) -> bool:
+    """Whether ``of(old)`` has ``new``'s values, dtype and device (never for
+    meta tensors, which hold no values)."""
     return (
         old is not None
         and old.dtype == new.dtype
         and old.device == new.device
-        and torch.equal(old, new)
+        and not old.is_meta
+        and torch.equal(of(old), new)
     )
 
 
@@ -347,7 +349,7 @@ def _batchnorm_from_iwn(bn: nn.Module, layer: nn.Module) -> None:
             # round running_var: by up to 8e-3 relative in bfloat16).
             if not _holds(bn.running_mean, layer.running_mean):
                 bn.running_mean = layer.running_mean
-            if bn.running_var is None or not _holds(bn.running_var.sqrt(), layer.running_std):
+            if not _holds(bn.running_var, layer.running_std, torch.sqrt):
                 bn.running_var = layer.running_std.square()
             if bn.num_batches_tracked is not None and not _holds(
                 bn.num_batches_tracked, layer.num_batches_tracked

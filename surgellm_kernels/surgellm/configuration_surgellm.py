@@ -35,6 +35,23 @@ def _generic(id2label: Dict[int, str]) -> bool:
     )
 
 
+# __init__'s own fields (encoder_config is a sub-config, which transformers merges)
+_OWN_FIELDS = (
+    "tasks",
+    "class_names",
+    "iwn",
+    "gate",
+    "prefix",
+    "alpha",
+    "eps",
+    "head_dropout",
+    "head_hidden_dropout",
+    "max_seq_length",
+    "lexicon",
+    "initializer_range",
+)
+
+
 class SurgeLLMConfig(PretrainedConfig):
     """Everything that builds a SURGELLM model without its weights.
 
@@ -163,12 +180,17 @@ class SurgeLLMConfig(PretrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        result = super().from_dict(config_dict, **kwargs)
-        # from_pretrained's keyword arguments (eps=..., tasks=...) are set on
-        # the built config, past __init__'s checks: the whole config is
-        # checked again as __init__ checks it.
-        cls(**(result[0] if isinstance(result, tuple) else result).to_dict())
-        return result
+        # from_pretrained's keyword arguments for this config's own fields
+        # (eps=..., tasks=...) go through __init__ and its checks, where
+        # transformers would set them on the built config past them. New
+        # tasks or class names bring their own label maps.
+        own = {k: kwargs.pop(k) for k in _OWN_FIELDS if k in kwargs}
+        if own:
+            config_dict = {**config_dict, **own}
+            if "tasks" in own or "class_names" in own:
+                for k in ("num_labels", "id2label", "label2id"):
+                    config_dict.pop(k, None)
+        return super().from_dict(config_dict, **kwargs)
 
     def to_dict(self) -> dict:
         output = super().to_dict()

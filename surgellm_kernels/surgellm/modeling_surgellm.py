@@ -141,8 +141,8 @@ class SurgeLLMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def __init__(self, config: SurgeLLMConfig, *args, **kwargs):
-        # e.g. from_pretrained(..., id2label=...), set on the config after it
-        # was built: the heads come from config.tasks, which it would not change
+        # e.g. config.id2label = ... set on a config after it was built: the
+        # heads come from config.tasks, which it would not change
         config.check_label_maps()
         super().__init__(config, *args, **kwargs)
 
@@ -197,6 +197,9 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
         d, T = config.hidden_size, len(config.tasks)
         num_features = config.featurizer().num_features
         self.encoder = _without_pooler(AutoModel.from_config(config.encoder_config))
+        # The attention the encoder runs, which may not be the one asked for
+        # by default (sdpa, where the encoder has none)
+        config._attn_implementation_internal = self.encoder.config._attn_implementation
         # The paper's IWN has no learned parameters: fixed statistics per task.
         self.iwn = (
             InstanceWeightedNorm(
@@ -467,6 +470,8 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         # model, as AutoModel would load it: the head is not used, and a saved
         # model rebuilds its encoder as AutoModel.from_config does.
         encoder = encoder.base_model
+        # the attention it was set to (the config built below resets it)
+        implementation = encoder.config._attn_implementation
         counts, class_names = {}, {}
         for name, value in dict(tasks).items():
             if isinstance(value, int) and not isinstance(value, bool):
@@ -497,6 +502,8 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         config.encoder_config = encoder.config  # with the vocabulary grown
         model = cls(config)
         model.surgellm.encoder = _without_pooler(encoder)
+        if model.config._attn_implementation != implementation:
+            model.set_attn_implementation(implementation)
         # In eval mode, as from_pretrained returns a model (and returned the
         # encoder): not half of it in training mode.
         return model.to(encoder.dtype).eval()

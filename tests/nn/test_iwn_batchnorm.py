@@ -686,6 +686,14 @@ def test_convert_to_iwn_then_revert_with_no_training_gives_the_batchnorm_back_ex
     assert torch.equal(model(images), before)
 
 
+def test_convert_to_iwn_and_revert_on_the_meta_device():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    bn = model[1]
+    convert_to_iwn(model, num_classes=3).revert()
+    assert model[1] is bn and bn.running_var.is_meta
+
+
 def test_a_transposed_batch_gives_a_contiguous_output_from_every_layer():
     """The reference gave (N, C) of a transposed batch in its strides (1, N),
     where BatchNorm1d and the fused layer give a contiguous output."""

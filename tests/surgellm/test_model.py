@@ -798,6 +798,12 @@ def test_from_pretrained_checks_the_config_values_it_is_given(tokenizer_dir, tmp
     with pytest.raises(ValueError, match=r"class_names\[.x.\] must list 2 distinct names"):
         SurgeLLMConfig.from_pretrained(tmp_path, tasks={"x": 2})
     assert SurgeLLMConfig.from_pretrained(tmp_path, eps=1e-3).eps == 1e-3
+    # values __init__ takes, as it takes them; new tasks bring their label maps
+    config = SurgeLLMConfig.from_pretrained(
+        tmp_path, tasks=[["a", 4], ["b", 3]], class_names=None, iwn=0, lexicon=LexicalFeaturizer()
+    )
+    assert config.tasks == {"a": 4, "b": 3} and config.num_labels == 4
+    assert config.iwn is False and config.lexicon == LexicalFeaturizer().to_dict()
 
 
 def test_a_refused_tokenizer_is_left_as_it_was(tokenizer_dir):
@@ -827,3 +833,24 @@ def test_the_attention_implementation_asked_for_reaches_the_encoder(tokenizer_di
     assert_close(logits["sdpa"], logits["eager"])
     loaded.set_attn_implementation("sdpa")
     assert loaded.surgellm.encoder.config._attn_implementation == "sdpa"
+
+
+def test_the_config_names_the_attention_the_encoder_runs(tokenizer_dir):
+    """The model's config said sdpa (its default) over an encoder with no
+    sdpa, which ran eager; from_encoder set an encoder built with eager
+    attention to sdpa."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    small = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    no_sdpa = transformers.DebertaV2Model(
+        transformers.DebertaV2Config(vocab_size=len(tokenizer), **small)
+    )
+    assert not no_sdpa._supports_sdpa
+    model = SurgeLLMForSequenceClassification.from_encoder(no_sdpa, TASKS, tokenizer=tokenizer)
+    assert model.config._attn_implementation == "eager"
+    assert SurgeLLMModel(model.config).config._attn_implementation == "eager"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    encoder = tiny_bert(len(tokenizer))
+    encoder.set_attn_implementation("eager")
+    model = SurgeLLMForSequenceClassification.from_encoder(encoder, TASKS, tokenizer=tokenizer)
+    assert model.config._attn_implementation == "eager"
+    assert model.surgellm.encoder.config._attn_implementation == "eager"
