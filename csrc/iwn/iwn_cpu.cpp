@@ -639,6 +639,9 @@ struct FeatureLanes {
   static V if_positive(const V& v, const V& yes, const V& no) {
     return V::blendv(no, yes, v > V(acc_t(0)));
   }
+  static V if_zero(const V& v, const V& yes, const V& no) {
+    return V::blendv(no, yes, v == V(acc_t(0)));
+  }
 };
 
 // body(f, lanes) over the features, in parallel, a vector at a time.

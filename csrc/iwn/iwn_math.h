@@ -84,14 +84,24 @@ struct OneFeature {
   // input poisons its feature's statistics, as in BatchNorm, never silently).
   SURGELLM_HD static T safe_sqrt(T v) { return v > T(0) ? std::sqrt(v) : (v == v ? T(0) : v); }
   SURGELLM_HD static T if_positive(T v, T yes, T no) { return v > T(0) ? yes : no; }
+  SURGELLM_HD static T if_zero(T v, T yes, T no) { return v == T(0) ? yes : no; }
 };
+
+// r + m (batch - r), as torch.lerp computes it: from the batch's end where
+// m >= 1/2, so that m = 1 gives the batch value itself (r + (batch - r)
+// rounds it away where r is far larger) and an infinite r stays infinite.
+template <typename T, typename V>
+SURGELLM_HD V running_update(V r, V batch, T m) {
+  return m < T(0.5) ? r + V(m) * (batch - r) : batch - (batch - r) * V(T(1) - m);
+}
 
 // Eq.10-11 for task t and feature f: mu = mean_c m_c, and
 // sigma = mean_c s_c ("class_mean", the paper) or
 // sigma = sqrt(mean_c (s_c^2 + (m_c - mu)^2)) ("pooled"), over the classes
 // present. Writes s_c (0 for absent classes), mu and sigma; a task with no
 // rows gets mu = sigma = 0 (no row reads them) and keeps its running
-// statistics, which otherwise move by r += momentum * (batch - r).
+// statistics, which otherwise move by r += momentum * (batch - r)
+// (running_update).
 // The class moments are taken about the exact mean m_c + rho_c: the mean
 // itself, and s_c^2 = M2_c / n_c - rho_c^2 (M2_c is about m_c, merged as
 // merge_about does). So a constant feature has mu equal to its value and
@@ -156,8 +166,8 @@ SURGELLM_HD void combine_at(const IWNCombineArgs<T>& a, int64_t t, int64_t f,
   l.store(a.sigma + t * F + f, sigma);
   if (a.running_mean && present > 0) {
     const V rm = l.load(a.running_mean + t * F + f), rs = l.load(a.running_std + t * F + f);
-    l.store(a.running_mean + t * F + f, rm + V(a.momentum) * (mu - rm));
-    l.store(a.running_std + t * F + f, rs + V(a.momentum) * (sigma - rs));
+    l.store(a.running_mean + t * F + f, running_update(rm, mu, a.momentum));
+    l.store(a.running_std + t * F + f, running_update(rs, sigma, a.momentum));
   }
 }
 
@@ -219,10 +229,13 @@ SURGELLM_HD void coefficients_at(const IWNCoefficientsArgs<T>& a, int64_t f,
     // The parameters' gradients, from this rank's own sums (the same sums
     // unless data-parallel).
     const V p1 = l.load(a.param_sums + t * F + f);
-    const V p_dy_yhat = r * (l.load(a.param_sums + (TT + t) * F + f) - mu_residual * p1);
+    // A task with no rows has empty sums: no term, where r may be infinite
+    // (eps = 0 and sigma = 0: inf * 0 would make every task's gradients NaN).
+    const V p2 = l.load(a.param_sums + (TT + t) * F + f) - mu_residual * p1;
+    const V p_dy_yhat = l.if_zero(p2, V(T(0)), r * p2);
     dweight = dweight + p_dy_yhat;
     dbias = dbias + p1;
-    du_dot_u = du_dot_u + V(a.eps) * r * w * p_dy_yhat;
+    if (a.eps != T(0)) du_dot_u = du_dot_u + V(a.eps) * r * w * p_dy_yhat;
     if (!a.training) continue;
     const V d_sigma = -r * w * dy_yhat;
     for (int64_t c = 0; c < C; ++c) {

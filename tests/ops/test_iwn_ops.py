@@ -518,3 +518,45 @@ def test_combine_has_the_bits_of_one_feature_at_a_time(device, pooled):
     want = _combine_feature_by_feature(count, mean, m2, residual, T, pooled, 0.1, rm, rs)
     for a, b in zip((*got, got_rm, got_rs), (*want, rm, rs)):
         assert torch.equal(a.cpu().view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+def test_eps_0_with_a_task_absent_from_the_batch(backend, device, force_backend):
+    """The absent task's sigma + eps is 0: its empty sums times 1 / 0 made
+    the weight's and the gate's gradients NaN for every task."""
+    force_backend(backend)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=g).to(device)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1], device=device)
+    task_ids = torch.ones(6, dtype=torch.long, device=device)  # task 0 absent
+    params = [torch.randn(3, dtype=torch.float64, generator=g).to(device) for _ in range(3)]
+    grads = []
+    for op in (fused_iwn, iwn_reference):
+        leaves = [p.clone().requires_grad_() for p in params]
+        gate, weight, bias = leaves
+        y = op(x, labels, gate=gate, weight=weight, bias=bias, task_ids=task_ids,
+               training=True, eps=0.0, num_classes=2)  # fmt: skip
+        y.backward(torch.linspace(-1, 1, 18, dtype=torch.float64, device=device).view(6, 3))
+        grads.append([p.grad for p in leaves])
+    for fused, reference in zip(*grads):
+        torch.testing.assert_close(fused, reference)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+@pytest.mark.parametrize("start", [1.0, 1e8])
+def test_momentum_1_gives_the_batch_statistics(backend, device, start, force_backend):
+    """r + (batch - r) rounded the batch away where r was far larger (a
+    running mean of 1e8 gave 0, not 3), and momentum=None's first step (1)
+    took a running std of 1 to 0 where the batch's was 2.5e-10."""
+    force_backend(backend)
+    a = torch.tensor(1e-9).item()  # as float32 holds it
+    x = torch.tensor([[1.0, 0.0], [3.0, a], [2.0, 0.0], [6.0, 0.0]], device=device)
+    labels = torch.tensor([0, 0, 1, 1], device=device)
+    rm, rs = torch.full((2,), start, device=device), torch.full((2,), start, device=device)
+    fused_iwn(x, labels, running_mean=rm, running_std=rs, training=True, momentum=1.0,
+              num_classes=2)  # fmt: skip
+    # feature 1: class means a / 2 and 0, deviations a / 2 and 0
+    truth_mean = torch.tensor([3.0, a / 4], dtype=torch.float64)
+    truth_std = torch.tensor([1.5, a / 4], dtype=torch.float64)
+    torch.testing.assert_close(rm.double().cpu(), truth_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rs.double().cpu(), truth_std, rtol=1e-6, atol=0)
