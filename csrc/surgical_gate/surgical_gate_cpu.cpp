@@ -8,6 +8,7 @@
 // result is bitwise the same for any thread count.
 #include "surgical_gate/surgical_gate_cpu.h"
 
+#include <tuple>
 #include <utility>
 
 #include "common/cpu_vec.h"
@@ -159,6 +160,11 @@ struct BlendRows {
 
 }  // namespace
 
+// Bits the bfloat16 / float16 forward's one-pass variance may lose (see
+// surgical_gate_forward): 20 of float's 24 are left, against the 8 or 11
+// the output keeps.
+constexpr int kMaxShiftBits = 4;
+
 template <typename scalar_t>
 void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a) {
   using acc_t = acc_type<scalar_t>;
@@ -177,41 +183,42 @@ void surgical_gate_forward(const SurgicalGateForwardArgs<acc_type<scalar_t>>& a)
   at::parallel_for(0, a.N, row_grain(d), [&](int64_t begin, int64_t end) {
     BlendRows<scalar_t, acc_t> rows(a.h, a.s, a.logits, d);
     scalar_t* z = static_cast<scalar_t*>(a.z);
+    // Mean and variance of the row in rows.v from its deviations from mean0
+    // and their sum: the mean corrected by it is exact for a constant row
+    // (whose z is then exactly the bias).
+    auto moments_about = [&rows, d](acc_t mean0) {
+      const Vec vmean0(mean0), zero(acc_t(0));
+      using Sums = std::pair<Vec, Vec>;  // of squared deviations, of deviations
+      const Sums dev = fold_vecs_chained<acc_t>(
+          d, Sums(zero, zero),
+          [&](int64_t f, int64_t n, const Sums& acc) {
+            const Vec dv = load(rows.v.data() + f, n) - vmean0;
+            return Sums(Vec::set(acc.first, at::vec::fmadd(dv, dv, acc.first), n),
+                        Vec::set(acc.second, acc.second + dv, n));
+          },
+          add_pairs<Vec>);
+      const acc_t shift = sum_lanes(dev.second) / acc_t(d);
+      return std::make_pair(mean0 + shift, sum_lanes(dev.first) / acc_t(d) - shift * shift);
+    };
     for (int64_t i = begin; i < end; ++i) {
       acc_t mean, var;
       if constexpr (kReduced) {
         // Mean and variance in the pass that blends, about the row's first
         // value c: a constant row's deviations are exactly 0 (z is exactly
-        // the bias), and as (c - mean)^2 <= (d - 1) var, the subtraction
-        // loses at most log2(d) of float's 24 bits (where c is the row's
-        // outlier; typically about one): 14 left at d = 768, 12 at 4096,
-        // against the 8 or 11 the output keeps. Float rows keep the second
-        // pass over v below, which took 14% of the bfloat16 forward's time
-        // at 4096x768.
+        // the bias). The subtraction loses log2(1 + shift^2 / var) of
+        // float's 24 bits, typically about one; where c is an outlier, up
+        // to log2(d), and past kMaxShiftBits the row takes the second pass
+        // over v that float rows take (which took 14% of the bfloat16
+        // forward's time at 4096x768 on every row).
         const acc_t c = rows.blend_one(i, 0);
         const auto [sum, sumsq] = rows.blend_moments(i, c);
         const acc_t shift = sum / acc_t(d);
         mean = c + shift;
         var = sumsq / acc_t(d) - shift * shift;
+        if (shift * shift > acc_t((1 << kMaxShiftBits) - 1) * var)
+          std::tie(mean, var) = moments_about(mean);
       } else {
-        const acc_t mean0 = rows.template blend<false>(i) / acc_t(d);
-        const Vec vmean0(mean0);
-        // Deviations from the first mean and their sum: the mean corrected
-        // by it is exact for a constant row (whose z is then exactly the
-        // bias).
-        using Sums = std::pair<Vec, Vec>;  // of squared deviations, of deviations
-        const Vec zero(acc_t(0));
-        const Sums dev = fold_vecs_chained<acc_t>(
-            d, Sums(zero, zero),
-            [&](int64_t f, int64_t n, const Sums& acc) {
-              const Vec dv = load(rows.v.data() + f, n) - vmean0;
-              return Sums(Vec::set(acc.first, at::vec::fmadd(dv, dv, acc.first), n),
-                          Vec::set(acc.second, acc.second + dv, n));
-            },
-            add_pairs<Vec>);
-        const acc_t shift = sum_lanes(dev.second) / acc_t(d);
-        mean = mean0 + shift;
-        var = sum_lanes(dev.first) / acc_t(d) - shift * shift;
+        std::tie(mean, var) = moments_about(rows.template blend<false>(i) / acc_t(d));
       }
       const acc_t rstd = acc_t(1) / std::sqrt(row_variance(var) + a.eps);
       const Vec vmean(mean), vrstd(rstd);
