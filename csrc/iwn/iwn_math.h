@@ -87,9 +87,9 @@ struct OneFeature {
   SURGELLM_HD static T if_zero(T v, T yes, T no) { return v == T(0) ? yes : no; }
 };
 
-// r + m (batch - r), as torch.lerp computes it: from the batch's end where
-// m >= 1/2, so that m = 1 gives the batch value itself (r + (batch - r)
-// rounds it away where r is far larger) and an infinite r stays infinite.
+// r + m (batch - r), from the batch's end where m >= 1/2 (as torch.lerp
+// chooses its end): m = 1 gives the batch value itself, which r + (batch - r)
+// rounds away where r is far larger.
 template <typename T, typename V>
 SURGELLM_HD V running_update(V r, V batch, T m) {
   return m < T(0.5) ? r + V(m) * (batch - r) : batch - (batch - r) * V(T(1) - m);
@@ -229,13 +229,16 @@ SURGELLM_HD void coefficients_at(const IWNCoefficientsArgs<T>& a, int64_t f,
     // The parameters' gradients, from this rank's own sums (the same sums
     // unless data-parallel).
     const V p1 = l.load(a.param_sums + t * F + f);
-    // A task with no rows has empty sums: no term, where r may be infinite
-    // (eps = 0 and sigma = 0: inf * 0 would make every task's gradients NaN).
+    // A task with no rows (its sums empty: 0) adds no terms, where r may be
+    // infinite (eps = 0, sigma = 0: inf * 0 made the weight's and the gate's
+    // gradients NaN); a task with rows passes NaN on as the reference does.
     const V p2 = l.load(a.param_sums + (TT + t) * F + f) - mu_residual * p1;
-    const V p_dy_yhat = l.if_zero(p2, V(T(0)), r * p2);
+    const V none(T(0)), term = r * p2;
+    const V p_dy_yhat = l.if_zero(p1, l.if_zero(p2, none, term), term);
     dweight = dweight + p_dy_yhat;
     dbias = dbias + p1;
-    if (a.eps != T(0)) du_dot_u = du_dot_u + V(a.eps) * r * w * p_dy_yhat;
+    const V u_term = V(a.eps) * r * w * p_dy_yhat;
+    du_dot_u = du_dot_u + l.if_zero(p1, l.if_zero(p2, none, u_term), u_term);
     if (!a.training) continue;
     const V d_sigma = -r * w * dy_yhat;
     for (int64_t c = 0; c < C; ++c) {

@@ -488,15 +488,19 @@ def _combine_feature_by_feature(count, mean, m2, residual, T, pooled, momentum, 
                         sd = group_std[t, c]
                         spread = spread + (sd * sd + d * d)
                 sigma[t] = safe_sqrt(spread / full(present))
-            rm[t] = rm[t] + full(momentum) * (mu[t] - rm[t])
-            rs[t] = rs[t] + full(momentum) * (sigma[t] - rs[t])
+            for r, batch in ((rm, mu), (rs, sigma)):  # from the batch's end where m >= 1/2
+                if momentum < 0.5:
+                    r[t] = r[t] + full(momentum) * (batch[t] - r[t])
+                else:
+                    r[t] = batch[t] - (batch[t] - r[t]) * full(1 - momentum)
     return group_std.view(T * C, F), mu, sigma
 
 
 @needs_extension
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("pooled", [False, True])
-def test_combine_has_the_bits_of_one_feature_at_a_time(device, pooled):
+@pytest.mark.parametrize("momentum", [0.1, 0.7, 1.0])
+def test_combine_has_the_bits_of_one_feature_at_a_time(device, pooled, momentum):
     """The CPU kernels combine class moments a vector of features at a time
     and a CUDA thread one feature: both the same float32 operations in the
     same order, so the same bits (37 features: a partial vector; an absent
@@ -514,8 +518,8 @@ def test_combine_has_the_bits_of_one_feature_at_a_time(device, pooled):
     rm, rs = torch.randn(T, F, generator=g), torch.rand(T, F, generator=g)
     got_rm, got_rs = rm.clone().to(device), rs.clone().to(device)
     on = [t.to(device) for t in (count, mean, m2, residual)]
-    got = torch.ops.surgellm._iwn_combine(*on, T, pooled, 0.1, got_rm, got_rs)
-    want = _combine_feature_by_feature(count, mean, m2, residual, T, pooled, 0.1, rm, rs)
+    got = torch.ops.surgellm._iwn_combine(*on, T, pooled, momentum, got_rm, got_rs)
+    want = _combine_feature_by_feature(count, mean, m2, residual, T, pooled, momentum, rm, rs)
     for a, b in zip((*got, got_rm, got_rs), (*want, rm, rs)):
         assert torch.equal(a.cpu().view(torch.int32), b.view(torch.int32))
 
@@ -523,23 +527,29 @@ def test_combine_has_the_bits_of_one_feature_at_a_time(device, pooled):
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
 def test_eps_0_with_a_task_absent_from_the_batch(backend, device, force_backend):
     """The absent task's sigma + eps is 0: its empty sums times 1 / 0 made
-    the weight's and the gate's gradients NaN for every task."""
+    the weight's and the gate's gradients NaN, every feature's. A NaN in the
+    rows of a task present still reaches them, as in the reference."""
     force_backend(backend)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 3, dtype=torch.float64, generator=g).to(device)
+    clean = torch.randn(6, 3, dtype=torch.float64, generator=g)
+    with_nan = clean.clone()
+    with_nan[2, 1] = float("nan")
     labels = torch.tensor([0, 1, 0, 1, 0, 1], device=device)
     task_ids = torch.ones(6, dtype=torch.long, device=device)  # task 0 absent
     params = [torch.randn(3, dtype=torch.float64, generator=g).to(device) for _ in range(3)]
-    grads = []
-    for op in (fused_iwn, iwn_reference):
-        leaves = [p.clone().requires_grad_() for p in params]
-        gate, weight, bias = leaves
-        y = op(x, labels, gate=gate, weight=weight, bias=bias, task_ids=task_ids,
-               training=True, eps=0.0, num_classes=2)  # fmt: skip
-        y.backward(torch.linspace(-1, 1, 18, dtype=torch.float64, device=device).view(6, 3))
-        grads.append([p.grad for p in leaves])
-    for fused, reference in zip(*grads):
-        torch.testing.assert_close(fused, reference)
+    dy = torch.linspace(-1, 1, 18, dtype=torch.float64, device=device).view(6, 3)
+    for x in (clean.to(device), with_nan.to(device)):
+        grads = []
+        for op in (fused_iwn, iwn_reference):
+            leaves = [p.clone().requires_grad_() for p in params]
+            gate, weight, bias = leaves
+            y = op(x, labels, gate=gate, weight=weight, bias=bias, task_ids=task_ids,
+                   training=True, eps=0.0, num_classes=2)  # fmt: skip
+            y.backward(dy)
+            grads.append([p.grad for p in leaves])
+        for fused, reference in zip(*grads):
+            torch.testing.assert_close(fused, reference, equal_nan=True)
+            assert torch.equal(fused.isnan(), reference.isnan())
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
