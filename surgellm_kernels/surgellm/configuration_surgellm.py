@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Dict, List, Mapping, Optional, Union
 
@@ -33,23 +34,6 @@ def _generic(id2label: Dict[int, str]) -> bool:
     return sorted(id2label) == list(range(len(id2label))) and all(
         name == f"LABEL_{i}" for i, name in id2label.items()
     )
-
-
-# __init__'s own fields (encoder_config is a sub-config, which transformers merges)
-_OWN_FIELDS = (
-    "tasks",
-    "class_names",
-    "iwn",
-    "gate",
-    "prefix",
-    "alpha",
-    "eps",
-    "head_dropout",
-    "head_hidden_dropout",
-    "max_seq_length",
-    "lexicon",
-    "initializer_range",
-)
 
 
 class SurgeLLMConfig(PretrainedConfig):
@@ -184,7 +168,9 @@ class SurgeLLMConfig(PretrainedConfig):
         # (eps=..., tasks=...) go through __init__ and its checks, where
         # transformers would set them on the built config past them. New
         # tasks or class names bring their own label maps.
-        own = {k: kwargs.pop(k) for k in _OWN_FIELDS if k in kwargs}
+        # (encoder_config is a sub-config, which transformers merges itself)
+        fields = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in fields - {"encoder_config"}}
         if own:
             config_dict = {**config_dict, **own}
             if "tasks" in own or "class_names" in own:

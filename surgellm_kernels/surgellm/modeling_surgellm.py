@@ -470,8 +470,6 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         # model, as AutoModel would load it: the head is not used, and a saved
         # model rebuilds its encoder as AutoModel.from_config does.
         encoder = encoder.base_model
-        # the attention it was set to (the config built below resets it)
-        implementation = encoder.config._attn_implementation
         counts, class_names = {}, {}
         for name, value in dict(tasks).items():
             if isinstance(value, int) and not isinstance(value, bool):
@@ -488,8 +486,13 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
                 name: class_names.get(name, [str(i) for i in range(n)])
                 for name, n in counts.items()
             }
+        # with the attention the encoder was set to (a config's default would reset it)
         config = SurgeLLMConfig(
-            encoder_config=encoder.config, tasks=counts, class_names=class_names or None, **options
+            encoder_config=encoder.config,
+            tasks=counts,
+            class_names=class_names or None,
+            attn_implementation=encoder.config._attn_implementation,
+            **options,
         )
         limit = getattr(encoder.config, "max_position_embeddings", None)
         if limit is not None and config.max_seq_length > limit:
@@ -502,8 +505,6 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         config.encoder_config = encoder.config  # with the vocabulary grown
         model = cls(config)
         model.surgellm.encoder = _without_pooler(encoder)
-        if model.config._attn_implementation != implementation:
-            model.set_attn_implementation(implementation)
         # In eval mode, as from_pretrained returns a model (and returned the
         # encoder): not half of it in training mode.
         return model.to(encoder.dtype).eval()
