@@ -19,7 +19,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from surgellm_kernels import InstanceWeightedNorm, fused_iwn
-from surgellm_kernels.nn.distributed import SyncInstanceWeightedNorm, convert_sync_iwn, sync_payload
+from surgellm_kernels.nn.distributed import (
+    SyncInstanceWeightedNorm,
+    SyncInstanceWeightedNorm2d,
+    convert_sync_iwn,
+    sync_payload,
+)
 
 COLLECTIVE_TIMEOUT_S = 60  # a rank left waiting in a collective fails, not hangs
 DEVICE = torch.device("cpu")  # where a rank's batches live (set by _rank_main)
@@ -706,3 +711,74 @@ def bad_labels_on_one_rank(rank, world, groups):
         assert error is not None and expected in error, (what, expected, error)
     assert torch.equal(rm, torch.zeros_like(rm)) and torch.equal(rs, torch.ones_like(rs))
     assert not norm._frozen and norm._fit_state is None
+
+
+@case
+def bad_arguments_on_one_rank(rank, world, groups):
+    """Arguments the checks refuse, on the last rank only -- the op's checks
+    (labels missing, of another dtype or length; a gate of the wrong shape)
+    and the synced layers' own (x's width, channels, dimensions): every rank
+    raises at once (none waits in the all-gather until its timeout), nothing
+    is updated, and the next step pairs with the next step."""
+    batch = Batch(UNEVEN(world))
+    rows, bad = batch.shard(rank), world - 1
+    x, labels = batch.x[rows], batch.labels[rows]
+    rm, rs = (
+        torch.zeros(batch.F, dtype=batch.dtype, device=DEVICE),
+        torch.ones(batch.F, dtype=batch.dtype, device=DEVICE),
+    )
+    op_calls = {
+        "labels missing": (dict(labels=None), "labels are required"),
+        "int32 labels": (dict(labels=labels.int()), "labels must be"),
+        "labels of another length": (dict(labels=labels[1:]), "labels must have shape"),
+        "gate of another shape": (dict(gate=batch.gate[1:]), "gate must have shape"),
+    }
+    wide = torch.randn(len(x), batch.F + 1, dtype=batch.dtype, device=DEVICE)
+    norm = SyncInstanceWeightedNorm(batch.F, batch.C).double().to(DEVICE)
+    norm2d = SyncInstanceWeightedNorm2d(batch.F, batch.C).double().to(DEVICE)
+    images = x.reshape(len(x), batch.F, 1, 1)
+    layer_calls = {
+        "width": (norm, x, wide, "x must have shape"),
+        "channels": (norm2d, images, images.reshape(len(x), 1, batch.F, 1), "channels"),
+        "dimensions": (norm2d, images, x, "4-D"),
+    }
+    started = time.monotonic()
+    failures = []
+
+    def expect(what, words, call, *args, **kwargs):
+        try:
+            call(*args, **kwargs)
+        except (ValueError, TypeError) as e:
+            expected = words if rank == bad else f"failed its checks on rank(s) [{bad}]"
+            if expected not in str(e):
+                failures.append(f"{what}: {expected!r} not in {str(e)!r}")
+        else:
+            failures.append(f"{what}: no error")
+
+    for what, (overrides, words) in op_calls.items():
+        args = dict(labels=labels, gate=batch.gate)
+        if rank == bad:
+            args.update(overrides)
+        expect(
+            what,
+            words,
+            fused_iwn,
+            x,
+            **args,
+            running_mean=rm,
+            running_std=rs,
+            training=True,
+            num_classes=batch.C,
+            process_group=groups["world"],
+        )
+    for what, (layer, good, wrong, words) in layer_calls.items():
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        expect(what, words, layer, wrong if rank == bad else good, labels)
+        for k, v in layer.state_dict().items():
+            if not torch.equal(v, before[k]):
+                failures.append(f"{what}: {k} changed")
+    assert not failures, failures
+    assert torch.equal(rm, torch.zeros_like(rm)) and torch.equal(rs, torch.ones_like(rs))
+    # Far within the collective timeout: no rank waited for another to give up.
+    assert time.monotonic() - started < COLLECTIVE_TIMEOUT_S / 2, time.monotonic() - started
+    compare_with_one_process(batch, rank, groups["world"], list(range(world)))

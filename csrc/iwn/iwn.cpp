@@ -51,6 +51,11 @@ constexpr int64_t kMaxKeys = int64_t(1) << 31;
 // of float32, about 87,000 classes of 768 features.
 constexpr int64_t kMaxGroupValues = int64_t(1) << 26;
 
+// The statistics' dtype: float64 for float64 x, else float32.
+at::ScalarType accumulation_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // What a valid call computes with.
 struct IWNCall {
   int64_t num_tasks, num_classes;  // num_classes: 1 when not training
@@ -417,6 +422,48 @@ Moments moments_of_all_ranks(const Moments& local, bool failed, const RankGroup&
   return merge_moments(per_rank.narrow_symint(1, 1, G).contiguous(), part(0), part(1), part(2));
 }
 
+// A synchronized training call whose own checks raise still takes part in
+// the forward's all-gather, flagged, so that no rank is left waiting in it:
+// checks() runs, and on failure this rank sends the flag with zeros of the
+// payload its group expects (num_classes times the tasks of a (T, F)
+// running_mean, or 1, groups of x's features, in x's accumulation dtype),
+// then every rank raises and this one its own error. Where the arguments do
+// not give that payload (x not a floating tensor, num_classes missing) the
+// rank raises alone, as nn.SyncBatchNorm's checks do. A trace (fake tensors)
+// communicates nothing.
+template <typename Checks>
+auto joining_the_gather(const Tensor& x, const optional<Tensor>& running_mean,
+                        optional<int64_t> num_classes, const optional<c10::string_view>& group_name,
+                        int64_t group_size, bool training, int64_t feature_dim,
+                        const Checks& checks) -> decltype(checks()) {
+  try {
+    return checks();
+  } catch (const c10::Error&) {
+    const bool payload_known = training && group_name.has_value() && group_size > 1 &&
+                               num_classes.has_value() && *num_classes >= 1 && x.defined() &&
+                               !at::isTensorSubclassLike(x) &&
+                               at::isFloatingType(x.scalar_type()) && x.dim() >= 1 &&
+                               feature_dim >= -x.dim() && feature_dim < x.dim();
+    if (!payload_known) throw;
+    const int64_t F = x.size(feature_dim < 0 ? feature_dim + x.dim() : feature_dim);
+    const int64_t T = running_mean.has_value() && running_mean->defined() &&
+                              !at::isTensorSubclassLike(*running_mean) && running_mean->dim() == 2
+                          ? running_mean->size(0)
+                          : 1;
+    if (F < 1 || T < 1 || *num_classes > kMaxKeys / T || T * *num_classes > kMaxGroupValues / F)
+      throw;
+    const int64_t G = T * *num_classes;
+    const auto opts = x.options().dtype(accumulation_type(x));
+    const Tensor zeros = at::zeros({G, F}, opts);
+    try {  // raises on every rank: this rank flagged its failure
+      moments_of_all_ranks({at::zeros({G}, opts), zeros, zeros, zeros}, /*failed=*/true,
+                           RankGroup{std::string(*group_name), group_size});
+    } catch (const c10::Error&) {
+    }
+    throw;
+  }
+}
+
 // The op _iwn_all_ranks_moments (what InstanceWeightedNorm.fit merges its
 // shards with): moments_of_all_ranks for a process group's name and size.
 Moments all_ranks_moments_op(const Tensor& count, const Tensor& mean, const Tensor& m2,
@@ -428,10 +475,6 @@ Moments all_ranks_moments_op(const Tensor& count, const Tensor& mean, const Tens
 }
 
 // -- the forward, phase by phase -------------------------------------------------------
-
-at::ScalarType accumulation_type(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 optional<Tensor> flat(const optional<Tensor>& t) {
   return t.has_value() ? optional<Tensor>(t->reshape(-1)) : std::nullopt;
@@ -645,9 +688,12 @@ Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels, const opti
                      c10::string_view std_mode, optional<int64_t> num_classes,
                      optional<c10::string_view> group_name, int64_t group_size,
                      int64_t feature_dim) {
-  const IWNCall call =
-      check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                     momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
+  const IWNCall call = joining_the_gather(
+      x, running_mean, num_classes, group_name, group_size, training, feature_dim, [&] {
+        return check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
+                              training, momentum, eps, std_mode, num_classes, group_name,
+                              group_size, feature_dim);
+      });
   return forward_without_autograd(x, labels, gate, weight, bias, running_mean, running_std,
                                   task_ids, training, momentum, eps, call);
 }
@@ -661,13 +707,17 @@ void check_args_op(const Tensor& x, const optional<Tensor>& labels, const option
                    const optional<Tensor>& task_ids, bool training, double momentum, double eps,
                    c10::string_view std_mode, optional<int64_t> num_classes,
                    optional<c10::string_view> group_name, int64_t group_size, int64_t feature_dim) {
-  const IWNCall call =
-      check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                     momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
-  if (training)
-    group_keys(flat(labels), flat(task_ids), call.num_tasks, call.num_classes);
-  else if (task_ids.has_value())
-    group_keys(std::nullopt, flat(task_ids), call.num_tasks, 1);
+  // (in a compiled graph, the synchronized call's checks: see joining_the_gather)
+  joining_the_gather(
+      x, running_mean, num_classes, group_name, group_size, training, feature_dim, [&] {
+        const IWNCall call = check_iwn_args(
+            x, labels, gate, weight, bias, running_mean, running_std, task_ids, training, momentum,
+            eps, std_mode, num_classes, group_name, group_size, feature_dim);
+        if (training)
+          group_keys(flat(labels), flat(task_ids), call.num_tasks, call.num_classes);
+        else if (task_ids.has_value())
+          group_keys(std::nullopt, flat(task_ids), call.num_tasks, 1);
+      });
 }
 
 // Its Autograd kernel: in a trace (fake or functional tensors, which carry
@@ -810,9 +860,12 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels, const optio
                     c10::string_view std_mode, optional<int64_t> num_classes,
                     optional<c10::string_view> group_name, int64_t group_size,
                     int64_t feature_dim) {
-  const IWNCall call =
-      check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                     momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
+  const IWNCall call = joining_the_gather(
+      x, running_mean, num_classes, group_name, group_size, training, feature_dim, [&] {
+        return check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
+                              training, momentum, eps, std_mode, num_classes, group_name,
+                              group_size, feature_dim);
+      });
   refuse_forward_ad("fused_iwn", x, gate, weight, bias, running_mean, running_std);
   if (!autograd_records(x, gate, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

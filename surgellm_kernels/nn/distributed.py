@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import fused_iwn
-from ..ops.iwn import rank_group
+from ..ops.iwn import join_failed_training_step, rank_group
 from ..ops.reference import accumulation_dtype
 from .iwn import (
     FusedInstanceWeightedNorm,
@@ -97,6 +97,19 @@ class _SyncedNorm:
         # others waiting in the collective.
         return rank_group(self._training_group(), x) is not None
 
+    def _check_input(self, x: Tensor) -> None:
+        # The op's own checks take part in the forward's all-gather when they
+        # fail (none is left waiting); these, before the op, do so too.
+        try:
+            super()._check_input(x)
+        except ValueError:
+            ranks = rank_group(self._training_group(), x) if self._uses_batch_statistics() else None
+            if ranks is not None:
+                join_failed_training_step(
+                    ranks, self.num_tasks * self.num_classes, self.num_features, x.dtype, x.device
+                )
+            raise
+
     # Called by the layer's forward in place of the static functional.
     def _iwn(self, *args, **kwargs) -> Tensor:
         return fused_iwn(*args, **kwargs, process_group=self._training_group())
@@ -111,9 +124,13 @@ class SyncInstanceWeightedNorm(_SyncedNorm, FusedInstanceWeightedNorm):
     without it the module behaves as :class:`FusedInstanceWeightedNorm`).
     Every rank must run the module on each training step, a rank without
     rows too (with x of shape (0, F)). Running statistics end identical on
-    every rank. :meth:`fit` communicates only when given a process group
-    (``fit(process_group=norm.process_group)``), so that fitting on one rank
-    and broadcasting the buffers stays possible.
+    every rank. :meth:`fit` communicates only when given a process group,
+    the one the module syncs over (``torch.distributed.group.WORLD`` when
+    ``process_group`` is None), so that fitting on one rank alone stays
+    possible: the others then take its buffers with ``load_state_dict`` (on
+    a GPU, a collective's in-place result such as
+    ``torch.distributed.broadcast`` is not seen; see
+    :class:`InstanceWeightedNorm`).
     """
 
     def __init__(

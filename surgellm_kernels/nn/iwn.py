@@ -207,12 +207,18 @@ class InstanceWeightedNorm(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.num_features:
             raise ValueError(f"x must have shape (..., {self.num_features}), got {tuple(x.shape)}")
 
+    def _check_input(self, x: Tensor) -> None:
+        self._check_width(x)
+
+    def _uses_batch_statistics(self) -> bool:
+        return self.training and not self._uses_fitted_statistics()
+
     def forward(
         self, x: Tensor, labels: Optional[Tensor] = None, task_ids: Optional[Tensor] = None
     ) -> Tensor:
         if isinstance(x, Tensor):
-            self._check_width(x)
-        batch_stats = self.training and not self._uses_fitted_statistics()
+            self._check_input(x)
+        batch_stats = self._uses_batch_statistics()
         return self._iwn(
             x,
             labels if batch_stats else None,
@@ -507,6 +513,17 @@ class _InstanceWeightedNormNd(nn.Module):
     def _check_input_dim(self, x: Tensor) -> None:
         raise NotImplementedError
 
+    def _check_input(self, x: Tensor) -> None:
+        self._check_input_dim(x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"x must have num_features={self.num_features} channels in dimension 1, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def _uses_batch_statistics(self) -> bool:
+        return self.training or self.running_mean is None
+
     def _batch_spans_ranks(self, x: Tensor) -> bool:
         """Whether x's batch statistics are those of several ranks' batches."""
         return False
@@ -515,13 +532,8 @@ class _InstanceWeightedNormNd(nn.Module):
         self, x: Tensor, labels: Optional[Tensor] = None, task_ids: Optional[Tensor] = None
     ) -> Tensor:
         if isinstance(x, Tensor):
-            self._check_input_dim(x)
-            if x.shape[1] != self.num_features:
-                raise ValueError(
-                    f"x must have num_features={self.num_features} channels in dimension 1, "
-                    f"got shape {tuple(x.shape)}"
-                )
-        batch_stats = self.training or self.running_mean is None
+            self._check_input(x)
+        batch_stats = self._uses_batch_statistics()
         if (
             batch_stats
             and isinstance(x, Tensor)

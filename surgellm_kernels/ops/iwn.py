@@ -188,6 +188,26 @@ def rank_group(process_group, like: Tensor) -> Optional[RankGroup]:
     return RankGroup(process_group.group_name, size) if size > 1 else None
 
 
+def join_failed_training_step(
+    ranks: RankGroup, num_groups: int, num_features: int, dtype: torch.dtype, device
+) -> None:
+    """For a caller whose own checks of a synchronized training call failed
+    before the op ran: this rank takes part in the forward's all-gather of
+    the moments (``num_groups`` (task, class) groups of ``num_features``,
+    as the other ranks' calls send them), flagged as failed, so that every
+    rank raises and none is left waiting. The caller then raises its error."""
+    if _backend.extension() is None:  # no op to take part with (nor a synchronized call)
+        return
+    acc = accumulation_dtype(dtype if dtype.is_floating_point else torch.get_default_dtype())
+    zeros = torch.zeros(num_groups, num_features, dtype=acc, device=device)
+    try:
+        torch.ops.surgellm._iwn_all_ranks_moments(
+            zeros[:, 0], zeros, zeros, zeros, True, ranks.name, ranks.size
+        )
+    except ValueError:  # every rank raises, this one too: it flagged the failure
+        pass
+
+
 def fused_iwn(
     x: Tensor,
     labels: Optional[Tensor] = None,
