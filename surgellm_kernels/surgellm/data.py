@@ -1,4 +1,4 @@
-"""JSON-lines data for the training and evaluation commands, read with ``datasets``.
+"""JSON-lines data for the training and evaluation commands, as ``datasets`` tables.
 
 One example per line, an object with a string ``text``, a non-empty string
 ``task`` and a ``label`` that is an int or a string (other fields are
@@ -14,6 +14,7 @@ indices. Nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Union
@@ -32,7 +33,8 @@ class DataError(ValueError):
     """Bad data; the message starts with ``<path>:<line>:`` (or ``<path>:``)."""
 
 
-def _where(path, line: Optional[int]) -> str:
+def where(path, line: Optional[int]) -> str:
+    """``path:line`` (``path`` alone without a line), as messages name a row."""
     return f"{path}:{line}" if line else f"{path}"
 
 
@@ -94,15 +96,15 @@ def _parse(path: str):
                 record = json.loads(raw, object_pairs_hook=_without_repeated_keys)
             except json.JSONDecodeError as exc:
                 raise DataError(
-                    f"{_where(path, line)}: invalid JSON: {exc.msg} (column {exc.colno})"
+                    f"{where(path, line)}: invalid JSON: {exc.msg} (column {exc.colno})"
                 ) from None
             except ValueError as exc:  # a key given twice: which one would count?
-                raise DataError(f"{_where(path, line)}: {exc}") from None
+                raise DataError(f"{where(path, line)}: {exc}") from None
             except RecursionError:
-                raise DataError(f"{_where(path, line)}: invalid JSON: nested too deeply") from None
+                raise DataError(f"{where(path, line)}: invalid JSON: nested too deeply") from None
             problem = _row_problem(record)
             if problem:
-                raise DataError(f"{_where(path, line)}: {problem}")
+                raise DataError(f"{where(path, line)}: {problem}")
             label = record["label"]
             out["text"].append(record["text"])
             out["task"].append(record["task"])
@@ -114,49 +116,57 @@ def _parse(path: str):
     return parse
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """``datasets``' progress bars off inside (the library prints nothing),
+    as they were after."""
+    import datasets
+
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
 def load_examples(path: Union[str, os.PathLike]):
     """The examples of the JSON-lines file ``path``, checked (see the module
     docstring): a ``datasets.Dataset`` with the columns ``text``, ``task``,
     ``label`` (as text), ``label_is_int`` and ``line`` (for messages).
-    ``datasets`` reads the lines; each is parsed and checked where its line
-    number is known, so that a bad one is named (a JSON reader over the whole
-    file names none, and wants one type per field)."""
+    The file is read as it is now, by its own name (no pattern, no cache);
+    its lines end at \\n, \\r\\n or \\r, as editors count them. Each is
+    parsed and checked where its line number is known, so that a bad one is
+    named (a JSON reader over the whole file names none, and wants one type
+    per field)."""
     import datasets
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         why = "it is a directory" if os.path.isdir(path) else "no such file"
         raise DataError(f"{path}: cannot read the file: {why}")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: no examples (the file is empty)")
-    progress = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
     try:
-        try:
-            lines = datasets.load_dataset(
-                "text", data_files=path, split="train", keep_in_memory=True
-            )
-        except Exception as exc:  # unreadable, or not UTF-8
-            cause = exc.__cause__ or exc
-            line, column = (
-                _first_undecodable(path) if isinstance(cause, UnicodeDecodeError) else (None, 0)
-            )
-            if line is not None:  # name the line, as for bad JSON
-                raise DataError(
-                    f"{_where(path, line)}: not UTF-8 text: byte {column} of the line "
-                    f"cannot be decoded ({cause.reason}); save the file as UTF-8"
-                ) from None
-            raise DataError(f"{path}: cannot read the file: {cause}") from None
-        data = lines.map(
+        with open(path, encoding="utf-8") as f:
+            lines = [line.removesuffix("\n") for line in f]
+    except UnicodeDecodeError as exc:
+        line, column = _first_undecodable(path)
+        raise DataError(
+            f"{where(path, line)}: not UTF-8 text: byte {column} of the line "
+            f"cannot be decoded ({exc.reason}); save the file as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
+    if not lines:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    with quiet_datasets():
+        data = datasets.Dataset.from_dict({"text": lines}).map(
             _parse(path),
             batched=True,
             with_indices=True,
-            remove_columns=lines.column_names,
+            remove_columns=["text"],
             keep_in_memory=True,
         )
-    finally:
-        if progress:
-            datasets.enable_progress_bars()
     if len(data) == 0:
         raise DataError(f"{path}: no examples (the file is empty)")
     return data
@@ -204,7 +214,7 @@ class LabelSpace:
             if task in first and isinstance(first[task][0], int) != is_int:
                 head, head_line = first[task]
                 raise DataError(
-                    f"{_where(path, line)}: task {task!r} mixes int and string "
+                    f"{where(path, line)}: task {task!r} mixes int and string "
                     f"labels: label {label!r} here, label {head!r} on line "
                     f"{head_line}"
                 )
@@ -214,7 +224,7 @@ class LabelSpace:
             if len(labels) < 2:
                 label, line = first[task]
                 raise DataError(
-                    f"{_where(path, line)}: task {task!r} has a single class "
+                    f"{where(path, line)}: task {task!r} has a single class "
                     f"({label!r}) in the training data; a task needs at least 2"
                 )
         return cls({t: sorted(labels) for t, labels in seen.items()})
@@ -237,13 +247,13 @@ class LabelSpace:
             index = self._index.get(task)
             if index is None:
                 raise DataError(
-                    f"{_where(path, line)}: unknown task {task!r} (training "
+                    f"{where(path, line)}: unknown task {task!r} (training "
                     f"tasks: {', '.join(self.tasks)})"
                 )
             i = index.get(label)  # labels are matched by their text
             if i is None:
                 raise DataError(
-                    f"{_where(path, line)}: label {_shown(label, is_int)} of task "
+                    f"{where(path, line)}: label {_shown(label, is_int)} of task "
                     f"{task!r} does not occur in the training data"
                 )
             encoded.append(i)

@@ -95,9 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # OSError, ValueError, safetensors' error for a damaged file, ...
         return fail(f"cannot load the model from {args.model}: {type(exc).__name__}: {exc}")
     try:
-        data = processor.map(rows, labels)
-    except ValueError as exc:  # e.g. a prefix longer than the model's max_seq_length
-        return fail(f"{args.data}: {exc}")
+        data = processor.map(rows, labels, args.data)
+    except ValueError as exc:  # e.g. a row whose prefix max_seq_length cannot hold
+        return fail(str(exc) if isinstance(exc, DataError) else f"{args.data}: {exc}")
     patch_for_kernels(model, args.kernels)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(

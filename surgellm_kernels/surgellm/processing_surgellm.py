@@ -13,6 +13,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer
 
 from .configuration_surgellm import SurgeLLMConfig
+from .data import DataError, quiet_datasets, where
 from .features import task_prefix
 
 __all__ = ["SurgeLLMProcessor"]
@@ -177,34 +178,49 @@ class SurgeLLMProcessor:
         return ids
 
     def _check_prefix_fits(self, prefixes: List[str]) -> None:
-        longest = max(
-            len(ids) for ids in self.tokenizer(prefixes, add_special_tokens=False)["input_ids"]
-        )
+        tokens = self.tokenizer(prefixes, add_special_tokens=False)["input_ids"]
+        lengths = [len(ids) for ids in tokens]
+        longest = max(lengths)
         needed = longest + self.tokenizer.num_special_tokens_to_add() + 1
         if needed > self.config.max_seq_length:
-            raise ValueError(
+            raise _PrefixTooLong(
+                lengths.index(longest),
                 f"max_seq_length={self.config.max_seq_length} cannot hold the task "
                 f"prefix ({longest} tokens) and any text: use a max_seq_length of "
-                f"at least {needed}"
+                f"at least {needed}",
             )
 
-    def map(self, rows, labels: Sequence[int]):
+    def map(self, rows, labels: Sequence[int], source: Optional[str] = None):
         """A ``datasets.Dataset`` of ``text`` and ``task`` columns, with the
         class index of each row in ``labels``, as unpadded model inputs (a
-        data collator such as ``DataCollatorWithPadding`` pads each batch)."""
-        return rows.map(
-            lambda batch, rows_: self(
-                batch["text"],
-                batch["task"],
-                [labels[i] for i in rows_],
-                padding=False,
-                return_tensors=None,
-            ),
-            batched=True,
-            with_indices=True,
-            remove_columns=rows.column_names,
-            keep_in_memory=True,
-        )
+        data collator such as ``DataCollatorWithPadding`` pads each batch).
+        ``source``: the file ``rows`` were read from (``load_examples``); a
+        row whose task prefix leaves no room for its text raises
+        ``DataError`` naming its file and line."""
+
+        def encode(batch, indices):
+            try:
+                return self(
+                    batch["text"],
+                    batch["task"],
+                    [labels[i] for i in indices],
+                    padding=False,
+                    return_tensors=None,
+                )
+            except _PrefixTooLong as exc:
+                row = indices[exc.index]
+                line = batch["line"][exc.index] if "line" in batch else None
+                shown = where(source, line) if source else f"row {row}"
+                raise DataError(f"{shown}: {exc}") from None
+
+        with quiet_datasets():
+            return rows.map(
+                encode,
+                batched=True,
+                with_indices=True,
+                remove_columns=rows.column_names,
+                keep_in_memory=True,
+            )
 
     def decode(self, logits: Tensor, task_ids) -> List:
         """Each row's predicted class: its name when the config names them.
@@ -230,6 +246,14 @@ class SurgeLLMProcessor:
             return predictions
         tasks = self.config.task_names
         return [names[tasks[t]][p] for t, p in zip(ids.tolist(), predictions)]
+
+
+class _PrefixTooLong(ValueError):
+    """The task prefix of row ``index`` of a call leaves no room for text."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
 
 
 def _is_integer_dtype(dtype: torch.dtype) -> bool:

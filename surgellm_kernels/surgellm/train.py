@@ -181,7 +181,13 @@ def parse(argv: Optional[Sequence[str]] = None):
         raise UsageError(
             "--resume (the last checkpoint in --output) and --resume-from-checkpoint: give one"
         )
-    resuming = options.resume or training_args.resume_from_checkpoint
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint and not os.path.isdir(checkpoint):
+        raise UsageError(
+            f"argument --resume-from-checkpoint: {checkpoint} is not a directory (pass a "
+            "checkpoint-N directory of a run)"
+        )
+    resuming = options.resume or checkpoint
     if not resuming and holds_a_run(output):
         # Trainer would mix this run's checkpoints with those there (and keep,
         # or later resume from, the other run's)
@@ -242,6 +248,26 @@ def resume_mismatch(checkpoint: str, config) -> Optional[str]:
         else:
             shown.append(f"{k} {saved[k]!r} there, {built[k]!r} here")
     return "; ".join(shown)
+
+
+def saved_statistics_frozen(checkpoint: str) -> Optional[bool]:
+    """Whether the IWN statistics saved in ``checkpoint`` are fitted (frozen),
+    as every checkpoint of an ``--iwn-statistics fit`` run has them; None
+    where it holds no IWN (or no single-file weights)."""
+    import torch
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+
+    key = "surgellm.iwn.statistics_frozen"
+    path = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+    if os.path.isfile(path):
+        with safe_open(path, "pt") as f:
+            return bool(f.get_tensor(key)) if key in f.keys() else None
+    path = os.path.join(checkpoint, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return bool(state[key]) if key in state else None
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -308,8 +334,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             **overrides(options),
         )
         processor = SurgeLLMProcessor(tokenizer, model.config)
-        train_data = processor.map(train_rows, train_labels)
-        eval_data = processor.map(eval_rows, eval_labels)
+        train_data = processor.map(train_rows, train_labels, options.train)
+        eval_data = processor.map(eval_rows, eval_labels, options.eval or options.train)
     except OSError as exc:
         return fail(f"cannot load the encoder {options.encoder!r}: {exc}")
     except (ValueError, TypeError) as exc:  # e.g. a max_length too short for the prefix
@@ -358,6 +384,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return fail(
                 f"{flag}: {resume} holds a model of other data or options ({mismatch}): "
                 "pass the data and options of its run, or a new --output"
+            )
+        fitted = saved_statistics_frozen(resume) if config.iwn else None
+        if fitted is not None and fitted != (options.iwn_statistics == "fit"):
+            return fail(
+                f"{flag}: {resume} was trained with --iwn-statistics "
+                f"{'fit' if fitted else 'batch'}, this run has {options.iwn_statistics}: "
+                "pass the options of its run, or a new --output"
             )
     result = trainer.train(resume_from_checkpoint=resume)
 

@@ -326,7 +326,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ._cli import fail
-    from .data import DataError, load_examples
+    from .data import DataError, LabelSpace, load_examples
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -345,6 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail(f"argument {flag}: invalid value {value!r}: {e}", parser)
     try:
         examples = load_examples(args.data)
+        LabelSpace.from_examples(examples, args.data)  # the training command's label checks
         by_task: Dict[str, Tuple[list, list]] = {}
         for text, task, label in zip(examples["text"], examples["task"], examples["label"]):
             texts, labels = by_task.setdefault(task, ([], []))

@@ -334,6 +334,25 @@ def test_load_examples_errors(tmp_path, line, message):
     assert str(info.value).startswith(f"{path}:3: ") and message in str(info.value)
 
 
+def test_load_examples_reads_the_file_named_as_it_is_now(tmp_path):
+    """A name is no pattern (?, [1]), a file rewritten with the same size and
+    time is read again (no cache), and lines end at \\n, \\r\\n or \\r."""
+    pattern = write_jsonl(tmp_path / "d?.jsonl", [record(label="one")])
+    write_jsonl(tmp_path / "dX.jsonl", [record(label="other")])
+    assert list(load_examples(pattern)["label"]) == ["one"]
+    brackets = write_jsonl(tmp_path / "e[1].jsonl", [record(label="two")])
+    assert list(load_examples(brackets)["label"]) == ["two"]
+    stamp = os.stat(pattern).st_mtime_ns
+    write_jsonl(pattern, [record(label="ONE")])  # the same size
+    os.utime(pattern, ns=(stamp, stamp))
+    assert list(load_examples(pattern)["label"]) == ["ONE"]
+    good = json.dumps(GOOD).encode()
+    path = tmp_path / "ends.jsonl"
+    path.write_bytes(good + b"\r\n" + good + b"\r" + b'{"text": 1}' + b"\n")
+    with pytest.raises(DataError, match=r"ends\.jsonl:3: missing field"):
+        load_examples(path)
+
+
 @pytest.mark.parametrize("first", [b"", b"\n"], ids=["a line", "an empty line"])
 def test_a_byte_order_mark_is_read_as_utf8(tmp_path, first):
     path = tmp_path / "d.jsonl"
@@ -446,6 +465,16 @@ def test_bad_arguments(tmp_path, capsys):
         ("--config-overrides", "iwn=False", "'iwn' is not a field it sets"),
         ("--config-overrides", "alpha=abc", "alpha must be a float, got 'abc'"),
         ("--label-smoothing-factor", "0.1", "label_smoothing_factor=0.1 is not supported"),
+        (
+            "--train-sampling-strategy",
+            "sequential",
+            "train_sampling_strategy='sequential' is not supported",
+        ),
+        (
+            "--resume-from-checkpoint",
+            str(tmp_path / "no-such-checkpoint"),
+            "argument --resume-from-checkpoint: " + str(tmp_path / "no-such-checkpoint"),
+        ),
     ):
         assert train.main([*base, "--output", str(tmp_path / "new"), flag, value]) == 2
         err = capsys.readouterr().err
@@ -527,7 +556,17 @@ def test_train_command_bad_lexicon(files, tmp_path, capsys):
 def test_train_command_model_errors(files, tmp_path, capsys):
     args = ["--train", files["train"], "--output", str(tmp_path / "out")]
     assert train.main(args + ["--encoder", files["encoder"], "--max-length", "20"]) == 2
-    assert "error: max_seq_length=20 cannot hold the task prefix" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: {files['train']}:" in err and "max_seq_length=20 cannot hold" in err
+    # The row named is the one whose prefix the length cannot hold: counts of many digits.
+    with open(files["train"]) as f:
+        rows = f.read().splitlines()
+    rows[3:3] = ["", json.dumps(record(text="great film " + "! " * 123456))]
+    long_row = write_jsonl(tmp_path / "long_row.jsonl", rows)
+    long_args = ["--train", long_row, "--output", str(tmp_path / "out"), "--max-length", "40"]
+    assert train.main([*long_args, "--encoder", files["encoder"]]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {long_row}:5: max_seq_length=40 cannot hold" in err, err
     bad_eps = ["--encoder", files["encoder"], "--config-overrides", "eps=0"]
     assert train.main(args + bad_eps) == 2  # the config's check, before any step
     assert "error: eps must be a positive number, got 0.0" in capsys.readouterr().err
@@ -549,6 +588,20 @@ def test_evaluate_command_label_errors(files, trained, tmp_path, capsys):
     data = write_jsonl(tmp_path / "e.jsonl", [record(task="other")])
     assert evaluate.main(["--model", str(out), "--data", data]) == 2
     assert capsys.readouterr().err.startswith(f"error: {data}:1: unknown task 'other'")
+
+
+def test_processor_map_prints_nothing(files, trained, capfd):
+    """The library prints through warnings and logging only: no progress bar."""
+    from surgellm_kernels.surgellm import SurgeLLMProcessor
+
+    out, result = trained
+    assert result.returncode == 0, result.stderr
+    processor = SurgeLLMProcessor.from_pretrained(out)
+    rows = load_examples(files["eval"])
+    labels = LabelSpace(processor.config.class_names).encode(rows, files["eval"])
+    capfd.readouterr()
+    assert len(processor.map(rows, labels)) == len(rows)
+    assert capfd.readouterr() == ("", "")
 
 
 def test_evaluate_command_damaged_weights(files, trained, tmp_path, capsys):
@@ -597,6 +650,10 @@ def test_resume_takes_the_steps_of_the_whole_run(files, tmp_path, capsys):
     capsys.readouterr()
     assert train.main([*again, "--output", str(resumed), "--resume"]) == 2
     assert "holds a model of other data or options (tasks" in capsys.readouterr().err
+    # a run of fitted IWN statistics does not go on with batch statistics
+    batch_statistics = ["--iwn-statistics", "batch"]
+    assert train.main([*args, "--output", str(resumed), "--resume", *batch_statistics]) == 2
+    assert "was trained with --iwn-statistics fit, this run has batch" in capsys.readouterr().err
 
 
 def test_the_sampler_pass_is_the_epoch():

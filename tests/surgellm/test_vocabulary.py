@@ -343,7 +343,14 @@ def test_vocabulary_command_errors(tmp_path, capsys):
     data.write_text(json.dumps({"text": "a b", "label": "x", "task": "t"}) + "\n")
     assert main(["--data", str(data), "--output", str(tmp_path / "v.json")]) == 2
     err = capsys.readouterr().err
-    assert "error:" in err and "task 't'" in err and "one class only" in err
+    assert err.startswith(f"error: {data}:1: task 't' has a single class ('x')"), err
+    mixed = tmp_path / "mixed.jsonl"  # 1 and "1": the training command's error too
+    mixed.write_text(
+        "".join(json.dumps({"text": "a", "label": v, "task": "t"}) + "\n" for v in (1, "1", 2))
+    )
+    assert main(["--data", str(mixed), "--output", str(tmp_path / "v.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {mixed}:2: task 't' mixes int and string labels"), err
     assert (
         main(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "v.json")]) == 2
     )
