@@ -64,6 +64,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.section("surgellm_kernels benchmark report (ratios within this run)")
     info = harness.machine_info()
     tr.write_line(", ".join(f"{k}: {v}" for k, v in info.items() if k != "backends"))
+    load, cores = info.get("load average (1 min)"), info["cores"] or 1
+    if load is not None and load > 1.5 * cores:
+        tr.write_line(
+            f"note: the machine was busy (load average {load} on {cores} cores): other work "
+            "shared the cores, so these ratios are noisier than on an idle machine"
+        )
     tr.write_line(f"backends: {info['backends']}")
     tr.write_line(harness.CAPTION)
     tr.write_line(_REPORT.format_tables())

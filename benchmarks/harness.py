@@ -670,6 +670,8 @@ def machine_info():
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+    if hasattr(os, "getloadavg"):  # other work shares the cores: the ratios are noisier
+        info["load average (1 min)"] = round(os.getloadavg()[0], 2)
     try:
         import triton
 

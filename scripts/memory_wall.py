@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from surgellm_kernels import fused_iwn, fused_surgical_gate
+from surgellm_kernels.ops import _backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from harness import (  # noqa: E402  (the benchmark suite's)
@@ -213,6 +214,10 @@ def main():
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     print(f"{args.dtype}, {args.threads} threads, medians of {args.rounds} interleaved rounds")
+    running = {op: _backend.planned_backend(op, "cpu") for op in ("iwn", "surgical_gate")}
+    print("backends: " + ", ".join(f"{op} {name}" for op, name in running.items()))
+    if "cpu" not in running.values() or len(set(running.values())) > 1:
+        print("  (not the CPU kernels: these ratios measure what runs instead)")
     print(f"{'shape':>11} {'addcmul ms':>10} " + " ".join(f"{k + ' (floor)':>32}" for k in FLOORS))
     for N, d in args.shapes:
         m, ratios = measure(N, d, dtype, args.rounds, args.calls)

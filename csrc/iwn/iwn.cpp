@@ -455,10 +455,12 @@ auto joining_the_gather(const Tensor& x, const optional<Tensor>& running_mean,
     const int64_t G = T * *num_classes;
     const auto opts = x.options().dtype(accumulation_type(x));
     const Tensor zeros = at::zeros({G, F}, opts);
-    try {  // raises on every rank: this rank flagged its failure
+    // Raises on every rank (this one flagged its failure), or cannot reach
+    // the group (an unknown name): this rank's own error is the one to raise.
+    try {
       moments_of_all_ranks({at::zeros({G}, opts), zeros, zeros, zeros}, /*failed=*/true,
                            RankGroup{std::string(*group_name), group_size});
-    } catch (const c10::Error&) {
+    } catch (const std::exception&) {
     }
     throw;
   }

@@ -53,11 +53,12 @@ struct BlendRows {
   // is not, nor finite for huge h - s), and s where h == s (bar exact
   // rounding ties), as the GPU kernels give it: a row of h == s constant
   // stays constant, z = bias. The DEFAULT build has no fused instructions, and
-  // its two roundings miss s about once in a hundred values: it picks s there.
+  // its two roundings miss s about once in a hundred values: it picks s there
+  // (where g is a number: a NaN gate gives NaN, as the fused steps do).
   static Vec mix(const Vec& g, const Vec& hv, const Vec& sv) {
     const Vec v = at::vec::fmadd(g, hv, at::vec::fnmadd(g, sv, sv));
 #if defined(CPU_CAPABILITY_DEFAULT)
-    return Vec::blendv(v, sv, hv == sv);
+    return Vec::blendv(v, sv, (hv == sv) & (g == g));
 #else
     return v;
 #endif

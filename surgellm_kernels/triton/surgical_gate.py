@@ -103,15 +103,16 @@ def _row_blocks(n: int, rows: int):
 def _blend(h_ptr, s_ptr, l_ptr, offs, mask, ACC: tl.constexpr):
     """h, s, g = sigmoid(logits) and v = g * h + (1 - g) * s of a tile at int64
     ``offs``, all in acc; 0 (and g = 1/2) where ``mask`` is off. v is s
-    where h == s, as the C++ kernels' two fused steps g * h + (s - g * s)
-    give it, so that a row of h == s constant stays constant (z = bias):
-    g * h + (1 - g) * s is often an ulp off there, which LayerNorm's
-    1 / sqrt(eps) magnifies. (A select, not the fused steps: with those the
-    float64 backward spilled registers on sm_80.)"""
+    where h == s and g is a number, as the C++ kernels' two fused steps
+    g * h + (s - g * s) give it, so that a row of h == s constant stays
+    constant (z = bias): g * h + (1 - g) * s is often an ulp off there,
+    which LayerNorm's 1 / sqrt(eps) magnifies; a NaN gate gives NaN. (A
+    select, not the fused steps: with those the float64 backward spilled
+    registers on sm_80.)"""
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
     s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
     g = tl.sigmoid(tl.load(l_ptr + offs, mask=mask, other=0.0).to(ACC))
-    return h, s, g, tl.where(h == s, s, g * h + (1.0 - g) * s)
+    return h, s, g, tl.where((h == s) & (g == g), s, g * h + (1.0 - g) * s)
 
 
 # -- forward --------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def test_triton_rows_in_blocks(backend, device, dtype, d, rows, force_backend, m
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rows_of_h_equal_to_s_give_the_bias(backend, device, dtype, force_backend):
-    """Where h == s the blend is s whatever the gate, so a row of h == s
+    """Where h == s the blend is s whatever the (finite) gate, so a row of h == s
     constant gives z = bias exactly (Triton's g * h + (1 - g) * s was an ulp
     off there, 7.5e-5 in z at h = s = 3 in float32, 1 / sqrt(eps) times that)."""
     (h, s, logits), params, _ = _inputs((24, 37), dtype, logit_scale=4.0)
@@ -247,10 +247,15 @@ def test_rows_of_h_equal_to_s_give_the_bias(backend, device, dtype, force_backen
     for row, value in zip(rows, torch.linspace(-100, 100, len(rows)).tolist()):
         h[row], s[row] = value + 0.1, value + 0.1
     (h, s, logits), params = on_device(device, [h, s, logits], params)
+    logits[2, 36] = logits[4, 20] = float("nan")  # a tail's lane, a full vector's
     force_backend(backend)
     z = fused_surgical_gate(h, s, logits, **params)
-    expected = params["bias"].expand(len(rows), -1)
-    torch.testing.assert_close(z[list(rows)], expected, rtol=0, atol=0)
+    nan_rows = [2, 4]
+    kept = [row for row in rows if row not in nan_rows]
+    expected = params["bias"].expand(len(kept), -1)
+    torch.testing.assert_close(z[kept], expected, rtol=0, atol=0)
+    # ... but a NaN gate is not s: its row is NaN, as elsewhere (F.layer_norm's rows)
+    assert torch.isnan(z[nan_rows]).all()
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
