@@ -78,6 +78,9 @@ Rows rows_of(const Tensor& h, const Tensor& s, const Tensor& logits, const optio
   auto row = [&](const Tensor& t) { return t.reshape_symint({-1, d}).contiguous(); };
   auto vec = [&](const optional<Tensor>& t) -> optional<Tensor> {
     if (!t.has_value()) return std::nullopt;
+    // (as it is where it fits: aten::to would return it, an input returned
+    // by an op below autograd, which torch.library.opcheck refuses)
+    if (t->scalar_type() == acc && t->is_contiguous()) return t;
     return t->to(acc).contiguous();
   };
   return {row(h), row(s), row(logits), vec(weight), vec(bias)};

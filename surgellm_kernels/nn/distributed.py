@@ -110,6 +110,10 @@ class _SyncedNorm:
                 )
             raise
 
+    def _group_args(self, x: Tensor) -> dict:
+        ranks = rank_group(self._training_group(), x)
+        return {} if ranks is None else {"group_name": ranks.name, "group_size": ranks.size}
+
     # Called by the layer's forward in place of the static functional.
     def _iwn(self, *args, **kwargs) -> Tensor:
         return fused_iwn(*args, **kwargs, process_group=self._training_group())

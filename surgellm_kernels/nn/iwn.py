@@ -564,9 +564,8 @@ class _InstanceWeightedNormNd(nn.Module):
         momentum = 0.0 if self.momentum is None else self.momentum
         if tracking and self.momentum is None:  # BatchNorm's cumulative moving average
             momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
-        y = self._iwn(
-            x,
-            labels if batch_stats else None,
+        labels = labels if batch_stats else None
+        args = dict(
             weight=self.weight,
             bias=self.bias,
             running_mean=running[0],
@@ -579,9 +578,20 @@ class _InstanceWeightedNormNd(nn.Module):
             num_classes=self.num_classes,
             feature_dim=1,
         )
+        if tracking and torch.compiler.is_compiling() and self._iwn is not iwn_reference:
+            # Inductor may run the count's add (which depends on nothing the
+            # op computes) before the op, whose checks raise inside it: the
+            # checks as an op of their own, first, keep a failed call from
+            # counting. (The reference checks first itself.)
+            check_iwn_args(x, labels, **args, **self._group_args(x))
+        y = self._iwn(x, labels, **args)
         if tracking:  # after the call: a failed call changes nothing
             self.num_batches_tracked.add_(1)
         return y
+
+    def _group_args(self, x: Tensor) -> dict:
+        """The process group of a training call, as the checks op takes it."""
+        return {}
 
 
 class InstanceWeightedNorm1d(_InstanceWeightedNormNd):

@@ -11,6 +11,7 @@ class-statistics helpers here also serve the modules' ``fit``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -263,10 +264,11 @@ def _iwn_rows(
     """iwn_reference for features last, its arguments checked."""
     acc = accumulation_dtype(x.dtype)
     Fdim = x.shape[-1]
-    # the rows' count given, not inferred (-1 is ambiguous under vmap of no samples)
-    u = x.reshape(x.shape[:-1].numel(), Fdim).to(acc)
+    # the rows' count given, not inferred (-1 is ambiguous under vmap of no
+    # samples); math.prod, unlike Size.numel, keeps a symbolic batch symbolic (export)
+    u = x.reshape(math.prod(x.shape[:-1]), Fdim).to(acc)
     if gate is not None:
-        u = u * torch.sigmoid(gate.reshape(gate.shape[:-1].numel(), Fdim).to(acc))
+        u = u * torch.sigmoid(gate.reshape(math.prod(gate.shape[:-1]), Fdim).to(acc))
     tasks = None if task_ids is None else task_ids.flatten()
     if running_mean is not None:
         num_tasks = running_mean.shape[0] if running_mean.dim() == 2 else 1

@@ -638,6 +638,23 @@ def test_compile_fullgraph_both_layouts(channels_last):
     assert_close(compiled_layer.running_std, eager_layer.running_std)
 
 
+def test_compiled_call_that_fails_counts_no_batch():
+    """Inductor scheduled the count's add before the op, whose checks raise
+    inside it: num_batches_tracked grew with every failed call (and with
+    momentum=None, the next running statistics were off)."""
+    torch._dynamo.reset()
+    layer = FusedInstanceWeightedNorm1d(5, 3)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(8, 5)
+    compiled(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    for _ in range(2):
+        with pytest.raises(ValueError, match="labels must"):
+            compiled(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 7]))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 GPU_PAIRS = [(b, d) for b, d in device_backends() if d == "cuda"]
 
 
@@ -706,3 +723,22 @@ def test_a_transposed_batch_gives_a_contiguous_output_from_every_layer():
     outs = [layers[0](x)] + [layer(x, labels) for layer in layers[1:]]
     assert all(out.is_contiguous() for out in outs)
     assert_close(outs[1], outs[2])
+
+
+@pytest.mark.parametrize("cls", [InstanceWeightedNorm2d, FusedInstanceWeightedNorm2d])
+def test_export_with_a_dynamic_batch(cls):
+    """torch.export of the layers with the batch size dynamic: the exported
+    program matches eager at another batch size (the reference's row count
+    specialized the batch to the example's)."""
+    batch = torch.export.Dim("batch", min=2)
+    layer = cls(4, 3)
+    eager = copy.deepcopy(layer)
+    program = torch.export.export(
+        layer,
+        (torch.randn(6, 4, 3, 3), torch.arange(6) % 3),
+        dynamic_shapes=({0: batch}, {0: batch}),
+    )
+    x, labels = torch.randn(9, 4, 3, 3), torch.arange(9) % 3
+    exported = program.module()
+    assert_close(exported(x, labels), eager(x, labels))
+    assert_close(exported.running_mean, eager.running_mean)
