@@ -732,6 +732,7 @@ def bad_arguments_on_one_rank(rank, world, groups):
         "int32 labels": (dict(labels=labels.int()), "labels must be"),
         "labels of another length": (dict(labels=labels[1:]), "labels must have shape"),
         "gate of another shape": (dict(gate=batch.gate[1:]), "gate must have shape"),
+        "x of another width": (dict(x=torch.cat([x, x[:, :1]], 1)), "gate must have shape"),
     }
     wide = torch.randn(len(x), batch.F + 1, dtype=batch.dtype, device=DEVICE)
     norm = SyncInstanceWeightedNorm(batch.F, batch.C).double().to(DEVICE)
@@ -756,14 +757,13 @@ def bad_arguments_on_one_rank(rank, world, groups):
             failures.append(f"{what}: no error")
 
     for what, (overrides, words) in op_calls.items():
-        args = dict(labels=labels, gate=batch.gate)
+        args = dict(x=x, labels=labels, gate=batch.gate)
         if rank == bad:
             args.update(overrides)
         expect(
             what,
             words,
             fused_iwn,
-            x,
             **args,
             running_mean=rm,
             running_std=rs,

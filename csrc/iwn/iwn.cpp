@@ -425,31 +425,37 @@ Moments moments_of_all_ranks(const Moments& local, bool failed, const RankGroup&
 // A synchronized training call whose own checks raise still takes part in
 // the forward's all-gather, flagged, so that no rank is left waiting in it:
 // checks() runs, and on failure this rank sends the flag with zeros of the
-// payload its group expects (num_classes times the tasks of a (T, F)
-// running_mean, or 1, groups of x's features, in x's accumulation dtype),
-// then every rank raises and this one its own error. Where the arguments do
-// not give that payload (x not a floating tensor, num_classes missing) the
-// rank raises alone, as nn.SyncBatchNorm's checks do. A trace (fake tensors)
-// communicates nothing.
+// payload its group expects -- num_classes times the tasks of a (T, F)
+// running_mean (else 1) groups of F features, F read from the running
+// statistics, weight or bias where given (x's own width may be what failed),
+// else from x; in x's accumulation dtype -- then every rank raises, this one
+// its own error. Where the arguments do not give that payload (x not a
+// floating tensor, num_classes missing, sizes past the checks' bounds) the
+// rank raises alone, as nn.SyncBatchNorm's checks do. A trace (fake
+// tensors) communicates nothing.
 template <typename Checks>
 auto joining_the_gather(const Tensor& x, const optional<Tensor>& running_mean,
+                        const optional<Tensor>& weight, const optional<Tensor>& bias,
                         optional<int64_t> num_classes, const optional<c10::string_view>& group_name,
                         int64_t group_size, bool training, int64_t feature_dim,
                         const Checks& checks) -> decltype(checks()) {
   try {
     return checks();
   } catch (const c10::Error&) {
+    auto given = [](const optional<Tensor>& t) {
+      return t.has_value() && t->defined() && !at::isTensorSubclassLike(*t) && t->dim() >= 1;
+    };
     const bool payload_known = training && group_name.has_value() && group_size > 1 &&
                                num_classes.has_value() && *num_classes >= 1 && x.defined() &&
                                !at::isTensorSubclassLike(x) &&
                                at::isFloatingType(x.scalar_type()) && x.dim() >= 1 &&
                                feature_dim >= -x.dim() && feature_dim < x.dim();
     if (!payload_known) throw;
-    const int64_t F = x.size(feature_dim < 0 ? feature_dim + x.dim() : feature_dim);
-    const int64_t T = running_mean.has_value() && running_mean->defined() &&
-                              !at::isTensorSubclassLike(*running_mean) && running_mean->dim() == 2
-                          ? running_mean->size(0)
-                          : 1;
+    const int64_t F = given(running_mean) ? running_mean->size(-1)
+                      : given(weight)     ? weight->size(0)
+                      : given(bias) ? bias->size(0)
+                                    : x.size(feature_dim < 0 ? feature_dim + x.dim() : feature_dim);
+    const int64_t T = given(running_mean) && running_mean->dim() == 2 ? running_mean->size(0) : 1;
     if (F < 1 || T < 1 || *num_classes > kMaxKeys / T || T * *num_classes > kMaxGroupValues / F)
       throw;
     const int64_t G = T * *num_classes;
@@ -691,7 +697,8 @@ Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels, const opti
                      optional<c10::string_view> group_name, int64_t group_size,
                      int64_t feature_dim) {
   const IWNCall call = joining_the_gather(
-      x, running_mean, num_classes, group_name, group_size, training, feature_dim, [&] {
+      x, running_mean, weight, bias, num_classes, group_name, group_size, training, feature_dim,
+      [&] {
         return check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
                               training, momentum, eps, std_mode, num_classes, group_name,
                               group_size, feature_dim);
@@ -710,16 +717,17 @@ void check_args_op(const Tensor& x, const optional<Tensor>& labels, const option
                    c10::string_view std_mode, optional<int64_t> num_classes,
                    optional<c10::string_view> group_name, int64_t group_size, int64_t feature_dim) {
   // (in a compiled graph, the synchronized call's checks: see joining_the_gather)
-  joining_the_gather(
-      x, running_mean, num_classes, group_name, group_size, training, feature_dim, [&] {
-        const IWNCall call = check_iwn_args(
-            x, labels, gate, weight, bias, running_mean, running_std, task_ids, training, momentum,
-            eps, std_mode, num_classes, group_name, group_size, feature_dim);
-        if (training)
-          group_keys(flat(labels), flat(task_ids), call.num_tasks, call.num_classes);
-        else if (task_ids.has_value())
-          group_keys(std::nullopt, flat(task_ids), call.num_tasks, 1);
-      });
+  joining_the_gather(x, running_mean, weight, bias, num_classes, group_name, group_size, training,
+                     feature_dim, [&] {
+                       const IWNCall call =
+                           check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std,
+                                          task_ids, training, momentum, eps, std_mode, num_classes,
+                                          group_name, group_size, feature_dim);
+                       if (training)
+                         group_keys(flat(labels), flat(task_ids), call.num_tasks, call.num_classes);
+                       else if (task_ids.has_value())
+                         group_keys(std::nullopt, flat(task_ids), call.num_tasks, 1);
+                     });
 }
 
 // Its Autograd kernel: in a trace (fake or functional tensors, which carry
@@ -863,7 +871,8 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels, const optio
                     optional<c10::string_view> group_name, int64_t group_size,
                     int64_t feature_dim) {
   const IWNCall call = joining_the_gather(
-      x, running_mean, num_classes, group_name, group_size, training, feature_dim, [&] {
+      x, running_mean, weight, bias, num_classes, group_name, group_size, training, feature_dim,
+      [&] {
         return check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
                               training, momentum, eps, std_mode, num_classes, group_name,
                               group_size, feature_dim);

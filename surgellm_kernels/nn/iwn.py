@@ -578,11 +578,14 @@ class _InstanceWeightedNormNd(nn.Module):
             num_classes=self.num_classes,
             feature_dim=1,
         )
-        if tracking and torch.compiler.is_compiling() and self._iwn is not iwn_reference:
+        cumulative = tracking and self.momentum is None
+        if cumulative and torch.compiler.is_compiling() and self._iwn is not iwn_reference:
             # Inductor may run the count's add (which depends on nothing the
             # op computes) before the op, whose checks raise inside it: the
             # checks as an op of their own, first, keep a failed call from
-            # counting. (The reference checks first itself.)
+            # counting where the count sets the next momentum. (Not for
+            # every call: on a GPU their range check is a host sync. The
+            # reference checks first itself.)
             check_iwn_args(x, labels, **args, **self._group_args(x))
         y = self._iwn(x, labels, **args)
         if tracking:  # after the call: a failed call changes nothing

@@ -196,7 +196,10 @@ def join_failed_training_step(
     the moments (``num_groups`` (task, class) groups of ``num_features``,
     as the other ranks' calls send them), flagged as failed, so that every
     rank raises and none is left waiting. The caller then raises its error."""
-    if _backend.extension() is None:  # no op to take part with (nor a synchronized call)
+    try:  # the other ranks' calls communicate only where the kernels run
+        if _backend.planned_backend("iwn", device) == "eager":
+            return
+    except RuntimeError:
         return
     acc = accumulation_dtype(dtype if dtype.is_floating_point else torch.get_default_dtype())
     zeros = torch.zeros(num_groups, num_features, dtype=acc, device=device)
@@ -204,8 +207,8 @@ def join_failed_training_step(
         torch.ops.surgellm._iwn_all_ranks_moments(
             zeros[:, 0], zeros, zeros, zeros, True, ranks.name, ranks.size
         )
-    except ValueError:  # every rank raises, this one too: it flagged the failure
-        pass
+    except Exception:  # every rank raises (this one flagged), or the group failed:
+        pass  # the caller's own error is the one to raise
 
 
 def fused_iwn(

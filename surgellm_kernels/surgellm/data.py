@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from .features import _without_repeated_keys
@@ -33,8 +34,7 @@ class DataError(ValueError):
     """Bad data; the message starts with ``<path>:<line>:`` (or ``<path>:``)."""
 
 
-def where(path, line: Optional[int]) -> str:
-    """``path:line`` (``path`` alone without a line), as messages name a row."""
+def _where(path, line: Optional[int]) -> str:
     return f"{path}:{line}" if line else f"{path}"
 
 
@@ -96,15 +96,15 @@ def _parse(path: str):
                 record = json.loads(raw, object_pairs_hook=_without_repeated_keys)
             except json.JSONDecodeError as exc:
                 raise DataError(
-                    f"{where(path, line)}: invalid JSON: {exc.msg} (column {exc.colno})"
+                    f"{_where(path, line)}: invalid JSON: {exc.msg} (column {exc.colno})"
                 ) from None
             except ValueError as exc:  # a key given twice: which one would count?
-                raise DataError(f"{where(path, line)}: {exc}") from None
+                raise DataError(f"{_where(path, line)}: {exc}") from None
             except RecursionError:
-                raise DataError(f"{where(path, line)}: invalid JSON: nested too deeply") from None
+                raise DataError(f"{_where(path, line)}: invalid JSON: nested too deeply") from None
             problem = _row_problem(record)
             if problem:
-                raise DataError(f"{where(path, line)}: {problem}")
+                raise DataError(f"{_where(path, line)}: {problem}")
             label = record["label"]
             out["text"].append(record["text"])
             out["task"].append(record["task"])
@@ -152,7 +152,7 @@ def load_examples(path: Union[str, os.PathLike]):
     except UnicodeDecodeError as exc:
         line, column = _first_undecodable(path)
         raise DataError(
-            f"{where(path, line)}: not UTF-8 text: byte {column} of the line "
+            f"{_where(path, line)}: not UTF-8 text: byte {column} of the line "
             f"cannot be decoded ({exc.reason}); save the file as UTF-8"
         ) from None
     except OSError as exc:
@@ -176,11 +176,12 @@ def _first_undecodable(path: str):
     """(line, byte within it, from 1) of the first bytes of ``path`` that are
     not UTF-8; (None, None) if there are none."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                return number, exc.start + 1
+        lines = re.split(rb"\r\n|\r|\n", f.read())  # the line ends load_examples reads
+    for number, raw in enumerate(lines, start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return number, exc.start + 1
     return None, None
 
 
@@ -214,7 +215,7 @@ class LabelSpace:
             if task in first and isinstance(first[task][0], int) != is_int:
                 head, head_line = first[task]
                 raise DataError(
-                    f"{where(path, line)}: task {task!r} mixes int and string "
+                    f"{_where(path, line)}: task {task!r} mixes int and string "
                     f"labels: label {label!r} here, label {head!r} on line "
                     f"{head_line}"
                 )
@@ -224,7 +225,7 @@ class LabelSpace:
             if len(labels) < 2:
                 label, line = first[task]
                 raise DataError(
-                    f"{where(path, line)}: task {task!r} has a single class "
+                    f"{_where(path, line)}: task {task!r} has a single class "
                     f"({label!r}) in the training data; a task needs at least 2"
                 )
         return cls({t: sorted(labels) for t, labels in seen.items()})
@@ -247,13 +248,13 @@ class LabelSpace:
             index = self._index.get(task)
             if index is None:
                 raise DataError(
-                    f"{where(path, line)}: unknown task {task!r} (training "
+                    f"{_where(path, line)}: unknown task {task!r} (training "
                     f"tasks: {', '.join(self.tasks)})"
                 )
             i = index.get(label)  # labels are matched by their text
             if i is None:
                 raise DataError(
-                    f"{where(path, line)}: label {_shown(label, is_int)} of task "
+                    f"{_where(path, line)}: label {_shown(label, is_int)} of task "
                     f"{task!r} does not occur in the training data"
                 )
             encoded.append(i)

@@ -13,7 +13,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer
 
 from .configuration_surgellm import SurgeLLMConfig
-from .data import DataError, quiet_datasets, where
+from .data import DataError, _where, quiet_datasets
 from .features import task_prefix
 
 __all__ = ["SurgeLLMProcessor"]
@@ -194,9 +194,9 @@ class SurgeLLMProcessor:
         """A ``datasets.Dataset`` of ``text`` and ``task`` columns, with the
         class index of each row in ``labels``, as unpadded model inputs (a
         data collator such as ``DataCollatorWithPadding`` pads each batch).
-        ``source``: the file ``rows`` were read from (``load_examples``); a
-        row whose task prefix leaves no room for its text raises
-        ``DataError`` naming its file and line."""
+        A row whose task prefix leaves no room for its text raises
+        ``ValueError`` naming the row; with ``source``, the file ``rows`` were
+        read from (``load_examples``), ``DataError`` naming its file and line."""
 
         def encode(batch, indices):
             try:
@@ -208,10 +208,10 @@ class SurgeLLMProcessor:
                     return_tensors=None,
                 )
             except _PrefixTooLong as exc:
-                row = indices[exc.index]
+                if source is None:
+                    raise ValueError(f"rows[{indices[exc.index]}]: {exc}") from None
                 line = batch["line"][exc.index] if "line" in batch else None
-                shown = where(source, line) if source else f"row {row}"
-                raise DataError(f"{shown}: {exc}") from None
+                raise DataError(f"{_where(source, line)}: {exc}") from None
 
         with quiet_datasets():
             return rows.map(

@@ -385,7 +385,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"{flag}: {resume} holds a model of other data or options ({mismatch}): "
                 "pass the data and options of its run, or a new --output"
             )
-        fitted = saved_statistics_frozen(resume) if config.iwn else None
+        try:
+            fitted = saved_statistics_frozen(resume) if config.iwn else None
+        except Exception as exc:  # a damaged weights file: safetensors', pickle's errors
+            return fail(f"{flag}: cannot read {resume}: {type(exc).__name__}: {exc}")
         if fitted is not None and fitted != (options.iwn_statistics == "fit"):
             return fail(
                 f"{flag}: {resume} was trained with --iwn-statistics "

@@ -165,13 +165,16 @@ def check_training_arguments(args) -> None:
     data_seed = getattr(args, "data_seed", None)
     if data_seed is not None and not 0 <= data_seed < 2**32:  # the range --seed takes
         raise ValueError(f"data_seed must be in [0, 2**32), got {data_seed}")
+    # _get_train_sampler draws the task-homogeneous batches in Trainer's place
     strategy = getattr(args, "train_sampling_strategy", "random")
-    if strategy != "random" or getattr(args, "group_by_length", False):
-        # _get_train_sampler draws the task-homogeneous batches in its place
-        shown = "group_by_length" if strategy == "random" else strategy
+    grouped = getattr(args, "group_by_length", False)  # its older form
+    if strategy != "random" or grouped:
+        shown = (
+            "group_by_length" if strategy == "random" else f"train_sampling_strategy={strategy!r}"
+        )
         raise ValueError(
-            f"train_sampling_strategy={shown!r} is not supported: each training batch holds "
-            "one task's rows, drawn at random (TaskHomogeneousSampler); leave it at 'random'"
+            f"{shown} is not supported: each training batch holds one task's rows, drawn at "
+            "random (TaskHomogeneousSampler); leave train_sampling_strategy at 'random'"
         )
     smoothing = getattr(args, "label_smoothing_factor", 0)
     if smoothing:

@@ -363,10 +363,12 @@ def test_a_byte_order_mark_is_read_as_utf8(tmp_path, first):
 def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path):
     path = tmp_path / "d.jsonl"
     good = (json.dumps(GOOD) + "\n").encode()
-    path.write_bytes(good * 2 + b'{"text": "caf\xe9", "task": "a", "label": 1}\n' + good)
-    with pytest.raises(DataError) as info:
-        load_examples(path)
-    assert str(info.value).startswith(f"{path}:3: not UTF-8 text: byte 14 of the line")
+    bad = b'{"text": "caf\xe9", "task": "a", "label": 1}\n'
+    for end in (b"\n", b"\r"):  # lines ended by \r alone are counted too
+        path.write_bytes((good * 2 + bad + good).replace(b"\n", end))
+        with pytest.raises(DataError) as info:
+            load_examples(path)
+        assert str(info.value).startswith(f"{path}:3: not UTF-8 text: byte 14 of the line")
 
 
 def test_load_examples_and_label_space(tmp_path):
