@@ -688,6 +688,24 @@ Tensor forward_without_autograd(const Tensor& x, const optional<Tensor>& labels,
   return in_layout_of_x(r.y, layout, x.sym_sizes());
 }
 
+// check_iwn_args of the op's call, which may be one rank's part of a
+// synchronized training step (joining_the_gather).
+IWNCall checked_call(const Tensor& x, const optional<Tensor>& labels, const optional<Tensor>& gate,
+                     const optional<Tensor>& weight, const optional<Tensor>& bias,
+                     const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
+                     const optional<Tensor>& task_ids, bool training, double momentum, double eps,
+                     c10::string_view std_mode, optional<int64_t> num_classes,
+                     optional<c10::string_view> group_name, int64_t group_size,
+                     int64_t feature_dim) {
+  return joining_the_gather(x, running_mean, weight, bias, num_classes, group_name, group_size,
+                            training, feature_dim, [&] {
+                              return check_iwn_args(x, labels, gate, weight, bias, running_mean,
+                                                    running_std, task_ids, training, momentum, eps,
+                                                    std_mode, num_classes, group_name, group_size,
+                                                    feature_dim);
+                            });
+}
+
 // The op without autograd: inference mode, and the Meta / fake path.
 Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels, const optional<Tensor>& gate,
                      const optional<Tensor>& weight, const optional<Tensor>& bias,
@@ -696,13 +714,9 @@ Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels, const opti
                      c10::string_view std_mode, optional<int64_t> num_classes,
                      optional<c10::string_view> group_name, int64_t group_size,
                      int64_t feature_dim) {
-  const IWNCall call = joining_the_gather(
-      x, running_mean, weight, bias, num_classes, group_name, group_size, training, feature_dim,
-      [&] {
-        return check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
-                              training, momentum, eps, std_mode, num_classes, group_name,
-                              group_size, feature_dim);
-      });
+  const IWNCall call =
+      checked_call(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
+                   momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
   return forward_without_autograd(x, labels, gate, weight, bias, running_mean, running_std,
                                   task_ids, training, momentum, eps, call);
 }
@@ -870,13 +884,9 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels, const optio
                     c10::string_view std_mode, optional<int64_t> num_classes,
                     optional<c10::string_view> group_name, int64_t group_size,
                     int64_t feature_dim) {
-  const IWNCall call = joining_the_gather(
-      x, running_mean, weight, bias, num_classes, group_name, group_size, training, feature_dim,
-      [&] {
-        return check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids,
-                              training, momentum, eps, std_mode, num_classes, group_name,
-                              group_size, feature_dim);
-      });
+  const IWNCall call =
+      checked_call(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
+                   momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
   refuse_forward_ad("fused_iwn", x, gate, weight, bias, running_mean, running_std);
   if (!autograd_records(x, gate, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
