@@ -17,6 +17,17 @@ __all__ = ["SurgeLLMConfig"]
 _TASK_NAME = re.compile(r"[^\s|\[\]]+")
 
 
+def _pairs_to_dict(pairs, what: str) -> dict:
+    """[name, value] pairs (a saved config's form) as a dict, in order; a name
+    given twice is an error, not the last one kept."""
+    result = {}
+    for name, value in pairs:
+        if name in result:
+            raise ValueError(f"{what} name {name!r} more than once: each must be given once")
+        result[name] = value
+    return result
+
+
 def _as_id2label(value, inverse: bool = False) -> Optional[Dict[int, str]]:
     """{int id: str name} of an id2label (or, ``inverse``, a label2id), or
     None where it is not one."""
@@ -101,7 +112,7 @@ class SurgeLLMConfig(PretrainedConfig):
         if isinstance(tasks, list) and all(
             isinstance(p, (list, tuple)) and len(p) == 2 for p in tasks
         ):
-            tasks = dict(tasks)
+            tasks = _pairs_to_dict(tasks, "tasks")
         if not isinstance(tasks, Mapping) or not tasks:
             raise ValueError(f"tasks must map task name to number of classes, got {tasks!r}")
         tasks = dict(tasks)
@@ -144,7 +155,8 @@ class SurgeLLMConfig(PretrainedConfig):
         if isinstance(lexicon, LexicalFeaturizer):
             lexicon = lexicon.to_dict()
         if isinstance(lexicon, Mapping) and isinstance(lexicon.get("groups"), list):
-            lexicon = {**lexicon, "groups": dict(lexicon["groups"])}  # as saved, in order
+            # as saved, in order
+            lexicon = {**lexicon, "groups": _pairs_to_dict(lexicon["groups"], "lexicon groups")}
         if lexicon is not None:
             lexicon = LexicalFeaturizer.from_dict(lexicon).to_dict()  # checked
         self.encoder_config = encoder_config

@@ -234,12 +234,15 @@ class LexicalFeaturizer:
                 )
             normalized = []
             for entry in entries:
-                if not isinstance(entry, str) or not entry.strip() or entry.strip() == "*":
-                    raise ValueError(
-                        f"groups[{name!r}]: entries must be non-empty strings, got {entry!r}"
-                    )
                 # matched lower-case, any run of white space between words
-                entry = " ".join(canonical(entry).lower().split())
+                # (checked after: canonical drops invisible characters, a soft hyphen)
+                given = entry
+                if isinstance(entry, str):
+                    entry = " ".join(canonical(entry).lower().split())
+                if not isinstance(given, str) or entry.rstrip("*") == "":
+                    raise ValueError(
+                        f"groups[{name!r}]: entries must be non-empty strings, got {given!r}"
+                    )
                 if entry in normalized:
                     raise ValueError(
                         f"groups[{name!r}] lists {entry!r} twice (entries are "

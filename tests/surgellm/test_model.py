@@ -166,6 +166,16 @@ def test_config_round_trip_keeps_task_order():
     assert transformers.AutoConfig.for_model("surgellm").__class__ is SurgeLLMConfig
 
 
+def test_config_refuses_a_name_given_twice_in_pairs():
+    """tasks and lexicon groups as [name, value] pairs (config.json's form):
+    a name given twice kept the last one, without a word."""
+    with pytest.raises(ValueError, match="tasks name 'a' more than once"):
+        SurgeLLMConfig(tasks=[["a", 2], ["a", 3]])
+    with pytest.raises(ValueError, match="lexicon groups name 'g' more than once"):
+        SurgeLLMConfig(lexicon={"groups": [["g", ["x"]], ["g", ["y"]]]})
+    assert SurgeLLMConfig(tasks=[["b", 2], ["a", 3]]).task_names == ["b", "a"]
+
+
 def test_label_maps_describe_the_logits_and_others_are_refused(tokenizer_dir, tmp_path):
     """num_labels / id2label / label2id name the logits' columns (the most
     classes of a task); from_pretrained(num_labels=7), (id2label=...) or

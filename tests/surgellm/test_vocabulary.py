@@ -238,6 +238,9 @@ def test_with_groups_replaces_and_extends_and_json_round_trips():
         ({"a": []}, True, r"groups\['a'\] must be a non-empty list of entries"),
         ({"a": "word"}, True, r"groups\['a'\] must be a non-empty list"),
         ({"a": ["ok", ""]}, True, r"groups\['a'\]: entries must be non-empty strings, got ''"),
+        # invisible characters alone: nothing to match once they are dropped
+        ({"a": ["\u00ad"]}, True, r"entries must be non-empty strings, got '\\xad'"),
+        ({"a": ["\u200b*"]}, True, r"entries must be non-empty strings, got '\\u200b\*'"),
         ({"": ["x"]}, True, "group names must be non-empty strings"),
         ({"word_count": ["x"]}, True, "is the name of a numeric feature"),
         ({}, False, "at least one group or numeric=True"),
