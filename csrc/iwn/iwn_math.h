@@ -233,12 +233,13 @@ SURGELLM_HD void coefficients_at(const IWNCoefficientsArgs<T>& a, int64_t f,
     // infinite (eps = 0, sigma = 0: inf * 0 made the weight's and the gate's
     // gradients NaN); a task with rows passes NaN on as the reference does.
     const V p2 = l.load(a.param_sums + (TT + t) * F + f) - mu_residual * p1;
-    const V none(T(0)), term = r * p2;
-    const V p_dy_yhat = l.if_zero(p1, l.if_zero(p2, none, term), term);
+    auto unless_absent = [&](const V& term) {
+      return l.if_zero(p1, l.if_zero(p2, V(T(0)), term), term);
+    };
+    const V p_dy_yhat = unless_absent(r * p2);
     dweight = dweight + p_dy_yhat;
     dbias = dbias + p1;
-    const V u_term = V(a.eps) * r * w * p_dy_yhat;
-    du_dot_u = du_dot_u + l.if_zero(p1, l.if_zero(p2, none, u_term), u_term);
+    du_dot_u = du_dot_u + unless_absent(V(a.eps) * r * w * p_dy_yhat);
     if (!a.training) continue;
     const V d_sigma = -r * w * dy_yhat;
     for (int64_t c = 0; c < C; ++c) {

@@ -8,7 +8,7 @@ from typing import Dict, List, Mapping, Optional, Union
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .features import LexicalFeaturizer
+from .features import LexicalFeaturizer, _without_repeated_keys
 
 __all__ = ["SurgeLLMConfig"]
 
@@ -20,12 +20,9 @@ _TASK_NAME = re.compile(r"[^\s|\[\]]+")
 def _pairs_to_dict(pairs, what: str) -> dict:
     """[name, value] pairs (a saved config's form) as a dict, in order; a name
     given twice is an error, not the last one kept."""
-    result = {}
-    for name, value in pairs:
-        if name in result:
-            raise ValueError(f"{what} name {name!r} more than once: each must be given once")
-        result[name] = value
-    return result
+    return _without_repeated_keys(
+        pairs, what + " name {key!r} more than once: each must be given once"
+    )
 
 
 def _as_id2label(value, inverse: bool = False) -> Optional[Dict[int, str]]:

@@ -348,13 +348,15 @@ class LexicalFeaturizer:
         )
 
 
-def _without_repeated_keys(pairs) -> dict:
-    """A JSON object's pairs as a dict; a key given twice is an error (JSON
-    readers keep the last, and a group written twice would lose one)."""
+def _without_repeated_keys(pairs, repeated="the JSON gives {key!r} twice in one object") -> dict:
+    """A JSON object's (or any list's) [key, value] pairs as a dict, in
+    order; a key given twice is an error, ``repeated`` its message (JSON
+    readers and ``dict`` keep the last, and a group written twice would lose
+    one)."""
     out = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"the JSON gives {key!r} twice in one object")
+            raise ValueError(repeated.format(key=key))
         out[key] = value
     return out
 

@@ -250,15 +250,18 @@ def resume_mismatch(checkpoint: str, config) -> Optional[str]:
     return "; ".join(shown)
 
 
-def saved_statistics_frozen(checkpoint: str) -> Optional[bool]:
+def saved_statistics_frozen(checkpoint: str, model) -> Optional[bool]:
     """Whether the IWN statistics saved in ``checkpoint`` are fitted (frozen),
     as every checkpoint of an ``--iwn-statistics fit`` run has them; None
-    where it holds no IWN (or no single-file weights)."""
+    where ``model`` (the one the checkpoint resumes) has no IWN, or the
+    checkpoint no such buffer (or no single-file weights)."""
     import torch
     from safetensors import safe_open
     from transformers.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
-    key = "surgellm.iwn.statistics_frozen"
+    key = next((n for n, _ in model.named_buffers() if n.endswith(".statistics_frozen")), None)
+    if key is None:
+        return None
     path = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
     if os.path.isfile(path):
         with safe_open(path, "pt") as f:
@@ -386,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "pass the data and options of its run, or a new --output"
             )
         try:
-            fitted = saved_statistics_frozen(resume) if config.iwn else None
+            fitted = saved_statistics_frozen(resume, model)
         except Exception as exc:  # a damaged weights file: safetensors', pickle's errors
             return fail(f"{flag}: cannot read {resume}: {type(exc).__name__}: {exc}")
         if fitted is not None and fitted != (options.iwn_statistics == "fit"):
