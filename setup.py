@@ -194,6 +194,7 @@ setup(
         "accelerate>=1.0,<2",
         "datasets>=3.0,<6",
         "scikit-learn>=1.3,<2",
+        "regex>=2024.4",
         "tqdm",
     ],
     extras_require={

@@ -1,8 +1,8 @@
 """Lexical features (paper Appendix D, Eq.4) and the task prefix (Eq.12).
 
 Matching rule: text is lower-cased. A word entry matches where it stands as a
-whole word: not preceded or followed by a letter, digit or underscore (so
-"i" matches in "I'm" but not in "it"). An entry ending in ``*`` matches any
+whole word: not preceded or followed by a word character (below; so "i"
+matches in "I'm" but not in "it"). An entry ending in ``*`` matches any
 word that starts with it ("captivat*" matches "captivating"). Multi-word
 entries match with any run of white space between their words. Entries that
 begin or end with punctuation, like "(1)", match as plain substrings at that
@@ -14,9 +14,13 @@ would split a word (soft hyphen, word joiner, BOM; a zero-width space, a
 break between words, reads as a space), and with typographic apostrophes as
 "'" ("don’t" reads as "don't").
 
-Words (s11, s12) are runs of word characters, apostrophes inside allowed
-("don't" is one word of five characters). Sentences (s13) are the non-blank
-pieces left after splitting on '.', '!' and '?'.
+Word characters are Unicode's: letters, combining marks, decimal digits,
+connector punctuation and the zero-width joiners, so that a Hindi or Thai
+word with its vowel signs is one word (other number signs, "²" or "½", are
+not). Words (s11, s12) are runs of word characters,
+apostrophes inside allowed ("don't" is one word of five characters; s12
+counts code points). Sentences (s13) are the non-blank pieces left after
+splitting on '.', '!' and '?'.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import re
 import unicodedata
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import regex
 import torch
 
 NUMERIC_FEATURE_NAMES = (
@@ -143,11 +148,14 @@ WORD_GROUPS = {
 
 FEATURE_NAMES = tuple(WORD_GROUPS) + NUMERIC_FEATURE_NAMES
 
-_WORD = re.compile(r"\w+(?:'\w+)*")
+# `regex`, not `re`: its \w is Unicode's word character, which takes in the
+# combining marks that `re` leaves out (they would split most Indic words).
+_WORD_CHARACTER = regex.compile(r"\w")
+_WORD = regex.compile(r"\w+(?:'\w+)*")
 # Words, and runs of other non-space characters between them: two words are
 # adjacent in the text, with only white space between them (where a
 # multi-word entry matches), when no such run stands between their tokens.
-_TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]+")
+_TOKEN = regex.compile(r"\w+(?:'\w+)*|[^\w\s]+")
 _SENTENCE_SPLIT = re.compile(r"[.!?]")
 
 
@@ -175,17 +183,17 @@ def is_word(token: str) -> bool:
     return _WORD.fullmatch(token) is not None
 
 
-def _entry_pattern(entry: str) -> re.Pattern:
+def _entry_pattern(entry: str) -> regex.Pattern:
     prefix = entry.endswith("*")
     body = entry[:-1] if prefix else entry
-    pattern = r"\s+".join(re.escape(part) for part in body.split())
-    if body[0].isalnum() or body[0] == "_":
+    pattern = r"\s+".join(regex.escape(part) for part in body.split())
+    if _WORD_CHARACTER.fullmatch(body[0]):
         pattern = r"(?<!\w)" + pattern
     if prefix:
         pattern += r"\w*"
-    elif body[-1].isalnum() or body[-1] == "_":
+    elif _WORD_CHARACTER.fullmatch(body[-1]):
         pattern += r"(?!\w)"
-    return re.compile(pattern)
+    return regex.compile(pattern)
 
 
 def _numeric_features(text: str, lower: str) -> list:

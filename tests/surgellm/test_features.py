@@ -95,3 +95,21 @@ def test_one_unicode_form():
     assert cafe("un café")[0, 0] == 1 and cafe(unicodedata.normalize("NFD", "un café"))[0, 0] == 1
     # a zero-width space is a break between words (Thai writes no other)
     assert torch.equal(lexical_features("won\u200bderful"), lexical_features("won derful"))
+
+
+def test_combining_marks_are_word_characters():
+    """A Hindi word's vowel signs and virama, and Thai's vowel and tone marks,
+    are part of its word: counted as one word, and an entry matches only a
+    whole word."""
+    hindi = feats("नमस्ते दुनिया")  # two words of 6 code points each
+    assert hindi["word_count"] == 2 and hindi["mean_word_length"] == 6
+    assert feats("ที่นี่ ดี")["word_count"] == 2
+    featurizer = LexicalFeaturizer({"greeting": ["नमस्ते"], "good": ["ดี"]}, numeric=False)
+    assert featurizer(["नमस्ते दुनिया", "नमस्तेजी", "ที่นี่ ดี", "ดีมาก"]).tolist() == [
+        [1, 0],
+        [0, 0],  # inside a longer word
+        [0, 1],
+        [0, 0],
+    ]
+    # a zero-width joiner joins inside a word
+    assert feats("क्\u200dष")["word_count"] == 1
