@@ -283,8 +283,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> iwn_coefficie
     const optional<Tensor>& count, const optional<Tensor>& group_mean,
     const optional<Tensor>& group_std, const optional<Tensor>& mean_residual, const Tensor& mu,
     const Tensor& sigma, bool pooled, double eps) {
-  SURGELLM_CHECK(mu.dim() == 2 && mu.size(1) > 0, "mu must be 2-D (num_tasks, F > 0), got ",
-                 mu.sizes());
+  SURGELLM_CHECK(mu.dim() == 2 && mu.size(0) >= 1 && mu.size(1) > 0,
+                 "mu must be 2-D (num_tasks >= 1, F > 0), got ", mu.sizes());
   const int64_t T = mu.size(0), F = mu.size(1);
   const auto acc = mu.scalar_type();
   SURGELLM_CHECK(acc == at::kFloat || acc == at::kDouble, "mu must be float32 or float64");

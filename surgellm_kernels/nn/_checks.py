@@ -1,16 +1,28 @@
 """What the modules check alike: the sizes they are built with, and whether
 a tensor has a value to read."""
 
+import operator
+from typing import Tuple
+
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 
-def check_counts(**counts: int) -> None:
-    """Sizes a module is built with (num_features, num_tasks, ...): positive ints."""
+def check_counts(**counts: int) -> Tuple[int, ...]:
+    """Sizes a module is built with (num_features, num_tasks, ...): positive
+    integers (numpy's and 0-d integer tensors too, as ``nn.BatchNorm2d``
+    takes them), returned as Python ints in the order given."""
+    ints = []
     for name, v in counts.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        try:
+            value = None if isinstance(v, bool) else operator.index(v)
+        except TypeError:
+            value = None
+        if value is None or value < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+        ints.append(value)
+    return tuple(ints)
 
 
 def holds_data(t: Tensor) -> bool:

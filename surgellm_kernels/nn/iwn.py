@@ -14,7 +14,7 @@ constructor, buffers and layouts, with each sample's label.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -42,14 +42,15 @@ __all__ = [
 
 def check_settings(
     std_mode: str, momentum: Optional[float] = 0.1, cumulative: bool = False, **counts: int
-) -> None:
+) -> Tuple[int, ...]:
     """A module's settings, checked when it is built (before any call):
-    std_mode, counts that must be positive ints, and a momentum of None (a
-    cumulative average) only where the module takes it (``cumulative``),
-    with one task. (A momentum's range is the op's check, at each call.)"""
+    std_mode, counts that must be positive ints (returned as Python ints, in
+    the order given), and a momentum of None (a cumulative average) only
+    where the module takes it (``cumulative``), with one task. (A
+    momentum's range is the op's check, at each call.)"""
     if std_mode not in ("class_mean", "pooled"):
         raise ValueError(f"std_mode must be 'class_mean' or 'pooled', got {std_mode!r}")
-    check_counts(**counts)
+    ints = check_counts(**counts)
     if momentum is None and not cumulative:
         raise ValueError(
             "momentum must be a number in [0, 1], got None (the cumulative average of "
@@ -62,6 +63,7 @@ def check_settings(
             f"momentum=None (a cumulative average) needs num_tasks=1, got "
             f"num_tasks={counts['num_tasks']}: pass a momentum"
         )
+    return ints
 
 
 class InstanceWeightedNorm(nn.Module):
@@ -103,7 +105,7 @@ class InstanceWeightedNorm(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        check_settings(
+        num_features, num_classes, num_tasks = check_settings(
             std_mode,
             momentum,
             num_features=num_features,
@@ -439,7 +441,7 @@ class _InstanceWeightedNormNd(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        check_settings(
+        num_features, num_classes, num_tasks = check_settings(
             std_mode,
             momentum,
             cumulative=True,
@@ -547,6 +549,13 @@ class _InstanceWeightedNormNd(nn.Module):
                 f"Expected more than 1 value per channel when normalizing with batch "
                 f"statistics, got input size {tuple(x.shape)}"
             )
+        if (
+            batch_stats
+            and isinstance(x, Tensor)
+            and x.numel() == 0
+            and not self._batch_spans_ranks(x)
+        ):
+            return self._empty_batch_output(x)
         if batch_stats and not self.training and labels is None:
             # The op would say "in training"; the reason here is the layer's state.
             raise ValueError(
@@ -595,6 +604,16 @@ class _InstanceWeightedNormNd(nn.Module):
     def _group_args(self, x: Tensor) -> dict:
         """The process group of a training call, as the checks op takes it."""
         return {}
+
+    def _empty_batch_output(self, x: Tensor) -> Tensor:
+        """As BatchNorm's: a batch of no values normalizes nothing and changes
+        no statistics (nor, unlike BatchNorm, num_batches_tracked); the output
+        still depends on weight and bias, whose gradients are zeros, not None
+        (DistributedDataParallel expects every parameter to get one)."""
+        channel = (1, -1) + (1,) * (x.dim() - 2)
+        y = x if self.weight is None else x * self.weight.view(channel)
+        y = y if self.bias is None else y + self.bias.view(channel)
+        return y.to(x.dtype) if y is not x else x.clone()
 
 
 class InstanceWeightedNorm1d(_InstanceWeightedNormNd):

@@ -63,6 +63,36 @@ class Swap:
     slots: Tuple[Tuple[nn.Module, str], ...]
     # revert: carry new's state back into old (default: the twin's attributes)
     carry_back: Optional[Callable[[nn.Module, nn.Module], None]] = None
+    # the names of the slots after the first (a module registered twice)
+    aliases: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        # what revert checks is still so: the class and the Parameters the
+        # new module was made with
+        self.new_class = type(self.new)
+        self.parameter_names = tuple(n for n, p in self.new._parameters.items() if p is not None)
+
+    def why_not_revertible(self) -> Optional[str]:
+        new = self.new
+        if type(new) is not self.new_class:
+            return (
+                "its class changed after patching (a parametrization: remove it first, "
+                "torch.nn.utils.parametrize.remove_parametrizations)"
+            )
+        changed = [
+            n for n in self.parameter_names if not isinstance(getattr(new, n, None), nn.Parameter)
+        ]
+        if changed:
+            return (
+                f"its {', '.join(changed)} is no longer a Parameter (weight_norm or a "
+                f"parametrization added after patching: remove it first)"
+            )
+        if new.__dict__.get("_compiled_call_impl") is not None:
+            return (
+                "it was compiled in place (module.compile()) after patching, for the new "
+                "module's forward: revert before compiling"
+            )
+        return None
 
 
 @dataclass
@@ -89,8 +119,9 @@ class PatchReport:
 
     @property
     def backends(self) -> Dict[str, str]:
-        """Qualified module name -> backend its fused op will run."""
-        return {s.name: s.backend for s in self.swaps}
+        """Qualified module name (each, for a module registered twice) ->
+        backend its fused op will run."""
+        return {name: s.backend for s in self.swaps for name in (s.name, *s.aliases)}
 
     @property
     def eager(self) -> List[str]:
@@ -98,7 +129,10 @@ class PatchReport:
         return [s.name for s in self.swaps if s.backend.startswith("eager")]
 
     def rows(self) -> List[Tuple[str, str, str, str]]:
-        rows = [(s.name, type(s.old).__name__, type(s.new).__name__, s.backend) for s in self.swaps]
+        rows = [
+            (", ".join((s.name, *s.aliases)), type(s.old).__name__, type(s.new).__name__, s.backend)
+            for s in self.swaps
+        ]
         rows += [(k.name, k.cls, "-", f"skipped: {k.reason}") for k in self.skipped]
         return rows
 
@@ -125,7 +159,10 @@ class PatchReport:
         """Put every original module back in its slot. State changed while
         patched (training flag, fitted statistics, hooks) is carried over;
         the Parameters were shared all along. Raises, changing nothing, if a
-        slot no longer holds the fused module this report put there."""
+        slot no longer holds the fused module this report put there, or if
+        that module was changed in a way revert cannot carry back (a
+        parametrization or weight_norm added, compiled in place with
+        ``module.compile()``): undo that first."""
         if self.reverted:
             return
         for swap in self.swaps:
@@ -135,6 +172,9 @@ class PatchReport:
                         f"cannot revert {swap.name}: the module at that slot was "
                         f"replaced after patching"
                     )
+            problem = swap.why_not_revertible()
+            if problem is not None:
+                raise RuntimeError(f"cannot revert {swap.name}: {problem}")
         for swap in reversed(self.swaps):
             if swap.carry_back is not None:
                 swap.carry_back(swap.old, swap.new)
@@ -159,6 +199,8 @@ def _backend_label(name: str, device: torch.device) -> str:
     if name == "triton" and device.type == "cpu":
         return "triton (interpreter)"
     if name == "eager":
+        if _backend.forced_backend() == "eager":
+            return f"eager (reference; {_backend.ENV_VAR}=eager)"
         return "eager (reference; no fused kernel)"
     return name
 
@@ -188,7 +230,9 @@ def _swap_children(model: nn.Module, plan, nothing: str, root: Optional[Skip]) -
             if child is None or id(child) in skipped:
                 continue
             if id(child) in swaps:
-                swaps[id(child)].slots += ((module, attr),)
+                swap = swaps[id(child)]
+                swap.slots += ((module, attr),)
+                swap.aliases += (f"{names[id(module)]}.{attr}".lstrip("."),)
                 continue
             outcome = plan(names[id(child)], child)
             if isinstance(outcome, Skip):
@@ -208,7 +252,7 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
     """Replace every :class:`InstanceWeightedNorm` and :class:`SurgicalGate`
     inside ``model`` by its fused twin, sharing the same Parameter and buffer
     objects. Idempotent: fused modules are skipped, and so are subclasses
-    with code of their own (it would be lost). ``backend`` (``"cpu"``,
+    (their class, and any code of their own, would be lost). ``backend`` (``"cpu"``,
     ``"triton"``, ``"cuda"``, ``"eager"``), when given, must be the backend
     the fused ops will run on each module's device, or nothing is patched
     and ``ValueError`` says why (backends are chosen per process, see
@@ -272,8 +316,13 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         model, plan, "patch_model: no InstanceWeightedNorm or SurgicalGate found", root
     )
     if report.eager:
+        why = (
+            f"{_backend.ENV_VAR}=eager chooses it"
+            if _backend.forced_backend() == "eager"
+            else "no fused kernel here"
+        )
         warnings.warn(
-            f"patch_model: no fused kernel here for {report.eager}; they run the eager reference",
+            f"patch_model: {report.eager} run the eager reference ({why})",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -393,7 +442,7 @@ def convert_to_iwn(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_settings(std_mode, num_classes=num_classes)
+    (num_classes,) = check_settings(std_mode, num_classes=num_classes)
 
     def plan(name, child):
         classes = IWN_FOR_BATCHNORM.get(type(child))
@@ -429,10 +478,33 @@ def convert_to_iwn(
     return _swap_children(model, plan, "convert_to_iwn: no BatchNorm1d or BatchNorm2d found", root)
 
 
+# What every class body defines, code or not.
+_CLASS_BOOKKEEPING = frozenset(
+    (
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__dict__",
+        "__weakref__",
+        "__annotations__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__orig_bases__",
+        "__parameters__",
+    )
+)
+
+
 def _subclass_reason(child: nn.Module, base: type) -> str:
     if nn.utils.parametrize.is_parametrized(child):
         return f"a parametrized {base.__name__} (torch.nn.utils.parametrize)"
-    return f"subclass of {base.__name__} with its own code"
+    own_code = any(
+        set(vars(cls)) - _CLASS_BOOKKEEPING
+        for cls in type(child).__mro__[: type(child).__mro__.index(base)]
+    )
+    if own_code:
+        return f"subclass of {base.__name__} with its own code"
+    return f"subclass of {base.__name__} (swapping it would lose its class)"
 
 
 @contextlib.contextmanager

@@ -71,7 +71,9 @@ class SurgicalGate(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        check_counts(d_model=d_model, num_features=num_features, num_tasks=num_tasks)
+        d_model, num_features, num_tasks = check_counts(
+            d_model=d_model, num_features=num_features, num_tasks=num_tasks
+        )
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_features, self.num_tasks = d_model, num_features, num_tasks
         self.alpha, self.eps = alpha, eps

@@ -11,6 +11,7 @@ class-statistics helpers here also serve the modules' ``fit``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -86,9 +87,13 @@ def class_moments(u: Tensor, keys: Tensor, num_groups: int):
     # host: torch.func.grad under vmap cannot)
     onehot = (keys.unsqueeze(1) == torch.arange(num_groups, device=keys.device)).to(u.dtype)
     count = onehot.sum(0)
-    mean = (onehot.T @ u) / count.clamp_min(1).unsqueeze(1)
-    dev = u - mean[keys]
-    var = (onehot.T @ (dev * dev)) / count.clamp_min(1).unsqueeze(1)
+    # in u's dtype under torch.autocast too, which would run the products in
+    # bfloat16 / float16 (statistics accumulate in float32, SPEC)
+    no_autocast = torch.amp.is_autocast_available(u.device.type)
+    with torch.autocast(u.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
+        mean = (onehot.T @ u) / count.clamp_min(1).unsqueeze(1)
+        dev = u - mean[keys]
+        var = (onehot.T @ (dev * dev)) / count.clamp_min(1).unsqueeze(1)
     return count, mean, var
 
 

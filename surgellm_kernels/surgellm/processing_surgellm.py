@@ -187,7 +187,7 @@ class SurgeLLMProcessor:
                 lengths.index(longest),
                 f"max_seq_length={self.config.max_seq_length} cannot hold the task "
                 f"prefix ({longest} tokens) and any text: use a max_seq_length of "
-                f"at least {needed}",
+                f"at least {needed} (the training command's --max-length)",
             )
 
     def map(self, rows, labels: Sequence[int], source: Optional[str] = None):

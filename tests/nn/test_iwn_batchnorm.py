@@ -399,7 +399,7 @@ def test_convert_to_iwn_skips_what_it_cannot_carry_over_saying_why():
     assert [k.reason for k in report.skipped] == [
         "its weight computed by a hook (weight_norm, spectral_norm): no Parameter to carry over",
         "a parametrized BatchNorm1d (torch.nn.utils.parametrize)",
-        "subclass of BatchNorm2d with its own code",
+        "subclass of BatchNorm2d (swapping it would lose its class)",
         "not BatchNorm1d / BatchNorm2d",
     ]
 
@@ -422,6 +422,36 @@ def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it(fused):
         untracked(x, label)  # eval with the batch's statistics too
     assert layer.eval()(x).shape == (1, 3)  # eval with running statistics: fine
     assert layer.train()(torch.randn(1, 3, 2, dtype=torch.float64), label).shape == (1, 3, 2)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (2, 3, 0, 5)])
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_an_empty_batch_gives_an_empty_output_as_batchnorm(fused, shape):
+    """BatchNorm takes a batch of no values in training (a detector's empty
+    crop batch): an empty output, zero gradients for weight and bias, no
+    change to the running statistics. So do these layers."""
+    two_d = len(shape) == 4
+    if two_d:
+        cls = FusedInstanceWeightedNorm2d if fused else InstanceWeightedNorm2d
+    else:
+        cls = FusedInstanceWeightedNorm1d if fused else InstanceWeightedNorm1d
+    layer = cls(3, 2)
+    with torch.no_grad():
+        layer.running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(shape, requires_grad=True)
+    batchnorm = (nn.BatchNorm2d if two_d else nn.BatchNorm1d)(3)
+    assert batchnorm(x).shape == shape
+    y = layer(x, torch.zeros(shape[0], dtype=torch.long))
+    assert y.shape == shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == shape
+    assert torch.equal(layer.weight.grad, torch.zeros(3))
+    assert torch.equal(layer.bias.grad, torch.zeros(3))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    untracked = cls(3, 2, track_running_stats=False).eval()
+    assert untracked(x).shape == shape  # batch statistics in eval: none needed
 
 
 @pytest.mark.skipif(

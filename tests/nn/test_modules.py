@@ -167,6 +167,30 @@ def test_surgical_gate_sizes_are_checked_when_built(sizes, named):
         SurgicalGate(*sizes)
 
 
+def test_sizes_of_numpy_integers_as_torch_nn_layers_take_them():
+    """num_classes = labels.max() + 1 of a numpy array is a numpy integer:
+    nn.BatchNorm2d and nn.Linear take it, and so do these modules (kept as
+    Python ints); floats and bools are still refused."""
+    import numpy as np
+
+    from surgellm_kernels import FusedInstanceWeightedNorm2d, convert_to_iwn
+
+    norm = FusedInstanceWeightedNorm2d(np.int64(3), np.int64(2))
+    gate = SurgicalGate(np.int32(8), np.int64(4))
+    iwn = InstanceWeightedNorm(np.int16(4), np.int64(2))
+    sizes = (norm.num_features, norm.num_classes, gate.d_model, gate.num_features, iwn.num_features)
+    assert sizes == (3, 2, 8, 4, 4) and all(type(v) is int for v in sizes)
+    y = norm(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1]))
+    assert y.shape == (4, 3, 2, 2)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(np.int64(3)))
+    model.append(torch.nn.BatchNorm2d(3))
+    convert_to_iwn(model, num_classes=np.int64(2))
+    assert type(model[1].num_classes) is int
+    for bad in (np.float64(2.0), np.bool_(True), True):
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            InstanceWeightedNorm(4, bad)
+
+
 @pytest.mark.parametrize("cls", [InstanceWeightedNorm, FusedInstanceWeightedNorm])
 def test_meta_and_fake_tensors_as_batchnorm_takes_them(cls):
     """Training forward on the meta device and under FakeTensorMode, and a

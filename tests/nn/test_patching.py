@@ -64,7 +64,8 @@ def test_swaps_share_parameters_and_buffers():
     for key, (tensor, ptr, shape) in before.items():
         assert after[key] is tensor and after[key].data_ptr() == ptr and after[key].shape == shape
 
-    assert sorted(report.backends) == ["blocks.1", "more.0", "norm"]
+    # the module registered twice is listed under both names
+    assert sorted(report.backends) == ["blocks.1", "by_name.again", "more.0", "norm"]
     if backends("cpu")["cpu"].available:
         assert not report.eager
         assert all(v.startswith("cpu (") for v in report.backends.values())
@@ -72,6 +73,7 @@ def test_swaps_share_parameters_and_buffers():
     for text in (
         "module",
         "blocks.1",
+        "more.0, by_name.again",
         "InstanceWeightedNorm",
         "FusedSurgicalGate",
         "3 swapped, 0 skipped",
@@ -108,6 +110,14 @@ def test_idempotent_and_skips_with_reasons():
     assert [(k.name, k.cls) for k in report.skipped] == [("0", "MyNorm")]
     assert "subclass of InstanceWeightedNorm" in report.skipped[0].reason
     assert "skipped: subclass" in str(report)
+
+    class Tagged(InstanceWeightedNorm):  # no code of its own: still not swapped
+        pass
+
+    report = patch_model(nn.Sequential(Tagged(4, 2)))
+    assert report.skipped[0].reason == (
+        "subclass of InstanceWeightedNorm (swapping it would lose its class)"
+    )
 
     root = InstanceWeightedNorm(4, 2)
     report = patch_model(root)
@@ -172,7 +182,9 @@ def test_backend_argument_and_failures_change_nothing(monkeypatch):
         warnings.simplefilter("always")
         report = patch_model(model, backend="eager")
     assert sorted(report.eager) == ["blocks.1", "more.0", "norm"]
-    assert any("eager reference" in str(w.message) for w in caught)
+    # chosen, not missing: the report and the warning say which
+    assert set(report.backends.values()) == {"eager (reference; SURGELLM_BACKEND=eager)"}
+    assert any("SURGELLM_BACKEND=eager chooses it" in str(w.message) for w in caught)
     with pytest.raises(TypeError, match="nn.Module"):
         patch_model("model")
 
@@ -186,3 +198,66 @@ def test_compiled_model_is_refused():
     in_place[0].compile()
     with pytest.raises(ValueError, match="patch before torch.compile"):
         patch_model(in_place)
+
+
+def test_revert_refuses_a_module_changed_in_ways_it_cannot_carry_back():
+    """A parametrization or weight_norm on a patched or converted module, or
+    an in-place compile of it, made revert half-apply (a TypeError after
+    other modules were put back; then never revertible), restore a broken
+    original, or leave the fused forward running. Revert refuses, changing
+    nothing, and works once the change is undone."""
+    from torch.nn.utils import parametrize
+
+    from surgellm_kernels import convert_to_iwn
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    def parametrized(module):
+        parametrize.register_parametrization(module, "weight", Doubled())
+        return lambda: parametrize.remove_parametrizations(module, "weight")
+
+    def weight_normed(module):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the old hook-based form
+            nn.utils.weight_norm(module, dim=None)
+        return lambda: nn.utils.remove_weight_norm(module)
+
+    def compiled(module):
+        module.compile()
+
+        def undo():
+            module._compiled_call_impl = None
+
+        return undo
+
+    def patched():
+        model = nn.Sequential(InstanceWeightedNorm(4, 2, affine=True), SurgicalGate(8, 4))
+        return model, patch_model(model), model[0]
+
+    def converted():
+        model = nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+        return model, convert_to_iwn(model, num_classes=2), model[1]
+
+    cases = [
+        (patched, parametrized, "its class changed"),
+        (patched, compiled, "compiled in place"),
+        (converted, parametrized, "its class changed"),
+        (converted, weight_normed, "weight is no longer a Parameter"),
+    ]
+    for build, change, match in cases:
+        model, report, module = build()
+        undo = change(module)
+        slots = list(model)
+        with pytest.raises(RuntimeError, match=match):
+            report.revert()
+        assert list(model) == slots and not report.reverted
+        undo()
+        report.revert()
+        assert report.reverted and all(type(m) is type(s.old) for m, s in zip(model, report.swaps))
+        x = torch.randn(6, 4)
+        if build is converted:
+            model.train()(x)  # BatchNorms again, with their Parameters
+        else:
+            model[0].train()(x, torch.tensor([0, 1] * 3))

@@ -234,6 +234,11 @@ def test_direct_calls_with_bad_shapes_raise(force_backend):
         )
     with pytest.raises(RuntimeError, match=r"F > 0"):
         torch.ops.surgellm._iwn_group_moments(torch.randn(3, 0), None, None, 1)
+    with pytest.raises(RuntimeError, match=r"num_tasks >= 1"):  # was a division by 0
+        none = torch.zeros(0, 4)  # no tasks: mu, sigma, the groups' statistics
+        sums = torch.zeros(2, 0, 4)
+        coefficients = torch.ops.surgellm._iwn_coefficients
+        coefficients(sums, None, None, torch.zeros(0), none, none, none, none, none, False, 1e-5)
     with pytest.raises(ValueError, match=r"gate must have shape \(4,\)"):
         torch.ops.surgellm.iwn(x, labels, torch.zeros(3), training=True)
 

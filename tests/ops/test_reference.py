@@ -303,3 +303,25 @@ def test_surgical_gate_reference_against_the_equations_written_out():
     var = ((v - mean) ** 2).sum(-1, keepdim=True) / 8
     expected = (v - mean) / torch.sqrt(var + EPS) * weight + bias
     torch.testing.assert_close(surgical_gate_reference(h, s, logits, weight, bias, EPS), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_statistics_accumulate_in_float32_under_autocast(dtype):
+    """Under torch.autocast the reference's class sums (matrix products,
+    which autocast would run in bfloat16 / float16) stay in float32: its
+    output and running statistics match float64 as the fused op's do, for x
+    far from 0 where a low-precision sum would be off by 1e-2."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, dtype=torch.float64) + 10
+    labels = torch.randint(0, 3, (64,))
+    truth = InstanceWeightedNorm(8, 3)
+    truth.to(torch.float64).train()
+    expected = truth(x, labels)
+    module = InstanceWeightedNorm(8, 3).train()
+    with torch.autocast("cpu", dtype=dtype):
+        y = module(x.float(), labels)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        module.running_mean.double(), truth.running_mean, atol=1e-6, rtol=1e-6
+    )
