@@ -202,6 +202,10 @@ class Row:
     # ms per call in each round of the case's implementations taking turns
     # (Report.take_turns): the report's ratios come from these
     turns_ms: Optional[List[float]] = None
+    # which group of turns they came from: a case that came back after other
+    # cases ran takes turns again in a group of its own, and rounds of two
+    # groups are never paired into a ratio
+    turn_group: Optional[int] = None
 
     @property
     def case(self) -> tuple:
@@ -372,6 +376,7 @@ class Report:
         self._turns: Dict[str, tuple] = {}  # impl -> (row, fn, env) of the case in progress
         self._turns_case: Optional[tuple] = None
         self._finished: set = set()  # the cases whose implementations took turns
+        self._groups = 0  # groups of turns taken so far
         self.interrupted = False  # set by conftest.py: no more turns
         self.picture: Optional[str] = None
         # free-form results of benchmarks that are not op cases: title -> lines
@@ -436,21 +441,24 @@ class Report:
             turns_for(seconds_per_round),
             envs={name: env for name, (_, _, env) in group.items()},
         )
+        self._groups += 1
         for name, (row, fn, _) in group.items():
             if hasattr(fn, "reset"):
                 fn.reset()
             row.turns_ms = [t * 1e3 for t in times[name]]
+            row.turn_group = self._groups
             self._write_rows_file({"case": row.case, "impl": name, "turns_ms": row.turns_ms})
 
     def table_rows(self):
         """Rows with the ratios of the same run (vs eager, vs compile,
         roofline, vs copy): each the median, over the rounds in which the
         case's implementations took turns, of that round's ratio."""
-        turns = {r.case + (r.impl,): r.turns_ms for r in self.rows if r.turns_ms}
+        turns = {(r.turn_group, r.case, r.impl): r.turns_ms for r in self.rows if r.turns_ms}
         out = []
         for r in self.rows:
             eager, compiled, proxy, copy = (
-                turns.get(r.case + (name,)) for name in ("eager", "torch.compile", PROXY, COPY)
+                turns.get((r.turn_group, r.case, name))
+                for name in ("eager", "torch.compile", PROXY, COPY)
             )
 
             def ratio(other, scale=1.0, ours=r.turns_ms):
@@ -480,8 +488,10 @@ class Report:
                 # roofline: that floor over ours (1 = at the memory wall)
                 d["floor_ms"] = proxy_ms * tensors / PROXY_TENSORS if proxy else None
                 d["roofline"] = ratio(proxy, tensors / PROXY_TENSORS)
-                # CUDA: the fraction of copy bandwidth reached on the ideal bytes
-                d["vs_copy"] = ratio(copy) if r.impl != COPY else None
+                # CUDA: the fraction of copy bandwidth reached on this row's
+                # bytes (the copy moves the op's ideal bytes)
+                copied = TENSORS_MOVED[r.op][r.mode]
+                d["vs_copy"] = ratio(copy, tensors / copied) if r.impl != COPY else None
             out.append(d)
         return out
 

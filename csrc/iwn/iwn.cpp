@@ -829,8 +829,11 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
     // second derivative through them would silently be missing, so refuse.
     SURGELLM_CHECK(!at::GradMode::is_enabled(),
                    "fused_iwn has no double backward (backward with create_graph=True)");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // Unpacked before leaving autograd: under torch.utils.checkpoint
+    // (non-reentrant) unpacking runs the forward again, which must record
+    // its autograd node to save what this backward reads.
     const auto saved = ctx->get_saved_variables();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto opt = [](const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; };
     const XLayout layout{static_cast<Layout>(ctx->saved_data["layout"].toInt()),
                          ctx->saved_data["feature_dim"].toInt(), 1,

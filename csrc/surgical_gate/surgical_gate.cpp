@@ -132,8 +132,11 @@ class SurgicalGateFunction : public torch::autograd::Function<SurgicalGateFuncti
     // rather than silently drop its second-order terms.
     SURGELLM_CHECK(!at::GradMode::is_enabled(),
                    "fused_surgical_gate has no double backward (backward with create_graph=True)");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // Unpacked before leaving autograd: under torch.utils.checkpoint
+    // (non-reentrant) unpacking runs the forward again, which must record
+    // its autograd node to save what this backward reads.
     const auto saved = ctx->get_saved_variables();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const optional<Tensor> weight = saved[3].defined() ? optional<Tensor>(saved[3]) : std::nullopt;
     // Each input was saved as given or as its (N, d) copy: re-derive the rows
     // of each on its own.

@@ -208,7 +208,7 @@ def convert_sync_iwn(module: nn.Module, process_group=None) -> nn.Module:
     attributes, like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. A
     norm registered under several parents becomes one synced module. Returns
     ``module``, or the new module when ``module`` itself is one. Subclasses
-    with code of their own are left as they are; modules already synced take
+    are left as they are (their class would be lost); modules already synced take
     ``process_group`` in place, as a second ``convert_sync_batchnorm`` gives
     its (new) layers the new group.
     """

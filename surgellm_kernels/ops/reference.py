@@ -11,7 +11,6 @@ class-statistics helpers here also serve the modules' ``fit``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
@@ -75,25 +74,24 @@ def safe_sqrt(var: Tensor) -> Tensor:
 def class_moments(u: Tensor, keys: Tensor, num_groups: int):
     """Per-group count, mean and population variance of the rows of ``u``.
 
-    ``u``: (N, F); ``keys``: (N,) group index in [0, num_groups), not
-    checked here (a key out of range counts in no group).
-    Returns count (G,), mean (G, F), var (G, F); empty groups have count 0,
-    mean 0 and var 0.
+    ``u``: (N, F); ``keys``: (N,) group index in [0, num_groups) (out of
+    range: an IndexError). Returns count (G,), mean (G, F), var (G, F);
+    empty groups have count 0, mean 0 and var 0.
     """
-    # Group sums as a one-hot matrix product: dense, static shapes, so eager
-    # runs it through BLAS and torch.compile traces it without graph breaks
-    # (a fair baseline for the kernels).
-    # (a comparison, not F.one_hot, whose range check reads the keys on the
-    # host: torch.func.grad under vmap cannot)
-    onehot = (keys.unsqueeze(1) == torch.arange(num_groups, device=keys.device)).to(u.dtype)
-    count = onehot.sum(0)
-    # in u's dtype under torch.autocast too, which would run the products in
-    # bfloat16 / float16 (statistics accumulate in float32, SPEC)
-    no_autocast = torch.amp.is_autocast_available(u.device.type)
-    with torch.autocast(u.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
-        mean = (onehot.T @ u) / count.clamp_min(1).unsqueeze(1)
-        dev = u - mean[keys]
-        var = (onehot.T @ (dev * dev)) / count.clamp_min(1).unsqueeze(1)
+    # Group sums by scatter_add: a row adds to its own group alone (a NaN in
+    # one class stays in that class's statistics), static shapes for
+    # torch.compile, a batching rule for vmap, no read of the keys on the
+    # host, and no matrix product for torch.autocast to run in low precision.
+    count = u.new_zeros(num_groups).scatter_add(0, keys, u.new_ones(keys.shape))
+    per_row = count.clamp_min(1).unsqueeze(1)
+    rows = keys.unsqueeze(1).expand(-1, u.shape[1])
+
+    def group_sums(values: Tensor) -> Tensor:
+        return values.new_zeros(num_groups, values.shape[1]).scatter_add(0, rows, values)
+
+    mean = group_sums(u) / per_row
+    dev = u - mean[keys]
+    var = group_sums(dev * dev) / per_row
     return count, mean, var
 
 

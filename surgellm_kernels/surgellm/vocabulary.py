@@ -70,7 +70,7 @@ def _check_arguments(texts, labels, top_k, min_count, ngram_range, prior, binary
             f"texts and labels must have the same length, got {len(texts)} texts "
             f"and {len(labels)} labels"
         )
-    if not texts:
+    if len(texts) == 0:  # (a numpy array or pandas Series has no truth value)
         raise ValueError("texts is empty: nothing to extract from")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
@@ -252,8 +252,7 @@ def extract_vocabulary(
     result = {}
     for c, label in enumerate(classes):
         zc = z[c]
-        # (an entry absent from the class has z <= 0 in exact arithmetic; where
-        # the class has no counts at all, rounding could make it +1e-16)
+        # (an entry absent from the class has z <= 0 in exact arithmetic)
         positive = np.nonzero((zc > 0) & (counts[c] > 0))[0]
         if len(positive) > top_k:  # every entry tied with the k-th, then sort exactly
             kth = np.partition(zc[positive], len(positive) - top_k)[len(positive) - top_k]
@@ -276,9 +275,14 @@ def _log_odds_z(counts: np.ndarray, prior: float) -> np.ndarray:
     rest, n_rest = corpus - counts, n.sum() - n
     own = counts + alpha
     other = rest + alpha
-    delta = (np.log(own) - np.log(n + alpha0 - own)) - (
-        np.log(other) - np.log(n_rest + alpha0 - other)
-    )
+    logs = (np.log(own), np.log(n + alpha0 - own), np.log(other), np.log(n_rest + alpha0 - other))
+    delta = (logs[0] - logs[1]) - (logs[2] - logs[3])
+    # Equal odds (a word as frequent in the class as in the rest) give a delta
+    # of a few rounding errors of either sign: within a bound of those
+    # errors (each log's argument a few ulps off, each log and difference
+    # rounded), it is 0, so that a neutral entry is never listed.
+    rounding = 16 * np.finfo(np.float64).eps * (4 + sum(np.abs(term) for term in logs))
+    delta = np.where(np.abs(delta) <= rounding, 0.0, delta)
     return delta / np.sqrt(1.0 / own + 1.0 / other)
 
 
@@ -347,10 +351,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         examples = load_examples(args.data)
         LabelSpace.from_examples(examples, args.data)  # the training command's label checks
         by_task: Dict[str, Tuple[list, list]] = {}
-        for text, task, label in zip(examples["text"], examples["task"], examples["label"]):
+        for text, task, label, is_int in zip(
+            examples["text"], examples["task"], examples["label"], examples["label_is_int"]
+        ):
             texts, labels = by_task.setdefault(task, ([], []))
             texts.append(text)
-            labels.append(label)
+            labels.append(int(label) if is_int else label)  # classes in training's order
         vocabularies, groups = {}, {}
         for task, (texts, labels) in by_task.items():
             print(f"{task}: {len(texts)} texts", file=sys.stderr)

@@ -320,3 +320,27 @@ def test_state_dicts_load_with_weights_only(make):
         assert torch.equal(fresh.state_dict()[k], v), k
     if isinstance(module, InstanceWeightedNorm):
         assert fresh._frozen  # the Python mirror of the loaded flag
+
+
+@pytest.mark.parametrize("backend,device", device_backends())
+def test_activation_checkpointing_recomputes_the_fused_ops(backend, device, force_backend):
+    """torch.utils.checkpoint (non-reentrant, transformers' default for
+    gradient checkpointing) recomputes a region's forward when backward
+    unpacks what it saved: the fused ops' backward unpacked below autograd,
+    so the recomputed op recorded nothing ("a different number of tensors
+    was saved"). Gradients now equal the uncheckpointed ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    force_backend(backend)
+    torch.manual_seed(0)
+    w = torch.randn(6, 6, dtype=torch.float64, device=device)
+    x = torch.randn(9, 6, dtype=torch.float64, device=device, requires_grad=True)
+    labels = (torch.arange(9) % 3).to(device)
+    regions = (
+        lambda x: fused_surgical_gate(x @ w, x, x.flip(0)),
+        lambda x: fused_iwn(x @ w, labels, training=True, num_classes=3),
+    )
+    for region in regions:
+        expected = torch.autograd.grad(region(x).sin().sum(), x)[0]
+        got = torch.autograd.grad(checkpoint(region, x, use_reentrant=False).sin().sum(), x)[0]
+        assert_close(got, expected)

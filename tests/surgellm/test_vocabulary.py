@@ -114,6 +114,16 @@ def test_a_class_without_kept_entries_gets_none():
         assert [e.entry for e in got["A"]] == ["good"]
 
 
+def test_a_word_as_frequent_in_the_class_as_in_the_rest_is_not_listed():
+    """ "c" is a third of class 1's tokens and a third of the rest's: equal
+    odds, z = 0 exactly, and only entries with z > 0 are listed. Rounding
+    made it 4.6e-16 and listed it. Texts as a numpy array (no truth value)
+    were refused."""
+    texts = np.array(["a a c", "b a f b c", "c e f", "d a a c c", "a c"])
+    got = extract_vocabulary(texts, [0, 0, 1, 0, 0], min_count=1, ngram_range=(1, 1))
+    assert [e.entry for e in got[1]] == ["e", "f"]
+
+
 def test_longer_phrases():
     texts = ["one two three four", "one two three", "two three four!", "x y"] * 3
     labels = [0, 0, 1, 1] * 3
@@ -327,6 +337,21 @@ def test_vocabulary_command(tmp_path, capsys):
         main(["--data", str(data), "--top-k", "4", "--output", str(only), "--only-extracted"]) == 0
     )
     assert LexicalFeaturizer.from_json(only.read_text()).num_features == 4 + 6
+
+
+def test_vocabulary_command_orders_int_classes_as_training_does(tmp_path, capsys):
+    """Labels 9 and 10 are classes 9, 10 in training (ints in numeric
+    order); the command ordered them as strings ("10" before "9")."""
+    texts, labels, _ = planted_corpus(200, num_classes=2, seed=5)
+    data, out = tmp_path / "train.jsonl", tmp_path / "vocab.json"
+    with open(data, "w") as f:
+        for t, y in zip(texts, labels):
+            f.write(json.dumps({"text": t, "label": 9 + int(y), "task": "t"}) + "\n")
+    assert main(["--data", str(data), "--top-k", "2", "--output", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert list(document["vocabularies"]["t"]) == ["9", "10"]
+    names = LexicalFeaturizer.from_json(out.read_text()).feature_names
+    assert [n for n in names if n.startswith("t:")] == ["t:9", "t:10"]
 
 
 def test_vocabulary_command_refuses_groups_of_one_name(tmp_path, capsys):
