@@ -75,7 +75,6 @@ BAD_IWN_CALLS = {
     "labels int32": dict(labels=LABELS.int()),
     "labels shape": dict(labels=LABELS[:5]),
     "labels device": dict(labels=LABELS.to("meta")),
-    "no rows": dict(x=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)),
     "num_classes zero": dict(num_classes=0),
     "num_classes float": dict(num_classes=2.5),
     "num_classes from negative labels": dict(labels=torch.full((6,), -3)),

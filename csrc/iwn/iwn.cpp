@@ -242,15 +242,15 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                        "row's class (pass labels; or normalize with the running statistics: "
                        "training=False, or .eval() on a module)");
   check_index_tensor(*labels, "labels", rows, x, rows_text);
-  SURGELLM_CHECK_VALUE(x.sym_numel() != 0 || synced, "x is empty (shape ",
-                       shape_text(x.sym_sizes()),
-                       "): training statistics need at least one value per feature");
   const bool given_classes = num_classes.has_value();
   if (!given_classes) {
     SURGELLM_CHECK_VALUE(!synced,
                          "num_classes is required with a process_group: every rank must group its "
                          "rows by the same classes, not those its own labels show");
-    num_classes = count_from_data(*labels, "labels", "class", "num_classes");
+    // (no rows, as F.batch_norm takes: any class count fits them)
+    num_classes = labels->sym_numel() != 0
+                      ? count_from_data(*labels, "labels", "class", "num_classes")
+                      : 1;
   }
   SURGELLM_CHECK_VALUE(*num_classes >= 1, "num_classes must be a positive int, got ", *num_classes);
   SURGELLM_CHECK_VALUE(

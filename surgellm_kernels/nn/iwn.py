@@ -549,13 +549,6 @@ class _InstanceWeightedNormNd(nn.Module):
                 f"Expected more than 1 value per channel when normalizing with batch "
                 f"statistics, got input size {tuple(x.shape)}"
             )
-        if (
-            batch_stats
-            and isinstance(x, Tensor)
-            and x.numel() == 0
-            and not self._batch_spans_ranks(x)
-        ):
-            return self._empty_batch_output(x)
         if batch_stats and not self.training and labels is None:
             # The op would say "in training"; the reason here is the layer's state.
             raise ValueError(
@@ -604,16 +597,6 @@ class _InstanceWeightedNormNd(nn.Module):
     def _group_args(self, x: Tensor) -> dict:
         """The process group of a training call, as the checks op takes it."""
         return {}
-
-    def _empty_batch_output(self, x: Tensor) -> Tensor:
-        """As BatchNorm's: a batch of no values normalizes nothing and changes
-        no statistics (nor, unlike BatchNorm, num_batches_tracked); the output
-        still depends on weight and bias, whose gradients are zeros, not None
-        (DistributedDataParallel expects every parameter to get one)."""
-        channel = (1, -1) + (1,) * (x.dim() - 2)
-        y = x if self.weight is None else x * self.weight.view(channel)
-        y = y if self.bias is None else y + self.bias.view(channel)
-        return y.to(x.dtype) if y is not x else x.clone()
 
 
 class InstanceWeightedNorm1d(_InstanceWeightedNormNd):

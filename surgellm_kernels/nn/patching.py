@@ -79,13 +79,17 @@ class Swap:
                 "its class changed after patching (a parametrization: remove it first, "
                 "torch.nn.utils.parametrize.remove_parametrizations)"
             )
+        # (a twin is put back by its attributes, which carry a computed
+        # weight too; a converted layer hands its Parameters to the BatchNorm)
         changed = [
-            n for n in self.parameter_names if not isinstance(getattr(new, n, None), nn.Parameter)
+            n
+            for n in self.parameter_names
+            if not isinstance(getattr(new, n, None), (nn.Parameter, type(None)))
         ]
-        if changed:
+        if self.carry_back is not None and changed:
             return (
-                f"its {', '.join(changed)} is no longer a Parameter (weight_norm or a "
-                f"parametrization added after patching: remove it first)"
+                f"its {', '.join(changed)} is no longer a Parameter (weight_norm, pruning or "
+                f"a hook computes it now: remove that first)"
             )
         if new.__dict__.get("_compiled_call_impl") is not None:
             return (
@@ -469,8 +473,12 @@ def convert_to_iwn(
             child, classes[1] if fused else classes[0], num_classes, std_mode
         )
         device = _device_of(child)
-        backend = _backend.planned_backend("iwn", device) if fused else "eager"
-        return Swap(name, child, layer, _backend_label(backend, device), (), _batchnorm_from_iwn)
+        label = (
+            _backend_label(_backend.planned_backend("iwn", device), device)
+            if fused
+            else "eager (reference layers: fused=False)"
+        )
+        return Swap(name, child, layer, label, (), _batchnorm_from_iwn)
 
     root = None
     if type(model) in IWN_FOR_BATCHNORM:

@@ -11,6 +11,7 @@ class-statistics helpers here also serve the modules' ``fit``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -74,24 +75,27 @@ def safe_sqrt(var: Tensor) -> Tensor:
 def class_moments(u: Tensor, keys: Tensor, num_groups: int):
     """Per-group count, mean and population variance of the rows of ``u``.
 
-    ``u``: (N, F); ``keys``: (N,) group index in [0, num_groups) (out of
-    range: an IndexError). Returns count (G,), mean (G, F), var (G, F);
-    empty groups have count 0, mean 0 and var 0.
+    ``u``: (N, F); ``keys``: (N,) group index in [0, num_groups), not
+    checked here (a key out of range counts in no group).
+    Returns count (G,), mean (G, F), var (G, F); empty groups have count 0,
+    mean 0 and var 0. A non-finite value makes its feature's statistics
+    non-finite in every group (0 * NaN in the product), where the kernels
+    keep it in its own group.
     """
-    # Group sums by scatter_add: a row adds to its own group alone (a NaN in
-    # one class stays in that class's statistics), static shapes for
-    # torch.compile, a batching rule for vmap, no read of the keys on the
-    # host, and no matrix product for torch.autocast to run in low precision.
-    count = u.new_zeros(num_groups).scatter_add(0, keys, u.new_ones(keys.shape))
-    per_row = count.clamp_min(1).unsqueeze(1)
-    rows = keys.unsqueeze(1).expand(-1, u.shape[1])
-
-    def group_sums(values: Tensor) -> Tensor:
-        return values.new_zeros(num_groups, values.shape[1]).scatter_add(0, rows, values)
-
-    mean = group_sums(u) / per_row
-    dev = u - mean[keys]
-    var = group_sums(dev * dev) / per_row
+    # Group sums as a one-hot matrix product: dense, static shapes, so eager
+    # runs it through BLAS and torch.compile traces it without graph breaks
+    # (a fair baseline for the kernels).
+    # (a comparison, not F.one_hot, whose range check reads the keys on the
+    # host: torch.func.grad under vmap cannot)
+    onehot = (keys.unsqueeze(1) == torch.arange(num_groups, device=keys.device)).to(u.dtype)
+    count = onehot.sum(0)
+    # in u's dtype under torch.autocast too, which would run the products in
+    # bfloat16 / float16 (statistics accumulate in float32, SPEC)
+    no_autocast = torch.amp.is_autocast_available(u.device.type)
+    with torch.autocast(u.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
+        mean = (onehot.T @ u) / count.clamp_min(1).unsqueeze(1)
+        dev = u - mean[keys]
+        var = (onehot.T @ (dev * dev)) / count.clamp_min(1).unsqueeze(1)
     return count, mean, var
 
 
@@ -160,8 +164,7 @@ def update_running_statistics(
 ) -> None:
     """``r = (1 - momentum) r + momentum * batch_stat`` for the tasks present
     in the batch; absent tasks keep their statistics. In place, no autograd.
-    ``task_present=None`` means every task is present (with one task, a
-    training batch, which has rows, always is): a plain in-place lerp."""
+    ``task_present=None`` means every task is present: a plain in-place lerp."""
     for running, batch in ((running_mean, mu), (running_std, sigma)):
         rows = running.view(-1, running.shape[-1])
         if task_present is None:
@@ -280,15 +283,13 @@ def _iwn_rows(
 
     if training:
         flat_labels = labels.flatten()
-        if num_classes is None:
-            num_classes = int(flat_labels.max()) + 1
+        if num_classes is None:  # (no rows: any class count fits them)
+            num_classes = int(flat_labels.max()) + 1 if flat_labels.numel() else 1
         mu, sigma, present = class_balanced_statistics(
             u, flat_labels, num_classes, tasks, num_tasks, std_mode
         )
-        if running_mean is not None:
-            update_running_statistics(
-                running_mean, running_std, mu, sigma, present if num_tasks > 1 else None, momentum
-            )
+        if running_mean is not None:  # (a batch of no rows has no task present)
+            update_running_statistics(running_mean, running_std, mu, sigma, present, momentum)
     else:
         mu = running_mean.reshape(num_tasks, Fdim).to(acc)
         sigma = running_std.reshape(num_tasks, Fdim).to(acc)

@@ -161,8 +161,11 @@ _SENTENCE_SPLIT = re.compile(r"[.!?]")
 
 # A zero-width space marks a break between words (Thai, Khmer and Lao write
 # no others): a space. The others join or hyphenate inside a word: dropped.
+# The information separators U+001C-U+001F are white space to str.split
+# (entries) but not to regex's \s (text): spaces, for both.
 _INVISIBLE_AND_APOSTROPHES = str.maketrans(
     {"\u200b": " ", "\u00ad": None, "\u2060": None, "\ufeff": None, "\u2019": "'", "\u02bc": "'"}
+    | {chr(c): " " for c in range(0x1C, 0x20)}
 )
 
 

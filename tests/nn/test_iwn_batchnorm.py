@@ -429,7 +429,8 @@ def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it(fused):
 def test_an_empty_batch_gives_an_empty_output_as_batchnorm(fused, shape):
     """BatchNorm takes a batch of no values in training (a detector's empty
     crop batch): an empty output, zero gradients for weight and bias, no
-    change to the running statistics. So do these layers."""
+    change to the running statistics (the batch is counted). So do these
+    layers, and fused_iwn, as F.batch_norm does (it raised "x is empty")."""
     two_d = len(shape) == 4
     if two_d:
         cls = FusedInstanceWeightedNorm2d if fused else InstanceWeightedNorm2d
@@ -448,10 +449,13 @@ def test_an_empty_batch_gives_an_empty_output_as_batchnorm(fused, shape):
     assert x.grad.shape == shape
     assert torch.equal(layer.weight.grad, torch.zeros(3))
     assert torch.equal(layer.bias.grad, torch.zeros(3))
+    before["num_batches_tracked"] += 1  # as BatchNorm counts it
     for k, v in layer.state_dict().items():
         assert torch.equal(v, before[k]), k
     untracked = cls(3, 2, track_running_stats=False).eval()
-    assert untracked(x).shape == shape  # batch statistics in eval: none needed
+    assert untracked(x, torch.zeros(shape[0], dtype=torch.long)).shape == shape
+    with pytest.raises(ValueError, match="labels must have shape"):
+        layer(x, torch.zeros(shape[0] + 1, dtype=torch.long))  # still checked
 
 
 @pytest.mark.skipif(

@@ -261,3 +261,26 @@ def test_revert_refuses_a_module_changed_in_ways_it_cannot_carry_back():
             model.train()(x)  # BatchNorms again, with their Parameters
         else:
             model[0].train()(x, torch.tensor([0, 1] * 3))
+
+
+def test_revert_carries_back_a_pruned_twin():
+    """A twin goes back by its attributes, which carry a weight computed by
+    a hook (pruning): revert takes it (refusing it was a false alarm)."""
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(InstanceWeightedNorm(4, 2, affine=True))
+    report = patch_model(model)
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    x, labels = torch.randn(6, 4), torch.tensor([0, 1] * 3)
+    expected = model[0](x, labels)
+    report.revert()
+    assert type(model[0]) is InstanceWeightedNorm
+    assert_close(model[0].train()(x, labels), expected)
+
+
+def test_convert_to_reference_layers_says_it_was_asked_for():
+    """fused=False: the report named a missing kernel (or SURGELLM_BACKEND)."""
+    from surgellm_kernels import convert_to_iwn
+
+    report = convert_to_iwn(nn.Sequential(nn.BatchNorm1d(4)), num_classes=2, fused=False)
+    assert report.backends == {"0": "eager (reference layers: fused=False)"}

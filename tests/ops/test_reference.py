@@ -325,29 +325,3 @@ def test_statistics_accumulate_in_float32_under_autocast(dtype):
     torch.testing.assert_close(
         module.running_mean.double(), truth.running_mean, atol=1e-6, rtol=1e-6
     )
-
-
-def test_a_nan_stays_in_its_own_task_and_class():
-    """The reference summed each group as a one-hot matrix product, where
-    0 * NaN is NaN: one NaN made every task's statistics NaN (the kernels
-    keep it in its own). Task 0 here is what it is without task 1's rows;
-    fit's statistics likewise."""
-    x = torch.tensor([[1.0, 5.0], [2.0, 4.0], [3.0, 3.0], [float("nan"), 2.0]])
-    labels, tasks = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1])
-    running = torch.zeros(2, 2), torch.ones(2, 2)
-    y = iwn_reference(
-        x,
-        labels,
-        running_mean=running[0],
-        running_std=running[1],
-        task_ids=tasks,
-        training=True,
-        num_classes=2,
-    )
-    alone = iwn_reference(x[:2], labels[:2], training=True, num_classes=2)
-    assert torch.equal(y[:2], alone)
-    assert torch.isfinite(running[0][0]).all() and torch.isnan(running[0][1, 0])
-    assert torch.isfinite(y[2:, 1]).all()  # the other feature of task 1 too
-    fitted = InstanceWeightedNorm(2, 2, num_tasks=2).fit(x, labels, tasks)
-    assert torch.isfinite(fitted.running_mean[0]).all()
-    assert torch.isnan(fitted.running_mean[1, 0]) and torch.isfinite(fitted.running_mean[1, 1])

@@ -344,3 +344,39 @@ def test_activation_checkpointing_recomputes_the_fused_ops(backend, device, forc
         expected = torch.autograd.grad(region(x).sin().sum(), x)[0]
         got = torch.autograd.grad(checkpoint(region, x, use_reentrant=False).sin().sum(), x)[0]
         assert_close(got, expected)
+
+
+@pytest.mark.parametrize(
+    "backend,device", device_backends() + [("eager", "cpu")], ids=lambda v: str(v)
+)
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_an_empty_training_batch_changes_nothing(backend, device, tasks, force_backend):
+    """As F.batch_norm takes one, a training batch of no rows gives an empty
+    output and zero gradients for gate, weight and bias, and leaves the
+    running statistics as they were (it raised "x is empty"; the eager
+    reference moved them toward 0). num_classes may be left out."""
+    force_backend(backend)
+    x = torch.zeros(0, 4, device=device, requires_grad=True)
+    params = [torch.randn(4, device=device, requires_grad=True) for _ in range(3)]
+    shape = (tasks, 4) if tasks > 1 else (4,)
+    rm, rs = torch.full(shape, 0.5, device=device), torch.full(shape, 2.0, device=device)
+    task_ids = torch.zeros(0, dtype=torch.long, device=device) if tasks > 1 else None
+    y = fused_iwn(
+        x,
+        torch.zeros(0, dtype=torch.long, device=device),
+        gate=params[0],
+        weight=params[1],
+        bias=params[2],
+        running_mean=rm,
+        running_std=rs,
+        task_ids=task_ids,
+        training=True,
+        momentum=0.3,
+    )
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert x.grad.shape == (0, 4)
+    for p in params:
+        assert torch.equal(p.grad, torch.zeros_like(p))
+    assert torch.equal(rm, torch.full(shape, 0.5, device=device))
+    assert torch.equal(rs, torch.full(shape, 2.0, device=device))

@@ -159,7 +159,6 @@ def test_surgical_gate_errors():
 
 # The argument each bad call is about, where the case's first word is not it.
 _NAMED = {
-    "no rows": "x",
     "running shapes differ": "running_std",
     "running 3-d": "running_mean",
     "eval without statistics": "running_mean",

@@ -113,3 +113,6 @@ def test_combining_marks_are_word_characters():
     ]
     # a zero-width joiner joins inside a word
     assert feats("क्\u200dष")["word_count"] == 1
+    # U+001C-U+001F, white space to str.split (entries), are white space in text too
+    phrase = LexicalFeaturizer({"g": ["very good"]}, numeric=False)
+    assert phrase("it was very\x1cgood")[0, 0] == 1
