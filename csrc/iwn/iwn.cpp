@@ -248,9 +248,8 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                          "num_classes is required with a process_group: every rank must group its "
                          "rows by the same classes, not those its own labels show");
     // (no rows, as F.batch_norm takes: any class count fits them)
-    num_classes = labels->sym_numel() != 0
-                      ? count_from_data(*labels, "labels", "class", "num_classes")
-                      : 1;
+    num_classes =
+        labels->sym_numel() != 0 ? count_from_data(*labels, "labels", "class", "num_classes") : 1;
   }
   SURGELLM_CHECK_VALUE(*num_classes >= 1, "num_classes must be a positive int, got ", *num_classes);
   SURGELLM_CHECK_VALUE(
