@@ -233,6 +233,7 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
         statistics are fitted (:meth:`SurgeLLMForSequenceClassification.fit_statistics`)."""
         if task_ids is None or features is None:
             raise ValueError("task_ids and features are required (SurgeLLMProcessor makes them)")
+        task_ids = _int64_ids(task_ids)
         if attention_mask is not None and attention_mask.dim() == 2:
             _assert_first_token_attended(attention_mask)
         encoder_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -254,6 +255,14 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
             attentions=encoded.attentions,  # from the call or the encoder's config
         )
         return output
+
+
+def _int64_ids(task_ids: Optional[Tensor]) -> Optional[Tensor]:
+    """int32 task ids (which the surgical gate takes) as the int64 that IWN
+    and the loss need."""
+    if isinstance(task_ids, Tensor) and task_ids.dtype == torch.int32:
+        return task_ids.long()
+    return task_ids
 
 
 def _assert_first_token_attended(attention_mask: Tensor) -> None:
@@ -325,6 +334,7 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         token_type_ids: Optional[Tensor] = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
+        task_ids = _int64_ids(task_ids)
         checked = (
             labels is not None
             and task_ids is not None  # else the model below says it is required
@@ -452,13 +462,21 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
         ``tokenizer``: the prefix tokens are added to it (in
         place; pass it to :class:`SurgeLLMProcessor`). ``options``:
         :class:`SurgeLLMConfig` fields (``iwn=False``, ``gate=False``,
-        ``prefix=False``, ``max_seq_length``, ``lexicon``, ...).
+        ``prefix=False``, ``max_seq_length``, ``lexicon``, ...), and
+        ``attn_implementation`` / ``dtype``, how a named encoder is loaded.
         """
+        # how to load the encoder, not config fields: its attention and dtype
+        loading = {k: options.pop(k) for k in ("attn_implementation", "dtype") if k in options}
         if isinstance(encoder, (str, os.PathLike)):
             name = os.fspath(encoder)
             check_encoder_path(name)
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
-            encoder = AutoModel.from_pretrained(name)
+            encoder = AutoModel.from_pretrained(name, **loading)
+        elif loading:
+            raise ValueError(
+                f"{', '.join(loading)} apply when from_encoder loads the encoder (a name or a "
+                f"path); a loaded encoder keeps its own: load it with them"
+            )
         elif not isinstance(encoder, PreTrainedModel):
             raise TypeError(
                 f"encoder must be a model name, a path or a transformers model, "

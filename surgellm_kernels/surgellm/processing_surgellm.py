@@ -64,13 +64,23 @@ class SurgeLLMProcessor:
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "SurgeLLMProcessor":
         """The processor of a model saved with ``save_pretrained`` (the
         model's directory, where :meth:`save_pretrained` wrote the tokenizer)."""
+        if not os.path.isfile(os.path.join(directory, "config.json")) and os.path.isdir(directory):
+            raise ValueError(
+                f"{directory} holds no config.json: SurgeLLMProcessor.from_pretrained reads the "
+                f"model's config (save the model there too, or the processor with "
+                f"save_pretrained, which writes it)"
+            )
         config = AutoConfig.from_pretrained(directory)
         if not isinstance(config, SurgeLLMConfig):
             raise ValueError(f"{directory} holds a {type(config).__name__}, not a SURGELLM model")
         return cls(AutoTokenizer.from_pretrained(directory), config, _saved=True)
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """The tokenizer, and the config where the model has not written its
+        own (a directory :meth:`from_pretrained` then reads alone)."""
         self.tokenizer.save_pretrained(directory)
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            self.config.save_pretrained(directory)
 
     def task_ids(self, tasks: Sequence[Union[str, int]]) -> Tensor:
         """Task ids of task names (or ids, checked)."""
@@ -100,6 +110,10 @@ class SurgeLLMProcessor:
         """Model inputs for ``texts`` of ``tasks`` (see the class docstring);
         ``padding=False, return_tensors=None`` gives lists, for a data
         collator to pad later."""
+        # numpy arrays and pandas Series, as lists (they have no truth value)
+        texts, tasks = (v.tolist() if hasattr(v, "tolist") else v for v in (texts, tasks))
+        if labels is not None and not isinstance(labels, Tensor) and hasattr(labels, "tolist"):
+            labels = labels.tolist()
         if isinstance(texts, str) or len(texts) != len(tasks):
             raise ValueError(
                 f"texts and tasks must be sequences of one length, got "

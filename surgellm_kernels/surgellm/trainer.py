@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -204,7 +204,7 @@ class SurgeLLMTrainer(Trainer):
         global_batch = self.args.per_device_train_batch_size * self.args.world_size
         # data_seed orders the data where given, as Trainer's own sampler does
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        self.task_sampler = TaskHomogeneousSampler(dataset["task_ids"], global_batch, seed)
+        self.task_sampler = TaskHomogeneousSampler(_column(dataset, "task_ids"), global_batch, seed)
         return self.task_sampler
 
     def create_optimizer(self, model=None):
@@ -266,14 +266,40 @@ class FitIWNStatistics(TrainerCallback):
     first step: one streamed pass (``InstanceWeightedNorm.partial_fit``), the
     same on every rank (each streams the whole split)."""
 
+    COLUMNS = ("features", "labels", "task_ids")
+
     def __init__(self, train_dataset, batch_size: int):
-        columns = ["features", "labels", "task_ids"]
-        self.rows = train_dataset.select_columns(columns).with_format("torch")
-        self.batch_size = batch_size
+        self.rows, self.batch_size = train_dataset, batch_size
+        if hasattr(train_dataset, "select_columns"):  # a datasets.Dataset
+            self.rows = train_dataset.select_columns(list(self.COLUMNS)).with_format("torch")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and model.surgellm.iwn is not None:
-            model.fit_statistics(DataLoader(self.rows, self.batch_size))
+            collate = None if hasattr(self.rows, "column_names") else self._collate
+            model.fit_statistics(DataLoader(self.rows, self.batch_size, collate_fn=collate))
+
+    @classmethod
+    def _collate(cls, rows) -> Dict[str, torch.Tensor]:
+        """A list or torch Dataset of the processor's rows: each column stacked."""
+        return {k: torch.stack([torch.as_tensor(_field(r, k)) for r in rows]) for k in cls.COLUMNS}
+
+
+def _field(row, name: str):
+    if not isinstance(row, Mapping) or name not in row:
+        raise ValueError(
+            f"the training rows must be mappings holding {name!r} (SurgeLLMProcessor's rows), "
+            f"got {type(row).__name__}"
+            + (f" with keys {sorted(row)}" if isinstance(row, Mapping) else "")
+        )
+    return row[name]
+
+
+def _column(dataset, name: str) -> list:
+    """Each row's ``name``: a datasets.Dataset's column, else read row by row
+    (a list or torch Dataset of the processor's rows, as Trainer takes)."""
+    if hasattr(dataset, "column_names"):
+        return dataset[name]
+    return [int(_field(dataset[i], name)) for i in range(len(dataset))]
 
 
 def task_metrics(

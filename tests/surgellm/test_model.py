@@ -864,3 +864,102 @@ def test_the_config_names_the_attention_the_encoder_runs(tokenizer_dir):
     model = SurgeLLMForSequenceClassification.from_encoder(encoder, TASKS, tokenizer=tokenizer)
     assert model.config._attn_implementation == "eager"
     assert model.surgellm.encoder.config._attn_implementation == "eager"
+
+
+def test_from_encoder_takes_how_to_load_the_encoder(tmp_path):
+    """attn_implementation and dtype are how to load the encoder: the first
+    raised "got multiple values", the second was kept in the config while
+    the model stayed float32."""
+    encoder_dir = tmp_path / "encoder"
+    tokenizer = write_tokenizer(str(encoder_dir))
+    tiny_bert(len(tokenizer)).save_pretrained(str(encoder_dir))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(encoder_dir)
+    model = SurgeLLMForSequenceClassification.from_encoder(
+        str(encoder_dir),
+        {"a": 2},
+        tokenizer=tokenizer,
+        attn_implementation="eager",
+        dtype=torch.bfloat16,
+    )
+    assert model.config._attn_implementation == "eager"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="a loaded encoder keeps its own"):
+        SurgeLLMForSequenceClassification.from_encoder(
+            tiny_bert(len(tokenizer)), {"a": 2}, tokenizer=tokenizer, dtype=torch.bfloat16
+        )
+
+
+def test_processor_saved_alone_loads(tokenizer_dir, tmp_path):
+    """save_pretrained wrote the tokenizer only, and from_pretrained of that
+    directory said "Unrecognized model"; it now writes the config where the
+    model has not, and a directory without one is named as such."""
+    model, processor = make_model(tokenizer_dir)
+    processor.save_pretrained(tmp_path / "processor")
+    loaded = SurgeLLMProcessor.from_pretrained(tmp_path / "processor")
+    texts, tasks = ["a fine film", "maybe so"], ["sentiment", "authorship"]
+    assert torch.equal(loaded(texts, tasks)["input_ids"], processor(texts, tasks)["input_ids"])
+    processor.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match="holds no config.json"):
+        SurgeLLMProcessor.from_pretrained(tmp_path / "tokenizer")
+
+
+def test_int32_task_ids_and_array_inputs(tokenizer_dir):
+    """int32 task ids passed the gate's check and then failed in the loss's
+    one_hot (or IWN refused them); numpy / pandas inputs to the processor
+    had no truth value."""
+    import numpy as np
+
+    model, processor = make_model(tokenizer_dir)
+    texts, tasks = ["a fine film", "maybe so"], ["sentiment", "authorship"]
+    batch = processor(np.array(texts), np.array(tasks), labels=np.array([1, 0]))
+    assert torch.equal(batch["input_ids"], processor(texts, tasks)["input_ids"])
+    model.train()
+    torch.manual_seed(0)  # the same dropout masks for both calls
+    expected = model(**batch).loss
+    batch["task_ids"] = batch["task_ids"].int()
+    torch.manual_seed(0)
+    assert_close(model(**batch).loss, expected)
+    base = model.surgellm(
+        **{k: v for k, v in batch.items() if k != "labels"}, labels=batch["labels"]
+    )
+    assert base.pooler_output.shape[0] == 2
+
+
+def test_trainer_takes_a_list_of_rows(tokenizer_dir, tmp_path):
+    """Trainer takes any dataset of rows; SurgeLLMTrainer read a datasets
+    column (dataset["task_ids"]) and failed on a list or torch Dataset."""
+    from surgellm_kernels.surgellm.trainer import (
+        FitIWNStatistics,
+        SurgeLLMTrainer,
+        SurgeLLMTrainingArguments,
+    )
+
+    model, processor = make_model(tokenizer_dir)
+    texts, tasks, labels = synthetic_examples(8, 0)
+    encoded = processor(texts, tasks, labels, padding=False, return_tensors=None)
+    rows = [{k: v[i] for k, v in encoded.items()} for i in range(8)]
+    args = SurgeLLMTrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        eval_strategy="no",
+        load_best_model_at_end=False,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = SurgeLLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=transformers.DataCollatorWithPadding(processor.tokenizer),
+        callbacks=[FitIWNStatistics(rows, 4)],
+    )
+    trainer.train()
+    assert bool(model.surgellm.iwn.statistics_frozen)
+    order = list(trainer.task_sampler)  # batches of one task each, read from the rows
+    for start in range(0, len(order), 4):
+        assert len({rows[i]["task_ids"] for i in order[start : start + 4]}) == 1
+    with pytest.raises(ValueError, match="must be mappings holding 'task_ids'"):
+        trainer._get_train_sampler([{"text": "x"}])
