@@ -8,6 +8,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <iterator>
 #include <list>
@@ -16,6 +17,12 @@
 
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
 #endif
 
 #include "common/message.h"
@@ -35,6 +42,8 @@ size_t cache_limit_bytes() {
                        "SURGELLM_CPU_OUTPUT_CACHE_MB must be a whole number of megabytes >= 0 "
                        "(0 turns the CPU output cache off), got '",
                        env, "'");
+  // (past what a size_t holds in bytes: no limit, not a wrapped one)
+  if (static_cast<unsigned long long>(mb) > (SIZE_MAX >> 20)) return SIZE_MAX;
   return size_t(mb) << 20;
 }
 
@@ -65,7 +74,17 @@ class OutputCache final : public c10::Allocator {
   static OutputCache& get() {
     // Never destroyed: tensors freed while the process exits still return
     // their blocks here.
-    static OutputCache* cache = new OutputCache(cache_limit_bytes());
+    static OutputCache* cache = [] {
+      auto* made = new OutputCache(cache_limit_bytes());
+#if defined(__unix__) || defined(__APPLE__)
+      // A fork while another thread holds the lock (the ops run without the
+      // GIL) would leave it held in the child by a thread the child does not
+      // have: the lock is taken across fork and released on both sides.
+      pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); },
+                     [] { get().mutex_.unlock(); });
+#endif
+      return made;
+    }();
     return *cache;
   }
 
@@ -102,6 +121,11 @@ class OutputCache final : public c10::Allocator {
       cached_ = 0;
     }
     for (const Block& b : blocks) c10::free_cpu(b.ptr);
+#ifdef __GLIBC__
+    // glibc keeps freed blocks below its mmap threshold (which rises to 32
+    // MiB as large blocks are freed) in its heap: hand them to the system.
+    if (freed > 0) malloc_trim(0);
+#endif
     return static_cast<int64_t>(freed);
   }
 

@@ -157,6 +157,46 @@ def test_an_output_larger_than_the_limit_is_not_kept_and_evicts_nothing():
     assert kept <= after < 8 * 2**20
 
 
+def test_a_limit_past_what_bytes_hold_is_no_limit():
+    """2**44 MiB is 2**64 bytes: the limit wrapped to 0 (the cache silently
+    off) or to a small number."""
+    for mb in ("17592186044416", "17592186044417"):
+        done = _run(CACHE_AFTER_ONE_OUTPUT, SURGELLM_CPU_OUTPUT_CACHE_MB=mb)
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout) >= ROWS * FEATURES * 4
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+def test_emptying_the_cache_gives_its_memory_to_the_system():
+    """empty_cpu_cache() freed its blocks into glibc's heap, which kept them
+    (blocks past its mmap threshold, which rises to 32 MiB as large blocks
+    are freed, between live small ones): resident memory did not go down."""
+    code = """
+        import os, torch
+        from surgellm_kernels import empty_cpu_cache, fused_iwn
+        def resident():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        warm = torch.empty(30 << 20, dtype=torch.uint8).fill_(1)
+        del warm  # glibc's mmap threshold rises to 30 MiB: the outputs below come from its heap
+        outputs, pins = [], []
+        for i in range(48):  # about 100 MB of outputs, each a size of its own
+            x = torch.randn(1024 + i, 512)
+            outputs.append(fused_iwn(x, torch.arange(1024 + i) % 3, training=True))
+            pins.append(torch.ones(16 << 10))  # small live blocks between them
+            del x
+        del outputs
+        before = resident()
+        freed = empty_cpu_cache()
+        print(freed, before - resident())
+    """
+    done = _run(code)
+    assert done.returncode == 0, done.stderr
+    freed, returned = (int(v) for v in done.stdout.split())
+    assert freed > 90 * 2**20
+    assert returned > freed // 2, (freed, returned)
+
+
 def test_a_bad_limit_names_the_variable():
     done = _run(CACHE_AFTER_ONE_OUTPUT, SURGELLM_CPU_OUTPUT_CACHE_MB="lots")
     assert done.returncode != 0

@@ -683,6 +683,8 @@ def test_the_sampler_pass_is_the_epoch():
 def test_data_seed_orders_the_data_as_in_trainer():
     from types import SimpleNamespace
 
+    import datasets
+
     from surgellm_kernels.surgellm.trainer import SurgeLLMTrainer, TaskHomogeneousSampler
 
     tasks = [0] * 10 + [1] * 7
@@ -691,7 +693,9 @@ def test_data_seed_orders_the_data_as_in_trainer():
         args = SimpleNamespace(
             per_device_train_batch_size=4, world_size=1, seed=seed, data_seed=data_seed
         )
-        fake = SimpleNamespace(args=args, train_dataset={"task_ids": tasks})
+        fake = SimpleNamespace(
+            args=args, train_dataset=datasets.Dataset.from_dict({"task_ids": tasks})
+        )
         return list(SurgeLLMTrainer._get_train_sampler(fake))
 
     assert order(0, None) == list(TaskHomogeneousSampler(tasks, 4, seed=0))
