@@ -733,6 +733,8 @@ def bad_arguments_on_one_rank(rank, world, groups):
         "labels of another length": (dict(labels=labels[1:]), "labels must have shape"),
         "gate of another shape": (dict(gate=batch.gate[1:]), "gate must have shape"),
         "x of another width": (dict(x=torch.cat([x, x[:, :1]], 1)), "gate must have shape"),
+        # not floating: the payload in running_mean's dtype (rank 0 waited to its timeout)
+        "x of integers": (dict(x=x.long()), "x must be a floating"),
     }
     wide = torch.randn(len(x), batch.F + 1, dtype=batch.dtype, device=DEVICE)
     norm = SyncInstanceWeightedNorm(batch.F, batch.C).double().to(DEVICE)
@@ -742,6 +744,7 @@ def bad_arguments_on_one_rank(rank, world, groups):
         "width": (norm, x, wide, "x must have shape"),
         "channels": (norm2d, images, images.reshape(len(x), 1, batch.F, 1), "channels"),
         "dimensions": (norm2d, images, x, "4-D"),
+        "integers": (norm, x, x.long(), "x must be a floating"),
     }
     started = time.monotonic()
     failures = []

@@ -427,10 +427,11 @@ Moments moments_of_all_ranks(const Moments& local, bool failed, const RankGroup&
 // payload its group expects -- num_classes times the tasks of a (T, F)
 // running_mean (else 1) groups of F features, F read from the running
 // statistics, weight or bias where given (x's own width may be what failed),
-// else from x; in x's accumulation dtype -- then every rank raises, this one
-// its own error. Where the arguments do not give that payload (x not a
-// floating tensor, num_classes missing, sizes past the checks' bounds) the
-// rank raises alone, as nn.SyncBatchNorm's checks do. A trace (fake
+// else from x; in x's accumulation dtype (x not floating: that of the
+// running_mean, weight or bias given) -- then every rank raises, this one
+// its own error. Where the arguments do not give that payload (no floating
+// tensor, num_classes missing, sizes past the checks' bounds) the rank
+// raises alone, as nn.SyncBatchNorm's checks do. A trace (fake
 // tensors) communicates nothing.
 template <typename Checks>
 auto joining_the_gather(const Tensor& x, const optional<Tensor>& running_mean,
@@ -444,10 +445,19 @@ auto joining_the_gather(const Tensor& x, const optional<Tensor>& running_mean,
     auto given = [](const optional<Tensor>& t) {
       return t.has_value() && t->defined() && !at::isTensorSubclassLike(*t) && t->dim() >= 1;
     };
+    auto floating = [](const Tensor& t) { return at::isFloatingType(t.scalar_type()); };
+    // The payload's dtype: x's, or where x is not floating (what failed), the
+    // module's as its running_mean, weight or bias give it.
+    const Tensor* like = &x;
+    if (x.defined() && !floating(x))
+      for (const optional<Tensor>* t : {&running_mean, &weight, &bias})
+        if (given(*t) && floating(**t)) {
+          like = &**t;
+          break;
+        }
     const bool payload_known = training && group_name.has_value() && group_size > 1 &&
                                num_classes.has_value() && *num_classes >= 1 && x.defined() &&
-                               !at::isTensorSubclassLike(x) &&
-                               at::isFloatingType(x.scalar_type()) && x.dim() >= 1 &&
+                               !at::isTensorSubclassLike(x) && floating(*like) && x.dim() >= 1 &&
                                feature_dim >= -x.dim() && feature_dim < x.dim();
     if (!payload_known) throw;
     const int64_t F = given(running_mean) ? running_mean->size(-1)
@@ -458,7 +468,7 @@ auto joining_the_gather(const Tensor& x, const optional<Tensor>& running_mean,
     if (F < 1 || T < 1 || *num_classes > kMaxKeys / T || T * *num_classes > kMaxGroupValues / F)
       throw;
     const int64_t G = T * *num_classes;
-    const auto opts = x.options().dtype(accumulation_type(x));
+    const auto opts = x.options().dtype(accumulation_type(*like));
     const Tensor zeros = at::zeros({G, F}, opts);
     // Raises on every rank (this one flagged its failure), or cannot reach
     // the group (an unknown name): this rank's own error is the one to raise.
@@ -512,7 +522,10 @@ XLayout layout_of(const Tensor& x, int64_t fd) {
     TORCH_WARN_ONCE(text(
         "fused_iwn: x with its features in dimension ", fd, " of ", x.dim(), " on ", x.device(),
         " is copied to features-innermost order (only the CPU kernels read channels-first "
-        "memory in place); pass x in torch.channels_last memory format to avoid the copy"));
+        "memory in place); to avoid the copy, pass x with its features innermost in memory: "
+        "x.movedim(",
+        fd, ", -1).contiguous().movedim(-1, ", fd,
+        ") (for 4-D x, x.to(memory_format=torch.channels_last))"));
   }
   return {Layout::position_rows, fd, L, !features_innermost};
 }
@@ -809,6 +822,8 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
     // backward re-derives the phases' x from x itself, or has that copy
     ctx->saved_data["x_is_input"] = in.x.is_alias_of(x);
     ctx->saved_data["layout"] = static_cast<int64_t>(layout.kind);
+    // needs_input_grad counts the tensors given (x, labels where given, gate)
+    ctx->saved_data["gate_edge"] = int64_t(labels.has_value() && labels->defined() ? 2 : 1);
     ctx->saved_data["feature_dim"] = feature_dim;
     ctx->saved_data["contiguous_out"] = layout.contiguous_out;
     ctx->saved_data["training"] = training;
@@ -866,13 +881,16 @@ class IWNFunction : public torch::autograd::Function<IWNFunction> {
     const auto [scale, dy_shift, dev_coef, center, dweight, dbias, du_dot_u] = coefficients(
         all_sums, sums, weight, opt(saved[4]), opt(saved[5]), opt(saved[6]), opt(saved[7]), mu,
         sigma, ctx->saved_data["pooled"].toBool(), ctx->saved_data["eps"].toDouble());
-    auto [dx, dgate] = input_grad(dy, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u,
-                                  key_div, training);
-    Tensor dgate_out;
-    if (gate.has_value()) dgate_out = gate->dim() == 1 ? dgate : dgate.view_symint(x_sizes);
     variable_list grads(17);  // one per forward argument; undefined: no gradient
-    grads[0] = in_layout_of_x(dx, layout, x_sizes);
-    grads[2] = dgate_out;
+    // The pass over x for dx and dgate only where one of them is asked for
+    // (a frozen x and gate: weight and bias come from the sums alone).
+    if (ctx->needs_input_grad(0) ||
+        (gate.has_value() && ctx->needs_input_grad(ctx->saved_data["gate_edge"].toInt()))) {
+      auto [dx, dgate] = input_grad(dy, x, keys, gate, scale, dy_shift, dev_coef, center, du_dot_u,
+                                    key_div, training);
+      grads[0] = in_layout_of_x(dx, layout, x_sizes);
+      if (gate.has_value()) grads[2] = gate->dim() == 1 ? dgate : dgate.view_symint(x_sizes);
+    }
     if (weight.has_value()) grads[3] = dweight;
     if (ctx->saved_data["has_bias"].toBool()) grads[4] = dbias;
     return grads;

@@ -496,7 +496,12 @@ class _InstanceWeightedNormNd(nn.Module):
     ):
         var, std = prefix + "running_var", prefix + "running_std"
         if self.running_std is not None and var in state_dict and std not in state_dict:
-            state_dict[std] = state_dict.pop(var).sqrt()  # a BatchNorm's
+            running_var = state_dict.pop(var)  # a BatchNorm's
+            if running_var.is_floating_point():  # sqrt in the finer of the two dtypes
+                running_var = running_var.to(
+                    torch.promote_types(running_var.dtype, self.running_std.dtype)
+                )
+            state_dict[std] = running_var.sqrt()
         count = prefix + "num_batches_tracked"
         version = local_metadata.get("version")
         if (
@@ -565,6 +570,12 @@ class _InstanceWeightedNormNd(nn.Module):
             running = (None, None)
         momentum = 0.0 if self.momentum is None else self.momentum
         if tracking and self.momentum is None:  # BatchNorm's cumulative moving average
+            if torch.compiler.is_compiling():  # a clear error under fullgraph=True
+                torch._dynamo.graph_break(
+                    msg="momentum=None: the cumulative average's momentum is read from "
+                    "num_batches_tracked, a value the graph cannot hold; compile without "
+                    "fullgraph=True, or build the layer with a momentum"
+                )
             momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
         labels = labels if batch_stats else None
         args = dict(
@@ -581,12 +592,17 @@ class _InstanceWeightedNormNd(nn.Module):
             feature_dim=1,
         )
         cumulative = tracking and self.momentum is None
-        if cumulative and torch.compiler.is_compiling() and self._iwn is not iwn_reference:
+        if (
+            tracking
+            and (cumulative or (isinstance(x, Tensor) and x.device.type == "cpu"))
+            and torch.compiler.is_compiling()
+            and self._iwn is not iwn_reference
+        ):
             # Inductor may run the count's add (which depends on nothing the
             # op computes) before the op, whose checks raise inside it: the
             # checks as an op of their own, first, keep a failed call from
-            # counting where the count sets the next momentum. (Not for
-            # every call: on a GPU their range check is a host sync. The
+            # counting. (On a GPU only where the count sets the next
+            # momentum: there their range check is a host sync. The
             # reference checks first itself.)
             check_iwn_args(x, labels, **args, **self._group_args(x))
         y = self._iwn(x, labels, **args)

@@ -454,9 +454,24 @@ def convert_to_iwn(
             base = next((c for c in IWN_FOR_BATCHNORM if isinstance(child, c)), None)
             if base is not None:
                 return Skip(name, type(child).__name__, _subclass_reason(child, base))
+            lazy = nn.modules.batchnorm._LazyNormBase
+            if isinstance(child, lazy) and isinstance(child, nn.modules.batchnorm._BatchNorm):
+                return Skip(
+                    name,
+                    type(child).__name__,
+                    "uninitialized lazy module: run one forward first (it then becomes a "
+                    "BatchNorm1d / BatchNorm2d)",
+                )
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
                 return Skip(name, type(child).__name__, "not BatchNorm1d / BatchNorm2d")
             return None
+        if child.momentum is not None and not 0 <= child.momentum <= 1:
+            # IWN's layers refuse it at their first call; BatchNorm runs with it
+            return Skip(
+                name,
+                type(child).__name__,
+                f"momentum={child.momentum} outside [0, 1], which the IWN layers refuse",
+            )
         computed = [
             n
             for n in ("weight", "bias")

@@ -282,6 +282,10 @@ def select_backend(op: str, device: torch.device) -> str:
     # The choice depends on nothing but these (the rest is fixed at import),
     # so it is made once per key: this runs on every eager call.
     key = (op, device.type, *_settings())
+    if torch.compiler.is_compiling():
+        # Not the cache: a trace that filled it guarded on the key's absence,
+        # and the next call compiled again.
+        return _choose(op, device)
     backend = _chosen.get(key)
     if backend is None:
         backend = _choose(op, device)  # raises for a forced backend that cannot run

@@ -161,6 +161,8 @@ def parse(argv: Optional[Sequence[str]] = None):
     overrides(options)  # checked here, applied when the model is built
     for name, value, least in (
         ("--batch-size", training_args.per_device_train_batch_size, 1),
+        ("--per-device-eval-batch-size", training_args.per_device_eval_batch_size, 1),
+        ("--gradient-accumulation-steps", training_args.gradient_accumulation_steps, 1),
         ("--max-length", options.max_length, 2),
     ):
         if value < least:
@@ -171,6 +173,11 @@ def parse(argv: Optional[Sequence[str]] = None):
     ):
         if value is not None and not value >= 0:
             raise UsageError(f"argument {name}: must be >= 0, got {value}")
+    if training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:
+        raise UsageError(
+            f"argument --epochs: must be > 0 (or give --max-steps), got "
+            f"{training_args.num_train_epochs}"
+        )
     if not 0 <= training_args.seed < 2**32:  # numpy's seeds
         raise UsageError(f"argument --seed: must be in [0, 2**32), got {training_args.seed}")
     check_training_arguments(training_args)  # before the encoder is loaded
@@ -312,6 +319,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{len(eval_rows)} examples"
         )
 
+    metric = args.metric_for_best_model
+    known = {"loss", "macro_f1"} | {  # per task: of the tasks scored
+        f"{task}_{m}" for task in set(eval_rows["task"]) for m in ("macro_f1", "accuracy")
+    }
+    if metric is not None and metric not in known and metric.removeprefix("eval_") not in known:
+        return fail(
+            f"--metric-for-best-model {metric!r}: not a metric of this run; one of "
+            + ", ".join(sorted(known))
+        )
+
     # -- the model ----------------------------------------------------------------------------
     from transformers import AutoTokenizer, DataCollatorWithPadding, set_seed
     from transformers.trainer_utils import get_last_checkpoint
@@ -354,6 +371,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     patch_for_kernels(model, options.kernels, verbose=main_process)
     if args.world_size > 1:  # class-balanced statistics over the global batch
         convert_sync_iwn(model)
+        if main_process and config.iwn:
+            say(
+                f"iwn: statistics over the global batch of {args.world_size} ranks (the "
+                "fused synchronized layer"
+                + (", with --kernels reference too)" if options.kernels != "fused" else ")")
+            )
 
     # -- training -----------------------------------------------------------------------------
     collator = DataCollatorWithPadding(tokenizer)

@@ -91,10 +91,18 @@ class SurgeLLMTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "end with the best checkpoint's weights"}
     )
     metric_for_best_model: Optional[str] = dataclasses.field(
-        default="macro_f1", metadata={"help": "what the best checkpoint is chosen by"}
+        default="macro_f1",
+        metadata={
+            "help": "what the best checkpoint is chosen by: macro_f1 (the mean over tasks), "
+            "<task>_macro_f1, <task>_accuracy or loss"
+        },
     )
     greater_is_better: Optional[bool] = dataclasses.field(
-        default=True, metadata={"help": "whether a higher --metric-for-best-model is better"}
+        default=None,
+        metadata={
+            "help": "whether a higher --metric-for-best-model is better (default: yes, but "
+            "for a loss)"
+        },
     )
     logging_steps: float = dataclasses.field(
         default=10, metadata={"help": "log the training loss every this many steps"}

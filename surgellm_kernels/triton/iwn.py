@@ -52,7 +52,11 @@ correctly.
 
 Only core ``tl`` math is used (``tl.sigmoid``, ``tl.sqrt``; no libdevice), and
 every load is converted to acc before any math: both are needed by the Triton
-CPU interpreter (TRITON_INTERPRET=1). eps reaches a kernel as three float32
+CPU interpreter (TRITON_INTERPRET=1). In float32 on a GPU these compile to
+the hardware's approximate instructions (sm_90 PTX: ``sqrt.approx``,
+``ex2.approx``, ``div.full``, within about 2 ulps), where the interpreter
+rounds each step exactly: GPU results may differ from the interpreter's by a
+few ulps, within the tests' float32 tolerances. eps reaches a kernel as three float32
 numbers whose float64 sum is exactly eps (``float32_parts``): Triton passes a
 Python float as float32 whatever the parameter's annotation says (Triton 3.6
 on an H200 did: a constant row's 1 / sqrt(eps) was off by half of float32's
@@ -136,8 +140,9 @@ def _rows_only(x: torch.Tensor) -> None:
     if x.dim() == 3 and x.shape[2] != 1:
         raise NotImplementedError(
             "the Triton kernels read features-innermost rows; x of shape (N, F, L) in "
-            "contiguous (channels-first) memory runs on the C++ CPU kernels, or pass x in "
-            "torch.channels_last memory format"
+            "contiguous (channels-first) memory runs on the C++ CPU kernels, or pass x with "
+            "its features innermost in memory: x.movedim(1, -1).contiguous().movedim(-1, 1) "
+            "(for 4-D x, x.to(memory_format=torch.channels_last))"
         )
 
 

@@ -388,19 +388,35 @@ def test_convert_to_iwn_skips_what_it_cannot_carry_over_saying_why():
     normed = nn.utils.spectral_norm(nn.BatchNorm1d(4))
     parametrized = nn.BatchNorm1d(4)
     parametrize.register_parametrization(parametrized, "weight", Halved())
-    model = nn.Sequential(normed, parametrized, MyBatchNorm(4), nn.SyncBatchNorm(4))
+    model = nn.Sequential(
+        normed,
+        parametrized,
+        MyBatchNorm(4),
+        nn.SyncBatchNorm(4),
+        nn.LazyBatchNorm2d(),
+        nn.BatchNorm2d(4, momentum=1.5),  # BatchNorm runs with it; the IWN layers refuse it
+        nn.LazyInstanceNorm2d(),  # no BatchNorm: not listed
+        nn.LazyLinear(3),
+    )
     report = convert_to_iwn(model, num_classes=2)
     assert not report.swaps and [m.__class__ for m in model] == [
         nn.BatchNorm1d,
         type(parametrized),
         MyBatchNorm,
         nn.SyncBatchNorm,
+        nn.LazyBatchNorm2d,
+        nn.BatchNorm2d,
+        nn.LazyInstanceNorm2d,
+        nn.LazyLinear,
     ]
     assert [k.reason for k in report.skipped] == [
         "its weight computed by a hook (weight_norm, spectral_norm): no Parameter to carry over",
         "a parametrized BatchNorm1d (torch.nn.utils.parametrize)",
         "subclass of BatchNorm2d (swapping it would lose its class)",
         "not BatchNorm1d / BatchNorm2d",
+        "uninitialized lazy module: run one forward first (it then becomes a "
+        "BatchNorm1d / BatchNorm2d)",
+        "momentum=1.5 outside [0, 1], which the IWN layers refuse",
     ]
 
 
@@ -523,6 +539,14 @@ def test_loads_a_batchnorm_state_dict():
     assert torch.equal(layer.running_mean, bn.running_mean) and int(layer.num_batches_tracked) == 7
     assert torch.equal(layer.weight.detach(), bn.weight.detach())
     assert set(state) >= {"running_var"}  # the caller's dict is left as it was
+    # A bfloat16 checkpoint into a float32 layer: the root in float32, of the
+    # values BatchNorm would load (not rounded to bfloat16 a second time).
+    var = torch.tensor([2.0, 3.0, 5.0, 7.0]).bfloat16()
+    half = nn.BatchNorm1d(4).bfloat16()
+    half.running_var.copy_(var)
+    wide = InstanceWeightedNorm1d(4, 2)
+    wide.load_state_dict(half.state_dict())
+    assert torch.equal(wide.running_std, var.float().sqrt())
     # A checkpoint from before BatchNorm counted batches (version 1): the
     # layer's count stays, as a BatchNorm's does; from version 2 it is missing.
     old = {k: v for k, v in state.items() if k != "num_batches_tracked"}
@@ -654,6 +678,25 @@ def test_strided_input_neither_layout(backend, force_backend):
     assert_close(xg.grad, x64.grad)
 
 
+def test_triton_planes_error_advice_runs(force_backend):
+    # 3-D x has no channels_last format: the advice the error gives for it must work
+    if "triton" not in cpu_backends():
+        pytest.skip("the Triton interpreter is not available")
+    force_backend("triton")
+    x, labels = make((6, 3, 10), False)
+    with pytest.raises(NotImplementedError) as raised:
+        fused_iwn(x, labels, training=True, num_classes=3, feature_dim=1)
+    assert "x.movedim(1, -1).contiguous().movedim(-1, 1)" in str(raised.value)
+    y = fused_iwn(
+        x.movedim(1, -1).contiguous().movedim(-1, 1),
+        labels,
+        training=True,
+        num_classes=3,
+        feature_dim=1,
+    )
+    assert_close(y, truth(x, labels, torch.ones(3), torch.zeros(3), 1e-5)[0])
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compile_fullgraph_both_layouts(channels_last):
     torch._dynamo.reset()
@@ -672,12 +715,14 @@ def test_compile_fullgraph_both_layouts(channels_last):
     assert_close(compiled_layer.running_std, eager_layer.running_std)
 
 
-def test_compiled_call_that_fails_counts_no_batch():
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_compiled_call_that_fails_counts_no_batch(momentum):
     """Inductor scheduled the count's add before the op, whose checks raise
-    inside it: with momentum=None (a cumulative average), num_batches_tracked
-    grew with every failed call, and the next running statistics were off."""
+    inside it: num_batches_tracked grew with every failed call (with
+    momentum=None, a cumulative average, the next running statistics were
+    off too)."""
     torch._dynamo.reset()
-    layer = FusedInstanceWeightedNorm1d(5, 3, momentum=None)
+    layer = FusedInstanceWeightedNorm1d(5, 3, momentum=momentum)
     compiled = torch.compile(layer)
     x = torch.randn(8, 5)
     compiled(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
@@ -687,6 +732,18 @@ def test_compiled_call_that_fails_counts_no_batch():
             compiled(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 7]))
     for k, v in layer.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_cumulative_momentum_under_fullgraph_says_why(fused):
+    # The momentum comes from num_batches_tracked, a value the graph cannot
+    # hold: the op's schema error ("found type 'SymFloat'") said nothing of that.
+    torch._dynamo.reset()
+    layer = layer_class(2, fused)(4, 3, momentum=None)
+    with pytest.raises(Exception, match="Message: momentum=None: the cumulative average's"):
+        torch.compile(layer, fullgraph=True, backend="aot_eager")(
+            torch.randn(6, 4), torch.arange(6) % 3
+        )
 
 
 GPU_PAIRS = [(b, d) for b, d in device_backends() if d == "cuda"]

@@ -97,7 +97,9 @@ def test_compile_with_changing_batch_size(backend, force_backend):
 
 def test_compile_before_any_eager_call():
     """A fresh process whose first call is traced by torch.compile: backend
-    discovery must not import anything while tracing."""
+    discovery must not import anything while tracing, nor leave a guard
+    that compiles the second call again (the backend cache filled by the
+    trace did)."""
     import subprocess
     import sys
     import textwrap
@@ -112,6 +114,8 @@ def test_compile_before_any_eager_call():
             assert torch.allclose(compiled(x, labels), ref(x, labels), atol=1e-5)
         assert torch.allclose(fused.running_mean, ref.running_mean)
         assert torch.allclose(fused.running_std, ref.running_std)
+        from torch._dynamo.utils import counters
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -52,6 +52,44 @@ def test_one_call_is_one_op(training, tasks, force_backend):
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
+@pytest.mark.parametrize("wanted", ["weight", "bias", "gate", "x"])
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_computes_only_the_gradients_asked_for(
+    backend, device, wanted, training, force_backend
+):
+    """With x and the gate frozen, the pass over x that gives dx and dgate is
+    skipped (it ran for a weight or bias gradient alone); the gradients asked
+    for are the reference's -- in eval too, where no labels are given (the
+    gate is then autograd's second input, not its third)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    force_backend(backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 5, 4, generator=g, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 3, (30, 5), generator=g).to(device)
+    inputs = {"x": x}
+    inputs.update(
+        (name, torch.randn(4, generator=g, dtype=torch.float64).to(device))
+        for name in ("gate", "weight", "bias")
+    )
+    inputs[wanted] = inputs[wanted].clone().requires_grad_(True)
+    dy = torch.randn(30, 5, 4, generator=g, dtype=torch.float64).to(device)
+    kwargs = dict(training=True, labels=labels, num_classes=3)
+    if not training:
+        running_std = torch.rand(4, generator=g, dtype=torch.float64).add(0.5).to(device)
+        kwargs = dict(training=False, running_mean=torch.randn(4).to(x), running_std=running_std)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = fused_iwn(**kwargs, **inputs)
+        (grad,) = torch.autograd.grad(y, inputs[wanted], dy)
+    ran = {e.name for e in prof.events()}
+    assert "surgellm::_iwn_task_sums" in ran
+    assert ("surgellm::_iwn_input_grad" in ran) == (wanted in ("x", "gate")), sorted(ran)
+    y_ref = iwn_reference(**kwargs, **inputs)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(grad, torch.autograd.grad(y_ref, inputs[wanted], dy)[0])
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS)
 def test_strided_gate_weight_bias(backend, device, force_backend):
     """A [::2] (F,) gate, weight and bias are valid inputs on every backend."""
     force_backend(backend)

@@ -467,6 +467,9 @@ def test_bad_arguments(tmp_path, capsys):
         ("--config-overrides", "iwn=False", "'iwn' is not a field it sets"),
         ("--config-overrides", "alpha=abc", "alpha must be a float, got 'abc'"),
         ("--label-smoothing-factor", "0.1", "label_smoothing_factor=0.1 is not supported"),
+        ("--gradient-accumulation-steps", "0", "argument --gradient-accumulation-steps: must"),
+        ("--per-device-eval-batch-size", "0", "argument --per-device-eval-batch-size: must"),
+        ("--epochs", "0", "argument --epochs: must be > 0 (or give --max-steps), got 0.0"),
         (
             "--train-sampling-strategy",
             "sequential",
@@ -495,6 +498,12 @@ def test_bad_arguments(tmp_path, capsys):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "train.log").write_text("")  # not a run: accepted
     assert parse([*base, "--output", str(tmp_path / "logs")])[1].output_dir.endswith("logs")
+    # As TrainingArguments: a higher metric is better, but for a loss (the best
+    # checkpoint by eval loss was the one of the highest loss)
+    logs = [*base, "--output", str(tmp_path / "logs")]
+    assert parse(logs)[1].greater_is_better is True
+    assert parse([*logs, "--metric-for-best-model", "loss"])[1].greater_is_better is False
+    assert parse([*logs, "--max-steps", "3", "--epochs", "0"])[1].max_steps == 3
 
 
 def test_train_command_with_extracted_word_lists(files, tmp_path):
@@ -569,6 +578,25 @@ def test_train_command_model_errors(files, tmp_path, capsys):
     assert train.main([*long_args, "--encoder", files["encoder"]]) == 2
     err = capsys.readouterr().err
     assert f"error: {long_row}:5: max_seq_length=40 cannot hold" in err, err
+    # a metric the run does not compute: named before the first evaluation, not a KeyError after it
+    assert train.main(args + ["--encoder", files["encoder"], "--metric-for-best-model", "f1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --metric-for-best-model 'f1': not a metric of this run; one of" in err, err
+    assert "macro_f1" in err and "Traceback" not in err
+    # per task: of the tasks --eval scores
+    with open(files["train"]) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    tasks = sorted({row["task"] for row in rows})
+    one_task = write_jsonl(
+        tmp_path / "one_task.jsonl", [json.dumps(r) for r in rows if r["task"] == tasks[0]]
+    )
+    for metric, refused in ((f"{tasks[1]}_macro_f1", True), (f"eval_{tasks[0]}_accuracy", False)):
+        # accepted, the run stops at the next check: a max length too short for the prefix
+        given = ["--eval", one_task, "--metric-for-best-model", metric, "--max-length", "20"]
+        assert train.main(args + ["--encoder", files["encoder"], *given]) == 2
+        err = capsys.readouterr().err
+        assert (f"--metric-for-best-model {metric!r}: not a metric" in err) == refused, err
+        assert ("cannot hold" in err) != refused, err
     bad_eps = ["--encoder", files["encoder"], "--config-overrides", "eps=0"]
     assert train.main(args + bad_eps) == 2  # the config's check, before any step
     assert "error: eps must be a positive number, got 0.0" in capsys.readouterr().err

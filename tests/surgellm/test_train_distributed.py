@@ -91,6 +91,8 @@ def _train(files, name, statistics, ranks):
     assert done.returncode == 0, done.stderr[-4000:]
     with open(out / "trainer_state.json") as f:
         logs = [log for log in json.load(f)["log_history"] if "loss" in log]
+    synced = "iwn: statistics over the global batch of 2 ranks (the fused synchronized layer)"
+    assert (synced in done.stdout) == (ranks > 1), done.stdout[-4000:]
     return logs, load_file(out / "model.safetensors")
 
 
