@@ -56,7 +56,7 @@ CPU interpreter (TRITON_INTERPRET=1). In float32 on a GPU these compile to
 the hardware's approximate instructions (sm_90 PTX: ``sqrt.approx``,
 ``ex2.approx``, ``div.full``, within about 2 ulps), where the interpreter
 rounds each step exactly: GPU results may differ from the interpreter's by a
-few ulps, within the tests' float32 tolerances. eps reaches a kernel as three float32
+few ulps. eps reaches a kernel as three float32
 numbers whose float64 sum is exactly eps (``float32_parts``): Triton passes a
 Python float as float32 whatever the parameter's annotation says (Triton 3.6
 on an H200 did: a constant row's 1 / sqrt(eps) was off by half of float32's

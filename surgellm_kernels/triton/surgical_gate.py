@@ -53,7 +53,7 @@ Triton CPU interpreter (TRITON_INTERPRET=1). In float32 on a GPU these compile t
 the hardware's approximate instructions (sm_90 PTX: ``sqrt.approx``,
 ``ex2.approx``, ``div.full``, within about 2 ulps), where the interpreter
 rounds each step exactly: GPU results may differ from the interpreter's by a
-few ulps, within the tests' float32 tolerances. eps reaches the kernel as three
+few ulps. eps reaches the kernel as three
 float32 parts whose float64 sum is exactly eps (iwn.float32_parts: Triton
 passes a Python float as float32), so float64 data sees it unrounded. Large logits saturate the
 sigmoid without NaN: g = 1 / (1 + exp(-x)) is exactly 0 where exp(-x)
