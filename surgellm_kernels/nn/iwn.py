@@ -569,7 +569,8 @@ class _InstanceWeightedNormNd(nn.Module):
         if self.training and not tracking:
             running = (None, None)
         momentum = 0.0 if self.momentum is None else self.momentum
-        if tracking and self.momentum is None:  # BatchNorm's cumulative moving average
+        cumulative = tracking and self.momentum is None  # BatchNorm's cumulative average
+        if cumulative:
             if torch.compiler.is_compiling():  # a clear error under fullgraph=True
                 torch._dynamo.graph_break(
                     msg="momentum=None: the cumulative average's momentum is read from "
@@ -591,7 +592,6 @@ class _InstanceWeightedNormNd(nn.Module):
             num_classes=self.num_classes,
             feature_dim=1,
         )
-        cumulative = tracking and self.momentum is None
         if (
             tracking
             and (cumulative or (isinstance(x, Tensor) and x.device.type == "cpu"))

@@ -279,18 +279,18 @@ def forced_backend() -> Optional[str]:
 def select_backend(op: str, device: torch.device) -> str:
     """The backend that runs ``op`` on tensors of ``device``; the dispatcher
     is set up to run it (see the module docstring)."""
-    # The choice depends on nothing but these (the rest is fixed at import),
-    # so it is made once per key: this runs on every eager call.
-    key = (op, device.type, *_settings())
     if torch.compiler.is_compiling():
         # Not the cache: a trace that filled it guarded on the key's absence,
         # and the next call compiled again.
         return _choose(op, device)
+    # The choice depends on nothing but these (the rest is fixed at import),
+    # so it is made once per key: this runs on every eager call.
+    key = (op, device.type, *_settings())
     backend = _chosen.get(key)
     if backend is None:
         backend = _choose(op, device)  # raises for a forced backend that cannot run
         _chosen[key] = backend
-    if backend in ("triton", "cuda", "cpu") and not torch.compiler.is_compiling():
+    if backend in ("triton", "cuda", "cpu"):
         _use_triton_kernels(device.type, backend == "triton")
     return backend
 

@@ -50,18 +50,12 @@ Offsets: every offset that multiplies a row, chunk, group or task index by F
 is computed in int64, so tensors with N * F >= 2**31 elements are addressed
 correctly.
 
-Only core ``tl`` math is used (``tl.sigmoid``, ``tl.sqrt``; no libdevice), and
-every load is converted to acc before any math: both are needed by the Triton
-CPU interpreter (TRITON_INTERPRET=1). In float32 on a GPU these compile to
-the hardware's approximate instructions (sm_90 PTX: ``sqrt.approx``,
-``ex2.approx``, ``div.full``, within about 2 ulps), where the interpreter
-rounds each step exactly: GPU results may differ from the interpreter's by a
-few ulps. eps reaches a kernel as three float32
-numbers whose float64 sum is exactly eps (``float32_parts``): Triton passes a
-Python float as float32 whatever the parameter's annotation says (Triton 3.6
-on an H200 did: a constant row's 1 / sqrt(eps) was off by half of float32's
-rounding of 1e-5), and float64 data must see eps unrounded. No checks here:
-the op checks its arguments (check_iwn_args) before any phase runs.
+Numerics (core ``tl`` math only, the GPU's approximate float32
+instructions, eps in three float32 parts) as the package docstring says.
+Triton 3.6 on an H200 showed why eps is split: passed as one float, a
+constant row's 1 / sqrt(eps) was off by half of float32's rounding of 1e-5.
+No checks here: the op checks its arguments (check_iwn_args) before any
+phase runs.
 """
 
 from __future__ import annotations

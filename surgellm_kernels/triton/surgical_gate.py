@@ -47,17 +47,11 @@ Offsets: row indices are int64 (``program_id(0).to(tl.int64)``), so every
 ``row * d + col`` offset is computed in int64 and tensors with
 N * d >= 2**31 elements are addressed correctly.
 
-Only core ``tl`` math is used (``tl.sigmoid``, ``tl.sqrt``; no libdevice),
-and every load is converted to acc before any math: both are needed by the
-Triton CPU interpreter (TRITON_INTERPRET=1). In float32 on a GPU these compile to
-the hardware's approximate instructions (sm_90 PTX: ``sqrt.approx``,
-``ex2.approx``, ``div.full``, within about 2 ulps), where the interpreter
-rounds each step exactly: GPU results may differ from the interpreter's by a
-few ulps. eps reaches the kernel as three
-float32 parts whose float64 sum is exactly eps (iwn.float32_parts: Triton
-passes a Python float as float32), so float64 data sees it unrounded. Large logits saturate the
-sigmoid without NaN: g = 1 / (1 + exp(-x)) is exactly 0 where exp(-x)
-overflows to inf and exactly 1 where it drops below half an ulp of 1.
+Numerics (core ``tl`` math only, the GPU's approximate float32
+instructions, eps in three float32 parts) as the package docstring says.
+Large logits saturate the sigmoid without NaN: g = 1 / (1 + exp(-x)) is
+exactly 0 where exp(-x) overflows to inf and exactly 1 where it drops below
+half an ulp of 1.
 """
 
 from __future__ import annotations
