@@ -319,6 +319,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{len(eval_rows)} examples"
         )
 
+    # Trainer names evaluation metrics eval_<key> unless the key starts with
+    # eval_: such a task's metrics would pass for the mean's or another task's.
+    for task in sorted(set(space.classes) | set(eval_rows["task"])):
+        if task == "eval" or task.startswith("eval_"):
+            return fail(
+                f"task {task!r}: Trainer reads metrics named eval or eval_... as its own "
+                "(the mean macro-F1 is eval_macro_f1), so this task's would pass for another's; "
+                "rename the task in the data files"
+            )
     metric = args.metric_for_best_model
     known = {"loss", "macro_f1"} | {  # per task: of the tasks scored
         f"{task}_{m}" for task in set(eval_rows["task"]) for m in ("macro_f1", "accuracy")

@@ -597,6 +597,16 @@ def test_train_command_model_errors(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert (f"--metric-for-best-model {metric!r}: not a metric" in err) == refused, err
         assert ("cannot hold" in err) != refused, err
+    # a task whose metric names Trainer would take for the mean's: refused before the encoder
+    for task in ("eval", f"eval_{tasks[0]}"):
+        renamed = write_jsonl(
+            tmp_path / "eval_task.jsonl",
+            [json.dumps({**r, "task": task}) for r in rows if r["task"] == tasks[0]],
+        )
+        given = ["--train", renamed, "--output", str(tmp_path / "out")]
+        assert train.main([*given, "--encoder", str(tmp_path / "no-encoder")]) == 2
+        err = capsys.readouterr().err
+        assert f"error: task {task!r}: Trainer reads metrics named eval" in err, err
     bad_eps = ["--encoder", files["encoder"], "--config-overrides", "eps=0"]
     assert train.main(args + bad_eps) == 2  # the config's check, before any step
     assert "error: eps must be a positive number, got 0.0" in capsys.readouterr().err
