@@ -18,8 +18,9 @@ namespace surgellm {
 
 // A row's variance as rstd takes it: a rounding below 0 read as 0, and one
 // past the accumulation type's range (a row of values whose squares
-// overflow) NaN, as F.layer_norm and the reference give -- not rstd = 0,
-// which would turn the row silently into the bias. NaN stays NaN.
+// overflow) NaN, a visible failure. F.layer_norm, and the reference built on
+// it, give NaN for some row lengths and rstd = 0 for others: the row silently
+// the bias. NaN stays NaN.
 template <typename acc_t>
 SURGELLM_HD acc_t row_variance(acc_t var) {
   if (var < acc_t(0)) return acc_t(0);

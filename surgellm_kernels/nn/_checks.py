@@ -33,3 +33,15 @@ def holds_data(t: Tensor) -> bool:
         or is_fake(t)
         or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
     )
+
+
+def is_vmapped(t: Tensor) -> bool:
+    """Whether ``t`` is batched by ``torch.vmap`` at any level, under other
+    ``torch.func`` wrappers too (``vmap(grad(f))`` hands ``f`` its batched
+    inputs wrapped for ``grad``): a batched tensor has no one value to read."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False

@@ -28,7 +28,7 @@ from ..ops.reference import (
     iwn_reference,
     merge_moments,
 )
-from ._checks import check_counts, holds_data
+from ._checks import check_counts, holds_data, is_vmapped
 
 __all__ = [
     "InstanceWeightedNorm",
@@ -162,11 +162,7 @@ class InstanceWeightedNorm(nn.Module):
         compiling or under vmap (a batched flag has no one value), the last
         value read."""
         flag = self.statistics_frozen
-        if (
-            torch.compiler.is_compiling()
-            or torch._C._functorch.is_batchedtensor(flag)
-            or not holds_data(flag)
-        ):
+        if torch.compiler.is_compiling() or is_vmapped(flag) or not holds_data(flag):
             return self._frozen
         source, version = getattr(self, "_frozen_source", (None, None))
         if (

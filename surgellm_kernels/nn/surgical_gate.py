@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..ops.reference import surgical_gate_reference
 from ..ops.surgical_gate import fused_surgical_gate
-from ._checks import check_counts, holds_data
+from ._checks import check_counts, holds_data, is_vmapped
 
 __all__ = ["SurgicalGate", "FusedSurgicalGate", "check_task_ids"]
 
@@ -23,8 +23,8 @@ def check_task_ids(task_ids: Tensor, shape: torch.Size, num_tasks: int) -> None:
     """``task_ids`` of ``shape``, integer ids in [0, num_tasks), ahead of a
     task embedding: an id past it is an IndexError naming nothing on the
     CPU and a device-side assert on CUDA. The range check costs one host sync
-    (as fused_iwn's; skipped while compiling or capturing a graph, and for meta
-    and fake tensors, which hold no values)."""
+    (as fused_iwn's; skipped while compiling or capturing a graph, under
+    vmap, and for meta and fake tensors, which hold no values)."""
     if not isinstance(task_ids, Tensor) or task_ids.shape != shape:
         got = tuple(task_ids.shape) if isinstance(task_ids, Tensor) else type(task_ids).__name__
         raise ValueError(f"task_ids must have shape {tuple(shape)}, got {got}")
@@ -35,6 +35,7 @@ def check_task_ids(task_ids: Tensor, shape: torch.Size, num_tasks: int) -> None:
         task_ids.numel()
         and not torch.compiler.is_compiling()  # first: tracing does not enter holds_data
         and not capturing
+        and not is_vmapped(task_ids)
         and holds_data(task_ids)
     ):
         lo, hi = torch.aminmax(task_ids)

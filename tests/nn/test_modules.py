@@ -245,3 +245,38 @@ def test_vmap_over_stacked_states_uses_the_flag_last_read():
 
     y = torch.vmap(call, in_dims=(0, 0, None))(params, buffers, x)
     assert_close(y[0], fitted(x, labels))
+
+
+@pytest.mark.parametrize("gate_class", [SurgicalGate, FusedSurgicalGate])
+def test_vmap_over_samples_of_a_multi_task_gate(gate_class):
+    """Each sample's task ids batched by vmap: the range check cannot read a
+    batched id; the outputs, and the reference's per-sample gradients
+    (vmap(grad(...))), are those of a loop over samples."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    gate = gate_class(6, 4, num_tasks=2).double()
+    h, s = torch.randn(5, 3, 6, dtype=torch.float64), torch.randn(5, 3, 4, dtype=torch.float64)
+    task_ids = torch.randint(0, 2, (5, 3))
+    with torch.no_grad():
+        z = torch.vmap(gate)(h, s, task_ids)
+        for i in range(5):
+            assert_close(z[i], gate(h[i], s[i], task_ids[i]), name=f"sample {i}")
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
+        gate(h[0], s[0], torch.tensor([0, 2, 1]))  # unbatched: still checked
+
+    params = {k: v.detach() for k, v in gate.named_parameters()}
+
+    def loss(p, h, s, t):
+        return functional_call(gate, p, (h, s, t)).square().sum()
+
+    per_sample = torch.func.vmap(grad(loss), in_dims=(None, 0, 0, 0))
+    if gate_class is FusedSurgicalGate:  # the fused op refuses torch.func's grad, clearly
+        with pytest.raises(NotImplementedError, match="torch.func transforms"):
+            per_sample(params, h, s, task_ids)
+        return
+    grads = per_sample(params, h, s, task_ids)
+    for i in range(5):
+        want = grad(loss)(params, h[i], s[i], task_ids[i])
+        for name in params:
+            assert_close(grads[name][i], want[name], name=f"{name}, sample {i}")
