@@ -3,8 +3,8 @@
     python -m surgellm_kernels.train --encoder NAME_OR_PATH --train FILE.jsonl \\
         [--eval FILE.jsonl] --output DIR [--no-iwn] [--no-gate] [--no-prefix] \\
         [--max-length 128] [--lexicon VOCAB.json] [--kernels fused|reference] \\
-        [any TrainingArguments option: --epochs, --lr, --batch-size, --max-steps,
-         --seed, --bf16, --gradient-accumulation-steps, --resume, ...]
+        [--resume] [any TrainingArguments option: --epochs, --lr, --batch-size,
+         --max-steps, --seed, --bf16, --gradient-accumulation-steps, ...]
 
 Reads and checks the data (``datasets``; a bad row is reported as
 ``file:line``), builds a ``SurgeLLMForSequenceClassification`` on the encoder

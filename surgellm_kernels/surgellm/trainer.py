@@ -48,7 +48,7 @@ def accelerator_present() -> bool:
 @dataclasses.dataclass
 class SurgeLLMTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with the paper's recipe as defaults (see the
-    module docstring), the old command's short flags as aliases, and the
+    module docstring), short aliases (``--epochs``, ``--lr``, ...), and the
     settings SURGELLM's inputs need."""
 
     output_dir: Optional[str] = dataclasses.field(
