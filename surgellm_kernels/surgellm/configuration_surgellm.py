@@ -71,6 +71,8 @@ class SurgeLLMConfig(PretrainedConfig):
 
     model_type = "surgellm"
     sub_configs = {"encoder_config": AutoConfig}
+    # Trainer's predictions: the logits alone, whatever the encoder returns
+    keys_to_ignore_at_inference = ["hidden_states", "attentions"]
 
     def __init__(
         self,
@@ -129,12 +131,23 @@ class SurgeLLMConfig(PretrainedConfig):
                     raise ValueError(
                         f"class_names[{name!r}] must list {n} distinct names, got {names!r}"
                     )
+            unknown = sorted(set(class_names) - set(tasks))
+            if unknown:
+                raise ValueError(
+                    f"class_names names tasks that tasks does not: {unknown} (tasks: {list(tasks)})"
+                )
         if (
             isinstance(max_seq_length, bool)
             or not isinstance(max_seq_length, int)
             or max_seq_length < 2
         ):
             raise ValueError(f"max_seq_length must be an int >= 2, got {max_seq_length!r}")
+        limit = getattr(encoder_config, "max_position_embeddings", None)
+        if isinstance(limit, int) and max_seq_length > limit:
+            raise ValueError(
+                f"max_seq_length={max_seq_length} exceeds the encoder's "
+                f"max_position_embeddings={limit}"
+            )
         for name, value, ok, what in (
             ("alpha", alpha, lambda v: v == v, "a number"),
             ("eps", eps, lambda v: v > 0, "a positive number"),

@@ -199,12 +199,12 @@ def _entry_pattern(entry: str) -> regex.Pattern:
     return regex.compile(pattern)
 
 
-def _numeric_features(text: str, lower: str) -> list:
-    words = _WORD.findall(lower)
+def _numeric_features(text: str) -> list:
+    words = _WORD.findall(text)  # not of the lower case: "İ".lower() is two characters
     return [
         float(len(words)),
         sum(len(w) for w in words) / len(words) if words else 0.0,
-        float(sum(1 for piece in _SENTENCE_SPLIT.split(lower) if piece.strip())),
+        float(sum(1 for piece in _SENTENCE_SPLIT.split(text) if piece.strip())),
         float(text.count("?")),
         float(text.count("!")),
         1.0 if any(ch.isdigit() for ch in text) else 0.0,
@@ -297,7 +297,7 @@ class LexicalFeaturizer:
         lower = text.lower()
         values = [float(sum(1 for p in patterns if p.search(lower))) for patterns in self._patterns]
         if self.numeric:
-            values += _numeric_features(text, lower)
+            values += _numeric_features(text)
         return values
 
     def __call__(self, texts: Union[str, Iterable[str]]) -> torch.Tensor:

@@ -244,7 +244,11 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
                 kwargs.setdefault(flag, True)
         encoded = self.encoder(**encoder_inputs, **kwargs, return_dict=True)
         hidden = encoded.last_hidden_state
-        s = features.to(self.fusion.feature_projection.weight.dtype)
+        dtype = self.fusion.feature_projection.weight.dtype
+        # counts past the dtype's range (65504 words in float16) saturate
+        # there: as inf they would make the row's logits NaN
+        top = torch.finfo(dtype).max
+        s = features.clamp(-top, top).to(dtype)
         if self.iwn is not None:
             s = self.iwn(s, labels=labels, task_ids=task_ids)
         z = self.fusion(hidden[:, 0], s, task_ids)
@@ -512,12 +516,6 @@ class SurgeLLMForSequenceClassification(SurgeLLMPreTrainedModel):
             attn_implementation=encoder.config._attn_implementation,
             **options,
         )
-        limit = getattr(encoder.config, "max_position_embeddings", None)
-        if limit is not None and config.max_seq_length > limit:
-            raise ValueError(
-                f"max_seq_length={config.max_seq_length} exceeds the encoder's "
-                f"max_position_embeddings={limit}"
-            )
         if config.prefix:
             _add_prefix_tokens(encoder, tokenizer, prefix_tokens(config))
         config.encoder_config = encoder.config  # with the vocabulary grown
@@ -546,17 +544,19 @@ def _add_prefix_tokens(encoder: PreTrainedModel, tokenizer, tokens: list) -> Non
     the rows of the pieces its text is split into without the added tokens;
     the rows of tokens both already had stay."""
     known = tokenizer.get_vocab()
-    tokenizer.add_tokens(tokens)
     rows = encoder.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    ids = {t.content: tokenizer.convert_tokens_to_ids(t.content) for t in tokens}
     # new ids may fall in spare rows an encoder keeps past its vocabulary (as
     # OPT and Qwen2 do): new to the tokenizer counts as new to the encoder
-    fresh = [c for c, i in ids.items() if c not in known or i >= rows]
+    fresh = [t.content for t in tokens if t.content not in known or known[t.content] >= rows]
+    # split before add_tokens: any tokenizer splits a text it has no added
+    # token for, and a tokenizer refused here is left as it was
+    pieces = _pieces_without(tokenizer, fresh)
+    tokenizer.add_tokens(tokens)
+    if len(tokenizer) > rows:
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     weight = encoder.get_input_embeddings().weight
-    for content, pieces in zip(fresh, _pieces_without(tokenizer, fresh)):
-        weight[ids[content]] = weight[pieces].mean(0)
+    for content, ids in zip(fresh, pieces):
+        weight[tokenizer.convert_tokens_to_ids(content)] = weight[ids].mean(0)
 
 
 def _pieces_without(tokenizer, contents: list) -> list:

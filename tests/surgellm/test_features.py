@@ -57,6 +57,13 @@ def test_empty_text_and_shape():
     assert lexical_features("single string").shape == (1, 16)
 
 
+def test_word_lengths_are_of_the_text_not_its_lower_case():
+    # "İ".lower() is two characters (i and a combining dot): lower case is for matching
+    for text, words, mean in (("Istanbul", 1, 8.0), ("İstanbul", 1, 8.0), ("İİİİ ab", 2, 3.0)):
+        f = feats(text)
+        assert (f["word_count"], f["mean_word_length"]) == (words, mean), text
+
+
 def test_task_prefix_prints_floor_as_integers():
     values = [1.0, 2.7, 0, 0, 0, 0, 0, 0, 0, 0, 12, 4.6, 2, 1, 0, 1]
     prefix = task_prefix("sst2", values)

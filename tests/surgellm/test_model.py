@@ -805,6 +805,14 @@ def test_from_pretrained_checks_the_config_values_it_is_given(tokenizer_dir, tmp
             auto.from_pretrained(tmp_path, eps=-1.0)
     with pytest.raises(ValueError, match="max_seq_length must be an int >= 2"):
         SurgeLLMConfig.from_pretrained(tmp_path, max_seq_length=1)
+    with pytest.raises(ValueError, match="max_seq_length=257 exceeds the encoder's max_position"):
+        transformers.AutoModelForSequenceClassification.from_pretrained(
+            tmp_path, max_seq_length=257
+        )  # a shape error at the first forward before
+    with pytest.raises(ValueError, match=r"class_names names tasks that tasks does not: \['b'\]"):
+        SurgeLLMConfig.from_pretrained(
+            tmp_path, tasks={"a": 2}, class_names={"a": ["x", "y"], "b": ["x", "y"]}
+        )
     with pytest.raises(ValueError, match=r"class_names\[.x.\] must list 2 distinct names"):
         SurgeLLMConfig.from_pretrained(tmp_path, tasks={"x": 2})
     assert SurgeLLMConfig.from_pretrained(tmp_path, eps=1e-3).eps == 1e-3
@@ -958,8 +966,48 @@ def test_trainer_takes_a_list_of_rows(tokenizer_dir, tmp_path):
     )
     trainer.train()
     assert bool(model.surgellm.iwn.statistics_frozen)
+    # an encoder config asking for hidden states: the predictions are the logits alone
+    # (a tuple of logits and hidden states failed evaluate's and compute_metrics' argmax)
+    model.config.output_hidden_states = True
+    assert trainer.predict(rows).predictions.shape == (8, model.config.max_classes)
     order = list(trainer.task_sampler)  # batches of one task each, read from the rows
     for start in range(0, len(order), 4):
         assert len({rows[i]["task_ids"] for i in order[start : start + 4]}) == 1
     with pytest.raises(ValueError, match="must be mappings holding 'task_ids'"):
         trainer._get_train_sampler([{"text": "x"}])
+
+
+def test_a_python_tokenizer_gets_the_prefix_rows_from_its_pieces(tokenizer_dir):
+    """A tokenizer with no fast backend (a Python one): the pieces are read
+    before the prefix tokens are added. It was refused, as if it already
+    held them, after they had been added to it and the encoder grown."""
+    legacy = pytest.importorskip("transformers.models.bert.tokenization_bert_legacy")
+    vocab_file = os.path.join(tokenizer_dir, "vocab.txt")
+    tokenizer = legacy.BertTokenizerLegacy(vocab_file=vocab_file)
+    vocab = len(tokenizer)
+    encoder = tiny_bert(vocab)
+    before = encoder.get_input_embeddings().weight.detach().clone()
+    pieces = tokenizer("|F3:", add_special_tokens=False)["input_ids"]
+    model = SurgeLLMForSequenceClassification.from_encoder(encoder, TASKS, tokenizer=tokenizer)
+    new = tokenizer.convert_tokens_to_ids("|F3:")
+    assert new >= vocab and len(pieces) > 1
+    assert_close(model.get_input_embeddings().weight[new], before[pieces].mean(0))
+    # already grown and not fast: refused, and the fresh encoder left as it was
+    encoder = tiny_bert(vocab)
+    grown = len(tokenizer)
+    with pytest.raises(ValueError, match="already holds the prefix tokens"):
+        SurgeLLMForSequenceClassification.from_encoder(encoder, TASKS, tokenizer=tokenizer)
+    assert len(tokenizer) == grown and encoder.get_input_embeddings().num_embeddings == vocab
+
+
+def test_a_float16_model_saturates_counts_past_its_range(tokenizer_dir):
+    """A text of more than 65504 words: the count was inf in float16 and the
+    row's logits NaN."""
+    model, processor = make_model(tokenizer_dir, tasks={"t": ["a", "b"]})
+    batch = processor(["the film is good. " * 17000, "the film is good."], ["t", "t"])
+    assert batch["features"].max() > torch.finfo(torch.float16).max
+    with torch.no_grad():
+        want = model(**batch).logits
+        half = model.half()(**batch).logits
+    assert torch.isfinite(half).all()
+    assert_close(half[1].float(), want[1], dtype=torch.float16)
