@@ -103,10 +103,14 @@ def gb_per_s(nbytes: float, ms: float) -> float:
 
 
 def shapes(default: List[Tuple[int, ...]]) -> List[Tuple[int, ...]]:
+    """The defaults, or the override's shapes of the defaults' rank (2-D for
+    the ops, 4-D for BatchNorm): one list serves every file, and a file none
+    of whose rank it names runs no case."""
     text = os.environ.get(SHAPES_ENV, "").strip()
     if not text:
         return default
-    return [tuple(int(n) for n in shape.split("x")) for shape in text.split(",")]
+    given = [tuple(int(n) for n in shape.split("x")) for shape in text.split(",")]
+    return [shape for shape in given if len(shape) == len(default[0])]
 
 
 def sized(quick, default, full):
@@ -516,8 +520,8 @@ class Report:
                 lines.append(
                     f"{op} -- {mode} (floor: {PROXY} time scaled to "
                     f"{TENSORS_MOVED[op][mode]} tensors, a row that computes less to its own; "
-                    f"roofline: floor / ours, 1 = at the "
-                    f"memory wall; "
+                    f"roofline: floor / ours, 1 = at addcmul's rate from memory, which "
+                    f"data held in cache between passes can beat; "
                     f"peak: memory held beyond the inputs, outputs included"
                     + (f"; vs copy: {COPY} time / ours, 1 = copy bandwidth)" if with_copy else ")")
                 )
@@ -659,7 +663,7 @@ CAPTION = (
     "F.batch_norm / F.layer_norm: ATen's own norm on the same tensor, which computes less "
     "(no classes, no gate, no blend); addcmul proxy: torch.addcmul(a, b, c, out=d), one op "
     "that reads three tensors and writes one -- the time this machine needs to move that "
-    "many bytes, a floor no kernel that moves as much can beat."
+    "many bytes from memory (a kernel whose data stay in cache between its passes can beat it)."
 )
 
 

@@ -75,8 +75,10 @@ def _fused(backend):
 
 
 def _compiled(case):
-    torch._dynamo.reset() if case.shape == SHAPES[0] else None
-    return _call(torch.compile(iwn_reference), case), None
+    # fresh and static for each case: compiled after another shape, dynamo
+    # would make the sizes symbolic (automatic dynamic shapes)
+    torch._dynamo.reset()
+    return _call(torch.compile(iwn_reference, dynamic=False), case), None
 
 
 def _batch_norm(case):

@@ -25,6 +25,7 @@ from harness import (
     kernel_implementation,
     run_case,
     runnable,
+    shapes,
     sized,
 )
 
@@ -44,7 +45,7 @@ CASES = cases(OP, SHAPES)
 MODULE_CASES = [
     Case(MODULE, "train_fwd_bwd", shape, torch.float32, device)
     for device in DEVICES
-    for shape in MODULE_SHAPES
+    for shape in shapes(MODULE_SHAPES)
 ]
 
 
@@ -77,8 +78,10 @@ def _fused(backend):
 
 
 def _compiled(case):
-    torch._dynamo.reset() if case.shape == SHAPES[0] else None
-    return _call(torch.compile(surgical_gate_reference), case), None
+    # fresh and static for each case: compiled after another shape, dynamo
+    # would make the sizes symbolic (automatic dynamic shapes)
+    torch._dynamo.reset()
+    return _call(torch.compile(surgical_gate_reference, dynamic=False), case), None
 
 
 def _layer_norm(case):

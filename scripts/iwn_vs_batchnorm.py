@@ -6,9 +6,10 @@ For (64, 256, 28, 28) and (256, 64, 56, 56), float32 and bfloat16,
 contiguous and channels_last: FusedInstanceWeightedNorm2d's op
 (fused_iwn(feature_dim=1), 10 classes) and F.batch_norm on the same tensor,
 training forward + backward and eval forward, and the eager reference's
-training step. Each round times every variant (median of --reps calls) one
-after the other; the ratios printed are ranges over the rounds (F.batch_norm
-time / fused time: above 1, fused is faster).
+training step. Each round times every variant (median of --reps calls; 3 for
+the eager reference) one after the other; the ratios printed are ranges over
+the rounds (F.batch_norm time / fused time: above 1, fused is faster).
+Training calls start from cleared gradients, as a training step does.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from surgellm_kernels import fused_iwn
+from surgellm_kernels.ops._backend import planned_backend
 from surgellm_kernels.ops.reference import iwn_reference
 
 CLASSES = 10
@@ -47,10 +49,14 @@ def variants(shape, dtype, channels_last):
     leaf = x.detach().requires_grad_()
     dy = torch.randn_like(x)
 
+    def clear_grads():  # else backward adds into .grad: one more pass over x
+        leaf.grad = w.grad = b.grad = None
+
     def iwn(fn, training):
         def run():
             kwargs = dict(weight=w, bias=b, running_mean=mean, running_std=std, feature_dim=1)
             if training:
+                clear_grads()
                 fn(leaf, labels, training=True, num_classes=CLASSES, **kwargs).backward(dy)
             else:
                 with torch.no_grad():
@@ -61,6 +67,7 @@ def variants(shape, dtype, channels_last):
     def bn(training):
         def run():
             if training:
+                clear_grads()
                 F.batch_norm(leaf, mean, var, w, b, training=True).backward(dy)
             else:
                 with torch.no_grad():
@@ -91,6 +98,10 @@ def main():
     if args.rounds < 1 or args.reps < 1:
         parser.error("--rounds and --reps must be >= 1")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    backend = planned_backend("iwn", "cpu")
+    print(f"fused_iwn backend: {backend}")
+    if backend != "cpu":
+        print("  (not the CPU kernels: the fused rows measure what runs instead)")
     print(
         f"{'shape':>16} {'dtype':>9} {'layout':>13}  {'train: bn/fused':>15}  "
         f"{'eval: bn/fused':>14}  {'train: eager/fused':>18}  fused train ms"

@@ -124,7 +124,10 @@ def worker() -> None:
         for fn in fns.values():
             for _ in range(300):
                 fn()
-    print("ready", flush=True)
+    from surgellm_kernels.ops._backend import planned_backend
+
+    running = {op: planned_backend(op, "cpu") for op in ("iwn", "surgical_gate")}
+    print("ready " + json.dumps(running), flush=True)
     for line in sys.stdin:
         index, batch = map(int, line.split())
         result = {}
@@ -146,7 +149,12 @@ def start_worker(tree: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout.readline().strip() == "ready", f"worker for {tree} did not start"
+    ready = proc.stdout.readline().split(maxsplit=1)
+    assert ready and ready[0] == "ready", f"worker for {tree} did not start"
+    running = json.loads(ready[1])
+    print(f"{tree}: backends " + ", ".join(f"{op} {name}" for op, name in running.items()))
+    if set(running.values()) != {"cpu"}:
+        print("  (not the CPU kernels: its fused rows measure what runs instead)")
     return proc
 
 
@@ -164,7 +172,7 @@ def measure(trees: dict, rounds: int, batch: int) -> None:
                     times[label].append(json.loads(proc.stdout.readline()))
             print(
                 f"{shape[0]} x {shape[1]}, float32: median of {rounds} interleaved batches "
-                f"of {batch} calls, microseconds per call (ratio to the ATen norm)"
+                f"of {batch} calls, microseconds per call (time / the ATen norm's time)"
             )
             medians = {
                 label: {k: statistics.median(r[k] for r in runs) for k in runs[0]}

@@ -67,3 +67,16 @@ def test_vs_copy_uses_each_rows_own_bytes(harness):
     # the proxy moves its bytes as fast as the copy moves the op's: 1, not op / 4
     assert rows[harness.PROXY]["vs_copy"] == pytest.approx(1.0, rel=0.3)
     assert rows["fused_iwn[cuda]"]["vs_copy"] == pytest.approx(0.5, rel=0.3)
+
+
+def test_the_shapes_override_gives_each_file_the_shapes_of_its_rank(harness, monkeypatch):
+    """One SURGELLM_BENCH_SHAPES serves the 2-D ops and the 4-D BatchNorm
+    file: a 4-D shape given to a 2-D op failed to unpack, and a 2-D one
+    failed channels_last."""
+    monkeypatch.setenv(harness.SHAPES_ENV, "32x16,8x4x3x3,4096x768")
+    assert harness.shapes([(1, 2)]) == [(32, 16), (4096, 768)]
+    assert harness.shapes([(1, 2, 3, 4)]) == [(8, 4, 3, 3)]
+    monkeypatch.setenv(harness.SHAPES_ENV, "32x16")
+    assert harness.shapes([(1, 2, 3, 4)]) == []  # no case, not the defaults
+    monkeypatch.delenv(harness.SHAPES_ENV)
+    assert harness.shapes([(1, 2, 3, 4)]) == [(1, 2, 3, 4)]
