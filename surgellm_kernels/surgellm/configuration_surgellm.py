@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from typing import Dict, List, Mapping, Optional, Union
@@ -134,7 +135,8 @@ class SurgeLLMConfig(PretrainedConfig):
             unknown = sorted(set(class_names) - set(tasks))
             if unknown:
                 raise ValueError(
-                    f"class_names names tasks that tasks does not: {unknown} (tasks: {list(tasks)})"
+                    f"class_names names tasks that tasks does not: {unknown} "
+                    f"(tasks: {list(tasks)}); give the class names of these tasks only"
                 )
         if (
             isinstance(max_seq_length, bool)
@@ -194,10 +196,16 @@ class SurgeLLMConfig(PretrainedConfig):
         fields = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in fields - {"encoder_config"}}
         if own:
+            saved_names = config_dict.get("class_names")
             config_dict = {**config_dict, **own}
             if "tasks" in own or "class_names" in own:
                 for k in ("num_labels", "id2label", "label2id"):
                     config_dict.pop(k, None)
+            if "tasks" in own and "class_names" not in own and isinstance(saved_names, Mapping):
+                # the saved class names of the tasks kept (__init__ checks the rest)
+                with contextlib.suppress(TypeError, ValueError):
+                    kept = set(dict(own["tasks"]))
+                    config_dict["class_names"] = {k: v for k, v in saved_names.items() if k in kept}
         return super().from_dict(config_dict, **kwargs)
 
     def to_dict(self) -> dict:

@@ -34,6 +34,19 @@ class DataError(ValueError):
     """Bad data; the message starts with ``<path>:<line>:`` (or ``<path>:``)."""
 
 
+def check_metric_task_names(task_names: Sequence[str]) -> None:
+    """``Trainer`` names evaluation metrics ``eval_<key>`` unless the key
+    starts with ``eval_``: the metrics of a task named ``eval`` or ``eval_...``
+    would pass for the mean's (``eval_macro_f1``) or another task's."""
+    for task in task_names:
+        if task == "eval" or task.startswith("eval_"):
+            raise ValueError(
+                f"task {task!r}: Trainer reads metrics named eval or eval_... as its own "
+                "(the mean macro-F1 is eval_macro_f1), so this task's would pass for another's; "
+                "rename the task"
+            )
+
+
 def _where(path, line: Optional[int]) -> str:
     return f"{path}:{line}" if line else f"{path}"
 

@@ -248,7 +248,7 @@ class SurgeLLMModel(SurgeLLMPreTrainedModel):
         # counts past the dtype's range (65504 words in float16) saturate
         # there: as inf they would make the row's logits NaN
         top = torch.finfo(dtype).max
-        s = features.clamp(-top, top).to(dtype)
+        s = features.to(dtype).clamp(-top, top)
         if self.iwn is not None:
             s = self.iwn(s, labels=labels, task_ids=task_ids)
         z = self.fusion(hidden[:, 0], s, task_ids)

@@ -282,7 +282,7 @@ def saved_statistics_frozen(checkpoint: str, model) -> Optional[bool]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ._cli import UsageError, fail, patch_for_kernels, say, write_json
-    from .data import DataError, LabelSpace, load_examples
+    from .data import DataError, LabelSpace, check_metric_task_names, load_examples
     from .features import LexicalFeaturizer
 
     try:
@@ -319,15 +319,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{len(eval_rows)} examples"
         )
 
-    # Trainer names evaluation metrics eval_<key> unless the key starts with
-    # eval_: such a task's metrics would pass for the mean's or another task's.
-    for task in sorted(set(space.classes) | set(eval_rows["task"])):
-        if task == "eval" or task.startswith("eval_"):
-            return fail(
-                f"task {task!r}: Trainer reads metrics named eval or eval_... as its own "
-                "(the mean macro-F1 is eval_macro_f1), so this task's would pass for another's; "
-                "rename the task in the data files"
-            )
+    try:
+        check_metric_task_names(sorted(set(space.classes) | set(eval_rows["task"])))
+    except ValueError as exc:
+        return fail(f"{exc} in the data files")
     metric = args.metric_for_best_model
     known = {"loss", "macro_f1"} | {  # per task: of the tasks scored
         f"{task}_{m}" for task in set(eval_rows["task"]) for m in ("macro_f1", "accuracy")

@@ -28,6 +28,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .data import check_metric_task_names
+
 __all__ = [
     "SurgeLLMTrainingArguments",
     "SurgeLLMTrainer",
@@ -355,6 +357,7 @@ def task_metrics(
 def compute_metrics_for(task_names: Sequence[str]):
     """``Trainer``'s ``compute_metrics``: the mean macro-F1 (``macro_f1``, what
     the best checkpoint is chosen by) and each task's macro-F1 and accuracy."""
+    check_metric_task_names(task_names)
 
     def compute_metrics(eval_prediction) -> Dict[str, float]:
         label_ids = eval_prediction.label_ids

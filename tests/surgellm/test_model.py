@@ -2,6 +2,7 @@
 classes, dtype, nothing at random), patching, torch.compile, autocast, the
 ablations, the prefix and its embeddings, input errors."""
 
+import copy
 import json
 import os
 import re
@@ -718,6 +719,10 @@ def test_compute_metrics_without_task_ids_says_what_to_set():
     prediction = EvalPrediction(predictions=np.zeros((2, 2)), label_ids=np.array([0, 1]))
     with pytest.raises(ValueError, match='label_names=\\["labels", "task_ids"\\]'):
         metrics(prediction)
+    # a task whose metric names Trainer would take for the mean's (eval_macro_f1)
+    for task in ("eval", "eval_b"):
+        with pytest.raises(ValueError, match=f"task '{task}': Trainer reads metrics named eval"):
+            compute_metrics_for(["a", task])
 
 
 def test_a_label_past_its_tasks_classes_is_refused_by_fit_statistics(tokenizer_dir):
@@ -816,6 +821,9 @@ def test_from_pretrained_checks_the_config_values_it_is_given(tokenizer_dir, tmp
     with pytest.raises(ValueError, match=r"class_names\[.x.\] must list 2 distinct names"):
         SurgeLLMConfig.from_pretrained(tmp_path, tasks={"x": 2})
     assert SurgeLLMConfig.from_pretrained(tmp_path, eps=1e-3).eps == 1e-3
+    # a subset of the tasks keeps their saved class names
+    kept = SurgeLLMConfig.from_pretrained(tmp_path, tasks={"reasoning": 3, "sentiment": 2})
+    assert kept.class_names == {k: TASKS[k] for k in ("reasoning", "sentiment")}
     # values __init__ takes, as it takes them; new tasks bring their label maps
     config = SurgeLLMConfig.from_pretrained(
         tmp_path, tasks=[["a", 4], ["b", 3]], class_names=None, iwn=0, lexicon=LexicalFeaturizer()
@@ -981,9 +989,12 @@ def test_a_python_tokenizer_gets_the_prefix_rows_from_its_pieces(tokenizer_dir):
     """A tokenizer with no fast backend (a Python one): the pieces are read
     before the prefix tokens are added. It was refused, as if it already
     held them, after they had been added to it and the encoder grown."""
-    legacy = pytest.importorskip("transformers.models.bert.tokenization_bert_legacy")
-    vocab_file = os.path.join(tokenizer_dir, "vocab.txt")
-    tokenizer = legacy.BertTokenizerLegacy(vocab_file=vocab_file)
+    try:  # transformers 5; in 4, BertTokenizer is the Python one
+        from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+    except ImportError:
+        BertTokenizerLegacy = transformers.BertTokenizer
+    tokenizer = BertTokenizerLegacy(vocab_file=os.path.join(tokenizer_dir, "vocab.txt"))
+    assert not tokenizer.is_fast
     vocab = len(tokenizer)
     encoder = tiny_bert(vocab)
     before = encoder.get_input_embeddings().weight.detach().clone()
@@ -1008,6 +1019,9 @@ def test_a_float16_model_saturates_counts_past_its_range(tokenizer_dir):
     assert batch["features"].max() > torch.finfo(torch.float16).max
     with torch.no_grad():
         want = model(**batch).logits
+        # a wider dtype than the features' float32 (the bound must fit theirs)
+        wide = copy.deepcopy(model).double()(**batch).logits
         half = model.half()(**batch).logits
+    assert_close(wide, want.double(), dtype=torch.float32)
     assert torch.isfinite(half).all()
     assert_close(half[1].float(), want[1], dtype=torch.float16)
