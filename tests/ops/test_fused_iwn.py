@@ -259,7 +259,8 @@ def test_runs_of_one_task(backend, device, dtype, gate, force_backend):
 @pytest.mark.parametrize("N,H,W", [(24, 96, 96), (180, 27, 29)])
 def test_planes_past_the_last_level_cache_give_the_same_bits(dtype, N, H, W, force_backend):
     """Channels-first planes moving more than the last-level cache (32 MiB on
-    the CI host) are written with non-temporal stores, bfloat16 two vectors at
+    the CI host; bfloat16: an output larger than it, so twice the samples)
+    are written with non-temporal stores, bfloat16 two vectors at
     a time: y and dx in eval are, bit for bit, those of the same planes
     computed one sample at a time (too small to be streamed), and the first
     sample's match the eager reference in float64. Planes of 27 x 29 values
@@ -268,6 +269,7 @@ def test_planes_past_the_last_level_cache_give_the_same_bits(dtype, N, H, W, for
     force_backend("cpu")
     g = torch.Generator().manual_seed(0)
     C = 64
+    N *= 2 if dtype == torch.bfloat16 else 1
     x = torch.randn(N, C, H, W, generator=g).to(dtype).requires_grad_()
     dy = torch.randn(x.shape, generator=g).to(dtype)
     kwargs = dict(
@@ -307,16 +309,18 @@ def test_training_planes_past_the_last_level_cache(dtype, force_backend):
     dy = torch.randn(x.shape, generator=g).to(dtype)
     labels = torch.randint(0, 4, (180,), generator=g)
     kwargs = dict(training=True, num_classes=4, feature_dim=1)
-    # 64 channels, so that x, dy and dx exceed 32 MiB: four copies of 16,
-    # each channel's statistics its own, the reference run on the 16.
-    xs = torch.cat([x] * 4, 1).requires_grad_()
+    # 64 channels (bfloat16: 128), so that x, dy and dx exceed 32 MiB
+    # (bfloat16: dx alone): copies of 16, each channel's statistics its own,
+    # the reference run on the 16.
+    copies = 8 if dtype == torch.bfloat16 else 4
+    xs = torch.cat([x] * copies, 1).requires_grad_()
     y = fused_iwn(xs, labels, **kwargs)
-    (dx,) = torch.autograd.grad(y, xs, torch.cat([dy] * 4, 1))
+    (dx,) = torch.autograd.grad(y, xs, torch.cat([dy] * copies, 1))
     x64 = x.double().requires_grad_()
     y64 = iwn_reference(x64, labels, **kwargs)
     (dx64,) = torch.autograd.grad(y64, x64, dy.double())
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
-    for c in range(4):
+    for c in range(copies):
         part = slice(16 * c, 16 * (c + 1))
         torch.testing.assert_close(y[:, part].detach().double(), y64.detach(), **tol)
         torch.testing.assert_close(dx[:, part].double(), dx64, **tol)
