@@ -489,7 +489,7 @@ class Report:
                 d["vs_eager"] = ratio(eager)
                 d["vs_compile"] = ratio(compiled)
                 # the floor: the proxy's time scaled to this mode's bytes;
-                # roofline: that floor over ours (1 = at the memory wall)
+                # roofline: that floor over ours (1 = at addcmul's rate)
                 d["floor_ms"] = proxy_ms * tensors / PROXY_TENSORS if proxy else None
                 d["roofline"] = ratio(proxy, tensors / PROXY_TENSORS)
                 # CUDA: the fraction of copy bandwidth reached on this row's

@@ -328,9 +328,11 @@ inline std::pair<Vectorized<float>, Vectorized<float>> load_lanes_any_order(cons
 }
 
 // With `stream` (stream_output) and p aligned to the store's width, bfloat16
-// pairs are written with a non-temporal store: with AVX2, channels-first
-// bfloat16 planes at (256, 64, 56, 56) took 6.2 ms in eval with it against
-// 8.2-8.6 ms without, (64, 256, 28, 28) 1.6-1.8 ms against 1.8-2.0 ms.
+// pairs are written with a non-temporal store: with AVX2 on a 2-core AMD
+// EPYC host, channels-first bfloat16 planes at (256, 64, 56, 56) took 6.2
+// ms in eval with it against 8.2-8.6 ms without, (64, 256, 28, 28) 1.6-1.8
+// ms against 1.8-2.0 ms; on a Zen 3 host the smaller shape lost (see
+// stream_output, which now keeps ordinary stores there).
 template <typename scalar_t>
 inline void store_lanes_any_order(const Vectorized<float>& lo, const Vectorized<float>& hi,
                                   scalar_t* p, bool stream) {
@@ -403,7 +405,7 @@ inline void store_lanes_any_order(const Vectorized<float>& lo, const Vectorized<
 // only where the output alone exceeds the cache: on a Zen 3 host (32 MiB L3),
 // channels-first bfloat16 at (64, 256, 28, 28), whose 25.7 MB output fits,
 // took 3.9-5.5 ms in eval streamed against 2.5-3.2 ms cached, and training
-// 13.0-15.3 ms against 9.3-14.0, while at (256, 64, 56, 56) (51 MB)
+// 13.0-15.3 ms against 9.3-14.0, while at (256, 64, 56, 56) (103 MB)
 // streaming still gained (7.7-10.3 ms against 10.5-13.0; pairs of processes).
 template <typename scalar_t>
 inline bool stream_output(int64_t inputs, int64_t outputs, int64_t numel) {

@@ -208,14 +208,14 @@ def test_a_bad_limit_names_the_variable():
 # on the machines this runs on) writes float32 outputs with non-temporal
 # stores: whole aligned vectors, the rest of a row with ordinary stores. Rows
 # of 1024 and 1031 features (aligned and not), channels-first planes
-# (BatchNorm's layout, fused_iwn's feature_dim=1), and bfloat16 through the
-# same passes (ordinary stores).
+# (BatchNorm's layout, fused_iwn's feature_dim=1), and bfloat16, streamed in
+# pairs of vectors where its output alone exceeds the cache.
 STREAMED = [
     (torch.float32, (((32 << 20) // (4 * 1024)) + 5, 1024)),
     (torch.float32, (((32 << 20) // (4 * 1031)) + 5, 1031)),
-    (torch.bfloat16, (((32 << 20) // (4 * 1031)) + 5, 1031)),
+    (torch.bfloat16, (((32 << 20) // (2 * 1031)) + 5, 1031)),
     (torch.float32, (1024, 128, 33)),  # planes of 33: unaligned, with tails
-    (torch.bfloat16, (1024, 256, 33)),
+    (torch.bfloat16, (2048, 256, 33)),
 ]
 
 
