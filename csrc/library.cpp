@@ -33,17 +33,18 @@ Tensor iwn(const Tensor& x, const optional<Tensor>& labels, const optional<Tenso
            const optional<Tensor>& weight, const optional<Tensor>& bias,
            const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
            const optional<Tensor>& task_ids, bool training, double momentum, double eps,
-           const std::string& std_mode, optional<int64_t> num_classes,
+           const std::string& std_mode, optional<int64_t> num_classes, optional<int64_t> num_tasks,
            const optional<std::string>& group_name, int64_t group_size, int64_t feature_dim) {
   static const auto op = op_handle<Tensor(
       const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
       const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
       const optional<Tensor>&, bool, double, double, c10::string_view, optional<int64_t>,
-      optional<c10::string_view>, int64_t, int64_t)>("surgellm::iwn");
+      optional<int64_t>, optional<c10::string_view>, int64_t, int64_t)>("surgellm::iwn");
   HANDLE_TH_ERRORS
   pybind11::gil_scoped_release no_gil;
   return op.call(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                 momentum, eps, std_mode, num_classes, view(group_name), group_size, feature_dim);
+                 momentum, eps, std_mode, num_classes, num_tasks, view(group_name), group_size,
+                 feature_dim);
   END_HANDLE_TH_ERRORS_PYBIND
 }
 

@@ -87,6 +87,16 @@ BAD_IWN_CALLS = {
         running_std=torch.ones(4, 4),
     ),
     "eval without statistics": dict(training=False, running_mean=None, running_std=None),
+    "num_tasks zero": dict(
+        num_tasks=0, task_ids=torch.zeros(6, dtype=torch.long), running_mean=None, running_std=None
+    ),
+    "num_tasks not the running statistics' tasks": dict(
+        num_tasks=3,
+        task_ids=torch.zeros(6, dtype=torch.long),
+        running_mean=torch.zeros(2, 4),
+        running_std=torch.ones(2, 4),
+    ),
+    "num_tasks without task_ids": dict(num_tasks=2, running_mean=None, running_std=None),
     "feature_dim out of range": dict(feature_dim=2),
     "gate with features before positions": dict(
         x=torch.randn(6, 4, 3), gate=torch.zeros(4), feature_dim=1
@@ -155,6 +165,9 @@ DATA_BAD_IWN_CALLS = {
     "task_ids negative": dict(task_ids=torch.full((6,), -1), running_mean=None, running_std=None),
     "task_ids past 32-bit keys": dict(
         task_ids=torch.full((6,), 2**63 - 1), running_mean=None, running_std=None
+    ),
+    "task_ids past num_tasks": dict(
+        task_ids=torch.tensor([0, 1, 0, 1, 0, 2]), num_tasks=2, running_mean=None, running_std=None
     ),
     "labels past 32-bit keys": dict(labels=torch.tensor([0, 1, 0, 1, 2, 2**31])),
     "labels at int64's largest": dict(labels=torch.tensor([0, 1, 0, 1, 2, 2**63 - 1])),

@@ -190,9 +190,11 @@ class Batch:
         std_mode="class_mean",
         training=True,
         running=None,
+        untracked=False,
     ):
         """One call on ``rows``: y, the gradients (x, gate, weight, bias) and
-        the running statistics."""
+        the running statistics (none where ``untracked``: the task count is
+        then given as num_tasks)."""
 
         def leaf(t, per_row=False):
             if t is None:
@@ -211,6 +213,8 @@ class Batch:
                 torch.full(shape, 2.0, dtype=self.dtype, device=DEVICE),
             )
         )
+        if untracked:
+            rm = rs = None
         y = fused_iwn(
             x,
             self.labels[rows],
@@ -223,13 +227,14 @@ class Batch:
             training=training,
             std_mode=std_mode,
             num_classes=self.C,
+            num_tasks=self.T if untracked else None,
             process_group=process_group,
         )
         grads = [None] * 4
         if requires_grad:
             (y * self.dy[rows]).sum().backward()
             grads = [None if t is None else t.grad for t in (x, gate, weight, bias)]
-        return y.detach(), grads, (rm, rs)
+        return y.detach(), grads, () if untracked else (rm, rs)
 
 
 def summed(t, group):
@@ -337,6 +342,10 @@ CASES = {
     "pooled": _matrix_case(UNEVEN, options={"std_mode": "pooled"}),
     # three tasks, the third on no rank: its running statistics stay
     "tasks": _matrix_case(UNEVEN, T=3, tasks=lambda s: [i % 2 for i in range(sum(s))]),
+    # the task count given, no running statistics
+    "tasks_untracked": _matrix_case(
+        UNEVEN, T=3, tasks=lambda s: [i % 2 for i in range(sum(s))], options={"untracked": True}
+    ),
     "tasks_pooled_float32": _matrix_case(
         EQUAL, dtype=torch.float32, T=3, options={"std_mode": "pooled"}
     ),
@@ -780,6 +789,33 @@ def bad_arguments_on_one_rank(rank, world, groups):
         for k, v in layer.state_dict().items():
             if not torch.equal(v, before[k]):
                 failures.append(f"{what}: {k} changed")
+    # two tasks and no running statistics: every rank sends the groups of the
+    # given task count
+    from surgellm_kernels.nn.distributed import SyncInstanceWeightedNorm1d
+
+    task_ids = torch.arange(len(x), device=DEVICE) % 2
+    expect(
+        "int32 labels, num_tasks=2",
+        "labels must be",
+        fused_iwn,
+        x=x,
+        labels=labels.int() if rank == bad else labels,
+        gate=batch.gate,
+        task_ids=task_ids,
+        training=True,
+        num_classes=batch.C,
+        num_tasks=2,
+        process_group=groups["world"],
+    )
+    untracked = SyncInstanceWeightedNorm1d(batch.F, batch.C, num_tasks=2, track_running_stats=False)
+    expect(
+        "width, num_tasks=2, untracked layer",
+        "channels",
+        untracked.double().to(DEVICE),
+        wide if rank == bad else x,
+        labels,
+        task_ids,
+    )
     assert not failures, failures
     assert torch.equal(rm, torch.zeros_like(rm)) and torch.equal(rs, torch.ones_like(rs))
     # Far within the collective timeout: no rank waited for another to give up.

@@ -71,8 +71,8 @@ struct IWNCall {
 int64_t count_from_data(const Tensor& t, const char* name, const char* kind, const char* what) {
   SURGELLM_CHECK_VALUE(
       !at::isTensorSubclassLike(t), what,
-      " cannot be read from the data while torch.compile or a torch.func transform traces "
-      "the call: pass it");
+      " cannot be read from the data of a traced or meta tensor (torch.compile, a torch.func "
+      "transform, the meta device): pass it");
   const int64_t hi = min_max_on_host({t})[1];
   SURGELLM_CHECK_VALUE(hi >= 0 && hi < kMaxKeys, name, " must be ", kind, " indices in [0, ",
                        kMaxKeys, "), got values up to ", hi);
@@ -84,8 +84,9 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
                        const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                        const optional<Tensor>& running_std, const optional<Tensor>& task_ids,
                        bool training, double momentum, double eps, c10::string_view std_mode,
-                       optional<int64_t> num_classes, const optional<c10::string_view>& group_name,
-                       int64_t group_size, int64_t feature_dim) {
+                       optional<int64_t> num_classes, optional<int64_t> num_tasks,
+                       const optional<c10::string_view>& group_name, int64_t group_size,
+                       int64_t feature_dim) {
   SURGELLM_CHECK_VALUE(group_size >= 1, "group_size must be positive, got ", group_size);
   IWNCall call{1, 1, std_mode == "pooled", std::nullopt, -1};
   if (training && group_name.has_value() && group_size > 1)
@@ -211,16 +212,29 @@ IWNCall check_iwn_args(const Tensor& x, const optional<Tensor>& labels,
     SURGELLM_CHECK_VALUE(!(running_mean->dim() == 2 && call.num_tasks > 1 && !task_ids.has_value()),
                          "running statistics hold ", call.num_tasks, " tasks: task_ids (shape ",
                          shape_text(rows), ") are required to pick each row's task");
+    SURGELLM_CHECK_VALUE(!num_tasks.has_value() || *num_tasks == call.num_tasks, "num_tasks (",
+                         num_tasks.value_or(0),
+                         ") must equal the tasks of running_mean / "
+                         "running_std (",
+                         call.num_tasks, ", of shape ", shape_text(running_mean->sym_sizes()), ")");
+  } else if (num_tasks.has_value()) {
+    SURGELLM_CHECK_VALUE(*num_tasks >= 1, "num_tasks must be a positive int, got ", *num_tasks);
+    SURGELLM_CHECK_VALUE(*num_tasks == 1 || task_ids.has_value(), "num_tasks is ", *num_tasks,
+                         ": task_ids (shape ", shape_text(rows),
+                         ") are required to pick each row's task");
+    call.num_tasks = *num_tasks;
+    task_count_source = ", num_tasks";
   }
   if (task_ids.has_value()) {
     check_index_tensor(*task_ids, "task_ids", rows, x, rows_text);
-    if (!running_mean.has_value() && training) {  // the task count comes from the data
+    // without a count given, the task count comes from the data
+    if (!running_mean.has_value() && !num_tasks.has_value() && training) {
       SURGELLM_CHECK_VALUE(!synced,
-                           "task_ids with a process_group need running_mean / running_std of "
-                           "shape (num_tasks, F): every rank must use the same task count, not "
-                           "the one its own rows show");
+                           "task_ids with a process_group need num_tasks, or running_mean / "
+                           "running_std of shape (num_tasks, F): every rank must use the same "
+                           "task count, not the one its own rows show");
       if (task_ids->sym_numel() != 0) {
-        call.num_tasks = count_from_data(*task_ids, "task_ids", "task", "the task count");
+        call.num_tasks = count_from_data(*task_ids, "task_ids", "task", "num_tasks");
         task_count_source = ", one more than the largest task id";
       }
     }
@@ -425,7 +439,7 @@ Moments moments_of_all_ranks(const Moments& local, bool failed, const RankGroup&
 // the forward's all-gather, flagged, so that no rank is left waiting in it:
 // checks() runs, and on failure this rank sends the flag with zeros of the
 // payload its group expects -- num_classes times the tasks of a (T, F)
-// running_mean (else 1) groups of F features, F read from the running
+// running_mean (else num_tasks, else 1) groups of F features, F read from the running
 // statistics, weight or bias where given (x's own width may be what failed),
 // else from x; in x's accumulation dtype (x not floating: that of the
 // running_mean, weight or bias given) -- then every rank raises, this one
@@ -436,9 +450,10 @@ Moments moments_of_all_ranks(const Moments& local, bool failed, const RankGroup&
 template <typename Checks>
 auto joining_the_gather(const Tensor& x, const optional<Tensor>& running_mean,
                         const optional<Tensor>& weight, const optional<Tensor>& bias,
-                        optional<int64_t> num_classes, const optional<c10::string_view>& group_name,
-                        int64_t group_size, bool training, int64_t feature_dim,
-                        const Checks& checks) -> decltype(checks()) {
+                        optional<int64_t> num_classes, optional<int64_t> num_tasks,
+                        const optional<c10::string_view>& group_name, int64_t group_size,
+                        bool training, int64_t feature_dim, const Checks& checks)
+    -> decltype(checks()) {
   try {
     return checks();
   } catch (const c10::Error&) {
@@ -464,7 +479,9 @@ auto joining_the_gather(const Tensor& x, const optional<Tensor>& running_mean,
                       : given(weight)     ? weight->size(0)
                       : given(bias) ? bias->size(0)
                                     : x.size(feature_dim < 0 ? feature_dim + x.dim() : feature_dim);
-    const int64_t T = given(running_mean) && running_mean->dim() == 2 ? running_mean->size(0) : 1;
+    const int64_t T = given(running_mean) && running_mean->dim() == 2 ? running_mean->size(0)
+                      : num_tasks.has_value()                         ? *num_tasks
+                                                                      : 1;
     if (F < 1 || T < 1 || *num_classes > kMaxKeys / T || T * *num_classes > kMaxGroupValues / F)
       throw;
     const int64_t G = T * *num_classes;
@@ -707,14 +724,14 @@ IWNCall checked_call(const Tensor& x, const optional<Tensor>& labels, const opti
                      const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                      const optional<Tensor>& task_ids, bool training, double momentum, double eps,
                      c10::string_view std_mode, optional<int64_t> num_classes,
-                     optional<c10::string_view> group_name, int64_t group_size,
-                     int64_t feature_dim) {
-  return joining_the_gather(x, running_mean, weight, bias, num_classes, group_name, group_size,
-                            training, feature_dim, [&] {
+                     optional<int64_t> num_tasks, optional<c10::string_view> group_name,
+                     int64_t group_size, int64_t feature_dim) {
+  return joining_the_gather(x, running_mean, weight, bias, num_classes, num_tasks, group_name,
+                            group_size, training, feature_dim, [&] {
                               return check_iwn_args(x, labels, gate, weight, bias, running_mean,
                                                     running_std, task_ids, training, momentum, eps,
-                                                    std_mode, num_classes, group_name, group_size,
-                                                    feature_dim);
+                                                    std_mode, num_classes, num_tasks, group_name,
+                                                    group_size, feature_dim);
                             });
 }
 
@@ -724,11 +741,11 @@ Tensor iwn_composite(const Tensor& x, const optional<Tensor>& labels, const opti
                      const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                      const optional<Tensor>& task_ids, bool training, double momentum, double eps,
                      c10::string_view std_mode, optional<int64_t> num_classes,
-                     optional<c10::string_view> group_name, int64_t group_size,
-                     int64_t feature_dim) {
-  const IWNCall call =
-      checked_call(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                   momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
+                     optional<int64_t> num_tasks, optional<c10::string_view> group_name,
+                     int64_t group_size, int64_t feature_dim) {
+  const IWNCall call = checked_call(x, labels, gate, weight, bias, running_mean, running_std,
+                                    task_ids, training, momentum, eps, std_mode, num_classes,
+                                    num_tasks, group_name, group_size, feature_dim);
   return forward_without_autograd(x, labels, gate, weight, bias, running_mean, running_std,
                                   task_ids, training, momentum, eps, call);
 }
@@ -741,14 +758,15 @@ void check_args_op(const Tensor& x, const optional<Tensor>& labels, const option
                    const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                    const optional<Tensor>& task_ids, bool training, double momentum, double eps,
                    c10::string_view std_mode, optional<int64_t> num_classes,
-                   optional<c10::string_view> group_name, int64_t group_size, int64_t feature_dim) {
+                   optional<int64_t> num_tasks, optional<c10::string_view> group_name,
+                   int64_t group_size, int64_t feature_dim) {
   // (in a compiled graph, the synchronized call's checks: see joining_the_gather)
-  joining_the_gather(x, running_mean, weight, bias, num_classes, group_name, group_size, training,
-                     feature_dim, [&] {
+  joining_the_gather(x, running_mean, weight, bias, num_classes, num_tasks, group_name, group_size,
+                     training, feature_dim, [&] {
                        const IWNCall call =
                            check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std,
                                           task_ids, training, momentum, eps, std_mode, num_classes,
-                                          group_name, group_size, feature_dim);
+                                          num_tasks, group_name, group_size, feature_dim);
                        if (training)
                          group_keys(flat(labels), flat(task_ids), call.num_tasks, call.num_classes);
                        else if (task_ids.has_value())
@@ -768,17 +786,19 @@ void check_args_autograd(const Tensor& x, const optional<Tensor>& labels,
                          const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                          const optional<Tensor>& running_std, const optional<Tensor>& task_ids,
                          bool training, double momentum, double eps, c10::string_view std_mode,
-                         optional<int64_t> num_classes, optional<c10::string_view> group_name,
-                         int64_t group_size, int64_t feature_dim) {
+                         optional<int64_t> num_classes, optional<int64_t> num_tasks,
+                         optional<c10::string_view> group_name, int64_t group_size,
+                         int64_t feature_dim) {
   if (x.key_set().has(c10::DispatchKey::Python))
     check_iwn_args(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                   momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
+                   momentum, eps, std_mode, num_classes, num_tasks, group_name, group_size,
+                   feature_dim);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("surgellm::_iwn_check_args", "")
                              .typed<decltype(check_args_op)>();
   op.call(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training, momentum,
-          eps, std_mode, num_classes, group_name, group_size, feature_dim);
+          eps, std_mode, num_classes, num_tasks, group_name, group_size, feature_dim);
 }
 
 // -- autograd ---------------------------------------------------------------------------
@@ -902,11 +922,11 @@ Tensor iwn_autograd(const Tensor& x, const optional<Tensor>& labels, const optio
                     const optional<Tensor>& running_mean, const optional<Tensor>& running_std,
                     const optional<Tensor>& task_ids, bool training, double momentum, double eps,
                     c10::string_view std_mode, optional<int64_t> num_classes,
-                    optional<c10::string_view> group_name, int64_t group_size,
-                    int64_t feature_dim) {
-  const IWNCall call =
-      checked_call(x, labels, gate, weight, bias, running_mean, running_std, task_ids, training,
-                   momentum, eps, std_mode, num_classes, group_name, group_size, feature_dim);
+                    optional<int64_t> num_tasks, optional<c10::string_view> group_name,
+                    int64_t group_size, int64_t feature_dim) {
+  const IWNCall call = checked_call(x, labels, gate, weight, bias, running_mean, running_std,
+                                    task_ids, training, momentum, eps, std_mode, num_classes,
+                                    num_tasks, group_name, group_size, feature_dim);
   refuse_forward_ad("fused_iwn", x, gate, weight, bias, running_mean, running_std);
   if (!autograd_records(x, gate, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -938,7 +958,8 @@ TORCH_LIBRARY_FRAGMENT(surgellm, m) {
       "iwn(Tensor x, Tensor? labels=None, Tensor? gate=None, Tensor? weight=None, "
       "Tensor? bias=None, Tensor(a!)? running_mean=None, Tensor(b!)? running_std=None, "
       "Tensor? task_ids=None, bool training=False, float momentum=0.1, float eps=1e-05, "
-      "str std_mode=\"class_mean\", int? num_classes=None, str? group_name=None, "
+      "str std_mode=\"class_mean\", int? num_classes=None, int? num_tasks=None, "
+      "str? group_name=None, "
       "int group_size=1, int feature_dim=-1) -> Tensor");
   // The phases: x (N, F) contiguous, keys (N) int32, every statistic in the
   // accumulation dtype (see iwn_args.h).
@@ -949,7 +970,8 @@ TORCH_LIBRARY_FRAGMENT(surgellm, m) {
       "_iwn_check_args(Tensor x, Tensor? labels=None, Tensor? gate=None, Tensor? weight=None, "
       "Tensor? bias=None, Tensor? running_mean=None, Tensor? running_std=None, "
       "Tensor? task_ids=None, bool training=False, float momentum=0.1, float eps=1e-05, "
-      "str std_mode=\"class_mean\", int? num_classes=None, str? group_name=None, "
+      "str std_mode=\"class_mean\", int? num_classes=None, int? num_tasks=None, "
+      "str? group_name=None, "
       "int group_size=1, int feature_dim=-1) -> ()");
   m.def(
       "_iwn_group_moments(Tensor x, Tensor? keys, Tensor? gate, int num_groups) -> "

@@ -105,13 +105,10 @@ class _SyncedNorm:
         except ValueError:
             ranks = rank_group(self._training_group(), x) if self._uses_batch_statistics() else None
             if ranks is not None:
-                # the groups the op's call would have: a (T, F) running_mean's
-                # tasks times the classes (running statistics not passed: one task)
-                tracked = getattr(self, "track_running_stats", True)
-                running = self.running_mean if tracked else None
-                tasks = running.shape[0] if running is not None and running.dim() == 2 else 1
+                # the groups the op's call would have: the layer's tasks (its
+                # num_tasks, or running statistics of as many rows) times the classes
                 join_failed_training_step(
-                    ranks, tasks * self.num_classes, self.num_features, x.dtype, x.device
+                    ranks, self.num_tasks * self.num_classes, self.num_features, x.dtype, x.device
                 )
             raise
 

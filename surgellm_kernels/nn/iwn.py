@@ -231,6 +231,7 @@ class InstanceWeightedNorm(nn.Module):
             eps=self.eps,
             std_mode=self.std_mode,
             num_classes=self.num_classes,
+            num_tasks=self.num_tasks,
         )
 
     # -- the paper's fixed statistics -------------------------------------------------
@@ -262,6 +263,7 @@ class InstanceWeightedNorm(nn.Module):
             task_ids=task_ids,
             training=True,
             num_classes=self.num_classes,
+            num_tasks=self.num_tasks,
         )
         keys = labels.reshape(-1)
         if task_ids is not None:
@@ -586,6 +588,7 @@ class _InstanceWeightedNormNd(nn.Module):
             eps=self.eps,
             std_mode=self.std_mode,
             num_classes=self.num_classes,
+            num_tasks=self.num_tasks,
             feature_dim=1,
         )
         if (

@@ -11,15 +11,15 @@ the op), converts what the schema cannot carry (a process group) and makes
 the call: one crossing into C++.
 
 What is checked where: every argument (types, shapes, devices, std_mode,
-eps, momentum, num_classes) by the op before anything runs, so eager calls,
+eps, momentum, num_classes, num_tasks) by the op before anything runs, so eager calls,
 ``torch.compile`` and direct ``torch.ops`` calls raise the same errors; label
 and task-id ranges before any kernel runs, on every device (running
 statistics stay untouched on error). On CUDA the range check reads the
 labels' and task ids' min and max back in one copy (one host sync); under
 CUDA graph capture, which forbids syncs, it is skipped: a row whose label or
 task id is out of range is then left out of the statistics and its outputs
-are NaN. Inferring ``num_classes`` (or the task count without running
-statistics) reads the data too, and cannot happen while tracing.
+are NaN. Inferring ``num_classes`` (or ``num_tasks`` without running
+statistics) reads the data too, and cannot happen while tracing: pass them.
 """
 
 from __future__ import annotations
@@ -226,6 +226,7 @@ def fused_iwn(
     eps: float = 1e-5,
     std_mode: str = "class_mean",
     num_classes: Optional[int] = None,
+    num_tasks: Optional[int] = None,
     process_group=None,
     feature_dim: int = -1,
 ) -> Tensor:
@@ -258,6 +259,11 @@ def fused_iwn(
             host sync. Required with a process group. Training keeps
             statistics for every class of every task, present or not:
             ``num_classes * num_tasks * F`` may be at most 2**26.
+        num_tasks: tasks, with ``task_ids``; default the rows of
+            ``running_mean``, else ``task_ids.max() + 1``. Pass it when
+            compiling a training call with task ids and no running
+            statistics (required then with a process group); task ids at
+            or past it are refused.
         process_group: a ``torch.distributed`` process group (or
             ``torch.distributed.group.WORLD``) whose ranks each hold a shard of
             the batch: in training the statistics, and the running statistics
@@ -307,11 +313,12 @@ def fused_iwn(
             eps=eps,
             std_mode=std_mode,
             num_classes=num_classes,
+            num_tasks=num_tasks,
             feature_dim=feature_dim,
         )
     # The op's arguments in its schema's order: a tuple, as the hot path's
     # one crossing into C++ takes them (a dict of them cost 6% of a small call).
     group = (ranks.name, ranks.size) if ranks else (None, 1)
     args = (x, labels, gate, weight, bias, running_mean, running_std, task_ids, training)
-    args += (momentum, eps, std_mode, num_classes, *group, feature_dim)
+    args += (momentum, eps, std_mode, num_classes, num_tasks, *group, feature_dim)
     return _backend.call_op("iwn", args)

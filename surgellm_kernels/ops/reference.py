@@ -189,6 +189,7 @@ def iwn_reference(
     eps: float = 1e-5,
     std_mode: str = "class_mean",
     num_classes: Optional[int] = None,
+    num_tasks: Optional[int] = None,
     feature_dim: int = -1,
 ) -> Tensor:
     """Gated instance-weighted normalization, in eager PyTorch.
@@ -213,6 +214,7 @@ def iwn_reference(
         eps,
         std_mode,
         num_classes,
+        num_tasks,
         feature_dim=feature_dim,
     )
     fd = feature_dim % x.dim()
@@ -245,6 +247,7 @@ def iwn_reference(
         eps,
         std_mode,
         num_classes,
+        num_tasks,
     )
     if not moved:  # contiguous, as the fused op gives it (and BatchNorm1d on (N, C))
         return y.contiguous()
@@ -266,6 +269,7 @@ def _iwn_rows(
     eps,
     std_mode,
     num_classes,
+    num_tasks,
 ):
     """iwn_reference for features last, its arguments checked."""
     acc = accumulation_dtype(x.dtype)
@@ -278,7 +282,7 @@ def _iwn_rows(
     tasks = None if task_ids is None else task_ids.flatten()
     if running_mean is not None:
         num_tasks = running_mean.shape[0] if running_mean.dim() == 2 else 1
-    else:
+    elif num_tasks is None:
         num_tasks = int(tasks.max()) + 1 if tasks is not None and tasks.numel() else 1
 
     if training:

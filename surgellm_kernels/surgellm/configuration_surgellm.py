@@ -45,6 +45,24 @@ def _generic(id2label: Dict[int, str]) -> bool:
     )
 
 
+# The config's numeric fields: what each must be.
+_NUMBERS = {
+    "alpha": (lambda v: v == v, "a number"),
+    "eps": (lambda v: v > 0, "a positive number"),
+    "head_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "head_hidden_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "initializer_range": (lambda v: v >= 0, "a number >= 0"),
+}
+
+
+def check_numbers(**values) -> None:
+    """``ValueError`` for a numeric config field given a value it cannot take."""
+    for name, value in values.items():
+        ok, what = _NUMBERS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 class SurgeLLMConfig(PretrainedConfig):
     """Everything that builds a SURGELLM model without its weights.
 
@@ -150,20 +168,13 @@ class SurgeLLMConfig(PretrainedConfig):
                 f"max_seq_length={max_seq_length} exceeds the encoder's "
                 f"max_position_embeddings={limit}"
             )
-        for name, value, ok, what in (
-            ("alpha", alpha, lambda v: v == v, "a number"),
-            ("eps", eps, lambda v: v > 0, "a positive number"),
-            ("head_dropout", head_dropout, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-            (
-                "head_hidden_dropout",
-                head_hidden_dropout,
-                lambda v: 0 <= v < 1,
-                "a number in [0, 1)",
-            ),
-            ("initializer_range", initializer_range, lambda v: v >= 0, "a number >= 0"),
-        ):  # checked here, not when a module first uses them
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                raise ValueError(f"{name} must be {what}, got {value!r}")
+        check_numbers(  # here, not when a module first uses them
+            alpha=alpha,
+            eps=eps,
+            head_dropout=head_dropout,
+            head_hidden_dropout=head_hidden_dropout,
+            initializer_range=initializer_range,
+        )
         if isinstance(lexicon, LexicalFeaturizer):
             lexicon = lexicon.to_dict()
         if isinstance(lexicon, Mapping) and isinstance(lexicon.get("groups"), list):

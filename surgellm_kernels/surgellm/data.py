@@ -266,9 +266,11 @@ class LabelSpace:
                 )
             i = index.get(label)  # labels are matched by their text
             if i is None:
+                known = ", ".join(_shown(str(c), isinstance(c, int)) for c in self.classes[task])
                 raise DataError(
                     f"{_where(path, line)}: label {_shown(label, is_int)} of task "
-                    f"{task!r} does not occur in the training data"
+                    f"{task!r} does not occur in the training data (its classes: {known}; "
+                    "labels are matched as written, not as class indices)"
                 )
             encoded.append(i)
         return encoded

@@ -20,7 +20,8 @@ word with its vowel signs is one word (other number signs, "²" or "½", are
 not). Words (s11, s12) are runs of word characters,
 apostrophes inside allowed ("don't" is one word of five characters; s12
 counts code points). Sentences (s13) are the non-blank pieces left after
-splitting on '.', '!' and '?'.
+splitting on '.', '!' and '?'. A digit (s16) is a decimal digit in any
+script ("٣" is one, "²" and "①" are not), as in words.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def _numeric_features(text: str) -> list:
         float(sum(1 for piece in _SENTENCE_SPLIT.split(text) if piece.strip())),
         float(text.count("?")),
         float(text.count("!")),
-        1.0 if any(ch.isdigit() for ch in text) else 0.0,
+        1.0 if any(ch.isdecimal() for ch in text) else 0.0,  # a digit of a word: not "²"
     ]
 
 

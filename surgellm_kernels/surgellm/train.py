@@ -115,7 +115,7 @@ def overrides(options: SurgeLLMArguments) -> dict:
     import inspect
 
     from ._cli import UsageError
-    from .configuration_surgellm import SurgeLLMConfig
+    from .configuration_surgellm import SurgeLLMConfig, check_numbers
 
     result = {}
     for pair in filter(None, (options.config_overrides or "").split(",")):
@@ -141,6 +141,10 @@ def overrides(options: SurgeLLMArguments) -> dict:
                 f"got {text.strip()!r}"
             )
         result[name] = value
+    try:
+        check_numbers(**result)
+    except ValueError as exc:
+        raise UsageError(f"argument --config-overrides: {exc}") from None
     return result
 
 
@@ -150,7 +154,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     import torch
 
     from ._cli import UsageError
-    from .trainer import accelerator_present, check_training_arguments
+    from .trainer import accelerator_present, check_metric_arguments, check_training_arguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
@@ -181,6 +185,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     if not 0 <= training_args.seed < 2**32:  # numpy's seeds
         raise UsageError(f"argument --seed: must be in [0, 2**32), got {training_args.seed}")
     check_training_arguments(training_args)  # before the encoder is loaded
+    check_metric_arguments(training_args)
     output = training_args.output_dir
     if os.path.exists(output) and not os.path.isdir(output):
         raise UsageError(f"argument --output: {output} is not a directory")
@@ -194,6 +199,13 @@ def parse(argv: Optional[Sequence[str]] = None):
             f"argument --resume-from-checkpoint: {checkpoint} is not a directory (pass a "
             "checkpoint-N directory of a run)"
         )
+    if options.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output) if os.path.isdir(output) else None
+        if last is None:
+            raise UsageError(f"--resume: no checkpoint in {output}")
+        training_args.resume_from_checkpoint = last
     resuming = options.resume or checkpoint
     if not resuming and holds_a_run(output):
         # Trainer would mix this run's checkpoints with those there (and keep,
@@ -335,7 +347,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # -- the model ----------------------------------------------------------------------------
     from transformers import AutoTokenizer, DataCollatorWithPadding, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from ..nn import convert_sync_iwn
     from .modeling_surgellm import SurgeLLMForSequenceClassification, check_encoder_path
@@ -399,12 +410,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         compute_metrics=compute_metrics_for(config.task_names),
         callbacks=callbacks,
     )
-    resume, flag = args.resume_from_checkpoint, "--resume-from-checkpoint"
-    if options.resume:
-        flag = "--resume"
-        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if resume is None:
-            return fail(f"--resume: no checkpoint in {args.output_dir}")
+    resume = args.resume_from_checkpoint  # --resume's: the last checkpoint in --output
+    flag = "--resume" if options.resume else "--resume-from-checkpoint"
     if resume:
         try:
             mismatch = resume_mismatch(resume, config)
@@ -427,14 +434,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
     result = trainer.train(resume_from_checkpoint=resume)
 
-    # -- evaluation and saving ----------------------------------------------------------------
+    # -- saving and evaluation ----------------------------------------------------------------
+    if main_process:  # first: evaluation outside training may cast the model (--bf16-full-eval)
+        trainer.save_model(args.output_dir)
+        trainer.save_state()  # trainer_state.json: the log and the best checkpoint
+        processor.save_pretrained(args.output_dir)
     prediction = trainer.predict(eval_data)
     labels, task_ids = prediction.label_ids
     metrics = task_metrics(prediction.predictions.argmax(-1), labels, task_ids, config.task_names)
     if main_process:
-        trainer.save_model(args.output_dir)
-        trainer.save_state()  # trainer_state.json: the log and the best checkpoint
-        processor.save_pretrained(args.output_dir)
         write_json(os.path.join(args.output_dir, METRICS_FILE), metrics)
         say(f"trained {result.global_step} steps in {result.metrics['train_runtime']:.1f}s")
         say(f"metrics on {options.eval or options.train}:")

@@ -129,6 +129,20 @@ class SurgeLLMTrainingArguments(TrainingArguments):
         default_factory=lambda: ["labels", "task_ids"]
     )
 
+    def __post_init__(self):
+        # The recipe keeps the best checkpoint, which needs both: say how to
+        # leave it (TrainingArguments' own error names neither flag).
+        for name in ("eval_strategy", "save_strategy"):
+            value = getattr(self, name)
+            if self.load_best_model_at_end and str(getattr(value, "value", value)) == "no":
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(
+                    f"{flag} no: the best checkpoint (--load-best-model-at-end, on by "
+                    f"default) is chosen at each evaluation and saved; pass "
+                    f"--load-best-model-at-end false with {flag} no"
+                )
+        super().__post_init__()
+
 
 class TaskHomogeneousSampler(Sampler):
     """Row indices in runs of ``batch_size`` that each hold rows of one task
@@ -194,6 +208,46 @@ def check_training_arguments(args) -> None:
         raise ValueError(
             f"label_smoothing_factor={smoothing} is not supported: the logits hold every "
             "task's classes, padded with -inf; leave it at 0"
+        )
+
+
+def check_metric_arguments(args) -> None:
+    """``ValueError`` for the ``Trainer`` options that would keep eval rows,
+    their predictions or their task ids from :func:`compute_metrics_for`'s
+    per-task metrics (which the training command computes)."""
+    for name, value, refused, why in (
+        (
+            "prediction_loss_only",
+            getattr(args, "prediction_loss_only", False),
+            True,
+            "the metrics and the best checkpoint need the predictions",
+        ),
+        (
+            "eval_do_concat_batches",
+            getattr(args, "eval_do_concat_batches", True),
+            False,
+            "the metrics take the eval rows' predictions concatenated",
+        ),
+        (
+            "batch_eval_metrics",
+            getattr(args, "batch_eval_metrics", False),
+            True,
+            "the macro-F1 is of every eval row at once, not a sum over batches",
+        ),
+        (
+            "dataloader_drop_last",
+            getattr(args, "dataloader_drop_last", False),
+            True,
+            "the metrics score every eval row (the training batches are always full)",
+        ),
+    ):
+        if value == refused:
+            raise ValueError(f"{name}={value} is not supported: {why}; leave it at {not value}")
+    label_names = getattr(args, "label_names", None)
+    if label_names is not None and list(label_names) != ["labels", "task_ids"]:
+        raise ValueError(
+            f"label_names={list(label_names)} is not supported: the per-task metrics need the "
+            "labels and the task ids; leave it at ['labels', 'task_ids']"
         )
 
 

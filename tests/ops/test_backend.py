@@ -158,3 +158,24 @@ def test_pytest_workers_keep_the_tested_backend(monkeypatch):
         runpy.run_path(conftest)
         assert "SURGELLM_BACKEND" not in os.environ, process
         assert os.environ["SURGELLM_TESTED_BACKEND"] == "cuda", process
+
+
+@pytest.mark.skipif(surgellm_kernels.ops._backend.extension() is None, reason="no extension")
+def test_eager_calls_take_the_typed_entries(monkeypatch, force_backend):
+    """The argument tuples fused_iwn and fused_surgical_gate build are the
+    extension's typed entries' (csrc/library.cpp): a schema change they miss
+    would send every eager call down the boxed path, correct and slower."""
+    from surgellm_kernels.ops import _backend
+
+    def boxed(*args):
+        raise AssertionError("the typed entry refused the arguments")
+
+    force_backend("cpu")
+    for name in ("iwn", "surgical_gate"):
+        monkeypatch.setitem(_backend._overloads, name, boxed)
+    x, labels = _inputs()
+    fused_iwn(x, labels, task_ids=labels % 2, training=True, num_classes=3, num_tasks=2)
+    fused_iwn(
+        x, labels, weight=torch.ones(3), running_mean=torch.zeros(3), running_std=torch.ones(3)
+    )
+    fused_surgical_gate(x, x, x, torch.ones(3), torch.zeros(3))

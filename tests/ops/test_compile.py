@@ -166,3 +166,33 @@ def test_compiled_reference_module_raises_its_argument_errors_as_the_fused_one(c
         with caplog.at_level(logging.ERROR), pytest.raises(Exception, match="task_ids must have"):
             compiled(x, labels, torch.zeros(5, dtype=torch.long))
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], cls.__name__
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+def test_compile_training_with_task_ids_and_no_running_statistics(backend, force_backend):
+    """The task count, given as num_tasks, need not be read from the task ids:
+    the functional and a layer that tracks no running statistics compile
+    whole, and give what they give eagerly."""
+    from surgellm_kernels import FusedInstanceWeightedNorm1d, fused_iwn
+
+    force_backend(backend)
+    torch._dynamo.reset()
+    x, labels = torch.randn(12, 5, 3), torch.randint(0, 3, (12,))
+    tasks = torch.tensor([0, 1] * 6)
+
+    def call(x, labels, tasks):
+        return fused_iwn(
+            x.transpose(1, 2),
+            labels.view(12, 1).expand(12, 3),
+            task_ids=tasks.view(12, 1).expand(12, 3),
+            training=True,
+            num_classes=3,
+            num_tasks=2,
+        )
+
+    assert_close(torch.compile(call, fullgraph=True)(x, labels, tasks), call(x, labels, tasks))
+    layer = FusedInstanceWeightedNorm1d(5, 3, num_tasks=2, track_running_stats=False)
+    compiled = torch.compile(layer, fullgraph=True)
+    assert_close(compiled(x, labels, tasks), layer(x, labels, tasks))
+    with pytest.raises(Exception, match=r"task_ids must lie in \[0, 2\)"):
+        compiled(x, labels, tasks + 1)

@@ -279,3 +279,21 @@ def test_vmap_of_the_reference_over_no_samples():
         x[:0], labels[:0], gates
     )
     assert got.shape == (0, N, F)
+
+
+@pytest.mark.parametrize("iwn", [fused_iwn, iwn_reference], ids=["fused", "reference"])
+def test_vmap_with_task_ids_takes_the_given_task_count(backend, iwn):
+    """With num_tasks, training over tasks needs no running statistics under
+    vmap (the count is not read from the task ids), and per-sample gradients
+    of the reference work so too."""
+    x, labels, gate = _data(13)
+    tasks = torch.arange(N).remainder(2).expand(B, N)
+
+    def call(a, lb, tb):
+        return iwn(a, lb, gate=gate, task_ids=tb, training=True, num_classes=C, num_tasks=2)
+
+    expected = torch.stack([call(x[b], labels[b], tasks[b]) for b in range(B)])
+    torch.testing.assert_close(vmap(call)(x, labels, tasks), expected)
+    if iwn is iwn_reference:
+        per_sample = vmap(grad(lambda a, lb, tb: call(a, lb, tb).pow(3).sum()))(x, labels, tasks)
+        assert per_sample.shape == x.shape

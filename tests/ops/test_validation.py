@@ -274,11 +274,16 @@ def test_tracing_without_num_classes_says_to_pass_it():
         mode,
         pytest.raises(
             ValueError,
-            match="num_classes cannot be read from the data while torch.compile or a "
-            "torch.func transform traces the call: pass it",
+            match=r"num_classes cannot be read from the data of a traced or meta tensor "
+            r"\(torch.compile, a torch.func transform, the meta device\): pass it",
         ),
     ):
         torch.ops.surgellm.iwn(**call)
+    tasks = dict(call, num_classes=3, task_ids=call["labels"], running_mean=None, running_std=None)
+    with mode, pytest.raises(ValueError, match="num_tasks cannot be read from the data"):
+        torch.ops.surgellm.iwn(**tasks)
+    with mode:  # given, it is not read
+        torch.ops.surgellm.iwn(**tasks, num_tasks=3)
     # torch.func's transforms (which the forward-mode AD error points to, with
     # the reference) leave labels they do not transform as data: read as in eager
     read, given = (

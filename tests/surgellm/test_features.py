@@ -123,3 +123,8 @@ def test_combining_marks_are_word_characters():
     # U+001C-U+001F, white space to str.split (entries), are white space in text too
     phrase = LexicalFeaturizer({"g": ["very good"]}, numeric=False)
     assert phrase("it was very\x1cgood")[0, 0] == 1
+
+
+def test_has_digit_takes_decimal_digits_of_any_script_only():
+    assert feats("x² and ① cup")["has_digit"] == 0  # number signs, not digits
+    assert feats("٣ cups")["has_digit"] == 1  # an Arabic-Indic three

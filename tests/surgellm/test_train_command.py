@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from surgellm_kernels import LexicalFeaturizer, backends, evaluate, train
 from surgellm_kernels.surgellm import SurgeLLMConfig
@@ -245,7 +246,8 @@ def training_set():
             training_set(),
             [record(task="reasoning", label=3)],
             "eval:1",
-            "label 3 of task 'reasoning' does not occur in the training data",
+            "label 3 of task 'reasoning' does not occur in the training data (its classes: "
+            "1, 2; labels are matched as written, not as class indices)",
         ),
         (
             [record(), '{"text": "x", "task": "sentiment", "label": }'],
@@ -480,6 +482,17 @@ def test_bad_arguments(tmp_path, capsys):
             str(tmp_path / "no-such-checkpoint"),
             "argument --resume-from-checkpoint: " + str(tmp_path / "no-such-checkpoint"),
         ),
+        (
+            "--config-overrides",
+            "head_dropout=1.5",
+            "argument --config-overrides: head_dropout must be a number in [0, 1), got 1.5",
+        ),
+        # Trainer's options that would drop or skip what the per-task metrics take
+        ("--prediction-loss-only", "true", "prediction_loss_only=True is not supported"),
+        ("--eval-do-concat-batches", "false", "eval_do_concat_batches=False is not supported"),
+        ("--batch-eval-metrics", "true", "batch_eval_metrics=True is not supported"),
+        ("--dataloader-drop-last", "true", "dataloader_drop_last=True is not supported"),
+        ("--label-names", "labels", "label_names=['labels'] is not supported"),
     ):
         assert train.main([*base, "--output", str(tmp_path / "new"), flag, value]) == 2
         err = capsys.readouterr().err
@@ -492,6 +505,9 @@ def test_bad_arguments(tmp_path, capsys):
     both = ["--output", str(tmp_path / "used"), "--resume", "--resume-from-checkpoint", "c"]
     assert train.main([*base, *both]) == 2
     assert "give one" in capsys.readouterr().err
+    # before the data and the encoder load (neither exists here)
+    assert train.main([*base, "--output", str(tmp_path / "new"), "--resume"]) == 2
+    assert f"error: --resume: no checkpoint in {tmp_path / 'new'}" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     from surgellm_kernels.surgellm.train import parse
 
@@ -504,6 +520,17 @@ def test_bad_arguments(tmp_path, capsys):
     assert parse(logs)[1].greater_is_better is True
     assert parse([*logs, "--metric-for-best-model", "loss"])[1].greater_is_better is False
     assert parse([*logs, "--max-steps", "3", "--epochs", "0"])[1].max_steps == 3
+    # The best checkpoint at the end needs evaluations and checkpoints: the
+    # error says which flag leaves it
+    assert parse(logs)[1].load_best_model_at_end is True
+    for strategy in ("--eval-strategy", "--save-strategy"):
+        with pytest.raises(
+            ValueError, match=f"pass --load-best-model-at-end false with {strategy}"
+        ):
+            parse([*logs, strategy, "no"])
+        for off in (["--load-best-model-at-end", "false"], ["--no-load-best-model-at-end"]):
+            assert parse([*logs, strategy, "no", *off])[1].load_best_model_at_end is False
+    assert parse([*logs, "--load-best-model-at-end"])[1].load_best_model_at_end is True
 
 
 def test_train_command_with_extracted_word_lists(files, tmp_path):
@@ -607,9 +634,10 @@ def test_train_command_model_errors(files, tmp_path, capsys):
         assert train.main([*given, "--encoder", str(tmp_path / "no-encoder")]) == 2
         err = capsys.readouterr().err
         assert f"error: task {task!r}: Trainer reads metrics named eval" in err, err
-    bad_eps = ["--encoder", files["encoder"], "--config-overrides", "eps=0"]
-    assert train.main(args + bad_eps) == 2  # the config's check, before any step
-    assert "error: eps must be a positive number, got 0.0" in capsys.readouterr().err
+    bad_eps = ["--encoder", str(tmp_path / "no-encoder"), "--config-overrides", "eps=0"]
+    assert train.main(args + bad_eps) == 2  # the config's check, before the encoder loads
+    err = capsys.readouterr().err
+    assert "error: argument --config-overrides: eps must be a positive number, got 0.0" in err
     missing = str(tmp_path / "no-encoder")
     assert train.main(args + ["--encoder", missing]) == 2
     err = capsys.readouterr().err
@@ -772,3 +800,19 @@ def test_task_metrics_per_task_hand_computed():
             task_metrics([0, 1], [0, 1], bad, ["a", "b", "c"])
     with pytest.raises(ValueError, match="must have one length, got 3, 2 and 2"):
         task_metrics([0, 1, 1], [0, 1], [0, 0], ["a", "b", "c"])
+
+
+def test_full_eval_in_bfloat16_saves_the_model_as_trained(files, tmp_path):
+    """--bf16-full-eval casts the model for the evaluation after training:
+    the saved model is the float32 one trained, as its checkpoint is."""
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    args = ["--encoder", files["encoder"], "--train", files["train"], "--output", str(out)]
+    args += ["--max-steps", "2", "--batch-size", "8", "--max-length", "64"]
+    assert train.main([*args, "--bf16-full-eval", "true", "--use-cpu", "true"]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert {d for d in dtypes if d.is_floating_point} == {torch.float32}
+    with open(out / "config.json") as f:
+        assert json.load(f).get("dtype", "float32") == "float32"
