@@ -21,6 +21,7 @@ from torch import nn
 from surgellm_kernels import InstanceWeightedNorm, fused_iwn
 from surgellm_kernels.nn.distributed import (
     SyncInstanceWeightedNorm,
+    SyncInstanceWeightedNorm1d,
     SyncInstanceWeightedNorm2d,
     convert_sync_iwn,
     sync_payload,
@@ -581,7 +582,6 @@ def one_sample_on_a_rank(rank, world, groups):
     global batch: the synced layer normalizes, as SyncBatchNorm does (the
     local check had that rank raise and the others wait in the collective)."""
     from surgellm_kernels import FusedInstanceWeightedNorm1d
-    from surgellm_kernels.nn.distributed import SyncInstanceWeightedNorm1d
 
     sizes = _sizes(world, [1, 5], [1, 1, 4])
     g = torch.Generator().manual_seed(12)
@@ -791,8 +791,6 @@ def bad_arguments_on_one_rank(rank, world, groups):
                 failures.append(f"{what}: {k} changed")
     # two tasks and no running statistics: every rank sends the groups of the
     # given task count
-    from surgellm_kernels.nn.distributed import SyncInstanceWeightedNorm1d
-
     task_ids = torch.arange(len(x), device=DEVICE) % 2
     expect(
         "int32 labels, num_tasks=2",

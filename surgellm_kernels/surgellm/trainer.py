@@ -211,38 +211,30 @@ def check_training_arguments(args) -> None:
         )
 
 
+# The Trainer settings compute_metrics_for's per-task metrics need: each
+# field's one supported value, and why.
+_METRIC_SETTINGS = {
+    "prediction_loss_only": (False, "the metrics and the best checkpoint need the predictions"),
+    "eval_do_concat_batches": (True, "the metrics take the eval rows' predictions concatenated"),
+    "batch_eval_metrics": (
+        False,
+        "the macro-F1 is of every eval row at once, not a sum over batches",
+    ),
+    "dataloader_drop_last": (
+        False,
+        "the metrics score every eval row (the training batches are always full)",
+    ),
+}
+
+
 def check_metric_arguments(args) -> None:
     """``ValueError`` for the ``Trainer`` options that would keep eval rows,
     their predictions or their task ids from :func:`compute_metrics_for`'s
     per-task metrics (which the training command computes)."""
-    for name, value, refused, why in (
-        (
-            "prediction_loss_only",
-            getattr(args, "prediction_loss_only", False),
-            True,
-            "the metrics and the best checkpoint need the predictions",
-        ),
-        (
-            "eval_do_concat_batches",
-            getattr(args, "eval_do_concat_batches", True),
-            False,
-            "the metrics take the eval rows' predictions concatenated",
-        ),
-        (
-            "batch_eval_metrics",
-            getattr(args, "batch_eval_metrics", False),
-            True,
-            "the macro-F1 is of every eval row at once, not a sum over batches",
-        ),
-        (
-            "dataloader_drop_last",
-            getattr(args, "dataloader_drop_last", False),
-            True,
-            "the metrics score every eval row (the training batches are always full)",
-        ),
-    ):
-        if value == refused:
-            raise ValueError(f"{name}={value} is not supported: {why}; leave it at {not value}")
+    for name, (supported, why) in _METRIC_SETTINGS.items():
+        value = getattr(args, name, supported)
+        if value != supported:
+            raise ValueError(f"{name}={value} is not supported: {why}; leave it at {supported}")
     label_names = getattr(args, "label_names", None)
     if label_names is not None and list(label_names) != ["labels", "task_ids"]:
         raise ValueError(
